@@ -1,0 +1,122 @@
+"""Bounded output buffers, and the tails that replies are cut from.
+
+A process can write gigabytes; the server keeps only the newest bytes of each stream and counts what
+it dropped. Bytes are stored raw and decoded when read, so a UTF-8 character split across two reads,
+or cut by dropping the oldest bytes, never turns into garbage.
+"""
+
+from __future__ import annotations
+
+_CONTINUATION_MASK = 0xC0
+_CONTINUATION = 0x80
+
+
+class OutputBuffer:
+    """The newest ``capacity`` bytes of one output stream, with a running byte count."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity <= 0:
+            raise ValueError("capacity must be positive")
+        self.capacity = capacity
+        self._data = bytearray()
+        self._start = 0  # bytes before this offset in _data are already dropped
+        self._total = 0
+
+    def append(self, data: bytes) -> None:
+        """Add bytes at the end, dropping the oldest ones beyond capacity."""
+        if len(data) >= self.capacity:
+            self._data = bytearray(data[-self.capacity :])
+            self._start = 0
+        else:
+            self._data += data
+            excess = len(self._data) - self._start - self.capacity
+            if excess > 0:
+                self._start += excess
+            # Compact only once the dead prefix is as large as the live data: each byte moves at most once.
+            if self._start >= self.capacity:
+                del self._data[: self._start]
+                self._start = 0
+        self._total += len(data)
+
+    @property
+    def total(self) -> int:
+        """Bytes ever appended: a cursor that only grows."""
+        return self._total
+
+    @property
+    def dropped(self) -> int:
+        """Bytes dropped from the front to stay within capacity."""
+        return self._total - (len(self._data) - self._start)
+
+    def __len__(self) -> int:
+        return len(self._data) - self._start
+
+    def tail(self, max_bytes: int | None = None) -> bytes:
+        """The newest ``max_bytes`` bytes held (all of them by default)."""
+        start = self._start
+        if max_bytes is not None:
+            start = max(start, len(self._data) - max_bytes)
+        return bytes(self._data[start:])
+
+    def since(self, cursor: int) -> tuple[bytes, int]:
+        """Bytes after position ``cursor``, and how many bytes after it were already dropped."""
+        cursor = max(0, min(cursor, self._total))
+        lost = max(0, self.dropped - cursor)
+        return self.tail(self._total - cursor - lost), lost
+
+
+def decode_utf8(data: bytes, *, cut_head: bool = False, complete: bool = True) -> str:
+    """Decode ``data`` as UTF-8 text.
+
+    ``cut_head``: the bytes are a tail of a longer stream, so a partial character at the start is
+    skipped. ``complete=False``: the stream is still open, so a partial character at the end is held
+    back rather than shown as a replacement character.
+    """
+    start = 0
+    if cut_head:
+        while start < min(3, len(data)) and data[start] & _CONTINUATION_MASK == _CONTINUATION:
+            start += 1
+    end = len(data) if complete else _complete_prefix(data)
+    return data[start:end].decode("utf-8", "replace")
+
+
+def _complete_prefix(data: bytes) -> int:
+    """Length of ``data`` without a UTF-8 sequence that is still missing bytes at its end."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & _CONTINUATION_MASK != _CONTINUATION:
+            need = 2 if 0xC0 <= byte < 0xE0 else 3 if 0xE0 <= byte < 0xF0 else 4 if 0xF0 <= byte < 0xF8 else 1
+            return len(data) - back if back < need else len(data)
+    return len(data)
+
+
+def tail_text(buffer: OutputBuffer, limit: int, *, complete: bool) -> str:
+    """The last ``limit`` characters held, behind a marker when anything before them is not shown."""
+    data = buffer.tail(limit * 4)  # a UTF-8 character is at most four bytes
+    cut = len(data) < buffer.total
+    text = decode_utf8(data, cut_head=cut, complete=complete)
+    if len(text) > limit:
+        text, cut = text[-limit:], True
+    if not cut:
+        return text
+    marker = f"[... truncated: the last {len(text)} characters of {buffer.total} bytes; call stdout for lines ...]"
+    return f"{marker}\n{text}"
+
+
+def tail_lines(buffer: OutputBuffer, count: int, *, complete: bool) -> str:
+    """The last ``count`` lines held; a final newline ends the last line rather than starting another."""
+    if count <= 0 or not len(buffer):
+        return ""
+    data = buffer.tail()
+    end = len(data) - 1 if data.endswith(b"\n") else len(data)
+    start = end
+    for _ in range(count):
+        start = data.rfind(b"\n", 0, start)
+        if start < 0:
+            break
+    if start >= 0:
+        return decode_utf8(data[start + 1 :], complete=complete)
+    text = decode_utf8(data, cut_head=buffer.dropped > 0, complete=complete)
+    if buffer.dropped:
+        return f"[... {buffer.dropped} older bytes were dropped from the buffer ...]\n{text}"
+    return text

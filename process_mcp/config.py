@@ -1,0 +1,165 @@
+"""Configuration: typed objects for the library, read from the environment in one place.
+
+Library code receives a ``ProcessMcpConfig``; only ``load_config`` looks at environment variables,
+whose names and defaults are those of the original TypeScript server.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from .errors import InvalidConfig
+from .models import DEFAULT_TIMEOUT_MS, MAX_TIMEOUT_MS
+
+DOCKER_WORKDIR = "/home/agent"
+"""Working directory inside the container; the named volume is mounted there."""
+
+
+class Defaults(BaseModel):
+    workdir: str | None = Field(None, description="Default cwd; $HOME (else /tmp) on host, /home/agent in Docker.")
+    timeout_ms: int = Field(DEFAULT_TIMEOUT_MS, ge=0)
+    max_timeout_ms: int = Field(MAX_TIMEOUT_MS, ge=0)
+
+
+class Limits(BaseModel):
+    keep_terminated: int = Field(20, ge=0, description="Finished processes kept for ps and stdout.")
+    output_buffer_bytes: int = Field(1024 * 1024, ge=4096, description="Bytes kept per output stream.")
+
+
+class DockerConfig(BaseModel):
+    image: str = "ubuntu:22.04"
+    container_name: str = "process-mcp-main"
+    volume_name: str = "process-mcp-volume"
+    use_existing: bool = False
+    memory: str = "512m"
+    cpus: float = Field(1.0, gt=0)
+    pids_limit: int = Field(4096, gt=0)
+
+
+class SandboxConfig(BaseModel):
+    enabled: bool = True
+    required: bool = False
+    allowed_domains: list[str] = Field(default_factory=lambda: ["*"])
+    allow_write: list[str] = Field(default_factory=list)
+    deny_read: list[str] = Field(default_factory=list)
+    deny_write: list[str] = Field(default_factory=list)
+
+
+class ProcessMcpConfig(BaseModel):
+    """Everything a server or executor needs to know, as typed values."""
+
+    mode: Literal["host", "docker"] = "host"
+    defaults: Defaults = Field(default_factory=Defaults)
+    limits: Limits = Field(default_factory=Limits)
+    docker: DockerConfig = Field(default_factory=DockerConfig)
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+
+    @model_validator(mode="after")
+    def _default_workdir(self) -> ProcessMcpConfig:
+        if self.defaults.workdir is None:
+            self.defaults.workdir = DOCKER_WORKDIR if self.mode == "docker" else _host_home()
+        return self
+
+    @property
+    def workdir(self) -> str:
+        assert self.defaults.workdir is not None  # filled in by the validator
+        return self.defaults.workdir
+
+
+def _host_home() -> str:
+    try:
+        home = Path.home()
+    except RuntimeError:
+        return "/tmp"
+    return str(home) if home.is_dir() else "/tmp"
+
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class _Environment(BaseSettings):
+    """The environment variables, flat, as users set them."""
+
+    model_config = SettingsConfigDict(case_sensitive=True, extra="ignore")
+
+    PROCESS_MODE: Literal["host", "docker"] = "host"
+    DEFAULT_WORKDIR: str | None = None
+    DEFAULT_TIMEOUT_MS: int = Field(DEFAULT_TIMEOUT_MS, ge=0)
+    MAX_TIMEOUT_MS: int = Field(MAX_TIMEOUT_MS, ge=0)
+    PROCESS_KEEP_TERMINATED: int = Field(20, ge=0)
+    PROCESS_OUTPUT_BUFFER_BYTES: int = Field(1024 * 1024, ge=4096)
+    DOCKER_IMAGE: str = "ubuntu:22.04"
+    DOCKER_CONTAINER: str = "process-mcp-main"
+    DOCKER_VOLUME: str = "process-mcp-volume"
+    DOCKER_USE_EXISTING: bool = False
+    DOCKER_MEMORY: str = "512m"
+    DOCKER_CPUS: float = Field(1.0, gt=0)
+    DOCKER_PIDS_LIMIT: int = Field(4096, gt=0)
+    SANDBOX_ENABLED: bool = True
+    SANDBOX_REQUIRED: bool = False
+    SANDBOX_ALLOWED_DOMAINS: CommaList = Field(default_factory=lambda: ["*"])
+    SANDBOX_ALLOW_WRITE: CommaList = Field(default_factory=list)
+    SANDBOX_DENY_READ: CommaList = Field(default_factory=list)
+    SANDBOX_DENY_WRITE: CommaList = Field(default_factory=list)
+
+    @field_validator(
+        "SANDBOX_ALLOWED_DOMAINS",
+        "SANDBOX_ALLOW_WRITE",
+        "SANDBOX_DENY_READ",
+        "SANDBOX_DENY_WRITE",
+        mode="before",
+    )
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("DEFAULT_WORKDIR", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+
+def load_config(environ: dict[str, str] | None = None) -> ProcessMcpConfig:
+    """Read the configuration from ``environ`` (the process environment by default).
+
+    Raises InvalidConfig naming each malformed variable.
+    """
+    try:
+        env = _Environment() if environ is None else _Environment.model_validate(_pick(environ))
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise InvalidConfig(f"bad environment: {problems}") from None
+    return ProcessMcpConfig(
+        mode=env.PROCESS_MODE,
+        defaults=Defaults(
+            workdir=env.DEFAULT_WORKDIR, timeout_ms=env.DEFAULT_TIMEOUT_MS, max_timeout_ms=env.MAX_TIMEOUT_MS
+        ),
+        limits=Limits(keep_terminated=env.PROCESS_KEEP_TERMINATED, output_buffer_bytes=env.PROCESS_OUTPUT_BUFFER_BYTES),
+        docker=DockerConfig(
+            image=env.DOCKER_IMAGE,
+            container_name=env.DOCKER_CONTAINER,
+            volume_name=env.DOCKER_VOLUME,
+            use_existing=env.DOCKER_USE_EXISTING,
+            memory=env.DOCKER_MEMORY,
+            cpus=env.DOCKER_CPUS,
+            pids_limit=env.DOCKER_PIDS_LIMIT,
+        ),
+        sandbox=SandboxConfig(
+            enabled=env.SANDBOX_ENABLED,
+            required=env.SANDBOX_REQUIRED,
+            allowed_domains=env.SANDBOX_ALLOWED_DOMAINS,
+            allow_write=env.SANDBOX_ALLOW_WRITE,
+            deny_read=env.SANDBOX_DENY_READ,
+            deny_write=env.SANDBOX_DENY_WRITE,
+        ),
+    )
+
+
+def _pick(environ: dict[str, str]) -> dict[str, Any]:
+    return {name: environ[name] for name in _Environment.model_fields if name in environ}

@@ -1,0 +1,98 @@
+"""Constants and the typed records that cross the library boundary.
+
+Field names are snake_case in Python and camelCase on the wire (``exit_code`` is ``exitCode``), the
+names the original TypeScript server uses, so its clients keep working.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+DEFAULT_TIMEOUT_MS = 10_000
+"""How long ``spawn`` waits for a foreground process before replying that it is still running."""
+MAX_TIMEOUT_MS = 60_000
+"""Upper bound for any wait a caller asks for; larger values are clamped."""
+OUTPUT_TRUNCATE = 8196
+"""Characters of each stream a ``spawn`` reply keeps (the tail); the original's figure."""
+TERMINAL_COLS = 120
+TERMINAL_ROWS = 30
+DEFAULT_LINES = 100
+"""Lines the ``stdout`` tool returns when the caller does not say."""
+
+ProcessStatus = Literal["running", "terminated"]
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, serialize_by_alias=True, frozen=True)
+
+
+class SpawnOptions(_Wire):
+    """What to run and how."""
+
+    command: str = Field(description="Shell command line, run with /bin/sh -c.")
+    cwd: str | None = Field(None, description="Working directory; defaults to the configured workdir.")
+    env: dict[str, str] | None = Field(None, description="Variables set over the server's environment.")
+    tty: bool = Field(False, description="Run in a real pseudo-terminal (120x30).")
+    background: bool = Field(False, description="Return at once instead of waiting for exit.")
+    timeout_ms: int | None = Field(
+        None, description="How long to wait for exit before replying 'running'; clamped to the maximum."
+    )
+
+
+class ExitState(_Wire):
+    """Whether a process runs, and how it ended."""
+
+    status: ProcessStatus
+    exit_code: int | None = Field(
+        None, description="Exit code once terminated; 128+N when signal N ended it (the shell convention)."
+    )
+    signal: str | None = Field(None, description="Name of the signal that ended the process, if one did.")
+
+
+class SpawnResult(ExitState):
+    """The reply to spawn: the process id, its state, and the tail of its output."""
+
+    pid: str = Field(description="Process id for the other tools, e.g. 'host-1'.")
+    stdout: str = Field(description="Tail of stdout; for a TTY process, the rendered screen.")
+    stderr: str = Field(description="Tail of stderr; empty for a TTY process (the terminal merges them).")
+
+
+class ProcessInfo(ExitState):
+    """One row of ps."""
+
+    pid: str
+    command: str
+    cwd: str
+    tty: bool
+    created_at: str = Field(description="When the process was started, ISO 8601 in UTC.")
+
+
+class ProcessOutput(ExitState):
+    """The reply to stdout: the last lines of each stream."""
+
+    pid: str
+    stdout: str = Field(description="Last lines of stdout; for a TTY process, scrollback plus screen.")
+    stderr: str = Field(description="Last lines of stderr; empty for a TTY process.")
+
+
+class KillResult(ExitState):
+    """The reply to kill: which signal went out and the state right after."""
+
+    pid: str
+    sent: str = Field(description="The signal delivered to the process group, e.g. 'SIGTERM'.")
+
+
+class ProcessList(_Wire):
+    """The reply to ps."""
+
+    processes: list[ProcessInfo]
+
+
+class StdinResult(ExitState):
+    """The reply to stdin: how much was delivered, and the process state."""
+
+    pid: str
+    bytes_sent: int = Field(description="Bytes written after decoding escapes.")

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from process_mcp import InvalidConfig, load_config
+
+
+def test_defaults_match_the_original_server() -> None:
+    config = load_config({})
+    assert config.mode == "host"
+    assert (config.defaults.timeout_ms, config.defaults.max_timeout_ms) == (10_000, 60_000)
+    assert config.docker.image == "ubuntu:22.04"
+    assert config.docker.container_name == "process-mcp-main"
+    assert config.docker.volume_name == "process-mcp-volume"
+    assert config.docker.use_existing is False
+    assert config.sandbox.allowed_domains == ["*"]
+    assert config.sandbox.enabled is True
+    assert config.limits.keep_terminated == 20
+
+
+def test_the_host_workdir_defaults_to_home() -> None:
+    assert load_config({}).workdir == (str(Path.home()) if Path.home().is_dir() else "/tmp")
+
+
+def test_the_docker_workdir_defaults_to_home_agent() -> None:
+    assert load_config({"PROCESS_MODE": "docker"}).workdir == "/home/agent"
+
+
+def test_variables_are_read_and_lists_split_on_commas() -> None:
+    config = load_config(
+        {
+            "PROCESS_MODE": "docker",
+            "DEFAULT_WORKDIR": "/work",
+            "DOCKER_USE_EXISTING": "true",
+            "DOCKER_CONTAINER": "dev",
+            "SANDBOX_ALLOWED_DOMAINS": "github.com, *.pypi.org,,",
+            "SANDBOX_DENY_READ": "/etc/shadow,/root/.ssh",
+            "PROCESS_KEEP_TERMINATED": "5",
+        }
+    )
+    assert config.workdir == "/work"
+    assert config.docker.use_existing is True
+    assert config.docker.container_name == "dev"
+    assert config.sandbox.allowed_domains == ["github.com", "*.pypi.org"]
+    assert config.sandbox.deny_read == ["/etc/shadow", "/root/.ssh"]
+    assert config.limits.keep_terminated == 5
+
+
+def test_an_empty_domain_list_means_no_network() -> None:
+    assert load_config({"SANDBOX_ALLOWED_DOMAINS": ""}).sandbox.allowed_domains == []
+
+
+def test_the_process_environment_is_read_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DOCKER_IMAGE", "python:3.11")
+    assert load_config().docker.image == "python:3.11"
+
+
+@pytest.mark.parametrize(
+    ("environ", "names"),
+    [
+        ({"PROCESS_MODE": "vm"}, "PROCESS_MODE"),
+        ({"DEFAULT_TIMEOUT_MS": "soon"}, "DEFAULT_TIMEOUT_MS"),
+        ({"DOCKER_USE_EXISTING": "maybe"}, "DOCKER_USE_EXISTING"),
+        ({"PROCESS_KEEP_TERMINATED": "-1"}, "PROCESS_KEEP_TERMINATED"),
+    ],
+)
+def test_malformed_variables_are_named_in_the_error(environ: dict[str, str], names: str) -> None:
+    with pytest.raises(InvalidConfig, match=names):
+        load_config(environ)
