@@ -1,0 +1,284 @@
+"""The executor contract, and the behaviour both backends share.
+
+A backend only knows how to start a process and drive it (``ProcessHandle``); everything that does
+not touch the OS or Docker (validation, ids, waiting, output tails, signal names, shutdown order)
+lives here, so host and Docker mode cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import re
+import signal
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import anyio
+
+from .buffer import tail_lines, tail_text
+from .config import ProcessMcpConfig
+from .errors import InvalidInput, ProcessMcpError, ProcessTerminated
+from .escapes import decode_input
+from .models import (
+    DEFAULT_LINES,
+    OUTPUT_TRUNCATE,
+    TERMINAL_COLS,
+    TERMINAL_ROWS,
+    KillResult,
+    ProcessInfo,
+    ProcessOutput,
+    SpawnOptions,
+    SpawnResult,
+    StdinResult,
+)
+from .registry import ManagedProcess, ProcessRegistry
+from .signals import NON_TERMINATING, parse_signal
+
+logger = logging.getLogger(__name__)
+
+KILL_SETTLE_S = 1.0
+"""How long kill waits for the process to exit, so its reply can say whether it did."""
+SHUTDOWN_GRACE_S = 1.5
+"""How long cleanup lets processes handle SIGTERM before SIGKILL; fits in the 2 s MCP clients give a
+server to exit once they close its stdin."""
+SHUTDOWN_KILL_WAIT_S = 2.0
+"""How long cleanup waits for the kernel to report SIGKILLed processes gone."""
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class ProcessHandle(ABC):
+    """One live process as a backend drives it. Methods are called on the event loop."""
+
+    @abstractmethod
+    async def write(self, data: bytes) -> None:
+        """Deliver ``data`` to the process's input (its terminal or stdin). Raises StdinFailed."""
+
+    @abstractmethod
+    async def signal(self, signum: int) -> None:
+        """Send ``signum`` to the process and everything in its process group. Raises KillFailed.
+
+        A group that is already gone is not an error.
+        """
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release what the handle holds (descriptors, sockets); the process must be gone already."""
+
+
+class ProcessExecutor(ABC):
+    """Runs processes and keeps track of them; the five MCP tools map onto its methods.
+
+    Every method raises only ``ProcessMcpError`` subclasses, whose ``code`` is stable. A non-zero
+    exit code is a result, not an error.
+    """
+
+    prefix: ClassVar[str]
+    """Start of every process id this executor hands out, e.g. ``host`` for ``host-1``."""
+
+    def __init__(self, config: ProcessMcpConfig) -> None:
+        self.config = config
+        self._registry = ProcessRegistry(self.prefix, config.limits.keep_terminated)
+
+    async def start(self) -> None:
+        """Prepare the backend (e.g. the container); called once before the first spawn."""
+        return None
+
+    async def spawn(self, options: SpawnOptions) -> SpawnResult:
+        """Start ``options.command`` under /bin/sh and wait for it to exit, up to the timeout.
+
+        Returns at once with ``background``. At the timeout the process keeps running and the
+        result says ``running``. Raises InvalidInput for a malformed request, SpawnFailed when the
+        backend cannot start it.
+        """
+        command, cwd, env, timeout_s = self._check_spawn(options)
+        record = ManagedProcess(
+            self._registry.new_id(),
+            command,
+            cwd,
+            tty=options.tty,
+            buffer_bytes=self.config.limits.output_buffer_bytes,
+            cols=TERMINAL_COLS,
+            rows=TERMINAL_ROWS,
+            on_done=self._finished,
+        )
+        record.handle = await self._launch(record, env)
+        self._registry.add(record)
+        if not options.background:
+            await record.wait(timeout_s)
+        return SpawnResult(
+            pid=record.pid,
+            status=record.status,
+            exit_code=record.exit_code,
+            signal=record.signal,
+            stdout=await self._screen_or_tail(record),
+            stderr=tail_text(record.stderr, OUTPUT_TRUNCATE, complete=not record.lingering),
+        )
+
+    async def stdin(self, pid: str, input: str) -> StdinResult:
+        """Send ``input`` (escapes decoded, see ``escapes``) to the process's terminal or stdin.
+
+        Raises ProcessNotFound, ProcessTerminated, InvalidInput for a bad escape, StdinFailed.
+        """
+        record = self._registry.get(pid)
+        data = decode_input(input)
+        self._require_running(record, "take input")
+        await self._handle(record).write(data)
+        return StdinResult(
+            pid=record.pid,
+            bytes_sent=len(data),
+            status=record.status,
+            exit_code=record.exit_code,
+            signal=record.signal,
+        )
+
+    async def get_process(self, pid: str) -> ProcessInfo:
+        """What ps says about one process. Raises ProcessNotFound."""
+        return self._registry.get(pid).info()
+
+    async def list_processes(self) -> list[ProcessInfo]:
+        """Every running process and the most recently finished ones, oldest first."""
+        return [record.info() for record in self._registry]
+
+    async def get_output(self, pid: str, lines: int = DEFAULT_LINES) -> ProcessOutput:
+        """The last ``lines`` lines of stdout and stderr (TTY: scrollback and screen).
+
+        Raises ProcessNotFound, InvalidInput for a count below 1.
+        """
+        if lines < 1:
+            raise InvalidInput(f"lines must be at least 1, got {lines}")
+        record = self._registry.get(pid)
+        complete = not record.lingering
+        if record.terminal is not None:
+            stdout = "\n".join((await record.terminal.lines(scrollback=True))[-lines:])
+        else:
+            stdout = tail_lines(record.stdout, lines, complete=complete)
+        return ProcessOutput(
+            pid=record.pid,
+            status=record.status,
+            exit_code=record.exit_code,
+            signal=record.signal,
+            stdout=stdout,
+            stderr=tail_lines(record.stderr, lines, complete=complete),
+        )
+
+    async def kill(self, pid: str, signal: str = "SIGTERM") -> KillResult:
+        """Send ``signal`` to the process and its whole process group, then wait briefly for an exit.
+
+        Raises ProcessNotFound, InvalidSignal, ProcessTerminated, KillFailed.
+        """
+        signum = parse_signal(signal)
+        record = self._registry.get(pid)
+        self._require_running(record, "receive signals")
+        await self._handle(record).signal(signum)
+        if signum not in NON_TERMINATING:
+            await record.wait(KILL_SETTLE_S)
+        return KillResult(
+            pid=record.pid,
+            sent=signum.name,
+            status=record.status,
+            exit_code=record.exit_code,
+            signal=record.signal,
+        )
+
+    async def cleanup(self) -> None:
+        """End every process this executor started (SIGTERM, a grace period, then SIGKILL) and release
+        the backend. Safe to call more than once."""
+        lingering = [r for r in self._registry if r.lingering and r.handle is not None]
+        await self._signal_all(lingering, signal.SIGTERM)
+        # A stopped process acts on SIGTERM only once it is resumed.
+        await self._signal_all(lingering, signal.SIGCONT)
+        await _wait_all(lingering, SHUTDOWN_GRACE_S)
+        survivors = [r for r in lingering if r.lingering]
+        await self._signal_all(survivors, signal.SIGKILL)
+        await _wait_all(survivors, SHUTDOWN_KILL_WAIT_S)
+        for record in self._registry:
+            if record.handle is not None:
+                record.handle.close()
+        await self._close_backend()
+
+    # Backend hooks.
+
+    @abstractmethod
+    async def _launch(self, record: ManagedProcess, env: dict[str, str]) -> ProcessHandle:
+        """Start ``record.command`` in ``record.cwd`` with ``env`` set over the base environment.
+
+        Feed output to the record as ``ManagedProcess`` describes, until the streams close, and call
+        ``record.finish`` once the process exits. Raises InvalidInput (e.g. a missing cwd) or SpawnFailed.
+        """
+
+    async def _close_backend(self) -> None:
+        """Release backend resources after every process is gone."""
+        return None
+
+    def _finished(self, record: ManagedProcess) -> None:
+        """A process has exited and its output is closed: forget the oldest finished ones."""
+        for dropped in self._registry.prune():
+            if dropped.handle is not None:
+                dropped.handle.close()
+
+    # Shared helpers.
+
+    def _check_spawn(self, options: SpawnOptions) -> tuple[str, str, dict[str, str], float]:
+        command = options.command
+        if not command.strip():
+            raise InvalidInput("command is empty; pass a shell command line such as 'ls -la'")
+        _no_nul("command", command)
+        cwd = self.config.workdir
+        if options.cwd is not None:
+            _no_nul("cwd", options.cwd)
+            if not options.cwd.strip():
+                raise InvalidInput("cwd is empty; pass a directory path or omit cwd to use the default")
+            cwd = posixpath.normpath(posixpath.join(cwd, options.cwd))
+        env = dict(options.env or {})
+        for name, value in env.items():
+            if not _ENV_NAME.match(name):
+                raise InvalidInput(
+                    f"environment variable name {name!r} is invalid; use letters, digits and '_', "
+                    "not starting with a digit"
+                )
+            _no_nul(f"the value of {name}", value)
+        timeout_ms = self.config.defaults.timeout_ms if options.timeout_ms is None else options.timeout_ms
+        if timeout_ms < 0:
+            raise InvalidInput(f"timeoutMs must be 0 or more, got {timeout_ms}")
+        return command, cwd, env, min(timeout_ms, self.config.defaults.max_timeout_ms) / 1000
+
+    async def _screen_or_tail(self, record: ManagedProcess) -> str:
+        if record.terminal is not None:
+            screen = "\n".join(await record.terminal.lines())
+            return screen[-OUTPUT_TRUNCATE:]
+        return tail_text(record.stdout, OUTPUT_TRUNCATE, complete=not record.lingering)
+
+    @staticmethod
+    def _require_running(record: ManagedProcess, action: str) -> None:
+        if not record.running:
+            how = f"signal {record.signal}" if record.signal else f"exit code {record.exit_code}"
+            raise ProcessTerminated(
+                f"process {record.pid} has already exited ({how}) and cannot {action}; "
+                "call stdout to read its output or spawn it again"
+            )
+
+    @staticmethod
+    def _handle(record: ManagedProcess) -> ProcessHandle:
+        assert record.handle is not None  # set before the record is registered
+        return record.handle
+
+    @staticmethod
+    async def _signal_all(records: list[ManagedProcess], signum: int) -> None:
+        for record in records:
+            try:
+                await ProcessExecutor._handle(record).signal(signum)
+            except ProcessMcpError as exc:
+                logger.warning("cleanup could not signal %s: %s", record.pid, exc)
+
+
+async def _wait_all(records: list[ManagedProcess], timeout_s: float) -> None:
+    with anyio.move_on_after(timeout_s):
+        for record in records:
+            await record.wait(timeout_s, output=True)
+
+
+def _no_nul(what: str, value: str) -> None:
+    if "\0" in value:
+        raise InvalidInput(f"{what} contains a NUL byte, which no process can receive; remove it")

@@ -1,0 +1,273 @@
+"""Host mode: processes run on this machine, each in its own session and process group.
+
+Non-TTY processes get three pipes; TTY processes get a real pseudo-terminal (ptyprocess), so
+programs see ``isatty()`` true and Ctrl-C typed as ``\\x03`` raises SIGINT. Output and exits are
+watched with non-blocking descriptors on the event loop (a pidfd per process): no thread per
+process, no blocking reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import subprocess
+
+import anyio
+from ptyprocess import PtyProcess
+
+from .buffer import OutputBuffer
+from .errors import InvalidInput, KillFailed, SpawnFailed, StdinFailed
+from .executor import ProcessExecutor, ProcessHandle
+from .models import TERMINAL_COLS, TERMINAL_ROWS
+from .registry import ManagedProcess
+
+logger = logging.getLogger(__name__)
+
+READ_CHUNK = 256 * 1024
+"""Bytes read per wake-up: large enough to keep up with a flood, small enough to stay fair."""
+DRAIN_MAX_READS = 64
+"""Reads made at exit to collect what is still buffered, bounded in case a child keeps writing."""
+STDIN_WRITE_TIMEOUT_S = 5.0
+"""How long stdin waits for a process that is not reading before it reports failure."""
+EXIT_POLL_S = 0.05
+"""Exit polling interval, only where pidfds are unavailable (Linux < 5.3)."""
+TTY_TERM = "xterm-256color"
+"""TERM for TTY processes unless the caller sets one; what the rendering terminal understands."""
+
+
+class HostExecutor(ProcessExecutor):
+    """Runs processes on the host, each in its own process group."""
+
+    prefix = "host"
+
+    async def _launch(self, record: ManagedProcess, env: dict[str, str]) -> ProcessHandle:
+        if not await anyio.Path(record.cwd).is_dir():
+            raise InvalidInput(
+                f"cwd {record.cwd!r} does not exist or is not a directory; pass an existing directory "
+                f"or omit cwd to use {self.config.workdir}"
+            )
+        # The server's own environment is what a child inherits; the caller's variables go over it.
+        full_env = {**os.environ, **env}
+        argv = ["/bin/sh", "-c", record.command]
+        try:
+            if record.tty:
+                if "TERM" not in env:
+                    full_env["TERM"] = TTY_TERM
+                return _PtyHandle(record, argv, full_env)
+            return _PipeHandle(record, argv, full_env)
+        except OSError as exc:
+            raise SpawnFailed(f"could not start {record.command!r}: {exc.strerror or exc}") from None
+
+
+class _HostHandle(ProcessHandle):
+    """What pipe and PTY processes share: output readers, exit watching, group signals."""
+
+    def __init__(self, record: ManagedProcess, pid: int) -> None:
+        self._record = record
+        self._pid = pid
+        self._loop = asyncio.get_running_loop()
+        self._readers: dict[int, OutputBuffer] = {}
+        self._pidfd = -1
+        self._reaped = False
+        try:
+            self._pidfd = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            self._loop.call_later(EXIT_POLL_S, self._poll_exit)
+        else:
+            self._loop.add_reader(self._pidfd, self._on_exit)
+
+    def _read_into(self, fd: int, buffer: OutputBuffer) -> None:
+        os.set_blocking(fd, False)
+        self._readers[fd] = buffer
+        self._record.stream_opened()
+        self._loop.add_reader(fd, self._on_readable, fd)
+
+    def _on_readable(self, fd: int) -> None:
+        self._read_once(fd)
+
+    def _read_once(self, fd: int) -> bool:
+        """Read what is there; return False once nothing more is available right now."""
+        try:
+            data = os.read(fd, READ_CHUNK)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            if exc.errno != errno.EIO:  # EIO: every holder of the PTY's other side has closed it
+                logger.warning("reading output of %s failed: %s", self._record.pid, exc)
+            data = b""
+        if not data:
+            self._stop_reading(fd)
+            return False
+        self._readers[fd].append(data)
+        return True
+
+    def _stop_reading(self, fd: int) -> None:
+        if self._readers.pop(fd, None) is not None:
+            self._loop.remove_reader(fd)
+            self._close_fd(fd)
+            self._record.stream_closed()
+
+    def _close_fd(self, fd: int) -> None:
+        os.close(fd)
+
+    def _poll_exit(self) -> None:
+        if not self._reap():
+            self._loop.call_later(EXIT_POLL_S, self._poll_exit)
+
+    def _on_exit(self) -> None:
+        if self._reap():
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
+
+    def _reap(self) -> bool:
+        try:
+            pid, status = os.waitpid(self._pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = self._pid, None  # reaped by someone else; the exit status is lost
+        if pid == 0:
+            return False
+        self._reaped = True
+        # Collect what the process wrote before exiting, so its reply is complete.
+        for fd in list(self._readers):
+            for _ in range(DRAIN_MAX_READS):
+                if not self._read_once(fd):
+                    break
+        code = None if status is None else os.waitstatus_to_exitcode(status)
+        self._exited(code)
+        if code is not None and code < 0:
+            self._record.finish(None, -code)
+        else:
+            self._record.finish(code)
+        return True
+
+    def _exited(self, code: int | None) -> None:
+        """Hook for subclasses that must learn of the exit before anyone else does."""
+
+    async def signal(self, signum: int) -> None:
+        try:
+            os.killpg(self._pid, signum)
+        except ProcessLookupError:
+            pass
+        except OSError as exc:
+            raise KillFailed(f"could not signal {self._record.pid}: {exc.strerror}") from None
+
+    async def _write_fd(self, fd: int, data: bytes) -> None:
+        view = memoryview(data)
+        with anyio.move_on_after(STDIN_WRITE_TIMEOUT_S):
+            while view:
+                try:
+                    view = view[os.write(fd, view) :]
+                except BlockingIOError:
+                    await _writable(self._loop, fd)
+                except OSError as exc:
+                    raise StdinFailed(
+                        f"{self._record.pid} no longer accepts input ({exc.strerror}); "
+                        "call stdout to see what it printed"
+                    ) from None
+            return
+        raise StdinFailed(
+            f"{self._record.pid} is not reading its input ({len(view)} of {len(data)} bytes unsent "
+            f"after {STDIN_WRITE_TIMEOUT_S:g} s); call stdout to see what it is doing"
+        )
+
+    def close(self) -> None:
+        for fd in list(self._readers):
+            self._stop_reading(fd)
+        if self._pidfd >= 0:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
+
+
+class _PipeHandle(_HostHandle):
+    def __init__(self, record: ManagedProcess, argv: list[str], env: dict[str, str]) -> None:
+        stdin_r, stdin_w = os.pipe()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            self._popen = subprocess.Popen(
+                argv,
+                stdin=stdin_r,
+                stdout=out_w,
+                stderr=err_w,
+                cwd=record.cwd,
+                env=env,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except BaseException:
+            for fd in (stdin_w, out_r, err_r):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (stdin_r, out_w, err_w):
+                os.close(fd)
+        super().__init__(record, self._popen.pid)
+        os.set_blocking(stdin_w, False)
+        self._stdin = stdin_w
+        self._read_into(out_r, record.stdout)
+        self._read_into(err_r, record.stderr)
+
+    def _exited(self, code: int | None) -> None:
+        # Tell Popen the child is reaped, or its finalizer would wait for it again.
+        self._popen.returncode = code
+
+    async def write(self, data: bytes) -> None:
+        if self._stdin < 0:
+            raise StdinFailed(f"{self._record.pid}'s stdin is closed")
+        await self._write_fd(self._stdin, data)
+
+    def close(self) -> None:
+        super().close()
+        if self._stdin >= 0:
+            os.close(self._stdin)
+            self._stdin = -1
+
+
+class _PtyHandle(_HostHandle):
+    def __init__(self, record: ManagedProcess, argv: list[str], env: dict[str, str]) -> None:
+        cwd = record.cwd
+        # chdir inside preexec_fn: ptyprocess reports its failures, but not those of its own chdir.
+        self._pty = PtyProcess.spawn(
+            argv, env=env, preexec_fn=lambda: os.chdir(cwd), dimensions=(TERMINAL_ROWS, TERMINAL_COLS)
+        )
+        self._pty.delayafterclose = 0  # its close() would otherwise sleep
+        self._fd: int = self._pty.fd
+        super().__init__(record, self._pty.pid)
+        self._read_into(self._fd, record.stdout)
+
+    def _close_fd(self, fd: int) -> None:
+        # The PTY's descriptor is owned by the PtyProcess; it is closed with it, in close().
+        pass
+
+    def _exited(self, code: int | None) -> None:
+        self._pty.terminated = True  # we reaped it; PtyProcess must not waitpid again
+
+    async def write(self, data: bytes) -> None:
+        if self._fd < 0:
+            raise StdinFailed(f"{self._record.pid}'s terminal is closed")
+        await self._write_fd(self._fd, data)
+
+    def close(self) -> None:
+        super().close()
+        if self._fd >= 0:
+            self._fd = -1
+            self._pty.terminated = True
+            self._pty.close()
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_writer(fd, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_writer(fd)

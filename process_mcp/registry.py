@@ -1,0 +1,153 @@
+"""The processes a server started: their records, ids, and how long finished ones are kept."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import anyio
+
+from .buffer import OutputBuffer
+from .errors import ProcessNotFound
+from .models import ProcessInfo, ProcessStatus
+from .signals import signal_name
+from .terminal import Terminal
+
+if TYPE_CHECKING:
+    from .executor import ProcessHandle
+
+
+class ManagedProcess:
+    """Everything the server knows about one process: identity, output, and how it ended.
+
+    Backends append output to ``stdout``/``stderr``, bracket each stream with ``stream_opened`` and
+    ``stream_closed``, and report the exit with ``finish``; all on the event loop. Once the process
+    has exited and its streams are closed, ``on_done`` is called.
+    """
+
+    def __init__(
+        self,
+        pid: str,
+        command: str,
+        cwd: str,
+        *,
+        tty: bool,
+        buffer_bytes: int,
+        cols: int,
+        rows: int,
+        on_done: Callable[[ManagedProcess], None] | None = None,
+    ) -> None:
+        self.pid = pid
+        self.command = command
+        self.cwd = cwd
+        self.tty = tty
+        self.created_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        self.stdout = OutputBuffer(buffer_bytes)
+        self.stderr = OutputBuffer(buffer_bytes)
+        self.terminal = Terminal(self.stdout, cols, rows) if tty else None
+        self.exit_code: int | None = None
+        self.signal: str | None = None
+        self.handle: ProcessHandle | None = None
+        self._on_done = on_done
+        self._open_streams = 0
+        self._exited = anyio.Event()
+        self._done = anyio.Event()
+
+    @property
+    def status(self) -> ProcessStatus:
+        return "terminated" if self._exited.is_set() else "running"
+
+    @property
+    def running(self) -> bool:
+        return not self._exited.is_set()
+
+    @property
+    def lingering(self) -> bool:
+        """Still running, or exited while something it started still holds its output open."""
+        return not self._done.is_set()
+
+    def stream_opened(self) -> None:
+        self._open_streams += 1
+
+    def stream_closed(self) -> None:
+        self._open_streams -= 1
+        self._check_done()
+
+    def finish(self, exit_code: int | None, signum: int | None = None) -> None:
+        """Record the end of the process: its exit code, or the signal that ended it."""
+        if signum is not None:
+            self.signal = signal_name(signum)
+            exit_code = 128 + signum
+        self.exit_code = exit_code
+        self._exited.set()
+        self._check_done()
+
+    def _check_done(self) -> None:
+        if self._exited.is_set() and self._open_streams == 0 and not self._done.is_set():
+            self._done.set()
+            if self._on_done is not None:
+                self._on_done(self)
+
+    async def wait(self, timeout_s: float, *, output: bool = False) -> bool:
+        """Wait up to ``timeout_s`` for the process to exit (and, with ``output``, for its output to
+        close); say whether it did."""
+        event = self._done if output else self._exited
+        with anyio.move_on_after(timeout_s):
+            await event.wait()
+        return event.is_set()
+
+    def info(self) -> ProcessInfo:
+        return ProcessInfo(
+            pid=self.pid,
+            command=self.command,
+            status=self.status,
+            exit_code=self.exit_code,
+            signal=self.signal,
+            cwd=self.cwd,
+            tty=self.tty,
+            created_at=self.created_at,
+        )
+
+
+class ProcessRegistry:
+    """Processes by id (``<prefix>-<n>``): all live ones, and the newest ``keep_terminated`` that ended."""
+
+    def __init__(self, prefix: str, keep_terminated: int) -> None:
+        self.prefix = prefix
+        self.keep_terminated = keep_terminated
+        self._counter = itertools.count(1)
+        self._issued = 0
+        self._records: dict[str, ManagedProcess] = {}
+
+    def new_id(self) -> str:
+        self._issued = next(self._counter)
+        return f"{self.prefix}-{self._issued}"
+
+    def add(self, record: ManagedProcess) -> None:
+        self._records[record.pid] = record
+
+    def get(self, pid: str) -> ManagedProcess:
+        """The record for ``pid``; raise ProcessNotFound with a hint if there is none."""
+        record = self._records.get(pid)
+        if record is not None:
+            return record
+        prefix, _, number = pid.rpartition("-")
+        if prefix == self.prefix and number.isdigit() and 0 < int(number) <= self._issued:
+            raise ProcessNotFound(
+                f"process {pid!r} ended and was dropped (the newest {self.keep_terminated} finished "
+                "processes are kept); call ps to list processes"
+            )
+        raise ProcessNotFound(f"no process {pid!r}; ids look like '{self.prefix}-1'; call ps to list processes")
+
+    def __iter__(self) -> Iterator[ManagedProcess]:
+        return iter(list(self._records.values()))
+
+    def prune(self) -> list[ManagedProcess]:
+        """Drop the oldest finished processes beyond ``keep_terminated``; return them for closing."""
+        finished = [r for r in self._records.values() if not r.lingering]
+        dropped = finished[: max(0, len(finished) - self.keep_terminated)]
+        for record in dropped:
+            del self._records[record.pid]
+        return dropped

@@ -1,0 +1,60 @@
+"""Bounded waits on real conditions, and process checks, for the tests."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import anyio
+import pytest
+
+from process_mcp import ProcessExecutor
+
+WAIT_S = 10.0
+"""Bound on every wait for a condition in the tests; generous, since CI machines are shared."""
+POLL_S = 0.02
+
+
+async def wait_for_output(executor: ProcessExecutor, pid: str, pattern: str, *, lines: int = 200) -> str:
+    """Poll stdout until ``pattern`` matches it; fail after WAIT_S. Returns the output."""
+    regex = re.compile(pattern)
+    output = ""
+    with anyio.move_on_after(WAIT_S):
+        while True:
+            output = (await executor.get_output(pid, lines)).stdout
+            if regex.search(output):
+                return output
+            await anyio.sleep(POLL_S)
+    pytest.fail(f"{pattern!r} did not appear in the output of {pid} within {WAIT_S}s; last output:\n{output}")
+
+
+async def wait_for_exit(executor: ProcessExecutor, pid: str) -> None:
+    with anyio.move_on_after(WAIT_S):
+        while (await executor.get_process(pid)).status == "running":
+            await anyio.sleep(POLL_S)
+        return
+    pytest.fail(f"{pid} did not exit within {WAIT_S}s")
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie (dead, not yet reaped by its new parent) counts as gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def wait_until_gone(pid: int) -> None:
+    with anyio.move_on_after(WAIT_S):
+        while pid_alive(pid):
+            await anyio.sleep(POLL_S)
+        return
+    pytest.fail(f"pid {pid} is still alive after {WAIT_S}s")
+
+
+def kill_if_alive(pid: int) -> None:
+    """Test hygiene: end a process a failing test left behind (by pid, never by name)."""
+    if pid_alive(pid):
+        os.kill(pid, 9)

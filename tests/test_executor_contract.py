@@ -1,0 +1,282 @@
+"""Behaviour every backend promises, run against real processes and real terminals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from process_mcp import (
+    OUTPUT_TRUNCATE,
+    InvalidInput,
+    InvalidSignal,
+    ProcessExecutor,
+    ProcessNotFound,
+    ProcessTerminated,
+    SpawnOptions,
+)
+
+from .helpers import wait_for_exit, wait_for_output
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_echo_returns_stdout_and_exit_code_zero(executor: ProcessExecutor) -> None:
+    result = await executor.spawn(SpawnOptions(command="echo hello"))
+    assert result.status == "terminated"
+    assert result.exit_code == 0
+    assert result.stdout == "hello\n"
+    assert result.stderr == ""
+    assert result.pid.startswith(f"{executor.prefix}-")
+
+
+async def test_non_zero_exit_code_is_a_result_not_an_error(executor: ProcessExecutor) -> None:
+    result = await executor.spawn(SpawnOptions(command="echo oops >&2; exit 7"))
+    assert (result.status, result.exit_code, result.signal) == ("terminated", 7, None)
+    assert result.stderr == "oops\n"
+
+
+async def test_env_is_set_over_the_inherited_environment(executor: ProcessExecutor) -> None:
+    result = await executor.spawn(SpawnOptions(command='echo "$GREETING:$PATH"', env={"GREETING": "hi"}))
+    greeting, path = result.stdout.strip().split(":", 1)
+    assert greeting == "hi"
+    assert "/bin" in path
+
+
+async def test_cwd_defaults_to_the_workdir_and_can_be_chosen(executor: ProcessExecutor, workdir: Path) -> None:
+    (workdir / "sub").mkdir()
+    assert (await executor.spawn(SpawnOptions(command="pwd"))).stdout.strip() == str(workdir)
+    assert (await executor.spawn(SpawnOptions(command="pwd", cwd=str(workdir / "sub")))).stdout.strip() == str(
+        workdir / "sub"
+    )
+    relative = await executor.spawn(SpawnOptions(command="pwd", cwd="sub"))
+    assert relative.stdout.strip() == str(workdir / "sub")
+
+
+async def test_a_process_still_running_at_the_timeout_keeps_running(executor: ProcessExecutor) -> None:
+    result = await executor.spawn(SpawnOptions(command="echo started; sleep 30", timeout_ms=300))
+    assert result.status == "running"
+    assert result.exit_code is None
+    assert result.stdout == "started\n"
+    assert (await executor.get_process(result.pid)).status == "running"
+
+
+async def test_background_returns_at_once_and_output_arrives_later(executor: ProcessExecutor) -> None:
+    result = await executor.spawn(SpawnOptions(command="read line; echo got:$line", background=True))
+    assert result.status == "running"
+    await executor.stdin(result.pid, "ping\\n")
+    await wait_for_output(executor, result.pid, "got:ping")
+    await wait_for_exit(executor, result.pid)
+    assert (await executor.get_process(result.pid)).exit_code == 0
+
+
+async def test_stdin_reaches_a_non_tty_process_through_its_pipe(executor: ProcessExecutor) -> None:
+    result = await executor.spawn(SpawnOptions(command="head -n 2", background=True))
+    sent = await executor.stdin(result.pid, "one\\ntwo\\n")
+    assert sent.bytes_sent == 8
+    await wait_for_exit(executor, result.pid)
+    assert (await executor.get_output(result.pid)).stdout == "one\ntwo\n"
+
+
+async def test_a_literal_backslash_reaches_the_process(executor: ProcessExecutor) -> None:
+    result = await executor.spawn(SpawnOptions(command="head -c 4 | od -An -tx1", background=True))
+    await executor.stdin(result.pid, "a\\\\b\\n")
+    await wait_for_exit(executor, result.pid)
+    assert (await executor.get_output(result.pid)).stdout.split() == ["61", "5c", "62", "0a"]
+
+
+async def test_a_python_repl_over_a_tty_sees_a_terminal(executor: ProcessExecutor) -> None:
+    result = await executor.spawn(SpawnOptions(command="python3 -q", tty=True, background=True))
+    await wait_for_output(executor, result.pid, r">>>\s*$")
+    await executor.stdin(result.pid, "import sys; print('isatty', sys.stdin.isatty(), sys.stdout.isatty())\\r")
+    screen = await wait_for_output(executor, result.pid, r"isatty \w+ \w+")
+    assert "isatty True True" in screen
+    await executor.stdin(result.pid, "exit()\\r")
+    await wait_for_exit(executor, result.pid)
+    assert (await executor.get_process(result.pid)).exit_code == 0
+
+
+async def test_ctrl_c_typed_into_a_tty_raises_sigint_in_the_foreground_program(executor: ProcessExecutor) -> None:
+    script = (
+        "import signal,time; signal.signal(signal.SIGINT, lambda *a: print('got SIGINT', flush=True)); "
+        "print('ready', flush=True); time.sleep(30)"
+    )
+    result = await executor.spawn(SpawnOptions(command=f'python3 -c "{script}"', tty=True, background=True))
+    await wait_for_output(executor, result.pid, "ready")
+    await executor.stdin(result.pid, "\\x03")
+    await wait_for_output(executor, result.pid, "got SIGINT")
+
+
+async def test_ctrl_c_ends_a_foreground_command_with_sigint(executor: ProcessExecutor) -> None:
+    result = await executor.spawn(SpawnOptions(command="echo ready; exec sleep 30", tty=True, background=True))
+    await wait_for_output(executor, result.pid, "ready")
+    await executor.stdin(result.pid, "\\x03")
+    await wait_for_exit(executor, result.pid)
+    info = await executor.get_process(result.pid)
+    assert (info.signal, info.exit_code) == ("SIGINT", 130)
+
+
+async def test_the_terminal_is_120_by_30(executor: ProcessExecutor) -> None:
+    result = await executor.spawn(SpawnOptions(command="stty size; tput cols 2>/dev/null || true", tty=True))
+    assert result.stdout.splitlines()[0] == "30 120"
+
+
+async def test_carriage_returns_overwrite_the_line_on_the_rendered_screen(executor: ProcessExecutor) -> None:
+    result = await executor.spawn(SpawnOptions(command="printf 'progress 10%%\\rprogress 99%%\\rdone\\n'", tty=True))
+    assert result.stdout.splitlines()[0] == "doneress 99%"
+
+
+async def test_a_tty_screen_shows_cursor_movement_not_escape_codes(executor: ProcessExecutor) -> None:
+    result = await executor.spawn(SpawnOptions(command=r"printf 'aaaa\033[2Dbb\033[31mX\033[0m\n'", tty=True))
+    assert result.stdout == "aabbX"
+
+
+async def test_spawn_truncates_long_output_keeping_the_tail(executor: ProcessExecutor) -> None:
+    result = await executor.spawn(SpawnOptions(command="seq 1 20000"))
+    marker, _, tail = result.stdout.partition("\n")
+    assert "truncated" in marker
+    assert len(tail) == OUTPUT_TRUNCATE
+    assert tail.endswith("19999\n20000\n")
+
+
+async def test_stdout_returns_exactly_the_last_n_lines(executor: ProcessExecutor) -> None:
+    result = await executor.spawn(SpawnOptions(command="seq 1 10"))
+    assert (await executor.get_output(result.pid, 3)).stdout == "8\n9\n10\n"
+    assert (await executor.get_output(result.pid, 1)).stdout == "10\n"
+    unterminated = await executor.spawn(SpawnOptions(command="printf 'a\\nb\\nc'"))
+    assert (await executor.get_output(unterminated.pid, 2)).stdout == "b\nc"
+
+
+async def test_stdout_of_a_tty_process_has_scrollback_and_screen(executor: ProcessExecutor) -> None:
+    result = await executor.spawn(SpawnOptions(command="seq 1 100", tty=True))
+    # 30 rows: 29 numbers and the empty row the cursor ended on, which is trimmed.
+    assert result.stdout.splitlines() == [str(n) for n in range(72, 101)]
+    output = await executor.get_output(result.pid, 50)
+    assert output.stdout.splitlines() == [str(n) for n in range(51, 101)]
+    assert output.stderr == ""
+
+
+async def test_utf8_characters_survive_being_split_across_writes(executor: ProcessExecutor) -> None:
+    # 'é' is two bytes; the first leaves before the second, a moment apart.
+    command = "printf 'caf\\303'; sleep 0.2; printf '\\251!\\n'"
+    assert (await executor.spawn(SpawnOptions(command=command))).stdout == "café!\n"
+
+
+async def test_kill_ends_the_whole_process_tree(executor: ProcessExecutor, workdir: Path) -> None:
+    result = await executor.spawn(
+        SpawnOptions(command="sleep 300 & sleep 300 & echo children started; wait", background=True)
+    )
+    await wait_for_output(executor, result.pid, "children started")
+    killed = await executor.kill(result.pid)
+    assert (killed.sent, killed.status, killed.signal, killed.exit_code) == ("SIGTERM", "terminated", "SIGTERM", 143)
+    # The children held the output pipe open: it closes only once they are gone too.
+    after = await executor.spawn(SpawnOptions(command="true"))
+    assert after.exit_code == 0
+    output = await executor.get_output(result.pid)
+    assert output.status == "terminated"
+
+
+@pytest.mark.parametrize("name", ["SIGKILL", "KILL", "kill", "9"])
+async def test_kill_accepts_signal_names_with_or_without_prefix(executor: ProcessExecutor, name: str) -> None:
+    result = await executor.spawn(SpawnOptions(command="sleep 30", background=True))
+    killed = await executor.kill(result.pid, name)
+    assert (killed.sent, killed.signal, killed.exit_code) == ("SIGKILL", "SIGKILL", 137)
+
+
+async def test_stop_and_continue_leave_the_process_running(executor: ProcessExecutor) -> None:
+    result = await executor.spawn(SpawnOptions(command="sleep 30", background=True))
+    assert (await executor.kill(result.pid, "STOP")).status == "running"
+    assert (await executor.kill(result.pid, "SIGCONT")).status == "running"
+
+
+async def test_signals_reach_a_trap_in_the_shell(executor: ProcessExecutor) -> None:
+    result = await executor.spawn(
+        SpawnOptions(command="trap 'echo caught USR1' USR1; echo ready; while :; do sleep 0.05; done", background=True)
+    )
+    await wait_for_output(executor, result.pid, "ready")
+    assert (await executor.kill(result.pid, "USR1")).status == "running"
+    await wait_for_output(executor, result.pid, "caught USR1")
+
+
+async def test_ps_lists_running_and_finished_processes(executor: ProcessExecutor, workdir: Path) -> None:
+    done = await executor.spawn(SpawnOptions(command="exit 4"))
+    live = await executor.spawn(SpawnOptions(command="sleep 30", tty=True, background=True))
+    rows = {p.pid: p for p in await executor.list_processes()}
+    assert rows[done.pid].status == "terminated"
+    assert rows[done.pid].exit_code == 4
+    assert rows[live.pid].status == "running"
+    assert rows[live.pid].tty is True
+    assert rows[live.pid].command == "sleep 30"
+    assert rows[live.pid].cwd == str(workdir)
+    assert rows[live.pid].created_at.endswith("Z")
+
+
+async def test_output_of_a_finished_process_stays_readable(executor: ProcessExecutor) -> None:
+    result = await executor.spawn(SpawnOptions(command="echo kept"))
+    assert (await executor.get_output(result.pid)).stdout == "kept\n"
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"command": ""}, "command is empty"),
+        ({"command": "   "}, "command is empty"),
+        ({"command": "echo a\0b"}, "NUL byte"),
+        ({"command": "true", "env": {"BAD=NAME": "x"}}, "environment variable name"),
+        ({"command": "true", "env": {"1ST": "x"}}, "environment variable name"),
+        ({"command": "true", "env": {"OK": "a\0b"}}, "NUL byte"),
+        ({"command": "true", "cwd": "/definitely/not/here"}, "does not exist"),
+        ({"command": "true", "cwd": ""}, "cwd is empty"),
+        ({"command": "true", "timeout_ms": -1}, "timeoutMs must be 0 or more"),
+    ],
+)
+async def test_malformed_spawn_requests_get_a_clear_error(
+    executor: ProcessExecutor, options: dict[str, object], fragment: str
+) -> None:
+    with pytest.raises(InvalidInput, match=fragment) as caught:
+        await executor.spawn(SpawnOptions(**options))  # type: ignore[arg-type]
+    assert str(caught.value).startswith("invalid_input: ")
+
+
+async def test_unknown_ids_get_process_not_found_with_a_hint(executor: ProcessExecutor) -> None:
+    for call in (
+        executor.get_process("nope-1"),
+        executor.get_output("nope-1"),
+        executor.stdin("nope-1", "x"),
+        executor.kill("nope-1"),
+    ):
+        with pytest.raises(ProcessNotFound, match="call ps"):
+            await call
+
+
+async def test_input_and_signals_to_a_finished_process_are_refused(executor: ProcessExecutor) -> None:
+    result = await executor.spawn(SpawnOptions(command="exit 1"))
+    with pytest.raises(ProcessTerminated, match="exit code 1"):
+        await executor.stdin(result.pid, "hello")
+    with pytest.raises(ProcessTerminated):
+        await executor.kill(result.pid)
+
+
+async def test_bad_escapes_and_signals_are_refused_and_the_process_keeps_running(
+    executor: ProcessExecutor,
+) -> None:
+    result = await executor.spawn(SpawnOptions(command="sleep 30", background=True))
+    with pytest.raises(InvalidInput, match="not a valid escape"):
+        await executor.stdin(result.pid, "\\q")
+    with pytest.raises(InvalidSignal, match="unknown signal 'SIGNOPE'"):
+        await executor.kill(result.pid, "SIGNOPE")
+    with pytest.raises(InvalidInput, match="at least 1"):
+        await executor.get_output(result.pid, 0)
+    assert (await executor.get_process(result.pid)).status == "running"
+
+
+async def test_a_timeout_above_the_maximum_is_clamped(executor: ProcessExecutor) -> None:
+    result = await executor.spawn(SpawnOptions(command="echo fast", timeout_ms=10**9))
+    assert result.stdout == "fast\n"
+
+
+async def test_cleanup_ends_running_processes(executor: ProcessExecutor) -> None:
+    result = await executor.spawn(SpawnOptions(command="trap '' TERM; sleep 30", background=True))
+    await executor.cleanup()
+    info = await executor.get_process(result.pid)
+    assert info.status == "terminated"
