@@ -1,0 +1,144 @@
+"""The five tools as an MCP client sees them, in memory, against a real host executor."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mcp import Client
+from mcp_types import CallToolResult, TextContent
+
+from process_mcp import ProcessMcpServer, create_process_mcp
+
+from .conftest import host_config
+from .helpers import WAIT_S
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def client(workdir: Path) -> AsyncIterator[Client]:
+    mcp: ProcessMcpServer = await create_process_mcp(host_config(workdir))
+    async with mcp, Client(mcp.server, read_timeout_seconds=WAIT_S) as connected:
+        yield connected
+
+
+def text_of(result: CallToolResult) -> str:
+    block = result.content[0]
+    assert isinstance(block, TextContent)
+    return block.text
+
+
+async def call(client: Client, tool: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    result = await client.call_tool(tool, arguments)
+    assert not result.is_error, text_of(result)
+    assert result.structured_content is not None
+    return result.structured_content
+
+
+async def error(client: Client, tool: str, arguments: dict[str, Any]) -> str:
+    result = await client.call_tool(tool, arguments)
+    assert result.is_error
+    return text_of(result)
+
+
+async def test_the_five_tools_are_listed_with_the_original_parameter_names(client: Client) -> None:
+    tools = {tool.name: tool for tool in (await client.list_tools()).tools}
+    assert set(tools) == {"spawn", "ps", "stdin", "stdout", "kill"}
+    spawn = tools["spawn"].input_schema
+    assert set(spawn["properties"]) == {"command", "cwd", "env", "tty", "background", "timeoutMs"}
+    assert spawn["required"] == ["command"]
+    assert set(tools["stdin"].input_schema["properties"]) == {"id", "input"}
+    assert set(tools["stdout"].input_schema["properties"]) == {"id", "lines"}
+    assert set(tools["kill"].input_schema["properties"]) == {"id", "signal"}
+    assert tools["kill"].input_schema["properties"]["signal"]["default"] == "SIGTERM"
+    for tool in tools.values():
+        assert tool.output_schema is not None
+        assert tool.description
+        assert len(tool.description) > 80
+    assert "exitCode" in tools["spawn"].output_schema["properties"]
+
+
+async def test_spawn_replies_with_structured_content_and_readable_text(client: Client) -> None:
+    result = await client.call_tool("spawn", {"command": "echo out; echo err >&2; exit 3"})
+    assert not result.is_error
+    assert result.structured_content == {
+        "pid": "host-1",
+        "status": "terminated",
+        "exitCode": 3,
+        "signal": None,
+        "stdout": "out\n",
+        "stderr": "err\n",
+    }
+    assert text_of(result) == "host-1: terminated (exit code 3)\n--- stdout ---\nout\n\n--- stderr ---\nerr\n"
+
+
+async def test_a_tty_session_driven_through_the_tools(client: Client) -> None:
+    started = await call(client, "spawn", {"command": "python3 -q", "tty": True, "timeoutMs": 1000})
+    assert started["status"] == "running"
+    pid = started["pid"]
+    await call(client, "stdin", {"id": pid, "input": "print(6*7)\\r"})
+    output: dict[str, Any] = {}
+    for _ in range(200):
+        output = await call(client, "stdout", {"id": pid, "lines": 5})
+        if "42" in output["stdout"].splitlines():
+            break
+    assert "42" in output["stdout"].splitlines()
+    killed = await call(client, "kill", {"id": pid, "signal": "KILL"})
+    assert killed == {"pid": pid, "sent": "SIGKILL", "status": "terminated", "exitCode": 137, "signal": "SIGKILL"}
+
+
+async def test_ps_lists_processes_as_text_and_structure(client: Client) -> None:
+    assert text_of(await client.call_tool("ps", {})) == "No processes. Start one with spawn."
+    await call(client, "spawn", {"command": "sleep 30", "background": True})
+    result = await client.call_tool("ps", {})
+    processes = result.structured_content["processes"]  # type: ignore[index]
+    assert [(p["pid"], p["status"], p["command"]) for p in processes] == [("host-1", "running", "sleep 30")]
+    assert set(processes[0]) == {"pid", "command", "status", "exitCode", "signal", "cwd", "tty", "createdAt"}
+    assert "host-1  running  pipe" in text_of(result)
+
+
+@pytest.mark.parametrize(
+    ("tool", "arguments", "fragments"),
+    [
+        ("stdout", {"id": "host-99"}, ["process_not_found", "call ps"]),
+        ("kill", {"id": "host-99"}, ["process_not_found"]),
+        ("stdin", {"id": "host-99", "input": "x"}, ["process_not_found"]),
+        ("spawn", {"command": ""}, ["invalid_input", "command is empty"]),
+        ("spawn", {"command": "pwd", "cwd": "/no/such/dir"}, ["invalid_input", "does not exist"]),
+        ("spawn", {"command": "true", "env": {"A B": "1"}}, ["invalid_input", "environment variable name"]),
+        ("spawn", {"command": "a\u0000b"}, ["invalid_input", "NUL"]),
+        ("spawn", {}, ["command", "Field required"]),
+        ("spawn", {"command": 42}, ["command", "valid string"]),
+        ("spawn", {"command": "true", "timeoutMs": -5}, ["timeoutMs", "greater than or equal to 0"]),
+        ("spawn", {"command": "true", "env": "X=1"}, ["env", "valid dictionary"]),
+        ("stdout", {"id": "host-1", "lines": -1}, ["lines", "greater than or equal to 1"]),
+        ("stdout", {"id": "host-1", "lines": "many"}, ["lines", "valid integer"]),
+        ("kill", {"id": "host-1", "signal": "SIGFOO"}, ["invalid_signal", "TERM, KILL"]),
+        ("stdin", {"id": "host-1"}, ["input", "Field required"]),
+    ],
+)
+async def test_bad_calls_get_clear_errors_and_the_server_keeps_serving(
+    client: Client, tool: str, arguments: dict[str, Any], fragments: list[str]
+) -> None:
+    message = await error(client, tool, arguments)
+    for fragment in fragments:
+        assert fragment in message
+    assert (await call(client, "spawn", {"command": "echo still here"}))["stdout"] == "still here\n"
+
+
+async def test_input_to_a_finished_process_is_an_error_naming_its_exit(client: Client) -> None:
+    pid = (await call(client, "spawn", {"command": "exit 2"}))["pid"]
+    message = await error(client, "stdin", {"id": pid, "input": "hi"})
+    assert "process_terminated" in message
+    assert "exit code 2" in message
+    assert "process_terminated" in await error(client, "kill", {"id": pid})
+
+
+async def test_a_bad_escape_is_an_error_and_the_process_survives(client: Client) -> None:
+    pid = (await call(client, "spawn", {"command": "cat", "background": True}))["pid"]
+    assert "not a valid escape" in await error(client, "stdin", {"id": pid, "input": "\\z"})
+    sent = await call(client, "stdin", {"id": pid, "input": "fine\\n"})
+    assert (sent["bytesSent"], sent["status"]) == (5, "running")
