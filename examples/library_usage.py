@@ -1,0 +1,61 @@
+"""Using process-mcp as a library: commands, a Python REPL over a real terminal, background work,
+kill, and serving the same executor over MCP.
+
+Run it with ``python examples/library_usage.py``; pass ``--serve`` to also serve the tools on stdio.
+"""
+
+import sys
+
+import anyio
+
+from process_mcp import ProcessExecutor, ProcessMcpConfig, SpawnOptions, create_process_mcp
+from process_mcp.config import Defaults
+
+PROMPT_WAIT_S = 10.0
+
+
+async def wait_for(executor: ProcessExecutor, pid: str, text: str) -> str:
+    """Poll the process's output until ``text`` shows up (bounded)."""
+    with anyio.fail_after(PROMPT_WAIT_S):
+        while True:
+            output = (await executor.get_output(pid, lines=20)).stdout
+            if text in output:
+                return output
+            await anyio.sleep(0.05)
+
+
+async def main() -> None:
+    config = ProcessMcpConfig(mode="host", defaults=Defaults(workdir="/tmp", timeout_ms=5000))
+    async with await create_process_mcp(config) as mcp:
+        executor = mcp.executor
+
+        # 1. A command that finishes: stdout, stderr and the exit code come back in one reply.
+        result = await executor.spawn(SpawnOptions(command="echo hello; echo oops >&2; exit 3"))
+        print(f"[echo] {result.pid} exit={result.exit_code} stdout={result.stdout!r} stderr={result.stderr!r}")
+
+        # 2. A Python REPL in a real terminal: type into it, read the rendered screen.
+        repl = await executor.spawn(SpawnOptions(command="python3 -q", tty=True, background=True))
+        await wait_for(executor, repl.pid, ">>>")
+        await executor.stdin(repl.pid, "import sys; print('tty:', sys.stdin.isatty(), 6 * 7)\\r")
+        screen = await wait_for(executor, repl.pid, "tty: True 42")
+        print(f"[repl] {repl.pid} screen:\n{screen}")
+        await executor.stdin(repl.pid, "exit()\\r")
+
+        # 3. A background process, listed by ps, then killed with its whole process group.
+        worker = await executor.spawn(
+            SpawnOptions(command="while true; do echo tick; sleep 0.1; done", background=True)
+        )
+        await wait_for(executor, worker.pid, "tick")
+        for info in await executor.list_processes():
+            print(f"[ps] {info.pid} {info.status} {info.command}")
+        killed = await executor.kill(worker.pid, "SIGTERM")
+        print(f"[kill] {killed.pid} {killed.status} by {killed.signal}")
+
+        # 4. The same executor behind the five MCP tools, on stdio, for a client to drive.
+        if "--serve" in sys.argv:
+            await mcp.server.run_stdio_async()
+    # Leaving the block ended every process the executor started.
+
+
+if __name__ == "__main__":
+    anyio.run(main)

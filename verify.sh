@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The project's one test command: set up a virtualenv, install the project with its dev extras,
+# then lint, type-check and run the test suite (which also runs the examples).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+python=${PYTHON:-python3}
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+    || { echo "verify.sh: Python 3.11 or newer is required (set PYTHON=...)" >&2; exit 1; }
+
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e '.[dev]'
+
+echo "== ruff"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+echo "== mypy"
+.venv/bin/mypy
+echo "== pytest"
+.venv/bin/python -m pytest "$@"
