@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 KILL_SETTLE_S = 1.0
 """How long kill waits for the process to exit, so its reply can say whether it did."""
+OUTPUT_SETTLE_S = 0.25
+"""After an exit, how long spawn waits for output still in flight (a PTY delivers it a moment later);
+it only runs out when a leftover child keeps the output open."""
 SHUTDOWN_GRACE_S = 1.5
 """How long cleanup lets processes handle SIGTERM before SIGKILL; fits in the 2 s MCP clients give a
 server to exit once they close its stdin."""
@@ -105,8 +108,8 @@ class ProcessExecutor(ABC):
         )
         record.handle = await self._launch(record, env)
         self._registry.add(record)
-        if not options.background:
-            await record.wait(timeout_s)
+        if not options.background and await record.wait(timeout_s):
+            await record.wait(OUTPUT_SETTLE_S, output=True)
         return SpawnResult(
             pid=record.pid,
             status=record.status,
