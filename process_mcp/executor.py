@@ -112,9 +112,7 @@ class ProcessExecutor(ABC):
             await record.wait(OUTPUT_SETTLE_S, output=True)
         return SpawnResult(
             pid=record.pid,
-            status=record.status,
-            exit_code=record.exit_code,
-            signal=record.signal,
+            **record.state(),
             stdout=await self._screen_or_tail(record),
             stderr=tail_text(record.stderr, OUTPUT_TRUNCATE, complete=not record.lingering),
         )
@@ -131,9 +129,7 @@ class ProcessExecutor(ABC):
         return StdinResult(
             pid=record.pid,
             bytes_sent=len(data),
-            status=record.status,
-            exit_code=record.exit_code,
-            signal=record.signal,
+            **record.state(),
         )
 
     async def get_process(self, pid: str) -> ProcessInfo:
@@ -159,9 +155,7 @@ class ProcessExecutor(ABC):
             stdout = tail_lines(record.stdout, lines, complete=complete)
         return ProcessOutput(
             pid=record.pid,
-            status=record.status,
-            exit_code=record.exit_code,
-            signal=record.signal,
+            **record.state(),
             stdout=stdout,
             stderr=tail_lines(record.stderr, lines, complete=complete),
         )
@@ -180,9 +174,7 @@ class ProcessExecutor(ABC):
         return KillResult(
             pid=record.pid,
             sent=signum.name,
-            status=record.status,
-            exit_code=record.exit_code,
-            signal=record.signal,
+            **record.state(),
         )
 
     async def cleanup(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -98,16 +98,13 @@ class ManagedProcess:
             await event.wait()
         return event.is_set()
 
+    def state(self) -> dict[str, Any]:
+        """The fields every reply shares: status, exit_code, signal."""
+        return {"status": self.status, "exit_code": self.exit_code, "signal": self.signal}
+
     def info(self) -> ProcessInfo:
         return ProcessInfo(
-            pid=self.pid,
-            command=self.command,
-            status=self.status,
-            exit_code=self.exit_code,
-            signal=self.signal,
-            cwd=self.cwd,
-            tty=self.tty,
-            created_at=self.created_at,
+            pid=self.pid, command=self.command, cwd=self.cwd, tty=self.tty, created_at=self.created_at, **self.state()
         )
 
 
