@@ -1,5 +1,7 @@
 """process-mcp: let AI agents run and drive processes safely, on the host or in a Docker container."""
 
+from typing import TYPE_CHECKING, Any
+
 from .config import Defaults, DockerConfig, Limits, ProcessMcpConfig, SandboxConfig, load_config
 from .errors import (
     BackendUnavailable,
@@ -31,6 +33,19 @@ from .models import (
 )
 from .server import ProcessMcpServer, create_executor, create_process_mcp
 
+if TYPE_CHECKING:
+    from .docker_executor import DockerExecutor
+
+
+def __getattr__(name: str) -> Any:
+    # DockerExecutor is loaded on first use, so `import process_mcp` stays light in host mode.
+    if name == "DockerExecutor":
+        from .docker_executor import DockerExecutor
+
+        return DockerExecutor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "DEFAULT_TIMEOUT_MS",
     "MAX_TIMEOUT_MS",
@@ -40,6 +55,7 @@ __all__ = [
     "BackendUnavailable",
     "Defaults",
     "DockerConfig",
+    "DockerExecutor",
     "HostExecutor",
     "InvalidConfig",
     "InvalidInput",

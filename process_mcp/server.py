@@ -37,7 +37,12 @@ def create_executor(config: ProcessMcpConfig) -> ProcessExecutor:
     """The executor for ``config.mode``, not yet started."""
     if config.mode == "host":
         return HostExecutor(config)
-    raise BackendUnavailable("docker mode is not available in this version; set PROCESS_MODE=host")
+    if config.mode == "docker":
+        # Imported here so that host mode never loads the Docker backend (and docker-py with it).
+        from .docker_executor import DockerExecutor
+
+        return DockerExecutor(config)
+    raise BackendUnavailable(f"unknown PROCESS_MODE {config.mode!r}; use host or docker")
 
 
 async def create_process_mcp(config: ProcessMcpConfig | None = None) -> ProcessMcpServer:

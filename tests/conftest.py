@@ -1,14 +1,31 @@
-"""Shared fixtures: a real executor per backend, and bounded waits on real conditions."""
+"""Shared fixtures: a real executor per backend, and bounded waits on real conditions.
+
+Docker tests use a real engine and the local test images (scripts/docker-engine.sh,
+scripts/build-test-images.sh). Without them the tests skip loudly, or fail when CI=true.
+Everything they create is labelled ``process-mcp.test=true`` and removed by name afterwards.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import anyio.to_thread
 import pytest
 
 from process_mcp import HostExecutor, ProcessExecutor, ProcessMcpConfig
-from process_mcp.config import Defaults, Limits
+from process_mcp.config import Defaults, DockerConfig, Limits
+
+if TYPE_CHECKING:
+    from docker import DockerClient
+    from docker.models.containers import Container
+
+DEBIAN_IMAGE = "process-mcp-test/debian:bookworm"
+BUSYBOX_IMAGE = "process-mcp-test/busybox:latest"
+TEST_LABELS = {"process-mcp.test": "true"}
 
 
 @pytest.fixture
@@ -16,19 +33,112 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@pytest.fixture(params=["host", "docker"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """The backend a contract test runs against."""
+    return str(request.param)
+
+
 @pytest.fixture
-def workdir(tmp_path: Path) -> Path:
-    return tmp_path
+def workdir(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty directory valid for the test's backend (host unless it asks for one)."""
+    if "backend" not in request.fixturenames or request.getfixturevalue("backend") == "host":
+        return str(tmp_path)
+    container: Container = request.getfixturevalue("shared_container")
+    path = f"/home/agent/test-{secrets.token_hex(6)}"
+    result = container.exec_run(["mkdir", "-p", path])
+    assert result.exit_code == 0, result.output
+    return path
 
 
-def host_config(workdir: Path, **limits: int) -> ProcessMcpConfig:
+def host_config(workdir: str | Path, **limits: int) -> ProcessMcpConfig:
     return ProcessMcpConfig(mode="host", defaults=Defaults(workdir=str(workdir)), limits=Limits(**limits))
 
 
-@pytest.fixture(params=["host"])
-async def executor(request: pytest.FixtureRequest, workdir: Path) -> AsyncIterator[ProcessExecutor]:
+def docker_config(container: str, workdir: str = "/home/agent", **docker: object) -> ProcessMcpConfig:
+    return ProcessMcpConfig(
+        mode="docker",
+        defaults=Defaults(workdir=workdir),
+        docker=DockerConfig(container_name=container, **docker),  # type: ignore[arg-type]
+    )
+
+
+def unique_name(what: str) -> str:
+    return f"process-mcp-test-{what}-{secrets.token_hex(4)}"
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Iterator[DockerClient]:
+    """A client for an engine that answers and has the test images; checked once per session."""
+    in_ci = os.environ.get("CI", "").lower() == "true"
+    problem = None
+    client = None
+    import docker
+    import requests
+
+    try:
+        client = docker.from_env(timeout=30)
+        client.ping()
+        for image in (DEBIAN_IMAGE, BUSYBOX_IMAGE):
+            try:
+                client.images.get(image)
+            except docker.errors.ImageNotFound:
+                problem = f"test image {image} is missing; run scripts/build-test-images.sh"
+    except (docker.errors.DockerException, requests.RequestException) as exc:
+        problem = f"no Docker engine answers ({exc}); run scripts/docker-engine.sh then scripts/build-test-images.sh"
+    if problem is not None:
+        if client is not None:
+            client.close()
+        if in_ci:
+            pytest.fail(f"DOCKER TESTS CANNOT RUN IN CI: {problem}")
+        pytest.skip(f"DOCKER TESTS SKIPPED: {problem}")
+    assert client is not None
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+async def engine(docker_client: DockerClient) -> DockerClient:
+    """The checked client, for async tests (the session check ran once, off any event loop)."""
+    await anyio.to_thread.run_sync(docker_client.ping)
+    return docker_client
+
+
+@pytest.fixture(scope="session")
+def shared_container(docker_client: DockerClient) -> Iterator[Container]:
+    """One container for the whole contract suite; each test gets its own directory in it."""
+    name = unique_name("shared")
+    volume = docker_client.volumes.create(unique_name("shared-vol"), labels=TEST_LABELS)
+    container = docker_client.containers.run(
+        DEBIAN_IMAGE,
+        ["tail", "-f", "/dev/null"],
+        name=name,
+        labels=TEST_LABELS,
+        init=True,
+        detach=True,
+        volumes={volume.name: {"bind": "/home/agent", "mode": "rw"}},
+        working_dir="/home/agent",
+    )
+    try:
+        yield container
+    finally:
+        container.remove(force=True)
+        volume.remove(force=True)
+
+
+@pytest.fixture
+async def executor(request: pytest.FixtureRequest, backend: str, workdir: str) -> AsyncIterator[ProcessExecutor]:
     """A started executor of each backend; every process it started is ended afterwards."""
-    ex: ProcessExecutor = HostExecutor(host_config(workdir))
+    ex: ProcessExecutor
+    if backend == "host":
+        ex = HostExecutor(host_config(workdir))
+    else:
+        from process_mcp import DockerExecutor
+
+        container: Container = request.getfixturevalue("shared_container")
+        ex = DockerExecutor(docker_config(str(container.name), workdir, use_existing=True))
     await ex.start()
     try:
         yield ex

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from process_mcp import (
@@ -43,14 +41,12 @@ async def test_env_is_set_over_the_inherited_environment(executor: ProcessExecut
     assert "/bin" in path
 
 
-async def test_cwd_defaults_to_the_workdir_and_can_be_chosen(executor: ProcessExecutor, workdir: Path) -> None:
-    (workdir / "sub").mkdir()
-    assert (await executor.spawn(SpawnOptions(command="pwd"))).stdout.strip() == str(workdir)
-    assert (await executor.spawn(SpawnOptions(command="pwd", cwd=str(workdir / "sub")))).stdout.strip() == str(
-        workdir / "sub"
-    )
+async def test_cwd_defaults_to_the_workdir_and_can_be_chosen(executor: ProcessExecutor, workdir: str) -> None:
+    assert (await executor.spawn(SpawnOptions(command="mkdir sub"))).exit_code == 0
+    assert (await executor.spawn(SpawnOptions(command="pwd"))).stdout.strip() == workdir
+    assert (await executor.spawn(SpawnOptions(command="pwd", cwd=f"{workdir}/sub"))).stdout.strip() == f"{workdir}/sub"
     relative = await executor.spawn(SpawnOptions(command="pwd", cwd="sub"))
-    assert relative.stdout.strip() == str(workdir / "sub")
+    assert relative.stdout.strip() == f"{workdir}/sub"
 
 
 async def test_a_process_still_running_at_the_timeout_keeps_running(executor: ProcessExecutor) -> None:
@@ -162,7 +158,7 @@ async def test_utf8_characters_survive_being_split_across_writes(executor: Proce
     assert (await executor.spawn(SpawnOptions(command=command))).stdout == "café!\n"
 
 
-async def test_kill_ends_the_whole_process_tree(executor: ProcessExecutor, workdir: Path) -> None:
+async def test_kill_ends_the_whole_process_tree(executor: ProcessExecutor, workdir: str) -> None:
     result = await executor.spawn(
         SpawnOptions(command="sleep 300 & sleep 300 & echo children started; wait", background=True)
     )
@@ -198,7 +194,7 @@ async def test_signals_reach_a_trap_in_the_shell(executor: ProcessExecutor) -> N
     await wait_for_output(executor, result.pid, "caught USR1")
 
 
-async def test_ps_lists_running_and_finished_processes(executor: ProcessExecutor, workdir: Path) -> None:
+async def test_ps_lists_running_and_finished_processes(executor: ProcessExecutor, workdir: str) -> None:
     done = await executor.spawn(SpawnOptions(command="exit 4"))
     live = await executor.spawn(SpawnOptions(command="sleep 30", tty=True, background=True))
     rows = {p.pid: p for p in await executor.list_processes()}
@@ -207,7 +203,7 @@ async def test_ps_lists_running_and_finished_processes(executor: ProcessExecutor
     assert rows[live.pid].status == "running"
     assert rows[live.pid].tty is True
     assert rows[live.pid].command == "sleep 30"
-    assert rows[live.pid].cwd == str(workdir)
+    assert rows[live.pid].cwd == workdir
     assert rows[live.pid].created_at.endswith("Z")
 
 

@@ -1,0 +1,258 @@
+"""Docker mode against a real engine: the container it makes, what survives, and what it never touches.
+
+Containers and volumes made here are labelled ``process-mcp.test=true`` and removed by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
+
+import anyio
+import anyio.to_thread
+import pytest
+from mcp import Client
+
+from process_mcp import BackendUnavailable, SpawnOptions, create_process_mcp
+from process_mcp.docker_executor import DockerExecutor
+
+from .conftest import BUSYBOX_IMAGE, DEBIAN_IMAGE, TEST_LABELS, docker_config, unique_name
+from .helpers import POLL_S, WAIT_S, wait_for_output
+
+if TYPE_CHECKING:
+    from docker import DockerClient
+    from docker.models.containers import Container
+
+pytestmark = pytest.mark.anyio
+
+# Prints the pid of every process whose environment has a line matching $1.
+_MATCHING_PIDS = (
+    "for d in /proc/[0-9]*; do tr '\\0' '\\n' < \"$d/environ\" 2>/dev/null | grep -q -e \"$1\" "
+    '&& echo "${d#/proc/}"; done; true'
+)
+
+
+class Made:
+    """Names of what a test had the executor create, so they are removed even if it fails."""
+
+    def __init__(self) -> None:
+        self.container = unique_name("ctr")
+        self.volume = unique_name("vol")
+
+
+@pytest.fixture
+def made(docker_client: DockerClient) -> Iterator[Made]:
+    import docker.errors
+
+    names = Made()
+    yield names
+    with contextlib.suppress(docker.errors.NotFound):
+        docker_client.containers.get(names.container).remove(force=True)
+    with contextlib.suppress(docker.errors.NotFound):
+        docker_client.volumes.get(names.volume).remove(force=True)
+
+
+def created_executor(made: Made, image: str = DEBIAN_IMAGE) -> DockerExecutor:
+    """An executor that creates (and at cleanup removes) its own container."""
+    config = docker_config(made.container, image=image, volume_name=made.volume)
+    return DockerExecutor(config, labels=TEST_LABELS)
+
+
+@pytest.fixture
+async def shared(shared_container: Container) -> AsyncIterator[DockerExecutor]:
+    """An executor on the session's container, as DOCKER_USE_EXISTING would run it."""
+    executor = DockerExecutor(docker_config(str(shared_container.name), use_existing=True))
+    await executor.start()
+    try:
+        yield executor
+    finally:
+        await executor.cleanup()
+
+
+async def matching_pids(container: Container, pattern: str) -> list[str]:
+    result = await anyio.to_thread.run_sync(
+        lambda: container.exec_run(["/bin/sh", "-c", _MATCHING_PIDS, "sh", pattern])
+    )
+    assert result.exit_code == 0, result.output
+    return result.output.decode().split()
+
+
+async def wait_until_none_match(container: Container, pattern: str) -> None:
+    with anyio.move_on_after(WAIT_S):
+        while await matching_pids(container, pattern):
+            await anyio.sleep(POLL_S)
+        return
+    pytest.fail(f"processes matching {pattern!r} still run in the container after {WAIT_S}s")
+
+
+async def test_the_container_it_creates_has_the_documented_limits(engine: DockerClient, made: Made) -> None:
+    executor = created_executor(made)
+    await executor.start()
+    try:
+        attrs = await anyio.to_thread.run_sync(engine.api.inspect_container, made.container)
+        host = attrs["HostConfig"]
+        assert host["Memory"] == host["MemorySwap"] == 512 * 1024 * 1024
+        assert host["NanoCpus"] == 1_000_000_000
+        assert host["PidsLimit"] == 4096
+        assert host["Init"] is True
+        assert host["Privileged"] is False
+        assert not host["CapAdd"]
+        assert host["Tmpfs"] == {"/tmp": "rw,size=100m,noexec,nosuid", "/var/tmp": "rw,size=100m,noexec,nosuid"}
+        mounts = [(m["Type"], m["Name"], m["Destination"]) for m in attrs["Mounts"]]
+        assert mounts == [("volume", made.volume, "/home/agent")]
+        assert attrs["Config"]["WorkingDir"] == "/home/agent"
+        assert attrs["Config"]["Cmd"] == ["tail", "-f", "/dev/null"]
+        assert attrs["Config"]["Labels"] == {"process-mcp.managed": "true", **TEST_LABELS}
+        assert (await executor.spawn(SpawnOptions(command="pwd"))).stdout == "/home/agent\n"
+    finally:
+        await executor.cleanup()
+
+
+async def test_home_agent_survives_a_restart_in_the_volume(engine: DockerClient, made: Made) -> None:
+    import docker.errors
+
+    first = created_executor(made)
+    await first.start()
+    try:
+        assert (await first.spawn(SpawnOptions(command="echo kept > note.txt"))).exit_code == 0
+    finally:
+        await first.cleanup()
+    with pytest.raises(docker.errors.NotFound):
+        await anyio.to_thread.run_sync(engine.containers.get, made.container)
+
+    second = created_executor(made)
+    await second.start()
+    try:
+        assert (await second.spawn(SpawnOptions(command="cat note.txt"))).stdout == "kept\n"
+    finally:
+        await second.cleanup()
+
+
+async def test_an_existing_container_is_started_used_and_left_alone(engine: DockerClient, made: Made) -> None:
+    container = await anyio.to_thread.run_sync(
+        lambda: engine.containers.create(
+            DEBIAN_IMAGE, ["tail", "-f", "/dev/null"], name=made.container, labels=TEST_LABELS, init=True
+        )
+    )
+    executor = DockerExecutor(docker_config(made.container, workdir="/tmp", use_existing=True))
+    await executor.start()  # the container was created, never started: start must start it
+    try:
+        await anyio.to_thread.run_sync(container.reload)
+        assert container.status == "running"
+        ours = await executor.spawn(SpawnOptions(command="sleep 300", background=True))
+        await anyio.to_thread.run_sync(
+            lambda: container.exec_run(["sleep", "301"], detach=True, environment={"NOT_OURS": "1"})
+        )
+        assert await matching_pids(container, f"^{executor.marker(ours.pid)}$")
+    finally:
+        await executor.cleanup()
+    await anyio.to_thread.run_sync(container.reload)
+    assert container.status == "running"
+    assert await matching_pids(container, "^NOT_OURS=1$"), "a process the server did not start was ended"
+    assert not await matching_pids(container, f"^{executor.marker()}")
+
+
+async def test_use_existing_with_no_such_container_is_a_clear_error(engine: DockerClient, made: Made) -> None:
+    executor = DockerExecutor(docker_config(made.container, use_existing=True))
+    with pytest.raises(BackendUnavailable, match=f"container '{made.container}' does not exist"):
+        await executor.start()
+
+
+async def test_an_image_that_cannot_be_pulled_is_a_clear_error_naming_it(engine: DockerClient, made: Made) -> None:
+    image = f"process-mcp-test/{unique_name('no-such-image')}:never"
+    executor = created_executor(made, image=image)
+    with pytest.raises(BackendUnavailable) as caught:
+        await executor.start()
+    assert image in caught.value.message
+    assert "Dockerfile.custom" in caught.value.message
+    assert "DOCKER_IMAGE" in caught.value.message
+
+
+async def test_an_image_without_bash_runs_commands_terminals_and_kills(engine: DockerClient, made: Made) -> None:
+    executor = created_executor(made, image=BUSYBOX_IMAGE)
+    await executor.start()
+    try:
+        assert (await executor.spawn(SpawnOptions(command="echo hi; ls /bin/bash 2>&1"))).stdout.startswith("hi\n")
+        assert (await executor.spawn(SpawnOptions(command="stty size", tty=True))).stdout == "30 120"
+        tree = await executor.spawn(SpawnOptions(command="sleep 300 & sleep 301 & echo started; wait", background=True))
+        await wait_for_output(executor, tree.pid, "started")
+        killed = await executor.kill(tree.pid, "KILL")
+        assert (killed.status, killed.signal, killed.exit_code) == ("terminated", "SIGKILL", 137)
+        container = await anyio.to_thread.run_sync(engine.containers.get, made.container)
+        await wait_until_none_match(container, f"^{executor.marker(tree.pid)}$")
+    finally:
+        await executor.cleanup()
+
+
+async def test_kill_reaches_grandchildren_inside_the_container(
+    shared: DockerExecutor, shared_container: Container
+) -> None:
+    result = await shared.spawn(
+        SpawnOptions(command="sh -c 'sleep 300 & wait' & sleep 301 & echo started; wait", background=True)
+    )
+    await wait_for_output(shared, result.pid, "started")
+    pattern = f"^{shared.marker(result.pid)}$"
+    with anyio.fail_after(WAIT_S):
+        while len(await matching_pids(shared_container, pattern)) < 4:  # sh, sh, sleep, sleep
+            await anyio.sleep(POLL_S)
+    killed = await shared.kill(result.pid)
+    assert (killed.status, killed.signal, killed.exit_code) == ("terminated", "SIGTERM", 143)
+    await wait_until_none_match(shared_container, pattern)
+
+
+async def test_a_trap_inside_the_container_receives_the_signal(shared: DockerExecutor) -> None:
+    result = await shared.spawn(
+        SpawnOptions(command="trap 'echo caught HUP' HUP; echo ready; while :; do sleep 0.05; done", background=True)
+    )
+    await wait_for_output(shared, result.pid, "ready")
+    await shared.kill(result.pid, "HUP")
+    await wait_for_output(shared, result.pid, "caught HUP")
+
+
+async def test_shutdown_leaves_no_stray_processes_in_the_container(
+    shared: DockerExecutor, shared_container: Container
+) -> None:
+    # Detached children whose parent has exited: no running record points at them any more.
+    await shared.spawn(SpawnOptions(command="nohup sleep 300 >/dev/null 2>&1 &"))
+    await shared.spawn(SpawnOptions(command="setsid sleep 301 </dev/null >/dev/null 2>&1 &"))
+    await shared.spawn(SpawnOptions(command="trap '' TERM; sleep 302", background=True))
+    assert len(await matching_pids(shared_container, f"^{shared.marker()}")) >= 3
+    await shared.cleanup()
+    await wait_until_none_match(shared_container, f"^{shared.marker()}")
+
+
+async def test_an_unreachable_engine_is_backend_unavailable(made: Made) -> None:
+    import docker
+
+    def unreachable() -> DockerClient:
+        return docker.from_env(environment={"DOCKER_HOST": "tcp://127.0.0.1:1"}, timeout=5)
+
+    executor = DockerExecutor(docker_config(made.container), client_factory=unreachable)
+    with pytest.raises(BackendUnavailable, match="cannot reach the Docker engine"):
+        await executor.start()
+
+
+async def test_the_mcp_tools_drive_docker_mode(shared_container: Container, engine: DockerClient) -> None:
+    config = docker_config(str(shared_container.name), use_existing=True)
+    async with await create_process_mcp(config) as mcp, Client(mcp.server, read_timeout_seconds=WAIT_S) as client:
+        result = await client.call_tool("spawn", {"command": "echo from docker; pwd"})
+        assert not result.is_error
+        assert result.structured_content is not None
+        assert result.structured_content["pid"] == "docker-1"
+        assert result.structured_content["stdout"] == "from docker\n/home/agent\n"
+        listed = await client.call_tool("ps", {})
+        assert listed.structured_content is not None
+        assert [p["pid"] for p in listed.structured_content["processes"]] == ["docker-1"]
+
+
+def test_host_mode_never_imports_docker() -> None:
+    code = (
+        "import sys, process_mcp; "
+        "process_mcp.create_executor(process_mcp.ProcessMcpConfig(mode='host')); "
+        "print(sorted(m for m in sys.modules if m == 'docker' or m.endswith('docker_executor')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=WAIT_S, check=True)
+    assert out.stdout.strip() == "[]"
