@@ -26,10 +26,10 @@ import anyio.to_thread
 from .config import DOCKER_WORKDIR, ProcessMcpConfig
 from .errors import BackendUnavailable, InvalidInput, KillFailed, SpawnFailed, StdinFailed
 from .executor import ProcessExecutor, ProcessHandle
-from .host import READ_CHUNK, STDIN_WRITE_TIMEOUT_S, TTY_TERM, _writable
-from .models import TERMINAL_COLS, TERMINAL_ROWS
+from .models import TERMINAL_COLS, TERMINAL_ROWS, TTY_TERM
 from .registry import ManagedProcess
 from .signals import NON_TERMINATING
+from .streams import READ_CHUNK, write_all
 
 if TYPE_CHECKING:
     from docker import DockerClient
@@ -502,23 +502,7 @@ class _ExecHandle(ProcessHandle):
     async def write(self, data: bytes) -> None:
         if self._closed:
             raise StdinFailed(f"{self._record.pid}'s input is closed")
-        view = memoryview(data)
-        with anyio.move_on_after(STDIN_WRITE_TIMEOUT_S):
-            while view:
-                try:
-                    view = view[self._sock.send(view) :]
-                except BlockingIOError:
-                    await _writable(self._loop, self._fd)
-                except OSError as exc:
-                    raise StdinFailed(
-                        f"{self._record.pid} no longer accepts input ({exc.strerror or exc}); "
-                        "call stdout to see what it printed"
-                    ) from None
-            return
-        raise StdinFailed(
-            f"{self._record.pid} is not reading its input ({len(view)} of {len(data)} bytes unsent "
-            f"after {STDIN_WRITE_TIMEOUT_S:g} s); call stdout to see what it is doing"
-        )
+        await write_all(self._fd, self._sock.send, data, self._record.pid)
 
     async def signal(self, signum: int) -> None:
         if signum not in NON_TERMINATING:

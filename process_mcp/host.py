@@ -20,21 +20,16 @@ from ptyprocess import PtyProcess
 from .buffer import OutputBuffer
 from .errors import InvalidInput, KillFailed, SpawnFailed, StdinFailed
 from .executor import ProcessExecutor, ProcessHandle
-from .models import TERMINAL_COLS, TERMINAL_ROWS
+from .models import TERMINAL_COLS, TERMINAL_ROWS, TTY_TERM
 from .registry import ManagedProcess
+from .streams import READ_CHUNK, write_all
 
 logger = logging.getLogger(__name__)
 
-READ_CHUNK = 256 * 1024
-"""Bytes read per wake-up: large enough to keep up with a flood, small enough to stay fair."""
 DRAIN_MAX_READS = 64
 """Reads made at exit to collect what is still buffered, bounded in case a child keeps writing."""
-STDIN_WRITE_TIMEOUT_S = 5.0
-"""How long stdin waits for a process that is not reading before it reports failure."""
 EXIT_POLL_S = 0.05
 """Exit polling interval, only where pidfds are unavailable (Linux < 5.3)."""
-TTY_TERM = "xterm-256color"
-"""TERM for TTY processes unless the caller sets one; what the rendering terminal understands."""
 
 
 class HostExecutor(ProcessExecutor):
@@ -154,25 +149,6 @@ class _HostHandle(ProcessHandle):
         except OSError as exc:
             raise KillFailed(f"could not signal {self._record.pid}: {exc.strerror}") from None
 
-    async def _write_fd(self, fd: int, data: bytes) -> None:
-        view = memoryview(data)
-        with anyio.move_on_after(STDIN_WRITE_TIMEOUT_S):
-            while view:
-                try:
-                    view = view[os.write(fd, view) :]
-                except BlockingIOError:
-                    await _writable(self._loop, fd)
-                except OSError as exc:
-                    raise StdinFailed(
-                        f"{self._record.pid} no longer accepts input ({exc.strerror}); "
-                        "call stdout to see what it printed"
-                    ) from None
-            return
-        raise StdinFailed(
-            f"{self._record.pid} is not reading its input ({len(view)} of {len(data)} bytes unsent "
-            f"after {STDIN_WRITE_TIMEOUT_S:g} s); call stdout to see what it is doing"
-        )
-
     def close(self) -> None:
         for fd in list(self._readers):
             self._stop_reading(fd)
@@ -218,7 +194,7 @@ class _PipeHandle(_HostHandle):
     async def write(self, data: bytes) -> None:
         if self._stdin < 0:
             raise StdinFailed(f"{self._record.pid}'s stdin is closed")
-        await self._write_fd(self._stdin, data)
+        await write_all(self._stdin, lambda view: os.write(self._stdin, view), data, self._record.pid)
 
     def close(self) -> None:
         super().close()
@@ -249,7 +225,7 @@ class _PtyHandle(_HostHandle):
     async def write(self, data: bytes) -> None:
         if self._fd < 0:
             raise StdinFailed(f"{self._record.pid}'s terminal is closed")
-        await self._write_fd(self._fd, data)
+        await write_all(self._fd, lambda view: os.write(self._fd, view), data, self._record.pid)
 
     def close(self) -> None:
         super().close()
@@ -257,17 +233,3 @@ class _PtyHandle(_HostHandle):
             self._fd = -1
             self._pty.terminated = True
             self._pty.close()
-
-
-async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
-    ready: asyncio.Future[None] = loop.create_future()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_writer(fd, wake)
-    try:
-        await ready
-    finally:
-        loop.remove_writer(fd)

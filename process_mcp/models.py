@@ -19,6 +19,8 @@ OUTPUT_TRUNCATE = 8196
 """Characters of each stream a ``spawn`` reply keeps (the tail); the original's figure."""
 TERMINAL_COLS = 120
 TERMINAL_ROWS = 30
+TTY_TERM = "xterm-256color"
+"""TERM for TTY processes unless the caller sets one; what the rendering terminal understands."""
 DEFAULT_LINES = 100
 """Lines the ``stdout`` tool returns when the caller does not say."""
 
