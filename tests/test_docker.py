@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import anyio
 import anyio.to_thread
 import pytest
-from mcp import Client
+from mcp import Client, StdioServerParameters
 
 from process_mcp import BackendUnavailable, SpawnOptions, create_process_mcp
 from process_mcp.docker_executor import DockerExecutor
@@ -246,6 +246,31 @@ async def test_the_mcp_tools_drive_docker_mode(shared_container: Container, engi
         listed = await client.call_tool("ps", {})
         assert listed.structured_content is not None
         assert [p["pid"] for p in listed.structured_content["processes"]] == ["docker-1"]
+
+
+async def test_a_client_over_stdio_drives_docker_mode_and_disconnecting_ends_its_processes(
+    shared_container: Container,
+) -> None:
+    server = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "process_mcp"],
+        env={"PROCESS_MODE": "docker", "DOCKER_USE_EXISTING": "true", "DOCKER_CONTAINER": str(shared_container.name)},
+    )
+    async with Client(server, read_timeout_seconds=WAIT_S) as client:
+        echo = await client.call_tool("spawn", {"command": "echo over stdio; pwd", "tty": True})
+        assert echo.structured_content is not None
+        assert echo.structured_content["pid"] == "docker-1"
+        assert echo.structured_content["stdout"] == "over stdio\n/home/agent"
+        sleeper = await client.call_tool("spawn", {"command": "echo $PROCESS_MCP_ID; sleep 300", "timeoutMs": 500})
+        assert sleeper.structured_content is not None
+        assert sleeper.structured_content["status"] == "running"
+        marker = f"PROCESS_MCP_ID={sleeper.structured_content['stdout'].strip()}"
+    # The server is gone, and so is every process it started in the container.
+    with anyio.fail_after(WAIT_S):
+        result = await anyio.to_thread.run_sync(
+            lambda: shared_container.exec_run(["/bin/sh", "-c", _MATCHING_PIDS, "sh", f"^{marker}$"])
+        )
+    assert result.output.decode().split() == []
 
 
 def test_host_mode_never_imports_docker() -> None:
