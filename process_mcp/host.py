@@ -65,7 +65,7 @@ class _HostHandle(ProcessHandle):
         self._loop = asyncio.get_running_loop()
         self._readers: dict[int, OutputBuffer] = {}
         self._pidfd = -1
-        self._reaped = False
+        self._input = -1  # where stdin writes go: the pipe to the child, or the PTY itself
         try:
             self._pidfd = os.pidfd_open(pid)
         except (AttributeError, OSError):
@@ -124,7 +124,6 @@ class _HostHandle(ProcessHandle):
             pid, status = self._pid, None  # reaped by someone else; the exit status is lost
         if pid == 0:
             return False
-        self._reaped = True
         # Collect what the process wrote before exiting, so its reply is complete.
         for fd in list(self._readers):
             for _ in range(DRAIN_MAX_READS):
@@ -140,6 +139,12 @@ class _HostHandle(ProcessHandle):
 
     def _exited(self, code: int | None) -> None:
         """Hook for subclasses that must learn of the exit before anyone else does."""
+
+    async def write(self, data: bytes) -> None:
+        fd = self._input
+        if fd < 0:
+            raise StdinFailed(f"{self._record.pid}'s input is closed")
+        await write_all(fd, lambda view: os.write(fd, view), data, self._record.pid)
 
     async def signal(self, signum: int) -> None:
         try:
@@ -183,7 +188,7 @@ class _PipeHandle(_HostHandle):
                 os.close(fd)
         super().__init__(record, self._popen.pid)
         os.set_blocking(stdin_w, False)
-        self._stdin = stdin_w
+        self._input = stdin_w
         self._read_into(out_r, record.stdout)
         self._read_into(err_r, record.stderr)
 
@@ -191,16 +196,11 @@ class _PipeHandle(_HostHandle):
         # Tell Popen the child is reaped, or its finalizer would wait for it again.
         self._popen.returncode = code
 
-    async def write(self, data: bytes) -> None:
-        if self._stdin < 0:
-            raise StdinFailed(f"{self._record.pid}'s stdin is closed")
-        await write_all(self._stdin, lambda view: os.write(self._stdin, view), data, self._record.pid)
-
     def close(self) -> None:
         super().close()
-        if self._stdin >= 0:
-            os.close(self._stdin)
-            self._stdin = -1
+        if self._input >= 0:
+            os.close(self._input)
+            self._input = -1
 
 
 class _PtyHandle(_HostHandle):
@@ -211,9 +211,9 @@ class _PtyHandle(_HostHandle):
             argv, env=env, preexec_fn=lambda: os.chdir(cwd), dimensions=(TERMINAL_ROWS, TERMINAL_COLS)
         )
         self._pty.delayafterclose = 0  # its close() would otherwise sleep
-        self._fd: int = self._pty.fd
         super().__init__(record, self._pty.pid)
-        self._read_into(self._fd, record.stdout)
+        self._input = self._pty.fd
+        self._read_into(self._input, record.stdout)
 
     def _close_fd(self, fd: int) -> None:
         # The PTY's descriptor is owned by the PtyProcess; it is closed with it, in close().
@@ -222,14 +222,9 @@ class _PtyHandle(_HostHandle):
     def _exited(self, code: int | None) -> None:
         self._pty.terminated = True  # we reaped it; PtyProcess must not waitpid again
 
-    async def write(self, data: bytes) -> None:
-        if self._fd < 0:
-            raise StdinFailed(f"{self._record.pid}'s terminal is closed")
-        await write_all(self._fd, lambda view: os.write(self._fd, view), data, self._record.pid)
-
     def close(self) -> None:
         super().close()
-        if self._fd >= 0:
-            self._fd = -1
+        if self._input >= 0:
+            self._input = -1
             self._pty.terminated = True
             self._pty.close()
