@@ -57,6 +57,13 @@ async def test_a_process_still_running_at_the_timeout_keeps_running(executor: Pr
     assert (await executor.get_process(result.pid)).status == "running"
 
 
+async def test_exit_is_reported_while_a_background_child_still_holds_the_output(executor: ProcessExecutor) -> None:
+    result = await executor.spawn(SpawnOptions(command="sleep 30 & echo parent done; exit 3", timeout_ms=10_000))
+    assert (result.status, result.exit_code, result.signal) == ("terminated", 3, None)
+    assert result.stdout == "parent done\n"
+    assert (await executor.get_process(result.pid)).status == "terminated"
+
+
 async def test_background_returns_at_once_and_output_arrives_later(executor: ProcessExecutor) -> None:
     result = await executor.spawn(SpawnOptions(command="read line; echo got:$line", background=True))
     assert result.status == "running"
