@@ -28,7 +28,7 @@ from .errors import BackendUnavailable, InvalidInput, KillFailed, SpawnFailed, S
 from .executor import ProcessExecutor, ProcessHandle
 from .models import TERMINAL_COLS, TERMINAL_ROWS, TTY_TERM
 from .registry import ManagedProcess
-from .signals import NON_TERMINATING
+from .signals import NON_TERMINATING, signal_from_exit_code
 from .streams import READ_CHUNK, write_all
 
 if TYPE_CHECKING:
@@ -261,6 +261,7 @@ class DockerExecutor(ProcessExecutor):
         # The SocketIO wrapper owns the raw socket (`_sock`); unix and plain TCP engines give one.
         raw: socket.socket = getattr(sock, "_sock", sock)
         handle = _ExecHandle(self, record, exec_id, sock, raw, handshake)
+        record.sandboxed = True  # confined by the container
         outcome = await handle.launched()
         if outcome == "ok":
             if record.tty:
@@ -487,7 +488,7 @@ class _ExecHandle(ProcessHandle):
             logger.warning("could not read the exit code of %s: %s", self._record.pid, exc)
         self.exit_code = code
         self._exited.set()
-        signum = _signal_from_exit_code(code)
+        signum = signal_from_exit_code(code)
         if code == 0 and self._delivered is not None:
             # The engine occasionally loses the status of an exec whose whole tree dies at once and
             # reports 0 (measured: about 1 in 30 tree kills on API 1.41). After our own terminating
@@ -518,16 +519,6 @@ class _ExecHandle(ProcessHandle):
             self._exit_task.cancel()
         self._wrapper.close()
         self._sock.close()
-
-
-def _signal_from_exit_code(code: int | None) -> int | None:
-    """The signal an exit code 128+N stands for: the engine reports a signalled exec that way."""
-    if code is None or code <= 128:
-        return None
-    try:
-        return signal_module.Signals(code - 128).value
-    except ValueError:
-        return None
 
 
 def _reason(exc: BaseException) -> str:

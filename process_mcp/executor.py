@@ -112,6 +112,7 @@ class ProcessExecutor(ABC):
             await record.wait(OUTPUT_SETTLE_S, output=True)
         return SpawnResult(
             pid=record.pid,
+            sandboxed=record.sandboxed,
             **record.state(),
             stdout=await self._screen_or_tail(record),
             stderr=tail_text(record.stderr, OUTPUT_TRUNCATE, complete=not record.lingering),

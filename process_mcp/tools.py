@@ -67,12 +67,14 @@ def register_tools(server: MCPServer, executor: ProcessExecutor) -> None:
         signal ended it), and the last 8196 characters of stdout and stderr. A command still running at
         the timeout keeps running in the background and the reply says status "running": read it later
         with stdout, type into it with stdin, stop it with kill. For a tty process, stdout is the
-        rendered terminal screen. A non-zero exit code is a normal result, not an error.
+        rendered terminal screen. A non-zero exit code is a normal result, not an error. sandboxed
+        says whether the command runs confined (host sandbox or container): there, writes outside
+        the working directory and /tmp, and network access, may be refused by configuration.
         """
         options = SpawnOptions(command=command, cwd=cwd, env=env, tty=tty, background=background, timeout_ms=timeoutMs)
         result = await _call(executor.spawn(options))
         label = "screen" if tty else "stdout"
-        text = f"{_headline(result.pid, result)}\n{_section(label, result.stdout)}"
+        text = f"{_headline(result.pid, result)}, {_confinement(result.sandboxed)}\n{_section(label, result.stdout)}"
         if not tty:
             text += f"\n{_section('stderr', result.stderr)}"
         return _reply(result, text)
@@ -82,11 +84,12 @@ def register_tools(server: MCPServer, executor: ProcessExecutor) -> None:
         """List running processes and the most recently finished ones.
 
         Each entry has pid, command, status ("running" or "terminated"), exitCode and signal once
-        finished, cwd, tty, and createdAt. Use it to find ids for stdout, stdin and kill.
+        finished, cwd, tty, sandboxed, and createdAt. Use it to find ids for stdout, stdin and kill.
         """
         processes = await _call(executor.list_processes())
         lines = [
-            f"{p.pid}  {_state(p)}  {'tty' if p.tty else 'pipe'}  {p.created_at}  cwd={p.cwd}  $ {p.command}"
+            f"{p.pid}  {_state(p)}  {'tty' if p.tty else 'pipe'}  {_confinement(p.sandboxed)}  {p.created_at}  "
+            f"cwd={p.cwd}  $ {p.command}"
             for p in processes
         ]
         text = "\n".join(lines) if lines else "No processes. Start one with spawn."
@@ -170,6 +173,10 @@ def _state(state: ExitState) -> str:
 
 def _headline(pid: str, state: ExitState) -> str:
     return f"{pid}: {_state(state)}"
+
+
+def _confinement(sandboxed: bool) -> str:
+    return "sandboxed" if sandboxed else "not sandboxed"
 
 
 def _section(label: str, body: str) -> str:

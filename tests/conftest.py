@@ -17,7 +17,7 @@ import anyio.to_thread
 import pytest
 
 from process_mcp import HostExecutor, ProcessExecutor, ProcessMcpConfig
-from process_mcp.config import Defaults, DockerConfig, Limits
+from process_mcp.config import Defaults, DockerConfig, Limits, SandboxConfig
 
 if TYPE_CHECKING:
     from docker import DockerClient
@@ -33,16 +33,17 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(params=["host", "docker"])
+@pytest.fixture(params=["host", "host-unsandboxed", "docker"])
 def backend(request: pytest.FixtureRequest) -> str:
-    """The backend a contract test runs against."""
+    """The backend a contract test runs against: host mode as configured by default (sandboxed), host
+    mode with the sandbox off (what users get where bwrap cannot run), and docker mode."""
     return str(request.param)
 
 
 @pytest.fixture
 def workdir(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A fresh, empty directory valid for the test's backend (host unless it asks for one)."""
-    if "backend" not in request.fixturenames or request.getfixturevalue("backend") == "host":
+    if "backend" not in request.fixturenames or request.getfixturevalue("backend").startswith("host"):
         return str(tmp_path)
     container: Container = request.getfixturevalue("shared_container")
     path = f"/home/agent/test-{secrets.token_hex(6)}"
@@ -51,8 +52,13 @@ def workdir(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return path
 
 
-def host_config(workdir: str | Path, **limits: int) -> ProcessMcpConfig:
-    return ProcessMcpConfig(mode="host", defaults=Defaults(workdir=str(workdir)), limits=Limits(**limits))
+def host_config(workdir: str | Path, *, sandbox: SandboxConfig | None = None, **limits: int) -> ProcessMcpConfig:
+    return ProcessMcpConfig(
+        mode="host",
+        defaults=Defaults(workdir=str(workdir)),
+        limits=Limits(**limits),
+        sandbox=sandbox or SandboxConfig(),
+    )
 
 
 def docker_config(container: str, workdir: str = "/home/agent", **docker: object) -> ProcessMcpConfig:
@@ -132,8 +138,8 @@ def shared_container(docker_client: DockerClient) -> Iterator[Container]:
 async def executor(request: pytest.FixtureRequest, backend: str, workdir: str) -> AsyncIterator[ProcessExecutor]:
     """A started executor of each backend; every process it started is ended afterwards."""
     ex: ProcessExecutor
-    if backend == "host":
-        ex = HostExecutor(host_config(workdir))
+    if backend.startswith("host"):
+        ex = HostExecutor(host_config(workdir, sandbox=SandboxConfig(enabled=backend == "host", required=True)))
     else:
         from process_mcp import DockerExecutor
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 from pathlib import Path
 
 import anyio
@@ -58,3 +59,37 @@ def kill_if_alive(pid: int) -> None:
     """Test hygiene: end a process a failing test left behind (by pid, never by name)."""
     if pid_alive(pid):
         os.kill(pid, 9)
+
+
+def sleep_argument() -> str:
+    """A `sleep` duration unique to one test, so its processes can be found on the host (inside the
+    sandbox's PID namespace, `$!` is not a host pid). Found by it, ended only by pid."""
+    return f"300.{secrets.randbelow(10**6):06d}"
+
+
+def running_sleepers(argument: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if entry.name.isdigit() and argv[:2] == [b"sleep", argument.encode()] and pid_alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
+async def sleepers(argument: str, count: int) -> list[int]:
+    """Host pids of the `count` processes running `sleep <argument>`; fail if they do not appear."""
+    found: list[int] = []
+    with anyio.move_on_after(WAIT_S):
+        while len(found) < count:
+            found = running_sleepers(argument)
+            await anyio.sleep(POLL_S)
+        return found
+    pytest.fail(f"expected {count} `sleep {argument}` processes, found {found}")
+
+
+def started(argument: str) -> str:
+    """Shell that waits until the `sleep <argument>` just started in the background has exec'd."""
+    return f'until grep -q "{argument}" /proc/$!/cmdline 2>/dev/null; do :; done'

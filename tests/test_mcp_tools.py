@@ -71,8 +71,10 @@ async def test_spawn_replies_with_structured_content_and_readable_text(client: C
         "signal": None,
         "stdout": "out\n",
         "stderr": "err\n",
+        "sandboxed": True,
     }
-    assert text_of(result) == "host-1: terminated (exit code 3)\n--- stdout ---\nout\n\n--- stderr ---\nerr\n"
+    expected = "host-1: terminated (exit code 3), sandboxed\n--- stdout ---\nout\n\n--- stderr ---\nerr\n"
+    assert text_of(result) == expected
 
 
 async def test_a_tty_session_driven_through_the_tools(client: Client) -> None:
@@ -96,8 +98,18 @@ async def test_ps_lists_processes_as_text_and_structure(client: Client) -> None:
     result = await client.call_tool("ps", {})
     processes = result.structured_content["processes"]  # type: ignore[index]
     assert [(p["pid"], p["status"], p["command"]) for p in processes] == [("host-1", "running", "sleep 30")]
-    assert set(processes[0]) == {"pid", "command", "status", "exitCode", "signal", "cwd", "tty", "createdAt"}
-    assert "host-1  running  pipe" in text_of(result)
+    assert set(processes[0]) == {
+        "pid",
+        "command",
+        "status",
+        "exitCode",
+        "signal",
+        "cwd",
+        "tty",
+        "createdAt",
+        "sandboxed",
+    }
+    assert "host-1  running  pipe  sandboxed" in text_of(result)
 
 
 @pytest.mark.parametrize(

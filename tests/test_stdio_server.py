@@ -12,7 +12,7 @@ import anyio
 import pytest
 from mcp import Client, StdioServerParameters
 
-from .helpers import WAIT_S, kill_if_alive, pid_alive, wait_until_gone
+from .helpers import WAIT_S, kill_if_alive, sleep_argument, sleepers, wait_until_gone
 
 pytestmark = pytest.mark.anyio
 
@@ -30,20 +30,23 @@ async def test_a_client_drives_the_server_over_stdio_and_disconnecting_ends_its_
         echo = await client.call_tool("spawn", {"command": "echo over stdio; pwd"})
         assert echo.structured_content is not None
         assert echo.structured_content["stdout"] == f"over stdio\n{workdir}\n"
+        arg = sleep_argument()
         tree = await client.call_tool(
-            "spawn", {"command": "sleep 300 & echo $!; trap '' TERM; sleep 300", "timeoutMs": 500}
+            "spawn", {"command": f"sleep {arg} & trap '' TERM; sleep {arg}", "timeoutMs": 500}
         )
         assert tree.structured_content is not None
         assert tree.structured_content["status"] == "running"
-        grandchild = int(tree.structured_content["stdout"].split()[0])
-        assert pid_alive(grandchild)
+        assert tree.structured_content["sandboxed"] is True
+        tree_pids = await sleepers(arg, 2)
         listed = await client.call_tool("ps", {})
         assert listed.structured_content is not None
         assert len(listed.structured_content["processes"]) == 2
     try:
-        await wait_until_gone(grandchild)
+        for pid in tree_pids:
+            await wait_until_gone(pid)
     finally:
-        kill_if_alive(grandchild)
+        for pid in tree_pids:
+            kill_if_alive(pid)
 
 
 def start_server(workdir: Path) -> subprocess.Popen[bytes]:
@@ -84,29 +87,30 @@ async def test_a_stop_signal_ends_the_server_and_every_process_group_it_started(
     workdir: Path, stop: signal.Signals
 ) -> None:
     server = start_server(workdir)
-    grandchild = 0
+    arg = sleep_argument()
+    tree_pids: list[int] = []
     try:
         await send(server, INITIALIZE, INITIALIZED)
         await read_until(server, b'"id":1')
         spawn = (
             '{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"spawn","arguments":'
-            '{"command":"sleep 300 & echo child=$!; sleep 300","timeoutMs":300}}}'
+            f'{{"command":"sleep {arg} & sleep {arg}","timeoutMs":300}}}}}}'
         )
         await send(server, spawn)
-        reply = await read_until(server, b'"id":2')
-        grandchild = int(reply.split(b"child=")[1].split(b"\\n")[0])
-        assert pid_alive(grandchild)
+        await read_until(server, b'"id":2')
+        tree_pids = await sleepers(arg, 2)
         server.send_signal(stop)
         with anyio.fail_after(WAIT_S):
             code = await anyio.to_thread.run_sync(server.wait, abandon_on_cancel=True)
         assert code == 0
-        await wait_until_gone(grandchild)
+        for pid in tree_pids:
+            await wait_until_gone(pid)
     finally:
         if server.poll() is None:
             server.kill()
             server.wait()
-        if grandchild:
-            kill_if_alive(grandchild)
+        for pid in tree_pids:
+            kill_if_alive(pid)
         for stream in (server.stdin, server.stdout, server.stderr):
             if stream is not None:
                 stream.close()

@@ -1,0 +1,324 @@
+"""The host sandbox, proved by real attempts from inside it: writes, reads, connections, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import anyio
+import pytest
+
+from process_mcp import BackendUnavailable, HostExecutor, SpawnOptions
+from process_mcp.config import SandboxConfig
+
+from .conftest import host_config
+from .helpers import WAIT_S, kill_if_alive, sleep_argument, sleepers, wait_for_output, wait_until_gone
+
+pytestmark = pytest.mark.anyio
+
+PYTHON = shlex.quote(sys.executable)
+
+# Run inside the sandbox: `direct PORT` tries a plain TCP connection to the host's loopback;
+# `get URL` fetches through whatever proxy the environment names, printing the status and body.
+NET_PROBE = shlex.quote(
+    """
+import socket, sys, urllib.error, urllib.request
+if sys.argv[1] == "direct":
+    try:
+        socket.create_connection(("127.0.0.1", int(sys.argv[2])), timeout=5).close()
+        print("connected")
+    except OSError as exc:
+        print("no connection:", exc.strerror)
+else:
+    try:
+        reply = urllib.request.urlopen(sys.argv[2], timeout=5)
+        print(reply.status, reply.read().decode())
+    except urllib.error.HTTPError as exc:
+        print(exc.code, exc.read().decode())
+    except urllib.error.URLError as exc:
+        print("failed:", exc.reason)
+"""
+)
+MakeSandbox = Callable[..., Awaitable[HostExecutor]]
+NO_NO_PROXY = {"NO_PROXY": "", "no_proxy": ""}  # so `localhost` goes through the proxy, to the host
+
+
+@pytest.fixture
+async def sandbox(tmp_path: Path) -> AsyncIterator[MakeSandbox]:
+    """Make started, sandboxed executors working in ``tmp_path/work``; ends all of them afterwards."""
+    work = tmp_path / "work"
+    work.mkdir()
+    made: list[HostExecutor] = []
+
+    async def make(**settings: object) -> HostExecutor:
+        executor = HostExecutor(host_config(work, sandbox=SandboxConfig(required=True, **settings)))
+        made.append(executor)
+        await executor.start()
+        assert executor.sandboxed
+        return executor
+
+    try:
+        yield make
+    finally:
+        for executor in made:
+            await executor.cleanup()
+
+
+async def run(executor: HostExecutor, command: str, **options: object) -> tuple[int | None, str]:
+    result = await executor.spawn(SpawnOptions(command=command, timeout_ms=int(WAIT_S * 1000), **options))
+    assert result.status == "terminated", result
+    assert result.sandboxed
+    return result.exit_code, result.stdout + result.stderr
+
+
+async def test_writes_succeed_in_the_working_directory_and_fail_elsewhere(sandbox: MakeSandbox, tmp_path: Path) -> None:
+    executor = await sandbox()
+    code, output = await run(executor, "echo inside > made-here && cat made-here")
+    assert (code, output) == (0, "inside\n")
+    assert (tmp_path / "work" / "made-here").read_text() == "inside\n"
+    # Outside /tmp, which is private in the sandbox: a write that got through would show on the host.
+    for outside in (Path("/var/tmp"), Path.home()):
+        target = outside / f".process-mcp-test-{sleep_argument()}"
+        try:
+            code, output = await run(executor, f"echo x > {target}")
+            assert code != 0
+            assert "Read-only file system" in output
+            assert not target.exists()
+        finally:
+            target.unlink(missing_ok=True)
+
+
+async def test_tmp_is_private_and_writable(sandbox: MakeSandbox) -> None:
+    executor = await sandbox()
+    name = anyio.Path(f"/tmp/process-mcp-test-{sleep_argument()}")
+    code, output = await run(executor, f"echo secret > {name} && cat {name}")
+    assert (code, output) == (0, "secret\n")
+    assert not await name.exists()  # the host's /tmp never saw it
+
+
+async def test_allow_write_adds_a_writable_path_and_deny_write_wins_inside_it(
+    sandbox: MakeSandbox, tmp_path: Path
+) -> None:
+    shared = tmp_path / "shared"
+    (shared / "locked").mkdir(parents=True)
+    executor = await sandbox(allow_write=[str(shared)], deny_write=[str(shared / "locked")])
+    assert await run(executor, f"echo ok > {shared}/file && cat {shared}/file") == (0, "ok\n")
+    code, output = await run(executor, f"echo no > {shared}/locked/file")
+    assert code != 0
+    assert "Read-only file system" in output
+    assert not (shared / "locked" / "file").exists()
+
+
+async def test_deny_write_also_protects_a_path_inside_the_working_directory(
+    sandbox: MakeSandbox, tmp_path: Path
+) -> None:
+    git = tmp_path / "work" / ".git"
+    git.mkdir()
+    (git / "config").write_text("original\n")
+    executor = await sandbox(deny_write=[".git"])  # relative: to each process's working directory
+    code, _ = await run(executor, "echo changed > .git/config")
+    assert code != 0
+    assert (git / "config").read_text() == "original\n"
+    assert await run(executor, "echo fine > notes && cat notes") == (0, "fine\n")
+
+
+async def test_deny_read_hides_files_and_directories(sandbox: MakeSandbox, tmp_path: Path) -> None:
+    secrets_dir = tmp_path / "dot-ssh"
+    secrets_dir.mkdir()
+    (secrets_dir / "id_ed25519").write_text("PRIVATE KEY\n")
+    token = tmp_path / "token.txt"
+    token.write_text("TOKEN\n")
+    executor = await sandbox(deny_read=[str(secrets_dir), str(token)])
+    code, output = await run(executor, f"ls -A {secrets_dir}; cat {token}; cat {secrets_dir}/id_ed25519")
+    assert "PRIVATE KEY" not in output
+    assert "TOKEN" not in output
+    assert code != 0  # the key file is not there to read
+    code, output = await run(executor, f"echo x > {token}")
+    assert code != 0
+    assert token.read_text() == "TOKEN\n"
+
+
+async def test_nothing_is_left_in_the_working_directory(sandbox: MakeSandbox, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    executor = await sandbox(
+        deny_read=[".env", ".ssh"], deny_write=[".git", ".vscode", ".bashrc"], allow_write=["not-there"]
+    )
+    assert await run(executor, "ls -A") == (0, "")
+    assert await run(executor, "echo hi", tty=True) == (0, "hi")
+    assert sorted(os.listdir(work)) == []
+
+
+async def test_processes_get_their_own_pid_namespace_proc_and_dev(sandbox: MakeSandbox) -> None:
+    executor = await sandbox()
+    code, output = await run(executor, "echo $$; ls /proc | grep -c '^[0-9]'; ls /dev | wc -l")
+    pid, visible, devices = (int(word) for word in output.split())
+    assert code == 0
+    assert pid < 10  # numbered inside its own namespace
+    assert visible < 10  # sees only its own few processes, not the host's
+    assert devices < 30  # a minimal /dev, not the host's
+
+
+async def test_an_empty_domain_list_means_no_network(sandbox: MakeSandbox) -> None:
+    async with local_http_server() as port:
+        executor = await sandbox(allowed_domains=[])
+        _, output = await run(executor, f"{PYTHON} -c {NET_PROBE} direct {port}")
+        assert output.startswith("no connection")
+        assert "HTTP_PROXY" not in (await run(executor, "env"))[1]
+
+
+async def test_star_leaves_the_network_open(sandbox: MakeSandbox) -> None:
+    async with local_http_server() as port:
+        executor = await sandbox(allowed_domains=["*"])
+        assert await run(executor, f"{PYTHON} -c {NET_PROBE} direct {port}") == (0, "connected\n")
+
+
+async def test_a_domain_list_allows_those_domains_through_the_proxy_and_nothing_else(sandbox: MakeSandbox) -> None:
+    async with local_http_server() as port:
+        executor = await sandbox(allowed_domains=["localhost", "*.allowed.test"])
+        _, direct = await run(executor, f"{PYTHON} -c {NET_PROBE} direct {port}")
+        assert direct.startswith("no connection")
+        _, allowed = await run(executor, f"{PYTHON} -c {NET_PROBE} get http://localhost:{port}/hi", env=NO_NO_PROXY)
+        assert allowed == "200 hello from the host: GET /hi\n"
+        _, refused = await run(executor, f"{PYTHON} -c {NET_PROBE} get http://refused.test/")
+        assert refused.startswith("403 ")
+        assert "'refused.test'" in refused
+        assert "SANDBOX_ALLOWED_DOMAINS" in refused
+        _, tunnel = await run(executor, f"{PYTHON} -c {NET_PROBE} get https://refused.test/")
+        assert "403" in tunnel
+        _, env = await run(executor, "env")
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+            assert f"{name}=" in env
+
+
+async def test_ctrl_c_interrupts_a_sandboxed_tty_program_and_it_keeps_running(sandbox: MakeSandbox) -> None:
+    executor = await sandbox(allowed_domains=["localhost"])  # also through the network bridge
+    started = await executor.spawn(SpawnOptions(command=f"{PYTHON} -q", tty=True, background=True))
+    await wait_for_output(executor, started.pid, ">>>")
+    await executor.stdin(started.pid, "import time; time.sleep(60)\r")
+    await wait_for_output(executor, started.pid, r"sleep\(60\)")
+    await executor.stdin(started.pid, "\x03")
+    await wait_for_output(executor, started.pid, "KeyboardInterrupt")
+    await executor.stdin(started.pid, "print(6 * 7)\r")
+    await wait_for_output(executor, started.pid, "42")
+    assert (await executor.get_process(started.pid)).status == "running"
+
+
+async def test_a_required_sandbox_that_cannot_run_fails_spawn_clearly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("process_mcp.host.find_bwrap", lambda: str(tmp_path / "no-such-bwrap"))
+    executor = HostExecutor(host_config(tmp_path, sandbox=SandboxConfig(required=True)))
+    try:
+        await executor.start()
+        with pytest.raises(BackendUnavailable, match="SANDBOX_REQUIRED=true"):
+            await executor.spawn(SpawnOptions(command="echo never"))
+    finally:
+        await executor.cleanup()
+
+
+async def test_an_unavailable_sandbox_warns_and_runs_unsandboxed_unless_required(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr("process_mcp.host.find_bwrap", lambda: str(tmp_path / "no-such-bwrap"))
+    executor = HostExecutor(host_config(tmp_path))
+    try:
+        await executor.start()
+        assert "WITHOUT the sandbox" in caplog.text
+        result = await executor.spawn(SpawnOptions(command="echo unconfined"))
+        assert (result.stdout, result.sandboxed) == ("unconfined\n", False)
+        assert not (await executor.get_process(result.pid)).sandboxed
+    finally:
+        await executor.cleanup()
+
+
+async def test_a_disabled_sandbox_reports_processes_as_not_sandboxed(tmp_path: Path) -> None:
+    executor = HostExecutor(host_config(tmp_path, sandbox=SandboxConfig(enabled=False)))
+    try:
+        outside = tmp_path.parent / f"process-mcp-test-{sleep_argument()}"
+        result = await executor.spawn(SpawnOptions(command=f"touch {outside} && echo wrote"))
+        assert (result.stdout, result.sandboxed) == ("wrote\n", False)
+        outside.unlink()
+    finally:
+        await executor.cleanup()
+
+
+async def test_sandboxed_processes_die_with_a_killed_server(tmp_path: Path) -> None:
+    arg = sleep_argument()
+    server = subprocess.Popen(  # noqa: ASYNC220 - started once; its output is read off the loop
+        [sys.executable, "-c", SERVE_ONE_SPAWN, str(tmp_path), f"sleep {arg} & sleep {arg}"],
+        stdout=subprocess.PIPE,
+    )
+    tree: list[int] = []
+    try:
+        assert server.stdout is not None
+        with anyio.fail_after(WAIT_S):
+            line = await anyio.to_thread.run_sync(server.stdout.readline, abandon_on_cancel=True)
+        assert line == b"spawned\n"
+        tree = await sleepers(arg, 2)
+        server.send_signal(signal.SIGKILL)  # no handler runs: only the kernel can end the sandbox
+        server.wait()
+        for pid in tree:
+            await wait_until_gone(pid)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        for pid in tree:
+            kill_if_alive(pid)
+        if server.stdout is not None:
+            server.stdout.close()
+
+
+# A server process in miniature: a sandboxed executor that spawns one command and waits forever.
+SERVE_ONE_SPAWN = """
+import sys, anyio
+from process_mcp import HostExecutor, ProcessMcpConfig, SpawnOptions
+from process_mcp.config import Defaults, SandboxConfig
+
+async def main():
+    config = ProcessMcpConfig(defaults=Defaults(workdir=sys.argv[1]), sandbox=SandboxConfig(required=True))
+    executor = HostExecutor(config)
+    await executor.start()
+    await executor.spawn(SpawnOptions(command=sys.argv[2], background=True))
+    print("spawned", flush=True)
+    await anyio.sleep_forever()
+
+anyio.run(main)
+"""
+
+
+class local_http_server:  # noqa: N801 - used as `async with local_http_server() as port`
+    """An HTTP server on the host's loopback that answers every request with its method and path."""
+
+    async def __aenter__(self) -> int:
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                request = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:  # a bare connection test, no request
+                writer.close()
+                return
+            method, path = request.split(b" ")[:2]
+            body = b"hello from the host: " + method + b" " + path
+            writer.write(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+            writer.close()
+
+        self._server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.close()
+        await self._server.wait_closed()
+
+
+async def test_a_working_directory_of_slash_keeps_proc_dev_and_tmp_private(sandbox: MakeSandbox) -> None:
+    executor = await sandbox()
+    code, output = await run(executor, "echo $$; ls /dev | wc -l", cwd="/")
+    pid, devices = (int(word) for word in output.split())
+    assert (code, pid < 10, devices < 30) == (0, True, True)
