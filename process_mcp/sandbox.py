@@ -145,9 +145,13 @@ class Sandbox:
         # Binding "/" again after /dev, /proc and /tmp are mounted would hide them: make it the root mount.
         root = "--bind" if "/" in writable else "--ro-bind"
         args += [root, "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
-        if self.proxy_socket is not None:
-            # The socket's directory may sit under the host's /tmp, which the private /tmp hides.
-            directory = os.path.dirname(self.proxy_socket)
+        # The proxy's socket and the launcher's interpreter may sit under the host's /tmp, which the
+        # private /tmp hides.
+        launcher = self.proxy_socket is not None or not self._env_resets_signals
+        shown = {os.path.dirname(self.proxy_socket)} if self.proxy_socket is not None else set()
+        if launcher and os.path.realpath(sys.base_prefix).startswith("/tmp/"):
+            shown.add(os.path.realpath(sys.base_prefix))
+        for directory in sorted(shown):
             args += ["--ro-bind", directory, directory]
         for path in writable:
             if path != "/":

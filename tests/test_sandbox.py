@@ -22,7 +22,8 @@ from .helpers import WAIT_S, kill_if_alive, sleep_argument, sleepers, wait_for_o
 
 pytestmark = pytest.mark.anyio
 
-PYTHON = shlex.quote(sys.executable)
+# The base interpreter, not a virtualenv's: the sandbox's private /tmp hides a checkout under /tmp.
+PYTHON = shlex.quote(os.path.realpath(sys.executable))
 
 # Run inside the sandbox: `direct PORT` tries a plain TCP connection to the host's loopback;
 # `get URL` fetches through whatever proxy the environment names, printing the status and body.
