@@ -7,6 +7,8 @@ or cut by dropping the oldest bytes, never turns into garbage.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 _CONTINUATION_MASK = 0xC0
 _CONTINUATION = 0x80
 
@@ -21,6 +23,8 @@ class OutputBuffer:
         self._data = bytearray()
         self._start = 0  # bytes before this offset in _data are already dropped
         self._total = 0
+        self.on_append: Callable[[], None] | None = None
+        """Called after every append, e.g. to wake a caller waiting for output."""
 
     def append(self, data: bytes) -> None:
         """Add bytes at the end, dropping the oldest ones beyond capacity."""
@@ -37,6 +41,8 @@ class OutputBuffer:
                 del self._data[: self._start]
                 self._start = 0
         self._total += len(data)
+        if self.on_append is not None:
+            self.on_append()
 
     @property
     def total(self) -> int:

@@ -34,14 +34,13 @@ from .models import (
 )
 from .registry import ManagedProcess, ProcessRegistry
 from .signals import NON_TERMINATING, parse_signal
+from .terminal import strip_escapes
+from .waiting import OUTPUT_SETTLE_S, Progress, Wait, text_since, wait_on
 
 logger = logging.getLogger(__name__)
 
 KILL_SETTLE_S = 1.0
 """How long kill waits for the process to exit, so its reply can say whether it did."""
-OUTPUT_SETTLE_S = 0.25
-"""After an exit, how long spawn waits for output still in flight (a PTY delivers it a moment later);
-it only runs out when a leftover child keeps the output open."""
 SHUTDOWN_GRACE_S = 1.5
 """How long cleanup lets processes handle SIGTERM before SIGKILL; fits in the 2 s MCP clients give a
 server to exit once they close its stdin."""
@@ -88,14 +87,17 @@ class ProcessExecutor(ABC):
         """Prepare the backend (e.g. the container); called once before the first spawn."""
         return None
 
-    async def spawn(self, options: SpawnOptions) -> SpawnResult:
+    async def spawn(self, options: SpawnOptions, progress: Progress | None = None) -> SpawnResult:
         """Start ``options.command`` under /bin/sh and wait for it to exit, up to the timeout.
 
-        Returns at once with ``background``. At the timeout the process keeps running and the
-        result says ``running``. Raises InvalidInput for a malformed request, SpawnFailed when the
-        backend cannot start it.
+        With ``wait_for`` or ``idle_ms`` it returns earlier, once output matches or goes quiet
+        (``wait_result`` says which); otherwise it returns at once with ``background``. At the
+        timeout the process keeps running and the result says ``running``. Raises InvalidInput for
+        a malformed request, SpawnFailed when the backend cannot start it.
         """
         command, cwd, env, timeout_s = self._check_spawn(options)
+        pattern = Wait.compile(options.wait_for)
+        idle_s = _idle_s(options.idle_ms)
         record = ManagedProcess(
             self._registry.new_id(),
             command,
@@ -108,28 +110,60 @@ class ProcessExecutor(ABC):
         )
         record.handle = await self._launch(record, env)
         self._registry.add(record)
-        if not options.background and await record.wait(timeout_s):
+        wait_result = None
+        if pattern is not None or idle_s is not None:
+            wait_result = await wait_on(record, Wait(timeout_s, pattern, idle_s), (0, 0), progress)
+        elif not options.background and await record.wait(timeout_s):
             await record.wait(OUTPUT_SETTLE_S, output=True)
         return SpawnResult(
             pid=record.pid,
             sandboxed=record.sandboxed,
+            wait_result=wait_result,
+            **_cursors(record),
             **record.state(),
             stdout=await self._screen_or_tail(record),
             stderr=tail_text(record.stderr, OUTPUT_TRUNCATE, complete=not record.lingering),
         )
 
-    async def stdin(self, pid: str, input: str) -> StdinResult:
+    async def stdin(
+        self,
+        pid: str,
+        input: str,
+        *,
+        wait_for: str | None = None,
+        idle_ms: int | None = None,
+        wait_ms: int | None = None,
+        progress: Progress | None = None,
+    ) -> StdinResult:
         """Send ``input`` (escapes decoded, see ``escapes``) to the process's terminal or stdin.
 
-        Raises ProcessNotFound, ProcessTerminated, InvalidInput for a bad escape, StdinFailed.
+        With a wait (``wait_for``, ``idle_ms``, or ``wait_ms`` alone for any output), wait after
+        writing and return the output produced since the input was written. Raises ProcessNotFound,
+        ProcessTerminated, InvalidInput for a bad escape or wait, StdinFailed.
         """
         record = self._registry.get(pid)
         data = decode_input(input)
+        pattern = Wait.compile(wait_for)
+        idle_s = _idle_s(idle_ms)
+        waiting = pattern is not None or idle_s is not None or wait_ms is not None
+        timeout_s = self._wait_timeout_s(wait_ms)
         self._require_running(record, "take input")
+        start = (record.stdout.total, record.stderr.total)
         await self._handle(record).write(data)
+        if not waiting:
+            return StdinResult(pid=record.pid, bytes_sent=len(data), **_cursors(record), **record.state())
+        any_output = pattern is None and idle_s is None
+        wait_result = await wait_on(record, Wait(timeout_s, pattern, idle_s, any_output), start, progress)
+        complete = not record.lingering
+        stdout, _ = text_since(record.stdout, start[0], record.tty, complete=complete)
+        stderr, _ = text_since(record.stderr, start[1], False, complete=complete)
         return StdinResult(
             pid=record.pid,
             bytes_sent=len(data),
+            stdout=stdout,
+            stderr=stderr,
+            wait_result=wait_result,
+            **_cursors(record),
             **record.state(),
         )
 
@@ -141,24 +175,61 @@ class ProcessExecutor(ABC):
         """Every running process and the most recently finished ones, oldest first."""
         return [record.info() for record in self._registry]
 
-    async def get_output(self, pid: str, lines: int = DEFAULT_LINES) -> ProcessOutput:
-        """The last ``lines`` lines of stdout and stderr (TTY: scrollback and screen).
+    async def get_output(
+        self,
+        pid: str,
+        lines: int = DEFAULT_LINES,
+        *,
+        since: int | None = None,
+        stderr_since: int | None = None,
+        raw: bool = False,
+        wait_for: str | None = None,
+        idle_ms: int | None = None,
+        wait_ms: int | None = None,
+        until_exit: bool = False,
+        progress: Progress | None = None,
+    ) -> ProcessOutput:
+        """The last ``lines`` lines of stdout and stderr (TTY: scrollback and screen; with ``raw``, the
+        stream as text), or with ``since``/``stderr_since`` what followed those cursors.
 
-        Raises ProcessNotFound, InvalidInput for a count below 1.
+        Waits first when asked: until output produced after the call matches ``wait_for``, goes
+        quiet for ``idle_ms``, the process exits (``until_exit``), or, with ``wait_ms`` alone, any
+        output arrives; ``wait_ms`` bounds it. Raises ProcessNotFound, InvalidInput.
         """
         if lines < 1:
             raise InvalidInput(f"lines must be at least 1, got {lines}")
         record = self._registry.get(pid)
+        pattern = Wait.compile(wait_for)
+        idle_s = _idle_s(idle_ms)
+        timeout_s = self._wait_timeout_s(wait_ms)
+        wait_result = None
+        if pattern is not None or idle_s is not None or wait_ms is not None or until_exit:
+            any_output = pattern is None and idle_s is None and not until_exit
+            start = (record.stdout.total, record.stderr.total)
+            wait_result = await wait_on(record, Wait(timeout_s, pattern, idle_s, any_output), start, progress)
         complete = not record.lingering
-        if record.terminal is not None:
+        dropped = 0
+        if since is not None:
+            stdout, dropped = text_since(record.stdout, since, record.tty, complete=complete)
+        elif record.terminal is not None and not raw:
             stdout = "\n".join((await record.terminal.lines(scrollback=True))[-lines:])
+        elif record.tty:
+            stdout = "\n".join(strip_escapes(tail_lines(record.stdout, lines, complete=complete)).splitlines()[-lines:])
         else:
             stdout = tail_lines(record.stdout, lines, complete=complete)
+        if stderr_since is not None:
+            stderr, lost = text_since(record.stderr, stderr_since, False, complete=complete)
+            dropped += lost
+        else:
+            stderr = tail_lines(record.stderr, lines, complete=complete)
         return ProcessOutput(
             pid=record.pid,
-            **record.state(),
             stdout=stdout,
-            stderr=tail_lines(record.stderr, lines, complete=complete),
+            stderr=stderr,
+            dropped=dropped,
+            wait_result=wait_result,
+            **_cursors(record),
+            **record.state(),
         )
 
     async def kill(self, pid: str, signal: str = "SIGTERM") -> KillResult:
@@ -240,6 +311,15 @@ class ProcessExecutor(ABC):
             raise InvalidInput(f"timeoutMs must be 0 or more, got {timeout_ms}")
         return command, cwd, env, min(timeout_ms, self.config.defaults.max_timeout_ms) / 1000
 
+    def _wait_timeout_s(self, wait_ms: int | None) -> float:
+        """How long a wait may take: ``wait_ms`` (the default spawn timeout if not given), capped."""
+        defaults = self.config.defaults
+        if wait_ms is None:
+            wait_ms = defaults.timeout_ms
+        if wait_ms < 0:
+            raise InvalidInput(f"waitMs must be 0 or more, got {wait_ms}")
+        return min(wait_ms, defaults.max_timeout_ms) / 1000
+
     async def _screen_or_tail(self, record: ManagedProcess) -> str:
         if record.terminal is not None:
             screen = "\n".join(await record.terminal.lines())
@@ -267,6 +347,18 @@ class ProcessExecutor(ABC):
                 await ProcessExecutor._handle(record).signal(signum)
             except ProcessMcpError as exc:
                 logger.warning("cleanup could not signal %s: %s", record.pid, exc)
+
+
+def _idle_s(idle_ms: int | None) -> float | None:
+    if idle_ms is None:
+        return None
+    if idle_ms <= 0:
+        raise InvalidInput(f"idleMs must be more than 0, got {idle_ms}")
+    return idle_ms / 1000
+
+
+def _cursors(record: ManagedProcess) -> dict[str, int]:
+    return {"cursor": record.stdout.total, "stderr_cursor": record.stderr.total}
 
 
 async def _wait_all(records: list[ManagedProcess], timeout_s: float) -> None:

@@ -25,6 +25,10 @@ DEFAULT_LINES = 100
 """Lines the ``stdout`` tool returns when the caller does not say."""
 
 ProcessStatus = Literal["running", "terminated"]
+WaitResult = Literal["matched", "idle", "exited", "timeout"]
+"""Why a wait ended: the pattern matched, the output went quiet, the process exited, or time ran out."""
+SINCE_MAX_BYTES = 64 * 1024
+"""Most bytes of each stream a ``since`` read returns (the newest); what it skips is counted."""
 
 
 class _Wire(BaseModel):
@@ -42,6 +46,10 @@ class SpawnOptions(_Wire):
     timeout_ms: int | None = Field(
         None, description="How long to wait for exit before replying 'running'; clamped to the maximum."
     )
+    wait_for: str | None = Field(
+        None, description="Regular expression: return as soon as new output matches it (or at exit/timeout)."
+    )
+    idle_ms: int | None = Field(None, description="Return once the process has printed nothing for this long.")
 
 
 class ExitState(_Wire):
@@ -54,7 +62,17 @@ class ExitState(_Wire):
     signal: str | None = Field(None, description="Name of the signal that ended the process, if one did.")
 
 
-class SpawnResult(ExitState):
+class _Progress(_Wire):
+    """Where each output stream stands, and why a wait ended."""
+
+    cursor: int = Field(0, description="Bytes of stdout so far; pass it as `since` to read only what follows.")
+    stderr_cursor: int = Field(0, description="Bytes of stderr so far; pass it as `stderrSince`.")
+    wait_result: WaitResult | None = Field(
+        None, description="Why the wait ended: matched, idle, exited or timeout; absent when nothing was awaited."
+    )
+
+
+class SpawnResult(ExitState, _Progress):
     """The reply to spawn: the process id, its state, and the tail of its output."""
 
     pid: str = Field(description="Process id for the other tools, e.g. 'host-1'.")
@@ -80,12 +98,15 @@ class ProcessInfo(ExitState):
     )
 
 
-class ProcessOutput(ExitState):
-    """The reply to stdout: the last lines of each stream."""
+class ProcessOutput(ExitState, _Progress):
+    """The reply to stdout: the last lines of each stream, or what followed a cursor."""
 
     pid: str
     stdout: str = Field(description="Last lines of stdout; for a TTY process, scrollback plus screen.")
     stderr: str = Field(description="Last lines of stderr; empty for a TTY process.")
+    dropped: int = Field(
+        0, description="With since: bytes after the cursor that are not shown (no longer held, or beyond the limit)."
+    )
 
 
 class KillResult(ExitState):
@@ -101,8 +122,10 @@ class ProcessList(_Wire):
     processes: list[ProcessInfo]
 
 
-class StdinResult(ExitState):
-    """The reply to stdin: how much was delivered, and the process state."""
+class StdinResult(ExitState, _Progress):
+    """The reply to stdin: how much was delivered, the process state, and with a wait, the answer."""
 
     pid: str
     bytes_sent: int = Field(description="Bytes written after decoding escapes.")
+    stdout: str | None = Field(None, description="With a wait: the output produced since the input was written.")
+    stderr: str | None = Field(None, description="With a wait: stderr produced since the input was written.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -55,6 +56,10 @@ class ManagedProcess:
         self._open_streams = 0
         self._exited = anyio.Event()
         self._done = anyio.Event()
+        self.last_output = time.monotonic()
+        """When output last arrived (monotonic clock), for waits on a quiet process."""
+        self._changed: anyio.Event | None = None  # created only while someone waits for a change
+        self.stdout.on_append = self.stderr.on_append = self._output_arrived
 
     @property
     def status(self) -> ProcessStatus:
@@ -68,6 +73,21 @@ class ManagedProcess:
     def lingering(self) -> bool:
         """Still running, or exited while something it started still holds its output open."""
         return not self._done.is_set()
+
+    def changed(self) -> anyio.Event:
+        """An event set at the next output or exit."""
+        if self._changed is None:
+            self._changed = anyio.Event()
+        return self._changed
+
+    def _output_arrived(self) -> None:
+        self.last_output = time.monotonic()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
 
     def stream_opened(self) -> None:
         self._open_streams += 1
@@ -83,6 +103,7 @@ class ManagedProcess:
             exit_code = 128 + signum
         self.exit_code = exit_code
         self._exited.set()
+        self._wake()
         self._check_done()
 
     def _check_done(self) -> None:

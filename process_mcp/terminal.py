@@ -8,6 +8,7 @@ enough to paint a 120x30 screen, and rendering them takes tens of milliseconds, 
 
 from __future__ import annotations
 
+import re
 from collections import deque
 
 import anyio
@@ -20,6 +21,16 @@ RENDER_TAIL_BYTES = 16 * 1024
 """Most bytes fed to pyte per render; ~20 ms of pyte work, and several full screens of text."""
 SCROLLBACK_LINES = 1000
 """Lines kept once they scroll off the top of the screen."""
+
+
+# CSI (colours, cursor moves), OSC (titles, ended by BEL or ST), other two-byte escapes, and the
+# control characters a screen would act on rather than show (\r, backspace, bell, ...).
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[ -~]|[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def strip_escapes(text: str) -> str:
+    """Terminal output as plain text: escape sequences and control characters removed, \r\n as \n."""
+    return _ESCAPES.sub("", text.replace("\r\n", "\n"))
 
 
 class _Screen(pyte.Screen):

@@ -11,6 +11,7 @@ from collections.abc import Awaitable
 from typing import Annotated, TypeVar
 
 from mcp.server import MCPServer
+from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field
@@ -27,6 +28,7 @@ from .models import (
     SpawnResult,
     StdinResult,
 )
+from .waiting import Progress
 
 MAX_LINES = 10_000
 """Most lines one stdout call returns; more would not fit a model's context anyway."""
@@ -37,7 +39,16 @@ INSTRUCTIONS = """\
 Run shell commands and drive interactive programs. spawn starts a command and waits for it (up to
 timeoutMs); long-running ones keep running and are listed by ps. Use tty: true for programs that need a
 terminal (REPLs, editors, anything with a prompt), then stdin to type and stdout to read the screen.
-kill ends a process and everything it started."""
+kill ends a process and everything it started.
+Never sleep and poll: spawn with waitFor returns when a server is ready; stdin with waitFor (the
+prompt) or idleMs returns the answer to what you typed in the same call; stdout with since (the
+cursor of the previous reply) returns only new output, and with untilExit waits for the end."""
+
+WAIT_FOR = (
+    "Regular expression (Python syntax, multiline): return as soon as output produced during this call "
+    "matches it (for a tty, the text without escape sequences). waitResult says matched, exited or timeout."
+)
+IDLE_MS = "Return once the process has printed nothing for this many ms (e.g. 500): it is waiting for input."
 
 
 def register_tools(server: MCPServer, executor: ProcessExecutor) -> None:
@@ -60,6 +71,9 @@ def register_tools(server: MCPServer, executor: ProcessExecutor) -> None:
             int | None,
             Field(ge=0, description=f"Wait this long for exit (default {default_timeout}, max {max_timeout})."),
         ] = None,
+        waitFor: Annotated[str | None, Field(description=WAIT_FOR)] = None,
+        idleMs: Annotated[int | None, Field(gt=0, description=IDLE_MS)] = None,
+        ctx: Context | None = None,
     ) -> Annotated[CallToolResult, SpawnResult]:
         """Run a shell command and wait for it to finish, up to timeoutMs.
 
@@ -70,11 +84,25 @@ def register_tools(server: MCPServer, executor: ProcessExecutor) -> None:
         rendered terminal screen. A non-zero exit code is a normal result, not an error. sandboxed
         says whether the command runs confined (host sandbox or container): there, writes outside
         the working directory and /tmp, and network access, may be refused by configuration.
+
+        To start a server and continue once it is ready: {command: "npm run dev", waitFor:
+        "Local:.*http"} returns the moment that line appears, with the server still running (waitFor
+        and idleMs make spawn wait even with background).
         """
-        options = SpawnOptions(command=command, cwd=cwd, env=env, tty=tty, background=background, timeout_ms=timeoutMs)
-        result = await _call(executor.spawn(options))
+        options = SpawnOptions(
+            command=command,
+            cwd=cwd,
+            env=env,
+            tty=tty,
+            background=background,
+            timeout_ms=timeoutMs,
+            wait_for=waitFor,
+            idle_ms=idleMs,
+        )
+        result = await _call(executor.spawn(options, _progress(ctx, "spawn")))
         label = "screen" if tty else "stdout"
-        text = f"{_headline(result.pid, result)}, {_confinement(result.sandboxed)}\n{_section(label, result.stdout)}"
+        headline = f"{_headline(result.pid, result)}, {_confinement(result.sandboxed)}{_waited(result)}"
+        text = f"{headline}\n{_section(label, result.stdout)}"
         if not tty:
             text += f"\n{_section('stderr', result.stderr)}"
         return _reply(result, text)
@@ -106,14 +134,36 @@ def register_tools(server: MCPServer, executor: ProcessExecutor) -> None:
                 "character, \\\\ a backslash."
             ),
         ],
+        waitFor: Annotated[str | None, Field(description=WAIT_FOR)] = None,
+        idleMs: Annotated[int | None, Field(gt=0, description=IDLE_MS)] = None,
+        waitMs: Annotated[
+            int | None,
+            Field(
+                ge=0,
+                description=f"Bound on the wait (default {default_timeout}, max {max_timeout}); alone, "
+                "return at the first new output.",
+            ),
+        ] = None,
+        ctx: Context | None = None,
     ) -> Annotated[CallToolResult, StdinResult]:
         """Type into a running process: its terminal (tty) or its stdin pipe.
 
         Nothing is added: end a line with \\n (or \\r in a tty) to submit it. Send \\x03 to a tty
-        process to interrupt it like Ctrl-C. Then call stdout to read the response.
+        process to interrupt it like Ctrl-C. With waitFor or idleMs the reply also carries the output
+        produced since your input (a tty echoes what you typed), so one call is one turn:
+        {id, input: "1+1\\r", waitFor: ">>> $"} in a Python REPL returns "1+1\\n2\\n>>> ".
+        Without a wait, call stdout to read the response.
         """
-        result = await _call(executor.stdin(id, input))
-        return _reply(result, f"Sent {result.bytes_sent} bytes to {result.pid} ({_state(result)}).")
+        result = await _call(
+            executor.stdin(id, input, wait_for=waitFor, idle_ms=idleMs, wait_ms=waitMs, progress=_progress(ctx, id))
+        )
+        text = f"Sent {result.bytes_sent} bytes to {result.pid} ({_state(result)}){_waited(result)}."
+        if result.stdout is not None:
+            text += f"\n{_section('output', result.stdout)}"
+            if result.stderr:
+                text += f"\n{_section('stderr', result.stderr)}"
+            text += f"\n{_cursor_line(result)}"
+        return _reply(result, text)
 
     @server.tool(annotations=ToolAnnotations(read_only_hint=True))
     async def stdout(
@@ -121,15 +171,56 @@ def register_tools(server: MCPServer, executor: ProcessExecutor) -> None:
         lines: Annotated[
             int, Field(ge=1, le=MAX_LINES, description="How many of the last lines to return.")
         ] = DEFAULT_LINES,
+        since: Annotated[
+            int | None,
+            Field(ge=0, description="A cursor from an earlier reply: return only stdout printed after it."),
+        ] = None,
+        stderrSince: Annotated[
+            int | None, Field(ge=0, description="A stderrCursor from an earlier reply: only stderr after it.")
+        ] = None,
+        raw: Annotated[
+            bool, Field(description="For a tty: the output stream as text (escapes removed), not the screen.")
+        ] = False,
+        waitFor: Annotated[str | None, Field(description=WAIT_FOR)] = None,
+        idleMs: Annotated[int | None, Field(gt=0, description=IDLE_MS)] = None,
+        untilExit: Annotated[bool, Field(description="Wait until the process exits (bounded by waitMs).")] = False,
+        waitMs: Annotated[
+            int | None,
+            Field(
+                ge=0,
+                description=f"Bound on any wait (default {default_timeout}, max {max_timeout}); alone, "
+                "return at the first new output.",
+            ),
+        ] = None,
+        ctx: Context | None = None,
     ) -> Annotated[CallToolResult, ProcessOutput]:
         """Read the last lines a process printed, running or finished.
 
         Returns stdout and stderr (the last `lines` lines of each) with the process status. For a tty
         process, stdout is the terminal: lines that scrolled off, then the current screen.
+        Every reply has a cursor (and stderrCursor): pass it back as since (stderrSince) to get only
+        what came after, instead of rereading everything; dropped counts bytes no longer available.
+        To wait instead of polling: waitFor a pattern, idleMs of quiet, or untilExit for the exit
+        code and final output, all bounded by waitMs.
         """
-        result = await _call(executor.get_output(id, lines))
-        text = f"{_headline(result.pid, result)}\n{_section('stdout', result.stdout)}"
-        text += f"\n{_section('stderr', result.stderr)}"
+        result = await _call(
+            executor.get_output(
+                id,
+                lines,
+                since=since,
+                stderr_since=stderrSince,
+                raw=raw,
+                wait_for=waitFor,
+                idle_ms=idleMs,
+                wait_ms=waitMs,
+                until_exit=untilExit,
+                progress=_progress(ctx, id),
+            )
+        )
+        text = f"{_headline(result.pid, result)}{_waited(result)}\n{_section('stdout', result.stdout)}"
+        text += f"\n{_section('stderr', result.stderr)}\n{_cursor_line(result)}"
+        if result.dropped:
+            text += f" ({result.dropped} bytes after the cursor are no longer available)"
         return _reply(result, text)
 
     @server.tool(annotations=ToolAnnotations(destructive_hint=True))
@@ -173,6 +264,26 @@ def _state(state: ExitState) -> str:
 
 def _headline(pid: str, state: ExitState) -> str:
     return f"{pid}: {_state(state)}"
+
+
+def _progress(ctx: Context | None, what: str) -> Progress | None:
+    """Progress notifications for a wait, when the client asked for them (the SDK drops them otherwise)."""
+    if ctx is None:
+        return None
+    context = ctx
+
+    async def report(elapsed_s: float, total_s: float) -> None:
+        await context.report_progress(elapsed_s, total_s, f"waiting on {what}: {elapsed_s:.0f} of {total_s:g} s")
+
+    return report
+
+
+def _waited(result: SpawnResult | StdinResult | ProcessOutput) -> str:
+    return "" if result.wait_result is None else f"; wait ended: {result.wait_result}"
+
+
+def _cursor_line(result: StdinResult | ProcessOutput) -> str:
+    return f"cursor: {result.cursor}, stderrCursor: {result.stderr_cursor}"
 
 
 def _confinement(sandboxed: bool) -> str:

@@ -44,14 +44,20 @@ async def error(client: Client, tool: str, arguments: dict[str, Any]) -> str:
     return text_of(result)
 
 
-async def test_the_five_tools_are_listed_with_the_original_parameter_names(client: Client) -> None:
+async def test_the_five_tools_keep_the_original_parameters_and_only_add_optional_ones(client: Client) -> None:
     tools = {tool.name: tool for tool in (await client.list_tools()).tools}
     assert set(tools) == {"spawn", "ps", "stdin", "stdout", "kill"}
     spawn = tools["spawn"].input_schema
-    assert set(spawn["properties"]) == {"command", "cwd", "env", "tty", "background", "timeoutMs"}
+    original = {"command", "cwd", "env", "tty", "background", "timeoutMs"}
+    assert set(spawn["properties"]) == original | {"waitFor", "idleMs"}
     assert spawn["required"] == ["command"]
-    assert set(tools["stdin"].input_schema["properties"]) == {"id", "input"}
-    assert set(tools["stdout"].input_schema["properties"]) == {"id", "lines"}
+    stdin = tools["stdin"].input_schema
+    assert set(stdin["properties"]) == {"id", "input", "waitFor", "idleMs", "waitMs"}
+    assert stdin["required"] == ["id", "input"]
+    stdout = tools["stdout"].input_schema
+    waits = {"waitFor", "idleMs", "waitMs", "untilExit"}
+    assert set(stdout["properties"]) == {"id", "lines", "since", "stderrSince", "raw"} | waits
+    assert stdout["required"] == ["id"]
     assert set(tools["kill"].input_schema["properties"]) == {"id", "signal"}
     assert tools["kill"].input_schema["properties"]["signal"]["default"] == "SIGTERM"
     for tool in tools.values():
@@ -72,6 +78,9 @@ async def test_spawn_replies_with_structured_content_and_readable_text(client: C
         "stdout": "out\n",
         "stderr": "err\n",
         "sandboxed": True,
+        "cursor": 4,
+        "stderrCursor": 4,
+        "waitResult": None,
     }
     expected = "host-1: terminated (exit code 3), sandboxed\n--- stdout ---\nout\n\n--- stderr ---\nerr\n"
     assert text_of(result) == expected
@@ -154,3 +163,32 @@ async def test_a_bad_escape_is_an_error_and_the_process_survives(client: Client)
     assert "not a valid escape" in await error(client, "stdin", {"id": pid, "input": "\\z"})
     sent = await call(client, "stdin", {"id": pid, "input": "fine\\n"})
     assert (sent["bytesSent"], sent["status"]) == (5, "running")
+
+
+async def test_a_wait_sends_progress_notifications_when_the_client_asks(client: Client) -> None:
+    started = await call(client, "spawn", {"command": "sleep 30", "background": True})
+    reports: list[tuple[float, float | None, str | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        reports.append((progress, total, message))
+
+    result = await client.call_tool(
+        "stdout", {"id": started["pid"], "waitFor": "never", "waitMs": 2500}, progress_callback=on_progress
+    )
+    assert result.structured_content is not None
+    assert result.structured_content["waitResult"] == "timeout"
+    assert len(reports) >= 2
+    assert all(total == 2.5 for _, total, _ in reports)
+    assert [progress for progress, _, _ in reports] == sorted(progress for progress, _, _ in reports)
+    assert "waiting on host-1" in (reports[0][2] or "")
+
+
+async def test_one_call_per_step_of_a_repl_session_through_the_tools(client: Client) -> None:
+    started = await call(client, "spawn", {"command": "python3 -q", "tty": True, "waitFor": ">>> $"})
+    answer = await client.call_tool("stdin", {"id": started["pid"], "input": "2 ** 10\\r", "waitFor": ">>> $"})
+    assert answer.structured_content is not None
+    assert answer.structured_content["stdout"] == "2 ** 10\n1024\n>>> "
+    text = text_of(answer)
+    assert "wait ended: matched" in text
+    assert "1024" in text
+    assert f"cursor: {answer.structured_content['cursor']}" in text

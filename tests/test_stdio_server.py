@@ -116,6 +116,47 @@ async def test_a_stop_signal_ends_the_server_and_every_process_group_it_started(
                 stream.close()
 
 
+async def test_a_cancelled_wait_stops_and_the_server_keeps_serving(workdir: Path) -> None:
+    server = start_server(workdir)
+    try:
+        await send(server, INITIALIZE, INITIALIZED)
+        await read_until(server, b'"id":1')
+        await send(server, tool_call(2, "spawn", '{"command":"sleep 60","background":true}'))
+        await read_until(server, b'"id":2')
+        waiting = tool_call(3, "stdout", '{"id":"host-1","waitFor":"never","waitMs":30000}', progress="cancel-me")
+        await send(server, waiting)
+        assert b"cancel-me" in await read_until(server, b"notifications/progress")  # it is waiting
+        await send(server, '{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":3}}')
+        # A second wait, longer than the first one's progress interval: had the cancelled wait gone on,
+        # its progress would show up before this reply.
+        await send(server, tool_call(4, "stdout", '{"id":"host-1","waitFor":"never","waitMs":2500}'))
+        seen = []
+        while True:
+            line = await read_until(server, b"")
+            assert line, "the server closed its output"
+            if b'"id":4' in line:
+                break
+            seen.append(line)
+        assert b'"waitResult":"timeout"' in line
+        assert b'"status":"running"' in line
+        assert not [m for m in seen if b"cancel-me" in m or b'"id":3' in m]
+    finally:
+        server.terminate()
+        with anyio.fail_after(WAIT_S):
+            await anyio.to_thread.run_sync(server.wait, abandon_on_cancel=True)
+        for stream in (server.stdin, server.stdout, server.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def tool_call(request_id: int, name: str, arguments: str, *, progress: str | None = None) -> str:
+    meta = f',"_meta":{{"progressToken":"{progress}"}}' if progress else ""
+    return (
+        f'{{"jsonrpc":"2.0","id":{request_id},"method":"tools/call",'
+        f'"params":{{"name":"{name}","arguments":{arguments}{meta}}}}}'
+    )
+
+
 async def test_a_bad_environment_stops_the_server_with_a_message_naming_the_variable(workdir: Path) -> None:
     with anyio.fail_after(WAIT_S * 3):
         result = await anyio.run_process(
