@@ -136,7 +136,7 @@ class HostExecutor(ProcessExecutor):
         prepare: Callable[[], None] | None = None
         if self._sandbox is not None:
             argv, env = self._sandbox.wrap(record.command, record.cwd, env)
-            prepare = ignore_bwrap_signals
+            prepare = ignore_bwrap_signals if self._sandbox.needs_preexec else None
             record.sandboxed = True
         # The server's own environment is what a child inherits; the caller's variables go over it.
         full_env = {**os.environ, **env}
