@@ -14,6 +14,7 @@ from .errors import (
     ProcessTerminated,
     SpawnFailed,
     StdinFailed,
+    TooManyProcesses,
 )
 from .executor import ProcessExecutor, ProcessHandle
 from .host import HostExecutor
@@ -79,6 +80,7 @@ __all__ = [
     "SpawnResult",
     "StdinFailed",
     "StdinResult",
+    "TooManyProcesses",
     "create_executor",
     "create_process_mcp",
     "load_config",

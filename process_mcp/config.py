@@ -28,6 +28,7 @@ class Defaults(BaseModel):
 class Limits(BaseModel):
     keep_terminated: int = Field(20, ge=0, description="Finished processes kept for ps and stdout.")
     output_buffer_bytes: int = Field(1024 * 1024, ge=4096, description="Bytes kept per output stream.")
+    max_live: int = Field(128, ge=1, description="Processes that may run at once.")
 
 
 class DockerConfig(BaseModel):
@@ -92,6 +93,7 @@ class _Environment(BaseSettings):
     MAX_TIMEOUT_MS: int = Field(MAX_TIMEOUT_MS, ge=0)
     PROCESS_KEEP_TERMINATED: int = Field(20, ge=0)
     PROCESS_OUTPUT_BUFFER_BYTES: int = Field(1024 * 1024, ge=4096)
+    PROCESS_MAX_LIVE: int = Field(128, ge=1)
     DOCKER_IMAGE: str = "ubuntu:22.04"
     DOCKER_CONTAINER: str = "process-mcp-main"
     DOCKER_VOLUME: str = "process-mcp-volume"
@@ -140,7 +142,11 @@ def load_config(environ: dict[str, str] | None = None) -> ProcessMcpConfig:
         defaults=Defaults(
             workdir=env.DEFAULT_WORKDIR, timeout_ms=env.DEFAULT_TIMEOUT_MS, max_timeout_ms=env.MAX_TIMEOUT_MS
         ),
-        limits=Limits(keep_terminated=env.PROCESS_KEEP_TERMINATED, output_buffer_bytes=env.PROCESS_OUTPUT_BUFFER_BYTES),
+        limits=Limits(
+            keep_terminated=env.PROCESS_KEEP_TERMINATED,
+            output_buffer_bytes=env.PROCESS_OUTPUT_BUFFER_BYTES,
+            max_live=env.PROCESS_MAX_LIVE,
+        ),
         docker=DockerConfig(
             image=env.DOCKER_IMAGE,
             container_name=env.DOCKER_CONTAINER,

@@ -62,6 +62,12 @@ class KillFailed(ProcessMcpError):
     code = "kill_failed"
 
 
+class TooManyProcesses(ProcessMcpError):
+    """The limit on live processes is reached; the message says how many and how to free some."""
+
+    code = "too_many_processes"
+
+
 class BackendUnavailable(ProcessMcpError):
     """The execution backend (Docker engine, sandbox) cannot be used; the message says how to fix it."""
 

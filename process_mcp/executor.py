@@ -18,7 +18,7 @@ import anyio
 
 from .buffer import tail_lines, tail_text
 from .config import ProcessMcpConfig
-from .errors import InvalidInput, ProcessMcpError, ProcessTerminated
+from .errors import InvalidInput, ProcessMcpError, ProcessTerminated, TooManyProcesses
 from .escapes import decode_input
 from .models import (
     DEFAULT_LINES,
@@ -82,6 +82,7 @@ class ProcessExecutor(ABC):
     def __init__(self, config: ProcessMcpConfig) -> None:
         self.config = config
         self._registry = ProcessRegistry(self.prefix, config.limits.keep_terminated)
+        self._starting = 0  # spawns between the limit check and the registry, so concurrent ones count
 
     async def start(self) -> None:
         """Prepare the backend (e.g. the container); called once before the first spawn."""
@@ -98,6 +99,7 @@ class ProcessExecutor(ABC):
         command, cwd, env, timeout_s = self._check_spawn(options)
         pattern = Wait.compile(options.wait_for)
         idle_s = _idle_s(options.idle_ms)
+        self._check_live_limit()
         record = ManagedProcess(
             self._registry.new_id(),
             command,
@@ -108,7 +110,11 @@ class ProcessExecutor(ABC):
             rows=TERMINAL_ROWS,
             on_done=self._finished,
         )
-        record.handle = await self._launch(record, env)
+        self._starting += 1
+        try:
+            record.handle = await self._launch(record, env)
+        finally:
+            self._starting -= 1
         self._registry.add(record)
         wait_result = None
         if pattern is not None or idle_s is not None:
@@ -310,6 +316,15 @@ class ProcessExecutor(ABC):
         if timeout_ms < 0:
             raise InvalidInput(f"timeoutMs must be 0 or more, got {timeout_ms}")
         return command, cwd, env, min(timeout_ms, self.config.defaults.max_timeout_ms) / 1000
+
+    def _check_live_limit(self) -> None:
+        limit = self.config.limits.max_live
+        live = sum(1 for record in self._registry if record.running) + self._starting
+        if live >= limit:
+            raise TooManyProcesses(
+                f"{live} processes are running, the limit (PROCESS_MAX_LIVE) is {limit}; kill some "
+                "(ps lists them) or wait for them to exit, then spawn again"
+            )
 
     def _wait_timeout_s(self, wait_ms: int | None) -> float:
         """How long a wait may take: ``wait_ms`` (the default spawn timeout if not given), capped."""

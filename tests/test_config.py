@@ -38,6 +38,7 @@ def test_variables_are_read_and_lists_split_on_commas() -> None:
             "SANDBOX_ALLOWED_DOMAINS": "github.com, *.pypi.org,,",
             "SANDBOX_DENY_READ": "/etc/shadow,/root/.ssh",
             "PROCESS_KEEP_TERMINATED": "5",
+            "PROCESS_MAX_LIVE": "8",
         }
     )
     assert config.workdir == "/work"
@@ -46,6 +47,7 @@ def test_variables_are_read_and_lists_split_on_commas() -> None:
     assert config.sandbox.allowed_domains == ["github.com", "*.pypi.org"]
     assert config.sandbox.deny_read == ["/etc/shadow", "/root/.ssh"]
     assert config.limits.keep_terminated == 5
+    assert config.limits.max_live == 8
 
 
 def test_an_empty_domain_list_means_no_network() -> None:
@@ -64,6 +66,7 @@ def test_the_process_environment_is_read_by_default(monkeypatch: pytest.MonkeyPa
         ({"DEFAULT_TIMEOUT_MS": "soon"}, "DEFAULT_TIMEOUT_MS"),
         ({"DOCKER_USE_EXISTING": "maybe"}, "DOCKER_USE_EXISTING"),
         ({"PROCESS_KEEP_TERMINATED": "-1"}, "PROCESS_KEEP_TERMINATED"),
+        ({"PROCESS_MAX_LIVE": "0"}, "PROCESS_MAX_LIVE"),
     ],
 )
 def test_malformed_variables_are_named_in_the_error(environ: dict[str, str], names: str) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from process_mcp import HostExecutor, ProcessNotFound, SpawnOptions, StdinFailed
+from process_mcp import HostExecutor, ProcessNotFound, SpawnOptions, StdinFailed, TooManyProcesses
 from process_mcp.config import SandboxConfig
 
 from .conftest import host_config
@@ -118,3 +118,28 @@ async def test_a_missing_executable_is_an_exit_code_not_a_spawn_failure(host: Ho
     result = await host.spawn(SpawnOptions(command="definitely-not-a-command-xyz"))
     assert result.exit_code == 127
     assert "not found" in result.stderr
+
+
+async def test_the_live_process_limit_is_a_clear_error_and_frees_up_as_processes_end(workdir: Path) -> None:
+    executor = HostExecutor(host_config(workdir, max_live=3))
+    try:
+
+        async def spawn_sleeper(results: list[str]) -> None:
+            try:
+                results.append((await executor.spawn(SpawnOptions(command="sleep 30", background=True))).pid)
+            except TooManyProcesses as exc:
+                results.append(str(exc))
+
+        results: list[str] = []
+        async with anyio.create_task_group() as group:
+            for _ in range(5):  # at once: the limit must hold for spawns still starting
+                group.start_soon(spawn_sleeper, results)
+        started = [r for r in results if r.startswith("host-")]
+        refused = [r for r in results if not r.startswith("host-")]
+        assert (len(started), len(refused)) == (3, 2)
+        assert "too_many_processes: 3 processes are running" in refused[0]
+        assert "PROCESS_MAX_LIVE" in refused[0]
+        await executor.kill(started[0], "KILL")
+        assert (await executor.spawn(SpawnOptions(command="echo room again"))).stdout == "room again\n"
+    finally:
+        await executor.cleanup()
