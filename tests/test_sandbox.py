@@ -323,3 +323,20 @@ async def test_a_working_directory_of_slash_keeps_proc_dev_and_tmp_private(sandb
     code, output = await run(executor, "echo $$; ls /dev | wc -l", cwd="/")
     pid, devices = (int(word) for word in output.split())
     assert (code, pid < 10, devices < 30) == (0, True, True)
+
+
+async def test_a_proxy_that_cannot_listen_never_leaves_processes_with_open_network(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deep = tmp_path / ("d" * 100)  # a Unix socket path this long cannot be bound
+    deep.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(deep))
+    config = SandboxConfig(required=True, allowed_domains=["example.com"])
+    executor = HostExecutor(host_config(tmp_path, sandbox=config))
+    try:
+        await executor.start()
+        with pytest.raises(BackendUnavailable, match="network proxy cannot listen"):
+            await executor.spawn(SpawnOptions(command="echo never"))
+        assert list(deep.iterdir()) == []  # its state directory was removed
+    finally:
+        await executor.cleanup()
