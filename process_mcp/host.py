@@ -204,6 +204,12 @@ class _HostHandle(ProcessHandle):
 
     def _on_exit(self) -> None:
         if self._reap():
+            self._release_pidfd()
+
+    def _release_pidfd(self) -> None:
+        # Also reached from close(), which the exit itself can trigger (the record is dropped at once
+        # when more finished processes than are kept end together).
+        if self._pidfd >= 0:
             self._loop.remove_reader(self._pidfd)
             os.close(self._pidfd)
             self._pidfd = -1
@@ -250,10 +256,7 @@ class _HostHandle(ProcessHandle):
     def close(self) -> None:
         for fd in list(self._readers):
             self._stop_reading(fd)
-        if self._pidfd >= 0:
-            self._loop.remove_reader(self._pidfd)
-            os.close(self._pidfd)
-            self._pidfd = -1
+        self._release_pidfd()
 
 
 class _PipeHandle(_HostHandle):
