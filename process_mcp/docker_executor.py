@@ -37,6 +37,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+UNIX_URL_POOLS = 1024
+"""Connection pools (one per URL) docker-py may keep over a Unix socket; see _default_client."""
+UNIX_POOL_CONNECTIONS = 64
+"""Idle connections kept per pool: more than the worker threads that can call the engine at once."""
 DOCKER_API_TIMEOUT_S = 30
 """HTTP timeout of each engine call made by the default client; a healthy engine answers in ms."""
 IMAGE_PULL_TIMEOUT_S = 600.0
@@ -83,9 +87,25 @@ def _docker_errors() -> tuple[type[BaseException], ...]:
 
 def _default_client() -> DockerClient:
     import docker
+    from docker.transport import UnixHTTPAdapter
 
     # from_env honours DOCKER_HOST, DOCKER_TLS_VERIFY, DOCKER_CERT_PATH and the current context.
-    return docker.from_env(timeout=DOCKER_API_TIMEOUT_S)
+    client = docker.from_env(timeout=DOCKER_API_TIMEOUT_S)
+    # Over a Unix socket docker-py keeps one connection pool per URL, and each exec has its own URLs,
+    # in an LRU of 25 that closes the pools it evicts, even while another thread is using one (seen
+    # with 100 spawns at once). An LRU far larger than the calls that can be in flight avoids that.
+    api = client.api
+    adapter = api.get_adapter(api.base_url)
+    if isinstance(adapter, UnixHTTPAdapter):
+        roomy = UnixHTTPAdapter(
+            f"http+unix://{adapter.socket_path}",
+            adapter.timeout,
+            pool_connections=UNIX_URL_POOLS,
+            max_pool_size=UNIX_POOL_CONNECTIONS,
+        )
+        api.mount("http+docker://", roomy)
+        adapter.close()
+    return client
 
 
 class DockerExecutor(ProcessExecutor):
