@@ -8,6 +8,12 @@ Every exec carries ``PROCESS_MCP_ID=<executor token>:<docker-N>`` in its environ
 children inherit. Signals go to every process in the container whose environment holds that exact
 line (a small /bin/sh script walking /proc, run as its own exec): the whole tree, grandchildren
 included, with no host pids involved, so it works with a remote engine too.
+
+A server that dies without cleaning up (SIGKILL, a crash) leaves its processes running in the
+container. Each server therefore holds a lease while it runs: an exec (``cat`` with
+``PROCESS_MCP_LEASE=<token>``) whose input is the server's connection, so it ends when the
+server's process does, however it dies. At start, a server ends every marked process whose token
+has no lease left.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ CONTAINER_REMOVE_TIMEOUT_S = 20.0
 """Bound on removing the container at shutdown, so a stuck engine cannot hang the server's exit."""
 
 MARKER_VAR = "PROCESS_MCP_ID"
+LEASE_VAR = "PROCESS_MCP_LEASE"
 MANAGED_LABEL = "process-mcp.managed"
 TMPFS_OPTIONS = "rw,size=100m,noexec,nosuid"
 
@@ -72,6 +79,20 @@ _SIGNAL_SCRIPT = (
     'm=; for d in /proc/[0-9]*; do p=${d#/proc/}; [ "$p" = $$ ] && continue; '
     'tr \'\\0\' \'\\n\' < "$d/environ" 2>/dev/null | grep -q -e "$1" && m="$p $m"; '
     'done; [ -z "$m" ] || kill -"$2" $m 2>/dev/null; exit 0'
+)
+
+# Prints "ok" once running, then holds the lease until its input (the server's connection) closes.
+_LEASE_SCRIPT = "printf ok; exec cat >/dev/null"
+# Ends (SIGKILL) every process marked with a token that no lease holds, and prints how many.
+_SWEEP_SCRIPT = (
+    "env_of() { tr '\\0' '\\n' < \"$1/environ\" 2>/dev/null; }; leases=' '; "
+    f'for d in /proc/[0-9]*; do l=$(env_of "$d" | grep "^{LEASE_VAR}="); '
+    f'[ -n "$l" ] && leases="$leases${{l#{LEASE_VAR}=}} "; done; v=; '
+    'for d in /proc/[0-9]*; do p=${d#/proc/}; [ "$p" = $$ ] && continue; '
+    f'm=$(env_of "$d" | grep "^{MARKER_VAR}="); [ -z "$m" ] && continue; '
+    f"t=${{m#{MARKER_VAR}=}}; t=${{t%%:*}}; "
+    'case "$leases" in *" $t "*) ;; *) v="$v $p";; esac; done; '
+    '[ -z "$v" ] || kill -9 $v 2>/dev/null; set -- $v; printf "swept:%s" "$#"'
 )
 
 ClientFactory = Callable[[], "DockerClient"]
@@ -131,6 +152,7 @@ class DockerExecutor(ProcessExecutor):
         self._client: DockerClient | None = None
         self._container: Container | None = None
         self._created = False
+        self._lease: Any = None  # the lease exec's socket; closing it ends the lease
 
     @property
     def container_id(self) -> str | None:
@@ -158,9 +180,59 @@ class DockerExecutor(ProcessExecutor):
             ) from None
         try:
             self._container = await self._ensure_container(self._client)
+            await self._take_lease()
+            await self._sweep_dead_servers()
         except BaseException:
-            self._release_client()
+            await self._close_backend()
             raise
+
+    async def _take_lease(self) -> None:
+        """Start the lease exec and wait (bounded) until it runs; raise BackendUnavailable if it cannot."""
+        assert self._client is not None
+        assert self._container is not None
+        api, container_id = self._client.api, self._container.id
+
+        def start_lease() -> Any:
+            command = ["/bin/sh", "-c", _LEASE_SCRIPT]
+            exec_id = api.exec_create(container_id, command, stdin=True, environment={LEASE_VAR: self._token})["Id"]
+            sock: Any = api.exec_start(exec_id, socket=True)
+            raw: socket.socket = getattr(sock, "_sock", sock)
+            raw.settimeout(LAUNCH_TIMEOUT_S)
+            seen = b""
+            try:
+                while b"ok" not in seen:
+                    chunk = raw.recv(64)
+                    if not chunk:
+                        raise OSError("the lease exec ended at once")
+                    seen += chunk
+            except OSError:
+                sock.close()
+                raise
+            return sock
+
+        failures: tuple[type[BaseException], ...] = (*_docker_errors(), OSError)
+        try:
+            self._lease = await anyio.to_thread.run_sync(start_lease)
+        except failures as exc:
+            raise BackendUnavailable(
+                f"cannot start the lease process in the container ({_reason(exc)}); the image needs /bin/sh and cat"
+            ) from None
+
+    async def _sweep_dead_servers(self) -> None:
+        """End what servers that died without cleaning up left running in the container."""
+        container = self._container
+        assert container is not None
+        try:
+            result = await anyio.to_thread.run_sync(
+                lambda: container.exec_run(["/bin/sh", "-c", _SWEEP_SCRIPT], stdin=False, tty=False)
+            )
+        except _docker_errors() as exc:
+            logger.warning("could not look for processes left by servers that died: %s", _reason(exc))
+            return
+        output = result.output if isinstance(result.output, bytes) else b""
+        swept = output.decode(errors="replace").rpartition("swept:")[2].strip()
+        if swept and swept != "0":
+            logger.warning("ended %s processes left in the container by servers that died", swept)
 
     async def _ensure_container(self, client: DockerClient) -> Container:
         import docker.errors
@@ -349,6 +421,9 @@ class DockerExecutor(ProcessExecutor):
                 if self._created:
                     await self._remove_container(self._container)
         finally:
+            if self._lease is not None:
+                self._lease.close()  # the lease exec sees its input end and exits
+                self._lease = None
             self._container = None
             self._release_client()
 

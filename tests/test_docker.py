@@ -6,6 +6,7 @@ Containers and volumes made here are labelled ``process-mcp.test=true`` and remo
 from __future__ import annotations
 
 import contextlib
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -20,7 +21,7 @@ from process_mcp import BackendUnavailable, SpawnOptions, create_process_mcp
 from process_mcp.docker_executor import DockerExecutor
 
 from .conftest import BUSYBOX_IMAGE, DEBIAN_IMAGE, TEST_LABELS, docker_config, unique_name
-from .helpers import POLL_S, WAIT_S, wait_for_output
+from .helpers import POLL_S, WAIT_S, sleep_argument, wait_for_output
 
 if TYPE_CHECKING:
     from docker import DockerClient
@@ -271,6 +272,84 @@ async def test_a_client_over_stdio_drives_docker_mode_and_disconnecting_ends_its
             lambda: shared_container.exec_run(["/bin/sh", "-c", _MATCHING_PIDS, "sh", f"^{marker}$"])
         )
     assert result.output.decode().split() == []
+
+
+# A docker-mode server in miniature: starts, spawns one command, says so, and runs until killed.
+_SERVE_ONE_SPAWN = """
+import sys, anyio
+from process_mcp import DockerExecutor, ProcessMcpConfig, SpawnOptions
+from process_mcp.config import Defaults, DockerConfig
+
+async def main():
+    docker = DockerConfig(container_name=sys.argv[1], use_existing=True)
+    executor = DockerExecutor(ProcessMcpConfig(mode="docker", defaults=Defaults(workdir="/home/agent"), docker=docker))
+    await executor.start()
+    await executor.spawn(SpawnOptions(command=sys.argv[2], background=True))
+    print("spawned", flush=True)
+    await anyio.sleep_forever()
+
+anyio.run(main)
+"""
+# Prints the pid of every process running `sleep $1` (not the tr and grep doing the looking).
+_SLEEPERS = (
+    "for d in /proc/[0-9]*; do tr '\\0' ' ' < \"$d/cmdline\" 2>/dev/null | grep -q \"^sleep $1 \" "
+    '&& echo "${d#/proc/}"; done; true'
+)
+
+
+async def sleepers_in(container: Container, argument: str) -> list[str]:
+    result = await anyio.to_thread.run_sync(lambda: container.exec_run(["/bin/sh", "-c", _SLEEPERS, "sh", argument]))
+    return result.output.decode().split()
+
+
+async def start_server_process(container: Container, command: str) -> subprocess.Popen[bytes]:
+    server = subprocess.Popen(  # noqa: ASYNC220 - started once; its output is read off the loop
+        [sys.executable, "-c", _SERVE_ONE_SPAWN, str(container.name), command], stdout=subprocess.PIPE
+    )
+    assert server.stdout is not None
+    stream = server.stdout
+    with anyio.fail_after(WAIT_S * 3):
+        line = await anyio.to_thread.run_sync(stream.readline, abandon_on_cancel=True)
+    assert line == b"spawned\n"
+    return server
+
+
+def stop(server: subprocess.Popen[bytes], how: int) -> None:
+    if server.poll() is None:
+        server.send_signal(how)
+    server.wait()
+    if server.stdout is not None:
+        server.stdout.close()
+
+
+async def test_a_new_server_ends_what_a_killed_server_left_and_spares_a_live_one(
+    shared_container: Container,
+) -> None:
+    dead_arg, alive_arg = sleep_argument(), sleep_argument()
+    dead = await start_server_process(shared_container, f"sleep {dead_arg}")
+    alive = await start_server_process(shared_container, f"sleep {alive_arg}")
+    try:
+        stop(dead, signal.SIGKILL)  # no cleanup runs: its sleeper stays behind in the container
+        assert len(await sleepers_in(shared_container, dead_arg)) == 1
+        newcomer = DockerExecutor(docker_config(str(shared_container.name), use_existing=True))
+        await newcomer.start()
+        try:
+            with anyio.fail_after(WAIT_S):
+                while await sleepers_in(shared_container, dead_arg):
+                    await anyio.sleep(POLL_S)
+            assert len(await sleepers_in(shared_container, alive_arg)) == 1  # its server still runs
+        finally:
+            await newcomer.cleanup()
+    finally:
+        stop(dead, signal.SIGKILL)
+        stop(alive, signal.SIGKILL)
+    # That one is gone now too (killed, no cleanup): the next start ends what it left.
+    sweeper = DockerExecutor(docker_config(str(shared_container.name), use_existing=True))
+    await sweeper.start()
+    await sweeper.cleanup()
+    with anyio.fail_after(WAIT_S):
+        while await sleepers_in(shared_container, alive_arg):
+            await anyio.sleep(POLL_S)
 
 
 def test_host_mode_never_imports_docker() -> None:
