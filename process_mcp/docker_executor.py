@@ -153,6 +153,7 @@ class DockerExecutor(ProcessExecutor):
         self._container: Container | None = None
         self._created = False
         self._lease: Any = None  # the lease exec's socket; closing it ends the lease
+        self._recovery_lock = anyio.Lock()
 
     @property
     def container_id(self) -> str | None:
@@ -336,12 +337,12 @@ class DockerExecutor(ProcessExecutor):
             environment["TERM"] = TTY_TERM
         script = _TTY_LAUNCH_SCRIPT if record.tty else _LAUNCH_SCRIPT
         command = ["/bin/sh", "-c", script, "sh", record.cwd, handshake, record.command]
-        container_id = self._container.id
 
         def create_and_start() -> tuple[str, Any]:
-            exec_id: str = api.exec_create(container_id, command, stdin=True, tty=record.tty, environment=environment)[
-                "Id"
-            ]
+            assert self._container is not None
+            exec_id: str = api.exec_create(
+                self._container.id, command, stdin=True, tty=record.tty, environment=environment
+            )["Id"]
             # docker-py's stubs type this as bytes; with socket=True it is the hijacked socket's wrapper.
             sock: Any = api.exec_start(exec_id, socket=True, tty=record.tty)
             return exec_id, sock
@@ -349,7 +350,13 @@ class DockerExecutor(ProcessExecutor):
         try:
             exec_id, sock = await anyio.to_thread.run_sync(create_and_start)
         except _docker_errors() as exc:
-            raise SpawnFailed(f"could not start {record.command!r} in the container: {_reason(exc)}") from None
+            reason = _reason(exc)
+            if not await self._recover_container():
+                raise SpawnFailed(f"could not start {record.command!r} in the container: {reason}") from None
+            try:
+                exec_id, sock = await anyio.to_thread.run_sync(create_and_start)
+            except _docker_errors() as retry:
+                raise SpawnFailed(f"could not start {record.command!r} in the container: {_reason(retry)}") from None
         # The SocketIO wrapper owns the raw socket (`_sock`); unix and plain TCP engines give one.
         raw: socket.socket = getattr(sock, "_sock", sock)
         handle = _ExecHandle(self, record, exec_id, sock, raw, handshake)
@@ -368,6 +375,41 @@ class DockerExecutor(ProcessExecutor):
             )
         detail = handle.launch_output.strip() or f"exit code {handle.exit_code}"
         raise SpawnFailed(f"could not start {record.command!r} in the container (it needs /bin/sh): {detail}")
+
+    async def _recover_container(self) -> bool:
+        """After a failed exec: whether to try again. A container stopped or removed behind our back is
+        brought back (this server owns it); DOCKER_USE_EXISTING's container is an error instead."""
+        async with self._recovery_lock:  # spawns failing together bring it back once
+            return await self._recover_locked()
+
+    async def _recover_locked(self) -> bool:
+        import docker.errors
+
+        assert self._client is not None
+        container, name = self._container, self.config.docker.container_name
+        try:
+            if container is None:
+                raise docker.errors.NotFound("no container")
+            await anyio.to_thread.run_sync(container.reload)
+            lost = None if container.status == "running" else f"is {container.status}"
+        except docker.errors.NotFound:
+            lost = "was removed"
+        except _docker_errors():
+            return False  # the engine itself is in trouble; the spawn error says so
+        if lost is None:
+            return True  # running (perhaps brought back by a concurrent spawn): one more try
+        if self.config.docker.use_existing:
+            raise BackendUnavailable(
+                f"container {name!r} {lost}; with DOCKER_USE_EXISTING=true this server does not start or recreate "
+                "it: start it (docker start) and spawn again"
+            )
+        logger.warning("container %s %s behind this server's back; bringing it back", name, lost)
+        if self._lease is not None:
+            self._lease.close()
+            self._lease = None
+        self._container = await self._ensure_container(self._client)
+        await self._take_lease()
+        return True
 
     async def _resize(self, exec_id: str) -> None:
         # stty already sized the terminal; this tells the engine too, so later attaches agree.

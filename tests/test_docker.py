@@ -156,6 +156,51 @@ async def test_an_existing_container_is_started_used_and_left_alone(engine: Dock
     assert not await matching_pids(container, f"^{executor.marker()}")
 
 
+@pytest.mark.parametrize("fault", ["kill", "stop", "remove"])
+async def test_a_container_lost_behind_the_servers_back_ends_its_processes_and_comes_back(
+    engine: DockerClient, made: Made, fault: str
+) -> None:
+    executor = created_executor(made, image=BUSYBOX_IMAGE)
+    await executor.start()
+    try:
+        running = await executor.spawn(SpawnOptions(command="echo started; sleep 300", background=True))
+        await wait_for_output(executor, running.pid, "started")
+        container = await anyio.to_thread.run_sync(engine.containers.get, made.container)
+        if fault == "kill":
+            await anyio.to_thread.run_sync(container.kill)
+        elif fault == "stop":
+            await anyio.to_thread.run_sync(lambda: container.stop(timeout=1))
+        else:
+            await anyio.to_thread.run_sync(lambda: container.remove(force=True))
+        with anyio.fail_after(WAIT_S * 2):  # never "running" forever
+            while (await executor.get_process(running.pid)).status == "running":
+                await anyio.sleep(POLL_S)
+        again = await executor.spawn(SpawnOptions(command="echo back"))
+        assert (again.stdout, again.exit_code) == ("back\n", 0)
+        container = await anyio.to_thread.run_sync(engine.containers.get, made.container)
+        assert container.status == "running"
+    finally:
+        await executor.cleanup()
+
+
+async def test_a_stopped_existing_container_is_a_clear_error_and_left_alone(engine: DockerClient, made: Made) -> None:
+    container = await anyio.to_thread.run_sync(
+        lambda: engine.containers.run(
+            BUSYBOX_IMAGE, ["tail", "-f", "/dev/null"], name=made.container, labels=TEST_LABELS, detach=True
+        )
+    )
+    executor = DockerExecutor(docker_config(made.container, workdir="/tmp", use_existing=True))
+    await executor.start()
+    try:
+        await anyio.to_thread.run_sync(container.kill)
+        with pytest.raises(BackendUnavailable, match="DOCKER_USE_EXISTING=true this server does not start"):
+            await executor.spawn(SpawnOptions(command="echo never"))
+        await anyio.to_thread.run_sync(container.reload)
+        assert container.status == "exited"  # not started behind the user's back either
+    finally:
+        await executor.cleanup()
+
+
 async def test_use_existing_with_no_such_container_is_a_clear_error(engine: DockerClient, made: Made) -> None:
     executor = DockerExecutor(docker_config(made.container, use_existing=True))
     with pytest.raises(BackendUnavailable, match=f"container '{made.container}' does not exist"):
