@@ -1,0 +1,441 @@
+"""Benchmarks: the server as a client meets it (JSON-RPC over stdio), each figure beside a raw
+baseline measured in the same run, with pass/fail against the targets.
+
+    python bench/run.py            # full run (about two minutes)
+    python bench/run.py --quick    # seconds; no pass/fail on timings (what CI runs)
+
+Docker rows run when an engine answers and --docker-image names a local image (a container is
+created for the run, labelled process-mcp.bench=true, and removed afterwards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import pty
+import secrets
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).parent
+READ_CHUNK = 64 * 1024
+
+
+@dataclass
+class Row:
+    figure: str
+    ours: str
+    baseline: str
+    target: str
+    passed: bool | None  # None: no target, or a quick run
+
+
+@dataclass
+class Settings:
+    quick: bool
+    spawns: int
+    pipe_bytes: int
+    tty_bytes: int
+    live: int
+    startups: int
+    ps_calls: int
+    flood_bytes: int
+    docker_image: str | None
+    rows: list[Row] = field(default_factory=list)
+
+    def add(self, figure: str, ours: str, baseline: str, target: str, passed: bool | None) -> None:
+        self.rows.append(Row(figure, ours, baseline, target, None if self.quick else passed))
+        print(f"  {figure}: {ours} (baseline {baseline})", file=sys.stderr, flush=True)
+
+
+class StdioServer:
+    """A server process driven with raw JSON-RPC lines, as any MCP client over stdio would."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        self.argv = argv
+        self.env = env
+        self.proc: asyncio.subprocess.Process | None = None
+        self.bytes_received = 0
+        self._next_id = 0
+
+    async def start(self) -> float:
+        """Launch and initialize; return the seconds from launch to the initialize reply."""
+        began = time.perf_counter()
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.argv,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+            env=self.env,
+            limit=64 * 1024 * 1024,
+        )
+        await self.request(
+            "initialize",
+            {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "bench", "version": "0"}},
+        )
+        elapsed = time.perf_counter() - began
+        await self._send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        return elapsed
+
+    async def request(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        self._next_id += 1
+        request_id = self._next_id
+        await self._send({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
+        assert self.proc is not None
+        assert self.proc.stdout is not None
+        while True:
+            line = await self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"the server closed its output during {method}")
+            self.bytes_received += len(line)
+            message = json.loads(line)
+            if message.get("id") == request_id:
+                if "error" in message:
+                    raise RuntimeError(f"{method} failed: {message['error']}")
+                result: dict[str, Any] = message["result"]
+                return result
+
+    async def tool(self, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+        result = await self.request("tools/call", {"name": name, "arguments": arguments})
+        if result.get("isError"):
+            raise RuntimeError(f"{name} failed: {result['content'][0]['text']}")
+        structured: dict[str, Any] = result.get("structuredContent") or {}
+        return structured
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        assert self.proc is not None
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(message).encode() + b"\n")
+        await self.proc.stdin.drain()
+
+    def rss_mib(self) -> float:
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmRSS")
+
+    async def close(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            await asyncio.wait_for(self.proc.wait(), 10)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+def server(workdir: str, **env: str) -> StdioServer:
+    base = {**os.environ, "DEFAULT_WORKDIR": workdir, "MAX_TIMEOUT_MS": "600000", **env}
+    return StdioServer([sys.executable, "-m", "process_mcp"], base)
+
+
+def bare_server() -> StdioServer:
+    return StdioServer([sys.executable, str(BENCH / "bare_server.py")], dict(os.environ))
+
+
+async def timed(action: Callable[[], Awaitable[object]], count: int) -> list[float]:
+    """Milliseconds each of ``count`` runs of ``action`` took."""
+    times = []
+    for _ in range(count):
+        began = time.perf_counter()
+        await action()
+        times.append((time.perf_counter() - began) * 1000)
+    return times
+
+
+def p(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def ms(value: float) -> str:
+    return f"{value:.2f} ms"
+
+
+# Figures.
+
+
+async def spawn_round_trip(s: Settings, workdir: str) -> None:
+    async def raw_true() -> None:
+        proc = await asyncio.create_subprocess_exec("sh", "-c", "true")
+        await proc.wait()
+
+    for label, env in (("host, sandbox off", {"SANDBOX_ENABLED": "false"}), ("host, sandboxed", {})):
+        srv = server(workdir, PROCESS_KEEP_TERMINATED="5", **env)
+        await srv.start()
+        try:
+            baseline_action = raw_true
+            if not env:
+                baseline_action = await sandboxed_true(workdir)
+            await timed(raw_true, 5)
+            base = await timed(baseline_action, s.spawns)
+            ours = await timed(lambda srv=srv: srv.tool("spawn", {"command": "true"}), s.spawns)
+        finally:
+            await srv.close()
+        overhead = statistics.median(ours) - statistics.median(base)
+        what = "asyncio spawn of sh -c true" if env else "asyncio spawn of the same bwrap command"
+        s.add(
+            f"spawn true round trip ({label}), median / p95",
+            f"{ms(statistics.median(ours))} / {ms(p(ours, 0.95))}",
+            f"{ms(statistics.median(base))} / {ms(p(base, 0.95))} ({what})",
+            "overhead <= 1.5 ms",
+            overhead <= 1.5,
+        )
+
+
+async def sandboxed_true(workdir: str) -> Callable[[], Awaitable[None]]:
+    from process_mcp.config import SandboxConfig
+    from process_mcp.sandbox import Sandbox, env_resets_signals, find_bwrap
+
+    bwrap = find_bwrap()
+    assert bwrap is not None, "no bwrap"
+    empty = Path(workdir) / ".bench-empty"
+    empty.touch()
+    sandbox = Sandbox(SandboxConfig(), bwrap, str(empty), env_resets_signals=await env_resets_signals())
+    argv, _ = sandbox.wrap("true", workdir, {})
+
+    async def run() -> None:
+        proc = await asyncio.create_subprocess_exec(*argv, cwd=workdir)
+        await proc.wait()
+
+    return run
+
+
+async def docker_round_trip(s: Settings, workdir: str) -> None:
+    if not s.docker_image:
+        s.add("spawn true round trip (docker)", "not run", "no --docker-image", "overhead <= 10 ms", None)
+        return
+    import docker
+
+    client = docker.from_env()
+    name = f"process-mcp-bench-{secrets.token_hex(4)}"
+    container = client.containers.run(
+        s.docker_image, ["tail", "-f", "/dev/null"], name=name, labels={"process-mcp.bench": "true"}, detach=True
+    )
+    try:
+
+        async def raw_exec() -> None:
+            def run() -> None:
+                exec_id = client.api.exec_create(container.id, ["true"])["Id"]
+                client.api.exec_start(exec_id)
+                while client.api.exec_inspect(exec_id)["Running"]:
+                    time.sleep(0.001)
+
+            await asyncio.to_thread(run)
+
+        srv = server("/tmp", PROCESS_MODE="docker", DOCKER_USE_EXISTING="true", DOCKER_CONTAINER=name)
+        await srv.start()
+        try:
+            count = max(10, s.spawns // 4)
+            base = await timed(raw_exec, count)
+            ours = await timed(lambda: srv.tool("spawn", {"command": "true"}), count)
+        finally:
+            await srv.close()
+    finally:
+        container.remove(force=True)
+        client.close()
+    overhead = statistics.median(ours) - statistics.median(base)
+    s.add(
+        "spawn true round trip (docker), median / p95",
+        f"{ms(statistics.median(ours))} / {ms(p(ours, 0.95))}",
+        f"{ms(statistics.median(base))} / {ms(p(base, 0.95))} (docker-py exec create, start, inspect)",
+        "overhead <= 10 ms",
+        overhead <= 10,
+    )
+
+
+def flood_command(size: int) -> str:
+    return f"yes 0123456789abcdef | head -c {size}"
+
+
+async def raw_pipe_mb_s(size: int) -> float:
+    began = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec("sh", "-c", flood_command(size), stdout=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None
+    while await proc.stdout.read(READ_CHUNK):
+        pass
+    await proc.wait()
+    return size / (time.perf_counter() - began) / 1e6
+
+
+async def raw_pty_mb_s(size: int) -> float:
+    def run() -> float:
+        master, slave = pty.openpty()
+        began = time.perf_counter()
+        pid = os.fork()
+        if pid == 0:
+            os.setsid()
+            os.dup2(slave, 1)
+            os.execvp("sh", ["sh", "-c", flood_command(size)])
+        os.close(slave)
+        try:
+            while os.read(master, READ_CHUNK):
+                pass
+        except OSError:
+            pass  # EIO: the other side closed
+        os.waitpid(pid, 0)
+        os.close(master)
+        return size / (time.perf_counter() - began) / 1e6
+
+    return await asyncio.to_thread(run)
+
+
+async def capture(s: Settings, workdir: str) -> None:
+    srv = server(workdir)
+    await srv.start()
+    try:
+        for tty, size in ((False, s.pipe_bytes), (True, s.tty_bytes)):
+            base = await (raw_pty_mb_s(size) if tty else raw_pipe_mb_s(size))
+            began = time.perf_counter()
+            started = await srv.tool("spawn", {"command": flood_command(size), "tty": tty, "background": True})
+            done = await srv.tool("stdout", {"id": started["pid"], "untilExit": True, "waitMs": 600000, "lines": 1})
+            ours = size / (time.perf_counter() - began) / 1e6
+            assert done["status"] == "terminated", done
+            what = "TTY" if tty else "non-TTY"
+            s.add(
+                f"{what} capture of {size / 1e6:.0f} MB",
+                f"{ours:.0f} MB/s ({ours / base:.0%})",
+                f"{base:.0f} MB/s (reading the {'PTY' if tty else 'pipe'} directly)",
+                ">= 50 % of baseline",
+                ours >= 0.5 * base,
+            )
+            if tty:
+                screen = await timed(lambda pid=started["pid"]: srv.tool("stdout", {"id": pid}), 5)
+                s.add("reading the screen after the TTY flood, median", ms(statistics.median(screen)), "-", "< 50 ms",
+                      statistics.median(screen) < 50)  # fmt: skip
+    finally:
+        await srv.close()
+
+
+async def ps_latency(s: Settings, workdir: str) -> None:
+    srv = server(workdir)
+    await srv.start()
+    try:
+        idle = await timed(lambda: srv.tool("ps", {}), s.ps_calls)
+        flood = await srv.tool("spawn", {"command": flood_command(s.flood_bytes), "background": True})
+        during: list[float] = []
+        while True:
+            during += await timed(lambda: srv.tool("ps", {}), 10)
+            if (await srv.tool("ps", {}))["processes"][0]["status"] != "running":
+                break
+        del flood
+        s.add(
+            f"ps latency p99 during a {s.flood_bytes / 1e9:.1f} GB flood ({len(during)} calls)",
+            ms(p(during, 0.99)),
+            f"{ms(p(idle, 0.99))} idle",
+            "< 50 ms",
+            p(during, 0.99) < 50,
+        )
+        for _ in range(s.live):
+            await srv.tool("spawn", {"command": "sleep 600", "background": True})
+        live = await timed(lambda: srv.tool("ps", {}), s.ps_calls)
+        s.add(f"ps with {s.live} live processes, median", ms(statistics.median(live)), "-", "< 3 ms",
+              statistics.median(live) < 3)  # fmt: skip
+    finally:
+        await srv.close()
+
+
+async def memory_and_startup(s: Settings, workdir: str) -> None:
+    bare_startups, ours_startups = [], []
+    for _ in range(s.startups):
+        bare = bare_server()
+        bare_startups.append(await bare.start())
+        await bare.request("tools/list", {})
+        bare_rss = bare.rss_mib()
+        await bare.close()
+        srv = server(workdir)
+        ours_startups.append(await srv.start())
+        await srv.close()
+    s.add(
+        "startup: launch to initialize answered, median",
+        ms(statistics.median(ours_startups) * 1000),
+        f"{ms(statistics.median(bare_startups) * 1000)} (bare MCPServer)",
+        "<= bare + 150 ms",
+        statistics.median(ours_startups) - statistics.median(bare_startups) <= 0.150,
+    )
+    srv = server(workdir)
+    await srv.start()
+    try:
+        await srv.tool("ps", {})
+        idle = srv.rss_mib()
+        for _ in range(s.live):
+            await srv.tool("spawn", {"command": "sleep 600", "background": True})
+        with_live = srv.rss_mib()
+        started = await srv.tool("spawn", {"command": flood_command(s.flood_bytes), "background": True})
+        await srv.tool("stdout", {"id": started["pid"], "untilExit": True, "waitMs": 600000, "lines": 1})
+        after = srv.rss_mib()
+    finally:
+        await srv.close()
+    s.add(
+        "server memory (RSS): idle / with live processes / after the flood",
+        f"{idle:.1f} / {with_live:.1f} ({s.live} live) / {after:.1f} MiB ({s.flood_bytes / 1e9:.1f} GB)",
+        f"{bare_rss:.1f} MiB (bare MCPServer)",
+        "idle <= bare + 15 MiB",
+        idle <= bare_rss + 15,
+    )
+
+
+async def repl_session(s: Settings, workdir: str) -> None:
+    srv = server(workdir)
+    await srv.start()
+    try:
+        before = srv.bytes_received
+        calls = 1
+        started = await srv.tool("spawn", {"command": "python3 -q", "tty": True, "waitFor": ">>> $"})
+        for line in ("x = 6", "y = x * 7", "print(y)", "1 / 0"):
+            await srv.tool("stdin", {"id": started["pid"], "input": f"{line}\\r", "waitFor": ">>> $"})
+            calls += 1
+        await srv.tool("stdin", {"id": started["pid"], "input": "exit()\\r", "idleMs": 5000, "waitMs": 10000})
+        calls += 1
+        sent = srv.bytes_received - before
+    finally:
+        await srv.close()
+    s.add("scripted REPL session (start, 4 statements, exit)", f"{calls} calls, {sent} bytes returned", "-", "-", None)
+
+
+def table(s: Settings) -> str:
+    lines = ["| figure | process-mcp | baseline (same run) | target | result |", "|---|---|---|---|---|"]
+    for row in s.rows:
+        result = "-" if row.passed is None else ("pass" if row.passed else "FAIL")
+        lines.append(f"| {row.figure} | {row.ours} | {row.baseline} | {row.target} | {result} |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpus = os.cpu_count()
+    memory = int(Path("/proc/meminfo").read_text().split()[1]) / 1024 / 1024
+    system = platform.freedesktop_os_release().get("PRETTY_NAME", platform.system())
+    return f"{system}, Python {platform.python_version()}, {cpus} cores, {memory:.0f} GiB"
+
+
+async def main(s: Settings) -> None:
+    with tempfile.TemporaryDirectory(prefix="process-mcp-bench-") as workdir:
+        for figure in (spawn_round_trip, docker_round_trip, capture, ps_latency, memory_and_startup, repl_session):
+            print(f"{figure.__name__} ...", file=sys.stderr, flush=True)
+            await figure(s, workdir)
+    print(f"\nMachine: {machine()}; {'quick run, timings not judged' if s.quick else 'full run'}\n")
+    print(table(s))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="process-mcp benchmarks")
+    parser.add_argument("--quick", action="store_true", help="seconds, small sizes, no pass/fail on timings")
+    parser.add_argument("--docker-image", help="a local image for the docker rows, e.g. process-mcp-test/busybox")
+    args = parser.parse_args()
+    if args.quick:
+        settings = Settings(True, 20, 20_000_000, 5_000_000, 10, 1, 20, 50_000_000, args.docker_image)
+    else:
+        settings = Settings(False, 200, 500_000_000, 100_000_000, 50, 5, 200, 1_000_000_000, args.docker_image)
+    asyncio.run(main(settings))

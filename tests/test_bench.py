@@ -1,0 +1,45 @@
+"""The quick benchmark run (what `python bench/run.py --quick` prints); timings are not judged here."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio
+import pytest
+
+from .conftest import BUSYBOX_IMAGE
+
+if TYPE_CHECKING:
+    from docker import DockerClient
+
+pytestmark = pytest.mark.anyio
+
+RUN = Path(__file__).parent.parent / "bench" / "run.py"
+FIGURES = [
+    "spawn true round trip (host, sandbox off)",
+    "spawn true round trip (host, sandboxed)",
+    "spawn true round trip (docker)",
+    "non-TTY capture",
+    "TTY capture",
+    "reading the screen after the TTY flood",
+    "ps latency p99 during",
+    "ps with 10 live processes",
+    "startup: launch to initialize answered",
+    "server memory (RSS)",
+    "scripted REPL session",
+]
+
+
+async def test_the_quick_benchmark_measures_every_figure(docker_client: DockerClient) -> None:
+    with anyio.fail_after(300):
+        result = await anyio.run_process(
+            [sys.executable, str(RUN), "--quick", "--docker-image", BUSYBOX_IMAGE], check=False
+        )
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    table = result.stdout.decode()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [next(f for f in FIGURES if row[2:].startswith(f)) for row in rows] == FIGURES, table
+    assert all(row.rstrip().endswith("| - |") for row in rows), "a quick run must not judge timings"
+    assert "6 calls" in table
