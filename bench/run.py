@@ -1,7 +1,7 @@
 """Benchmarks: the server as a client meets it (JSON-RPC over stdio), each figure beside a raw
 baseline measured in the same run, with pass/fail against the targets.
 
-    python bench/run.py            # full run (about two minutes)
+    python bench/run.py            # full run (under a minute)
     python bench/run.py --quick    # seconds; no pass/fail on timings (what CI runs)
 
 Docker rows run when an engine answers and --docker-image names a local image (a container is
