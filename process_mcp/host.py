@@ -31,6 +31,7 @@ from .registry import ManagedProcess
 from .sandbox import Sandbox, env_resets_signals, find_bwrap, ignore_bwrap_signals, probe, restrict_network
 from .signals import signal_from_exit_code
 from .streams import READ_CHUNK, write_all
+from .watchdog import Watchdog
 
 if TYPE_CHECKING:
     from .proxy import DomainProxy
@@ -56,6 +57,7 @@ class HostExecutor(ProcessExecutor):
         self._sandbox_lock = anyio.Lock()
         self._proxy: DomainProxy | None = None
         self._state_dir: str | None = None  # private: the proxy's socket, an empty file for deny_read
+        self._watchdog = Watchdog()  # for unsandboxed processes, which bwrap cannot end with the server
 
     @property
     def sandboxed(self) -> bool:
@@ -110,6 +112,7 @@ class HostExecutor(ProcessExecutor):
         return Sandbox(config, bwrap, empty, proxy_socket=socket_path, env_resets_signals=await env_resets_signals())
 
     async def _close_backend(self) -> None:
+        await self._watchdog.close()
         if self._proxy is not None:
             await self._proxy.close()
             self._proxy = None
@@ -140,11 +143,17 @@ class HostExecutor(ProcessExecutor):
         # The server's own environment is what a child inherits; the caller's variables go over it.
         full_env = {**os.environ, **env}
         try:
-            if record.tty:
-                return _PtyHandle(record, argv, full_env, prepare)
-            return _PipeHandle(record, argv, full_env, prepare)
+            handle: _HostHandle = (_PtyHandle if record.tty else _PipeHandle)(record, argv, full_env, prepare)
         except OSError as exc:
             raise SpawnFailed(f"could not start {record.command!r}: {exc.strerror or exc}") from None
+        if not record.sandboxed:
+            self._watchdog.watch(handle.pid)  # its own session: the group id is its pid
+        return handle
+
+    def _finished(self, record: ManagedProcess) -> None:
+        if not record.sandboxed and isinstance(record.handle, _HostHandle):
+            self._watchdog.forget(record.handle.pid)
+        super()._finished(record)
 
 
 class _HostHandle(ProcessHandle):
@@ -163,6 +172,11 @@ class _HostHandle(ProcessHandle):
             self._loop.call_later(EXIT_POLL_S, self._poll_exit)
         else:
             self._loop.add_reader(self._pidfd, self._on_exit)
+
+    @property
+    def pid(self) -> int:
+        """The host pid, which is also the process group id (each process starts its own session)."""
+        return self._pid
 
     def _read_into(self, fd: int, buffer: OutputBuffer) -> None:
         os.set_blocking(fd, False)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -143,3 +146,51 @@ async def test_the_live_process_limit_is_a_clear_error_and_frees_up_as_processes
         assert (await executor.spawn(SpawnOptions(command="echo room again"))).stdout == "room again\n"
     finally:
         await executor.cleanup()
+
+
+@pytest.mark.parametrize("sandboxed", [True, False], ids=["sandboxed", "unsandboxed"])
+async def test_processes_die_with_a_killed_server(tmp_path: Path, sandboxed: bool) -> None:
+    arg = sleep_argument()
+    server = subprocess.Popen(  # noqa: ASYNC220 - started once; its output is read off the loop
+        [sys.executable, "-c", SERVE_ONE_SPAWN, str(tmp_path), f"sleep {arg} & sleep {arg}", str(sandboxed)],
+        stdout=subprocess.PIPE,
+    )
+    tree: list[int] = []
+    try:
+        assert server.stdout is not None
+        with anyio.fail_after(WAIT_S):
+            line = await anyio.to_thread.run_sync(server.stdout.readline, abandon_on_cancel=True)
+        assert line == b"spawned\n"
+        tree = await sleepers(arg, 2)
+        # No handler runs: the kernel must see to it (bwrap's parent-death signal, or the watchdog's pipe).
+        server.send_signal(signal.SIGKILL)
+        server.wait()
+        for pid in tree:
+            await wait_until_gone(pid)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        for pid in tree:
+            kill_if_alive(pid)
+        if server.stdout is not None:
+            server.stdout.close()
+
+
+# A server process in miniature: an executor that spawns one command and waits forever.
+SERVE_ONE_SPAWN = """
+import sys, anyio
+from process_mcp import HostExecutor, ProcessMcpConfig, SpawnOptions
+from process_mcp.config import Defaults, SandboxConfig
+
+async def main():
+    sandbox = SandboxConfig(enabled=sys.argv[3] == "True", required=True)
+    config = ProcessMcpConfig(defaults=Defaults(workdir=sys.argv[1]), sandbox=sandbox)
+    executor = HostExecutor(config)
+    await executor.start()
+    await executor.spawn(SpawnOptions(command=sys.argv[2], background=True))
+    print("spawned", flush=True)
+    await anyio.sleep_forever()
+
+anyio.run(main)
+"""

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
-import signal
-import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -18,7 +16,7 @@ from process_mcp import BackendUnavailable, HostExecutor, SpawnOptions
 from process_mcp.config import SandboxConfig
 
 from .conftest import host_config
-from .helpers import WAIT_S, kill_if_alive, sleep_argument, sleepers, wait_for_output, wait_until_gone
+from .helpers import WAIT_S, sleep_argument, wait_for_output
 
 pytestmark = pytest.mark.anyio
 
@@ -247,51 +245,6 @@ async def test_a_disabled_sandbox_reports_processes_as_not_sandboxed(tmp_path: P
         outside.unlink()
     finally:
         await executor.cleanup()
-
-
-async def test_sandboxed_processes_die_with_a_killed_server(tmp_path: Path) -> None:
-    arg = sleep_argument()
-    server = subprocess.Popen(  # noqa: ASYNC220 - started once; its output is read off the loop
-        [sys.executable, "-c", SERVE_ONE_SPAWN, str(tmp_path), f"sleep {arg} & sleep {arg}"],
-        stdout=subprocess.PIPE,
-    )
-    tree: list[int] = []
-    try:
-        assert server.stdout is not None
-        with anyio.fail_after(WAIT_S):
-            line = await anyio.to_thread.run_sync(server.stdout.readline, abandon_on_cancel=True)
-        assert line == b"spawned\n"
-        tree = await sleepers(arg, 2)
-        server.send_signal(signal.SIGKILL)  # no handler runs: only the kernel can end the sandbox
-        server.wait()
-        for pid in tree:
-            await wait_until_gone(pid)
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
-        for pid in tree:
-            kill_if_alive(pid)
-        if server.stdout is not None:
-            server.stdout.close()
-
-
-# A server process in miniature: a sandboxed executor that spawns one command and waits forever.
-SERVE_ONE_SPAWN = """
-import sys, anyio
-from process_mcp import HostExecutor, ProcessMcpConfig, SpawnOptions
-from process_mcp.config import Defaults, SandboxConfig
-
-async def main():
-    config = ProcessMcpConfig(defaults=Defaults(workdir=sys.argv[1]), sandbox=SandboxConfig(required=True))
-    executor = HostExecutor(config)
-    await executor.start()
-    await executor.spawn(SpawnOptions(command=sys.argv[2], background=True))
-    print("spawned", flush=True)
-    await anyio.sleep_forever()
-
-anyio.run(main)
-"""
 
 
 class local_http_server:  # noqa: N801 - used as `async with local_http_server() as port`
