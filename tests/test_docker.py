@@ -163,8 +163,9 @@ async def test_a_container_lost_behind_the_servers_back_ends_its_processes_and_c
     executor = created_executor(made, image=BUSYBOX_IMAGE)
     await executor.start()
     try:
-        running = await executor.spawn(SpawnOptions(command="echo started; sleep 300", background=True))
-        await wait_for_output(executor, running.pid, "started")
+        # Printing all along, so the fault breaks its exec stream mid-output.
+        running = await executor.spawn(SpawnOptions(command="while :; do echo tick; sleep 0.01; done", background=True))
+        await wait_for_output(executor, running.pid, "(?s)tick.*tick")
         container = await anyio.to_thread.run_sync(engine.containers.get, made.container)
         if fault == "kill":
             await anyio.to_thread.run_sync(container.kill)
