@@ -44,11 +44,28 @@ Never sleep and poll: spawn with waitFor returns when a server is ready; stdin w
 prompt) or idleMs returns the answer to what you typed in the same call; stdout with since (the
 cursor of the previous reply) returns only new output, and with untilExit waits for the end."""
 
-WAIT_FOR = (
-    "Regular expression (Python syntax, multiline): return as soon as output produced during this call "
-    "matches it (for a tty, the text without escape sequences). waitResult says matched, exited or timeout."
-)
-IDLE_MS = "Return once the process has printed nothing for this many ms (e.g. 500): it is waiting for input."
+WaitFor = Annotated[
+    str | None,
+    Field(
+        description="Regular expression (Python syntax, multiline): return as soon as output produced during this "
+        "call matches it (for a tty, the text without escape sequences). waitResult says matched, exited or timeout."
+    ),
+]
+IdleMs = Annotated[
+    int | None,
+    Field(
+        gt=0,
+        description="Return once the process has printed nothing for this many ms (e.g. 500): it is waiting for input.",
+    ),
+]
+WaitMs = Annotated[
+    int | None,
+    Field(
+        ge=0,
+        description="Bound on the wait in ms (default: the spawn timeout; capped by the maximum timeout); "
+        "alone, return at the first new output.",
+    ),
+]
 
 
 def register_tools(server: MCPServer, executor: ProcessExecutor) -> None:
@@ -71,8 +88,8 @@ def register_tools(server: MCPServer, executor: ProcessExecutor) -> None:
             int | None,
             Field(ge=0, description=f"Wait this long for exit (default {default_timeout}, max {max_timeout})."),
         ] = None,
-        waitFor: Annotated[str | None, Field(description=WAIT_FOR)] = None,
-        idleMs: Annotated[int | None, Field(gt=0, description=IDLE_MS)] = None,
+        waitFor: WaitFor = None,
+        idleMs: IdleMs = None,
         ctx: Context | None = None,
     ) -> Annotated[CallToolResult, SpawnResult]:
         """Run a shell command and wait for it to finish, up to timeoutMs.
@@ -134,16 +151,9 @@ def register_tools(server: MCPServer, executor: ProcessExecutor) -> None:
                 "character, \\\\ a backslash."
             ),
         ],
-        waitFor: Annotated[str | None, Field(description=WAIT_FOR)] = None,
-        idleMs: Annotated[int | None, Field(gt=0, description=IDLE_MS)] = None,
-        waitMs: Annotated[
-            int | None,
-            Field(
-                ge=0,
-                description=f"Bound on the wait (default {default_timeout}, max {max_timeout}); alone, "
-                "return at the first new output.",
-            ),
-        ] = None,
+        waitFor: WaitFor = None,
+        idleMs: IdleMs = None,
+        waitMs: WaitMs = None,
         ctx: Context | None = None,
     ) -> Annotated[CallToolResult, StdinResult]:
         """Type into a running process: its terminal (tty) or its stdin pipe.
@@ -181,17 +191,10 @@ def register_tools(server: MCPServer, executor: ProcessExecutor) -> None:
         raw: Annotated[
             bool, Field(description="For a tty: the output stream as text (escapes removed), not the screen.")
         ] = False,
-        waitFor: Annotated[str | None, Field(description=WAIT_FOR)] = None,
-        idleMs: Annotated[int | None, Field(gt=0, description=IDLE_MS)] = None,
+        waitFor: WaitFor = None,
+        idleMs: IdleMs = None,
         untilExit: Annotated[bool, Field(description="Wait until the process exits (bounded by waitMs).")] = False,
-        waitMs: Annotated[
-            int | None,
-            Field(
-                ge=0,
-                description=f"Bound on any wait (default {default_timeout}, max {max_timeout}); alone, "
-                "return at the first new output.",
-            ),
-        ] = None,
+        waitMs: WaitMs = None,
         ctx: Context | None = None,
     ) -> Annotated[CallToolResult, ProcessOutput]:
         """Read the last lines a process printed, running or finished.
