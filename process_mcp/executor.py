@@ -97,8 +97,7 @@ class ProcessExecutor(ABC):
         a malformed request, SpawnFailed when the backend cannot start it.
         """
         command, cwd, env, timeout_s = self._check_spawn(options)
-        pattern = Wait.compile(options.wait_for)
-        idle_s = _idle_s(options.idle_ms)
+        wait = self._requested_wait(options.wait_for, options.idle_ms, timeout_s=timeout_s)
         self._check_live_limit()
         record = ManagedProcess(
             self._registry.new_id(),
@@ -117,8 +116,8 @@ class ProcessExecutor(ABC):
             self._starting -= 1
         self._registry.add(record)
         wait_result = None
-        if pattern is not None or idle_s is not None:
-            wait_result = await wait_on(record, Wait(timeout_s, pattern, idle_s), (0, 0), progress)
+        if wait is not None:
+            wait_result = await wait_on(record, wait, (0, 0), progress)
         elif not options.background and await record.wait(timeout_s):
             await record.wait(OUTPUT_SETTLE_S, output=True)
         return SpawnResult(
@@ -149,17 +148,13 @@ class ProcessExecutor(ABC):
         """
         record = self._registry.get(pid)
         data = decode_input(input)
-        pattern = Wait.compile(wait_for)
-        idle_s = _idle_s(idle_ms)
-        waiting = pattern is not None or idle_s is not None or wait_ms is not None
-        timeout_s = self._wait_timeout_s(wait_ms)
+        wait = self._requested_wait(wait_for, idle_ms, wait_ms)
         self._require_running(record, "take input")
         start = (record.stdout.total, record.stderr.total)
         await self._handle(record).write(data)
-        if not waiting:
+        if wait is None:
             return StdinResult(pid=record.pid, bytes_sent=len(data), **_cursors(record), **record.state())
-        any_output = pattern is None and idle_s is None
-        wait_result = await wait_on(record, Wait(timeout_s, pattern, idle_s, any_output), start, progress)
+        wait_result = await wait_on(record, wait, start, progress)
         complete = not record.lingering
         stdout, _ = text_since(record.stdout, start[0], record.tty, complete=complete)
         stderr, _ = text_since(record.stderr, start[1], False, complete=complete)
@@ -205,14 +200,10 @@ class ProcessExecutor(ABC):
         if lines < 1:
             raise InvalidInput(f"lines must be at least 1, got {lines}")
         record = self._registry.get(pid)
-        pattern = Wait.compile(wait_for)
-        idle_s = _idle_s(idle_ms)
-        timeout_s = self._wait_timeout_s(wait_ms)
+        wait = self._requested_wait(wait_for, idle_ms, wait_ms, until_exit=until_exit)
         wait_result = None
-        if pattern is not None or idle_s is not None or wait_ms is not None or until_exit:
-            any_output = pattern is None and idle_s is None and not until_exit
-            start = (record.stdout.total, record.stderr.total)
-            wait_result = await wait_on(record, Wait(timeout_s, pattern, idle_s, any_output), start, progress)
+        if wait is not None:
+            wait_result = await wait_on(record, wait, (record.stdout.total, record.stderr.total), progress)
         complete = not record.lingering
         dropped = 0
         if since is not None:
@@ -326,14 +317,35 @@ class ProcessExecutor(ABC):
                 "(ps lists them) or wait for them to exit, then spawn again"
             )
 
-    def _wait_timeout_s(self, wait_ms: int | None) -> float:
-        """How long a wait may take: ``wait_ms`` (the default spawn timeout if not given), capped."""
-        defaults = self.config.defaults
-        if wait_ms is None:
-            wait_ms = defaults.timeout_ms
-        if wait_ms < 0:
-            raise InvalidInput(f"waitMs must be 0 or more, got {wait_ms}")
-        return min(wait_ms, defaults.max_timeout_ms) / 1000
+    def _requested_wait(
+        self,
+        wait_for: str | None,
+        idle_ms: int | None,
+        wait_ms: int | None = None,
+        *,
+        until_exit: bool = False,
+        timeout_s: float | None = None,
+    ) -> Wait | None:
+        """The wait a call asks for, or None for none; raise InvalidInput for a malformed one.
+
+        It is bounded by ``timeout_s`` if given, else by ``wait_ms`` (the default spawn timeout if not
+        given), capped by the maximum. ``wait_ms`` alone waits for any new output.
+        """
+        pattern = Wait.compile(wait_for)
+        idle_s = None
+        if idle_ms is not None:
+            if idle_ms <= 0:
+                raise InvalidInput(f"idleMs must be more than 0, got {idle_ms}")
+            idle_s = idle_ms / 1000
+        if timeout_s is None:
+            defaults = self.config.defaults
+            bound = defaults.timeout_ms if wait_ms is None else wait_ms
+            if bound < 0:
+                raise InvalidInput(f"waitMs must be 0 or more, got {bound}")
+            timeout_s = min(bound, defaults.max_timeout_ms) / 1000
+        if pattern is None and idle_s is None and wait_ms is None and not until_exit:
+            return None
+        return Wait(timeout_s, pattern, idle_s, any_output=pattern is None and idle_s is None and not until_exit)
 
     async def _screen_or_tail(self, record: ManagedProcess) -> str:
         if record.terminal is not None:
@@ -362,14 +374,6 @@ class ProcessExecutor(ABC):
                 await ProcessExecutor._handle(record).signal(signum)
             except ProcessMcpError as exc:
                 logger.warning("cleanup could not signal %s: %s", record.pid, exc)
-
-
-def _idle_s(idle_ms: int | None) -> float | None:
-    if idle_ms is None:
-        return None
-    if idle_ms <= 0:
-        raise InvalidInput(f"idleMs must be more than 0, got {idle_ms}")
-    return idle_ms / 1000
 
 
 def _cursors(record: ManagedProcess) -> dict[str, int]:
