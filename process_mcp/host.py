@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 DRAIN_MAX_READS = 64
 """Reads made at exit to collect what is still buffered, bounded in case a child keeps writing."""
+STATE_DIR_PREFIX = "process-mcp-state-"
+"""Start of each sandboxing server's private directory in the temp dir, followed by its pid."""
 EXIT_POLL_S = 0.05
 """Exit polling interval, only where pidfds are unavailable (Linux < 5.3)."""
 
@@ -96,7 +98,8 @@ class HostExecutor(ProcessExecutor):
         problem = await probe(bwrap, network=restrict_network(config))
         if problem:
             raise BackendUnavailable(f"bwrap cannot create a sandbox here: {problem}")
-        self._state_dir = tempfile.mkdtemp(prefix="process-mcp-")
+        _remove_stale_state_dirs()
+        self._state_dir = tempfile.mkdtemp(prefix=f"{STATE_DIR_PREFIX}{os.getpid()}-")
         empty = os.path.join(self._state_dir, "empty")
         os.close(os.open(empty, os.O_CREAT | os.O_WRONLY, 0o444))
         socket_path = None
@@ -154,6 +157,24 @@ class HostExecutor(ProcessExecutor):
         if not record.sandboxed and isinstance(record.handle, _HostHandle):
             self._watchdog.forget(record.handle.pid)
         super()._finished(record)
+
+
+def _remove_stale_state_dirs() -> None:
+    """Remove the state directories of servers that died without cleaning up (their pid is gone)."""
+    root = tempfile.gettempdir()
+    for name in os.listdir(root):
+        pid = name.removeprefix(STATE_DIR_PREFIX).partition("-")[0]
+        if not name.startswith(STATE_DIR_PREFIX) or not pid.isdigit():
+            continue
+        path = os.path.join(root, name)
+        try:
+            if os.stat(path).st_uid != os.getuid():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            continue  # not ours to judge (another user's, or gone already)
 
 
 class _HostHandle(ProcessHandle):

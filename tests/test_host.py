@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 
 from process_mcp import HostExecutor, ProcessNotFound, SpawnOptions, StdinFailed, TooManyProcesses
 from process_mcp.config import SandboxConfig
+from process_mcp.host import STATE_DIR_PREFIX
 
 from .conftest import host_config
 from .helpers import (
@@ -175,6 +177,13 @@ async def test_processes_die_with_a_killed_server(tmp_path: Path, sandboxed: boo
             kill_if_alive(pid)
         if server.stdout is not None:
             server.stdout.close()
+    # What the dead server left in the temp dir goes at the next sandboxing server's start.
+    left = [path async for path in anyio.Path(tempfile.gettempdir()).glob(f"{STATE_DIR_PREFIX}{server.pid}-*")]
+    assert len(left) == (1 if sandboxed else 0)
+    successor = HostExecutor(host_config(tmp_path, sandbox=SandboxConfig(required=True)))
+    await successor.start()
+    await successor.cleanup()
+    assert not [path for path in left if await path.exists()]
 
 
 # A server process in miniature: an executor that spawns one command and waits forever.
