@@ -152,8 +152,9 @@ class DomainProxy:
     twice its limit, a writer's drain() waits past 64 KiB) one connection holds about 1 MiB at most.
     """
 
-    def __init__(self, allowed_domains: Sequence[str]) -> None:
+    def __init__(self, allowed_domains: Sequence[str], *, allow_private: bool = False) -> None:
         self._allowed = tuple(allowed_domains)
+        self._allow_private = allow_private
         self._server: asyncio.Server | None = None
         self._path: str | None = None
         self._active = 0
@@ -251,7 +252,7 @@ class DomainProxy:
                 )
             if not domain_allowed(target.host, self._allowed):
                 raise self._refusal(target)
-            upstream_reader, upstream = await _connect(target.host, target.port)
+            upstream_reader, upstream = await _connect(target.host, target.port, allow_private=self._allow_private)
             self._writers.add(upstream)
             if socks:
                 writer.write(_socks_reply(_Socks.SUCCEEDED))
@@ -356,8 +357,16 @@ async def _http_handshake(first: bytes, reader: asyncio.StreamReader) -> _Target
         headers.append((name, value.strip()))
     authority, origin = absolute.groups()
     host, port = _authority(authority, 80)
+    named = [value for name, value in headers if name.lower() == "host"]
+    if len(named) > 1:
+        raise _bad_request("more than one Host header")
+    if named and _normalize(_authority(named[0], 80)[0]) != _normalize(host):
+        raise _bad_request(
+            f"the Host header {named[0][:200]!r} names another host than the request line ({host!r}); "
+            "send the same host in both"
+        )
     kept = [f"{name}: {value}" for name, value in headers if name.lower() not in _HOP_BY_HOP]
-    if not any(name.lower() == "host" for name, _ in headers):
+    if not named:
         kept.insert(0, f"Host: {authority.rpartition('@')[2]}")
     head = [f"{method} {origin if origin.startswith('/') else '/' + origin} {version}", *kept, "Connection: close"]
     return _Target(host, port, "\r\n".join([*head, "", ""]).encode("latin-1"))
@@ -376,14 +385,40 @@ def _authority(authority: str, default_port: int | None) -> tuple[str, int]:
     return host, port
 
 
-async def _connect(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Connect to the first address of ``host`` that answers; raises _Refused saying why none did."""
+def public_address(address: str) -> bool:
+    """Whether ``address`` is a global one: not loopback, private, link-local (cloud metadata lives at
+    169.254.169.254), shared, multicast, reserved or unspecified, also when written as IPv4-mapped IPv6."""
+    ip = ipaddress.ip_address(address.partition("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+async def _connect(host: str, port: int, *, allow_private: bool) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect to the first address of ``host`` that answers; raises _Refused saying why none did.
+
+    The name is resolved here and the connection made to the address found, so what was checked is what
+    is reached. Unless ``allow_private``, only public addresses are used: an allowed name that resolves to
+    the host's own or its network's services is refused (SSRF, DNS rebinding).
+    """
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(CONNECT_TIMEOUT_S):
             error: OSError = socket.gaierror(f"{host} resolves to no address")
+            found = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            usable = [entry for entry in found if allow_private or public_address(str(entry[4][0]))]
+            if found and not usable:
+                refused = sorted({str(entry[4][0]) for entry in found})
+                logger.info("sandbox proxy refused %s: it resolves to %s only", host, ", ".join(refused))
+                raise _Refused(
+                    HTTPStatus.FORBIDDEN,
+                    _Socks.NOT_ALLOWED,
+                    f"'{host}' resolves to {', '.join(refused)}, a loopback, private or link-local address, "
+                    "which the sandbox does not reach; set SANDBOX_ALLOW_PRIVATE_ADDRESSES=true to allow it",
+                    {"X-Process-MCP-Refused": host},
+                )
             # One address at a time, so the error reported is a real one (open_connection merges them).
-            for family, _, _, _, address in await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+            for family, _, _, _, address in usable:
                 try:
                     return await asyncio.open_connection(str(address[0]), port, family=family, limit=RELAY_CHUNK)
                 except OSError as exc:

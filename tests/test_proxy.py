@@ -34,8 +34,12 @@ def socket_path(tmp_path: Path) -> str:
 
 
 @contextlib.asynccontextmanager
-async def serving(socket_path: str, allowed: Sequence[str]) -> AsyncIterator[DomainProxy]:
-    proxy = DomainProxy(allowed)
+async def serving(
+    socket_path: str, allowed: Sequence[str], *, allow_private: bool = True
+) -> AsyncIterator[DomainProxy]:
+    """A proxy on ``socket_path``; the upstreams in these tests are on loopback, so private addresses are
+    allowed unless a test says otherwise."""
+    proxy = DomainProxy(allowed, allow_private=allow_private)
     await proxy.start(socket_path)
     try:
         yield proxy
@@ -230,7 +234,9 @@ async def test_plain_get_reaches_the_upstream_in_origin_form_and_the_response_co
 async def test_plain_get_to_a_refused_host_gets_403(socket_path: str) -> None:
     with anyio.fail_after(WAIT_S):
         async with serving(socket_path, ["localhost"]):
-            response = await exchange(socket_path, b"GET http://refused.example/x HTTP/1.1\r\nHost: a\r\n\r\n")
+            response = await exchange(
+                socket_path, b"GET http://refused.example/x HTTP/1.1\r\nHost: refused.example\r\n\r\n"
+            )
     status, headers, body = http_parts(response)
     assert status == "HTTP/1.1 403 Forbidden"
     assert headers["x-process-mcp-refused"] == "refused.example"
