@@ -184,6 +184,8 @@ async def spawn_round_trip(s: Settings, workdir: str) -> None:
             ours = await timed(lambda srv=srv: srv.tool("spawn", {"command": "true"}), s.spawns)
         finally:
             await srv.close()
+            if baseline_action is not raw_true:
+                await baseline_action.executor.cleanup()  # type: ignore[attr-defined]
         overhead = statistics.median(ours) - statistics.median(base)
         what = "asyncio spawn of sh -c true" if env else "asyncio spawn of the same bwrap command"
         s.add(
@@ -196,20 +198,32 @@ async def spawn_round_trip(s: Settings, workdir: str) -> None:
 
 
 async def sandboxed_true(workdir: str) -> Callable[[], Awaitable[None]]:
-    from process_mcp.config import SandboxConfig
-    from process_mcp.sandbox import Sandbox, env_resets_signals, find_bwrap
+    """``true`` under exactly the bwrap command line the server builds (same mounts, seccomp filter,
+    Landlock step and launch chain), started directly: the baseline for the sandboxed spawn."""
+    from process_mcp import HostExecutor, ProcessMcpConfig
+    from process_mcp.config import Defaults
 
-    bwrap = find_bwrap()
-    assert bwrap is not None, "no bwrap"
-    empty = Path(workdir) / ".bench-empty"
-    empty.touch()
-    sandbox = Sandbox(SandboxConfig(), bwrap, str(empty), env_resets_signals=await env_resets_signals())
-    argv, _ = sandbox.wrap("true", workdir, {})
+    executor = HostExecutor(ProcessMcpConfig(defaults=Defaults(workdir=workdir)))
+    await executor.start()
+    sandbox = executor._sandbox
+    assert sandbox is not None, "the sandbox cannot run here"
+    launch = sandbox.wrap("true", workdir, {"PATH": "/usr/bin:/bin"}, "bench-baseline")
+    for fd in launch.close_after_start:
+        os.close(fd)
+    seccomp_at = launch.argv.index("--seccomp") + 1
 
     async def run() -> None:
-        proc = await asyncio.create_subprocess_exec(*argv, cwd=workdir)
+        fd = os.open(sandbox._seccomp_file, os.O_RDONLY)
+        try:
+            argv = [*launch.argv[:seccomp_at], str(fd), *launch.argv[seccomp_at + 1 :]]
+            proc = await asyncio.create_subprocess_exec(
+                *argv, env=launch.env, pass_fds=(fd,), preexec_fn=launch.prepare, start_new_session=True, cwd="/"
+            )
+        finally:
+            os.close(fd)
         await proc.wait()
 
+    run.executor = executor  # type: ignore[attr-defined]
     return run
 
 

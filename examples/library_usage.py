@@ -25,7 +25,7 @@ async def wait_for(executor: ProcessExecutor, pid: str, text: str) -> str:
 
 
 async def main() -> None:
-    config = ProcessMcpConfig(mode="host", defaults=Defaults(workdir="/tmp", timeout_ms=5000))
+    config = ProcessMcpConfig(mode="host", defaults=Defaults(timeout_ms=5000))  # works in the default workspace
     async with await create_process_mcp(config) as mcp:
         executor = mcp.executor
 

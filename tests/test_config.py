@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+import pwd
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,8 +23,14 @@ def test_defaults_match_the_original_server() -> None:
     assert config.limits.keep_terminated == 20
 
 
-def test_the_host_workdir_defaults_to_home() -> None:
-    assert load_config({}).workdir == (str(Path.home()) if Path.home().is_dir() else "/tmp")
+def test_the_host_workdir_defaults_to_a_workspace_of_its_own_never_the_home_directory() -> None:
+    home = Path(pwd.getpwuid(os.getuid()).pw_dir)
+    workdir = load_config({}).workdir
+    assert workdir != str(home)
+    expected = home / ".local/share/process-mcp/workspace"
+    assert workdir == (
+        str(expected) if home.is_dir() else f"{tempfile.gettempdir()}/process-mcp-workspace-{os.getuid()}"
+    )
 
 
 def test_the_docker_workdir_defaults_to_home_agent() -> None:

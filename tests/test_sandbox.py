@@ -20,8 +20,10 @@ from .helpers import WAIT_S, sleep_argument, wait_for_output
 
 pytestmark = pytest.mark.anyio
 
-# The base interpreter, not a virtualenv's: the sandbox's private /tmp hides a checkout under /tmp.
+# The base interpreter, not a virtualenv's: the sandbox's private /tmp hides a checkout under /tmp. It
+# may live outside the system directories (e.g. under the home directory), so the fixture shows it.
 PYTHON = shlex.quote(os.path.realpath(sys.executable))
+INTERPRETER = os.path.realpath(sys.base_prefix)
 
 # Run inside the sandbox: `direct PORT` tries a plain TCP connection to the host's loopback;
 # `get URL` fetches through whatever proxy the environment names, printing the status and body.
@@ -56,6 +58,7 @@ async def sandbox(tmp_path: Path) -> AsyncIterator[MakeSandbox]:
     made: list[HostExecutor] = []
 
     async def make(**settings: object) -> HostExecutor:
+        settings.setdefault("allow_read", [INTERPRETER])
         executor = HostExecutor(host_config(work, sandbox=SandboxConfig(required=True, **settings)))
         made.append(executor)
         await executor.start()
@@ -81,13 +84,12 @@ async def test_writes_succeed_in_the_working_directory_and_fail_elsewhere(sandbo
     code, output = await run(executor, "echo inside > made-here && cat made-here")
     assert (code, output) == (0, "inside\n")
     assert (tmp_path / "work" / "made-here").read_text() == "inside\n"
-    # Outside /tmp, which is private in the sandbox: a write that got through would show on the host.
-    for outside in (Path("/var/tmp"), Path.home()):
+    # A system directory is read-only; /var/tmp is the sandbox's own; the home directory is not shown.
+    for outside, error in ((Path("/etc"), "Read-only file system"), (Path("/var/tmp"), ""), (Path.home(), "")):
         target = outside / f".process-mcp-test-{sleep_argument()}"
         try:
             code, output = await run(executor, f"echo x > {target}")
-            assert code != 0
-            assert "Read-only file system" in output
+            assert error in output
             assert not target.exists()
         finally:
             target.unlink(missing_ok=True)
@@ -128,10 +130,10 @@ async def test_deny_write_also_protects_a_path_inside_the_working_directory(
 
 
 async def test_deny_read_hides_files_and_directories(sandbox: MakeSandbox, tmp_path: Path) -> None:
-    secrets_dir = tmp_path / "dot-ssh"
+    secrets_dir = tmp_path / "work" / "keys"
     secrets_dir.mkdir()
     (secrets_dir / "id_ed25519").write_text("PRIVATE KEY\n")
-    token = tmp_path / "token.txt"
+    token = tmp_path / "work" / "token.txt"
     token.write_text("TOKEN\n")
     executor = await sandbox(deny_read=[str(secrets_dir), str(token)])
     code, output = await run(executor, f"ls -A {secrets_dir}; cat {token}; cat {secrets_dir}/id_ed25519")
@@ -179,7 +181,7 @@ async def test_star_leaves_the_network_open(sandbox: MakeSandbox) -> None:
 
 async def test_a_domain_list_allows_those_domains_through_the_proxy_and_nothing_else(sandbox: MakeSandbox) -> None:
     async with local_http_server() as port:
-        executor = await sandbox(allowed_domains=["localhost", "*.allowed.test"])
+        executor = await sandbox(allowed_domains=["localhost", "*.allowed.test"], allow_private_addresses=True)
         _, direct = await run(executor, f"{PYTHON} -c {NET_PROBE} direct {port}")
         assert direct.startswith("no connection")
         _, allowed = await run(executor, f"{PYTHON} -c {NET_PROBE} get http://localhost:{port}/hi", env=NO_NO_PROXY)
@@ -271,11 +273,16 @@ class local_http_server:  # noqa: N801 - used as `async with local_http_server()
         await self._server.wait_closed()
 
 
-async def test_a_working_directory_of_slash_keeps_proc_dev_and_tmp_private(sandbox: MakeSandbox) -> None:
-    executor = await sandbox()
-    code, output = await run(executor, "echo $$; ls /dev | wc -l", cwd="/")
-    pid, devices = (int(word) for word in output.split())
-    assert (code, pid < 10, devices < 30) == (0, True, True)
+async def test_a_working_directory_of_slash_is_the_sandboxs_own_read_only_root(sandbox: MakeSandbox) -> None:
+    executor = await sandbox(allow_read=[])
+    code, output = await run(executor, "echo $$; ls /dev | wc -l; ls /", cwd="/")
+    pid, devices, *top = output.split()
+    assert (code, int(pid) < 10, int(devices) < 30) == (0, True, True)
+    assert "home" not in top
+    assert "root" not in top
+    code, output = await run(executor, "echo x > /planted", cwd="/")
+    assert code != 0
+    assert "Read-only file system" in output
 
 
 async def test_a_proxy_that_cannot_listen_never_leaves_processes_with_open_network(

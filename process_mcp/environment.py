@@ -1,0 +1,26 @@
+"""The environment a host process starts with: a few basic variables, never the server's secrets.
+
+A server's environment holds whatever its MCP client put there (API keys, cloud credentials, tokens).
+Children get only the variables programs need to behave (``BASIC_VARIABLES`` and ``LC_*``), the ones an
+operator names in ``PROCESS_ENV_PASSTHROUGH``, and then the request's own ``env`` on top.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+BASIC_VARIABLES = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TERM", "TZ", "COLORTERM")
+"""What every child gets from the server's environment when set, besides ``LC_*``."""
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+"""PATH for children when the server has none."""
+
+
+def child_environment(
+    server: Mapping[str, str], passthrough: Sequence[str], request: Mapping[str, str], **overrides: str
+) -> dict[str, str]:
+    """The variables a child starts with: the basic ones and ``passthrough`` from ``server``, then
+    ``overrides`` (what the backend sets, e.g. HOME in the sandbox), then the request's ``env``."""
+    names = set(BASIC_VARIABLES) | set(passthrough)
+    env = {name: value for name, value in server.items() if name in names or name.startswith("LC_")}
+    env.setdefault("PATH", DEFAULT_PATH)
+    return {**env, **overrides, **request}
