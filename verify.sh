@@ -30,5 +30,15 @@ if ! docker_setup; then
     [[ ${CI:-} == true ]] && { echo "verify.sh: Docker setup failed in CI" >&2; exit 1; }
     echo "verify.sh: WARNING: no Docker engine or test images; Docker tests will be skipped" >&2
 fi
+echo "== test tools"
+# The sandbox attack suite builds a preload library with a C compiler and makes SysV segments (ipcmk).
+if ! command -v cc >/dev/null || ! command -v ipcmk >/dev/null; then
+    if [[ $(id -u) -eq 0 && -r /etc/debian_version ]]; then
+        apt-get install -y --no-install-recommends gcc libc6-dev util-linux >/dev/null \
+            || { apt-get update >/dev/null && apt-get install -y --no-install-recommends gcc libc6-dev util-linux >/dev/null; }
+    else
+        echo "verify.sh: WARNING: no C compiler or ipcmk; the sandbox attack tests that need them will fail" >&2
+    fi
+fi
 echo "== pytest"
 .venv/bin/python -m pytest "$@"

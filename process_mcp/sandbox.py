@@ -66,8 +66,11 @@ PROTECTED_PATHS = (
     ".git/hooks",
     ".git/config",
     ".git/modules",
+    ".husky",
+    ".githooks",
     ".vscode",
     ".idea",
+    ".devcontainer",
     ".envrc",
     ".bashrc",
     ".bash_profile",
@@ -84,7 +87,8 @@ PROTECTED_PATHS = (
     ".config/autostart",
     ".local/bin",
 )
-"""Paths that make other programs run code later (git, editors, shells, desktop sessions), read-only
+"""Paths that make other programs run code later (git and its usual hook directories, editors, dev
+containers, direnv, shells, desktop sessions), read-only
 wherever they are found inside a writable root unless named in SANDBOX_ALLOW_PROTECTED. A ``.git`` that
 is a file (a worktree's pointer) is read-only itself."""
 SANDBOX_PATH = "/usr/bin:/bin"

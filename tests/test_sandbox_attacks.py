@@ -1,0 +1,629 @@
+"""The host sandbox played as a hostile agent would: through the five MCP tools of a real server over
+stdio, as root (how CI and containers run it) and as an unprivileged user (how most users do).
+
+Every attack has host-side evidence (a canary that must not appear, a secret that must not come back,
+a host socket that must count no connection) and sits beside the legitimate action that must keep
+working. SECURITY.md lists what these prove.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mcp import Client, StdioServerParameters
+
+from process_mcp import seccomp
+
+from .helpers import WAIT_S, sleep_argument, sleepers
+
+pytestmark = pytest.mark.anyio
+
+NOBODY = 65534
+SECRET = f"server-secret-{secrets.token_hex(8)}"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Box:
+    """A running server and the directories its attacks are judged by."""
+
+    client: Client
+    workspace: Path
+    outside: Path  # writable by the server's user on the host, never by its sandboxes
+    uid: int
+
+    async def run(self, command: str, **arguments: Any) -> dict[str, Any]:
+        result = await self.client.call_tool("spawn", {"command": command, "timeoutMs": 20000, **arguments})
+        assert not result.is_error, result.content
+        assert result.structured_content is not None
+        assert result.structured_content["sandboxed"] is True
+        return result.structured_content
+
+    async def output(self, command: str, **arguments: Any) -> str:
+        reply = await self.run(command, **arguments)
+        return str(reply["stdout"]) + str(reply["stderr"])
+
+    async def error(self, command: str, **arguments: Any) -> str:
+        result = await self.client.call_tool("spawn", {"command": command, **arguments})
+        assert result.is_error, result.structured_content
+        return " ".join(getattr(block, "text", "") for block in result.content)
+
+
+@pytest.fixture(params=["root", "unprivileged"])
+def user(request: pytest.FixtureRequest) -> int:
+    """Whom the server runs as: the CI user (root) or nobody, through setpriv."""
+    if request.param == "root":
+        if os.getuid() != 0:
+            pytest.fail("the root variant of the attack suite needs the tests to run as root (as CI does)")
+        return 0
+    return NOBODY if os.getuid() == 0 else os.getuid()
+
+
+@pytest.fixture(scope="session")
+def readable_python_path() -> Iterator[str]:
+    """A PYTHONPATH with this checkout and its dependencies that any user can read (the virtualenv may
+    sit where other users cannot look, e.g. under /root): the checkout itself when it is readable,
+    else a copy."""
+    site = next(p for p in sys.path if p.endswith("site-packages") and Path(p, "mcp").is_dir())
+    paths = f"{ROOT}:{site}"
+    probe = [*_as(NOBODY), "/usr/bin/python3", "-c", "import process_mcp, mcp, pydantic_core"]
+    if os.getuid() != 0 or subprocess.run(probe, env={"PYTHONPATH": paths}, check=False).returncode == 0:
+        yield paths
+        return
+    copy = Path(tempfile.mkdtemp(prefix="process-mcp-test-pythonpath-"))
+    try:
+        shutil.copytree(ROOT / "process_mcp", copy / "src" / "process_mcp")
+        shutil.copytree(site, copy / "site")
+        subprocess.run(["chmod", "-R", "a+rX", str(copy)], check=True)
+        yield f"{copy / 'src'}:{copy / 'site'}"
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+
+
+@pytest.fixture
+def dirs(user: int) -> Iterator[tuple[Path, Path]]:
+    """A workspace and an 'outside' directory, both owned by the server's user, under a directory any
+    user can reach (the test's own tmp_path may not be)."""
+    top = Path(tempfile.mkdtemp(prefix="process-mcp-test-attacks-"))
+    top.chmod(0o755)
+    workspace, outside = top / "workspace", top / "outside"
+    for path in (workspace, outside):
+        path.mkdir(mode=0o700)
+        os.chown(path, user, user)
+    try:
+        yield workspace, outside
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+class Servers:
+    """Starts servers as one user over one workspace: ``await box(**env)``; all end with the test."""
+
+    def __init__(self, stack: AsyncExitStack, user: int, workspace: Path, outside: Path, python_path: str) -> None:
+        self._stack = stack
+        self.uid = user
+        self.workspace = workspace
+        self.outside = outside
+        self._python_path = python_path
+
+    async def __call__(self, **env: str) -> Box:
+        settings = {
+            "DEFAULT_WORKDIR": str(self.workspace),
+            "SANDBOX_REQUIRED": "true",
+            "AWS_SECRET_ACCESS_KEY": SECRET,
+            "PYTHONPATH": self._python_path,
+            **env,
+        }
+        command = [*(_as(self.uid) if self.uid != os.getuid() else []), "/usr/bin/python3", "-m", "process_mcp"]
+        params = StdioServerParameters(command=command[0], args=command[1:], env=settings, cwd="/")
+        client = await self._stack.enter_async_context(Client(params, read_timeout_seconds=WAIT_S * 3))
+        return Box(client, self.workspace, self.outside, self.uid)
+
+
+@pytest.fixture
+async def box(user: int, dirs: tuple[Path, Path], readable_python_path: str) -> AsyncIterator[Servers]:
+    async with AsyncExitStack() as stack:
+        yield Servers(stack, user, *dirs, readable_python_path)
+
+
+def _as(uid: int) -> list[str]:
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"]
+
+
+def _write_as(box: Box, path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    for part in [path, *path.parents]:
+        if part == box.workspace.parent:
+            break
+        os.chown(part, box.uid, box.uid)
+
+
+# 1. Code outside the sandbox: the request's environment must reach only the command inside.
+
+
+async def test_a_planted_env_on_the_requested_path_runs_only_inside_the_sandbox(box: Servers) -> None:
+    b: Box = await box()
+    canary = b.outside / "ran-outside"
+    planted = f'#!/bin/sh\ntouch {canary}\necho planted-ran\nexec /usr/bin/env "$@"\n'
+    await b.output(f"mkdir -p bin && printf %s {shlex.quote(planted)} > bin/env && chmod +x bin/env")
+    for name in ("env", "prlimit", "bwrap", "sh"):
+        if name != "env":
+            await b.output(f"cp bin/env bin/{name}")
+    path = f"{b.workspace}/bin:/usr/bin:/bin"
+    output = await b.output("echo $PATH; env true", env={"PATH": path})
+    assert output.startswith(path)  # the request's PATH reaches the command
+    assert "planted-ran" in output  # and the command's own lookups use it
+    assert not canary.exists()  # but no link of the launch chain came from it
+
+
+async def test_ld_preload_in_the_request_reaches_the_command_and_not_the_launch_chain(box: Servers) -> None:
+    compiler = shutil.which("cc")
+    assert compiler is not None, "the attack suite needs a C compiler (Debian's gcc) to build its preload library"
+    b: Box = await box()
+    canary = b.outside / "preloaded-outside"
+    source = b.outside.parent / "preload.c"
+    library = b.workspace / "preload.so"
+    source.write_text(
+        "#include <fcntl.h>\n#include <unistd.h>\n"
+        f'__attribute__((constructor)) static void hit(void) {{ close(open("{canary}", O_CREAT | O_WRONLY, 0644));'
+        ' write(2, "preloaded\\n", 10); }\n'
+    )
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
+    os.chown(library, b.uid, b.uid)
+    output = await b.output("true", env={"LD_PRELOAD": str(library)})
+    assert "preloaded" in output
+    assert not canary.exists()
+
+
+async def test_the_outer_bwrap_process_gets_an_empty_environment(box: Servers) -> None:
+    b: Box = await box()
+    arg = sleep_argument()
+    await b.run(f"sleep {arg}", background=True, env={"LD_PRELOAD": "/nonexistent.so", "MARK": arg})
+    (sleeper,) = await sleepers(arg, 1)
+    chain = _ancestors(sleeper)
+    outer = [pid for pid in chain if _exe_name(pid) == "bwrap" and _ns(pid) == _ns(os.getpid())]
+    assert outer, f"no bwrap outside the sandbox among {chain}"
+    for pid in outer:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+        # Nothing of the request's or the server's; PWD=/ is what the cgroup-joining shell exports.
+        assert environ in (b"", b"PWD=/\0"), environ
+    assert b"MARK=" + arg.encode() in Path(f"/proc/{sleeper}/environ").read_bytes()
+
+
+# 2. Secrets in the server's environment.
+
+
+async def test_the_servers_secrets_never_reach_a_process_unless_passed_through(box: Servers) -> None:
+    b: Box = await box(CUSTOM_SETTING="visible-by-choice", PROCESS_ENV_PASSTHROUGH="CUSTOM_SETTING")
+    output = await b.output("env; cat /proc/1/environ /proc/self/environ 2>&1 | tr '\\0' '\\n'")
+    assert SECRET not in output
+    assert "AWS_SECRET_ACCESS_KEY" not in output
+    assert "CUSTOM_SETTING=visible-by-choice" in output
+    assert "PATH=" in output
+    tty = await b.output("env", tty=True)
+    assert SECRET not in tty
+
+
+async def test_an_unsandboxed_server_still_keeps_its_secrets_from_processes(box: Servers) -> None:
+    b: Box = await box(SANDBOX_ENABLED="false", SANDBOX_REQUIRED="false")
+    result = await b.client.call_tool("spawn", {"command": "env"})
+    assert result.structured_content is not None
+    assert result.structured_content["sandboxed"] is False
+    assert SECRET not in result.structured_content["stdout"]
+    assert "PATH=" in result.structured_content["stdout"]
+
+
+# 3 and 9. Writes go only to the writable roots, whatever the cwd; /tmp is private.
+
+
+async def test_a_cwd_outside_the_workspace_is_read_only_or_refused(box: Servers) -> None:
+    b: Box = await box()
+    assert "ok" in await b.output("echo ok > made && cat made")
+    assert (b.workspace / "made").read_text() == "ok\n"
+    for cwd in ("/", "/usr", "/etc"):
+        output = await b.output("echo x > ./planted; echo x > /planted", cwd=cwd)
+        assert "Read-only file system" in output
+        assert not Path(cwd, "planted").exists()
+    refused = await b.error("echo x > ./planted", cwd=str(b.outside))
+    assert "outside what the sandbox shows" in refused
+    assert not (b.outside / "planted").exists()
+
+
+async def test_tmp_is_private_even_as_the_working_directory(box: Servers) -> None:
+    b: Box = await box()
+    name = f"process-mcp-test-{secrets.token_hex(4)}"
+    output = await b.output(
+        f"echo x > ./{name} && echo y > /var/tmp/{name} && echo z > /dev/shm/{name} && ls", cwd="/tmp"
+    )
+    assert name in output
+    for host in ("/tmp", "/var/tmp", "/dev/shm"):
+        assert not Path(host, name).exists()
+
+
+async def test_a_workspace_that_would_open_the_system_or_home_is_refused(box: Servers) -> None:
+    for workdir in ("/tmp", "/"):
+        b: Box = await box(DEFAULT_WORKDIR=workdir)
+        assert "will not make" in await b.error("echo never")
+
+
+# 4. Persistence: what runs code later stays read-only inside the writable roots.
+
+
+PLANTS = (
+    ".git/hooks/pre-commit",
+    ".git/config",
+    "nested/deeper/lib/.git/hooks/post-checkout",
+    "nested/deeper/lib/.git/config",
+    ".vscode/tasks.json",
+    ".idea/workspace.xml",
+    ".bashrc",
+    ".profile",
+    ".ssh/authorized_keys",
+    ".config/autostart/evil.desktop",
+    ".local/bin/git",
+    ".envrc",
+    ".husky/pre-commit",
+    ".devcontainer/devcontainer.json",
+)
+
+
+async def test_files_that_run_code_later_cannot_be_planted_or_changed(box: Servers) -> None:
+    b: Box = await box()
+    workspace = b.workspace
+    for plant in PLANTS:
+        _write_as(b, workspace / plant, "original\n")
+    _write_as(b, workspace / "nested/deeper/lib/main.py", "print('hi')\n")
+    for plant in PLANTS:
+        output = await b.output(f"echo evil > {plant}; echo evil >> {plant}; rm -f {plant}; ls {plant}")
+        assert (workspace / plant).read_text() == "original\n", output
+    # Moving a protected directory away, planting, and moving it back is refused at the first step.
+    output = await b.output("mv .git moved && echo evil > moved/hooks/x; mv nested other")
+    assert "busy" in output.lower()
+    assert not (workspace / "moved").exists()
+    assert (workspace / "nested").is_dir()
+    # The legitimate work next to them: editing code and reading the repository's configuration.
+    assert "original" in await b.output("cat .git/config && echo edited > nested/deeper/lib/main.py")
+    assert (workspace / "nested/deeper/lib/main.py").read_text() == "edited\n"
+
+
+async def test_a_protected_path_can_be_allowed_explicitly(box: Servers) -> None:
+    b: Box = await box(SANDBOX_ALLOW_PROTECTED=".vscode")
+    _write_as(b, b.workspace / ".vscode/settings.json", "{}\n")
+    await b.output("echo changed > .vscode/settings.json")
+    assert (b.workspace / ".vscode/settings.json").read_text() == "changed\n"
+
+
+async def test_the_users_home_is_not_shown_at_all(box: Servers) -> None:
+    b: Box = await box()
+    home = Path(os.path.expanduser("~root")) if b.uid == 0 else Path("/nonexistent")
+    output = await b.output(f"ls -A {home}; echo x >> {home}/.bashrc; echo HOME=$HOME")
+    assert f"HOME={b.workspace}" in output
+    assert "No such file or directory" in output or "Read-only" in output
+
+
+# 5. Deny rules hold against rename, hard links, symbolic links and paths that do not exist yet.
+
+
+async def test_deny_read_holds_against_renaming_a_parent(box: Servers) -> None:
+    workspace = box.workspace
+    b: Box = await box(SANDBOX_DENY_READ=f"{workspace}/secrets/key,{workspace}/vault")
+    _write_as(b, workspace / "secrets/key", SECRET)
+    _write_as(b, workspace / "vault/token", SECRET)
+    output = await b.output("mv secrets moved; mv vault v2; cat secrets/key moved/key vault/token v2/token; ls vault")
+    assert SECRET not in output
+    assert (workspace / "secrets/key").read_text() == SECRET
+    assert SECRET not in await b.output("cat secrets/key; ls -A vault; ln -s secrets/key link; cat link")
+    assert (workspace / "secrets").is_dir()
+
+
+async def test_deny_read_refuses_a_file_with_another_hard_link(box: Servers) -> None:
+    workspace = box.workspace
+    b: Box = await box(SANDBOX_DENY_READ=f"{workspace}/key")
+    _write_as(b, workspace / "key", SECRET)
+    os.link(workspace / "key", workspace / "copy")
+    assert "hard links" in await b.error("cat copy")
+    (workspace / "copy").unlink()
+    assert SECRET not in await b.output("cat key; echo done")
+
+
+async def test_a_denied_path_that_does_not_exist_cannot_be_created(box: Servers) -> None:
+    workspace = box.workspace
+    b: Box = await box(SANDBOX_DENY_WRITE=f"{workspace}/later/config", SANDBOX_DENY_READ=f"{workspace}/env/.env")
+    output = await b.output("mkdir -p later env; echo evil > later/config; echo x > env/.env; echo fine > notes")
+    assert "Read-only file system" in output
+    assert not (workspace / "later").exists()
+    assert not (workspace / "env").exists()
+    # Its nearest existing ancestor, here the workspace, is read-only; once it exists, only it is.
+    _write_as(b, workspace / "later/config", "original\n")
+    _write_as(b, workspace / "env/.env", SECRET)
+    output = await b.output("echo evil > later/config; cat env/.env; echo fine > notes && cat notes")
+    assert "fine" in output
+    assert SECRET not in output
+    assert (workspace / "later/config").read_text() == "original\n"
+
+
+async def test_relative_deny_rules_apply_at_any_depth_and_leave_nothing_behind(box: Servers) -> None:
+    b: Box = await box(SANDBOX_DENY_WRITE="generated", SANDBOX_DENY_READ=".env")
+    _write_as(b, b.workspace / "a/b/generated/out.txt", "original\n")
+    _write_as(b, b.workspace / "a/.env", SECRET)
+    output = await b.output("echo evil > a/b/generated/out.txt; cat a/.env; echo ok > a/b/fine && cat a/b/fine")
+    assert "ok" in output
+    assert SECRET not in output
+    assert (b.workspace / "a/b/generated/out.txt").read_text() == "original\n"
+    assert sorted(p.name for p in b.workspace.iterdir()) == ["a"]
+
+
+# 6. Host IPC: SysV shared memory, Unix sockets by path and in the abstract namespace.
+
+
+async def test_host_sysv_shared_memory_is_not_visible(box: Servers) -> None:
+    b: Box = await box()
+    created = subprocess.run(["ipcmk", "-M", "4096"], capture_output=True, text=True, check=True).stdout
+    shm_id = created.split()[-1]
+    try:
+        output = await b.output("ipcs -m")
+        assert shm_id not in output.split()
+        assert "ok" in await b.output("ipcmk -M 4096 >/dev/null && echo ok")  # its own IPC namespace works
+    finally:
+        subprocess.run(["ipcrm", "-m", shm_id], check=False)
+
+
+async def test_host_unix_sockets_cannot_be_reached_by_path_or_abstract_name(box: Servers) -> None:
+    b: Box = await box()
+    name = f"process-mcp-test-{secrets.token_hex(4)}"
+    hidden_dir = b.outside.parent / "sockets"
+    hidden_dir.mkdir()
+    hidden_dir.chmod(0o777)
+    with _listening(str(hidden_dir / "host.sock")) as by_path, _listening("\0" + name) as abstract:
+        probe = (
+            "import socket,sys\n"
+            "for a in sys.argv[1:]:\n"
+            "    s=socket.socket(socket.AF_UNIX)\n"
+            "    try: s.connect(a.replace('@','\\0',1)); print('CONNECTED', a)\n"
+            "    except OSError as e: print('refused', a, e.errno)\n"
+        )
+        targets = [str(hidden_dir / "host.sock"), "@" + name, "/var/run/docker.sock", "/run/docker.sock"]
+        output = await b.output(f"python3 -c {shlex.quote(probe)} {' '.join(targets)}")
+        assert "CONNECTED" not in output
+        assert output.count("refused") == len(targets)
+        assert (by_path.accepted, abstract.accepted) == (0, 0)
+    # The legitimate use: a sandbox's own sockets, by path and abstract, between its processes.
+    own = (
+        "import socket,os\n"
+        "for a in ('own.sock', '\\0own-" + name + "'):\n"
+        "    srv=socket.socket(socket.AF_UNIX); srv.bind(a); srv.listen()\n"
+        "    c=socket.socket(socket.AF_UNIX); c.connect(a); print('own ok')\n"
+    )
+    assert (await b.output(f"python3 -c {shlex.quote(own)}")).count("own ok") == 2
+
+
+# 7. Root: no capabilities inside, whoever runs the server; mounts and unmounts fail.
+
+
+async def test_no_capability_survives_into_the_sandbox_and_mounts_fail(box: Servers) -> None:
+    workspace = box.workspace
+    b: Box = await box(SANDBOX_DENY_READ=f"{workspace}/hidden")
+    _write_as(b, workspace / "hidden/key", SECRET)
+    status = await b.output("grep -E '^(CapEff|CapPrm|CapBnd|CapAmb|NoNewPrivs|Seccomp):' /proc/self/status")
+    fields = dict(line.split(":\t") for line in status.strip().splitlines())
+    assert {fields[k] for k in ("CapEff", "CapPrm", "CapBnd", "CapAmb")} == {"0000000000000000"}
+    assert (fields["NoNewPrivs"], fields["Seccomp"]) == ("1", "2")
+    output = await b.output(
+        "mount -o remount,rw / ; mount -o remount,rw /usr; umount hidden; umount -l hidden; "
+        "mount -t tmpfs none hidden; unshare -U -r true; echo x > /usr/planted; cat hidden/key"
+    )
+    assert SECRET not in output
+    assert not Path("/usr/planted").exists()
+    assert "Operation not permitted" in output  # unshare
+
+
+async def test_seccomp_refuses_terminal_injection_keyrings_and_namespaces(box: Servers) -> None:
+    b: Box = await box()
+    _, numbers = seccomp._TABLES[os.uname().machine]
+    probe = (
+        "import ctypes, fcntl, termios\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "def call(name, *args):\n"
+        "    r = libc.syscall(*args); print(name, r, ctypes.get_errno())\n"
+        f"call('tiocsti', {numbers['ioctl']}, 0, ctypes.c_ulong({seccomp.TIOCSTI}), b'x')\n"
+        f"call('tiocsti-high', {numbers['ioctl']}, 0, ctypes.c_ulong({seccomp.TIOCSTI} | (1 << 32)), b'x')\n"
+        f"call('tioclinux', {numbers['ioctl']}, 0, ctypes.c_ulong({seccomp.TIOCLINUX}), b'x')\n"
+        f"call('keyctl', {numbers['keyctl']}, 0, 0)\n"
+        f"call('unshare', {numbers['unshare']}, 0x10000000)\n"
+        "import os; print('stty', os.popen('stty size').read().strip())\n"
+    )
+    output = await b.output(f"python3 -c {shlex.quote(probe)}", tty=True)
+    for name in ("tiocsti", "tiocsti-high", "tioclinux", "keyctl", "unshare"):
+        assert f"{name} -1 1" in output, output  # EPERM
+    assert "stty 30 120" in output  # the terminal itself works
+
+
+# 8. The network filter: allowed names must not lead to the host's own services.
+
+
+async def test_an_allowed_name_that_resolves_to_loopback_is_refused_unless_allowed(box: Servers) -> None:
+    with _http_server() as server:
+        fetch = (
+            "import urllib.request, urllib.error\n"
+            f"try: print(urllib.request.urlopen('http://localhost:{server.port}/x', timeout=5).status)\n"
+            "except urllib.error.HTTPError as e: print(e.code, e.read().decode())\n"
+        )
+        proxied = {"NO_PROXY": "", "no_proxy": ""}
+        b: Box = await box(SANDBOX_ALLOWED_DOMAINS="localhost")
+        output = await b.output(f"python3 -c {shlex.quote(fetch)}", env=proxied)
+        assert output.startswith("403")
+        assert "SANDBOX_ALLOW_PRIVATE_ADDRESSES" in output
+        assert server.requests == []
+        allowed: Box = await box(SANDBOX_ALLOWED_DOMAINS="localhost", SANDBOX_ALLOW_PRIVATE_ADDRESSES="true")
+        assert (await allowed.output(f"python3 -c {shlex.quote(fetch)}", env=proxied)).startswith("200")
+        assert len(server.requests) == 1
+
+
+async def test_a_host_header_naming_another_host_is_refused(box: Servers) -> None:
+    with _http_server() as server:
+        b: Box = await box(SANDBOX_ALLOWED_DOMAINS="localhost", SANDBOX_ALLOW_PRIVATE_ADDRESSES="true")
+        smuggle = (
+            "import socket\n"
+            "s = socket.create_connection(('127.0.0.1', 3128))\n"
+            f"s.sendall(b'GET http://localhost:{server.port}/x HTTP/1.1\\r\\nHost: refused.example\\r\\n\\r\\n')\n"
+            "print(s.recv(200).split(b'\\r\\n')[0].decode())\n"
+        )
+        assert "400" in await b.output(f"python3 -c {shlex.quote(smuggle)}")
+        assert server.requests == []
+
+
+# 10. Denial of service: one sandbox's fork bomb, memory or /tmp never stops the server.
+
+
+async def test_a_fork_bomb_is_bounded_and_the_server_keeps_spawning(box: Servers) -> None:
+    b: Box = await box(SANDBOX_MAX_PROCESSES="64")
+    bomb = (
+        "import os, time\n"
+        "n = 0\n"
+        "for _ in range(500):\n"
+        "    try:\n"
+        "        if os.fork() == 0:\n"
+        "            time.sleep(300); os._exit(0)\n"
+        "        n += 1\n"
+        "    except OSError as e:\n"
+        "        print('fork failed:', e.strerror, flush=True); break\n"
+        "print('forked', n, flush=True); time.sleep(300)\n"
+    )
+    started = await b.run(f"python3 -c {shlex.quote(bomb)}", waitFor="forked", timeoutMs=20000)
+    try:
+        assert started["status"] == "running"
+        forked = int(str(started["stdout"]).split("forked")[1].split()[0])
+        assert forked < 64
+        assert "fork failed" in started["stdout"]
+        # While the bomb holds every process it may have, the server and other sandboxes go on.
+        assert "still spawning" in await b.output("echo still spawning")
+    finally:
+        await b.client.call_tool("kill", {"id": started["pid"], "signal": "SIGKILL"})
+
+
+async def test_memory_and_tmp_are_bounded_with_a_clear_error(box: Servers) -> None:
+    b: Box = await box(SANDBOX_MAX_MEMORY_MB="128", SANDBOX_TMP_SIZE_MB="16")
+    output = await b.output("python3 -c 'x = bytearray(512 * 1024 * 1024)'; echo exit=$?")
+    assert "MemoryError" in output
+    output = await b.output("head -c 64M /dev/zero > /tmp/fill; echo exit=$?; du -m /tmp/fill")
+    assert "No space left on device" in output
+    assert "ok" in await b.output("echo ok")
+
+
+# Helpers.
+
+
+def _ancestors(pid: int) -> list[int]:
+    chain = []
+    while pid > 1:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            break
+        pid = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+        chain.append(pid)
+    return chain
+
+
+def _exe_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode().rsplit("/", 1)[-1]
+    except OSError:
+        return ""
+
+
+def _ns(pid: int) -> str:
+    return os.readlink(f"/proc/{pid}/ns/pid")
+
+
+class _Counter:
+    accepted = 0
+
+
+@contextmanager
+def _listening(address: str) -> Iterator[_Counter]:
+    """A Unix socket server on the host that counts the connections it accepts."""
+    counter = _Counter()
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(address)
+    if not address.startswith("\0"):
+        os.chmod(address, 0o777)
+    server.listen()
+    server.settimeout(0.1)
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                server.accept()[0].close()
+                counter.accepted += 1
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield counter
+    finally:
+        stop.set()
+        thread.join(WAIT_S)
+        server.close()
+
+
+class _Http:
+    port = 0
+
+    def __init__(self) -> None:
+        self.requests: list[bytes] = []
+
+
+@contextmanager
+def _http_server() -> Iterator[_Http]:
+    """An HTTP server on the host's loopback that records each request it gets."""
+    state = _Http()
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.1)
+    state.port = server.getsockname()[1]
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(WAIT_S)
+                try:
+                    state.requests.append(conn.recv(65536))
+                    conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        stop.set()
+        thread.join(WAIT_S)
+        server.close()
