@@ -19,7 +19,10 @@ import shutil
 import stat
 import subprocess
 import tempfile
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from concurrent.futures import BrokenExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 from ptyprocess import PtyProcess
@@ -42,6 +45,7 @@ if TYPE_CHECKING:
     from .proxy import DomainProxy
 
 logger = logging.getLogger(__name__)
+_Started = TypeVar("_Started")
 
 DRAIN_MAX_READS = 64
 """Reads made at exit to collect what is still buffered, bounded in case a child keeps writing."""
@@ -63,6 +67,7 @@ class HostExecutor(ProcessExecutor):
         self._sandbox_checked = False
         self._sandbox_misconfigured = False
         self._cgroup_of: dict[str, str] = {}  # process id -> its sandbox's cgroup name
+        self._spawner: ThreadPoolExecutor | None = None  # a thread in a Landlock domain, see _start
         self._sandbox_lock = anyio.Lock()
         self._proxy: DomainProxy | None = None
         self._state_dir: str | None = None  # private: the proxy's socket, an empty file for deny_read
@@ -137,6 +142,7 @@ class HostExecutor(ProcessExecutor):
         self._state_dir = tempfile.mkdtemp(prefix=f"{STATE_DIR_PREFIX}{os.getpid()}-")
         empty = os.path.join(self._state_dir, "empty")
         os.close(os.open(empty, os.O_CREAT | os.O_WRONLY, 0o444))
+        os.mkdir(os.path.join(self._state_dir, "empty-dir"), 0o555)
         seccomp_file = os.path.join(self._state_dir, "seccomp.bpf")
         await anyio.Path(seccomp_file).write_bytes(program)
         socket_path = None
@@ -167,10 +173,11 @@ class HostExecutor(ProcessExecutor):
             seccomp_file=seccomp_file,
             proxy_socket=socket_path,
             env_resets_signals=await env_resets_signals(env),
-            scope_ipc=scope_ipc,
             cgroups=cgroups,
         )
         try:
+            if scope_ipc:
+                self._spawner = await _scoped_spawner()
             return await anyio.to_thread.run_sync(make)
         except BaseException:
             if cgroups is not None:
@@ -184,6 +191,9 @@ class HostExecutor(ProcessExecutor):
 
     async def _close_backend(self) -> None:
         await self._watchdog.close()
+        if self._spawner is not None:
+            self._spawner.shutdown(wait=False)
+            self._spawner = None
         if self._sandbox is not None and self._sandbox.cgroups is not None:
             self._sandbox.cgroups.close()
         if self._proxy is not None:
@@ -224,7 +234,11 @@ class HostExecutor(ProcessExecutor):
             host_cwd = "/"  # the sandbox changes into record.cwd itself
             record.sandboxed = True
         try:
-            handle: _HostHandle = (_PtyHandle if record.tty else _PipeHandle)(record, launch, host_cwd)
+            handle: _HostHandle
+            if record.tty:
+                handle = _PtyHandle(record, await self._start(_start_pty, launch, host_cwd))
+            else:
+                handle = _PipeHandle(record, await self._start(_start_pipe, launch, host_cwd))
         except OSError as exc:
             self._release_cgroup(record)
             raise SpawnFailed(f"could not start {record.command!r}: {exc.strerror or exc}") from None
@@ -234,6 +248,19 @@ class HostExecutor(ProcessExecutor):
         if not record.sandboxed:
             self._watchdog.watch(handle.pid)  # its own session: the group id is its pid
         return handle
+
+    async def _start(self, starter: Callable[[Launch, str], _Started], launch: Launch, cwd: str) -> _Started:
+        """Run ``starter`` where the new process gets its restrictions from: the Landlock-scoped spawner
+        thread when there is one (a domain is inherited at fork, so Python can still vfork), else here."""
+        if self._spawner is None:
+            return starter(launch, cwd)
+        loop = asyncio.get_running_loop()
+        with anyio.CancelScope(shield=True):  # once started, the process must get its record
+            try:
+                started = await loop.run_in_executor(self._spawner, starter, launch, cwd)
+            except BrokenExecutor as exc:
+                raise SpawnFailed(f"the sandbox's Landlock-scoped spawner thread failed: {exc}") from None
+        return started
 
     def _finished(self, record: ManagedProcess) -> None:
         if not record.sandboxed and isinstance(record.handle, _HostHandle):
@@ -245,6 +272,18 @@ class HostExecutor(ProcessExecutor):
         name = self._cgroup_of.pop(record.pid, None)
         if name is not None and self._sandbox is not None and self._sandbox.cgroups is not None:
             self._sandbox.cgroups.remove(name)
+
+
+async def _scoped_spawner() -> ThreadPoolExecutor:
+    """One thread, in a Landlock domain scoping abstract Unix sockets and signals, that starts sandboxed
+    processes: they inherit the domain. Raises BackendUnavailable when the kernel refuses it."""
+    spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="process-mcp-spawner")
+    try:
+        await asyncio.get_running_loop().run_in_executor(spawner, landlock.restrict_scopes)
+    except OSError as exc:
+        spawner.shutdown(wait=False)
+        raise BackendUnavailable(f"Landlock refused the sandbox's scopes: {exc}") from None
+    return spawner
 
 
 def _make_private_dir(path: str) -> None:
@@ -396,36 +435,50 @@ class _HostHandle(ProcessHandle):
         self._release_pidfd()
 
 
+@dataclass
+class _StartedPipe:
+    popen: subprocess.Popen[bytes]
+    stdin: int
+    stdout: int
+    stderr: int
+
+
+def _start_pipe(launch: Launch, cwd: str) -> _StartedPipe:
+    """Start ``launch`` with three pipes, in a session of its own; runs in any thread."""
+    stdin_r, stdin_w = os.pipe()
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    try:
+        popen = subprocess.Popen(
+            launch.argv,
+            stdin=stdin_r,
+            stdout=out_w,
+            stderr=err_w,
+            cwd=cwd,
+            env=launch.env,
+            start_new_session=True,
+            close_fds=True,
+            pass_fds=launch.pass_fds,
+            preexec_fn=launch.prepare,
+        )
+    except BaseException:
+        for fd in (stdin_w, out_r, err_r):
+            os.close(fd)
+        raise
+    finally:
+        for fd in (stdin_r, out_w, err_w):
+            os.close(fd)
+    return _StartedPipe(popen, stdin_w, out_r, err_r)
+
+
 class _PipeHandle(_HostHandle):
-    def __init__(self, record: ManagedProcess, launch: Launch, cwd: str) -> None:
-        stdin_r, stdin_w = os.pipe()
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        try:
-            self._popen = subprocess.Popen(
-                launch.argv,
-                stdin=stdin_r,
-                stdout=out_w,
-                stderr=err_w,
-                cwd=cwd,
-                env=launch.env,
-                start_new_session=True,
-                close_fds=True,
-                pass_fds=launch.pass_fds,
-                preexec_fn=launch.prepare,
-            )
-        except BaseException:
-            for fd in (stdin_w, out_r, err_r):
-                os.close(fd)
-            raise
-        finally:
-            for fd in (stdin_r, out_w, err_w):
-                os.close(fd)
+    def __init__(self, record: ManagedProcess, started: _StartedPipe) -> None:
+        self._popen = started.popen
         super().__init__(record, self._popen.pid)
-        os.set_blocking(stdin_w, False)
-        self._input = stdin_w
-        self._read_into(out_r, record.stdout)
-        self._read_into(err_r, record.stderr)
+        os.set_blocking(started.stdin, False)
+        self._input = started.stdin
+        self._read_into(started.stdout, record.stdout)
+        self._read_into(started.stderr, record.stderr)
 
     def _exited(self, code: int | None) -> None:
         # Tell Popen the child is reaped, or its finalizer would wait for it again.
@@ -438,26 +491,31 @@ class _PipeHandle(_HostHandle):
             self._input = -1
 
 
+def _start_pty(launch: Launch, cwd: str) -> PtyProcess:
+    """Start ``launch`` on a new pseudo-terminal (ptyprocess); runs in any thread."""
+    prepare, inherited = launch.prepare, launch.pass_fds
+
+    # chdir inside preexec_fn: ptyprocess reports its failures, but not those of its own chdir.
+    # ptyprocess keeps pass_fds open but, unlike subprocess, leaves them close-on-exec.
+    def preexec() -> None:
+        os.chdir(cwd)
+        for fd in inherited:
+            os.set_inheritable(fd, True)
+        if prepare is not None:
+            prepare()
+
+    return PtyProcess.spawn(
+        launch.argv,
+        env=launch.env,
+        preexec_fn=preexec,
+        dimensions=(TERMINAL_ROWS, TERMINAL_COLS),
+        pass_fds=launch.pass_fds,
+    )
+
+
 class _PtyHandle(_HostHandle):
-    def __init__(self, record: ManagedProcess, launch: Launch, cwd: str) -> None:
-        prepare, inherited = launch.prepare, launch.pass_fds
-
-        # chdir inside preexec_fn: ptyprocess reports its failures, but not those of its own chdir.
-        # ptyprocess keeps pass_fds open but, unlike subprocess, leaves them close-on-exec.
-        def preexec() -> None:
-            os.chdir(cwd)
-            for fd in inherited:
-                os.set_inheritable(fd, True)
-            if prepare is not None:
-                prepare()
-
-        self._pty = PtyProcess.spawn(
-            launch.argv,
-            env=launch.env,
-            preexec_fn=preexec,
-            dimensions=(TERMINAL_ROWS, TERMINAL_COLS),
-            pass_fds=launch.pass_fds,
-        )
+    def __init__(self, record: ManagedProcess, started: PtyProcess) -> None:
+        self._pty = started
         self._pty.delayafterclose = 0  # its close() would otherwise sleep
         super().__init__(record, self._pty.pid)
         self._input = self._pty.fd

@@ -6,8 +6,8 @@ Linux 6.12) close that: a process in a scoped domain cannot connect to an abstra
 process, outside its domain. The domain handles no filesystem access, so bwrap, started inside it, can
 still build its mounts; the filesystem boundary is bwrap's.
 
-``restrict_scopes`` runs in the child between fork and exec, so it only makes system calls prepared in
-the parent.
+``restrict_scopes`` restricts the calling thread only (Landlock domains are per thread and inherited
+by what it forks): the host backend runs it in a dedicated thread that starts every sandboxed process.
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ def abi_version() -> int:
 
 
 def restrict_scopes() -> None:
-    """Put the calling process in a new Landlock domain scoping abstract Unix sockets and signals.
+    """Put the calling thread in a new Landlock domain scoping abstract Unix sockets and signals.
 
-    Raises OSError when the kernel refuses; the spawn then fails rather than run unscoped.
+    Raises OSError when the kernel refuses; the sandbox then fails rather than run unscoped.
     """
     if _prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")

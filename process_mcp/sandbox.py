@@ -14,7 +14,9 @@ ancestor read-only, so it cannot be created, and nothing is created on the host.
 Privileges: a new user, PID, IPC and cgroup namespace, every capability dropped (also when the server
 is root), no new privileges, no nested user namespaces, and a seccomp filter (``seccomp``). With an open
 network, Landlock scopes (``landlock``) keep the host's abstract Unix sockets and processes out of reach;
-otherwise the sandbox has its own network namespace with only loopback (and the proxy bridge).
+otherwise the sandbox has its own network namespace with only loopback (and the proxy bridge). The
+Landlock domain is that of the server thread that starts the process (see ``host``), so Python can
+still start it with vfork.
 
 Launch chain: ``env`` and bwrap run by absolute path with a fixed, empty environment; inside, the chain
 (``env --default-signal``, ``prlimit``) runs with none either; the request's environment is applied by
@@ -41,7 +43,6 @@ from dataclasses import dataclass, field
 
 import anyio.to_thread
 
-from . import landlock
 from .cgroups import SandboxCgroups, join_command
 from .config import SandboxConfig
 from .errors import InvalidConfig, InvalidInput, SpawnFailed
@@ -148,8 +149,8 @@ class Tools:
 class Sandbox:
     """Builds the bwrap command line for each process from the configuration.
 
-    ``state_dir`` is the server's private directory: it holds an empty file that stands in for hidden
-    files, the seccomp program, and the DomainProxy's socket (``proxy_socket``) when a domain list is
+    ``state_dir`` is the server's private directory: it holds an empty file and an empty directory that
+    stand in for hidden ones, the seccomp program, and the DomainProxy's socket (``proxy_socket``) when a domain list is
     configured; with network restricted and no socket there is no network at all.
     """
 
@@ -164,7 +165,6 @@ class Sandbox:
         seccomp_file: str,
         proxy_socket: str | None = None,
         env_resets_signals: bool = True,
-        scope_ipc: bool = True,
         cgroups: SandboxCgroups | None = None,
     ) -> None:
         self.config = config
@@ -173,9 +173,9 @@ class Sandbox:
         self.proxy_socket = proxy_socket
         self._state_dir = state_dir
         self._empty_file = os.path.join(state_dir, "empty")
+        self._empty_dir = os.path.join(state_dir, "empty-dir")
         self._seccomp_file = seccomp_file
         self._env_resets_signals = env_resets_signals
-        self._scope_ipc = scope_ipc and not restrict_network(config)
         self.cgroups = cgroups
         self._python = os.path.realpath(sys.executable)
         self.writable = _writable_roots([workspace, *config.allow_write], home)
@@ -303,10 +303,7 @@ class Sandbox:
         args: list[str] = []
         for path in sorted(pinned | read_only | hidden, key=lambda p: (p.count("/"), p)):
             if path in hidden:
-                if os.path.isdir(path):
-                    args += ["--tmpfs", path, "--remount-ro", path]
-                else:
-                    args += ["--ro-bind", self._empty_file, path]
+                args += ["--ro-bind", self._empty_dir if os.path.isdir(path) else self._empty_file, path]
             elif path in read_only:
                 args += ["--ro-bind", path, path]
             else:
@@ -355,21 +352,9 @@ class Sandbox:
         return [self._python, "-I", "-S", "-c", _LAUNCHER, "", "0", *chain]
 
     def _prepare(self) -> Callable[[], None] | None:
-        steps: list[Callable[[], None]] = []
-        if not self._env_resets_signals:
-            steps.append(ignore_bwrap_signals)
-        if self._scope_ipc:
-            steps.append(landlock.restrict_scopes)
-        if not steps:
-            return None
-        if len(steps) == 1:
-            return steps[0]
-
-        def prepare() -> None:
-            for step in steps:
-                step()
-
-        return prepare
+        """Only where ``env`` cannot ignore signals: a preexec_fn makes Python fork instead of vfork,
+        which costs several milliseconds a spawn."""
+        return None if self._env_resets_signals else ignore_bwrap_signals
 
     def _ignoring_signals(self) -> list[str]:
         if not self._env_resets_signals:
