@@ -94,6 +94,9 @@ wherever they are found inside a writable root unless named in SANDBOX_ALLOW_PRO
 is a file (a worktree's pointer) is read-only itself."""
 SANDBOX_PATH = "/usr/bin:/bin"
 """PATH of the launch chain inside the sandbox, which uses absolute paths anyway."""
+NOT_SEARCHED = frozenset({"node_modules", "__pycache__", ".venv", ".tox", ".mypy_cache", ".pytest_cache", ".cache"})
+"""Directories the search for protected paths does not enter: package and cache trees, large and made
+by tools, where no repository or shell configuration of the user's lives."""
 _PRIVATE_DIRS = ("/", "/tmp", "/var/tmp")
 _FORBIDDEN_ROOTS = ("/", "/proc", "/sys", "/dev", "/run", "/var", "/boot", "/tmp", "/var/tmp", "/home")
 
@@ -383,7 +386,8 @@ class _NameIndex:
     def find(self, root: str, limit: int) -> list[tuple[str, str]]:
         """Existing matches below ``root`` as (path, pattern); a ``.git`` file counts for ``.git/...``.
 
-        Symbolic links are not followed and ``.git`` directories not entered. Raises SpawnFailed past
+        Symbolic links are not followed; ``.git`` directories and NOT_SEARCHED are not entered. Raises
+        SpawnFailed past
         ``limit`` directories, since a protection it could not look for would be silently missing.
         """
         found: list[tuple[str, str]] = []
@@ -408,7 +412,7 @@ class _NameIndex:
                         found.append((entry.path, pattern))
                     elif os.path.lexists(target := os.path.join(entry.path, rest)):
                         found.append((target, pattern))
-                if entry.name != ".git" and entry.is_dir(follow_symlinks=False):
+                if entry.name not in NOT_SEARCHED and entry.name != ".git" and entry.is_dir(follow_symlinks=False):
                     pending.append(entry.path)
         return found
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from process_mcp import BackendUnavailable, HostExecutor, SpawnOptions
+from process_mcp import BackendUnavailable, HostExecutor, SpawnFailed, SpawnOptions
 from process_mcp.config import SandboxConfig
 
 from .conftest import host_config
@@ -300,3 +300,16 @@ async def test_a_proxy_that_cannot_listen_never_leaves_processes_with_open_netwo
         assert list(deep.iterdir()) == []  # its state directory was removed
     finally:
         await executor.cleanup()
+
+
+async def test_a_writable_root_too_large_to_search_fails_the_spawn_clearly(
+    sandbox: MakeSandbox, tmp_path: Path
+) -> None:
+    for index in range(10):
+        (tmp_path / "work" / f"dir{index}").mkdir()
+    (tmp_path / "work" / "node_modules" / "many" / "more").mkdir(parents=True)  # not searched
+    executor = await sandbox(scan_limit=11)
+    assert await run(executor, "echo fits") == (0, "fits\n")
+    (tmp_path / "work" / "dir10").mkdir()
+    with pytest.raises(SpawnFailed, match="SANDBOX_SCAN_LIMIT"):
+        await executor.spawn(SpawnOptions(command="echo never"))
