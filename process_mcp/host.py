@@ -218,48 +218,55 @@ class HostExecutor(ProcessExecutor):
                 "fix that, or set SANDBOX_REQUIRED=false to run unsandboxed"
             )
         overrides = {"TERM": TTY_TERM} if record.tty else {}
-        if self._sandbox is None:
-            argv = ["/bin/sh", "-c", record.command]
-            launch = Launch(argv, child_environment(os.environ, self.config.env_passthrough, env, **overrides))
-            host_cwd = record.cwd
-        else:
+        if self._sandbox is not None:
             overrides.update(HOME=self._sandbox.workspace, TMPDIR="/tmp")
-            child_env = child_environment(os.environ, self.config.env_passthrough, env, **overrides)
-            # In a worker thread: it looks for protected paths in the writable roots, which may be large.
-            launch = await anyio.to_thread.run_sync(
-                self._sandbox.wrap, record.command, record.cwd, child_env, record.pid
-            )
-            if launch.cgroup is not None:
-                self._cgroup_of[record.pid] = launch.cgroup
-            host_cwd = "/"  # the sandbox changes into record.cwd itself
-            record.sandboxed = True
+        child_env = child_environment(os.environ, self.config.env_passthrough, env, **overrides)
         try:
-            handle: _HostHandle
             if record.tty:
-                handle = _PtyHandle(record, await self._start(_start_pty, launch, host_cwd))
-            else:
-                handle = _PipeHandle(record, await self._start(_start_pipe, launch, host_cwd))
+                return self._watched(record, _PtyHandle(record, await self._start(_start_pty, record, child_env)))
+            return self._watched(record, _PipeHandle(record, await self._start(_start_pipe, record, child_env)))
         except OSError as exc:
-            self._release_cgroup(record)
             raise SpawnFailed(f"could not start {record.command!r}: {exc.strerror or exc}") from None
-        finally:
-            for fd in launch.close_after_start:
-                os.close(fd)
+
+    def _watched(self, record: ManagedProcess, handle: _HostHandle) -> _HostHandle:
         if not record.sandboxed:
             self._watchdog.watch(handle.pid)  # its own session: the group id is its pid
         return handle
 
-    async def _start(self, starter: Callable[[Launch, str], _Started], launch: Launch, cwd: str) -> _Started:
-        """Run ``starter`` where the new process gets its restrictions from: the Landlock-scoped spawner
-        thread when there is one (a domain is inherited at fork, so Python can still vfork), else here."""
-        if self._spawner is None:
-            return starter(launch, cwd)
-        loop = asyncio.get_running_loop()
-        with anyio.CancelScope(shield=True):  # once started, the process must get its record
+    async def _start(
+        self, starter: Callable[[Launch, str], _Started], record: ManagedProcess, env: dict[str, str]
+    ) -> _Started:
+        """Start ``record``'s process: directly when unsandboxed; else build its sandbox (which looks for
+        protected paths in the writable roots, so never on the event loop) and start it in one trip to
+        the Landlock-scoped spawner thread (a domain is inherited at fork, so Python can still vfork),
+        or to a worker thread where there is none."""
+        sandbox = self._sandbox
+        if sandbox is None:
+            return starter(Launch(["/bin/sh", "-c", record.command], env), record.cwd)
+
+        def wrap_and_start() -> tuple[_Started, str | None]:
+            launch = sandbox.wrap(record.command, record.cwd, env, record.pid)
             try:
-                started = await loop.run_in_executor(self._spawner, starter, launch, cwd)
-            except BrokenExecutor as exc:
-                raise SpawnFailed(f"the sandbox's Landlock-scoped spawner thread failed: {exc}") from None
+                return starter(launch, "/"), launch.cgroup  # the sandbox changes into record.cwd itself
+            except BaseException:
+                if launch.cgroup is not None and sandbox.cgroups is not None:
+                    sandbox.cgroups.remove(launch.cgroup)
+                raise
+            finally:
+                for fd in launch.close_after_start:
+                    os.close(fd)
+
+        with anyio.CancelScope(shield=True):  # once started, the process must get its record
+            if self._spawner is None:
+                started, cgroup = await anyio.to_thread.run_sync(wrap_and_start)
+            else:
+                try:
+                    started, cgroup = await asyncio.get_running_loop().run_in_executor(self._spawner, wrap_and_start)
+                except BrokenExecutor as exc:
+                    raise SpawnFailed(f"the sandbox's Landlock-scoped spawner thread failed: {exc}") from None
+        if cgroup is not None:
+            self._cgroup_of[record.pid] = cgroup
+        record.sandboxed = True
         return started
 
     def _finished(self, record: ManagedProcess) -> None:
