@@ -207,7 +207,7 @@ async def sandboxed_true(workdir: str) -> Callable[[], Awaitable[None]]:
     await executor.start()
     sandbox = executor._sandbox
     assert sandbox is not None, "the sandbox cannot run here"
-    launch = sandbox.wrap("true", workdir, {"PATH": "/usr/bin:/bin"}, "bench-baseline")
+    launch = sandbox.wrap("true", workdir, {"PATH": "/usr/bin:/bin"})
     for fd in launch.close_after_start:
         os.close(fd)
     seccomp_at = launch.argv.index("--seccomp") + 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import threading
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -20,17 +21,27 @@ logger = logging.getLogger(__name__)
 CGROUP_V1_ROOT = Path("/sys/fs/cgroup")
 """Where the cgroup v1 hierarchies are mounted, one directory per controller."""
 CONTROLLERS = ("pids", "memory")
+POOL_SIZE = 32
+"""Empty groups kept for reuse; more are removed."""
 PREFIX = "process-mcp-"
 """Start of each executor's parent group, followed by the server's pid and a random part."""
 _JOIN = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
 
 
 class SandboxCgroups:
-    """The server's parent group in each controller, and one child group per sandboxed process."""
+    """The server's parent group in each controller, and one child group per running sandbox.
+
+    A group whose sandbox has ended is kept for the next one (up to POOL_SIZE) rather than removed:
+    creating and removing memory groups costs the kernel work long after the rmdir.
+    """
 
     def __init__(self, parents: dict[str, Path]) -> None:
         self._parents = parents
-        self._pending: set[str] = set()  # groups not yet removable (their last processes were exiting)
+        self._lock = threading.Lock()  # groups are taken in the spawner thread, given back on the loop
+        self._limits: dict[str, tuple[int, int]] = {}  # every group that exists, with its limits
+        self._free: list[str] = []
+        self._leaving: set[str] = set()  # released while their last processes were still exiting
+        self._count = 0
 
     @classmethod
     def create(cls) -> SandboxCgroups | None:
@@ -60,31 +71,55 @@ class SandboxCgroups:
             return None
         return cls(parents)
 
-    def add(self, name: str, *, max_processes: int, max_memory_bytes: int) -> list[str]:
-        """Create the groups for one sandbox with its limits; return the ``cgroup.procs`` files to join.
+    def acquire(self, *, max_processes: int, max_memory_bytes: int) -> tuple[str, list[str]]:
+        """A group for one sandbox, with these limits: its name and the ``cgroup.procs`` files to join.
 
         Raises OSError when a group or limit cannot be set; the spawn then fails.
         """
-        self.sweep()
-        pids = self._parents["pids"] / name
+        with self._lock:
+            self._collect()
+            if self._free:
+                name = self._free.pop()
+            else:
+                self._count += 1
+                name = f"sandbox-{self._count}"
+                for parent in self._parents.values():
+                    (parent / name).mkdir()
+                self._limits[name] = (0, 0)
+            try:
+                if self._limits[name] != (max_processes, max_memory_bytes):
+                    self._set_limits(name, max_processes, max_memory_bytes)
+            except OSError:
+                self._free.append(name)
+                raise
+        return name, [str(parent / name / "cgroup.procs") for parent in self._parents.values()]
+
+    def release(self, name: str) -> None:
+        """Give back the group of a sandbox that has ended."""
+        with self._lock:
+            self._leaving.add(name)
+            self._collect()
+
+    def _set_limits(self, name: str, max_processes: int, max_memory_bytes: int) -> None:
+        _write(self._parents["pids"] / name / "pids.max", str(max_processes))
         memory = self._parents["memory"] / name
-        pids.mkdir()
-        memory.mkdir()
-        _write(pids / "pids.max", str(max_processes))
         _write(memory / "memory.limit_in_bytes", str(max_memory_bytes))
         # Without swap accounting configured this file is missing; the memory limit still holds.
         _write(memory / "memory.memsw.limit_in_bytes", str(max_memory_bytes), optional=True)
-        return [str(pids / "cgroup.procs"), str(memory / "cgroup.procs")]
+        self._limits[name] = (max_processes, max_memory_bytes)
 
-    def remove(self, name: str) -> None:
-        """Remove one sandbox's groups, now or, if its processes are still leaving, at a later sweep."""
-        self._pending.add(name)
-        self.sweep()
-
-    def sweep(self) -> None:
-        for name in list(self._pending):
-            if all(_rmdir(parent / name) for parent in self._parents.values()):
-                self._pending.discard(name)
+    def _collect(self) -> None:
+        """Move released groups that are empty now to the free list, or remove them past POOL_SIZE."""
+        for name in list(self._leaving):
+            if any(_has_processes(parent / name) for parent in self._parents.values()):
+                continue
+            self._leaving.discard(name)
+            if len(self._free) < POOL_SIZE:
+                self._free.append(name)
+            elif all(_rmdir(parent / name) for parent in self._parents.values()):
+                del self._limits[name]
+            else:
+                self._leaving.add(name)
 
     def close(self) -> None:
         """Remove every group this server made (their processes are gone by now)."""
@@ -119,6 +154,13 @@ def _own_groups() -> dict[str, str]:
         for controller in controllers.split(","):
             groups[controller] = path
     return groups
+
+
+def _has_processes(group: Path) -> bool:
+    try:
+        return bool((group / "cgroup.procs").read_text().strip())
+    except FileNotFoundError:
+        return False
 
 
 def _write(path: Path, value: str, *, optional: bool = False) -> None:

@@ -245,12 +245,12 @@ class HostExecutor(ProcessExecutor):
             return starter(Launch(["/bin/sh", "-c", record.command], env), record.cwd)
 
         def wrap_and_start() -> tuple[_Started, str | None]:
-            launch = sandbox.wrap(record.command, record.cwd, env, record.pid)
+            launch = sandbox.wrap(record.command, record.cwd, env)
             try:
                 return starter(launch, "/"), launch.cgroup  # the sandbox changes into record.cwd itself
             except BaseException:
                 if launch.cgroup is not None and sandbox.cgroups is not None:
-                    sandbox.cgroups.remove(launch.cgroup)
+                    sandbox.cgroups.release(launch.cgroup)
                 raise
             finally:
                 for fd in launch.close_after_start:
@@ -278,7 +278,7 @@ class HostExecutor(ProcessExecutor):
     def _release_cgroup(self, record: ManagedProcess) -> None:
         name = self._cgroup_of.pop(record.pid, None)
         if name is not None and self._sandbox is not None and self._sandbox.cgroups is not None:
-            self._sandbox.cgroups.remove(name)
+            self._sandbox.cgroups.release(name)
 
 
 async def _scoped_spawner() -> ThreadPoolExecutor:

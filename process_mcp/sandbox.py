@@ -198,8 +198,9 @@ class Sandbox:
         real = os.path.realpath(path)
         return real in _PRIVATE_DIRS or any(_within(real, root) for root in (*self._readable, *self.writable))
 
-    def wrap(self, command: str, cwd: str, env: dict[str, str], name: str) -> Launch:
-        """How to run ``command`` in the sandbox in ``cwd`` with exactly ``env``; ``name`` names its cgroups.
+    def wrap(self, command: str, cwd: str, env: dict[str, str]) -> Launch:
+        """How to run ``command`` in the sandbox in ``cwd`` with exactly ``env``; ``Launch.cgroup`` names
+        the cgroups it takes, to give back once the process has ended.
 
         Raises InvalidInput for a cwd the sandbox cannot see, SpawnFailed when a protection cannot be
         applied (the process is then not started).
@@ -239,10 +240,12 @@ class Sandbox:
             if self.cgroups is not None:
                 memory = self.config.max_memory_mb * 1024 * 1024
                 try:
-                    procs = self.cgroups.add(name, max_processes=self.config.max_processes, max_memory_bytes=memory)
+                    cgroup, procs = self.cgroups.acquire(
+                        max_processes=self.config.max_processes, max_memory_bytes=memory
+                    )
                 except OSError as exc:
                     raise SpawnFailed(f"the sandbox's cgroups could not be set up: {exc}") from None
-                args, cgroup = join_command(procs, args), name
+                args = join_command(procs, args)
         except BaseException:
             os.close(seccomp)
             raise
