@@ -91,7 +91,7 @@ PROTECTED_PATHS = (
 """Paths that make other programs run code later (git and its usual hook directories, editors, dev
 containers, direnv, shells, desktop sessions), read-only
 wherever they are found inside a writable root unless named in SANDBOX_ALLOW_PROTECTED. A ``.git`` that
-is a file (a worktree's pointer) is read-only itself."""
+is a file (a worktree's pointer), or a ``.git`` directory without ``hooks``, is read-only itself."""
 SANDBOX_PATH = "/usr/bin:/bin"
 """PATH of the launch chain inside the sandbox, which uses absolute paths anyway."""
 NOT_SEARCHED = frozenset({"node_modules", "__pycache__", ".venv", ".tox", ".mypy_cache", ".pytest_cache", ".cache"})
@@ -415,6 +415,8 @@ class _NameIndex:
                         found.append((entry.path, pattern))
                     elif os.path.lexists(target := os.path.join(entry.path, rest)):
                         found.append((target, pattern))
+                    elif pattern == ".git/hooks" and entry.is_dir(follow_symlinks=False):
+                        found.append((entry.path, pattern))  # no hooks directory: the whole .git, or one appears
                 if entry.name not in NOT_SEARCHED and entry.name != ".git" and entry.is_dir(follow_symlinks=False):
                     pending.append(entry.path)
         return found

@@ -301,6 +301,16 @@ async def test_files_that_run_code_later_cannot_be_planted_or_changed(box: Serve
     assert (workspace / "nested/deeper/lib/main.py").read_text() == "edited\n"
 
 
+async def test_a_repository_without_a_hooks_directory_cannot_get_one(box: Servers) -> None:
+    b: Box = await box()
+    _write_as(b, b.workspace / "repo/.git/config", "[core]\n")
+    _write_as(b, b.workspace / "repo/main.py", "print(1)\n")
+    output = await b.output("mkdir repo/.git/hooks && echo evil > repo/.git/hooks/pre-commit; echo 2 > repo/main.py")
+    assert "Read-only file system" in output
+    assert not (b.workspace / "repo/.git/hooks").exists()
+    assert (b.workspace / "repo/main.py").read_text() == "2\n"
+
+
 async def test_a_protected_path_can_be_allowed_explicitly(box: Servers) -> None:
     b: Box = await box(SANDBOX_ALLOW_PROTECTED=".vscode")
     _write_as(b, b.workspace / ".vscode/settings.json", "{}\n")
