@@ -192,7 +192,8 @@ class HostExecutor(ProcessExecutor):
     async def _close_backend(self) -> None:
         await self._watchdog.close()
         if self._spawner is not None:
-            self._spawner.shutdown(wait=False)
+            # Its thread only ever starts a process, so joining it is quick; nothing is left running.
+            await anyio.to_thread.run_sync(self._spawner.shutdown)
             self._spawner = None
         if self._sandbox is not None and self._sandbox.cgroups is not None:
             self._sandbox.cgroups.close()
