@@ -84,14 +84,16 @@ class ProcessMcpConfig(BaseModel):
 
     @model_validator(mode="after")
     def _default_workdir(self) -> ProcessMcpConfig:
-        if self.defaults.workdir is None:
+        # A container the user brings keeps its own working directory, which is known once it is found.
+        if self.defaults.workdir is None and not (self.mode == "docker" and self.docker.use_existing):
             self.defaults.workdir = DOCKER_WORKDIR if self.mode == "docker" else default_host_workspace()
         return self
 
     @property
     def workdir(self) -> str:
-        assert self.defaults.workdir is not None  # filled in by the validator
-        return self.defaults.workdir
+        """The configured default working directory; for an existing container without one, ``/`` until
+        the executor has read the container's own (``ProcessExecutor.workdir``)."""
+        return self.defaults.workdir or "/"
 
 
 def default_host_workspace() -> str:

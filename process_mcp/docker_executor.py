@@ -181,6 +181,11 @@ class DockerExecutor(ProcessExecutor):
             ) from None
         try:
             self._container = await self._ensure_container(self._client)
+            if self.config.docker.use_existing and self.config.defaults.workdir is None:
+                self.workdir = self._container.attrs.get("Config", {}).get("WorkingDir") or "/"
+                logger.info(
+                    "using the container's working directory %s (set DEFAULT_WORKDIR to change it)", self.workdir
+                )
             await self._take_lease()
             await self._sweep_dead_servers()
         except BaseException:
@@ -371,7 +376,7 @@ class DockerExecutor(ProcessExecutor):
         if outcome == "nocwd":
             raise InvalidInput(
                 f"cwd {record.cwd!r} does not exist or is not a directory in the container; pass an existing "
-                f"directory or omit cwd to use {self.config.workdir}"
+                f"directory or omit cwd to use {self.workdir}"
             )
         detail = handle.launch_output.strip() or f"exit code {handle.exit_code}"
         raise SpawnFailed(f"could not start {record.command!r} in the container (it needs /bin/sh): {detail}")

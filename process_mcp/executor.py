@@ -81,6 +81,8 @@ class ProcessExecutor(ABC):
 
     def __init__(self, config: ProcessMcpConfig) -> None:
         self.config = config
+        self.workdir = config.workdir
+        """Where processes run when a spawn gives no cwd, and what a relative cwd is taken from."""
         self._registry = ProcessRegistry(self.prefix, config.limits.keep_terminated)
         self._starting = 0  # spawns between the limit check and the registry, so concurrent ones count
 
@@ -289,7 +291,7 @@ class ProcessExecutor(ABC):
         if not command.strip():
             raise InvalidInput("command is empty; pass a shell command line such as 'ls -la'")
         _no_nul("command", command)
-        cwd = self.config.workdir
+        cwd = self.workdir
         if options.cwd is not None:
             _no_nul("cwd", options.cwd)
             if not options.cwd.strip():

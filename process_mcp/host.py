@@ -209,7 +209,7 @@ class HostExecutor(ProcessExecutor):
         if not await anyio.Path(record.cwd).is_dir():
             raise InvalidInput(
                 f"cwd {record.cwd!r} does not exist or is not a directory; pass an existing directory "
-                f"or omit cwd to use {self.config.workdir}"
+                f"or omit cwd to use {self.workdir}"
             )
         if self._sandbox_misconfigured:
             raise BackendUnavailable(f"the sandbox is misconfigured: {self._sandbox_problem}")

@@ -76,7 +76,7 @@ def register_tools(server: MCPServer, executor: ProcessExecutor) -> None:
     @server.tool(annotations=ToolAnnotations(destructive_hint=True, open_world_hint=True))
     async def spawn(
         command: Annotated[str, Field(description="Shell command line, run with /bin/sh -c.")],
-        cwd: Annotated[str | None, Field(description=f"Working directory (default {executor.config.workdir}).")] = None,
+        cwd: Annotated[str | None, Field(description=f"Working directory (default {executor.workdir}).")] = None,
         env: Annotated[
             dict[str, str] | None, Field(description="Environment variables to set for this command.")
         ] = None,

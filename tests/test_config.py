@@ -37,6 +37,14 @@ def test_the_docker_workdir_defaults_to_home_agent() -> None:
     assert load_config({"PROCESS_MODE": "docker"}).workdir == "/home/agent"
 
 
+def test_an_existing_containers_workdir_is_left_to_the_container() -> None:
+    config = load_config({"PROCESS_MODE": "docker", "DOCKER_USE_EXISTING": "true"})
+    assert config.defaults.workdir is None
+    assert (
+        load_config({"PROCESS_MODE": "docker", "DOCKER_USE_EXISTING": "true", "DEFAULT_WORKDIR": "/w"}).workdir == "/w"
+    )
+
+
 def test_variables_are_read_and_lists_split_on_commas() -> None:
     config = load_config(
         {

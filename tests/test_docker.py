@@ -17,7 +17,7 @@ import anyio.to_thread
 import pytest
 from mcp import Client, StdioServerParameters
 
-from process_mcp import BackendUnavailable, SpawnOptions, create_process_mcp
+from process_mcp import BackendUnavailable, SpawnOptions, create_process_mcp, load_config
 from process_mcp.docker_executor import DockerExecutor
 
 from .conftest import BUSYBOX_IMAGE, DEBIAN_IMAGE, TEST_LABELS, docker_config, unique_name
@@ -154,6 +154,40 @@ async def test_an_existing_container_is_started_used_and_left_alone(engine: Dock
     assert container.status == "running"
     assert await matching_pids(container, "^NOT_OURS=1$"), "a process the server did not start was ended"
     assert not await matching_pids(container, f"^{executor.marker()}")
+
+
+@pytest.mark.parametrize(
+    ("image", "working_dir", "expected"),
+    [(DEBIAN_IMAGE, None, "/"), (DEBIAN_IMAGE, "/srv", "/srv"), (BUSYBOX_IMAGE, "/tmp", "/tmp")],
+    ids=["stock-no-workdir", "custom-workdir", "no-bash"],
+)
+async def test_an_existing_container_works_on_the_first_spawn_in_its_own_working_directory(
+    engine: DockerClient, made: Made, image: str, working_dir: str | None, expected: str
+) -> None:
+    """As a user brings one: `docker run -d [-w DIR] IMAGE tail -f /dev/null`, and nothing but the
+    variables that name it (no DEFAULT_WORKDIR, no /home/agent in the image)."""
+    await anyio.to_thread.run_sync(
+        lambda: engine.containers.run(
+            image,
+            ["tail", "-f", "/dev/null"],
+            name=made.container,
+            labels=TEST_LABELS,
+            init=True,
+            detach=True,
+            working_dir=working_dir,
+        )
+    )
+    config = load_config({"PROCESS_MODE": "docker", "DOCKER_USE_EXISTING": "true", "DOCKER_CONTAINER": made.container})
+    executor = DockerExecutor(config)
+    await executor.start()
+    try:
+        first = await executor.spawn(SpawnOptions(command="pwd; ls >/dev/null && echo listed"))
+        assert (first.exit_code, first.stdout) == (0, f"{expected}\nlisted\n")
+        relative = await executor.spawn(SpawnOptions(command="pwd", cwd="."))
+        assert relative.stdout == f"{expected}\n"
+        assert executor.workdir == expected
+    finally:
+        await executor.cleanup()
 
 
 @pytest.mark.parametrize("fault", ["kill", "stop", "remove"])
