@@ -44,6 +44,11 @@ class DockerConfig(BaseModel):
     memory: str = "512m"
     cpus: float = Field(1.0, gt=0)
     pids_limit: int = Field(4096, gt=0)
+    cap_add: list[str] = Field(
+        default_factory=list, description="Capabilities added to the created container beyond the few it keeps."
+    )
+    network: str = Field("bridge", min_length=1, description="bridge, none, or the name of a Docker network.")
+    read_only: bool = Field(False, description="A read-only root filesystem; the volume and the tmpfs stay writable.")
 
 
 class SandboxConfig(BaseModel):
@@ -136,6 +141,9 @@ class _Environment(BaseSettings):
     DOCKER_MEMORY: str = "512m"
     DOCKER_CPUS: float = Field(1.0, gt=0)
     DOCKER_PIDS_LIMIT: int = Field(4096, gt=0)
+    DOCKER_CAP_ADD: CommaList = Field(default_factory=list)
+    DOCKER_NETWORK: str = Field("bridge", min_length=1)
+    DOCKER_READ_ONLY: bool = False
     SANDBOX_ENABLED: bool = True
     SANDBOX_REQUIRED: bool = False
     SANDBOX_ALLOWED_DOMAINS: CommaList = Field(default_factory=lambda: ["*"])
@@ -159,6 +167,7 @@ class _Environment(BaseSettings):
         "SANDBOX_DENY_WRITE",
         "SANDBOX_ALLOW_PROTECTED",
         "PROCESS_ENV_PASSTHROUGH",
+        "DOCKER_CAP_ADD",
         mode="before",
     )
     @classmethod
@@ -201,6 +210,9 @@ def load_config(environ: dict[str, str] | None = None) -> ProcessMcpConfig:
             memory=env.DOCKER_MEMORY,
             cpus=env.DOCKER_CPUS,
             pids_limit=env.DOCKER_PIDS_LIMIT,
+            cap_add=env.DOCKER_CAP_ADD,
+            network=env.DOCKER_NETWORK,
+            read_only=env.DOCKER_READ_ONLY,
         ),
         sandbox=SandboxConfig(
             enabled=env.SANDBOX_ENABLED,

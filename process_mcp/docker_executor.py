@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 import anyio.to_thread
 
-from .config import DOCKER_WORKDIR, ProcessMcpConfig
+from .config import DOCKER_WORKDIR, DockerConfig, ProcessMcpConfig
 from .errors import BackendUnavailable, InvalidInput, KillFailed, SpawnFailed, StdinFailed
 from .executor import ProcessExecutor, ProcessHandle
 from .models import TERMINAL_COLS, TERMINAL_ROWS, TTY_TERM
@@ -66,6 +66,10 @@ MARKER_VAR = "PROCESS_MCP_ID"
 LEASE_VAR = "PROCESS_MCP_LEASE"
 MANAGED_LABEL = "process-mcp.managed"
 TMPFS_OPTIONS = "rw,size=100m,noexec,nosuid"
+KEPT_CAPABILITIES = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "SETUID", "SETGID", "KILL")
+"""What the created container keeps of Docker's default set: what a root package install needs (dpkg
+sets owners and modes, apt drops to its _apt user) and KILL, so kill and shutdown reach processes of
+other users in it. Dropped: MKNOD, NET_RAW, NET_BIND_SERVICE, SETPCAP, SETFCAP, SYS_CHROOT, AUDIT_WRITE."""
 
 # $1 cwd, $2 handshake, $3 the command. Printing the handshake only once `cd` succeeded lets
 # spawn tell "no such directory" from "started" before it returns, without a second exec.
@@ -127,6 +131,31 @@ def _default_client() -> DockerClient:
         api.mount("http+docker://", roomy)
         adapter.close()
     return client
+
+
+def container_options(cfg: DockerConfig, labels: Mapping[str, str]) -> dict[str, Any]:
+    """What ``containers.create`` gets for the container this server makes: limits, and the hardening
+    the README's table lists (capabilities, no new privileges, network, read-only root)."""
+    return {
+        "image": cfg.image,
+        "command": ["tail", "-f", "/dev/null"],
+        "name": cfg.container_name,
+        "labels": dict(labels),
+        "mem_limit": cfg.memory,
+        "memswap_limit": cfg.memory,  # equal: no swap beyond the memory limit
+        "nano_cpus": int(cfg.cpus * 1e9),
+        "pids_limit": cfg.pids_limit,
+        "privileged": False,
+        "cap_drop": ["ALL"],
+        "cap_add": sorted({*KEPT_CAPABILITIES, *(c.upper().removeprefix("CAP_") for c in cfg.cap_add)}),
+        "security_opt": ["no-new-privileges"],
+        "network_mode": cfg.network,
+        "read_only": cfg.read_only,
+        "init": True,  # reaps the orphans that exec'd processes leave behind
+        "tmpfs": {"/tmp": TMPFS_OPTIONS, "/var/tmp": TMPFS_OPTIONS},
+        "volumes": {cfg.volume_name: {"bind": DOCKER_WORKDIR, "mode": "rw"}},
+        "working_dir": DOCKER_WORKDIR,
+    }
 
 
 class DockerExecutor(ProcessExecutor):
@@ -280,23 +309,8 @@ class DockerExecutor(ProcessExecutor):
                 await anyio.to_thread.run_sync(client.volumes.get, cfg.volume_name)
             except docker.errors.NotFound:
                 await anyio.to_thread.run_sync(lambda: client.volumes.create(cfg.volume_name, labels=self._labels))
-            container = await anyio.to_thread.run_sync(
-                lambda: client.containers.create(
-                    cfg.image,
-                    ["tail", "-f", "/dev/null"],
-                    name=cfg.container_name,
-                    labels=self._labels,
-                    mem_limit=cfg.memory,
-                    memswap_limit=cfg.memory,  # equal: no swap beyond the memory limit
-                    nano_cpus=int(cfg.cpus * 1e9),
-                    pids_limit=cfg.pids_limit,
-                    privileged=False,
-                    init=True,  # reaps the orphans that exec'd processes leave behind
-                    tmpfs={"/tmp": TMPFS_OPTIONS, "/var/tmp": TMPFS_OPTIONS},
-                    volumes={cfg.volume_name: {"bind": DOCKER_WORKDIR, "mode": "rw"}},
-                    working_dir=DOCKER_WORKDIR,
-                )
-            )
+            options = container_options(cfg, self._labels)
+            container = await anyio.to_thread.run_sync(lambda: client.containers.create(**options))
         except docker.errors.APIError as exc:
             if exc.status_code == 409:  # another server created it first: use theirs
                 return await anyio.to_thread.run_sync(client.containers.get, cfg.container_name)
@@ -304,7 +318,18 @@ class DockerExecutor(ProcessExecutor):
         except _docker_errors() as exc:
             raise BackendUnavailable(f"cannot create container {cfg.container_name!r}: {_reason(exc)}") from None
         self._created = True
-        logger.info("created container %s from %s", cfg.container_name, cfg.image)
+        logger.info(
+            "created container %s from %s: memory %s, cpus %g, pids %d, network %s, %s root, capabilities %s, "
+            "no-new-privileges",
+            cfg.container_name,
+            cfg.image,
+            cfg.memory,
+            cfg.cpus,
+            cfg.pids_limit,
+            cfg.network,
+            "read-only" if cfg.read_only else "writable",
+            ",".join(options["cap_add"]),
+        )
         return container
 
     async def _ensure_image(self, client: DockerClient) -> None:

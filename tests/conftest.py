@@ -114,19 +114,18 @@ async def engine(docker_client: DockerClient) -> DockerClient:
 
 @pytest.fixture(scope="session")
 def shared_container(docker_client: DockerClient) -> Iterator[Container]:
-    """One container for the whole contract suite; each test gets its own directory in it."""
+    """One container for the whole contract suite, made as the server makes its own; each test gets its own
+    directory in it."""
     name = unique_name("shared")
     volume = docker_client.volumes.create(unique_name("shared-vol"), labels=TEST_LABELS)
-    container = docker_client.containers.run(
-        DEBIAN_IMAGE,
-        ["tail", "-f", "/dev/null"],
-        name=name,
-        labels=TEST_LABELS,
-        init=True,
-        detach=True,
-        volumes={volume.name: {"bind": "/home/agent", "mode": "rw"}},
-        working_dir="/home/agent",
+    from process_mcp.docker_executor import container_options
+
+    # The options the server uses for the container it creates (limits and hardening), so the contract
+    # suite runs on that container; the tests use it as an existing one.
+    options = container_options(
+        DockerConfig(image=DEBIAN_IMAGE, container_name=name, volume_name=str(volume.name)), TEST_LABELS
     )
+    container = docker_client.containers.run(**options, detach=True)
     try:
         yield container
     finally:

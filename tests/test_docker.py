@@ -6,10 +6,14 @@ Containers and volumes made here are labelled ``process-mcp.test=true`` and remo
 from __future__ import annotations
 
 import contextlib
+import io
+import os
 import signal
 import subprocess
 import sys
+import tarfile
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
@@ -18,7 +22,7 @@ import pytest
 from mcp import Client, StdioServerParameters
 
 from process_mcp import BackendUnavailable, SpawnOptions, create_process_mcp, load_config
-from process_mcp.docker_executor import DockerExecutor
+from process_mcp.docker_executor import KEPT_CAPABILITIES, DockerExecutor
 
 from .conftest import BUSYBOX_IMAGE, DEBIAN_IMAGE, TEST_LABELS, docker_config, unique_name
 from .helpers import POLL_S, WAIT_S, sleep_argument, wait_for_output
@@ -100,7 +104,10 @@ async def test_the_container_it_creates_has_the_documented_limits(engine: Docker
         assert host["PidsLimit"] == 4096
         assert host["Init"] is True
         assert host["Privileged"] is False
-        assert not host["CapAdd"]
+        assert host["CapDrop"] == ["ALL"]
+        assert sorted(host["CapAdd"]) == sorted(KEPT_CAPABILITIES)
+        assert host["SecurityOpt"] == ["no-new-privileges"]
+        assert (host["NetworkMode"], host["ReadonlyRootfs"]) == ("bridge", False)
         assert host["Tmpfs"] == {"/tmp": "rw,size=100m,noexec,nosuid", "/var/tmp": "rw,size=100m,noexec,nosuid"}
         mounts = [(m["Type"], m["Name"], m["Destination"]) for m in attrs["Mounts"]]
         assert mounts == [("volume", made.volume, "/home/agent")]
@@ -108,6 +115,81 @@ async def test_the_container_it_creates_has_the_documented_limits(engine: Docker
         assert attrs["Config"]["Cmd"] == ["tail", "-f", "/dev/null"]
         assert attrs["Config"]["Labels"] == {"process-mcp.managed": "true", **TEST_LABELS}
         assert (await executor.spawn(SpawnOptions(command="pwd"))).stdout == "/home/agent\n"
+    finally:
+        await executor.cleanup()
+
+
+# Linux capability numbers (linux/capability.h) of what the created container keeps.
+CAPABILITY_BITS = {"CHOWN": 0, "DAC_OVERRIDE": 1, "FOWNER": 3, "FSETID": 4, "KILL": 5, "SETGID": 6, "SETUID": 7}
+
+
+async def test_processes_in_the_created_container_have_only_the_kept_capabilities_and_no_new_privileges(
+    engine: DockerClient, made: Made
+) -> None:
+    executor = created_executor(made)
+    await executor.start()
+    try:
+        status = await executor.spawn(SpawnOptions(command="grep -E '^(CapEff|CapBnd|NoNewPrivs):' /proc/self/status"))
+        fields = dict(line.split(":\t") for line in status.stdout.strip().splitlines())
+        expected = sum(1 << bit for bit in CAPABILITY_BITS.values())
+        assert int(fields["CapBnd"], 16) == int(fields["CapEff"], 16) == expected
+        assert fields["NoNewPrivs"] == "1"
+        refused = await executor.spawn(SpawnOptions(command="mknod /home/agent/dev c 1 3; echo exit=$?"))
+        assert "Operation not permitted" in refused.stdout + refused.stderr
+        allowed = await executor.spawn(SpawnOptions(command="touch f && chown 1234:1234 f && stat -c %u f"))
+        assert allowed.stdout == "1234\n"
+    finally:
+        await executor.cleanup()
+
+
+async def test_a_root_package_install_works_with_the_kept_capabilities(
+    engine: DockerClient, made: Made, tmp_path: Path
+) -> None:
+    """dpkg -i of a package (built here, no registry) whose files belong to another user and have a
+    setgid mode: it needs CHOWN, FOWNER, FSETID and DAC_OVERRIDE."""
+    root = tmp_path / "pkg"
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "DEBIAN" / "control").write_text(
+        "Package: process-mcp-test-pkg\nVersion: 1.0\nArchitecture: all\nMaintainer: tests <t@example.invalid>\n"
+        "Description: a package the Docker tests install\n"
+    )
+    shared = root / "opt" / "process-mcp-test" / "shared"
+    shared.mkdir(parents=True)
+    (shared / "data").write_text("installed\n")
+    for path in (shared, shared / "data"):
+        os.chown(path, 1234, 1234)
+    shared.chmod(0o2775)
+    deb = tmp_path / "pkg.deb"
+    await anyio.run_process(["dpkg-deb", "--build", str(root), str(deb)])
+    executor = created_executor(made)
+    await executor.start()
+    try:
+        archive = io.BytesIO()
+        with tarfile.open(fileobj=archive, mode="w") as tar:
+            tar.add(deb, arcname="pkg.deb")
+        container = await anyio.to_thread.run_sync(engine.containers.get, made.container)
+        assert await anyio.to_thread.run_sync(container.put_archive, "/home/agent", archive.getvalue())
+        installed = "/opt/process-mcp-test/shared"
+        command = f"dpkg -i pkg.deb && stat -c '%u %a' {installed} && cat {installed}/data"
+        result = await executor.spawn(SpawnOptions(command=command, timeout_ms=30000))
+        assert result.exit_code == 0, result.stdout + result.stderr
+        assert result.stdout.endswith("1234 2775\ninstalled\n")
+    finally:
+        await executor.cleanup()
+
+
+async def test_a_read_only_root_and_no_network_when_asked(engine: DockerClient, made: Made) -> None:
+    config = docker_config(made.container, image=DEBIAN_IMAGE, volume_name=made.volume, read_only=True, network="none")
+    executor = DockerExecutor(config, labels=TEST_LABELS)
+    await executor.start()
+    try:
+        writes = await executor.spawn(
+            SpawnOptions(command="echo x > /etc/planted; echo ok > /home/agent/f && echo ok > /tmp/f && cat /tmp/f")
+        )
+        assert "Read-only file system" in writes.stderr
+        assert writes.stdout == "ok\n"
+        routes = await executor.spawn(SpawnOptions(command="tail -n +2 /proc/net/route; ls /sys/class/net"))
+        assert routes.stdout == "lo\n"  # no route and no interface but loopback
     finally:
         await executor.cleanup()
 
