@@ -49,6 +49,11 @@ class DockerConfig(BaseModel):
     )
     network: str = Field("bridge", min_length=1, description="bridge, none, or the name of a Docker network.")
     read_only: bool = Field(False, description="A read-only root filesystem; the volume and the tmpfs stay writable.")
+    user: str = Field(
+        "1000:1000",
+        pattern=r"^([0-9]+(:[0-9]+)?|[a-z_][a-z0-9_-]*(:[a-z_][a-z0-9_-]*)?)$",
+        description="Who processes in the created container run as (uid:gid or a name; root for root).",
+    )
 
 
 class SandboxConfig(BaseModel):
@@ -144,6 +149,7 @@ class _Environment(BaseSettings):
     DOCKER_CAP_ADD: CommaList = Field(default_factory=list)
     DOCKER_NETWORK: str = Field("bridge", min_length=1)
     DOCKER_READ_ONLY: bool = False
+    DOCKER_USER: str = Field("1000:1000", pattern=r"^([0-9]+(:[0-9]+)?|[a-z_][a-z0-9_-]*(:[a-z_][a-z0-9_-]*)?)$")
     SANDBOX_ENABLED: bool = True
     SANDBOX_REQUIRED: bool = False
     SANDBOX_ALLOWED_DOMAINS: CommaList = Field(default_factory=lambda: ["*"])
@@ -213,6 +219,7 @@ def load_config(environ: dict[str, str] | None = None) -> ProcessMcpConfig:
             cap_add=env.DOCKER_CAP_ADD,
             network=env.DOCKER_NETWORK,
             read_only=env.DOCKER_READ_ONLY,
+            user=env.DOCKER_USER,
         ),
         sandbox=SandboxConfig(
             enabled=env.SANDBOX_ENABLED,

@@ -66,6 +66,7 @@ MARKER_VAR = "PROCESS_MCP_ID"
 LEASE_VAR = "PROCESS_MCP_LEASE"
 MANAGED_LABEL = "process-mcp.managed"
 TMPFS_OPTIONS = "rw,size=100m,noexec,nosuid"
+_OWN_HOME = f'd={DOCKER_WORKDIR}; if [ "$(stat -c %u "$d")" = 0 ]; then chown -R "$1" "$d"; else chown "$1" "$d"; fi'
 KEPT_CAPABILITIES = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "SETUID", "SETGID", "KILL")
 """What the created container keeps of Docker's default set: what a root package install needs (dpkg
 sets owners and modes, apt drops to its _apt user) and KILL, so kill and shutdown reach processes of
@@ -151,6 +152,7 @@ def container_options(cfg: DockerConfig, labels: Mapping[str, str]) -> dict[str,
         "security_opt": ["no-new-privileges"],
         "network_mode": cfg.network,
         "read_only": cfg.read_only,
+        "environment": {"HOME": DOCKER_WORKDIR},
         "init": True,  # reaps the orphans that exec'd processes leave behind
         "tmpfs": {"/tmp": TMPFS_OPTIONS, "/var/tmp": TMPFS_OPTIONS},
         "volumes": {cfg.volume_name: {"bind": DOCKER_WORKDIR, "mode": "rw"}},
@@ -229,7 +231,9 @@ class DockerExecutor(ProcessExecutor):
 
         def start_lease() -> Any:
             command = ["/bin/sh", "-c", _LEASE_SCRIPT]
-            exec_id = api.exec_create(container_id, command, stdin=True, environment={LEASE_VAR: self._token})["Id"]
+            exec_id = api.exec_create(
+                container_id, command, stdin=True, environment={LEASE_VAR: self._token}, user=self.exec_user
+            )["Id"]
             sock: Any = api.exec_start(exec_id, socket=True)
             raw: socket.socket = getattr(sock, "_sock", sock)
             raw.settimeout(LAUNCH_TIMEOUT_S)
@@ -259,7 +263,9 @@ class DockerExecutor(ProcessExecutor):
         assert container is not None
         try:
             result = await anyio.to_thread.run_sync(
-                lambda: container.exec_run(["/bin/sh", "-c", _SWEEP_SCRIPT], stdin=False, tty=False)
+                lambda: container.exec_run(
+                    ["/bin/sh", "-c", _SWEEP_SCRIPT], stdin=False, tty=False, user=self.exec_user
+                )
             )
         except _docker_errors() as exc:
             logger.warning("could not look for processes left by servers that died: %s", _reason(exc))
@@ -297,7 +303,34 @@ class DockerExecutor(ProcessExecutor):
                 f"container {name!r} stopped right after starting (status {container.status}); its main "
                 "command must keep running, e.g. `tail -f /dev/null`"
             )
+        if not cfg.use_existing:
+            await self._own_home(container)
         return container
+
+    @property
+    def exec_user(self) -> str:
+        """Who every exec runs as: DOCKER_USER in the container this server made (its processes, and the
+        lease, sweep and kill scripts, which read their environments and so must be the same user), the
+        container's own user ("") in an existing one."""
+        return "" if self.config.docker.use_existing else self.config.docker.user
+
+    async def _own_home(self, container: Container) -> None:
+        """Give /home/agent (the volume) to DOCKER_USER, so its processes can write their home. A volume
+        that root owns (new, or from a root-run version) is handed over whole; otherwise only its top."""
+        user = self.config.docker.user
+        if user.partition(":")[0] in ("root", "0"):
+            return
+        try:
+            result = await anyio.to_thread.run_sync(
+                lambda: container.exec_run(["/bin/sh", "-c", _OWN_HOME, "sh", user], user="root", stdin=False)
+            )
+        except _docker_errors() as exc:
+            raise BackendUnavailable(f"cannot give {DOCKER_WORKDIR} to {user}: {_reason(exc)}") from None
+        if result.exit_code != 0:
+            output = result.output if isinstance(result.output, bytes) else b""
+            raise BackendUnavailable(
+                f"cannot give {DOCKER_WORKDIR} to DOCKER_USER={user}: {output.decode(errors='replace').strip()}"
+            )
 
     async def _create_container(self, client: DockerClient) -> Container:
         import docker.errors
@@ -371,7 +404,7 @@ class DockerExecutor(ProcessExecutor):
         def create_and_start() -> tuple[str, Any]:
             assert self._container is not None
             exec_id: str = api.exec_create(
-                self._container.id, command, stdin=True, tty=record.tty, environment=environment
+                self._container.id, command, stdin=True, tty=record.tty, environment=environment, user=self.exec_user
             )["Id"]
             # docker-py's stubs type this as bytes; with socket=True it is the hijacked socket's wrapper.
             sock: Any = api.exec_start(exec_id, socket=True, tty=record.tty)
@@ -464,7 +497,8 @@ class DockerExecutor(ProcessExecutor):
         with anyio.move_on_after(SIGNAL_TIMEOUT_S):
             try:
                 result = await anyio.to_thread.run_sync(
-                    lambda: container.exec_run(command, stdin=False, tty=False), abandon_on_cancel=True
+                    lambda: container.exec_run(command, stdin=False, tty=False, user=self.exec_user),
+                    abandon_on_cancel=True,
                 )
             except _docker_errors() as exc:
                 reason = _reason(exc)

@@ -77,17 +77,19 @@ async def shared(shared_container: Container) -> AsyncIterator[DockerExecutor]:
         await executor.cleanup()
 
 
-async def matching_pids(container: Container, pattern: str) -> list[str]:
+async def matching_pids(container: Container, pattern: str, user: str = "") -> list[str]:
+    """Pids whose environment matches ``pattern``, looked for as ``user``: only the processes' own user
+    (or a root with CAP_SYS_PTRACE, which the created container drops) may read their environments."""
     result = await anyio.to_thread.run_sync(
-        lambda: container.exec_run(["/bin/sh", "-c", _MATCHING_PIDS, "sh", pattern])
+        lambda: container.exec_run(["/bin/sh", "-c", _MATCHING_PIDS, "sh", pattern], user=user, stderr=False)
     )
     assert result.exit_code == 0, result.output
     return result.output.decode().split()
 
 
-async def wait_until_none_match(container: Container, pattern: str) -> None:
+async def wait_until_none_match(container: Container, pattern: str, user: str = "") -> None:
     with anyio.move_on_after(WAIT_S):
-        while await matching_pids(container, pattern):
+        while await matching_pids(container, pattern, user):
             await anyio.sleep(POLL_S)
         return
     pytest.fail(f"processes matching {pattern!r} still run in the container after {WAIT_S}s")
@@ -114,7 +116,9 @@ async def test_the_container_it_creates_has_the_documented_limits(engine: Docker
         assert attrs["Config"]["WorkingDir"] == "/home/agent"
         assert attrs["Config"]["Cmd"] == ["tail", "-f", "/dev/null"]
         assert attrs["Config"]["Labels"] == {"process-mcp.managed": "true", **TEST_LABELS}
-        assert (await executor.spawn(SpawnOptions(command="pwd"))).stdout == "/home/agent\n"
+        assert attrs["Config"]["User"] == ""  # root for the lease and kill; processes run as DOCKER_USER
+        who = await executor.spawn(SpawnOptions(command="pwd; id -u; echo $HOME; echo ok > mine && cat mine"))
+        assert who.stdout == "/home/agent\n1000\n/home/agent\nok\n"
     finally:
         await executor.cleanup()
 
@@ -123,15 +127,26 @@ async def test_the_container_it_creates_has_the_documented_limits(engine: Docker
 CAPABILITY_BITS = {"CHOWN": 0, "DAC_OVERRIDE": 1, "FOWNER": 3, "FSETID": 4, "KILL": 5, "SETGID": 6, "SETUID": 7}
 
 
-async def test_processes_in_the_created_container_have_only_the_kept_capabilities_and_no_new_privileges(
+async def test_the_created_container_runs_processes_unprivileged_with_only_the_kept_capabilities_for_root(
     engine: DockerClient, made: Made
 ) -> None:
-    executor = created_executor(made)
+    expected = sum(1 << bit for bit in CAPABILITY_BITS.values())
+    probe = "grep -E '^(CapEff|CapBnd|NoNewPrivs):' /proc/self/status"
+    unprivileged = created_executor(made)
+    await unprivileged.start()
+    try:  # the default user has none of them
+        status = await unprivileged.spawn(SpawnOptions(command=probe))
+        fields = dict(line.split(":\t") for line in status.stdout.strip().splitlines())
+        assert (int(fields["CapBnd"], 16), int(fields["CapEff"], 16), fields["NoNewPrivs"]) == (expected, 0, "1")
+    finally:
+        await unprivileged.cleanup()
+    executor = DockerExecutor(
+        docker_config(made.container, image=DEBIAN_IMAGE, volume_name=made.volume, user="root"), labels=TEST_LABELS
+    )
     await executor.start()
     try:
-        status = await executor.spawn(SpawnOptions(command="grep -E '^(CapEff|CapBnd|NoNewPrivs):' /proc/self/status"))
+        status = await executor.spawn(SpawnOptions(command=probe))
         fields = dict(line.split(":\t") for line in status.stdout.strip().splitlines())
-        expected = sum(1 << bit for bit in CAPABILITY_BITS.values())
         assert int(fields["CapBnd"], 16) == int(fields["CapEff"], 16) == expected
         assert fields["NoNewPrivs"] == "1"
         refused = await executor.spawn(SpawnOptions(command="mknod /home/agent/dev c 1 3; echo exit=$?"))
@@ -142,7 +157,7 @@ async def test_processes_in_the_created_container_have_only_the_kept_capabilitie
         await executor.cleanup()
 
 
-async def test_a_root_package_install_works_with_the_kept_capabilities(
+async def test_a_root_package_install_works_with_docker_user_root_and_the_kept_capabilities(
     engine: DockerClient, made: Made, tmp_path: Path
 ) -> None:
     """dpkg -i of a package (built here, no registry) whose files belong to another user and have a
@@ -161,7 +176,8 @@ async def test_a_root_package_install_works_with_the_kept_capabilities(
     shared.chmod(0o2775)
     deb = tmp_path / "pkg.deb"
     await anyio.run_process(["dpkg-deb", "--build", str(root), str(deb)])
-    executor = created_executor(made)
+    config = docker_config(made.container, image=DEBIAN_IMAGE, volume_name=made.volume, user="root")
+    executor = DockerExecutor(config, labels=TEST_LABELS)
     await executor.start()
     try:
         archive = io.BytesIO()
@@ -342,10 +358,12 @@ async def test_an_image_without_bash_runs_commands_terminals_and_kills(engine: D
         assert (await executor.spawn(SpawnOptions(command="stty size", tty=True))).stdout == "30 120"
         tree = await executor.spawn(SpawnOptions(command="sleep 300 & sleep 301 & echo started; wait", background=True))
         await wait_for_output(executor, tree.pid, "started")
+        container = await anyio.to_thread.run_sync(engine.containers.get, made.container)
+        tree_pattern = f"^{executor.marker(tree.pid)}$"
+        assert len(await matching_pids(container, tree_pattern, executor.exec_user)) == 3  # sh, both sleeps
         killed = await executor.kill(tree.pid, "KILL")
         assert (killed.status, killed.signal, killed.exit_code) == ("terminated", "SIGKILL", 137)
-        container = await anyio.to_thread.run_sync(engine.containers.get, made.container)
-        await wait_until_none_match(container, f"^{executor.marker(tree.pid)}$")
+        await wait_until_none_match(container, tree_pattern, executor.exec_user)
     finally:
         await executor.cleanup()
 
