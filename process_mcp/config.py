@@ -49,6 +49,10 @@ class DockerConfig(BaseModel):
     )
     network: str = Field("bridge", min_length=1, description="bridge, none, or the name of a Docker network.")
     read_only: bool = Field(False, description="A read-only root filesystem; the volume and the tmpfs stay writable.")
+    engine: dict[str, str] = Field(
+        default_factory=dict,
+        description="DOCKER_HOST, DOCKER_TLS_VERIFY and DOCKER_CERT_PATH, as set: how to reach the engine.",
+    )
     user: str = Field(
         "1000:1000",
         pattern=r"^([0-9]+(:[0-9]+)?|[a-z_][a-z0-9_-]*(:[a-z_][a-z0-9_-]*)?)$",
@@ -149,6 +153,9 @@ class _Environment(BaseSettings):
     DOCKER_CAP_ADD: CommaList = Field(default_factory=list)
     DOCKER_NETWORK: str = Field("bridge", min_length=1)
     DOCKER_READ_ONLY: bool = False
+    DOCKER_HOST: str | None = None
+    DOCKER_TLS_VERIFY: str | None = None
+    DOCKER_CERT_PATH: str | None = None
     DOCKER_USER: str = Field("1000:1000", pattern=r"^([0-9]+(:[0-9]+)?|[a-z_][a-z0-9_-]*(:[a-z_][a-z0-9_-]*)?)$")
     SANDBOX_ENABLED: bool = True
     SANDBOX_REQUIRED: bool = False
@@ -220,6 +227,15 @@ def load_config(environ: dict[str, str] | None = None) -> ProcessMcpConfig:
             network=env.DOCKER_NETWORK,
             read_only=env.DOCKER_READ_ONLY,
             user=env.DOCKER_USER,
+            engine={
+                name: value
+                for name, value in (
+                    ("DOCKER_HOST", env.DOCKER_HOST),
+                    ("DOCKER_TLS_VERIFY", env.DOCKER_TLS_VERIFY),
+                    ("DOCKER_CERT_PATH", env.DOCKER_CERT_PATH),
+                )
+                if value is not None
+            },
         ),
         sandbox=SandboxConfig(
             enabled=env.SANDBOX_ENABLED,

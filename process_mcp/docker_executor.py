@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 UNIX_URL_POOLS = 1024
-"""Connection pools (one per URL) docker-py may keep over a Unix socket; see _default_client."""
+"""Connection pools (one per URL) docker-py may keep over a Unix socket; see engine_client."""
 UNIX_POOL_CONNECTIONS = 64
 """Idle connections kept per pool: more than the worker threads that can call the engine at once."""
 DOCKER_API_TIMEOUT_S = 30
@@ -111,12 +111,13 @@ def _docker_errors() -> tuple[type[BaseException], ...]:
     return docker.errors.DockerException, requests.exceptions.RequestException
 
 
-def _default_client() -> DockerClient:
+def engine_client(engine: Mapping[str, str]) -> DockerClient:
+    """A docker-py client for the engine ``engine`` names (DOCKER_HOST, DOCKER_TLS_VERIFY,
+    DOCKER_CERT_PATH as the configuration read them; none: the local socket)."""
     import docker
     from docker.transport import UnixHTTPAdapter
 
-    # from_env honours DOCKER_HOST, DOCKER_TLS_VERIFY, DOCKER_CERT_PATH and the current context.
-    client = docker.from_env(timeout=DOCKER_API_TIMEOUT_S)
+    client = docker.from_env(timeout=DOCKER_API_TIMEOUT_S, environment=dict(engine))
     # Over a Unix socket docker-py keeps one connection pool per URL, and each exec has its own URLs,
     # in an LRU of 25 that closes the pools it evicts, even while another thread is using one (seen
     # with 100 spawns at once). An LRU far larger than the calls that can be in flight avoids that.
@@ -163,8 +164,8 @@ def container_options(cfg: DockerConfig, labels: Mapping[str, str]) -> dict[str,
 class DockerExecutor(ProcessExecutor):
     """Runs processes as execs in one long-lived container (see ``config.docker``).
 
-    ``client_factory`` builds the docker-py client (default: ``docker.from_env()``, which reads
-    DOCKER_HOST and friends); ``labels`` are added to the container and volume it creates.
+    ``client_factory`` builds the docker-py client (default: ``engine_client`` for ``config.docker.engine``);
+    ``labels`` are added to the container and volume it creates.
     """
 
     prefix = "docker"
@@ -177,7 +178,7 @@ class DockerExecutor(ProcessExecutor):
         labels: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(config)
-        self._client_factory = client_factory or _default_client
+        self._client_factory = client_factory or (lambda: engine_client(config.docker.engine))
         self._labels = {MANAGED_LABEL: "true", **(labels or {})}
         self._token = secrets.token_hex(8)
         self._client: DockerClient | None = None
@@ -204,6 +205,7 @@ class DockerExecutor(ProcessExecutor):
         try:
             self._client = await anyio.to_thread.run_sync(self._client_factory)
             await anyio.to_thread.run_sync(self._client.ping)
+            logger.info("Docker engine at %s", self._client.api.base_url)
         except errors as exc:
             self._release_client()
             raise BackendUnavailable(

@@ -405,6 +405,17 @@ async def test_shutdown_leaves_no_stray_processes_in_the_container(
     await wait_until_none_match(shared_container, f"^{shared.marker()}")
 
 
+async def test_the_engine_is_the_one_the_configuration_names(engine: DockerClient, tmp_path: Path) -> None:
+    socket = "unix:///var/run/docker.sock"  # where scripts/docker-engine.sh's engine listens
+    base = {"PROCESS_MODE": "docker", "DOCKER_USE_EXISTING": "true", "DOCKER_CONTAINER": unique_name("none")}
+    missing = DockerExecutor(load_config({**base, "DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock"}))
+    with pytest.raises(BackendUnavailable, match="cannot reach the Docker engine"):
+        await missing.start()
+    named = DockerExecutor(load_config({**base, "DOCKER_HOST": socket}))
+    with pytest.raises(BackendUnavailable, match="does not exist"):  # reached the engine, found no container
+        await named.start()
+
+
 async def test_an_unreachable_engine_is_backend_unavailable(made: Made) -> None:
     import docker
 
