@@ -114,8 +114,8 @@ async def engine(docker_client: DockerClient) -> DockerClient:
 
 @pytest.fixture(scope="session")
 def shared_container(docker_client: DockerClient) -> Iterator[Container]:
-    """One container for the whole contract suite, made as the server makes its own; each test gets its own
-    directory in it."""
+    """One container for the whole contract suite, made as the server makes its own and running as its
+    unprivileged user; each test gets its own directory in it."""
     name = unique_name("shared")
     volume = docker_client.volumes.create(unique_name("shared-vol"), labels=TEST_LABELS)
     from process_mcp.docker_executor import container_options
@@ -125,7 +125,17 @@ def shared_container(docker_client: DockerClient) -> Iterator[Container]:
     options = container_options(
         DockerConfig(image=DEBIAN_IMAGE, container_name=name, volume_name=str(volume.name)), TEST_LABELS
     )
+    # And with its processes' user (DOCKER_USER's default) as the container's own, owning the volume.
+    # (Given to that user from a second container: the engine makes the working directory root's at start.)
+    options["user"] = DockerConfig().user
     container = docker_client.containers.run(**options, detach=True)
+    docker_client.containers.run(
+        DEBIAN_IMAGE,
+        ["chown", options["user"], "/home/agent"],
+        volumes=options["volumes"],
+        labels=TEST_LABELS,
+        remove=True,
+    )
     try:
         yield container
     finally:

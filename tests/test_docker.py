@@ -131,13 +131,14 @@ async def test_the_created_container_runs_processes_unprivileged_with_only_the_k
     engine: DockerClient, made: Made
 ) -> None:
     expected = sum(1 << bit for bit in CAPABILITY_BITS.values())
-    probe = "grep -E '^(CapEff|CapBnd|NoNewPrivs):' /proc/self/status"
+    probe = "grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status"
     unprivileged = created_executor(made)
     await unprivileged.start()
     try:  # the default user has none of them
         status = await unprivileged.spawn(SpawnOptions(command=probe))
         fields = dict(line.split(":\t") for line in status.stdout.strip().splitlines())
         assert (int(fields["CapBnd"], 16), int(fields["CapEff"], 16), fields["NoNewPrivs"]) == (expected, 0, "1")
+        assert fields["Seccomp"] == "2"  # Docker's default profile, kept
     finally:
         await unprivileged.cleanup()
     executor = DockerExecutor(
@@ -194,8 +195,15 @@ async def test_a_root_package_install_works_with_docker_user_root_and_the_kept_c
         await executor.cleanup()
 
 
-async def test_a_read_only_root_and_no_network_when_asked(engine: DockerClient, made: Made) -> None:
-    config = docker_config(made.container, image=DEBIAN_IMAGE, volume_name=made.volume, read_only=True, network="none")
+async def test_a_read_only_root_no_network_and_added_capabilities_when_asked(engine: DockerClient, made: Made) -> None:
+    config = docker_config(
+        made.container,
+        image=DEBIAN_IMAGE,
+        volume_name=made.volume,
+        read_only=True,
+        network="none",
+        cap_add=["net_raw", "CAP_SYS_PTRACE"],
+    )
     executor = DockerExecutor(config, labels=TEST_LABELS)
     await executor.start()
     try:
@@ -206,6 +214,8 @@ async def test_a_read_only_root_and_no_network_when_asked(engine: DockerClient, 
         assert writes.stdout == "ok\n"
         routes = await executor.spawn(SpawnOptions(command="tail -n +2 /proc/net/route; ls /sys/class/net"))
         assert routes.stdout == "lo\n"  # no route and no interface but loopback
+        attrs = await anyio.to_thread.run_sync(engine.api.inspect_container, made.container)
+        assert {"NET_RAW", "SYS_PTRACE"} <= set(attrs["HostConfig"]["CapAdd"])  # DOCKER_CAP_ADD, either spelling
     finally:
         await executor.cleanup()
 
