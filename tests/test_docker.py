@@ -187,7 +187,7 @@ async def test_a_root_package_install_works_with_docker_user_root_and_the_kept_c
         container = await anyio.to_thread.run_sync(engine.containers.get, made.container)
         assert await anyio.to_thread.run_sync(container.put_archive, "/home/agent", archive.getvalue())
         installed = "/opt/process-mcp-test/shared"
-        command = f"dpkg -i pkg.deb && stat -c '%u %a' {installed} && cat {installed}/data"
+        command = f"apt-get install -y /home/agent/pkg.deb && stat -c '%u %a' {installed} && cat {installed}/data"
         result = await executor.spawn(SpawnOptions(command=command, timeout_ms=30000))
         assert result.exit_code == 0, result.stdout + result.stderr
         assert result.stdout.endswith("1234 2775\ninstalled\n")
