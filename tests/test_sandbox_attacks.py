@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -573,6 +573,34 @@ def _ns(pid: int) -> str:
     return os.readlink(f"/proc/{pid}/ns/pid")
 
 
+@contextmanager
+def _accepting(server: socket.socket, handle: Callable[[socket.socket], None]) -> Iterator[None]:
+    """Accept connections on ``server`` in a thread, passing each to ``handle``, until the block ends."""
+    server.listen()
+    server.settimeout(0.1)
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                handle(conn)
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(WAIT_S)
+        server.close()
+
+
 class _Counter:
     accepted = 0
 
@@ -585,28 +613,12 @@ def _listening(address: str) -> Iterator[_Counter]:
     server.bind(address)
     if not address.startswith("\0"):
         os.chmod(address, 0o777)
-    server.listen()
-    server.settimeout(0.1)
-    stop = threading.Event()
 
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                server.accept()[0].close()
-                counter.accepted += 1
-            except TimeoutError:
-                continue
-            except OSError:
-                return
+    def count(_: socket.socket) -> None:
+        counter.accepted += 1
 
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
+    with _accepting(server, count):
         yield counter
-    finally:
-        stop.set()
-        thread.join(WAIT_S)
-        server.close()
 
 
 class _Http:
@@ -621,31 +633,15 @@ def _http_server() -> Iterator[_Http]:
     """An HTTP server on the host's loopback that records each request it gets."""
     state = _Http()
     server = socket.create_server(("127.0.0.1", 0))
-    server.settimeout(0.1)
     state.port = server.getsockname()[1]
-    stop = threading.Event()
 
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(WAIT_S)
-                try:
-                    state.requests.append(conn.recv(65536))
-                    conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                except OSError:
-                    pass
+    def answer(conn: socket.socket) -> None:
+        conn.settimeout(WAIT_S)
+        try:
+            state.requests.append(conn.recv(65536))
+            conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        except OSError:
+            pass
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
+    with _accepting(server, answer):
         yield state
-    finally:
-        stop.set()
-        thread.join(WAIT_S)
-        server.close()
