@@ -68,7 +68,9 @@ def user(request: pytest.FixtureRequest) -> int:
     """Whom the server runs as: the CI user (root) or nobody, through setpriv."""
     if request.param == "root":
         if os.getuid() != 0:
-            pytest.fail("the root variant of the attack suite needs the tests to run as root (as CI does)")
+            if os.environ.get("CI", "").lower() == "true":
+                pytest.fail("the root variant of the attack suite needs the tests to run as root in CI")
+            pytest.skip("ROOT VARIANT SKIPPED: run the tests as root (as CI does) to play the attacks as root")
         return 0
     return NOBODY if os.getuid() == 0 else os.getuid()
 
