@@ -153,8 +153,8 @@ class Sandbox:
     """Builds the bwrap command line for each process from the configuration.
 
     ``state_dir`` is the server's private directory: it holds an empty file and an empty directory that
-    stand in for hidden ones, the seccomp program, and the DomainProxy's socket (``proxy_socket``) when a domain list is
-    configured; with network restricted and no socket there is no network at all.
+    stand in for hidden ones, the seccomp program, and the DomainProxy's socket (``proxy_socket``) when a
+    domain list is configured; with network restricted and no socket there is no network at all.
     """
 
     def __init__(
@@ -174,7 +174,6 @@ class Sandbox:
         self.tools = tools
         self.workspace = os.path.realpath(workspace)
         self.proxy_socket = proxy_socket
-        self._state_dir = state_dir
         self._empty_file = os.path.join(state_dir, "empty")
         self._empty_dir = os.path.join(state_dir, "empty-dir")
         self._seccomp_file = seccomp_file
@@ -260,11 +259,7 @@ class Sandbox:
             else:
                 args += ["--ro-bind", path, path]
         for path in self._hidden:
-            args += (
-                ["--tmpfs", path, "--remount-ro", path]
-                if os.path.isdir(path)
-                else ["--ro-bind", self._empty_file, path]
-            )
+            args += self._hide(path)
         args += ["--dev", "/dev", "--proc", "/proc"]
         size = str(self.config.tmp_size_mb * 1024 * 1024)
         for tmp in ("/tmp", "/var/tmp", "/dev/shm"):
@@ -309,12 +304,16 @@ class Sandbox:
         args: list[str] = []
         for path in sorted(pinned | read_only | hidden, key=lambda p: (p.count("/"), p)):
             if path in hidden:
-                args += ["--ro-bind", self._empty_dir if os.path.isdir(path) else self._empty_file, path]
+                args += self._hide(path)
             elif path in read_only:
                 args += ["--ro-bind", path, path]
             else:
                 args += ["--bind", path, path]
         return args
+
+    def _hide(self, path: str) -> list[str]:
+        """Mount the empty directory or file over ``path``: a bind, cheaper than a tmpfs remounted read-only."""
+        return ["--ro-bind", self._empty_dir if os.path.isdir(path) else self._empty_file, path]
 
     def _resolve_denied(self, path: str, read_only: set[str]) -> str | None:
         """``path`` resolved when it exists and the sandbox shows it (else there is nothing to mount).
