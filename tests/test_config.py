@@ -89,3 +89,40 @@ def test_the_process_environment_is_read_by_default(monkeypatch: pytest.MonkeyPa
 def test_malformed_variables_are_named_in_the_error(environ: dict[str, str], names: str) -> None:
     with pytest.raises(InvalidConfig, match=names):
         load_config(environ)
+
+
+def test_the_sandbox_and_docker_hardening_settings_are_read() -> None:
+    config = load_config(
+        {
+            "SANDBOX_ALLOW_READ": "/opt/tools, ~/.pyenv",
+            "SANDBOX_ALLOW_PROTECTED": ".vscode",
+            "SANDBOX_ALLOW_PRIVATE_ADDRESSES": "true",
+            "SANDBOX_MAX_PROCESSES": "64",
+            "SANDBOX_MAX_MEMORY_MB": "256",
+            "SANDBOX_TMP_SIZE_MB": "16",
+            "SANDBOX_SCAN_LIMIT": "500",
+            "PROCESS_ENV_PASSTHROUGH": "GH_TOKEN,NPM_CONFIG_REGISTRY",
+            "DOCKER_CAP_ADD": "NET_RAW",
+            "DOCKER_NETWORK": "none",
+            "DOCKER_READ_ONLY": "true",
+            "DOCKER_USER": "root",
+            "DOCKER_HOST": "tcp://127.0.0.1:2375",
+        }
+    )
+    sandbox, docker = config.sandbox, config.docker
+    assert sandbox.allow_read == ["/opt/tools", "~/.pyenv"]
+    assert (sandbox.allow_protected, sandbox.allow_private_addresses) == ([".vscode"], True)
+    assert (sandbox.max_processes, sandbox.max_memory_mb, sandbox.tmp_size_mb, sandbox.scan_limit) == (64, 256, 16, 500)
+    assert config.env_passthrough == ["GH_TOKEN", "NPM_CONFIG_REGISTRY"]
+    assert (docker.cap_add, docker.network, docker.read_only, docker.user) == (["NET_RAW"], "none", True, "root")
+    assert docker.engine == {"DOCKER_HOST": "tcp://127.0.0.1:2375"}
+    assert load_config({}).docker.engine == {}
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("DOCKER_USER", "1000:"), ("DOCKER_USER", "a b"), ("SANDBOX_MAX_PROCESSES", "2"), ("SANDBOX_TMP_SIZE_MB", "0")],
+)
+def test_a_malformed_hardening_setting_stops_the_server_naming_it(name: str, value: str) -> None:
+    with pytest.raises(InvalidConfig, match=name):
+        load_config({name: value})
