@@ -116,30 +116,32 @@ async def engine(docker_client: DockerClient) -> DockerClient:
 def shared_container(docker_client: DockerClient) -> Iterator[Container]:
     """One container for the whole contract suite, made as the server makes its own and running as its
     unprivileged user; each test gets its own directory in it."""
-    name = unique_name("shared")
-    volume = docker_client.volumes.create(unique_name("shared-vol"), labels=TEST_LABELS)
     from process_mcp.docker_executor import container_options
 
-    # The options the server uses for the container it creates (limits and hardening), so the contract
-    # suite runs on that container; the tests use it as an existing one.
-    options = container_options(
-        DockerConfig(image=DEBIAN_IMAGE, container_name=name, volume_name=str(volume.name)), TEST_LABELS
-    )
-    # And with its processes' user (DOCKER_USER's default) as the container's own, owning the volume.
-    # (Given to that user from a second container: the engine makes the working directory root's at start.)
-    options["user"] = DockerConfig().user
-    container = docker_client.containers.run(**options, detach=True)
-    docker_client.containers.run(
-        DEBIAN_IMAGE,
-        ["chown", options["user"], "/home/agent"],
-        volumes=options["volumes"],
-        labels=TEST_LABELS,
-        remove=True,
-    )
+    name = unique_name("shared")
+    volume = docker_client.volumes.create(unique_name("shared-vol"), labels=TEST_LABELS)
+    container = None
     try:
+        # The options the server uses for the container it creates (limits and hardening), so the contract
+        # suite runs on that container; the tests use it as an existing one. And with its processes' user
+        # (DOCKER_USER's default) as the container's own, owning the volume (given to that user from a
+        # second container: the engine makes the working directory root's at start).
+        options = container_options(
+            DockerConfig(image=DEBIAN_IMAGE, container_name=name, volume_name=str(volume.name)), TEST_LABELS
+        )
+        options["user"] = DockerConfig().user
+        container = docker_client.containers.run(**options, detach=True)
+        docker_client.containers.run(
+            DEBIAN_IMAGE,
+            ["chown", options["user"], "/home/agent"],
+            volumes=options["volumes"],
+            labels=TEST_LABELS,
+            remove=True,
+        )
         yield container
     finally:
-        container.remove(force=True)
+        if container is not None:
+            container.remove(force=True)
         volume.remove(force=True)
 
 
