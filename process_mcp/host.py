@@ -112,8 +112,9 @@ class HostExecutor(ProcessExecutor):
     async def _make_sandbox(self) -> Sandbox:
         """Check bwrap and set up what the sandboxes share; raise BackendUnavailable saying what failed.
 
-        A layer the kernel cannot give (seccomp on an unknown architecture, Landlock scopes before Linux
-        6.12) is logged at start as running without it, or, with ``required``, fails the sandbox.
+        A layer the kernel cannot give (Landlock scopes before Linux 6.12, cgroups for a root server) is
+        logged at start as running without it, or, with ``required``, fails the sandbox; an architecture
+        without a seccomp table makes the whole sandbox unavailable.
         """
         config = self.config.sandbox
         bwrap = find_bwrap()
