@@ -11,6 +11,7 @@ from .helpers import wait_for_output
 pytestmark = pytest.mark.anyio
 
 LONG_MS = 10_000  # a bound that is never reached when the behaviour is right
+IDLE_REPL_MS = 2500  # longer than a REPL takes to start in the 1-CPU container on a loaded machine
 
 
 async def test_spawn_returns_when_the_pattern_appears_and_the_process_keeps_running(executor: ProcessExecutor) -> None:
@@ -51,7 +52,9 @@ async def test_the_pattern_is_also_matched_on_stderr(executor: ProcessExecutor) 
 
 
 async def test_idle_detects_a_repl_waiting_for_input(executor: ProcessExecutor) -> None:
-    result = await executor.spawn(SpawnOptions(command="python3 -q", tty=True, idle_ms=700, timeout_ms=LONG_MS))
+    result = await executor.spawn(
+        SpawnOptions(command="python3 -q", tty=True, idle_ms=IDLE_REPL_MS, timeout_ms=LONG_MS)
+    )
     assert (result.wait_result, result.status) == ("idle", "running")
     assert result.stdout.endswith(">>>")
 
