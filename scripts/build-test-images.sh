@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
 # Build the two local images the Docker tests use, each only if it is missing.
 # No registry is reachable here, so images come from Debian packages via `docker import`:
-#   process-mcp-test/debian:bookworm  debootstrap minbase + python3, procps (bash, setsid, stty...)
-#   process-mcp-test/busybox:latest   busybox-static and its applet symlinks, and no bash
-# Env: DEBIAN_MIRROR overrides the mirror read from apt's sources. Needs root and a running
-# engine (scripts/docker-engine.sh).
+#   process-mcp-test/debian:bookworm-r2  debootstrap minbase + python3, procps (bash, setsid, stty...),
+#                                        python3-pip, nodejs, and npm from the npm registry
+#   process-mcp-test/busybox:latest      busybox-static and its applet symlinks, and no bash
+# A tag's revision (-rN) goes up whenever what an image holds changes, so machines that cached the
+# old one build the new one. Env: DEBIAN_MIRROR overrides the mirror read from apt's sources;
+# NPM_REGISTRY the npm registry. Needs root and a running engine (scripts/docker-engine.sh).
 set -euo pipefail
 
 log() { echo "build-test-images: $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 trap 'log "ERROR: command failed at line $LINENO"' ERR
 
-DEBIAN_IMAGE=process-mcp-test/debian:bookworm
+DEBIAN_IMAGE=process-mcp-test/debian:bookworm-r2
 BUSYBOX_IMAGE=process-mcp-test/busybox:latest
 LABEL='LABEL process-mcp.test=true'
+# Debian's own npm package pulls in ~300 node-* packages that debootstrap cannot resolve; npm's
+# registry tarball bundles its dependencies. Checked against the integrity the registry publishes.
+NPM_VERSION=10.9.2
+NPM_REGISTRY=${NPM_REGISTRY:-https://registry.npmjs.org}
 
 docker info >/dev/null 2>&1 || die "no Docker engine answers; run scripts/docker-engine.sh first"
 have() { docker image inspect "$1" >/dev/null 2>&1; }
@@ -55,16 +61,29 @@ import_dir() { # DIR IMAGE CMD
     tar -C "$1" -c . | docker import --change "CMD [\"$3\"]" --change "$LABEL" - "$2" >/dev/null
 }
 
+install_npm() { # ROOT
+    local tarball="$work/npm.tgz" integrity
+    integrity=$(curl -fsS "$NPM_REGISTRY/npm/$NPM_VERSION" | python3 -c 'import json, sys; print(json.load(sys.stdin)["dist"]["integrity"])') \
+        || die "cannot read npm $NPM_VERSION's metadata from $NPM_REGISTRY"
+    curl -fsS -o "$tarball" "$NPM_REGISTRY/npm/-/npm-$NPM_VERSION.tgz" || die "cannot download npm $NPM_VERSION"
+    [[ $integrity == "sha512-$(openssl dgst -sha512 -binary "$tarball" | base64 -w0)" ]] \
+        || die "npm $NPM_VERSION's tarball does not match the registry's integrity $integrity"
+    mkdir -p "$1/usr/local/lib/node_modules/npm"
+    tar -xzf "$tarball" -C "$1/usr/local/lib/node_modules/npm" --strip-components=1 --no-same-owner
+    ln -s ../lib/node_modules/npm/bin/npm-cli.js "$1/usr/local/bin/npm"
+}
+
 build_debian() {
-    ensure_pkgs debootstrap
+    ensure_pkgs debootstrap curl openssl
     local mirror start=$SECONDS
     mirror=$(debian_mirror)
     [[ -n $mirror ]] || die "no Debian mirror found in apt sources; set DEBIAN_MIRROR"
     work=$(mktemp -d /var/tmp/process-mcp-debian.XXXXXX)
     log "debootstrap bookworm from $mirror (takes a minute or two)"
     # util-linux (setsid), coreutils (stty) and bash are Essential, so minbase has them.
-    debootstrap --variant=minbase --include=python3,procps bookworm "$work/root" "$mirror" \
+    debootstrap --variant=minbase --include=python3,procps,python3-pip,nodejs bookworm "$work/root" "$mirror" \
         >"$work/debootstrap.log" 2>&1 || { tail -n 30 "$work/debootstrap.log" >&2; die "debootstrap failed"; }
+    install_npm "$work/root"
     rm -rf "$work"/root/var/cache/apt/archives/*.deb "$work"/root/var/lib/apt/lists/*
     import_dir "$work/root" "$DEBIAN_IMAGE" /bin/bash
     cleanup; work=

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from docker import DockerClient
     from docker.models.containers import Container
 
-DEBIAN_IMAGE = "process-mcp-test/debian:bookworm"
+DEBIAN_IMAGE = "process-mcp-test/debian:bookworm-r2"
 BUSYBOX_IMAGE = "process-mcp-test/busybox:latest"
 TEST_LABELS = {"process-mcp.test": "true"}
 

@@ -5,13 +5,16 @@ Containers and volumes made here are labelled ``process-mcp.test=true`` and remo
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import io
 import os
 import signal
 import subprocess
 import sys
 import tarfile
+import zipfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -193,6 +196,75 @@ async def test_a_root_package_install_works_with_docker_user_root_and_the_kept_c
         assert result.stdout.endswith("1234 2775\ninstalled\n")
     finally:
         await executor.cleanup()
+
+
+def _wheel(directory: Path, name: str, version: str) -> Path:
+    """A pure-Python wheel, made here (no index, no build backend in the image): a zip with the
+    package, its metadata and a RECORD with hashes."""
+    dist_info = f"{name}-{version}.dist-info"
+    files = {
+        f"{name}/__init__.py": f"VERSION = {version!r}\n",
+        f"{dist_info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{dist_info}/WHEEL": "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(text.encode())}")
+    files[f"{dist_info}/RECORD"] = "\n".join([*record, f"{dist_info}/RECORD,,"]) + "\n"
+    wheel = directory / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for path, text in files.items():
+            archive.writestr(path, text)
+    return wheel
+
+
+async def test_pip_install_user_and_npm_install_work_as_the_default_user(
+    engine: DockerClient, made: Made, tmp_path: Path
+) -> None:
+    """What an agent does first in a fresh box, as DOCKER_USER (1000:1000, no capabilities), offline:
+    packages from the workspace, installed under the home directory the volume gives that user."""
+    wheel = _wheel(tmp_path, "pmcp_wheel_demo", "1.2")
+    package = tmp_path / "pmcp-npm-demo"
+    package.mkdir()
+    (package / "package.json").write_text('{"name": "pmcp-npm-demo", "version": "1.0.0", "main": "index.js"}\n')
+    (package / "index.js").write_text("module.exports = 'npm demo loaded';\n")
+    executor = created_executor(made)
+    await executor.start()
+    try:
+        archive = io.BytesIO()
+        with tarfile.open(fileobj=archive, mode="w") as tar:
+            for path, arcname in ((wheel, wheel.name), (package, "pmcp-npm-demo")):
+                tar.add(path, arcname=f"incoming/{arcname}", filter=lambda info: _owned_by(info, 1000))
+        container = await anyio.to_thread.run_sync(engine.containers.get, made.container)
+        assert await anyio.to_thread.run_sync(container.put_archive, "/home/agent", archive.getvalue())
+        # Debian marks its Python externally managed (PEP 668): --user needs --break-system-packages there.
+        pip = await executor.spawn(
+            SpawnOptions(
+                command=f"pip install --user --break-system-packages --no-index incoming/{wheel.name} && "
+                "python3 -c 'import pmcp_wheel_demo, sys; print(pmcp_wheel_demo.VERSION, pmcp_wheel_demo.__file__)'",
+                timeout_ms=60000,
+            )
+        )
+        assert pip.exit_code == 0, pip.stdout + pip.stderr
+        assert pip.stdout.splitlines()[-1].startswith("1.2 /home/agent/.local/lib/python3")
+        npm = await executor.spawn(
+            SpawnOptions(
+                command="mkdir app && cd app && (cd ../incoming/pmcp-npm-demo && npm pack --silent) && "
+                "npm install --offline --no-audit --no-fund ../incoming/pmcp-npm-demo/pmcp-npm-demo-1.0.0.tgz && "
+                "node -e \"console.log(require('pmcp-npm-demo'))\" && id -u",
+                timeout_ms=60000,
+            )
+        )
+        assert npm.exit_code == 0, npm.stdout + npm.stderr
+        assert npm.stdout.endswith("npm demo loaded\n1000\n")
+    finally:
+        await executor.cleanup()
+
+
+def _owned_by(info: tarfile.TarInfo, uid: int) -> tarfile.TarInfo:
+    info.uid = info.gid = uid
+    return info
 
 
 async def test_a_read_only_root_no_network_and_added_capabilities_when_asked(engine: DockerClient, made: Made) -> None:
