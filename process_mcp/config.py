@@ -53,6 +53,11 @@ class DockerConfig(BaseModel):
         default_factory=dict,
         description="DOCKER_HOST, DOCKER_TLS_VERIFY and DOCKER_CERT_PATH, as set: how to reach the engine.",
     )
+    agent: bool = Field(
+        True,
+        description="Drive processes through the agent in the container (needs python3 >= 3.8 there); "
+        "false: one exec per process.",
+    )
     user: str = Field(
         "1000:1000",
         pattern=r"^([0-9]+(:[0-9]+)?|[a-z_][a-z0-9_-]*(:[a-z_][a-z0-9_-]*)?)$",
@@ -153,6 +158,7 @@ class _Environment(BaseSettings):
     DOCKER_CAP_ADD: CommaList = Field(default_factory=list)
     DOCKER_NETWORK: str = Field("bridge", min_length=1)
     DOCKER_READ_ONLY: bool = False
+    DOCKER_AGENT: bool = True
     DOCKER_HOST: str | None = None
     DOCKER_TLS_VERIFY: str | None = None
     DOCKER_CERT_PATH: str | None = None
@@ -226,6 +232,7 @@ def load_config(environ: dict[str, str] | None = None) -> ProcessMcpConfig:
             cap_add=env.DOCKER_CAP_ADD,
             network=env.DOCKER_NETWORK,
             read_only=env.DOCKER_READ_ONLY,
+            agent=env.DOCKER_AGENT,
             user=env.DOCKER_USER,
             engine={
                 name: value

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 import anyio.to_thread
 
+from .box.client import BOOTSTRAP, AgentConnection, AgentUnavailable, Channel, SpawnRefused, bootstrap_payload
 from .config import DOCKER_WORKDIR, DockerConfig, ProcessMcpConfig
 from .errors import BackendUnavailable, InvalidInput, KillFailed, SpawnFailed, StdinFailed
 from .executor import ProcessExecutor, ProcessHandle
@@ -84,6 +85,13 @@ _SIGNAL_SCRIPT = (
     'm=; for d in /proc/[0-9]*; do p=${d#/proc/}; [ "$p" = $$ ] && continue; '
     'tr \'\\0\' \'\\n\' < "$d/environ" 2>/dev/null | grep -q -e "$1" && m="$p $m"; '
     'done; [ -z "$m" ] || kill -"$2" $m 2>/dev/null; exit 0'
+)
+
+# Starts the agent with the first python3 on PATH; $1 is the bootstrap. Without one, it says so and the
+# backend falls back to one exec per process.
+_AGENT_SCRIPT = (
+    'command -v python3 >/dev/null 2>&1 || { echo "no python3 in the image" >&2; exit 127; }; '
+    'exec python3 -I -S -c "$1"'
 )
 
 # Prints "ok" once running, then holds the lease until its input (the server's connection) closes.
@@ -186,6 +194,9 @@ class DockerExecutor(ProcessExecutor):
         self._created = False
         self._lease: Any = None  # the lease exec's socket; closing it ends the lease
         self._recovery_lock = anyio.Lock()
+        self._agent: AgentConnection | None = None
+        self.via: Literal["agent", "exec"] = "agent" if config.docker.agent else "exec"
+        """How processes start: through the agent in the container, or one exec each (no Python in it)."""
 
     @property
     def container_id(self) -> str | None:
@@ -221,9 +232,54 @@ class DockerExecutor(ProcessExecutor):
                 )
             await self._take_lease()
             await self._sweep_dead_servers()
+            if self.via == "agent":
+                await self._start_agent()
         except BaseException:
             await self._close_backend()
             raise
+
+    async def _start_agent(self) -> None:
+        """Start the agent in the container as one exec and wait for its hello; in an image without
+        Python 3.8, fall back to one exec per process (logged; ``via`` says which)."""
+        assert self._client is not None
+        assert self._container is not None
+        api, container_id = self._client.api, self._container.id
+
+        def start_exec() -> tuple[Any, socket.socket]:
+            command = ["/bin/sh", "-c", _AGENT_SCRIPT, "sh", BOOTSTRAP]
+            exec_id = api.exec_create(
+                container_id, command, stdin=True, environment={MARKER_VAR: f"{self._token}:agent"}, user=self.exec_user
+            )["Id"]
+            wrapper: Any = api.exec_start(exec_id, socket=True)
+            return wrapper, getattr(wrapper, "_sock", wrapper)
+
+        try:
+            wrapper, sock = await anyio.to_thread.run_sync(start_exec)
+        except _docker_errors() as exc:
+            raise BackendUnavailable(f"cannot start the agent in the container: {_reason(exc)}") from None
+        channel = _ExecChannel(wrapper, sock)
+        agent = AgentConnection(channel, self.config.docker.container_name, on_lost=self._agent_lost)
+        try:
+            hello = await agent.connect(bootstrap_payload())
+        except AgentUnavailable as exc:
+            agent.close()
+            reason = channel.agent_stderr.strip() or exc.reason
+            logger.warning(
+                "cannot run the agent in container %s (%s); each process runs as its own exec: slower, and exit "
+                "codes as the engine reports them",
+                self.config.docker.container_name,
+                reason,
+            )
+            self.via = "exec"
+            return
+        if not hello.get("subreaper"):
+            logger.warning("the agent could not become a subreaper: orphaned processes may escape kill")
+        self._agent = agent
+        logger.info("agent started in container %s (Python %s)", self.config.docker.container_name, hello["python"])
+
+    def _agent_lost(self, agent: AgentConnection) -> None:
+        if self._agent is agent:
+            self._agent = None
 
     async def _take_lease(self) -> None:
         """Start the lease exec and wait (bounded) until it runs; raise BackendUnavailable if it cannot."""
@@ -395,6 +451,41 @@ class DockerExecutor(ProcessExecutor):
     async def _launch(self, record: ManagedProcess, env: dict[str, str]) -> ProcessHandle:
         if self._client is None or self._container is None:
             raise SpawnFailed("the Docker backend is not started; call start() first")
+        record.via = self.via
+        if self.via == "agent":
+            return await self._launch_with_agent(record, env)
+        return await self._launch_exec(record, env)
+
+    async def _launch_with_agent(self, record: ManagedProcess, env: dict[str, str]) -> ProcessHandle:
+        if self._agent is None:  # lost with its exec or the container: bring both back
+            if not await self._recover_container():
+                raise SpawnFailed(f"could not start {record.command!r}: the Docker engine does not answer")
+            async with self._recovery_lock:
+                if self._agent is None:
+                    await self._start_agent()
+        agent = self._agent
+        if agent is None:
+            raise SpawnFailed(f"could not start {record.command!r}: the agent cannot run in the container")
+        environment = {**env, MARKER_VAR: self.marker(record.pid).partition("=")[2]}
+        if record.tty and "TERM" not in env:
+            environment["TERM"] = TTY_TERM
+        number = int(record.pid.rpartition("-")[2])
+        try:
+            handle = await agent.spawn(number, record, record.command, record.cwd, environment, inherit=True)
+        except SpawnRefused as exc:
+            if exc.kind == "nocwd":
+                raise InvalidInput(
+                    f"cwd {record.cwd!r} does not exist or is not a directory in the container; pass an existing "
+                    f"directory or omit cwd to use {self.workdir}"
+                ) from None
+            raise SpawnFailed(f"could not start {record.command!r} in the container: {exc.message}") from None
+        except AgentUnavailable as exc:
+            raise SpawnFailed(f"could not start {record.command!r} in the container: {exc.reason}") from None
+        record.sandboxed = True  # confined by the container
+        return handle
+
+    async def _launch_exec(self, record: ManagedProcess, env: dict[str, str]) -> ProcessHandle:
+        assert self._client is not None
         api = self._client.api
         handshake = f"process-mcp-{secrets.token_hex(6)}"
         environment = {**env, MARKER_VAR: self.marker(record.pid).partition("=")[2]}
@@ -469,6 +560,9 @@ class DockerExecutor(ProcessExecutor):
                 "it: start it (docker start) and spawn again"
             )
         logger.warning("container %s %s behind this server's back; bringing it back", name, lost)
+        if self._agent is not None:
+            self._agent.close()
+            self._agent = None
         if self._lease is not None:
             self._lease.close()
             self._lease = None
@@ -521,6 +615,9 @@ class DockerExecutor(ProcessExecutor):
         if self._client is None:
             return
         try:
+            if self._agent is not None:
+                await self._agent.shutdown()  # ends every process it started, wherever they went
+                self._agent = None
             if self._container is not None:
                 try:
                     await self._signal_matching(self._marker_pattern(None), signal_module.SIGKILL)
@@ -572,6 +669,53 @@ class _Demuxer:
             frames.append((self._pending[0], bytes(self._pending[8 : 8 + size])))
             del self._pending[: 8 + size]
         return frames
+
+
+class _ExecChannel(Channel):
+    """The agent's exec stream: its stdin raw, its stdout and stderr in the engine's frames (no TTY)."""
+
+    STDERR_KEPT = 4096
+    """Characters of the agent's stderr kept to explain a failure (its tracebacks, a missing python3)."""
+
+    def __init__(self, wrapper: Any, sock: socket.socket) -> None:
+        self._wrapper = wrapper  # keeps the HTTP response (and so the socket) alive
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._demux = _Demuxer()
+        self.agent_stderr = ""
+        sock.setblocking(False)
+
+    @property
+    def read_fd(self) -> int:
+        return self._fd
+
+    @property
+    def write_fd(self) -> int:
+        return self._fd
+
+    def receive(self) -> bytes | None:
+        try:
+            data = self._sock.recv(READ_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return None
+        if not data:
+            return b""
+        stdout = []
+        for stream, payload in self._demux.feed(data):
+            if stream == 1:
+                stdout.append(payload)
+            else:
+                text = payload.decode(errors="replace")
+                logger.warning("agent: %s", text.rstrip())
+                self.agent_stderr = (self.agent_stderr + text)[-self.STDERR_KEPT :]
+        return b"".join(stdout) if stdout else None
+
+    def send(self, data: memoryview) -> int:
+        return self._sock.send(data)
+
+    def close(self) -> None:
+        self._wrapper.close()
+        self._sock.close()
 
 
 class _ExecHandle(ProcessHandle):

@@ -125,6 +125,7 @@ class ProcessExecutor(ABC):
         return SpawnResult(
             pid=record.pid,
             sandboxed=record.sandboxed,
+            via=record.via,
             wait_result=wait_result,
             **_cursors(record),
             **record.state(),

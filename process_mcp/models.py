@@ -25,6 +25,9 @@ DEFAULT_LINES = 100
 """Lines the ``stdout`` tool returns when the caller does not say."""
 
 ProcessStatus = Literal["running", "terminated"]
+ProcessVia = Literal["host", "agent", "exec"]
+"""How a process was started: on the host, through the agent in the container, or as a Docker exec."""
+_VIA = "How it was started: 'host', 'agent' (the agent in the container) or 'exec' (one Docker exec each)."
 WaitResult = Literal["matched", "idle", "exited", "timeout"]
 """Why a wait ended: the pattern matched, the output went quiet, the process exited, or time ran out."""
 SINCE_MAX_BYTES = 64 * 1024
@@ -82,6 +85,7 @@ class SpawnResult(ExitState, _Progress):
         False,
         description="True when the process runs confined: in the host sandbox (bubblewrap) or in the container.",
     )
+    via: ProcessVia = Field("host", description=_VIA)
 
 
 class ProcessInfo(ExitState):
@@ -96,6 +100,7 @@ class ProcessInfo(ExitState):
         False,
         description="True when the process runs confined: in the host sandbox (bubblewrap) or in the container.",
     )
+    via: ProcessVia = Field("host", description=_VIA)
 
 
 class ProcessOutput(ExitState, _Progress):

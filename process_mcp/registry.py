@@ -12,7 +12,7 @@ import anyio
 
 from .buffer import OutputBuffer
 from .errors import ProcessNotFound
-from .models import ProcessInfo, ProcessStatus
+from .models import ProcessInfo, ProcessStatus, ProcessVia
 from .signals import signal_name
 from .terminal import Terminal
 
@@ -51,6 +51,7 @@ class ManagedProcess:
         self.exit_code: int | None = None
         self.signal: str | None = None
         self.sandboxed = False  # set by the backend when it confines the process
+        self.via: ProcessVia = "host"  # set by the backend: how the process was started
         self.handle: ProcessHandle | None = None
         self._on_done = on_done
         self._open_streams = 0
@@ -132,6 +133,7 @@ class ManagedProcess:
             tty=self.tty,
             created_at=self.created_at,
             sandboxed=self.sandboxed,
+            via=self.via,
             **self.state(),
         )
 

@@ -18,14 +18,13 @@ STDIN_WRITE_TIMEOUT_S = 5.0
 async def write_all(fd: int, send: Callable[[memoryview], int], data: bytes, pid: str) -> None:
     """Write ``data`` with ``send`` (a non-blocking write to ``fd``), waiting for room up to
     STDIN_WRITE_TIMEOUT_S. Raises StdinFailed if the process stops reading or closed its input."""
-    loop = asyncio.get_running_loop()
     view = memoryview(data)
     with anyio.move_on_after(STDIN_WRITE_TIMEOUT_S):
         while view:
             try:
                 view = view[send(view) :]
             except BlockingIOError:
-                await _writable(loop, fd)
+                await wait_writable(fd)
             except OSError as exc:
                 raise StdinFailed(
                     f"{pid} no longer accepts input ({exc.strerror or exc}); call stdout to see what it printed"
@@ -37,7 +36,9 @@ async def write_all(fd: int, send: Callable[[memoryview], int], data: bytes, pid
     )
 
 
-async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+async def wait_writable(fd: int) -> None:
+    """Wait until the non-blocking descriptor ``fd`` has room for a write."""
+    loop = asyncio.get_running_loop()
     ready: asyncio.Future[None] = loop.create_future()
 
     def wake() -> None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import anyio.to_thread
 import pytest
 
-from process_mcp import HostExecutor, ProcessExecutor, ProcessMcpConfig
+from process_mcp import DockerExecutor, HostExecutor, ProcessExecutor, ProcessMcpConfig
 from process_mcp.config import Defaults, DockerConfig, Limits, SandboxConfig
 
 if TYPE_CHECKING:
@@ -33,10 +33,11 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(params=["host", "host-unsandboxed", "docker"])
+@pytest.fixture(params=["host", "host-unsandboxed", "docker", "docker-exec"])
 def backend(request: pytest.FixtureRequest) -> str:
     """The backend a contract test runs against: host mode as configured by default (sandboxed), host
-    mode with the sandbox off (what users get where bwrap cannot run), and docker mode."""
+    mode with the sandbox off (what users get where bwrap cannot run), docker mode through the agent in
+    the container, and docker mode with one exec per process (its path for images without Python)."""
     return str(request.param)
 
 
@@ -152,11 +153,11 @@ async def executor(request: pytest.FixtureRequest, backend: str, workdir: str) -
     if backend.startswith("host"):
         ex = HostExecutor(host_config(workdir, sandbox=SandboxConfig(enabled=backend == "host", required=True)))
     else:
-        from process_mcp import DockerExecutor
-
         container: Container = request.getfixturevalue("shared_container")
-        ex = DockerExecutor(docker_config(str(container.name), workdir, use_existing=True))
+        ex = DockerExecutor(docker_config(str(container.name), workdir, use_existing=True, agent=backend == "docker"))
     await ex.start()
+    if isinstance(ex, DockerExecutor):
+        assert ex.via == ("exec" if backend == "docker-exec" else "agent")
     try:
         yield ex
     finally:

@@ -436,7 +436,10 @@ async def test_an_image_without_bash_runs_commands_terminals_and_kills(engine: D
     executor = created_executor(made, image=BUSYBOX_IMAGE)
     await executor.start()
     try:
-        assert (await executor.spawn(SpawnOptions(command="echo hi; ls /bin/bash 2>&1"))).stdout.startswith("hi\n")
+        assert executor.via == "exec"  # no Python for the agent: one exec per process, chosen by itself
+        hi = await executor.spawn(SpawnOptions(command="echo hi; ls /bin/bash 2>&1"))
+        assert (hi.via, hi.stdout.startswith("hi\n")) == ("exec", True)
+        assert [p.via for p in await executor.list_processes()] == ["exec"]
         assert (await executor.spawn(SpawnOptions(command="stty size", tty=True))).stdout == "30 120"
         tree = await executor.spawn(SpawnOptions(command="sleep 300 & sleep 301 & echo started; wait", background=True))
         await wait_for_output(executor, tree.pid, "started")
@@ -554,7 +557,7 @@ from process_mcp import DockerExecutor, ProcessMcpConfig, SpawnOptions
 from process_mcp.config import Defaults, DockerConfig
 
 async def main():
-    docker = DockerConfig(container_name=sys.argv[1], use_existing=True)
+    docker = DockerConfig(container_name=sys.argv[1], use_existing=True, agent=sys.argv[3] == "agent")
     executor = DockerExecutor(ProcessMcpConfig(mode="docker", defaults=Defaults(workdir="/home/agent"), docker=docker))
     await executor.start()
     await executor.spawn(SpawnOptions(command=sys.argv[2], background=True))
@@ -575,9 +578,9 @@ async def sleepers_in(container: Container, argument: str) -> list[str]:
     return result.output.decode().split()
 
 
-async def start_server_process(container: Container, command: str) -> subprocess.Popen[bytes]:
+async def start_server_process(container: Container, command: str, via: str = "exec") -> subprocess.Popen[bytes]:
     server = subprocess.Popen(  # noqa: ASYNC220 - started once; its output is read off the loop
-        [sys.executable, "-c", _SERVE_ONE_SPAWN, str(container.name), command], stdout=subprocess.PIPE
+        [sys.executable, "-c", _SERVE_ONE_SPAWN, str(container.name), command, via], stdout=subprocess.PIPE
     )
     assert server.stdout is not None
     stream = server.stdout
@@ -595,9 +598,30 @@ def stop(server: subprocess.Popen[bytes], how: int) -> None:
         server.stdout.close()
 
 
+async def test_a_killed_servers_agent_ends_its_processes_at_once_even_those_that_escaped(
+    shared_container: Container,
+) -> None:
+    """SIGKILL: no cleanup runs, but the engine closes the agent's input, and the agent (or, if it is
+    killed too, each supervisor) ends every tree, whatever the processes did to leave it."""
+    arguments = [sleep_argument() for _ in range(3)]
+    escapes = f"env -i sleep {arguments[0]} & setsid sleep {arguments[1]} & (sleep {arguments[2]} &) ; sleep 600"
+    server = await start_server_process(shared_container, escapes, via="agent")
+    try:
+        with anyio.fail_after(WAIT_S):
+            while not all([await sleepers_in(shared_container, argument) for argument in arguments]):
+                await anyio.sleep(POLL_S)
+    finally:
+        stop(server, signal.SIGKILL)
+    with anyio.fail_after(WAIT_S):
+        while any([await sleepers_in(shared_container, argument) for argument in arguments]):
+            await anyio.sleep(POLL_S)
+
+
 async def test_a_new_server_ends_what_a_killed_server_left_and_spares_a_live_one(
     shared_container: Container,
 ) -> None:
+    """One exec per process (DOCKER_AGENT=false, or no Python in the image): what a killed server left
+    runs on until the next server's start sweeps it."""
     dead_arg, alive_arg = sleep_argument(), sleep_argument()
     dead = await start_server_process(shared_container, f"sleep {dead_arg}")
     alive = await start_server_process(shared_container, f"sleep {alive_arg}")

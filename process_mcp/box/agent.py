@@ -1,0 +1,573 @@
+"""The agent in the box: starts and drives processes for the server over one byte stream.
+
+The server starts it with the stream on its stdin and stdout (in Docker, one exec running
+``python3 -I -S -c <bootstrap>``, which reads this module and ``protocol`` from the stream) and then
+speaks ``protocol`` to it. It runs with whatever Python the box has: standard library only, and
+syntax Python 3.8 parses.
+
+Each process runs under a supervisor of its own: a fork of the agent that is a child subreaper
+(PR_SET_CHILD_SUBREAPER), so whatever the process starts stays in the supervisor's tree even when it
+double-forks, calls setsid or clears its environment. Signals go to every process in that tree, found
+by walking /proc. Every supervisor holds the read end of a lifeline pipe whose write end only the
+agent holds: when the agent dies, however it dies, each supervisor kills its tree and exits. The agent
+is a subreaper too, so the tree of a supervisor that was killed falls to the agent, which kills what
+is left when its stream ends or the server asks it to shut down.
+
+Output is read only while less than OUT_HIGH bytes wait to go out on the stream: a flood then blocks
+its process as a full pipe would, and neither the agent nor the server grows. Each wake-up reads one
+bounded chunk per ready process, so a chatty process cannot starve another, and the agent reads the
+stream from the server whatever its processes do.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import select
+import selectors
+import signal
+import struct
+import sys
+import termios
+from typing import Any
+
+try:
+    from . import protocol
+except ImportError:  # in the box: the bootstrap registered protocol under this name first
+    import process_mcp_box_protocol as protocol  # type: ignore[import-not-found,no-redef]
+
+READ_CHUNK = 256 * 1024
+"""Bytes read from one process per wake-up."""
+OUT_HIGH = 1024 * 1024
+"""Output waiting to go to the server above which the agent stops reading processes."""
+INPUT_MAX = 1024 * 1024
+"""Input waiting for one process that does not read, above which more input is refused."""
+DRAIN_READS = 16
+"""Reads made at a process's exit to collect what it wrote just before, bounded against a child
+that keeps writing."""
+KILL_ROUNDS = 100
+"""Rounds of walking /proc and killing, each catching what forked during the one before."""
+FLUSH_TIMEOUT_S = 5.0
+"""How long the agent tries to write its last frames before exiting."""
+PR_SET_CHILD_SUBREAPER = 36
+SHELL = "/bin/sh"
+
+
+def set_subreaper() -> bool:
+    """Make orphaned descendants of this process its children instead of init's; say whether it worked."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    except (ImportError, OSError, AttributeError):
+        return False
+
+
+def descendants(root: int) -> list[int]:
+    """Live (not zombie) processes below ``root``, by parent links in /proc."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone mid-walk
+        if fields[0] != b"Z":
+            children.setdefault(int(fields[1]), []).append(int(name))
+    found: list[int] = []
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def signal_tree(root: int, signum: int) -> int:
+    """Send ``signum`` to every process below ``root``; return how many it reached."""
+    sent = 0
+    for pid in descendants(root):
+        try:
+            os.kill(pid, signum)
+            sent += 1
+        except OSError:
+            pass
+    return sent
+
+
+def kill_tree(root: int, reap: bool = False) -> None:
+    """SIGKILL everything below ``root`` until nothing is left (bounded); with ``reap``, reap the
+    children that die, so a subreaper's orphans do not linger as zombies."""
+    for _ in range(KILL_ROUNDS):
+        if reap:
+            reap_children()
+        if not signal_tree(root, signal.SIGKILL):
+            return
+        select.select([], [], [], 0.005)  # let the kernel finish the deaths before the next walk
+
+
+def reap_children() -> list[tuple[int, int]]:
+    """Reap every child that has exited; return their (pid, status)."""
+    reaped: list[tuple[int, int]] = []
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return reaped
+        if pid == 0:
+            return reaped
+        reaped.append((pid, status))
+
+
+def exit_fields(status: int) -> dict[str, int]:
+    if os.WIFSIGNALED(status):
+        return {"signal": os.WTERMSIG(status)}
+    return {"code": os.WEXITSTATUS(status)}
+
+
+def close_all_but(keep: set[int]) -> None:
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            with contextlib.suppress(OSError):  # the descriptor listdir itself used is closed already
+                os.close(fd)
+
+
+def _noop(signum: int, frame: Any) -> None:
+    """A SIGCHLD handler: set so the wake-up descriptor is written (SIG_IGN would reap for us)."""
+
+
+def _wake_on_sigchld() -> int:
+    """A descriptor that becomes readable at every SIGCHLD."""
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, _noop)
+    return wake_r
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def supervise(
+    spec: dict[str, Any], env: dict[str, str], stdio: tuple[int, int, int], status: int, lifeline: int
+) -> None:
+    """In the forked supervisor: start the command, report its start and its exit on ``status`` (JSON
+    lines), reap whatever its tree leaves, and kill the tree if ``lifeline`` ends. Never returns."""
+    try:
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)  # 0 and 1 were the agent's stream: never touch them here
+        os.dup2(devnull, 1)
+        close_all_but({0, 1, 2, status, lifeline, *stdio})
+        set_subreaper()
+        wake = _wake_on_sigchld()
+
+        def report(**fields: Any) -> None:
+            os.write(status, (json.dumps(fields) + "\n").encode())
+
+        error_r, error_w = os.pipe()  # close-on-exec: it reads EOF once the command is running
+        leader = os.fork()
+        if leader == 0:
+            _exec_leader(spec, env, stdio, error_w)
+        os.close(error_w)
+        for fd in set(stdio):
+            os.close(fd)
+        failure = b""
+        while True:
+            chunk = os.read(error_r, 4096)
+            if not chunk:
+                break
+            failure += chunk
+        os.close(error_r)
+        if failure:
+            kind, _, detail = failure.decode(errors="replace").partition(":")
+            report(error=kind, message=detail)
+        else:
+            report(started=leader)
+        leader_done = False
+        while True:
+            for pid, code in reap_children():
+                if pid == leader:
+                    leader_done = True
+                    if not failure:
+                        report(**exit_fields(code))
+            if leader_done and not descendants(os.getpid()):
+                reap_children()
+                os._exit(0)
+            ready = select.select([lifeline, wake], [], [])[0]
+            if lifeline in ready and not os.read(lifeline, 1):
+                kill_tree(os.getpid(), reap=True)  # the agent is gone: nobody can drive this tree
+                os._exit(0)
+            _drain(wake)
+    except BaseException:
+        os._exit(1)
+
+
+def _exec_leader(spec: dict[str, Any], env: dict[str, str], stdio: tuple[int, int, int], error: int) -> None:
+    try:
+        os.setsid()
+        if spec.get("tty"):
+            fcntl.ioctl(stdio[0], termios.TIOCSCTTY, 0)
+        for target, fd in enumerate(stdio):
+            os.dup2(fd, target)
+        close_all_but({0, 1, 2, error})
+        signal.set_wakeup_fd(-1)
+        for signum in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD):
+            signal.signal(signum, signal.SIG_DFL)  # Python ignores the first two; exec keeps ignored ones
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        try:
+            os.chdir(spec["cwd"])
+        except OSError:
+            os.write(error, b"nocwd:")
+            os._exit(127)
+        os.execve(SHELL, [SHELL, "-c", spec["command"]], env)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.write(error, f"exec:{exc}".encode())
+    finally:
+        os._exit(127)
+
+
+class Process:
+    """The agent's view of one process: its supervisor, descriptors and pending input."""
+
+    def __init__(
+        self, channel: int, supervisor: int, status: int, outputs: dict[int, int], input_fd: int, tty: bool
+    ) -> None:
+        self.channel = channel
+        self.supervisor = supervisor
+        self.status = status  # JSON lines from the supervisor; closed when it exits
+        self.status_buffer = b""
+        self.outputs = outputs  # descriptor -> stream number (1 stdout, 2 stderr)
+        self.input_fd = input_fd
+        self.tty = tty  # then input_fd is a descriptor of the terminal's master side
+        self.pending = bytearray()
+        self.queued = 0  # bytes of input accepted so far
+        self.written = 0  # bytes of input written so far
+        self.acks: collections.deque[tuple[int, int]] = collections.deque()  # (seq, queued at its end)
+        self.exited = False
+
+    @property
+    def finished(self) -> bool:
+        return self.status < 0 and not self.outputs
+
+
+class Agent:
+    """The agent's loop: frames from the server, output from processes, exits from supervisors."""
+
+    def __init__(self, stream_in: int = 0, stream_out: int = 1) -> None:
+        self.stream_in = stream_in
+        self.stream_out = stream_out
+        self.selector = selectors.DefaultSelector()
+        self.decoder = protocol.Decoder()
+        self.out = bytearray()
+        self.writing = False
+        self.reading_output = True
+        self.processes: dict[int, Process] = {}
+        self.owner: dict[int, Process] = {}  # each process's descriptors
+        self.running = True
+        self.lifeline_r, self.lifeline_w = os.pipe()
+        self.subreaper = set_subreaper()
+        for fd in (stream_in, stream_out):
+            os.set_blocking(fd, False)
+        self.selector.register(stream_in, selectors.EVENT_READ, self._on_stream)
+        self.selector.register(_wake_on_sigchld(), selectors.EVENT_READ, self._on_sigchld)
+
+    def run(self) -> int:
+        self.send(
+            protocol.message(
+                protocol.HELLO,
+                0,
+                version=protocol.VERSION,
+                pid=os.getpid(),
+                python="%d.%d.%d" % sys.version_info[:3],  # noqa: UP031
+                subreaper=self.subreaper,
+            )
+        )
+        while self.running:
+            for key, events in self.selector.select():
+                # Handling one event can close a descriptor that is later in the same batch.
+                current = self.selector.get_map().get(key.fd)
+                if current is not None and self.running:
+                    current.data(key.fd, events)
+        return 0
+
+    # The stream to the server.
+
+    def send(self, data: bytes) -> None:
+        self.out += data
+        if not self.writing:
+            self._write_out()
+        if self.reading_output and len(self.out) >= OUT_HIGH:
+            self._pause_output(True)
+
+    def _write_out(self, fd: int = -1, events: int = 0) -> None:
+        try:
+            while self.out:
+                written = os.write(self.stream_out, self.out[:READ_CHUNK])
+                del self.out[:written]
+        except BlockingIOError:
+            pass
+        except OSError:  # the server is gone
+            self.out.clear()
+            self._stop()
+            return
+        if self.out and not self.writing:
+            self.selector.register(self.stream_out, selectors.EVENT_WRITE, self._write_out)
+            self.writing = True
+        elif not self.out and self.writing:
+            self.selector.unregister(self.stream_out)
+            self.writing = False
+        if not self.reading_output and len(self.out) < OUT_HIGH // 2:
+            self._pause_output(False)
+
+    def _pause_output(self, pause: bool) -> None:
+        self.reading_output = not pause
+        for process in self.processes.values():
+            for fd in process.outputs:
+                if pause:
+                    self.selector.unregister(fd)
+                else:
+                    self.selector.register(fd, selectors.EVENT_READ, self._on_output)
+
+    def _on_stream(self, fd: int, events: int) -> None:
+        try:
+            data = os.read(fd, READ_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._stop()  # the server is gone: nobody may drive these processes any more
+            return
+        for kind, channel, payload in self.decoder.feed(data):
+            self._handle(kind, channel, payload)
+
+    def _handle(self, kind: int, channel: int, payload: bytes) -> None:
+        if kind == protocol.SPAWN:
+            self._spawn(channel, protocol.fields(payload))
+        elif kind == protocol.INPUT:
+            self._input(channel, struct.unpack(">I", payload[:4])[0], payload[4:])
+        elif kind == protocol.SIGNAL:
+            request = protocol.fields(payload)
+            process = self.processes.get(channel)
+            sent = 0 if process is None else signal_tree(process.supervisor, int(request["signal"]))
+            self.send(protocol.message(protocol.SIGNALLED, channel, seq=request["seq"], sent=sent))
+        elif kind == protocol.RESIZE:
+            process = self.processes.get(channel)
+            if process is not None and process.tty and process.input_fd >= 0:
+                size = protocol.fields(payload)
+                winsize = struct.pack("HHHH", size["rows"], size["cols"], 0, 0)
+                with contextlib.suppress(OSError):  # the kernel sends SIGWINCH to the terminal's foreground group
+                    fcntl.ioctl(process.input_fd, termios.TIOCSWINSZ, winsize)
+        elif kind == protocol.SHUTDOWN:
+            self._stop()
+        else:
+            raise protocol.ProtocolError(f"unknown frame kind {kind}")
+
+    def _stop(self) -> None:
+        """End every process (supervisors and whatever fell to the agent), say BYE, and leave the loop."""
+        if not self.running:
+            return
+        self.running = False
+        os.close(self.lifeline_w)
+        kill_tree(os.getpid(), reap=True)
+        self.out += protocol.frame(protocol.BYE, 0)
+        remaining = FLUSH_TIMEOUT_S
+        while self.out and remaining > 0:
+            try:
+                written = os.write(self.stream_out, self.out[:READ_CHUNK])
+                del self.out[:written]
+            except BlockingIOError:
+                select.select([], [self.stream_out], [], 0.1)
+                remaining -= 0.1
+            except OSError:
+                break
+
+    # Processes.
+
+    def _spawn(self, channel: int, spec: dict[str, Any]) -> None:
+        env = dict(os.environ) if spec.get("inherit", True) else {}
+        env.update(spec.get("env") or {})
+        opened: list[int] = []
+        try:
+            if spec.get("tty"):
+                master, slave = os.openpty()
+                opened += [master, slave]
+                size = struct.pack("HHHH", spec.get("rows", 24), spec.get("cols", 80), 0, 0)
+                fcntl.ioctl(master, termios.TIOCSWINSZ, size)
+                stdio = (slave, slave, slave)
+                outputs = {master: 1}
+                input_fd = os.dup(master)  # its own descriptor, so reading and writing are watched apart
+                opened.append(input_fd)
+            else:
+                in_r, input_fd = os.pipe()
+                out_r, out_w = os.pipe()
+                err_r, err_w = os.pipe()
+                opened += [in_r, input_fd, out_r, out_w, err_r, err_w]
+                stdio = (in_r, out_w, err_w)
+                outputs = {out_r: 1, err_r: 2}
+            status_r, status_w = os.pipe()
+            opened += [status_r, status_w]
+            supervisor = os.fork()
+        except OSError as exc:
+            for fd in opened:
+                os.close(fd)
+            self.send(protocol.message(protocol.STARTED, channel, error="spawn", message=str(exc)))
+            return
+        if supervisor == 0:
+            supervise(spec, env, stdio, status_w, self.lifeline_r)
+        for fd in {*stdio, status_w}:
+            os.close(fd)
+        process = Process(channel, supervisor, status_r, outputs, input_fd, bool(spec.get("tty")))
+        self.processes[channel] = process
+        for fd in (*outputs, input_fd, status_r):
+            self.owner[fd] = process
+        for fd in (*outputs, input_fd, status_r):
+            os.set_blocking(fd, False)
+        self.selector.register(status_r, selectors.EVENT_READ, self._on_status)
+        if self.reading_output:
+            for fd in outputs:
+                self.selector.register(fd, selectors.EVENT_READ, self._on_output)
+
+    def _close(self, fd: int) -> None:
+        del self.owner[fd]
+        os.close(fd)
+
+    def _on_output(self, fd: int, events: int) -> None:
+        process = self.owner.get(fd)
+        if process is not None and fd in process.outputs:
+            self._read_output(process, fd)
+
+    def _read_output(self, process: Process, fd: int) -> bool:
+        """Read one chunk and send it on; return False once nothing more is there right now."""
+        try:
+            data = os.read(fd, READ_CHUNK)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            if exc.errno != errno.EIO:  # EIO: every holder of the terminal's other side closed it
+                sys.stderr.write(f"process-mcp agent: reading {process.channel}: {exc}\n")
+            data = b""
+        stream = process.outputs[fd]
+        if not data:
+            del process.outputs[fd]
+            if self.reading_output:
+                self.selector.unregister(fd)
+            self._close(fd)
+            self.send(protocol.frame(protocol.CLOSED, process.channel, str(stream).encode()))
+            self._forget_if_finished(process)
+            return False
+        self.send(protocol.frame(protocol.STDOUT if stream == 1 else protocol.STDERR, process.channel, data))
+        return True
+
+    def _on_status(self, fd: int, events: int) -> None:
+        process = self.owner[fd]
+        try:
+            data = os.read(fd, 4096)
+        except BlockingIOError:
+            return
+        lines = (process.status_buffer + data).split(b"\n")
+        process.status_buffer = lines.pop()
+        for line in lines:
+            self._on_supervisor_report(process, json.loads(line))
+        if not data:  # the supervisor exited: its whole tree is gone
+            self.selector.unregister(fd)
+            self._close(fd)
+            process.status = -1
+            if not process.exited:  # it was killed before the command ended; nothing reports the exit
+                process.exited = True
+                self.send(protocol.message(protocol.EXITED, process.channel))
+            self._forget_if_finished(process)
+
+    def _on_supervisor_report(self, process: Process, report: dict[str, Any]) -> None:
+        if "started" in report:
+            self.send(protocol.message(protocol.STARTED, process.channel, pid=report["started"]))
+        elif "error" in report:
+            process.exited = True
+            self.send(protocol.message(protocol.STARTED, process.channel, **report))
+        else:
+            # Send what the process wrote before exiting ahead of its exit, so the server's reply is complete.
+            for fd in list(process.outputs):
+                for _ in range(DRAIN_READS):
+                    if len(self.out) >= OUT_HIGH or not self._read_output(process, fd):
+                        break  # paused: the rest follows the exit, and the server waits for it
+            process.exited = True
+            self.send(protocol.message(protocol.EXITED, process.channel, **report))
+
+    def _forget_if_finished(self, process: Process) -> None:
+        if process.finished and self.processes.get(process.channel) is process:
+            del self.processes[process.channel]
+            if process.pending:
+                self.selector.unregister(process.input_fd)
+            self._fail_input(process, "the process has ended")
+            self._close(process.input_fd)
+            process.input_fd = -1
+
+    def _input(self, channel: int, seq: int, data: bytes) -> None:
+        process = self.processes.get(channel)
+        if process is None or process.input_fd < 0:
+            self.send(protocol.message(protocol.WRITTEN, channel, seq=seq, error="its input is closed"))
+            return
+        if len(process.pending) + len(data) > INPUT_MAX:
+            error = f"it is not reading its input ({len(process.pending)} bytes still wait)"
+            self.send(protocol.message(protocol.WRITTEN, channel, seq=seq, error=error))
+            return
+        waiting = bool(process.pending)
+        process.pending += data
+        process.queued += len(data)
+        process.acks.append((seq, process.queued))
+        if not waiting:
+            self._write_input(process.input_fd, selectors.EVENT_WRITE, registered=False)
+
+    def _write_input(self, fd: int, events: int, registered: bool = True) -> None:
+        process = self.owner[fd]
+        try:
+            while process.pending:
+                written = os.write(fd, process.pending[:READ_CHUNK])
+                del process.pending[:written]
+                process.written += written
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            if registered:
+                self.selector.unregister(fd)
+            self._fail_input(process, exc.strerror or str(exc))
+            return
+        while process.acks and process.acks[0][1] <= process.written:
+            self.send(protocol.message(protocol.WRITTEN, process.channel, seq=process.acks.popleft()[0]))
+        if process.pending and not registered:
+            self.selector.register(fd, selectors.EVENT_WRITE, self._write_input)
+        elif not process.pending and registered:
+            self.selector.unregister(fd)
+
+    def _fail_input(self, process: Process, error: str) -> None:
+        process.pending.clear()
+        process.written = process.queued
+        while process.acks:
+            self.send(protocol.message(protocol.WRITTEN, process.channel, seq=process.acks.popleft()[0], error=error))
+
+    def _on_sigchld(self, fd: int, events: int) -> None:
+        _drain(fd)
+        reap_children()  # supervisors, and orphans of killed supervisors; exits come from the supervisors
+
+
+def main() -> int:
+    return Agent().run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

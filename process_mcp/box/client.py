@@ -1,0 +1,377 @@
+"""The server's end of an agent's stream: processes started and driven through the agent in a box.
+
+A backend supplies a ``Channel`` (for Docker, the socket of the one exec that runs the agent) and gets
+back an ``AgentConnection`` that starts processes and hands out a ``ProcessHandle`` for each. Output
+frames go straight into the process's record on the event loop; requests wait (bounded) for their
+answer. If the stream ends, every process of the agent is reported terminated: the agent's
+supervisors kill their trees when it dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import struct
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from importlib import resources
+from typing import Any
+
+import anyio
+
+from ..errors import KillFailed, StdinFailed
+from ..executor import ProcessHandle
+from ..models import TERMINAL_COLS, TERMINAL_ROWS
+from ..registry import ManagedProcess
+from ..streams import STDIN_WRITE_TIMEOUT_S, wait_writable
+from . import protocol
+
+logger = logging.getLogger(__name__)
+
+HELLO_TIMEOUT_S = 10.0
+"""How long the agent may take to start (a Python interpreter in a loaded container) and say hello."""
+REQUEST_TIMEOUT_S = 10.0
+"""Bound on waiting for the agent to answer a spawn or a signal; it answers in milliseconds."""
+SEND_TIMEOUT_S = 10.0
+"""Bound on waiting for room in the stream; the agent reads it whatever its processes do."""
+SHUTDOWN_TIMEOUT_S = 5.0
+"""How long shutdown waits for the agent to end its processes and say BYE."""
+INPUT_CHUNK = 64 * 1024
+"""Largest input frame; longer input goes in several, each acknowledged."""
+PROTOCOL_MODULE = "process_mcp_box_protocol"
+"""The name the agent imports the protocol by inside the box (it is sent, not installed)."""
+
+# Run as `python3 -I -S -c BOOTSTRAP` with the stream on stdin and stdout. Reads two length-prefixed
+# modules from the stream (protocol, then the agent), and runs the agent. Python 2 and 3.0-3.7 parse
+# it too, so they can say why they cannot run the agent.
+BOOTSTRAP = f"""
+import os, sys, types
+if sys.version_info < (3, 8):
+    sys.stderr.write("process-mcp agent: Python %d.%d is older than 3.8\\n" % sys.version_info[:2])
+    sys.exit(3)
+def take(n):
+    data = b""
+    while len(data) < n:
+        chunk = os.read(0, n - len(data))
+        if not chunk:
+            sys.exit(4)
+        data += chunk
+    return data
+def load(name):
+    module = types.ModuleType(name)
+    exec(compile(take(int(take(10))), "<" + name + ">", "exec"), module.__dict__)
+    sys.modules[name] = module
+    return module
+load("{PROTOCOL_MODULE}")
+sys.exit(load("process_mcp_box_agent").main())
+"""
+
+
+def bootstrap_payload() -> bytes:
+    """What the bootstrap reads from the stream: the protocol and agent modules, each with its length."""
+    payload = b""
+    for name in ("protocol.py", "agent.py"):
+        source = resources.files(__package__).joinpath(name).read_bytes()
+        payload += b"%010d" % len(source) + source
+    return payload
+
+
+class AgentUnavailable(Exception):
+    """The agent could not be started or stopped answering; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class SpawnRefused(Exception):
+    """The agent could not start a command: ``kind`` is "nocwd" (no such directory) or what failed."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+class Channel(ABC):
+    """A non-blocking byte stream to an agent, whose descriptor the event loop watches."""
+
+    @property
+    @abstractmethod
+    def read_fd(self) -> int:
+        """The descriptor to wait on until the agent has written something."""
+
+    @property
+    @abstractmethod
+    def write_fd(self) -> int:
+        """The descriptor to wait on until the stream has room (may be ``read_fd``)."""
+
+    @abstractmethod
+    def receive(self) -> bytes | None:
+        """What the agent wrote since the last call: None when there is nothing yet, b"" at the end."""
+
+    @abstractmethod
+    def send(self, data: memoryview) -> int:
+        """Write without blocking and return how much was written; raise BlockingIOError when full."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Close the stream; the agent sees its end."""
+
+
+class AgentConnection:
+    """One running agent: start it with ``connect``, then ``spawn`` processes through it."""
+
+    def __init__(self, channel: Channel, name: str, on_lost: Callable[[AgentConnection], None] | None = None) -> None:
+        self.name = name
+        self.hello: dict[str, Any] = {}
+        self._channel = channel
+        self._fd = channel.read_fd
+        self._loop = asyncio.get_running_loop()
+        self._decoder = protocol.Decoder()
+        self._processes: dict[int, AgentProcess] = {}
+        self._waiters: dict[tuple[int, int, int], asyncio.Future[dict[str, Any]]] = {}
+        self._seq = itertools.count(1)
+        self._send_lock = anyio.Lock()
+        self._on_lost = on_lost
+        self._lost: str | None = None
+        self._closed = False
+        self._loop.add_reader(self._fd, self._on_readable)
+
+    @property
+    def alive(self) -> bool:
+        return self._lost is None and not self._closed
+
+    async def connect(self, payload: bytes) -> dict[str, Any]:
+        """Send the bootstrap ``payload`` and wait for the agent's hello; raise AgentUnavailable."""
+        hello = self._expect(protocol.HELLO, 0, 0)
+        await self._send(payload)
+        self.hello = await self._answer(hello, HELLO_TIMEOUT_S, "start")
+        if self.hello.get("version") != protocol.VERSION:
+            raise AgentUnavailable(f"the agent speaks protocol {self.hello.get('version')}, not {protocol.VERSION}")
+        return self.hello
+
+    async def spawn(
+        self, number: int, record: ManagedProcess, command: str, cwd: str, env: dict[str, str], *, inherit: bool
+    ) -> AgentProcess:
+        """Start ``command`` as process ``number`` (its channel) feeding ``record``. With ``inherit``, ``env``
+        is set over the agent's own environment, else it is the whole environment. Raises SpawnRefused,
+        AgentUnavailable."""
+        process = AgentProcess(self, number, record)
+        self._processes[number] = process
+        started = self._expect(protocol.STARTED, number, 0)
+        spec = {
+            "command": command,
+            "cwd": cwd,
+            "env": env,
+            "inherit": inherit,
+            "tty": record.tty,
+            "cols": TERMINAL_COLS,
+            "rows": TERMINAL_ROWS,
+        }
+        try:
+            await self._send(protocol.message(protocol.SPAWN, number, **spec))
+            answer = await self._answer(started, REQUEST_TIMEOUT_S, "spawn")
+        except BaseException:
+            process.detach()
+            raise
+        if "error" in answer:
+            process.detach()
+            raise SpawnRefused(str(answer["error"]), str(answer.get("message") or answer["error"]))
+        process.leader = int(answer["pid"])
+        return process
+
+    async def shutdown(self) -> None:
+        """Ask the agent to end every process and exit, wait (bounded) for it, and close the stream."""
+        if self.alive:
+            bye = self._expect(protocol.BYE, 0, 0)
+            with anyio.move_on_after(SHUTDOWN_TIMEOUT_S):
+                try:
+                    await self._send(protocol.frame(protocol.SHUTDOWN, 0))
+                    await self._answer(bye, SHUTDOWN_TIMEOUT_S, "shut down")
+                except AgentUnavailable as exc:
+                    logger.warning("agent %s: %s", self.name, exc.reason)
+        self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._loop.remove_reader(self._fd)
+        self._channel.close()
+        self._end_all("the server closed the agent's stream")
+
+    # Requests and answers.
+
+    def _expect(self, kind: int, channel: int, seq: int) -> asyncio.Future[dict[str, Any]]:
+        future: asyncio.Future[dict[str, Any]] = self._loop.create_future()
+        self._waiters[kind, channel, seq] = future
+        return future
+
+    async def _answer(self, future: asyncio.Future[dict[str, Any]], timeout_s: float, what: str) -> dict[str, Any]:
+        if self._lost is not None:
+            raise AgentUnavailable(self._lost)
+        with anyio.move_on_after(timeout_s):
+            return await future
+        for key, waiting in list(self._waiters.items()):
+            if waiting is future:
+                del self._waiters[key]
+        raise AgentUnavailable(f"the agent did not answer a {what} within {timeout_s:g} s")
+
+    async def _send(self, data: bytes) -> None:
+        if self._lost is not None or self._closed:
+            raise AgentUnavailable(self._lost or "the agent's stream is closed")
+        view = memoryview(data)
+        async with self._send_lock:
+            with anyio.move_on_after(SEND_TIMEOUT_S):
+                while view:
+                    try:
+                        view = view[self._channel.send(view) :]
+                    except BlockingIOError:
+                        await wait_writable(self._channel.write_fd)
+                    except OSError as exc:
+                        self._lose(f"writing to the agent failed: {exc}")
+                        raise AgentUnavailable(self._lost or str(exc)) from None
+                return
+        self._lose(f"the agent did not read its stream for {SEND_TIMEOUT_S:g} s")
+        raise AgentUnavailable(self._lost or "")
+
+    def _on_readable(self) -> None:
+        try:
+            data = self._channel.receive()
+        except OSError as exc:
+            self._lose(f"reading from the agent failed: {exc}")
+            return
+        if data is None:
+            return
+        if not data:
+            self._lose("the agent's stream ended")
+            return
+        try:
+            frames = self._decoder.feed(data)
+        except protocol.ProtocolError as exc:
+            self._lose(f"the agent's stream is corrupt: {exc}")
+            return
+        for kind, channel, payload in frames:
+            self._dispatch(kind, channel, payload)
+
+    def _dispatch(self, kind: int, channel: int, payload: bytes) -> None:
+        if kind == protocol.STDOUT or kind == protocol.STDERR:
+            process = self._processes.get(channel)
+            if process is not None:
+                (process.record.stdout if kind == protocol.STDOUT else process.record.stderr).append(payload)
+            return
+        if kind == protocol.CLOSED:
+            process = self._processes.get(channel)
+            if process is not None:
+                process.stream_closed()
+            return
+        answer = protocol.fields(payload) if payload else {}
+        if kind == protocol.EXITED:
+            process = self._processes.get(channel)
+            if process is not None:
+                process.exited(answer)
+            return
+        seq = int(answer.get("seq", 0)) if kind in (protocol.WRITTEN, protocol.SIGNALLED) else 0
+        future = self._waiters.pop((kind, channel, seq), None)
+        if future is not None and not future.done():
+            future.set_result(answer)
+
+    def _lose(self, reason: str) -> None:
+        if self._lost is not None or self._closed:
+            return
+        self._lost = reason
+        self._loop.remove_reader(self._fd)
+        logger.warning("agent %s: %s; its processes are ended", self.name, reason)
+        self._end_all(reason)
+        if self._on_lost is not None:
+            self._on_lost(self)
+
+    def _end_all(self, reason: str) -> None:
+        for future in self._waiters.values():
+            if not future.done():
+                future.set_exception(AgentUnavailable(reason))
+        self._waiters.clear()
+        for process in list(self._processes.values()):
+            process.lost()
+
+
+class AgentProcess(ProcessHandle):
+    """One process run by the agent."""
+
+    def __init__(self, connection: AgentConnection, number: int, record: ManagedProcess) -> None:
+        self.connection = connection
+        self.number = number
+        self.record = record
+        self.leader = 0  # its pid in the box, once started
+        self._open_streams = 1 if record.tty else 2
+        self._exited = False
+        for _ in range(self._open_streams):
+            record.stream_opened()
+
+    def stream_closed(self) -> None:
+        if self._open_streams > 0:
+            self._open_streams -= 1
+            self.record.stream_closed()
+
+    def exited(self, answer: dict[str, Any]) -> None:
+        if self._exited:
+            return
+        self._exited = True
+        if "signal" in answer:
+            self.record.finish(None, int(answer["signal"]))
+        else:
+            self.record.finish(answer.get("code"))
+
+    def lost(self) -> None:
+        """The agent is gone, and with it this process (its supervisor kills the tree)."""
+        while self._open_streams:
+            self.stream_closed()
+        self.exited({})
+        self.detach()
+
+    def detach(self) -> None:
+        if self.connection._processes.get(self.number) is self:
+            del self.connection._processes[self.number]
+
+    async def write(self, data: bytes) -> None:
+        pid = self.record.pid
+        with anyio.move_on_after(STDIN_WRITE_TIMEOUT_S):
+            for start in range(0, len(data), INPUT_CHUNK) if data else ():
+                seq = next(self.connection._seq)
+                written = self.connection._expect(protocol.WRITTEN, self.number, seq)
+                chunk = struct.pack(">I", seq) + data[start : start + INPUT_CHUNK]
+                try:
+                    await self.connection._send(protocol.frame(protocol.INPUT, self.number, chunk))
+                    answer = await written
+                except AgentUnavailable as exc:
+                    raise StdinFailed(f"{pid} no longer accepts input ({exc.reason})") from None
+                if "error" in answer:
+                    raise StdinFailed(
+                        f"{pid} no longer accepts input ({answer['error']}); call stdout to see what it printed"
+                    )
+            return
+        raise StdinFailed(
+            f"{pid} is not reading its input (not all of {len(data)} bytes were taken after "
+            f"{STDIN_WRITE_TIMEOUT_S:g} s); call stdout to see what it is doing"
+        )
+
+    async def signal(self, signum: int) -> None:
+        connection = self.connection
+        if not connection.alive:
+            return  # the agent is gone, and its processes with it
+        seq = next(connection._seq)
+        answer = connection._expect(protocol.SIGNALLED, self.number, seq)
+        try:
+            await connection._send(protocol.message(protocol.SIGNAL, self.number, seq=seq, signal=int(signum)))
+            await connection._answer(answer, REQUEST_TIMEOUT_S, "signal")
+        except AgentUnavailable as exc:
+            raise KillFailed(f"could not signal {self.record.pid}: {exc.reason}") from None
+
+    async def resize(self, cols: int, rows: int) -> None:
+        """Resize the process's terminal (its foreground group gets SIGWINCH)."""
+        await self.connection._send(protocol.message(protocol.RESIZE, self.number, cols=cols, rows=rows))
+
+    def close(self) -> None:
+        self.detach()

@@ -1,0 +1,100 @@
+"""The framed protocol between the server and the agent in a box, used by both ends.
+
+One byte stream each way carries frames: a 9-byte header (kind, channel, payload length; big-endian)
+and the payload. Channel 0 is the agent itself, channel N is the server's process N. Control payloads
+are JSON objects; output and input payloads are raw bytes.
+
+This module is sent into the box and imported there by the agent: standard library only, and syntax
+that Python 3.8 parses.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+VERSION = 1
+"""Bumped when a frame's meaning changes; the agent says its version in HELLO."""
+HEADER = struct.Struct(">BII")
+MAX_PAYLOAD = 4 * 1024 * 1024
+"""Largest payload either end sends; a header announcing more means the stream is corrupt."""
+
+# Server to agent.
+SPAWN = 1
+"""{command, cwd, env, tty, cols, rows}: start a process; answered with STARTED."""
+INPUT = 2
+"""A 4-byte sequence number, then bytes for the process's input; answered with WRITTEN."""
+SIGNAL = 3
+"""{seq, signal}: signal every process in the process's tree; answered with SIGNALLED."""
+RESIZE = 4
+"""{cols, rows}: resize the process's terminal."""
+SHUTDOWN = 5
+"""Channel 0: end every process and exit; answered with BYE."""
+
+# Agent to server.
+HELLO = 64
+"""Channel 0, first frame: {version, pid, python, subreaper}."""
+STARTED = 65
+"""{pid} once the command runs, or {error, message} (error "nocwd": the directory is missing)."""
+STDOUT = 66
+STDERR = 67
+CLOSED = 68
+"""Payload b"1" or b"2": that output stream reached its end (every holder closed it)."""
+EXITED = 69
+"""{code} or {signal}: the process (not its descendants) ended, as the kernel reported it."""
+WRITTEN = 70
+"""{seq} once that input was written, or {seq, error}."""
+SIGNALLED = 71
+"""{seq, sent}: how many processes the signal reached."""
+BYE = 72
+"""Channel 0: every process is gone; the agent exits."""
+
+
+class ProtocolError(Exception):
+    """The stream does not hold well-formed frames."""
+
+
+def frame(kind: int, channel: int, payload: bytes = b"") -> bytes:
+    return HEADER.pack(kind, channel, len(payload)) + payload
+
+
+def message(kind: int, channel: int, **fields: Any) -> bytes:
+    """A frame whose payload is ``fields`` as JSON."""
+    return frame(kind, channel, json.dumps(fields, separators=(",", ":")).encode())
+
+
+def fields(payload: bytes) -> dict[str, Any]:
+    """The JSON object a control frame carries."""
+    try:
+        value = json.loads(payload)
+    except ValueError as exc:
+        raise ProtocolError(f"a control frame is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ProtocolError("a control frame is not a JSON object")
+    return value
+
+
+class Decoder:
+    """Splits a byte stream into (kind, channel, payload) frames, across reads."""
+
+    def __init__(self) -> None:
+        self._pending = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
+        pending = self._pending
+        pending += data
+        frames = []
+        start = 0
+        size = HEADER.size
+        while len(pending) - start >= size:
+            kind, channel, length = HEADER.unpack_from(pending, start)
+            if length > MAX_PAYLOAD:
+                raise ProtocolError(f"a frame announces {length} bytes, more than {MAX_PAYLOAD}")
+            end = start + size + length
+            if end > len(pending):
+                break
+            frames.append((kind, channel, bytes(pending[start + size : end])))
+            start = end
+        del pending[:start]
+        return frames
