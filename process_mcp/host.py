@@ -1,10 +1,11 @@
 """Host mode: processes run on this machine, each in its own session and process group, sandboxed
 with bubblewrap unless the sandbox is off or unavailable (see ``sandbox``).
 
-Non-TTY processes get three pipes; TTY processes get a real pseudo-terminal (ptyprocess), so
-programs see ``isatty()`` true and Ctrl-C typed as ``\\x03`` raises SIGINT. Output and exits are
-watched with non-blocking descriptors on the event loop (a pidfd per process): no thread per
-process, no blocking reads.
+Sandboxed processes get three pipes, or a real pseudo-terminal (ptyprocess), so programs see
+``isatty()`` true and Ctrl-C typed as ``\\x03`` raises SIGINT. Output and exits are watched with
+non-blocking descriptors on the event loop (a pidfd per process): no thread per process, no blocking
+reads. Unsandboxed processes run through the agent (``box.local``), whose per-process supervisors keep
+everything a process starts within reach of kill and shutdown, as the sandbox's PID namespace does.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import anyio
 from ptyprocess import PtyProcess
 
 from . import landlock, seccomp
+from .box.client import AgentUnavailable, SpawnRefused
+from .box.local import LocalAgent
 from .buffer import OutputBuffer
 from .cgroups import SandboxCgroups
 from .config import ProcessMcpConfig, default_host_workspace, user_home
@@ -39,7 +42,6 @@ from .registry import ManagedProcess
 from .sandbox import Launch, Sandbox, Tools, env_resets_signals, find_bwrap, find_tool, probe, restrict_network
 from .signals import signal_from_exit_code
 from .streams import READ_CHUNK, write_all
-from .watchdog import Watchdog
 
 if TYPE_CHECKING:
     from .proxy import DomainProxy
@@ -71,7 +73,8 @@ class HostExecutor(ProcessExecutor):
         self._sandbox_lock = anyio.Lock()
         self._proxy: DomainProxy | None = None
         self._state_dir: str | None = None  # private: the proxy's socket, an empty file for deny_read
-        self._watchdog = Watchdog()  # for unsandboxed processes, which bwrap cannot end with the server
+        self._local: LocalAgent | None = None  # runs the unsandboxed processes, started with the first
+        self._local_lock = anyio.Lock()
 
     @property
     def sandboxed(self) -> bool:
@@ -191,7 +194,9 @@ class HostExecutor(ProcessExecutor):
         logger.warning("sandbox: %s; running without that protection (SANDBOX_REQUIRED=true refuses)", problem)
 
     async def _close_backend(self) -> None:
-        await self._watchdog.close()
+        if self._local is not None:
+            await self._local.stop()
+            self._local = None
         if self._spawner is not None:
             # Its thread only ever starts a process, so joining it is quick; nothing is left running.
             await anyio.to_thread.run_sync(self._spawner.shutdown)
@@ -207,11 +212,6 @@ class HostExecutor(ProcessExecutor):
 
     async def _launch(self, record: ManagedProcess, env: dict[str, str]) -> ProcessHandle:
         await self._prepare_sandbox()  # also creates the default workspace
-        if not await anyio.Path(record.cwd).is_dir():
-            raise InvalidInput(
-                f"cwd {record.cwd!r} does not exist or is not a directory; pass an existing directory "
-                f"or omit cwd to use {self.workdir}"
-            )
         if self._sandbox_misconfigured:
             raise BackendUnavailable(f"the sandbox is misconfigured: {self._sandbox_problem}")
         if self._sandbox_problem is not None and self.config.sandbox.required:
@@ -223,28 +223,52 @@ class HostExecutor(ProcessExecutor):
         if self._sandbox is not None:
             overrides.update(HOME=self._sandbox.workspace, TMPDIR="/tmp")
         child_env = child_environment(os.environ, self.config.env_passthrough, env, **overrides)
+        if self._sandbox is None:
+            return await self._launch_unsandboxed(record, child_env)  # the agent reports a missing cwd
+        if not await anyio.Path(record.cwd).is_dir():
+            raise self._no_such_cwd(record)
         try:
             if record.tty:
-                return self._watched(record, _PtyHandle(record, await self._start(_start_pty, record, child_env)))
-            return self._watched(record, _PipeHandle(record, await self._start(_start_pipe, record, child_env)))
+                return _PtyHandle(record, await self._start(_start_pty, record, child_env))
+            return _PipeHandle(record, await self._start(_start_pipe, record, child_env))
         except OSError as exc:
             raise SpawnFailed(f"could not start {record.command!r}: {exc.strerror or exc}") from None
 
-    def _watched(self, record: ManagedProcess, handle: _HostHandle) -> _HostHandle:
-        if not record.sandboxed:
-            self._watchdog.watch(handle.pid)  # its own session: the group id is its pid
-        return handle
+    async def _launch_unsandboxed(self, record: ManagedProcess, env: dict[str, str]) -> ProcessHandle:
+        async with self._local_lock:  # started with the first spawn, again after it was lost
+            if self._local is None or not self._local.connection.alive:
+                if self._local is not None:
+                    await self._local.stop()
+                    self._local = None
+                try:
+                    self._local = await LocalAgent.start("local")
+                except AgentUnavailable as exc:
+                    raise SpawnFailed(f"could not start {record.command!r}: {exc.reason}") from None
+        number = int(record.pid.rpartition("-")[2])
+        try:
+            return await self._local.connection.spawn(number, record, record.command, record.cwd, env, inherit=False)
+        except SpawnRefused as exc:
+            if exc.kind == "nocwd":
+                raise self._no_such_cwd(record) from None
+            raise SpawnFailed(f"could not start {record.command!r}: {exc.message}") from None
+        except AgentUnavailable as exc:
+            raise SpawnFailed(f"could not start {record.command!r}: {exc.reason}") from None
+
+    def _no_such_cwd(self, record: ManagedProcess) -> InvalidInput:
+        return InvalidInput(
+            f"cwd {record.cwd!r} does not exist or is not a directory; pass an existing directory "
+            f"or omit cwd to use {self.workdir}"
+        )
 
     async def _start(
         self, starter: Callable[[Launch, str], _Started], record: ManagedProcess, env: dict[str, str]
     ) -> _Started:
-        """Start ``record``'s process: directly when unsandboxed; else build its sandbox (which looks for
-        protected paths in the writable roots, so never on the event loop) and start it in one trip to
-        the Landlock-scoped spawner thread (a domain is inherited at fork, so Python can still vfork),
-        or to a worker thread where there is none."""
+        """Start ``record``'s process in its sandbox: build the sandbox (which looks for protected paths
+        in the writable roots, so never on the event loop) and start it in one trip to the
+        Landlock-scoped spawner thread (a domain is inherited at fork, so Python can still vfork), or
+        to a worker thread where there is none."""
         sandbox = self._sandbox
-        if sandbox is None:
-            return starter(Launch(["/bin/sh", "-c", record.command], env), record.cwd)
+        assert sandbox is not None
 
         def wrap_and_start() -> tuple[_Started, str | None]:
             launch = sandbox.wrap(record.command, record.cwd, env)
@@ -272,8 +296,6 @@ class HostExecutor(ProcessExecutor):
         return started
 
     def _finished(self, record: ManagedProcess) -> None:
-        if not record.sandboxed and isinstance(record.handle, _HostHandle):
-            self._watchdog.forget(record.handle.pid)
         self._release_cgroup(record)
         super()._finished(record)
 

@@ -107,6 +107,7 @@ def test_the_sandbox_and_docker_hardening_settings_are_read() -> None:
             "DOCKER_READ_ONLY": "true",
             "DOCKER_USER": "root",
             "DOCKER_HOST": "tcp://127.0.0.1:2375",
+            "DOCKER_AGENT": "false",
         }
     )
     sandbox, docker = config.sandbox, config.docker
@@ -116,12 +117,20 @@ def test_the_sandbox_and_docker_hardening_settings_are_read() -> None:
     assert config.env_passthrough == ["GH_TOKEN", "NPM_CONFIG_REGISTRY"]
     assert (docker.cap_add, docker.network, docker.read_only, docker.user) == (["NET_RAW"], "none", True, "root")
     assert docker.engine == {"DOCKER_HOST": "tcp://127.0.0.1:2375"}
+    assert docker.agent is False
     assert load_config({}).docker.engine == {}
+    assert load_config({}).docker.agent is True
 
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("DOCKER_USER", "1000:"), ("DOCKER_USER", "a b"), ("SANDBOX_MAX_PROCESSES", "2"), ("SANDBOX_TMP_SIZE_MB", "0")],
+    [
+        ("DOCKER_USER", "1000:"),
+        ("DOCKER_USER", "a b"),
+        ("SANDBOX_MAX_PROCESSES", "2"),
+        ("SANDBOX_TMP_SIZE_MB", "0"),
+        ("DOCKER_AGENT", "maybe"),
+    ],
 )
 def test_a_malformed_hardening_setting_stops_the_server_naming_it(name: str, value: str) -> None:
     with pytest.raises(InvalidConfig, match=name):

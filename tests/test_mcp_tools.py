@@ -78,6 +78,7 @@ async def test_spawn_replies_with_structured_content_and_readable_text(client: C
         "stdout": "out\n",
         "stderr": "err\n",
         "sandboxed": True,
+        "via": "host",
         "cursor": 4,
         "stderrCursor": 4,
         "waitResult": None,
@@ -117,6 +118,7 @@ async def test_ps_lists_processes_as_text_and_structure(client: Client) -> None:
         "tty",
         "createdAt",
         "sandboxed",
+        "via",
     }
     assert "host-1  running  pipe  sandboxed" in text_of(result)
 

@@ -21,6 +21,7 @@ stream from the server whatever its processes do.
 
 from __future__ import annotations
 
+import array
 import collections
 import contextlib
 import errno
@@ -30,6 +31,8 @@ import os
 import select
 import selectors
 import signal
+import socket
+import stat
 import struct
 import sys
 import termios
@@ -40,9 +43,17 @@ try:
 except ImportError:  # in the box: the bootstrap registered protocol under this name first
     import process_mcp_box_protocol as protocol  # type: ignore[import-not-found,no-redef]
 
-READ_CHUNK = 256 * 1024
-"""Bytes read from one process per wake-up."""
-OUT_HIGH = 1024 * 1024
+READ_CHUNK = 1024 * 1024
+"""Bytes read from one process per wake-up (a whole output pipe, see PIPE_SIZE)."""
+WRITE_CHUNK = 1024 * 1024
+"""Bytes written to the stream per call."""
+PIPE_SIZE = 1024 * 1024
+"""Capacity asked for output pipes and the stream (Linux's default limit for unprivileged users): a
+flood then costs a wake-up per megabyte, not per 64 KiB."""
+F_SETPIPE_SZ = 1031
+SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+DEFAULT_PIPE_SIZE = 64 * 1024
+OUT_HIGH = 2 * 1024 * 1024
 """Output waiting to go to the server above which the agent stops reading processes."""
 INPUT_MAX = 1024 * 1024
 """Input waiting for one process that does not read, above which more input is refused."""
@@ -54,6 +65,9 @@ KILL_ROUNDS = 100
 FLUSH_TIMEOUT_S = 5.0
 """How long the agent tries to write its last frames before exiting."""
 PR_SET_CHILD_SUBREAPER = 36
+MSG_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+SPARES = 2
+"""Supervisors kept forked ahead of need, so a spawn does not wait for a fork."""
 SHELL = "/bin/sh"
 
 
@@ -113,16 +127,16 @@ def kill_tree(root: int, reap: bool = False) -> None:
         select.select([], [], [], 0.005)  # let the kernel finish the deaths before the next walk
 
 
-def reap_children() -> list[tuple[int, int]]:
-    """Reap every child that has exited; return their (pid, status)."""
+def reap_children() -> tuple[list[tuple[int, int]], bool]:
+    """Reap every child that has exited; return their (pid, status), and whether children remain."""
     reaped: list[tuple[int, int]] = []
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return reaped
+            return reaped, False
         if pid == 0:
-            return reaped
+            return reaped, True
         reaped.append((pid, status))
 
 
@@ -138,6 +152,20 @@ def close_all_but(keep: set[int]) -> None:
         if fd not in keep:
             with contextlib.suppress(OSError):  # the descriptor listdir itself used is closed already
                 os.close(fd)
+
+
+def available(fd: int) -> int:
+    """Bytes waiting in the pipe ``fd``."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]  # type: ignore[no-any-return]
+    except OSError:
+        return 0
+
+
+def grow_pipe(fd: int) -> None:
+    """Ask for a PIPE_SIZE pipe; where that is refused (not a pipe, a lower limit) keep what there is."""
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
 
 
 def _noop(signum: int, frame: Any) -> None:
@@ -162,83 +190,161 @@ def _drain(fd: int) -> None:
         pass
 
 
-def supervise(
-    spec: dict[str, Any], env: dict[str, str], stdio: tuple[int, int, int], status: int, lifeline: int
-) -> None:
-    """In the forked supervisor: start the command, report its start and its exit on ``status`` (JSON
-    lines), reap whatever its tree leaves, and kill the tree if ``lifeline`` ends. Never returns."""
+def spare(order: socket.socket, lifeline: int) -> None:
+    """In a supervisor forked ahead of need: get ready (no descriptors of the agent's, a subreaper),
+    wait for the order to start a process (its spec, environment and descriptors), then supervise it.
+    Never returns."""
     try:
         devnull = os.open(os.devnull, os.O_RDWR)
         os.dup2(devnull, 0)  # 0 and 1 were the agent's stream: never touch them here
         os.dup2(devnull, 1)
-        close_all_but({0, 1, 2, status, lifeline, *stdio})
+        close_all_but({0, 1, 2, order.fileno(), lifeline})
         set_subreaper()
         wake = _wake_on_sigchld()
-
-        def report(**fields: Any) -> None:
-            os.write(status, (json.dumps(fields) + "\n").encode())
-
-        error_r, error_w = os.pipe()  # close-on-exec: it reads EOF once the command is running
-        leader = os.fork()
-        if leader == 0:
-            _exec_leader(spec, env, stdio, error_w)
-        os.close(error_w)
-        for fd in set(stdio):
-            os.close(fd)
-        failure = b""
-        while True:
-            chunk = os.read(error_r, 4096)
-            if not chunk:
-                break
-            failure += chunk
-        os.close(error_r)
-        if failure:
-            kind, _, detail = failure.decode(errors="replace").partition(":")
-            report(error=kind, message=detail)
-        else:
-            report(started=leader)
-        leader_done = False
-        while True:
-            for pid, code in reap_children():
-                if pid == leader:
-                    leader_done = True
-                    if not failure:
-                        report(**exit_fields(code))
-            if leader_done and not descendants(os.getpid()):
-                reap_children()
-                os._exit(0)
-            ready = select.select([lifeline, wake], [], [])[0]
-            if lifeline in ready and not os.read(lifeline, 1):
-                kill_tree(os.getpid(), reap=True)  # the agent is gone: nobody can drive this tree
-                os._exit(0)
-            _drain(wake)
-    except BaseException:
+        if lifeline in select.select([order.fileno(), lifeline], [], [])[0] and not os.read(lifeline, 1):
+            os._exit(0)  # the agent is gone before it needed this one
+        spec, env, fds = receive_order(order)
+        order.close()
+        supervise(spec, env, (fds[0], fds[1], fds[2]), fds[3], lifeline, wake)
+    finally:
         os._exit(1)
 
 
-def _exec_leader(spec: dict[str, Any], env: dict[str, str], stdio: tuple[int, int, int], error: int) -> None:
+def zygote(control: socket.socket, lifeline: int) -> None:
+    """In a small process forked once at the agent's start: fork spare supervisors when the agent asks
+    (one byte each) and hand each back (its pid, and the agent's end of its order socket). Forking
+    here, not in the agent, keeps the agent's loop free of the fork and of the copy-on-write faults
+    that follow one. A subreaper, so what its supervisors leave stays in the agent's tree. Never returns."""
     try:
-        os.setsid()
-        if spec.get("tty"):
-            fcntl.ioctl(stdio[0], termios.TIOCSCTTY, 0)
-        for target, fd in enumerate(stdio):
-            os.dup2(fd, target)
-        close_all_but({0, 1, 2, error})
-        signal.set_wakeup_fd(-1)
-        for signum in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD):
-            signal.signal(signum, signal.SIG_DFL)  # Python ignores the first two; exec keeps ignored ones
-        signal.pthread_sigmask(signal.SIG_SETMASK, [])
-        try:
-            os.chdir(spec["cwd"])
-        except OSError:
-            os.write(error, b"nocwd:")
-            os._exit(127)
-        os.execve(SHELL, [SHELL, "-c", spec["command"]], env)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.write(error, f"exec:{exc}".encode())
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+        os.dup2(devnull, 1)
+        close_all_but({0, 1, 2, control.fileno(), lifeline})
+        set_subreaper()
+        wake = _wake_on_sigchld()
+        while True:
+            ready = select.select([control.fileno(), lifeline, wake], [], [])[0]
+            if lifeline in ready and not os.read(lifeline, 1):
+                os._exit(0)  # the agent is gone; each supervisor sees that too and ends its tree
+            if wake in ready:
+                _drain(wake)
+                reap_children()  # supervisors that finished
+            if control.fileno() in ready:
+                wanted = control.recv(64)
+                if not wanted:
+                    os._exit(0)
+                for _ in wanted:
+                    pid, order = fork_spare(lifeline, control)
+                    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [order.fileno()]).tobytes())]
+                    control.sendmsg([struct.pack(">I", pid)], rights)
+                    order.close()
     finally:
-        os._exit(127)
+        os._exit(1)
+
+
+def fork_spare(lifeline: int, *close: socket.socket) -> tuple[int, socket.socket]:
+    """Fork a spare supervisor; return its pid and the end of its order socket."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        pid = os.fork()
+    except OSError:
+        ours.close()
+        theirs.close()
+        raise
+    if pid == 0:
+        ours.close()
+        for sock in close:
+            sock.close()
+        spare(theirs, lifeline)
+    theirs.close()
+    return pid, ours
+
+
+def send_order(order: socket.socket, spec: dict[str, Any], env: dict[str, str], fds: list[int]) -> None:
+    body = json.dumps({"spec": spec, "env": env}).encode()
+    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+    order.sendmsg([struct.pack(">I", len(body))], rights)
+    order.sendall(body)
+
+
+def receive_order(order: socket.socket) -> tuple[dict[str, Any], dict[str, str], list[int]]:
+    item = array.array("i")
+    header, ancillary, _, _ = order.recvmsg(4, socket.CMSG_SPACE(8 * item.itemsize), MSG_CMSG_CLOEXEC)
+    for level, kind, data in ancillary:
+        if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
+            item.frombytes(data[: len(data) - len(data) % item.itemsize])
+    fds = list(item)
+    for fd in fds:
+        os.set_inheritable(fd, False)  # only what posix_spawn dup2s reaches the command
+    while len(header) < 4:
+        header += order.recv(4 - len(header))
+    size = struct.unpack(">I", header)[0]
+    body = b""
+    while len(body) < size:
+        chunk = order.recv(size - len(body))
+        if not chunk:
+            os._exit(1)
+        body += chunk
+    order_fields = json.loads(body)
+    return order_fields["spec"], order_fields["env"], fds
+
+
+def supervise(
+    spec: dict[str, Any], env: dict[str, str], stdio: tuple[int, int, int], status: int, lifeline: int, wake: int
+) -> None:
+    """Start the command, report its start and its exit on ``status`` (JSON lines), reap whatever its
+    tree leaves, and kill the tree if ``lifeline`` ends. Never returns."""
+
+    def report(**fields: Any) -> None:
+        os.write(status, (json.dumps(fields) + "\n").encode())
+
+    try:
+        os.chdir(spec["cwd"])  # the supervisor's own directory is what the command starts in
+    except OSError as exc:
+        report(error="nocwd", message=str(exc))
+        os._exit(0)
+    try:
+        leader = _start_leader(spec, env, stdio)
+    except OSError as exc:
+        report(error="exec", message=f"{SHELL}: {exc.strerror or exc}")
+        os._exit(0)
+    for fd in set(stdio):
+        os.close(fd)
+    report(started=leader)
+    while True:
+        reaped, children_left = reap_children()
+        for pid, code in reaped:
+            if pid == leader:
+                report(**exit_fields(code))
+        if not children_left:  # a subreaper with no children has no descendants left
+            os._exit(0)
+        ready = select.select([lifeline, wake], [], [])[0]
+        if lifeline in ready and not os.read(lifeline, 1):
+            kill_tree(os.getpid(), reap=True)  # the agent is gone: nobody can drive this tree
+            os._exit(0)
+        _drain(wake)
+
+
+def _start_leader(spec: dict[str, Any], env: dict[str, str], stdio: tuple[int, int, int]) -> int:
+    """Start ``/bin/sh -c command`` in a session of its own on ``stdio`` (posix_spawn: no second fork of
+    Python). A terminal is opened by name after setsid, which makes it the controlling terminal."""
+    if spec.get("tty"):
+        actions = [
+            (os.POSIX_SPAWN_OPEN, 0, os.ttyname(stdio[0]), os.O_RDWR, 0),
+            (os.POSIX_SPAWN_DUP2, 0, 1),
+            (os.POSIX_SPAWN_DUP2, 0, 2),
+        ]
+    else:
+        actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(stdio)]
+    return os.posix_spawn(
+        SHELL,
+        [SHELL, "-c", spec["command"]],
+        env,
+        file_actions=actions,
+        setsid=True,
+        setsigmask=(),
+        setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),  # Python ignores them, and exec keeps ignored signals
+    )
 
 
 class Process:
@@ -259,6 +365,7 @@ class Process:
         self.written = 0  # bytes of input written so far
         self.acks: collections.deque[tuple[int, int]] = collections.deque()  # (seq, queued at its end)
         self.exited = False
+        self.grown: set[int] = set()  # output pipes already enlarged
 
     @property
     def finished(self) -> bool:
@@ -280,11 +387,18 @@ class Agent:
         self.owner: dict[int, Process] = {}  # each process's descriptors
         self.running = True
         self.lifeline_r, self.lifeline_w = os.pipe()
+        self.splicing: tuple[int, int] | None = None  # (pipe, bytes it still owes the frame on the stream)
+        self.can_splice = hasattr(os, "splice") and stat.S_ISFIFO(os.fstat(stream_out).st_mode)
+        self.spares: list[tuple[int, socket.socket]] = []  # supervisors forked ahead of the next spawns
+        self.spares_asked = 0
+        self.zygote: socket.socket | None = None
         self.subreaper = set_subreaper()
         for fd in (stream_in, stream_out):
             os.set_blocking(fd, False)
+        grow_pipe(stream_out)
         self.selector.register(stream_in, selectors.EVENT_READ, self._on_stream)
         self.selector.register(_wake_on_sigchld(), selectors.EVENT_READ, self._on_sigchld)
+        self._start_zygote()
 
     def run(self) -> int:
         self.send(
@@ -298,17 +412,34 @@ class Agent:
             )
         )
         while self.running:
-            for key, events in self.selector.select():
+            for key, mask in self.selector.select():
                 # Handling one event can close a descriptor that is later in the same batch.
                 current = self.selector.get_map().get(key.fd)
                 if current is not None and self.running:
-                    current.data(key.fd, events)
+                    current.data(key.fd, mask)
         return 0
 
     # The stream to the server.
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes, payload: bytes = b"") -> None:
+        """Queue ``data`` and then ``payload`` for the server (two parts, so a frame's header and its
+        output need not be joined); written at once when nothing waits before them."""
+        if not self.out and not self.writing:
+            try:  # the common case: straight from the read buffer to the stream, no copy
+                written = os.writev(self.stream_out, [data, payload] if payload else [data])
+            except BlockingIOError:
+                written = 0
+            except OSError:  # the server is gone
+                self._stop()
+                return
+            if written >= len(data):
+                payload, data = payload[written - len(data) :], b""
+            else:
+                data = data[written:]
+            if not data and not payload:
+                return
         self.out += data
+        self.out += payload
         if not self.writing:
             self._write_out()
         if self.reading_output and len(self.out) >= OUT_HIGH:
@@ -316,23 +447,57 @@ class Agent:
 
     def _write_out(self, fd: int = -1, events: int = 0) -> None:
         try:
-            while self.out:
-                written = os.write(self.stream_out, self.out[:READ_CHUNK])
+            if self.splicing is not None:
+                self._continue_splice()
+            while self.out and self.splicing is None:
+                with memoryview(self.out) as view:
+                    written = os.write(self.stream_out, view[:WRITE_CHUNK])
                 del self.out[:written]
         except BlockingIOError:
             pass
         except OSError:  # the server is gone
             self.out.clear()
+            self.splicing = None
             self._stop()
             return
-        if self.out and not self.writing:
+        waiting = bool(self.out) or self.splicing is not None
+        if waiting and not self.writing:
             self.selector.register(self.stream_out, selectors.EVENT_WRITE, self._write_out)
             self.writing = True
-        elif not self.out and self.writing:
+        elif not waiting and self.writing:
             self.selector.unregister(self.stream_out)
             self.writing = False
-        if not self.reading_output and len(self.out) < OUT_HIGH // 2:
+        if self.reading_output and self.splicing is not None:
+            self._pause_output(True)
+        elif not self.reading_output and self.splicing is None and len(self.out) < OUT_HIGH // 2:
             self._pause_output(False)
+
+    def _splice_output(self, process: Process, fd: int, kind: int, size: int) -> None:
+        """Send ``size`` bytes waiting in the pipe ``fd`` as one frame, moved by the kernel from that
+        pipe to the stream (splice) without passing through the agent: a flood then costs the agent
+        almost nothing, which matters in a box with a CPU limit."""
+        header = protocol.HEADER.pack(kind, process.channel, size)
+        try:
+            written = os.write(self.stream_out, header)
+        except BlockingIOError:
+            written = 0
+        if written < len(header):  # no room even for the header: read the payload the usual way
+            self.send(header[written:], os.read(fd, size))  # the agent is this pipe's only reader
+            return
+        self.splicing = (fd, size)
+        self._write_out()
+
+    def _continue_splice(self) -> None:
+        assert self.splicing is not None
+        fd, left = self.splicing
+        try:
+            while left:
+                moved = os.splice(fd, self.stream_out, left, flags=SPLICE_FLAGS)
+                if not moved:
+                    raise OSError(f"output pipe {fd} ended inside a frame")  # cannot be: only the agent reads it
+                left -= moved
+        finally:
+            self.splicing = (fd, left) if left else None
 
     def _pause_output(self, pause: bool) -> None:
         self.reading_output = not pause
@@ -385,6 +550,11 @@ class Agent:
         self.running = False
         os.close(self.lifeline_w)
         kill_tree(os.getpid(), reap=True)
+        if self.splicing is not None:  # the frame on the stream still owes bytes: they go first
+            fd, left = self.splicing
+            self.splicing = None
+            with contextlib.suppress(OSError):
+                self.out[0:0] = os.read(fd, left)
         self.out += protocol.frame(protocol.BYE, 0)
         remaining = FLUSH_TIMEOUT_S
         while self.out and remaining > 0:
@@ -422,14 +592,12 @@ class Agent:
                 outputs = {out_r: 1, err_r: 2}
             status_r, status_w = os.pipe()
             opened += [status_r, status_w]
-            supervisor = os.fork()
+            supervisor = self._order(spec, env, [*stdio, status_w])
         except OSError as exc:
             for fd in opened:
                 os.close(fd)
             self.send(protocol.message(protocol.STARTED, channel, error="spawn", message=str(exc)))
             return
-        if supervisor == 0:
-            supervise(spec, env, stdio, status_w, self.lifeline_r)
         for fd in {*stdio, status_w}:
             os.close(fd)
         process = Process(channel, supervisor, status_r, outputs, input_fd, bool(spec.get("tty")))
@@ -443,6 +611,62 @@ class Agent:
             for fd in outputs:
                 self.selector.register(fd, selectors.EVENT_READ, self._on_output)
 
+    def _start_zygote(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            ours.close()
+            zygote(theirs, self.lifeline_r)
+        theirs.close()
+        ours.setblocking(False)
+        self.zygote = ours
+        self.selector.register(ours, selectors.EVENT_READ, self._on_zygote)
+        self._ask_for_spares()
+
+    def _ask_for_spares(self) -> None:
+        missing = SPARES - len(self.spares) - self.spares_asked
+        if missing > 0 and self.zygote is not None:
+            with contextlib.suppress(OSError):  # full or gone: asked again at the next spawn
+                self.spares_asked += self.zygote.send(b"s" * missing)
+
+    def _on_zygote(self, fd: int, events: int) -> None:
+        assert self.zygote is not None
+        item = array.array("i")
+        try:
+            data, ancillary, _, _ = self.zygote.recvmsg(4, socket.CMSG_SPACE(item.itemsize), MSG_CMSG_CLOEXEC)
+        except BlockingIOError:
+            return
+        except OSError:
+            data, ancillary = b"", []
+        if not data:  # gone: spares are forked here from now on
+            self.selector.unregister(self.zygote)
+            self.zygote.close()
+            self.zygote = None
+            return
+        for level, kind, payload in ancillary:
+            if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
+                item.frombytes(payload[: len(payload) - len(payload) % item.itemsize])
+        self.spares_asked -= 1
+        self.spares.append((struct.unpack(">I", data)[0], socket.socket(fileno=item[0])))
+
+    def _order(self, spec: dict[str, Any], env: dict[str, str], fds: list[int]) -> int:
+        """Hand a process to a spare supervisor (forking one here if none is ready); return its pid."""
+        for attempt in (1, 2):
+            pid, order = self.spares.pop(0) if self.spares else fork_spare(self.lifeline_r)
+            self._ask_for_spares()
+            try:
+                order.setblocking(True)
+                send_order(order, spec, env, fds)
+                return pid
+            except OSError:
+                if attempt == 2:
+                    raise
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)  # it died or went astray: use another
+            finally:
+                order.close()
+        raise AssertionError("unreachable")
+
     def _close(self, fd: int) -> None:
         del self.owner[fd]
         os.close(fd)
@@ -454,6 +678,14 @@ class Agent:
 
     def _read_output(self, process: Process, fd: int) -> bool:
         """Read one chunk and send it on; return False once nothing more is there right now."""
+        stream = process.outputs[fd]
+        kind = protocol.STDOUT if stream == 1 else protocol.STDERR
+        if self.can_splice and not process.tty and not self.out and not self.writing:
+            waiting = available(fd)
+            if waiting:
+                self._grow_if_full(process, fd, waiting)
+                self._splice_output(process, fd, kind, min(waiting, READ_CHUNK))
+                return True
         try:
             data = os.read(fd, READ_CHUNK)
         except BlockingIOError:
@@ -462,7 +694,6 @@ class Agent:
             if exc.errno != errno.EIO:  # EIO: every holder of the terminal's other side closed it
                 sys.stderr.write(f"process-mcp agent: reading {process.channel}: {exc}\n")
             data = b""
-        stream = process.outputs[fd]
         if not data:
             del process.outputs[fd]
             if self.reading_output:
@@ -471,8 +702,15 @@ class Agent:
             self.send(protocol.frame(protocol.CLOSED, process.channel, str(stream).encode()))
             self._forget_if_finished(process)
             return False
-        self.send(protocol.frame(protocol.STDOUT if stream == 1 else protocol.STDERR, process.channel, data))
+        self._grow_if_full(process, fd, len(data))
+        self.send(protocol.HEADER.pack(kind, process.channel, len(data)), data)
         return True
+
+    @staticmethod
+    def _grow_if_full(process: Process, fd: int, waiting: int) -> None:
+        if waiting >= DEFAULT_PIPE_SIZE and fd not in process.grown and not process.tty:
+            process.grown.add(fd)
+            grow_pipe(fd)  # a full pipe: a flood, which a larger pipe serves with fewer wake-ups
 
     def _on_status(self, fd: int, events: int) -> None:
         process = self.owner[fd]

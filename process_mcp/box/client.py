@@ -136,6 +136,7 @@ class AgentConnection:
         self._send_lock = anyio.Lock()
         self._on_lost = on_lost
         self._lost: str | None = None
+        self._said_bye = False
         self._closed = False
         self._loop.add_reader(self._fd, self._on_readable)
 
@@ -273,6 +274,7 @@ class AgentConnection:
             if process is not None:
                 process.exited(answer)
             return
+        self._said_bye = self._said_bye or kind == protocol.BYE
         seq = int(answer.get("seq", 0)) if kind in (protocol.WRITTEN, protocol.SIGNALLED) else 0
         future = self._waiters.pop((kind, channel, seq), None)
         if future is not None and not future.done():
@@ -280,6 +282,10 @@ class AgentConnection:
 
     def _lose(self, reason: str) -> None:
         if self._lost is not None or self._closed:
+            return
+        if self._said_bye:  # the agent ended as asked; close() follows
+            self._lost = reason
+            self._loop.remove_reader(self._fd)
             return
         self._lost = reason
         self._loop.remove_reader(self._fd)

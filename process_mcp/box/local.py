@@ -1,0 +1,94 @@
+"""The agent run on this machine, for host processes that run without the sandbox.
+
+The same agent as in a container, started with this interpreter and spoken to over two pipes. It gives
+unsandboxed processes what the sandbox's PID namespace gives sandboxed ones: whatever a process starts
+stays in its supervisor's tree (``setsid``, ``env -i``, double forks included), so ``kill`` and shutdown
+reach all of it, and when the server dies, however it dies, the agent sees its input end and kills
+every tree.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import anyio.to_thread
+
+from .client import BOOTSTRAP, AgentConnection, AgentUnavailable, Channel, bootstrap_payload
+
+AGENT_EXIT_S = 5.0
+"""Bound on waiting for the local agent to exit once its stream is closed."""
+
+
+class _Pipes(Channel):
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        assert process.stdin is not None
+        assert process.stdout is not None
+        self._process = process
+        self._in = process.stdout.fileno()
+        self._out = process.stdin.fileno()
+        os.set_blocking(self._in, False)
+        os.set_blocking(self._out, False)
+
+    @property
+    def read_fd(self) -> int:
+        return self._in
+
+    @property
+    def write_fd(self) -> int:
+        return self._out
+
+    def receive(self) -> bytes | None:
+        try:
+            return os.read(self._in, 256 * 1024)
+        except BlockingIOError:
+            return None
+
+    def send(self, data: memoryview) -> int:
+        return os.write(self._out, data)
+
+    def close(self) -> None:
+        for stream in (self._process.stdin, self._process.stdout):
+            if stream is not None:
+                stream.close()
+
+
+class LocalAgent:
+    """The agent process and the connection to it."""
+
+    def __init__(self, process: subprocess.Popen[bytes], connection: AgentConnection) -> None:
+        self.process = process
+        self.connection = connection
+
+    @classmethod
+    async def start(cls, name: str) -> LocalAgent:
+        """Start the agent as a child of this process, in a session of its own (a Ctrl-C meant for the
+        server does not reach it: the server ends its processes in order). Raises AgentUnavailable."""
+        try:
+            process = subprocess.Popen(  # noqa: ASYNC220 - starting does not wait; stop waits in a thread
+                [sys.executable, "-I", "-S", "-c", BOOTSTRAP],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env={},
+                cwd="/",
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise AgentUnavailable(f"cannot start {sys.executable}: {exc.strerror or exc}") from None
+        agent = cls(process, AgentConnection(_Pipes(process), name))
+        try:
+            await agent.connection.connect(bootstrap_payload())
+        except BaseException:
+            await agent.stop()
+            raise
+        return agent
+
+    async def stop(self) -> None:
+        """End every process the agent started, and the agent."""
+        await self.connection.shutdown()
+        try:
+            await anyio.to_thread.run_sync(self.process.wait, AGENT_EXIT_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            await anyio.to_thread.run_sync(self.process.wait)

@@ -1,0 +1,63 @@
+"""The agent's protocol and what the agent needs from the Python in a box."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from importlib import resources
+
+import pytest
+
+from process_mcp.box import protocol
+
+
+def test_frames_split_anywhere_across_reads_come_out_whole_and_in_order() -> None:
+    stream = b"".join(
+        [
+            protocol.message(protocol.SPAWN, 7, command="echo hi", env={"A": "1"}),
+            protocol.frame(protocol.STDOUT, 7, bytes(range(256)) * 300),
+            protocol.frame(protocol.CLOSED, 7, b"1"),
+            protocol.frame(protocol.BYE, 0),
+        ]
+    )
+    for step in (1, 2, 9, 10, 4096, len(stream)):
+        decoder = protocol.Decoder()
+        frames = []
+        for start in range(0, len(stream), step):
+            frames += decoder.feed(stream[start : start + step])
+        assert [(kind, channel) for kind, channel, _ in frames] == [
+            (protocol.SPAWN, 7),
+            (protocol.STDOUT, 7),
+            (protocol.CLOSED, 7),
+            (protocol.BYE, 0),
+        ]
+        assert protocol.fields(frames[0][2]) == {"command": "echo hi", "env": {"A": "1"}}
+        assert frames[1][2] == bytes(range(256)) * 300
+
+
+def test_a_frame_announcing_more_than_the_limit_is_a_corrupt_stream() -> None:
+    header = protocol.HEADER.pack(protocol.STDOUT, 1, protocol.MAX_PAYLOAD + 1)
+    with pytest.raises(protocol.ProtocolError, match="announces"):
+        protocol.Decoder().feed(header)
+
+
+def test_a_control_frame_that_is_not_a_json_object_is_refused() -> None:
+    with pytest.raises(protocol.ProtocolError):
+        protocol.fields(b"[1, 2]")
+    with pytest.raises(protocol.ProtocolError):
+        protocol.fields(b"{not json")
+
+
+@pytest.mark.parametrize("module", ["protocol.py", "agent.py"])
+def test_what_runs_in_the_box_parses_as_python_3_8(module: str) -> None:
+    """The agent runs with the box's Python, 3.8 or newer: no syntax from later versions."""
+    source = resources.files("process_mcp.box").joinpath(module).read_text()
+    tree = ast.parse(source, feature_version=(3, 8))
+    imported = {
+        alias.name.partition(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom) and not getattr(node, "level", 0)
+        for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])
+    }
+    outside = imported - set(sys.stdlib_module_names) - {"process_mcp_box_protocol"}
+    assert not outside, f"the agent may use the standard library only, not {outside}"
