@@ -58,6 +58,48 @@ async def test_kill_ends_the_children_with_their_parent(host: HostExecutor, tty:
             kill_if_alive(child)
 
 
+# Ways a process leaves its parent's session, environment or tree; each runs `sleep $1` in the background.
+ESCAPES = {
+    "setsid": 'setsid sleep "$1" &',
+    "env -i": 'env -i sleep "$1" &',
+    "double fork": '(sleep "$1" &) &',
+    "nohup in a new session": 'setsid nohup sleep "$1" >/dev/null 2>&1 </dev/null &',
+}
+
+
+@pytest.mark.parametrize("escape", list(ESCAPES))
+async def test_kill_ends_descendants_that_left_the_process_group_or_tree(host: HostExecutor, escape: str) -> None:
+    arg = sleep_argument()
+    spawned = await host.spawn(
+        SpawnOptions(command=f"set -- {arg}; {ESCAPES[escape]} {started(arg)}; sleep 600", background=True)
+    )
+    (child,) = await sleepers(arg, 1)
+    try:
+        killed = await host.kill(spawned.pid, "TERM")
+        assert killed.status == "terminated"
+        await wait_until_gone(child)
+    finally:
+        kill_if_alive(child)
+
+
+@pytest.mark.parametrize("escape", list(ESCAPES))
+async def test_cleanup_ends_descendants_that_left_a_parent_that_has_exited(host: HostExecutor, escape: str) -> None:
+    arg = sleep_argument()
+    result = await host.spawn(SpawnOptions(command=f"set -- {arg}; {ESCAPES[escape]} echo started"))
+    assert (result.status, result.exit_code) == ("terminated", 0)
+    if host.sandboxed:  # the sandbox's PID namespace ended with its first process, and took the child
+        with anyio.fail_after(WAIT_S):
+            while running_sleepers(arg):
+                await anyio.sleep(POLL_S)
+        return
+    (child,) = await sleepers(arg, 1)
+    try:
+        await host.cleanup()
+        await wait_until_gone(child)
+    finally:
+        kill_if_alive(child)
+
+
 async def test_cleanup_escalates_to_sigkill_for_processes_that_ignore_sigterm(host: HostExecutor) -> None:
     arg = sleep_argument()
     started = await host.spawn(
@@ -150,11 +192,15 @@ async def test_the_live_process_limit_is_a_clear_error_and_frees_up_as_processes
         await executor.cleanup()
 
 
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
 @pytest.mark.parametrize("sandboxed", [True, False], ids=["sandboxed", "unsandboxed"])
-async def test_processes_die_with_a_killed_server(tmp_path: Path, sandboxed: bool) -> None:
+async def test_processes_die_with_a_killed_server(tmp_path: Path, sandboxed: bool, how: signal.Signals) -> None:
+    """Even those that left the tree: the server here has no shutdown handler, so SIGINT ends it as
+    abruptly as SIGKILL."""
     arg = sleep_argument()
+    command = f"set -- {arg}; {' '.join(ESCAPES.values())} sleep {arg}"
     server = subprocess.Popen(  # noqa: ASYNC220 - started once; its output is read off the loop
-        [sys.executable, "-c", SERVE_ONE_SPAWN, str(tmp_path), f"sleep {arg} & sleep {arg}", str(sandboxed)],
+        [sys.executable, "-c", SERVE_ONE_SPAWN, str(tmp_path), command, str(sandboxed)],
         stdout=subprocess.PIPE,
     )
     tree: list[int] = []
@@ -163,9 +209,9 @@ async def test_processes_die_with_a_killed_server(tmp_path: Path, sandboxed: boo
         with anyio.fail_after(WAIT_S):
             line = await anyio.to_thread.run_sync(server.stdout.readline, abandon_on_cancel=True)
         assert line == b"spawned\n"
-        tree = await sleepers(arg, 2)
-        # No handler runs: the kernel must see to it (bwrap's parent-death signal, or the watchdog's pipe).
-        server.send_signal(signal.SIGKILL)
+        tree = await sleepers(arg, len(ESCAPES) + 1)
+        # No handler runs: the kernel must see to it (bwrap's parent-death signal, or the agent's input ending).
+        server.send_signal(how)
         server.wait()
         for pid in tree:
             await wait_until_gone(pid)
