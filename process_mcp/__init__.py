@@ -35,13 +35,13 @@ from .models import (
 from .server import ProcessMcpServer, create_executor, create_process_mcp
 
 if TYPE_CHECKING:
-    from .docker_executor import DockerExecutor
+    from .docker import DockerExecutor
 
 
 def __getattr__(name: str) -> Any:
     # DockerExecutor is loaded on first use, so `import process_mcp` stays light in host mode.
     if name == "DockerExecutor":
-        from .docker_executor import DockerExecutor
+        from .docker import DockerExecutor
 
         return DockerExecutor
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -39,7 +39,7 @@ def create_executor(config: ProcessMcpConfig) -> ProcessExecutor:
         return HostExecutor(config)
     if config.mode == "docker":
         # Imported here so that host mode never loads the Docker backend (and docker-py with it).
-        from .docker_executor import DockerExecutor
+        from .docker import DockerExecutor
 
         return DockerExecutor(config)
     raise BackendUnavailable(f"unknown PROCESS_MODE {config.mode!r}; use host or docker")

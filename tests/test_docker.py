@@ -25,7 +25,7 @@ import pytest
 from mcp import Client, StdioServerParameters
 
 from process_mcp import BackendUnavailable, SpawnOptions, create_process_mcp, load_config
-from process_mcp.docker_executor import KEPT_CAPABILITIES, DockerExecutor
+from process_mcp.docker.executor import KEPT_CAPABILITIES, DockerExecutor
 
 from .conftest import BUSYBOX_IMAGE, DEBIAN_IMAGE, TEST_LABELS, docker_config, unique_name
 from .helpers import POLL_S, WAIT_S, sleep_argument, wait_for_output
@@ -653,7 +653,7 @@ def test_host_mode_never_imports_docker() -> None:
     code = (
         "import sys, process_mcp; "
         "process_mcp.create_executor(process_mcp.ProcessMcpConfig(mode='host')); "
-        "print(sorted(m for m in sys.modules if m == 'docker' or m.endswith('docker_executor')))"
+        "print(sorted(m for m in sys.modules if m == 'docker' or m.startswith('process_mcp.docker')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=WAIT_S, check=True)
     assert out.stdout.strip() == "[]"

@@ -29,14 +29,14 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 import anyio.to_thread
 
-from .box.client import BOOTSTRAP, AgentConnection, AgentUnavailable, Channel, SpawnRefused, bootstrap_payload
-from .config import DOCKER_WORKDIR, DockerConfig, ProcessMcpConfig
-from .errors import BackendUnavailable, InvalidInput, KillFailed, SpawnFailed, StdinFailed
-from .executor import ProcessExecutor, ProcessHandle
-from .models import TERMINAL_COLS, TERMINAL_ROWS, TTY_TERM
-from .registry import ManagedProcess
-from .signals import NON_TERMINATING, signal_from_exit_code
-from .streams import READ_CHUNK, write_all
+from ..box.client import BOOTSTRAP, AgentConnection, AgentUnavailable, Channel, SpawnRefused, bootstrap_payload
+from ..config import DOCKER_WORKDIR, DockerConfig, ProcessMcpConfig
+from ..errors import BackendUnavailable, InvalidInput, KillFailed, SpawnFailed, StdinFailed
+from ..executor import ProcessExecutor, ProcessHandle
+from ..models import TERMINAL_COLS, TERMINAL_ROWS, TTY_TERM
+from ..registry import ManagedProcess
+from ..signals import NON_TERMINATING, signal_from_exit_code
+from ..streams import READ_CHUNK, write_all
 
 if TYPE_CHECKING:
     from docker import DockerClient
