@@ -237,7 +237,7 @@ async def docker_figures(s: Settings, workdir: str) -> None:
     import docker
 
     from process_mcp.config import DockerConfig
-    from process_mcp.docker.executor import container_options
+    from process_mcp.docker.engine import container_options
 
     client = docker.from_env()
     name = f"process-mcp-bench-{secrets.token_hex(4)}"

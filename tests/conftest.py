@@ -117,7 +117,7 @@ async def engine(docker_client: DockerClient) -> DockerClient:
 def shared_container(docker_client: DockerClient) -> Iterator[Container]:
     """One container for the whole contract suite, made as the server makes its own and running as its
     unprivileged user; each test gets its own directory in it."""
-    from process_mcp.docker.executor import container_options
+    from process_mcp.docker.engine import container_options
 
     name = unique_name("shared")
     volume = docker_client.volumes.create(unique_name("shared-vol"), labels=TEST_LABELS)

@@ -25,7 +25,8 @@ import pytest
 from mcp import Client, StdioServerParameters
 
 from process_mcp import BackendUnavailable, SpawnOptions, create_process_mcp, load_config
-from process_mcp.docker.executor import KEPT_CAPABILITIES, DockerExecutor
+from process_mcp.docker import DockerExecutor
+from process_mcp.docker.engine import KEPT_CAPABILITIES
 
 from .conftest import BUSYBOX_IMAGE, DEBIAN_IMAGE, TEST_LABELS, docker_config, unique_name
 from .helpers import POLL_S, WAIT_S, sleep_argument, wait_for_output

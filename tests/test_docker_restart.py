@@ -17,7 +17,7 @@ import anyio.to_thread
 import pytest
 
 from process_mcp import SpawnOptions
-from process_mcp.docker.executor import DockerExecutor
+from process_mcp.docker import DockerExecutor
 
 from .conftest import BUSYBOX_IMAGE, TEST_LABELS, docker_config, unique_name
 from .helpers import WAIT_S, wait_for_output

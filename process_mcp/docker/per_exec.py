@@ -1,0 +1,304 @@
+"""Docker mode without the agent (an image with no Python): every process is an exec of its own.
+
+Each exec is attached over a hijacked socket, read and written without blocking on the event loop.
+Every exec carries ``PROCESS_MCP_ID=<executor token>:<docker-N>`` in its environment, which its
+children inherit; signals go to every process in the container whose environment holds that exact
+line (a small /bin/sh script walking /proc, run as its own exec). The engine reports only an exit
+code, so 128+N reads as signal N.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import socket
+from typing import TYPE_CHECKING, Any, Literal
+
+import anyio
+import anyio.to_thread
+
+from ..errors import InvalidInput, KillFailed, SpawnFailed, StdinFailed
+from ..executor import ProcessHandle
+from ..models import TERMINAL_COLS, TERMINAL_ROWS, TTY_TERM
+from ..registry import ManagedProcess
+from ..signals import NON_TERMINATING, signal_from_exit_code
+from ..streams import READ_CHUNK, write_all
+from . import engine
+from .engine import MARKER_VAR, Demuxer
+
+if TYPE_CHECKING:
+    from .executor import DockerExecutor
+
+logger = logging.getLogger(__name__)
+
+LAUNCH_TIMEOUT_S = 10.0
+"""How long a spawn waits for the exec to report that it changed directory and is about to run."""
+EXIT_POLL_S = 0.02
+"""Interval for asking the engine for an exit code it has not recorded yet (it lags the stream's EOF)."""
+EXIT_SETTLE_S = 5.0
+"""Bound on that polling; past it the exit code is reported as unknown."""
+SIGNAL_TIMEOUT_S = 10.0
+"""Bound on one signal delivery (an exec walking /proc); a busy engine may be slow to start it."""
+
+# $1 cwd, $2 handshake, $3 the command. Printing the handshake only once `cd` succeeded lets
+# spawn tell "no such directory" from "started" before it returns, without a second exec.
+_LAUNCH_SCRIPT = 'cd -- "$1" 2>/dev/null || { printf %s "$2:no"; exit 1; }; printf %s "$2:ok"; exec /bin/sh -c "$3"'
+# A TTY exec starts at 0x0 on engines before API 1.42, and exec_resize races the program: size the
+# terminal before the program starts.
+_TTY_LAUNCH_SCRIPT = f"stty rows {TERMINAL_ROWS} cols {TERMINAL_COLS} 2>/dev/null; {_LAUNCH_SCRIPT}"
+# $1 a regular expression for the marker line, $2 a signal number. Needs only /proc, tr, grep and
+# kill (busybox has them). Processes that vanish mid-walk are skipped.
+_SIGNAL_SCRIPT = (
+    'm=; for d in /proc/[0-9]*; do p=${d#/proc/}; [ "$p" = $$ ] && continue; '
+    'tr \'\\0\' \'\\n\' < "$d/environ" 2>/dev/null | grep -q -e "$1" && m="$p $m"; '
+    'done; [ -z "$m" ] || kill -"$2" $m 2>/dev/null; exit 0'
+)
+
+
+class ExecLauncher:
+    """Starts and signals processes as execs of their own, for ``executor``'s container."""
+
+    def __init__(self, executor: DockerExecutor) -> None:
+        self._executor = executor
+
+    async def launch(self, record: ManagedProcess, env: dict[str, str]) -> ProcessHandle:
+        ex = self._executor
+        assert ex._client is not None
+        api = ex._client.api
+        handshake = f"process-mcp-{secrets.token_hex(6)}"
+        environment = {**env, MARKER_VAR: ex.marker(record.pid).partition("=")[2]}
+        if record.tty and "TERM" not in env:
+            environment["TERM"] = TTY_TERM
+        script = _TTY_LAUNCH_SCRIPT if record.tty else _LAUNCH_SCRIPT
+        command = ["/bin/sh", "-c", script, "sh", record.cwd, handshake, record.command]
+
+        def create_and_start() -> tuple[str, Any]:
+            assert ex._container is not None
+            exec_id: str = api.exec_create(
+                ex._container.id, command, stdin=True, tty=record.tty, environment=environment, user=ex.exec_user
+            )["Id"]
+            # docker-py's stubs type this as bytes; with socket=True it is the hijacked socket's wrapper.
+            sock: Any = api.exec_start(exec_id, socket=True, tty=record.tty)
+            return exec_id, sock
+
+        try:
+            exec_id, sock = await anyio.to_thread.run_sync(create_and_start)
+        except engine.docker_errors() as exc:
+            reason = engine.reason(exc)
+            if not await ex._recover_container():
+                raise SpawnFailed(f"could not start {record.command!r} in the container: {reason}") from None
+            try:
+                exec_id, sock = await anyio.to_thread.run_sync(create_and_start)
+            except engine.docker_errors() as retry:
+                raise SpawnFailed(
+                    f"could not start {record.command!r} in the container: {engine.reason(retry)}"
+                ) from None
+        # The SocketIO wrapper owns the raw socket (`_sock`); unix and plain TCP engines give one.
+        raw: socket.socket = getattr(sock, "_sock", sock)
+        handle = _ExecHandle(self, record, exec_id, sock, raw, handshake)
+        record.sandboxed = True  # confined by the container
+        outcome = await handle.launched()
+        if outcome == "ok":
+            if record.tty:
+                await self._resize(exec_id)
+            return handle
+        await handle.wait_exited()
+        handle.close()
+        if outcome == "nocwd":
+            raise InvalidInput(
+                f"cwd {record.cwd!r} does not exist or is not a directory in the container; pass an existing "
+                f"directory or omit cwd to use {ex.workdir}"
+            )
+        detail = handle.launch_output.strip() or f"exit code {handle.exit_code}"
+        raise SpawnFailed(f"could not start {record.command!r} in the container (it needs /bin/sh): {detail}")
+
+    async def _resize(self, exec_id: str) -> None:
+        # stty already sized the terminal; this tells the engine too, so later attaches agree.
+        assert self._executor._client is not None
+        api = self._executor._client.api
+        try:
+            await anyio.to_thread.run_sync(lambda: api.exec_resize(exec_id, height=TERMINAL_ROWS, width=TERMINAL_COLS))
+        except engine.docker_errors() as exc:
+            logger.debug("exec_resize of %s failed (it may have exited): %s", exec_id, exc)
+
+    async def inspect(self, exec_id: str) -> dict[str, Any]:
+        assert self._executor._client is not None
+        return await anyio.to_thread.run_sync(self._executor._client.api.exec_inspect, exec_id)
+
+    async def signal_matching(self, pattern: str, signum: int) -> None:
+        """Send ``signum`` to every process in the container whose environment matches ``pattern``."""
+        container = self._executor._container
+        if container is None:
+            return
+        command = ["/bin/sh", "-c", _SIGNAL_SCRIPT, "sh", pattern, str(int(signum))]
+        reason = f"no answer within {SIGNAL_TIMEOUT_S:g} s"
+        with anyio.move_on_after(SIGNAL_TIMEOUT_S):
+            try:
+                result = await anyio.to_thread.run_sync(
+                    lambda: container.exec_run(command, stdin=False, tty=False, user=self._executor.exec_user),
+                    abandon_on_cancel=True,
+                )
+            except engine.docker_errors() as exc:
+                reason = engine.reason(exc)
+            else:
+                if result.exit_code == 0:
+                    return
+                output = result.output if isinstance(result.output, bytes) else b""  # bytes unless streaming
+                reason = f"exit code {result.exit_code}: {output.decode(errors='replace').strip()}"
+        raise KillFailed(f"could not deliver signal {signum} in the container ({reason})")
+
+    def marker_pattern(self, pid: str | None) -> str:
+        """A regular expression for the marker line of process ``pid``, or of every process with None."""
+        # Token and ids are [0-9a-z:-]: no regular-expression metacharacters to escape.
+        return f"^{self._executor.marker()}" + ("" if pid is None else f"{pid}$")
+
+
+class _ExecHandle(ProcessHandle):
+    """One exec: its socket read on the event loop, its exit code fetched from the engine at EOF."""
+
+    def __init__(
+        self,
+        launcher: ExecLauncher,
+        record: ManagedProcess,
+        exec_id: str,
+        wrapper: Any,
+        sock: socket.socket,
+        handshake: str,
+    ) -> None:
+        self._launcher = launcher
+        self._record = record
+        self._exec_id = exec_id
+        self._wrapper = wrapper  # keeps the HTTP response (and so the socket) alive
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._loop = asyncio.get_running_loop()
+        self._demux = None if record.tty else Demuxer()
+        self._handshake = handshake.encode()
+        self._before: bytearray | None = bytearray()  # stdout until the handshake is settled
+        self._outcome: Literal["ok", "nocwd", "failed"] | None = None
+        self._launched = anyio.Event()
+        self._exited = anyio.Event()
+        self._exit_task: asyncio.Task[None] | None = None
+        self._reading = True
+        self._closed = False
+        self.exit_code: int | None = None
+        self.launch_output = ""
+        self._delivered: int | None = None  # the last terminating signal we sent
+        sock.setblocking(False)
+        record.stream_opened()
+        self._loop.add_reader(self._fd, self._on_readable)
+
+    async def launched(self) -> Literal["ok", "nocwd", "failed"]:
+        """Wait (bounded) for the launch script to say whether the command is starting."""
+        with anyio.move_on_after(LAUNCH_TIMEOUT_S):
+            await self._launched.wait()
+        if self._outcome is None:
+            self._outcome = "failed"
+            self.launch_output = f"no sign of life within {LAUNCH_TIMEOUT_S:g} s"
+        return self._outcome
+
+    async def wait_exited(self) -> None:
+        with anyio.move_on_after(EXIT_SETTLE_S + LAUNCH_TIMEOUT_S):
+            await self._exited.wait()
+
+    def _on_readable(self) -> None:
+        try:
+            data = self._sock.recv(READ_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            logger.warning("reading output of %s failed: %s", self._record.pid, exc)
+            data = b""
+        if not data:
+            self._on_eof()
+            return
+        if self._demux is None:
+            self._deliver(1, data)
+        else:
+            for stream, payload in self._demux.feed(data):
+                self._deliver(stream, payload)
+
+    def _deliver(self, stream: int, data: bytes) -> None:
+        if stream == 2:
+            self._record.stderr.append(data)
+            return
+        if self._before is not None:
+            self._before += data
+            need = len(self._handshake) + 3  # ":ok" or ":no"
+            if len(self._before) < need:
+                return
+            head, data = bytes(self._before[:need]), bytes(self._before[need:])
+            if head == self._handshake + b":ok":
+                self._settle("ok")
+            else:
+                self._settle("nocwd" if head == self._handshake + b":no" else "failed")
+                return
+            if not data:
+                return
+        self._record.stdout.append(data)
+
+    def _settle(self, outcome: Literal["ok", "nocwd", "failed"]) -> None:
+        if outcome == "failed" and self._before is not None:
+            self.launch_output = self._before.decode(errors="replace")
+        self._before = None
+        self._outcome = outcome
+        self._launched.set()
+
+    def _on_eof(self) -> None:
+        self._stop_reading()
+        if self._before is not None:
+            self._settle("failed")
+        self._record.stream_closed()
+        self._exit_task = self._loop.create_task(self._collect_exit())
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._fd)
+
+    async def _collect_exit(self) -> None:
+        code: int | None = None
+        try:
+            with anyio.move_on_after(EXIT_SETTLE_S):
+                while True:
+                    info = await self._launcher.inspect(self._exec_id)
+                    if not info.get("Running"):
+                        code = info.get("ExitCode")
+                        break
+                    await anyio.sleep(EXIT_POLL_S)  # the engine records the exit a moment after EOF
+        except engine.docker_errors() as exc:
+            logger.warning("could not read the exit code of %s: %s", self._record.pid, exc)
+        self.exit_code = code
+        self._exited.set()
+        signum = signal_from_exit_code(code)
+        if code == 0 and self._delivered is not None:
+            # The engine occasionally loses the status of an exec whose whole tree dies at once and
+            # reports 0 (measured: about 1 in 30 tree kills on API 1.41). After our own terminating
+            # signal, that 0 is almost surely the signal; a process that traps it and exits 0 is
+            # misreported, the lesser error.
+            signum = self._delivered
+        if signum is not None:
+            self._record.finish(None, signum)
+        else:
+            self._record.finish(code)
+
+    async def write(self, data: bytes) -> None:
+        if self._closed:
+            raise StdinFailed(f"{self._record.pid}'s input is closed")
+        await write_all(self._fd, self._sock.send, data, self._record.pid)
+
+    async def signal(self, signum: int) -> None:
+        if signum not in NON_TERMINATING:
+            self._delivered = signum
+        await self._launcher.signal_matching(self._launcher.marker_pattern(self._record.pid), signum)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop_reading()
+        if self._exit_task is not None and not self._exit_task.done():
+            self._exit_task.cancel()
+        self._wrapper.close()
+        self._sock.close()
