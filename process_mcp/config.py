@@ -47,7 +47,12 @@ class DockerConfig(BaseModel):
     cap_add: list[str] = Field(
         default_factory=list, description="Capabilities added to the created container beyond the few it keeps."
     )
-    network: str = Field("bridge", min_length=1, description="bridge, none, or the name of a Docker network.")
+    network: str | None = Field(
+        None,
+        min_length=1,
+        description="bridge, none, or the name of a Docker network; unset: bridge, or none when "
+        "SANDBOX_ALLOWED_DOMAINS restricts the network (processes then reach only the domain proxy).",
+    )
     read_only: bool = Field(False, description="A read-only root filesystem; the volume and the tmpfs stay writable.")
     engine: dict[str, str] = Field(
         default_factory=dict,
@@ -88,6 +93,11 @@ class SandboxConfig(BaseModel):
         20000, ge=1, description="Directories searched in the writable roots for protected paths per spawn."
     )
 
+    @property
+    def network_restricted(self) -> bool:
+        """Whether processes lose direct network access: any domain list but the single pattern ``*``."""
+        return "*" not in self.allowed_domains
+
 
 class ProcessMcpConfig(BaseModel):
     """Everything a server or executor needs to know, as typed values."""
@@ -107,6 +117,14 @@ class ProcessMcpConfig(BaseModel):
         if self.defaults.workdir is None and not (self.mode == "docker" and self.docker.use_existing):
             self.defaults.workdir = DOCKER_WORKDIR if self.mode == "docker" else default_host_workspace()
         return self
+
+    @property
+    def docker_network(self) -> str:
+        """The created container's network: DOCKER_NETWORK, else none when the domain list restricts the
+        network (processes reach the domain proxy through the agent), else bridge."""
+        if self.docker.network is not None:
+            return self.docker.network
+        return "none" if self.sandbox.network_restricted else "bridge"
 
     @property
     def workdir(self) -> str:
@@ -156,7 +174,7 @@ class _Environment(BaseSettings):
     DOCKER_CPUS: float = Field(1.0, gt=0)
     DOCKER_PIDS_LIMIT: int = Field(4096, gt=0)
     DOCKER_CAP_ADD: CommaList = Field(default_factory=list)
-    DOCKER_NETWORK: str = Field("bridge", min_length=1)
+    DOCKER_NETWORK: str | None = Field(None, min_length=1)
     DOCKER_READ_ONLY: bool = False
     DOCKER_AGENT: bool = True
     DOCKER_HOST: str | None = None

@@ -43,6 +43,20 @@ CLOSE_LINGER_S = 5.0
 CLOSE_TIMEOUT_S = 5.0
 """Bound on close() waiting for cancelled connection handlers; they need a loop turn or two."""
 
+PROXY_PORT = 3128
+"""Where the proxy answers inside a box (a sandbox's own loopback, or the container's, through the agent)."""
+NO_PROXY = "localhost,127.0.0.1,::1"
+"""Loopback stays direct: inside the box it is the box's own."""
+
+
+def proxy_environment() -> dict[str, str]:
+    """The variables that point programs in a box at the proxy on PROXY_PORT (both spellings)."""
+    http = f"http://127.0.0.1:{PROXY_PORT}"
+    values = {"HTTP_PROXY": http, "HTTPS_PROXY": http, "ALL_PROXY": f"socks5h://127.0.0.1:{PROXY_PORT}"}
+    values["NO_PROXY"] = NO_PROXY
+    return {**values, **{name.lower(): value for name, value in values.items()}}
+
+
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-authorization"})
 # What may reach a resolver or a log line: names, IPv4 and IPv6 literals (with a zone). No spaces or CR/LF.
 _HOST = re.compile(r"[A-Za-z0-9._%:-]{1,255}")

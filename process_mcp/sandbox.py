@@ -46,19 +46,16 @@ import anyio.to_thread
 from .cgroups import SandboxCgroups, join_command
 from .config import SandboxConfig
 from .errors import InvalidConfig, InvalidInput, SpawnFailed
+from .proxy import PROXY_PORT, proxy_environment
 
 logger = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 10.0
 """Bound on the start-up check that bwrap can create its namespaces here."""
-PROXY_PORT = 3128
-"""Where the proxy answers inside a sandbox; each sandbox has its own loopback, so it is always free."""
 IGNORED_IN_BWRAP = tuple(
     sorted(signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, signal.SIGCONT})
 )
 """Signals the bwrap process ignores (see the module docstring); SIGCHLD stays, bwrap waits for its child."""
-NO_PROXY = "localhost,127.0.0.1,::1"
-"""Loopback stays direct: inside the sandbox it is the sandbox's own."""
 SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt")
 """What every sandbox sees read-only (those that exist): programs, libraries, configuration."""
 TRUSTED_DIRS = ("/usr/bin", "/bin")
@@ -123,7 +120,7 @@ def find_tool(name: str) -> str | None:
 
 def restrict_network(config: SandboxConfig) -> bool:
     """Whether processes lose direct network access: anything but the single pattern ``*``."""
-    return "*" not in config.allowed_domains
+    return config.network_restricted
 
 
 @dataclass
@@ -367,12 +364,7 @@ class Sandbox:
         return [self.tools.env, "--ignore-signal=" + ",".join(str(int(s)) for s in IGNORED_IN_BWRAP)]
 
     def _proxy_env(self) -> dict[str, str]:
-        if self.proxy_socket is None:
-            return {}
-        http = f"http://127.0.0.1:{PROXY_PORT}"
-        values = {"HTTP_PROXY": http, "HTTPS_PROXY": http, "ALL_PROXY": f"socks5h://127.0.0.1:{PROXY_PORT}"}
-        values["NO_PROXY"] = NO_PROXY
-        return {**values, **{name.lower(): value for name, value in values.items()}}
+        return {} if self.proxy_socket is None else proxy_environment()
 
 
 class _NameIndex:

@@ -135,3 +135,19 @@ def test_the_sandbox_and_docker_hardening_settings_are_read() -> None:
 def test_a_malformed_hardening_setting_stops_the_server_naming_it(name: str, value: str) -> None:
     with pytest.raises(InvalidConfig, match=name):
         load_config({name: value})
+
+
+@pytest.mark.parametrize(
+    ("environ", "network"),
+    [
+        ({}, "bridge"),
+        ({"SANDBOX_ALLOWED_DOMAINS": "github.com"}, "none"),
+        ({"SANDBOX_ALLOWED_DOMAINS": ""}, "none"),
+        ({"SANDBOX_ALLOWED_DOMAINS": "github.com", "DOCKER_NETWORK": "bridge"}, "bridge"),
+        ({"DOCKER_NETWORK": "my-net"}, "my-net"),
+    ],
+)
+def test_a_domain_list_takes_the_created_container_off_the_network_unless_one_is_named(
+    environ: dict[str, str], network: str
+) -> None:
+    assert load_config(environ).docker_network == network

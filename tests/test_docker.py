@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
+import anyio.abc
 import anyio.to_thread
 import pytest
 from mcp import Client, StdioServerParameters
 
-from process_mcp import BackendUnavailable, SpawnOptions, create_process_mcp, load_config
+from process_mcp import BackendUnavailable, ProcessMcpConfig, SpawnOptions, create_process_mcp, load_config
+from process_mcp.config import Defaults, DockerConfig, SandboxConfig
 from process_mcp.docker import DockerExecutor
 from process_mcp.docker.engine import KEPT_CAPABILITIES
 
@@ -291,6 +293,89 @@ async def test_a_read_only_root_no_network_and_added_capabilities_when_asked(eng
         assert {"NET_RAW", "SYS_PTRACE"} <= set(attrs["HostConfig"]["CapAdd"])  # DOCKER_CAP_ADD, either spelling
     finally:
         await executor.cleanup()
+
+
+# Run in the container: a GET through the proxy its environment names (so `localhost` is the host's, as
+# the proxy resolves it), then a CONNECT tunnel carrying $3 bytes to the host's echo server and back.
+_THROUGH_THE_PROXY = """
+import hashlib, os, socket, sys, urllib.error, urllib.request
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": os.environ["HTTP_PROXY"]}))
+for url in sys.argv[1:3]:
+    try:
+        print(opener.open(url, timeout=10).read().decode().strip())
+    except urllib.error.HTTPError as exc:
+        print(exc.code, exc.read().decode().strip())
+size = int(sys.argv[4])
+tunnel = socket.create_connection(("127.0.0.1", 3128), timeout=10)
+tunnel.sendall(("CONNECT localhost:%s HTTP/1.1\\r\\n\\r\\n" % sys.argv[3]).encode())
+reply = b""
+while not reply.endswith(b"\\r\\n\\r\\n"):
+    reply += tunnel.recv(1)
+print(reply.split(b"\\r\\n")[0].decode())
+payload = os.urandom(size)
+tunnel.sendall(payload)
+tunnel.shutdown(socket.SHUT_WR)
+echoed = b""
+while True:
+    chunk = tunnel.recv(65536)
+    if not chunk:
+        break
+    echoed += chunk
+print(len(echoed), hashlib.sha256(echoed).hexdigest() == hashlib.sha256(payload).hexdigest())
+"""
+
+
+async def test_a_domain_list_reaches_an_allowed_host_server_through_the_agent_and_refuses_another(
+    engine: DockerClient, made: Made
+) -> None:
+    """The created container gets no network; processes reach the server's domain proxy at
+    127.0.0.1:3128 in the container, carried over the agent's stream (so a remote engine works too)."""
+
+    async def serve(reader: anyio.abc.ByteStream) -> None:
+        async with reader:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += await reader.receive()
+            if request.startswith(b"GET "):
+                await reader.send(b"HTTP/1.0 200 OK\r\nContent-Length: 16\r\n\r\nhello from host\n")
+                return
+            await reader.send(request.partition(b"\r\n\r\n")[2])
+
+    async def echo(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                while True:
+                    await stream.send(await stream.receive(65536))
+
+    config = ProcessMcpConfig(
+        mode="docker",
+        defaults=Defaults(workdir="/home/agent"),
+        docker=DockerConfig(container_name=made.container, image=DEBIAN_IMAGE, volume_name=made.volume),
+        sandbox=SandboxConfig(allowed_domains=["localhost"], allow_private_addresses=True),
+    )
+    web = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    echoes = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    web_port, echo_port = (listener.extra(anyio.abc.SocketAttribute.local_port) for listener in (web, echoes))
+    executor = DockerExecutor(config, labels=TEST_LABELS)
+    async with web, echoes, anyio.create_task_group() as group:
+        group.start_soon(web.serve, serve)
+        group.start_soon(echoes.serve, echo)
+        await executor.start()
+        try:
+            routes = await executor.spawn(SpawnOptions(command="tail -n +2 /proc/net/route; ls /sys/class/net"))
+            assert routes.stdout == "lo\n"  # no way out but the agent
+            urls = [f"http://localhost:{web_port}/", "http://example.com/"]
+            command = f"python3 -c '{_THROUGH_THE_PROXY}' {' '.join(urls)} {echo_port} 1000000"
+            direct = {"NO_PROXY": "", "no_proxy": ""}  # so `localhost` goes through the proxy, to the host
+            result = await executor.spawn(SpawnOptions(command=command, env=direct, timeout_ms=30_000))
+            assert result.exit_code == 0, result.stderr
+            lines = result.stdout.splitlines()
+            assert lines[0] == "hello from host", result.stdout
+            assert lines[1].startswith("403 process-mcp sandbox: connections to 'example.com' are not allowed")
+            assert lines[2:] == ["HTTP/1.1 200 Connection established", "1000000 True"]
+        finally:
+            await executor.cleanup()
+            group.cancel_scope.cancel()
 
 
 async def test_home_agent_survives_a_restart_in_the_volume(engine: DockerClient, made: Made) -> None:

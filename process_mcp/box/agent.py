@@ -372,6 +372,20 @@ class Process:
         return self.status < 0 and not self.outputs
 
 
+class Tunnel:
+    """One connection a process made to the proxy port, carried to the server over the stream."""
+
+    def __init__(self, channel: int, sock: socket.socket) -> None:
+        self.channel = channel
+        self.sock = sock
+        self.window = protocol.TUNNEL_WINDOW  # bytes we may still send the server before it acknowledges
+        self.out = bytearray()  # from the server, not yet written to the process
+        self.reading = True  # the process may still send
+        self.peer_done = False  # the server sends no more
+        self.shut = False
+        self.events = 0
+
+
 class Agent:
     """The agent's loop: frames from the server, output from processes, exits from supervisors."""
 
@@ -385,6 +399,9 @@ class Agent:
         self.reading_output = True
         self.processes: dict[int, Process] = {}
         self.owner: dict[int, Process] = {}  # each process's descriptors
+        self.tunnels: dict[int, Tunnel] = {}  # by socket descriptor
+        self.next_tunnel = protocol.TUNNEL_BASE
+        self.listener: socket.socket | None = None
         self.running = True
         self.lifeline_r, self.lifeline_w = os.pipe()
         self.splicing: tuple[int, int] | None = None  # (pipe, bytes it still owes the frame on the stream)
@@ -501,6 +518,8 @@ class Agent:
 
     def _pause_output(self, pause: bool) -> None:
         self.reading_output = not pause
+        for tunnel in list(self.tunnels.values()):
+            self._tunnel_watch(tunnel)
         for process in self.processes.values():
             for fd in process.outputs:
                 if pause:
@@ -540,6 +559,21 @@ class Agent:
                     fcntl.ioctl(process.input_fd, termios.TIOCSWINSZ, winsize)
         elif kind == protocol.SHUTDOWN:
             self._stop()
+        elif kind == protocol.PROXY:
+            self._listen(int(protocol.fields(payload)["port"]))
+        elif kind in (protocol.TUNNEL_DATA, protocol.TUNNEL_ACK, protocol.TUNNEL_CLOSE):
+            tunnel = next((t for t in self.tunnels.values() if t.channel == channel), None)
+            if tunnel is None:
+                return  # already closed here
+            if kind == protocol.TUNNEL_DATA:
+                if len(tunnel.out) + len(payload) > protocol.TUNNEL_WINDOW:
+                    raise protocol.ProtocolError(f"tunnel {channel} overran its window")
+                tunnel.out += payload
+            elif kind == protocol.TUNNEL_ACK:
+                tunnel.window += protocol.COUNT.unpack(payload)[0]
+            else:
+                tunnel.peer_done = True
+            self._tunnel_io(tunnel)
         else:
             raise protocol.ProtocolError(f"unknown frame kind {kind}")
 
@@ -566,6 +600,99 @@ class Agent:
                 remaining -= 0.1
             except OSError:
                 break
+
+    # Tunnels to the server's proxy.
+
+    def _listen(self, port: int) -> None:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", port))
+            listener.listen(64)
+        except OSError as exc:
+            listener.close()
+            sys.stderr.write(f"process-mcp agent: cannot listen on 127.0.0.1:{port} for the proxy: {exc}\n")
+            return
+        listener.setblocking(False)
+        self.listener = listener
+        self.selector.register(listener, selectors.EVENT_READ, self._on_connection)
+
+    def _on_connection(self, fd: int, events: int) -> None:
+        assert self.listener is not None
+        try:
+            sock, _ = self.listener.accept()
+        except OSError:
+            return
+        sock.setblocking(False)
+        tunnel = Tunnel(self.next_tunnel, sock)
+        self.next_tunnel += 1
+        self.tunnels[sock.fileno()] = tunnel
+        self.send(protocol.frame(protocol.TUNNEL_OPEN, tunnel.channel))
+        self._tunnel_watch(tunnel)
+
+    def _tunnel_watch(self, tunnel: Tunnel) -> None:
+        """Watch for what the tunnel can do now: read while the server has room, write while data waits."""
+        wanted = selectors.EVENT_READ if tunnel.reading and tunnel.window > 0 and self.reading_output else 0
+        if tunnel.out:
+            wanted |= selectors.EVENT_WRITE
+        if wanted == tunnel.events:
+            return
+        if not tunnel.events:
+            self.selector.register(tunnel.sock, wanted, self._on_tunnel)
+        elif not wanted:
+            self.selector.unregister(tunnel.sock)
+        else:
+            self.selector.modify(tunnel.sock, wanted, self._on_tunnel)
+        tunnel.events = wanted
+
+    def _on_tunnel(self, fd: int, events: int) -> None:
+        tunnel = self.tunnels.get(fd)
+        if tunnel is None:
+            return
+        if events & selectors.EVENT_READ and tunnel.reading:
+            try:
+                data = tunnel.sock.recv(min(tunnel.window, 64 * 1024))
+            except BlockingIOError:
+                data = None
+            except OSError:
+                data = b""
+            if data:
+                tunnel.window -= len(data)
+                self.send(protocol.HEADER.pack(protocol.TUNNEL_DATA, tunnel.channel, len(data)), data)
+            elif data is not None:
+                tunnel.reading = False
+                self.send(protocol.frame(protocol.TUNNEL_CLOSE, tunnel.channel))
+        self._tunnel_io(tunnel)
+
+    def _tunnel_io(self, tunnel: Tunnel) -> None:
+        """Write what the server sent, acknowledge it, pass its end on, and close when both ends are done."""
+        written = 0
+        try:
+            while tunnel.out:
+                sent = tunnel.sock.send(tunnel.out[: 64 * 1024])
+                del tunnel.out[:sent]
+                written += sent
+        except BlockingIOError:
+            pass
+        except OSError:  # the process closed its end: nothing more can be delivered
+            tunnel.out.clear()
+            tunnel.peer_done = True
+            if tunnel.reading:
+                tunnel.reading = False
+                self.send(protocol.frame(protocol.TUNNEL_CLOSE, tunnel.channel))
+        if written:
+            self.send(protocol.frame(protocol.TUNNEL_ACK, tunnel.channel, protocol.COUNT.pack(written)))
+        if tunnel.peer_done and not tunnel.out and not tunnel.shut:
+            tunnel.shut = True
+            with contextlib.suppress(OSError):
+                tunnel.sock.shutdown(socket.SHUT_WR)
+        if tunnel.shut and not tunnel.reading:
+            if tunnel.events:
+                self.selector.unregister(tunnel.sock)
+            del self.tunnels[tunnel.sock.fileno()]
+            tunnel.sock.close()
+            return
+        self._tunnel_watch(tunnel)
 
     # Processes.
 

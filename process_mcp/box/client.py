@@ -10,11 +10,12 @@ supervisors kill their trees when it dies.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import struct
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
 
@@ -120,6 +121,10 @@ class Channel(ABC):
         """Close the stream; the agent sees its end."""
 
 
+ProxyConnector = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+"""Opens a connection to the server's domain proxy, for one tunnel."""
+
+
 class AgentConnection:
     """One running agent: start it with ``connect``, then ``spawn`` processes through it."""
 
@@ -135,6 +140,8 @@ class AgentConnection:
         self._seq = itertools.count(1)
         self._send_lock = anyio.Lock()
         self._on_lost = on_lost
+        self._proxy: ProxyConnector | None = None
+        self._tunnels: dict[int, _Tunnel] = {}
         self._lost: str | None = None
         self._said_bye = False
         self._closed = False
@@ -182,6 +189,12 @@ class AgentConnection:
             raise SpawnRefused(str(answer["error"]), str(answer.get("message") or answer["error"]))
         process.leader = int(answer["pid"])
         return process
+
+    async def serve_proxy(self, port: int, connect: ProxyConnector) -> None:
+        """Have the agent listen on 127.0.0.1:``port`` in the box and carry each connection to a
+        connection ``connect`` opens (the server's domain proxy). Raises AgentUnavailable."""
+        self._proxy = connect
+        await self._send(protocol.message(protocol.PROXY, 0, port=port))
 
     async def shutdown(self) -> None:
         """Ask the agent to end every process and exit, wait (bounded) for it, and close the stream."""
@@ -263,6 +276,9 @@ class AgentConnection:
             if process is not None:
                 (process.record.stdout if kind == protocol.STDOUT else process.record.stderr).append(payload)
             return
+        if kind >= protocol.TUNNEL_OPEN:
+            self._tunnel_frame(kind, channel, payload)
+            return
         if kind == protocol.CLOSED:
             process = self._processes.get(channel)
             if process is not None:
@@ -280,6 +296,26 @@ class AgentConnection:
         if future is not None and not future.done():
             future.set_result(answer)
 
+    def _tunnel_frame(self, kind: int, channel: int, payload: bytes) -> None:
+        if kind == protocol.TUNNEL_OPEN:
+            if self._proxy is None or channel in self._tunnels:
+                self._lose(f"the agent opened tunnel {channel}, which it may not")
+                return
+            self._tunnels[channel] = _Tunnel(self, channel, self._proxy)
+            return
+        tunnel = self._tunnels.get(channel)
+        if tunnel is None:
+            return  # ended here already
+        try:
+            if kind == protocol.TUNNEL_DATA:
+                tunnel.received(payload)
+            elif kind == protocol.TUNNEL_ACK:
+                tunnel.acknowledged(protocol.COUNT.unpack(payload)[0])
+            elif kind == protocol.TUNNEL_CLOSE:
+                tunnel.received(None)
+        except protocol.ProtocolError as exc:
+            self._lose(str(exc))
+
     def _lose(self, reason: str) -> None:
         if self._lost is not None or self._closed:
             return
@@ -295,6 +331,8 @@ class AgentConnection:
             self._on_lost(self)
 
     def _end_all(self, reason: str) -> None:
+        for tunnel in list(self._tunnels.values()):
+            tunnel.cancel()
         for future in self._waiters.values():
             if not future.done():
                 future.set_exception(AgentUnavailable(reason))
@@ -381,3 +419,93 @@ class AgentProcess(ProcessHandle):
 
     def close(self) -> None:
         self.detach()
+
+
+class _Tunnel:
+    """One connection a process in the box made to the proxy port, joined to a connection to the proxy.
+
+    Each direction has a window of protocol.TUNNEL_WINDOW bytes: the agent sends no more until the
+    server acknowledges what it wrote on, and the server likewise, so a tunnel holds at most that much
+    at either end however fast or slow its two sides are.
+    """
+
+    def __init__(self, connection: AgentConnection, channel: int, connect: ProxyConnector) -> None:
+        self._connection = connection
+        self._channel = channel
+        self._incoming: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._queued = 0
+        self._window = protocol.TUNNEL_WINDOW
+        self._room = asyncio.Event()
+        self._room.set()
+        self._close_sent = False
+        self._task = asyncio.get_running_loop().create_task(self._run(connect))
+
+    def received(self, data: bytes | None) -> None:
+        """Bytes from the process (None: it sends no more)."""
+        if data is not None:
+            self._queued += len(data)
+            if self._queued > protocol.TUNNEL_WINDOW:
+                raise protocol.ProtocolError(f"tunnel {self._channel} overran its window")
+        self._incoming.put_nowait(data)
+
+    def acknowledged(self, count: int) -> None:
+        self._window += count
+        self._room.set()
+
+    def cancel(self) -> None:
+        self._task.cancel()
+
+    async def _run(self, connect: ProxyConnector) -> None:
+        writer = None
+        try:
+            reader, writer = await connect()
+            pumps = [
+                asyncio.ensure_future(self._to_process(reader)),
+                asyncio.ensure_future(self._from_process(writer)),
+            ]
+            try:
+                await asyncio.gather(*pumps)
+            finally:
+                for pump in pumps:
+                    pump.cancel()
+        except OSError as exc:  # the proxy refused or dropped the connection
+            logger.debug("tunnel %d: %s", self._channel, exc)
+        except AgentUnavailable:
+            pass  # the agent is gone, and the process's end with it
+        finally:
+            if writer is not None:
+                writer.close()
+            if self._connection._tunnels.get(self._channel) is self:
+                del self._connection._tunnels[self._channel]
+            await self._close_towards_process()
+
+    async def _close_towards_process(self) -> None:
+        if not self._close_sent and self._connection.alive:
+            self._close_sent = True
+            with contextlib.suppress(AgentUnavailable):
+                await self._connection._send(protocol.frame(protocol.TUNNEL_CLOSE, self._channel))
+
+    async def _to_process(self, reader: asyncio.StreamReader) -> None:
+        while True:
+            await self._room.wait()
+            data = await reader.read(min(self._window, 64 * 1024))
+            if not data:
+                await self._close_towards_process()  # the proxy is done; the process may still send
+                return
+            self._window -= len(data)
+            if self._window <= 0:
+                self._room.clear()
+            await self._connection._send(protocol.frame(protocol.TUNNEL_DATA, self._channel, data))
+
+    async def _from_process(self, writer: asyncio.StreamWriter) -> None:
+        while True:
+            data = await self._incoming.get()
+            if data is None:
+                if writer.can_write_eof():
+                    writer.write_eof()
+                return
+            writer.write(data)
+            await writer.drain()
+            self._queued -= len(data)
+            ack = protocol.COUNT.pack(len(data))
+            await self._connection._send(protocol.frame(protocol.TUNNEL_ACK, self._channel, ack))

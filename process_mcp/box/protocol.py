@@ -31,6 +31,8 @@ RESIZE = 4
 """{cols, rows}: resize the process's terminal."""
 SHUTDOWN = 5
 """Channel 0: end every process and exit; answered with BYE."""
+PROXY = 6
+"""Channel 0, {port}: listen on 127.0.0.1:port in the box and tunnel each connection to the server."""
 
 # Agent to server.
 HELLO = 64
@@ -49,6 +51,21 @@ SIGNALLED = 71
 """{seq, sent}: how many processes the signal reached."""
 BYE = 72
 """Channel 0: every process is gone; the agent exits."""
+
+# Tunnels, on channels from TUNNEL_BASE up, which the agent numbers.
+TUNNEL_OPEN = 80
+"""Agent to server: a process connected to the proxy port."""
+TUNNEL_DATA = 81
+"""Either way: bytes of the connection; at most TUNNEL_WINDOW of them unacknowledged."""
+TUNNEL_ACK = 82
+"""Either way: a 4-byte count of bytes delivered, which the sender may send again."""
+TUNNEL_CLOSE = 83
+"""Either way: that side sends no more (its end of the connection ended or failed)."""
+TUNNEL_BASE = 1 << 31
+"""First tunnel channel; process channels are the server's process numbers, far below it."""
+TUNNEL_WINDOW = 256 * 1024
+"""Bytes either end may have in flight per tunnel: what bounds a tunnel's memory at the other end."""
+COUNT = struct.Struct(">I")
 
 
 class ProtocolError(Exception):

@@ -59,7 +59,7 @@ def engine_client(engine: Mapping[str, str]) -> DockerClient:
     return client
 
 
-def container_options(cfg: DockerConfig, labels: Mapping[str, str]) -> dict[str, Any]:
+def container_options(cfg: DockerConfig, labels: Mapping[str, str], network: str | None = None) -> dict[str, Any]:
     """What ``containers.create`` gets for the container this server makes: limits, and the hardening
     the README's table lists (capabilities, no new privileges, network, read-only root)."""
     return {
@@ -75,7 +75,7 @@ def container_options(cfg: DockerConfig, labels: Mapping[str, str]) -> dict[str,
         "cap_drop": ["ALL"],
         "cap_add": sorted({*KEPT_CAPABILITIES, *(c.upper().removeprefix("CAP_") for c in cfg.cap_add)}),
         "security_opt": ["no-new-privileges"],
-        "network_mode": cfg.network,
+        "network_mode": network or cfg.network or "bridge",
         "read_only": cfg.read_only,
         "environment": {"HOME": DOCKER_WORKDIR},
         "init": True,  # reaps the orphans that exec'd processes leave behind

@@ -16,10 +16,14 @@ marked process whose token has no lease left.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import secrets
+import shutil
 import signal as signal_module
 import socket
+import tempfile
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -31,6 +35,7 @@ from ..config import DOCKER_WORKDIR, ProcessMcpConfig
 from ..errors import BackendUnavailable, InvalidInput, KillFailed, SpawnFailed
 from ..executor import ProcessExecutor, ProcessHandle
 from ..models import TTY_TERM
+from ..proxy import PROXY_PORT, proxy_environment
 from ..registry import ManagedProcess
 from . import engine
 from .engine import MANAGED_LABEL, MARKER_VAR
@@ -40,6 +45,8 @@ from .stream import AGENT_SCRIPT, ExecStream
 if TYPE_CHECKING:
     from docker import DockerClient
     from docker.models.containers import Container
+
+    from ..proxy import DomainProxy
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +102,8 @@ class DockerExecutor(ProcessExecutor):
         self._recovery_lock = anyio.Lock()
         self._agent: AgentConnection | None = None
         self._per_exec = ExecLauncher(self)
+        self._proxy: DomainProxy | None = None  # the domain filter processes reach through the agent
+        self._proxy_dir: str | None = None
         self.via: Literal["agent", "exec"] = "agent" if config.docker.agent else "exec"
         """How processes start: through the agent in the container, or one exec each (no Python in it)."""
 
@@ -132,11 +141,44 @@ class DockerExecutor(ProcessExecutor):
                 )
             await self._take_lease()
             await self._sweep_dead_servers()
+            sandbox = self.config.sandbox
+            if self.via == "agent" and sandbox.network_restricted and sandbox.allowed_domains:
+                await self._start_proxy()
             if self.via == "agent":
                 await self._start_agent()
+            self._report_network()
         except BaseException:
             await self._close_backend()
             raise
+
+    async def _start_proxy(self) -> None:
+        """Start the domain proxy on a private Unix socket; the agent carries processes' connections to it."""
+        from ..proxy import DomainProxy  # only a server with a domain list needs it
+
+        self._proxy_dir = tempfile.mkdtemp(prefix="process-mcp-docker-proxy-")
+        sandbox = self.config.sandbox
+        self._proxy = DomainProxy(sandbox.allowed_domains, allow_private=sandbox.allow_private_addresses)
+        try:
+            await self._proxy.start(os.path.join(self._proxy_dir, "proxy.sock"))
+        except OSError as exc:
+            raise BackendUnavailable(f"the domain proxy cannot listen in {self._proxy_dir}: {exc}") from None
+
+    def _report_network(self) -> None:
+        sandbox = self.config.sandbox
+        if not sandbox.network_restricted:
+            return
+        if self._proxy is not None and self.via == "agent":
+            caveat = ""
+            if self.config.docker.use_existing:
+                caveat = "; the existing container keeps its own network, so a process that ignores HTTP_PROXY "
+                caveat += "may go around the filter"
+            domains = ",".join(sandbox.allowed_domains)
+            logger.info("processes reach only %s, through 127.0.0.1:%d in the container%s", domains, PROXY_PORT, caveat)
+        elif sandbox.allowed_domains:
+            logger.warning(
+                "SANDBOX_ALLOWED_DOMAINS needs the agent (python3 in the image) to reach the domain proxy; "
+                "processes in the created container have no network at all"
+            )
 
     async def _start_agent(self) -> None:
         """Start the agent in the container as one exec and wait for its hello; in an image without
@@ -174,6 +216,13 @@ class DockerExecutor(ProcessExecutor):
             return
         if not hello.get("subreaper"):
             logger.warning("the agent could not become a subreaper: orphaned processes may escape kill")
+        if self._proxy_dir is not None:
+            socket_path = os.path.join(self._proxy_dir, "proxy.sock")
+            try:
+                await agent.serve_proxy(PROXY_PORT, lambda: asyncio.open_unix_connection(socket_path))
+            except AgentUnavailable as exc:
+                agent.close()
+                raise BackendUnavailable(f"the agent cannot carry the domain proxy: {exc.reason}") from None
         self._agent = agent
         logger.info("agent started in container %s (Python %s)", self.config.docker.container_name, hello["python"])
 
@@ -301,7 +350,7 @@ class DockerExecutor(ProcessExecutor):
                 await anyio.to_thread.run_sync(client.volumes.get, cfg.volume_name)
             except docker.errors.NotFound:
                 await anyio.to_thread.run_sync(lambda: client.volumes.create(cfg.volume_name, labels=self._labels))
-            options = engine.container_options(cfg, self._labels)
+            options = engine.container_options(cfg, self._labels, self.config.docker_network)
             container = await anyio.to_thread.run_sync(lambda: client.containers.create(**options))
         except docker.errors.APIError as exc:
             if exc.status_code == 409:  # another server created it first: use theirs
@@ -318,7 +367,7 @@ class DockerExecutor(ProcessExecutor):
             cfg.memory,
             cfg.cpus,
             cfg.pids_limit,
-            cfg.network,
+            options["network_mode"],
             "read-only" if cfg.read_only else "writable",
             ",".join(options["cap_add"]),
         )
@@ -367,7 +416,8 @@ class DockerExecutor(ProcessExecutor):
         agent = self._agent
         if agent is None:
             raise SpawnFailed(f"could not start {record.command!r}: the agent cannot run in the container")
-        environment = {**env, MARKER_VAR: self.marker(record.pid).partition("=")[2]}
+        proxied = proxy_environment() if self._proxy is not None else {}
+        environment = {**proxied, **env, MARKER_VAR: self.marker(record.pid).partition("=")[2]}
         if record.tty and "TERM" not in env:
             environment["TERM"] = TTY_TERM
         number = int(record.pid.rpartition("-")[2])
@@ -444,6 +494,12 @@ class DockerExecutor(ProcessExecutor):
                 self._lease.close()  # the lease exec sees its input end and exits
                 self._lease = None
             self._container = None
+            if self._proxy is not None:
+                await self._proxy.close()
+                self._proxy = None
+            if self._proxy_dir is not None:
+                shutil.rmtree(self._proxy_dir, ignore_errors=True)
+                self._proxy_dir = None
             self._release_client()
 
     async def _remove_container(self, container: Container) -> None:
