@@ -161,3 +161,17 @@ async def test_input_and_ps_stay_prompt_while_another_process_floods(agent: Dock
         assert answered.wait_result == "matched"
         assert {p.pid for p in await agent.list_processes()} >= {flood.pid, echo.pid}
     assert (await agent.get_process(flood.pid)).status == "running"
+
+
+async def test_output_is_whole_when_a_process_exits_in_the_middle_of_a_flood(agent: DockerExecutor) -> None:
+    """A process that ends while its output is still being moved to the server: every byte arrives, in
+    order, and the stream to the agent stays intact for the next one."""
+    connection = agent._agent
+    for n in range(12):
+        size = 2_000_000 + n * 250_000
+        result = await agent.spawn(SpawnOptions(command=f"head -c {size} /dev/zero | tr '\\0' x; echo; echo END-{n}"))
+        record = agent._registry.get(result.pid)
+        assert await record.wait(WAIT_S, output=True)
+        assert (result.exit_code, record.stdout.total) == (0, size + len(f"\nEND-{n}\n"))
+        assert record.stdout.tail(8).endswith(f"END-{n}\n".encode())
+    assert agent._agent is connection

@@ -805,6 +805,8 @@ class Agent:
 
     def _read_output(self, process: Process, fd: int) -> bool:
         """Read one chunk and send it on; return False once nothing more is there right now."""
+        if self.splicing is not None and self.splicing[0] == fd:
+            return False  # its bytes are promised to the frame being spliced: nothing else may read them
         stream = process.outputs[fd]
         kind = protocol.STDOUT if stream == 1 else protocol.STDERR
         if self.can_splice and not process.tty and not self.out and not self.writing:
