@@ -96,14 +96,19 @@ class Demuxer:
         self._pending = bytearray()
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        self._pending += data
+        pending = self._pending
+        pending += data
         frames = []
-        while len(self._pending) >= 8:
-            size = int.from_bytes(self._pending[4:8], "big")
-            if len(self._pending) < 8 + size:
+        start = 0
+        # Walk the frames by offset and drop what was read once: a read holds many of the engine's
+        # 32 KiB frames, and dropping each in turn would move the rest every time.
+        while len(pending) - start >= 8:
+            end = start + 8 + int.from_bytes(pending[start + 4 : start + 8], "big")
+            if end > len(pending):
                 break
-            frames.append((self._pending[0], bytes(self._pending[8 : 8 + size])))
-            del self._pending[: 8 + size]
+            frames.append((pending[start], bytes(pending[start + 8 : end])))
+            start = end
+        del pending[:start]
         return frames
 
 
