@@ -3,6 +3,8 @@
 # No registry is reachable here, so images come from Debian packages via `docker import`:
 #   process-mcp-test/debian:bookworm-r2  debootstrap minbase + python3, procps (bash, setsid, stty...),
 #                                        python3-pip, nodejs, and npm from the npm registry
+#   process-mcp-test/debian:bullseye     debootstrap minbase + python3 3.9 (the oldest Python a reachable
+#                                        mirror has), procps: the agent on an old interpreter, without splice
 #   process-mcp-test/busybox:latest      busybox-static and its applet symlinks, and no bash
 # A tag's revision (-rN) goes up whenever what an image holds changes, so machines that cached the
 # old one build the new one. Env: DEBIAN_MIRROR overrides the mirror read from apt's sources;
@@ -14,6 +16,7 @@ die() { log "ERROR: $*"; exit 1; }
 trap 'log "ERROR: command failed at line $LINENO"' ERR
 
 DEBIAN_IMAGE=process-mcp-test/debian:bookworm-r2
+BULLSEYE_IMAGE=process-mcp-test/debian:bullseye
 BUSYBOX_IMAGE=process-mcp-test/busybox:latest
 LABEL='LABEL process-mcp.test=true'
 # Debian's own npm package pulls in ~300 node-* packages that debootstrap cannot resolve; npm's
@@ -90,6 +93,21 @@ build_debian() {
     log "built $DEBIAN_IMAGE in $((SECONDS - start))s"
 }
 
+build_bullseye() {
+    ensure_pkgs debootstrap
+    local mirror start=$SECONDS
+    mirror=$(debian_mirror)
+    [[ -n $mirror ]] || die "no Debian mirror found in apt sources; set DEBIAN_MIRROR"
+    work=$(mktemp -d /var/tmp/process-mcp-bullseye.XXXXXX)
+    log "debootstrap bullseye from $mirror"
+    debootstrap --variant=minbase --include=python3,procps bullseye "$work/root" "$mirror" \
+        >"$work/debootstrap.log" 2>&1 || { tail -n 30 "$work/debootstrap.log" >&2; die "debootstrap bullseye failed"; }
+    rm -rf "$work"/root/var/cache/apt/archives/*.deb "$work"/root/var/lib/apt/lists/*
+    import_dir "$work/root" "$BULLSEYE_IMAGE" /bin/bash
+    cleanup; work=
+    log "built $BULLSEYE_IMAGE in $((SECONDS - start))s"
+}
+
 build_busybox() {
     ensure_pkgs busybox-static
     local start=$SECONDS applet
@@ -111,6 +129,8 @@ build_busybox() {
 }
 
 if have "$DEBIAN_IMAGE"; then log "$DEBIAN_IMAGE already present"; else build_debian; fi
+if have "$BULLSEYE_IMAGE"; then log "$BULLSEYE_IMAGE already present"; else build_bullseye; fi
 if have "$BUSYBOX_IMAGE"; then log "$BUSYBOX_IMAGE already present"; else build_busybox; fi
 echo "$DEBIAN_IMAGE"
+echo "$BULLSEYE_IMAGE"
 echo "$BUSYBOX_IMAGE"

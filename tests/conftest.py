@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from docker.models.containers import Container
 
 DEBIAN_IMAGE = "process-mcp-test/debian:bookworm-r2"
+BULLSEYE_IMAGE = "process-mcp-test/debian:bullseye"
 BUSYBOX_IMAGE = "process-mcp-test/busybox:latest"
 TEST_LABELS = {"process-mcp.test": "true"}
 
@@ -86,7 +87,7 @@ def docker_client() -> Iterator[DockerClient]:
     try:
         client = docker.from_env(timeout=30)
         client.ping()
-        for image in (DEBIAN_IMAGE, BUSYBOX_IMAGE):
+        for image in (DEBIAN_IMAGE, BULLSEYE_IMAGE, BUSYBOX_IMAGE):
             try:
                 client.images.get(image)
             except docker.errors.ImageNotFound:

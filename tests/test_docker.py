@@ -30,7 +30,7 @@ from process_mcp.config import Defaults, DockerConfig, SandboxConfig
 from process_mcp.docker import DockerExecutor
 from process_mcp.docker.engine import KEPT_CAPABILITIES
 
-from .conftest import BUSYBOX_IMAGE, DEBIAN_IMAGE, TEST_LABELS, docker_config, unique_name
+from .conftest import BULLSEYE_IMAGE, BUSYBOX_IMAGE, DEBIAN_IMAGE, TEST_LABELS, docker_config, unique_name
 from .helpers import POLL_S, WAIT_S, sleep_argument, wait_for_output
 
 if TYPE_CHECKING:
@@ -535,6 +535,35 @@ async def test_an_image_without_bash_runs_commands_terminals_and_kills(engine: D
         killed = await executor.kill(tree.pid, "KILL")
         assert (killed.status, killed.signal, killed.exit_code) == ("terminated", "SIGKILL", 137)
         await wait_until_none_match(container, tree_pattern, executor.exec_user)
+    finally:
+        await executor.cleanup()
+
+
+async def test_the_agent_runs_on_an_old_python_without_splice(engine: DockerClient, made: Made) -> None:
+    """Python 3.9 (Debian 11's, the oldest a reachable mirror has): no os.splice, so output is read and
+    written by the agent; exits exact, terminals sized, escapes killed, floods whole."""
+    executor = created_executor(made, image=BULLSEYE_IMAGE)
+    await executor.start()
+    try:
+        assert executor.via == "agent"
+        assert executor._agent is not None
+        assert executor._agent.hello["python"].startswith("3.9.")
+        exited = await executor.spawn(SpawnOptions(command="exit 130"))
+        assert (exited.via, exited.exit_code, exited.signal) == ("agent", 130, None)
+        assert (await executor.spawn(SpawnOptions(command="stty size", tty=True))).stdout == "30 120"
+        flood = await executor.spawn(SpawnOptions(command="head -c 5000000 /dev/zero | tr '\\0' x; echo END"))
+        record = executor._registry.get(flood.pid)
+        assert await record.wait(WAIT_S, output=True)
+        assert (record.stdout.total, record.stdout.tail(4)) == (5_000_004, b"END\n")
+        argument = sleep_argument()
+        escaped = await executor.spawn(SpawnOptions(command=f"setsid sleep {argument} & sleep 600", background=True))
+        container = await anyio.to_thread.run_sync(engine.containers.get, made.container)
+        pattern = f"^{executor.marker(escaped.pid)}$"
+        with anyio.fail_after(WAIT_S):
+            while len(await matching_pids(container, pattern, executor.exec_user)) < 3:  # sh, both sleeps
+                await anyio.sleep(POLL_S)
+        await executor.kill(escaped.pid, "KILL")
+        await wait_until_none_match(container, pattern, executor.exec_user)
     finally:
         await executor.cleanup()
 
