@@ -332,19 +332,7 @@ async def docker_capture_and_ps(s: Settings, client: Any, container: Any) -> Non
             ">= 50 % of baseline",
             ours >= 0.5 * base,
         )
-        idle = await timed(lambda: srv.tool("ps", {}), s.ps_calls)
-        flood = await srv.tool("spawn", {"command": flood_command(s.flood_bytes), "background": True})
-        during: list[float] = []
-        while (await srv.tool("ps", {}))["processes"][-1]["status"] == "running":
-            during += await timed(lambda: srv.tool("ps", {}), 10)
-        del flood
-        s.add(
-            f"ps latency p99 in docker mode (agent) during a {s.flood_bytes / 1e9:.2g} GB flood ({len(during)} calls)",
-            ms(p(during, 0.99)),
-            f"{ms(p(idle, 0.99))} idle",
-            "< 50 ms",
-            p(during, 0.99) < 50,
-        )
+        await ps_during_flood(s, srv, "ps latency p99 in docker mode (agent) during a {size:.2g} GB flood")
         rss = agent_rss_mib(container)
     finally:
         await srv.close()
@@ -459,25 +447,27 @@ async def capture(s: Settings, workdir: str) -> None:
         await srv.close()
 
 
+async def ps_during_flood(s: Settings, srv: StdioServer, figure: str) -> None:
+    """ps round trips while a process floods its output, beside ps when idle."""
+    idle = await timed(lambda: srv.tool("ps", {}), s.ps_calls)
+    flood = await srv.tool("spawn", {"command": flood_command(s.flood_bytes), "background": True})
+    during: list[float] = []
+    while (await srv.tool("stdout", {"id": flood["pid"], "lines": 1}))["status"] == "running":
+        during += await timed(lambda: srv.tool("ps", {}), 10)
+    s.add(
+        f"{figure.format(size=s.flood_bytes / 1e9)} ({len(during)} calls)",
+        ms(p(during, 0.99)),
+        f"{ms(p(idle, 0.99))} idle",
+        "< 50 ms",
+        p(during, 0.99) < 50,
+    )
+
+
 async def ps_latency(s: Settings, workdir: str) -> None:
     srv = server(workdir)
     await srv.start()
     try:
-        idle = await timed(lambda: srv.tool("ps", {}), s.ps_calls)
-        flood = await srv.tool("spawn", {"command": flood_command(s.flood_bytes), "background": True})
-        during: list[float] = []
-        while True:
-            during += await timed(lambda: srv.tool("ps", {}), 10)
-            if (await srv.tool("ps", {}))["processes"][0]["status"] != "running":
-                break
-        del flood
-        s.add(
-            f"ps latency p99 during a {s.flood_bytes / 1e9:.1f} GB flood ({len(during)} calls)",
-            ms(p(during, 0.99)),
-            f"{ms(p(idle, 0.99))} idle",
-            "< 50 ms",
-            p(during, 0.99) < 50,
-        )
+        await ps_during_flood(s, srv, "ps latency p99 during a {size:.1f} GB flood")
         for _ in range(s.live):
             await srv.tool("spawn", {"command": "sleep 600", "background": True})
         live = await timed(lambda: srv.tool("ps", {}), s.ps_calls)
