@@ -26,7 +26,7 @@ class OutputBuffer:
         self.on_append: Callable[[], None] | None = None
         """Called after every append, e.g. to wake a caller waiting for output."""
 
-    def append(self, data: bytes) -> None:
+    def append(self, data: bytes | bytearray | memoryview) -> None:
         """Add bytes at the end, dropping the oldest ones beyond capacity."""
         if len(data) >= self.capacity:
             self._data = bytearray(data[-self.capacity :])

@@ -35,10 +35,45 @@ def test_frames_split_anywhere_across_reads_come_out_whole_and_in_order() -> Non
         assert frames[1][2] == bytes(range(256)) * 300
 
 
+def test_the_stream_decoder_hands_over_output_in_pieces_and_control_frames_whole() -> None:
+    output = bytes(range(256)) * 3000
+    stream = b"".join(
+        [
+            protocol.frame(protocol.STDOUT, 3, output),
+            protocol.message(protocol.EXITED, 3, code=130),
+            protocol.frame(protocol.STDERR, 4, b"err"),
+            protocol.frame(protocol.CLOSED, 3, b"1"),
+            protocol.frame(protocol.BYE, 0),
+        ]
+    )
+    for step in (1, 5, 9, 10, 4096, 65536, len(stream)):
+        decoder = protocol.StreamDecoder()
+        received: dict[tuple[int, int], bytearray] = {}
+        order = []
+        for start in range(0, len(stream), step):
+            for kind, channel, payload in decoder.feed(stream[start : start + step]):
+                if (kind, channel) not in received:
+                    order.append((kind, channel))
+                    received[kind, channel] = bytearray()
+                received[kind, channel] += payload
+        assert order == [
+            (protocol.STDOUT, 3),
+            (protocol.EXITED, 3),
+            (protocol.STDERR, 4),
+            (protocol.CLOSED, 3),
+            (protocol.BYE, 0),
+        ]
+        assert received[protocol.STDOUT, 3] == output
+        assert protocol.fields(bytes(received[protocol.EXITED, 3])) == {"code": 130}
+        assert (received[protocol.STDERR, 4], received[protocol.CLOSED, 3]) == (b"err", b"1")
+
+
 def test_a_frame_announcing_more_than_the_limit_is_a_corrupt_stream() -> None:
     header = protocol.HEADER.pack(protocol.STDOUT, 1, protocol.MAX_PAYLOAD + 1)
     with pytest.raises(protocol.ProtocolError, match="announces"):
         protocol.Decoder().feed(header)
+    with pytest.raises(protocol.ProtocolError, match="announces"):
+        protocol.StreamDecoder().feed(header)
 
 
 def test_a_control_frame_that_is_not_a_json_object_is_refused() -> None:

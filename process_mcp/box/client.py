@@ -15,7 +15,7 @@ import itertools
 import logging
 import struct
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any
 
@@ -109,8 +109,9 @@ class Channel(ABC):
         """The descriptor to wait on until the stream has room (may be ``read_fd``)."""
 
     @abstractmethod
-    def receive(self) -> bytes | None:
-        """What the agent wrote since the last call: None when there is nothing yet, b"" at the end."""
+    def receive(self) -> Sequence[bytes | memoryview] | None:
+        """What the agent wrote since the last call, in pieces: None when there is nothing yet. Raises
+        EOFError at the end of the stream."""
 
     @abstractmethod
     def send(self, data: memoryview) -> int:
@@ -134,7 +135,7 @@ class AgentConnection:
         self._channel = channel
         self._fd = channel.read_fd
         self._loop = asyncio.get_running_loop()
-        self._decoder = protocol.Decoder()
+        self._decoder = protocol.StreamDecoder()
         self._processes: dict[int, AgentProcess] = {}
         self._waiters: dict[tuple[int, int, int], asyncio.Future[dict[str, Any]]] = {}
         self._seq = itertools.count(1)
@@ -253,24 +254,24 @@ class AgentConnection:
 
     def _on_readable(self) -> None:
         try:
-            data = self._channel.receive()
+            pieces = self._channel.receive()
+        except EOFError:
+            self._lose("the agent's stream ended")
+            return
         except OSError as exc:
             self._lose(f"reading from the agent failed: {exc}")
             return
-        if data is None:
-            return
-        if not data:
-            self._lose("the agent's stream ended")
-            return
-        try:
-            frames = self._decoder.feed(data)
-        except protocol.ProtocolError as exc:
-            self._lose(f"the agent's stream is corrupt: {exc}")
-            return
-        for kind, channel, payload in frames:
-            self._dispatch(kind, channel, payload)
+        for piece in pieces or ():
+            try:
+                frames = self._decoder.feed(piece)
+            except protocol.ProtocolError as exc:
+                self._lose(f"the agent's stream is corrupt: {exc}")
+                return
+            for kind, channel, payload in frames:
+                self._dispatch(kind, channel, payload)
 
-    def _dispatch(self, kind: int, channel: int, payload: bytes) -> None:
+    def _dispatch(self, kind: int, channel: int, payload: bytes | memoryview) -> None:
+        """Act on one frame; output arrives in pieces, views that are valid only during this call."""
         if kind == protocol.STDOUT or kind == protocol.STDERR:
             process = self._processes.get(channel)
             if process is not None:
@@ -284,7 +285,7 @@ class AgentConnection:
             if process is not None:
                 process.stream_closed()
             return
-        answer = protocol.fields(payload) if payload else {}
+        answer = protocol.fields(bytes(payload)) if payload else {}
         if kind == protocol.EXITED:
             process = self._processes.get(channel)
             if process is not None:
@@ -296,7 +297,7 @@ class AgentConnection:
         if future is not None and not future.done():
             future.set_result(answer)
 
-    def _tunnel_frame(self, kind: int, channel: int, payload: bytes) -> None:
+    def _tunnel_frame(self, kind: int, channel: int, payload: bytes | memoryview) -> None:
         if kind == protocol.TUNNEL_OPEN:
             if self._proxy is None or channel in self._tunnels:
                 self._lose(f"the agent opened tunnel {channel}, which it may not")
@@ -308,7 +309,7 @@ class AgentConnection:
             return  # ended here already
         try:
             if kind == protocol.TUNNEL_DATA:
-                tunnel.received(payload)
+                tunnel.received(bytes(payload))
             elif kind == protocol.TUNNEL_ACK:
                 tunnel.acknowledged(protocol.COUNT.unpack(payload)[0])
             elif kind == protocol.TUNNEL_CLOSE:

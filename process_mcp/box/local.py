@@ -39,11 +39,14 @@ class _Pipes(Channel):
     def write_fd(self) -> int:
         return self._out
 
-    def receive(self) -> bytes | None:
+    def receive(self) -> list[bytes] | None:
         try:
-            return os.read(self._in, 256 * 1024)
+            data = os.read(self._in, 1024 * 1024)
         except BlockingIOError:
             return None
+        if not data:
+            raise EOFError
+        return [data]
 
     def send(self, data: memoryview) -> int:
         return os.write(self._out, data)

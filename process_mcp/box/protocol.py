@@ -115,3 +115,58 @@ class Decoder:
             start = end
         del pending[:start]
         return frames
+
+
+OUTPUT_KINDS = frozenset({STDOUT, STDERR})
+"""Frames whose payload StreamDecoder hands over piece by piece."""
+
+
+class StreamDecoder:
+    """Splits a stream into frames like Decoder, but hands over the payload of output frames piece by
+    piece, as views of the data fed in, as it arrives: a flood is then never joined or copied here.
+    Control frames come whole, as bytes."""
+
+    def __init__(self) -> None:
+        self._head = bytearray()  # a header split across reads
+        self._kind = 0
+        self._channel = 0
+        self._left = 0  # payload bytes of the current frame still to come
+        self._body: bytearray | None = None  # the payload of a control frame being gathered
+
+    def feed(self, data: bytes | memoryview) -> list[tuple[int, int, bytes | memoryview]]:
+        view = memoryview(data)
+        frames: list[tuple[int, int, bytes | memoryview]] = []
+        pos, end = 0, len(view)
+        while pos < end:
+            if not self._left:
+                if not self._head and end - pos >= HEADER.size:
+                    kind, channel, length = HEADER.unpack_from(view, pos)
+                    pos += HEADER.size
+                else:
+                    take = min(HEADER.size - len(self._head), end - pos)
+                    self._head += view[pos : pos + take]
+                    pos += take
+                    if len(self._head) < HEADER.size:
+                        break
+                    kind, channel, length = HEADER.unpack(self._head)
+                    self._head.clear()
+                if length > MAX_PAYLOAD:
+                    raise ProtocolError(f"a frame announces {length} bytes, more than {MAX_PAYLOAD}")
+                if not length:
+                    frames.append((kind, channel, b""))
+                    continue
+                self._kind, self._channel, self._left = kind, channel, length
+                self._body = None if kind in OUTPUT_KINDS else bytearray()
+                continue
+            take = min(self._left, end - pos)
+            piece = view[pos : pos + take]
+            pos += take
+            self._left -= take
+            if self._body is None:
+                frames.append((self._kind, self._channel, piece))
+            else:
+                self._body += piece
+                if not self._left:
+                    frames.append((self._kind, self._channel, bytes(self._body)))
+                    self._body = None
+        return frames

@@ -86,30 +86,39 @@ def container_options(cfg: DockerConfig, labels: Mapping[str, str], network: str
 
 
 class Demuxer:
-    """Splits the non-TTY exec stream into (stream, payload) frames, across reads.
+    """Splits the non-TTY exec stream into (stream, payload piece) pairs, across reads.
 
     Each frame is an 8-byte header (stream: 1 stdout, 2 stderr; 3 zero bytes; big-endian size) and
-    its payload; the engine keeps frames small, so at most one frame is held here.
+    its payload. Payloads are handed over as they arrive, as views of the data read (which nothing
+    changes afterwards), so a flood is never joined or copied here.
     """
 
-    def __init__(self) -> None:
-        self._pending = bytearray()
+    HEADER_SIZE = 8
 
-    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        pending = self._pending
-        pending += data
-        frames = []
-        start = 0
-        # Walk the frames by offset and drop what was read once: a read holds many of the engine's
-        # 32 KiB frames, and dropping each in turn would move the rest every time.
-        while len(pending) - start >= 8:
-            end = start + 8 + int.from_bytes(pending[start + 4 : start + 8], "big")
-            if end > len(pending):
-                break
-            frames.append((pending[start], bytes(pending[start + 8 : end])))
-            start = end
-        del pending[:start]
-        return frames
+    def __init__(self) -> None:
+        self._head = bytearray()  # a header split across reads
+        self._stream = 0
+        self._left = 0  # payload bytes of the current frame still to come
+
+    def feed(self, data: bytes) -> list[tuple[int, memoryview]]:
+        view = memoryview(data)
+        pieces = []
+        pos, end = 0, len(view)
+        while pos < end:
+            if not self._left:
+                take = min(self.HEADER_SIZE - len(self._head), end - pos)
+                self._head += view[pos : pos + take]
+                pos += take
+                if len(self._head) < self.HEADER_SIZE:
+                    break
+                self._stream, self._left = self._head[0], int.from_bytes(self._head[4:8], "big")
+                self._head.clear()
+                continue
+            take = min(self._left, end - pos)
+            pieces.append((self._stream, view[pos : pos + take]))
+            pos += take
+            self._left -= take
+        return pieces
 
 
 def reason(exc: BaseException) -> str:

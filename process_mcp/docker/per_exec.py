@@ -219,7 +219,7 @@ class _ExecHandle(ProcessHandle):
             for stream, payload in self._demux.feed(data):
                 self._deliver(stream, payload)
 
-    def _deliver(self, stream: int, data: bytes) -> None:
+    def _deliver(self, stream: int, data: bytes | memoryview) -> None:
         if stream == 2:
             self._record.stderr.append(data)
             return

@@ -42,22 +42,22 @@ class ExecStream(Channel):
     def write_fd(self) -> int:
         return self._fd
 
-    def receive(self) -> bytes | None:
+    def receive(self) -> list[memoryview] | None:
         try:
             data = self._sock.recv(READ_CHUNK)
         except (BlockingIOError, InterruptedError):
             return None
         if not data:
-            return b""
+            raise EOFError
         stdout = []
         for stream, payload in self._demux.feed(data):
             if stream == 1:
                 stdout.append(payload)
             else:
-                text = payload.decode(errors="replace")
+                text = bytes(payload).decode(errors="replace")
                 logger.warning("agent: %s", text.rstrip())
                 self.agent_stderr = (self.agent_stderr + text)[-self.STDERR_KEPT :]
-        return b"".join(stdout) if stdout else None
+        return stdout
 
     def send(self, data: memoryview) -> int:
         return self._sock.send(data)
