@@ -5,16 +5,19 @@ The server starts it with the stream on its stdin and stdout (in Docker, one exe
 speaks ``protocol`` to it. It runs with whatever Python the box has: standard library only, and
 syntax Python 3.8 parses.
 
-Each process runs under a supervisor of its own: a fork of the agent that is a child subreaper
-(PR_SET_CHILD_SUBREAPER), so whatever the process starts stays in the supervisor's tree even when it
-double-forks, calls setsid or clears its environment. Signals go to every process in that tree, found
+Each process runs under a supervisor of its own that is a child subreaper (PR_SET_CHILD_SUBREAPER),
+so whatever the process starts stays in the supervisor's tree even when it double-forks, calls setsid
+or clears its environment. Supervisors are forked ahead of need by a small zygote (so the agent
+itself never forks mid-spawn) and start their command with posix_spawn. Signals go to every process in that tree, found
 by walking /proc. Every supervisor holds the read end of a lifeline pipe whose write end only the
 agent holds: when the agent dies, however it dies, each supervisor kills its tree and exits. The agent
 is a subreaper too, so the tree of a supervisor that was killed falls to the agent, which kills what
 is left when its stream ends or the server asks it to shut down.
 
 Output is read only while less than OUT_HIGH bytes wait to go out on the stream: a flood then blocks
-its process as a full pipe would, and neither the agent nor the server grows. Each wake-up reads one
+its process as a full pipe would, and neither the agent nor the server grows. Where Python has
+os.splice and the stream is a pipe, a flood moves from the process's pipe to the stream in the kernel,
+behind a frame header sized with FIONREAD. Each wake-up reads one
 bounded chunk per ready process, so a chatty process cannot starve another, and the agent reads the
 stream from the server whatever its processes do.
 """
