@@ -29,7 +29,7 @@ import anyio
 from ptyprocess import PtyProcess
 
 from . import landlock, seccomp
-from .box.client import AgentUnavailable, SpawnRefused
+from .box.client import AgentUnavailable
 from .box.local import LocalAgent
 from .buffer import OutputBuffer
 from .cgroups import SandboxCgroups
@@ -226,7 +226,10 @@ class HostExecutor(ProcessExecutor):
         if self._sandbox is None:
             return await self._launch_unsandboxed(record, child_env)  # the agent reports a missing cwd
         if not await anyio.Path(record.cwd).is_dir():
-            raise self._no_such_cwd(record)
+            raise InvalidInput(
+                f"cwd {record.cwd!r} does not exist or is not a directory; pass an existing directory "
+                f"or omit cwd to use {self.workdir}"
+            )
         try:
             if record.tty:
                 return _PtyHandle(record, await self._start(_start_pty, record, child_env))
@@ -244,21 +247,7 @@ class HostExecutor(ProcessExecutor):
                     self._local = await LocalAgent.start("local")
                 except AgentUnavailable as exc:
                     raise SpawnFailed(f"could not start {record.command!r}: {exc.reason}") from None
-        number = int(record.pid.rpartition("-")[2])
-        try:
-            return await self._local.connection.spawn(number, record, record.command, record.cwd, env, inherit=False)
-        except SpawnRefused as exc:
-            if exc.kind == "nocwd":
-                raise self._no_such_cwd(record) from None
-            raise SpawnFailed(f"could not start {record.command!r}: {exc.message}") from None
-        except AgentUnavailable as exc:
-            raise SpawnFailed(f"could not start {record.command!r}: {exc.reason}") from None
-
-    def _no_such_cwd(self, record: ManagedProcess) -> InvalidInput:
-        return InvalidInput(
-            f"cwd {record.cwd!r} does not exist or is not a directory; pass an existing directory "
-            f"or omit cwd to use {self.workdir}"
-        )
+        return await self._local.connection.spawn(record, env, inherit=False, workdir=self.workdir)
 
     async def _start(
         self, starter: Callable[[Launch, str], _Started], record: ManagedProcess, env: dict[str, str]

@@ -21,7 +21,7 @@ from typing import Any
 
 import anyio
 
-from ..errors import KillFailed, StdinFailed
+from ..errors import InvalidInput, KillFailed, SpawnFailed, StdinFailed
 from ..executor import ProcessHandle
 from ..models import TERMINAL_COLS, TERMINAL_ROWS
 from ..registry import ManagedProcess
@@ -91,15 +91,6 @@ class AgentUnavailable(Exception):
         self.reason = reason
 
 
-class SpawnRefused(Exception):
-    """The agent could not start a command: ``kind`` is "nocwd" (no such directory) or what failed."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-
-
 class Channel(ABC):
     """A non-blocking byte stream to an agent, whose descriptor the event loop watches."""
 
@@ -167,17 +158,19 @@ class AgentConnection:
         return self.hello
 
     async def spawn(
-        self, number: int, record: ManagedProcess, command: str, cwd: str, env: dict[str, str], *, inherit: bool
+        self, record: ManagedProcess, env: dict[str, str], *, inherit: bool, workdir: str, where: str = ""
     ) -> AgentProcess:
-        """Start ``command`` as process ``number`` (its channel) feeding ``record``. With ``inherit``, ``env``
-        is set over the agent's own environment, else it is the whole environment. Raises SpawnRefused,
-        AgentUnavailable."""
+        """Start ``record.command`` in ``record.cwd`` as the record's process, feeding the record. With
+        ``inherit``, ``env`` is set over the agent's own environment, else it is the whole environment.
+        Raises InvalidInput for a missing cwd (naming ``workdir``), SpawnFailed otherwise; ``where``
+        (e.g. " in the container") goes into both messages."""
+        number = int(record.pid.rpartition("-")[2])
         process = AgentProcess(self, number, record)
         self._processes[number] = process
         started = self._expect(protocol.STARTED, number, 0)
         spec = {
-            "command": command,
-            "cwd": cwd,
+            "command": record.command,
+            "cwd": record.cwd,
             "env": env,
             "inherit": inherit,
             "tty": record.tty,
@@ -187,12 +180,21 @@ class AgentConnection:
         try:
             await self._send(protocol.message(protocol.SPAWN, number, **spec))
             answer = await self._answer(started, REQUEST_TIMEOUT_S, "spawn")
+        except AgentUnavailable as exc:
+            process.detach()
+            raise SpawnFailed(f"could not start {record.command!r}{where}: {exc.reason}") from None
         except BaseException:
             process.detach()
             raise
+        if answer.get("error") == "nocwd":
+            process.detach()
+            raise InvalidInput(
+                f"cwd {record.cwd!r} does not exist or is not a directory{where}; pass an existing directory "
+                f"or omit cwd to use {workdir}"
+            )
         if "error" in answer:
             process.detach()
-            raise SpawnRefused(str(answer["error"]), str(answer.get("message") or answer["error"]))
+            raise SpawnFailed(f"could not start {record.command!r}{where}: {answer.get('message') or answer['error']}")
         process.leader = int(answer["pid"])
         return process
 

@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 import anyio.to_thread
 
-from ..box.client import BOOTSTRAP, AgentConnection, AgentUnavailable, SpawnRefused, bootstrap_payload
+from ..box.client import BOOTSTRAP, AgentConnection, AgentUnavailable, bootstrap_payload
 from ..config import DOCKER_WORKDIR, ProcessMcpConfig
-from ..errors import BackendUnavailable, InvalidInput, KillFailed, SpawnFailed
+from ..errors import BackendUnavailable, KillFailed, SpawnFailed
 from ..executor import ProcessExecutor, ProcessHandle
 from ..models import TTY_TERM
 from ..proxy import PROXY_PORT, proxy_environment
@@ -420,18 +420,7 @@ class DockerExecutor(ProcessExecutor):
         environment = {**proxied, **env, MARKER_VAR: self.marker(record.pid).partition("=")[2]}
         if record.tty and "TERM" not in env:
             environment["TERM"] = TTY_TERM
-        number = int(record.pid.rpartition("-")[2])
-        try:
-            handle = await agent.spawn(number, record, record.command, record.cwd, environment, inherit=True)
-        except SpawnRefused as exc:
-            if exc.kind == "nocwd":
-                raise InvalidInput(
-                    f"cwd {record.cwd!r} does not exist or is not a directory in the container; pass an existing "
-                    f"directory or omit cwd to use {self.workdir}"
-                ) from None
-            raise SpawnFailed(f"could not start {record.command!r} in the container: {exc.message}") from None
-        except AgentUnavailable as exc:
-            raise SpawnFailed(f"could not start {record.command!r} in the container: {exc.reason}") from None
+        handle = await agent.spawn(record, environment, inherit=True, workdir=self.workdir, where=" in the container")
         record.sandboxed = True  # confined by the container
         return handle
 
