@@ -39,7 +39,7 @@ from .errors import BackendUnavailable, InvalidConfig, InvalidInput, KillFailed,
 from .executor import ProcessExecutor, ProcessHandle
 from .models import TERMINAL_COLS, TERMINAL_ROWS, TTY_TERM
 from .registry import ManagedProcess
-from .sandbox import Launch, Sandbox, Tools, env_resets_signals, find_bwrap, find_tool, probe, restrict_network
+from .sandbox import Launch, Sandbox, Tools, env_resets_signals, find_bwrap, find_tool, probe
 from .signals import signal_from_exit_code
 from .streams import READ_CHUNK, write_all
 
@@ -127,11 +127,11 @@ class HostExecutor(ProcessExecutor):
         if env is None or prlimit is None:
             missing = "env (coreutils)" if env is None else "prlimit (util-linux)"
             raise BackendUnavailable(f"the sandbox's launch chain needs {missing} in /usr/bin or /bin")
-        problem = await probe(bwrap, network=restrict_network(config))
+        problem = await probe(bwrap, network=config.network_restricted)
         if problem:
             raise BackendUnavailable(f"bwrap cannot create a sandbox here: {problem}")
         scope_ipc = True
-        if not restrict_network(config) and landlock.abi_version() < landlock.LANDLOCK_SCOPE_ABI:
+        if not config.network_restricted and landlock.abi_version() < landlock.LANDLOCK_SCOPE_ABI:
             self._missing_layer(
                 "this kernel has no Landlock scopes (Linux 6.12), so with SANDBOX_ALLOWED_DOMAINS=* the host's "
                 "abstract Unix sockets stay reachable; set a domain list (or empty) to give processes their own "
@@ -150,7 +150,7 @@ class HostExecutor(ProcessExecutor):
         seccomp_file = os.path.join(self._state_dir, "seccomp.bpf")
         await anyio.Path(seccomp_file).write_bytes(program)
         socket_path = None
-        if restrict_network(config) and config.allowed_domains:
+        if config.network_restricted and config.allowed_domains:
             from .proxy import DomainProxy  # only a server with a domain list needs it
 
             socket_path = os.path.join(self._state_dir, "proxy.sock")

@@ -118,11 +118,6 @@ def find_tool(name: str) -> str | None:
     return shutil.which(name, path=os.pathsep.join(TRUSTED_DIRS))
 
 
-def restrict_network(config: SandboxConfig) -> bool:
-    """Whether processes lose direct network access: anything but the single pattern ``*``."""
-    return config.network_restricted
-
-
 @dataclass
 class Launch:
     """How to start one sandboxed process: argv and environment for the outermost program, descriptors
@@ -226,7 +221,7 @@ class Sandbox:
                 "--seccomp",
                 str(seccomp),
             ]
-            if restrict_network(self.config):
+            if self.config.network_restricted:
                 args.append("--unshare-net")
             args += self._static
             args += self._protections()
