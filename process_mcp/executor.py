@@ -117,6 +117,8 @@ class ProcessExecutor(ABC):
         finally:
             self._starting -= 1
         self._registry.add(record)
+        if not record.lingering:  # it ended before it was registered (the agent can say so in one read)
+            self._drop_oldest()
         wait_result = None
         if wait is not None:
             wait_result = await wait_on(record, wait, (0, 0), progress)
@@ -281,6 +283,9 @@ class ProcessExecutor(ABC):
 
     def _finished(self, record: ManagedProcess) -> None:
         """A process has exited and its output is closed: forget the oldest finished ones."""
+        self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
         for dropped in self._registry.prune():
             if dropped.handle is not None:
                 dropped.handle.close()
