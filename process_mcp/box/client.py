@@ -337,12 +337,10 @@ class AgentConnection:
     def _lose(self, reason: str) -> None:
         if self._lost is not None or self._closed:
             return
-        if self._said_bye:  # the agent ended as asked; close() follows
-            self._lost = reason
-            self._loop.remove_reader(self._fd)
-            return
         self._lost = reason
         self._loop.remove_reader(self._fd)
+        if self._said_bye:  # the agent ended as asked; close() follows
+            return
         logger.warning("agent %s: %s; its processes are ended", self.name, reason)
         self._end_all(reason)
         if self._on_lost is not None:
