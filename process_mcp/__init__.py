@@ -32,7 +32,7 @@ from .models import (
     SpawnResult,
     StdinResult,
 )
-from .server import ProcessMcpServer, create_executor, create_process_mcp
+from .service.server import ProcessMcpServer, create_executor, create_process_mcp
 
 if TYPE_CHECKING:
     from .docker import DockerExecutor

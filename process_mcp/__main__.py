@@ -14,7 +14,7 @@ import sys
 import anyio
 
 from .errors import ProcessMcpError
-from .server import ProcessMcpServer, create_process_mcp
+from .service.server import ProcessMcpServer, create_process_mcp
 
 logger = logging.getLogger("process_mcp")
 

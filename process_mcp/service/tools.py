@@ -16,9 +16,9 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field
 
-from .errors import ProcessMcpError
-from .executor import ProcessExecutor
-from .models import (
+from ..errors import ProcessMcpError
+from ..executor import ProcessExecutor
+from ..models import (
     DEFAULT_LINES,
     ExitState,
     KillResult,
@@ -28,7 +28,7 @@ from .models import (
     SpawnResult,
     StdinResult,
 )
-from .waiting import Progress
+from ..waiting import Progress
 
 MAX_LINES = 10_000
 """Most lines one stdout call returns; more would not fit a model's context anyway."""

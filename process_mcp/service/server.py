@@ -7,10 +7,10 @@ from types import TracebackType
 
 from mcp.server import MCPServer
 
-from .config import ProcessMcpConfig, load_config
-from .errors import BackendUnavailable
-from .executor import ProcessExecutor
-from .host import HostExecutor
+from ..config import ProcessMcpConfig, load_config
+from ..errors import BackendUnavailable
+from ..executor import ProcessExecutor
+from ..host import HostExecutor
 from .tools import INSTRUCTIONS, register_tools
 
 
@@ -39,7 +39,7 @@ def create_executor(config: ProcessMcpConfig) -> ProcessExecutor:
         return HostExecutor(config)
     if config.mode == "docker":
         # Imported here so that host mode never loads the Docker backend (and docker-py with it).
-        from .docker import DockerExecutor
+        from ..docker import DockerExecutor
 
         return DockerExecutor(config)
     raise BackendUnavailable(f"unknown PROCESS_MODE {config.mode!r}; use host or docker")
