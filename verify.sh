@@ -40,5 +40,17 @@ if ! command -v cc >/dev/null || ! command -v ipcmk >/dev/null; then
         echo "verify.sh: WARNING: no C compiler or ipcmk; the sandbox attack tests that need them will fail" >&2
     fi
 fi
+echo "== MCP clients for the HTTP tests"
+# The TypeScript SDK and the Inspector CLI, pinned by tests/js/package-lock.json; they need Node.js 20 or newer.
+node_ok() { command -v npm >/dev/null && node -e 'process.exit(+process.versions.node.split(".")[0] < 20)' 2>/dev/null; }
+if ! node_ok && [[ $(id -u) -eq 0 && -r /etc/debian_version ]]; then
+    apt-get install -y --no-install-recommends nodejs npm >/dev/null \
+        || { apt-get update >/dev/null && apt-get install -y --no-install-recommends nodejs npm >/dev/null; }
+fi
+if node_ok; then
+    npm ci --prefix tests/js --no-audit --no-fund --loglevel=error >/dev/null
+else
+    echo "verify.sh: WARNING: no Node.js 20 or newer; the tests that drive the server with JavaScript clients will fail" >&2
+fi
 echo "== pytest"
 .venv/bin/python -m pytest "$@"

@@ -2,7 +2,7 @@
 
 from typing import TYPE_CHECKING, Any
 
-from .config import Defaults, DockerConfig, Limits, ProcessMcpConfig, SandboxConfig, load_config
+from .config import Defaults, DockerConfig, Limits, ProcessMcpConfig, SandboxConfig, ServiceConfig, load_config
 from .errors import (
     BackendUnavailable,
     InvalidConfig,
@@ -15,6 +15,7 @@ from .errors import (
     SpawnFailed,
     StdinFailed,
     TooManyProcesses,
+    TooManyRequests,
 )
 from .executor import ProcessExecutor, ProcessHandle
 from .host import HostExecutor
@@ -32,7 +33,9 @@ from .models import (
     SpawnResult,
     StdinResult,
 )
-from .service.server import ProcessMcpServer, create_executor, create_process_mcp
+from .service.server import ProcessMcpServer, create_executor, create_process_mcp, version_string
+
+__version__ = version_string()
 
 if TYPE_CHECKING:
     from .docker import DockerExecutor
@@ -75,12 +78,15 @@ __all__ = [
     "ProcessOutput",
     "ProcessTerminated",
     "SandboxConfig",
+    "ServiceConfig",
     "SpawnFailed",
     "SpawnOptions",
     "SpawnResult",
     "StdinFailed",
     "StdinResult",
     "TooManyProcesses",
+    "TooManyRequests",
+    "__version__",
     "create_executor",
     "create_process_mcp",
     "load_config",

@@ -99,6 +99,41 @@ class SandboxConfig(BaseModel):
         return "*" not in self.allowed_domains
 
 
+class ServiceConfig(BaseModel):
+    """How the server is reached (stdio or HTTP), who may call it, and what one caller may hold."""
+
+    transport: Literal["stdio", "http"] = "stdio"
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(8765, ge=0, le=65535, description="0: any free port (the log says which).")
+    allowed_hosts: list[str] = Field(
+        default_factory=list, description="Host headers accepted when listening off loopback; ['*']: any."
+    )
+    allowed_origins: list[str] = Field(default_factory=list, description="Origin headers accepted besides none.")
+    max_connections: int = Field(256, ge=1)
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    auth: Literal["tokens", "oauth", "none"] | None = Field(
+        None, description="None: tokens with a tokens file, oauth with an issuer, else refused over HTTP."
+    )
+    tokens_file: str | None = None
+    issuer: str | None = None
+    audience: str | None = None
+    jwks: str | None = Field(None, description="A JWKS file, or an http(s) URL to fetch it from.")
+    scopes: list[str] = Field(default_factory=list)
+    idle_timeout_s: float = Field(900, gt=0)
+    max_requests: int = Field(32, ge=1, description="Tool calls one principal may have in progress at once.")
+
+    @property
+    def auth_mode(self) -> Literal["tokens", "oauth", "none"] | None:
+        """The authentication in force: the one asked for, else the one configured, else None."""
+        if self.auth is not None:
+            return self.auth
+        if self.tokens_file is not None:
+            return "tokens"
+        if self.issuer is not None or self.jwks is not None or self.audience is not None:
+            return "oauth"
+        return None
+
+
 class ProcessMcpConfig(BaseModel):
     """Everything a server or executor needs to know, as typed values."""
 
@@ -110,6 +145,7 @@ class ProcessMcpConfig(BaseModel):
     env_passthrough: list[str] = Field(
         default_factory=list, description="Server environment variables children get besides the basic ones."
     )
+    service: ServiceConfig = Field(default_factory=ServiceConfig)
 
     @model_validator(mode="after")
     def _default_workdir(self) -> ProcessMcpConfig:
@@ -159,42 +195,84 @@ class _Environment(BaseSettings):
 
     model_config = SettingsConfigDict(case_sensitive=True, extra="ignore")
 
-    PROCESS_MODE: Literal["host", "docker"] = "host"
-    DEFAULT_WORKDIR: str | None = None
-    DEFAULT_TIMEOUT_MS: int = Field(DEFAULT_TIMEOUT_MS, ge=0)
-    MAX_TIMEOUT_MS: int = Field(MAX_TIMEOUT_MS, ge=0)
-    PROCESS_KEEP_TERMINATED: int = Field(20, ge=0)
-    PROCESS_OUTPUT_BUFFER_BYTES: int = Field(1024 * 1024, ge=4096)
-    PROCESS_MAX_LIVE: int = Field(128, ge=1)
-    DOCKER_IMAGE: str = "ubuntu:22.04"
-    DOCKER_CONTAINER: str = "process-mcp-main"
-    DOCKER_VOLUME: str = "process-mcp-volume"
-    DOCKER_USE_EXISTING: bool = False
-    DOCKER_MEMORY: str = "512m"
-    DOCKER_CPUS: float = Field(1.0, gt=0)
-    DOCKER_PIDS_LIMIT: int = Field(4096, gt=0)
-    DOCKER_CAP_ADD: CommaList = Field(default_factory=list)
-    DOCKER_NETWORK: str | None = Field(None, min_length=1)
-    DOCKER_READ_ONLY: bool = False
-    DOCKER_AGENT: bool = True
-    DOCKER_HOST: str | None = None
-    DOCKER_TLS_VERIFY: str | None = None
-    DOCKER_CERT_PATH: str | None = None
-    DOCKER_USER: str = Field("1000:1000", pattern=r"^([0-9]+(:[0-9]+)?|[a-z_][a-z0-9_-]*(:[a-z_][a-z0-9_-]*)?)$")
-    SANDBOX_ENABLED: bool = True
-    SANDBOX_REQUIRED: bool = False
-    SANDBOX_ALLOWED_DOMAINS: CommaList = Field(default_factory=lambda: ["*"])
-    SANDBOX_ALLOW_WRITE: CommaList = Field(default_factory=list)
-    SANDBOX_ALLOW_READ: CommaList = Field(default_factory=list)
-    SANDBOX_DENY_READ: CommaList = Field(default_factory=list)
-    SANDBOX_DENY_WRITE: CommaList = Field(default_factory=list)
-    SANDBOX_ALLOW_PROTECTED: CommaList = Field(default_factory=list)
-    SANDBOX_ALLOW_PRIVATE_ADDRESSES: bool = False
-    SANDBOX_MAX_PROCESSES: int = Field(1024, ge=8)
-    SANDBOX_MAX_MEMORY_MB: int = Field(4096, ge=16)
-    SANDBOX_TMP_SIZE_MB: int = Field(512, ge=1)
-    SANDBOX_SCAN_LIMIT: int = Field(20000, ge=1)
-    PROCESS_ENV_PASSTHROUGH: CommaList = Field(default_factory=list)
+    PROCESS_MODE: Literal["host", "docker"] = Field("host", description="where processes run: host or docker")
+    DEFAULT_WORKDIR: str | None = Field(
+        None, description="working directory when spawn gives no cwd, and the sandbox's workspace"
+    )
+    DEFAULT_TIMEOUT_MS: int = Field(DEFAULT_TIMEOUT_MS, ge=0, description="how long spawn waits without timeoutMs")
+    MAX_TIMEOUT_MS: int = Field(MAX_TIMEOUT_MS, ge=0, description="cap on timeoutMs and on every wait")
+    PROCESS_KEEP_TERMINATED: int = Field(20, ge=0, description="finished processes kept for ps and stdout")
+    PROCESS_OUTPUT_BUFFER_BYTES: int = Field(1024 * 1024, ge=4096, description="bytes kept per output stream")
+    PROCESS_MAX_LIVE: int = Field(128, ge=1, description="processes that may run at once (per principal)")
+    PROCESS_TRANSPORT: Literal["stdio", "http"] = Field("stdio", description="stdio, or http (streamable HTTP)")
+    PROCESS_HTTP_HOST: str = Field("127.0.0.1", min_length=1, description="address the HTTP transport listens on")
+    PROCESS_HTTP_PORT: int = Field(8765, ge=0, le=65535, description="port the HTTP transport listens on (0: any)")
+    PROCESS_HTTP_ALLOWED_HOSTS: CommaList = Field(
+        default_factory=list,
+        description="Host headers accepted off loopback (host:port, host:* for any port; * for any host)",
+    )
+    PROCESS_HTTP_ALLOWED_ORIGINS: CommaList = Field(
+        default_factory=list, description="browser Origins accepted besides none (e.g. https://app.example:*)"
+    )
+    PROCESS_HTTP_MAX_CONNECTIONS: int = Field(256, ge=1, description="HTTP connections served at once (then 503)")
+    PROCESS_HTTP_MAX_BODY_BYTES: int = Field(4 * 1024 * 1024, ge=1024, description="largest HTTP request body")
+    PROCESS_AUTH: Literal["tokens", "oauth", "none"] | None = Field(
+        None, description="tokens, oauth or none (loopback only); unset: from the settings below"
+    )
+    PROCESS_AUTH_TOKENS_FILE: str | None = Field(
+        None, description="file of 'principal token' lines (owner-only permissions)"
+    )
+    PROCESS_AUTH_ISSUER: str | None = Field(None, description="OAuth: the issuer JWTs must name")
+    PROCESS_AUTH_AUDIENCE: str | None = Field(None, description="OAuth: this server's URL, the audience JWTs must name")
+    PROCESS_AUTH_JWKS: str | None = Field(None, description="OAuth: the issuer's keys, a JWKS file or https URL")
+    PROCESS_AUTH_SCOPES: CommaList = Field(default_factory=list, description="OAuth: scopes every token must carry")
+    PROCESS_IDLE_TIMEOUT_S: float = Field(
+        900, gt=0, description="seconds without calls or running processes before a principal's space is reclaimed"
+    )
+    PROCESS_MAX_REQUESTS: int = Field(32, ge=1, description="tool calls one principal may have in progress at once")
+    DOCKER_IMAGE: str = Field("ubuntu:22.04", description="image of the created container")
+    DOCKER_CONTAINER: str = Field("process-mcp-main", description="container name (per principal: name-principal)")
+    DOCKER_VOLUME: str = Field("process-mcp-volume", description="volume mounted at /home/agent")
+    DOCKER_USE_EXISTING: bool = Field(False, description="use an existing container as it is")
+    DOCKER_MEMORY: str = Field("512m", description="memory limit of the created container")
+    DOCKER_CPUS: float = Field(1.0, gt=0, description="CPU limit of the created container")
+    DOCKER_PIDS_LIMIT: int = Field(4096, gt=0, description="process limit of the created container")
+    DOCKER_CAP_ADD: CommaList = Field(default_factory=list, description="capabilities added to the created container")
+    DOCKER_NETWORK: str | None = Field(
+        None, min_length=1, description="bridge, none or a network; unset: bridge, none with a domain list"
+    )
+    DOCKER_READ_ONLY: bool = Field(False, description="a read-only root for the created container")
+    DOCKER_AGENT: bool = Field(True, description="drive processes through the agent in the container")
+    DOCKER_HOST: str | None = Field(None, description="the Docker engine, as for the docker CLI")
+    DOCKER_TLS_VERIFY: str | None = Field(None, description="verify the engine's TLS certificate")
+    DOCKER_CERT_PATH: str | None = Field(None, description="the engine's TLS certificates")
+    DOCKER_USER: str = Field(
+        "1000:1000",
+        pattern=r"^([0-9]+(:[0-9]+)?|[a-z_][a-z0-9_-]*(:[a-z_][a-z0-9_-]*)?)$",
+        description="who processes in the created container run as (uid:gid, a name, root)",
+    )
+    SANDBOX_ENABLED: bool = Field(True, description="run host processes in the sandbox")
+    SANDBOX_REQUIRED: bool = Field(False, description="fail spawns rather than run without a sandbox layer")
+    SANDBOX_ALLOWED_DOMAINS: CommaList = Field(
+        default_factory=lambda: ["*"], description="domains processes may reach (* any, empty none)"
+    )
+    SANDBOX_ALLOW_WRITE: CommaList = Field(default_factory=list, description="writable paths besides the workspace")
+    SANDBOX_ALLOW_READ: CommaList = Field(default_factory=list, description="paths shown read-only")
+    SANDBOX_DENY_READ: CommaList = Field(default_factory=list, description="paths hidden from processes")
+    SANDBOX_DENY_WRITE: CommaList = Field(default_factory=list, description="paths kept read-only")
+    SANDBOX_ALLOW_PROTECTED: CommaList = Field(
+        default_factory=list, description="protected names that stay writable (.vscode, .git/config, ...)"
+    )
+    SANDBOX_ALLOW_PRIVATE_ADDRESSES: bool = Field(
+        False, description="let the proxy reach loopback and private addresses"
+    )
+    SANDBOX_MAX_PROCESSES: int = Field(1024, ge=8, description="processes and threads per sandbox")
+    SANDBOX_MAX_MEMORY_MB: int = Field(4096, ge=16, description="memory per sandbox")
+    SANDBOX_TMP_SIZE_MB: int = Field(512, ge=1, description="size of each sandbox's private /tmp")
+    SANDBOX_SCAN_LIMIT: int = Field(20000, ge=1, description="directories searched per spawn for protected paths")
+    PROCESS_ENV_PASSTHROUGH: CommaList = Field(
+        default_factory=list, description="server variables processes get besides the basic ones"
+    )
 
     @field_validator(
         "SANDBOX_ALLOWED_DOMAINS",
@@ -205,6 +283,9 @@ class _Environment(BaseSettings):
         "SANDBOX_ALLOW_PROTECTED",
         "PROCESS_ENV_PASSTHROUGH",
         "DOCKER_CAP_ADD",
+        "PROCESS_HTTP_ALLOWED_HOSTS",
+        "PROCESS_HTTP_ALLOWED_ORIGINS",
+        "PROCESS_AUTH_SCOPES",
         mode="before",
     )
     @classmethod
@@ -213,7 +294,15 @@ class _Environment(BaseSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
-    @field_validator("DEFAULT_WORKDIR", mode="before")
+    @field_validator(
+        "DEFAULT_WORKDIR",
+        "PROCESS_AUTH_TOKENS_FILE",
+        "PROCESS_AUTH_ISSUER",
+        "PROCESS_AUTH_AUDIENCE",
+        "PROCESS_AUTH_JWKS",
+        "PROCESS_AUTH",
+        mode="before",
+    )
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
@@ -278,7 +367,37 @@ def load_config(environ: dict[str, str] | None = None) -> ProcessMcpConfig:
             scan_limit=env.SANDBOX_SCAN_LIMIT,
         ),
         env_passthrough=env.PROCESS_ENV_PASSTHROUGH,
+        service=ServiceConfig(
+            transport=env.PROCESS_TRANSPORT,
+            host=env.PROCESS_HTTP_HOST,
+            port=env.PROCESS_HTTP_PORT,
+            allowed_hosts=env.PROCESS_HTTP_ALLOWED_HOSTS,
+            allowed_origins=env.PROCESS_HTTP_ALLOWED_ORIGINS,
+            max_connections=env.PROCESS_HTTP_MAX_CONNECTIONS,
+            max_body_bytes=env.PROCESS_HTTP_MAX_BODY_BYTES,
+            auth=env.PROCESS_AUTH,
+            tokens_file=env.PROCESS_AUTH_TOKENS_FILE,
+            issuer=env.PROCESS_AUTH_ISSUER,
+            audience=env.PROCESS_AUTH_AUDIENCE,
+            jwks=env.PROCESS_AUTH_JWKS,
+            scopes=env.PROCESS_AUTH_SCOPES,
+            idle_timeout_s=env.PROCESS_IDLE_TIMEOUT_S,
+            max_requests=env.PROCESS_MAX_REQUESTS,
+        ),
     )
+
+
+def environment_variables() -> list[tuple[str, str, str]]:
+    """Every environment variable the server reads: (name, default, description), for --help."""
+    rows = []
+    for name, field in _Environment.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, list):
+            default = ",".join(default)
+        elif isinstance(default, bool):
+            default = str(default).lower()
+        rows.append((name, "" if default is None else str(default), field.description or ""))
+    return rows
 
 
 def _pick(environ: dict[str, str]) -> dict[str, Any]:

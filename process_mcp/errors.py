@@ -78,3 +78,9 @@ class InvalidConfig(ProcessMcpError):
     """The configuration (usually the environment) is malformed; the message names the variable."""
 
     code = "invalid_config"
+
+
+class TooManyRequests(ProcessMcpError):
+    """The caller has as many tool calls in progress as it may; the message says the limit."""
+
+    code = "too_many_requests"

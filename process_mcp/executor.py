@@ -35,7 +35,7 @@ from .models import (
 from .registry import ManagedProcess, ProcessRegistry
 from .signals import NON_TERMINATING, parse_signal
 from .terminal import strip_escapes
-from .waiting import OUTPUT_SETTLE_S, Progress, Wait, text_since, wait_on
+from .waiting import OUTPUT_SETTLE_S, Progress, Wait, text_since, wait_exit, wait_on
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class ProcessExecutor(ABC):
         wait_result = None
         if wait is not None:
             wait_result = await wait_on(record, wait, (0, 0), progress)
-        elif not options.background and await record.wait(timeout_s):
+        elif not options.background and await wait_exit(record, timeout_s, progress):
             await record.wait(OUTPUT_SETTLE_S, output=True)
         return SpawnResult(
             pid=record.pid,

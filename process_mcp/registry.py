@@ -166,7 +166,7 @@ class ProcessRegistry:
                 f"process {pid!r} ended and was dropped (the newest {self.keep_terminated} finished "
                 "processes are kept); call ps to list processes"
             )
-        raise ProcessNotFound(f"no process {pid!r}; ids look like '{self.prefix}-1'; call ps to list processes")
+        raise unknown_process(pid, self.prefix)
 
     def __iter__(self) -> Iterator[ManagedProcess]:
         return iter(list(self._records.values()))
@@ -178,3 +178,8 @@ class ProcessRegistry:
         for record in dropped:
             del self._records[record.pid]
         return dropped
+
+
+def unknown_process(pid: str, prefix: str) -> ProcessNotFound:
+    """The error for an id that was never handed out (by a registry whose ids start with ``prefix``)."""
+    return ProcessNotFound(f"no process {pid!r}; ids look like '{prefix}-1'; call ps to list processes")

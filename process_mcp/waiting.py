@@ -131,3 +131,21 @@ async def wait_on(
             wake = min(wake, next_report)
         with anyio.move_on_after(max(0.0, wake - time.monotonic())):
             await changed.wait()
+
+
+async def wait_exit(record: ManagedProcess, timeout_s: float, progress: Progress | None = None) -> bool:
+    """Wait up to ``timeout_s`` for the process to exit, reporting progress every PROGRESS_INTERVAL_S
+    to a client that asked for it; say whether it exited."""
+    began = time.monotonic()
+    deadline = began + timeout_s
+    while True:
+        step = deadline - time.monotonic()
+        if progress is not None:
+            step = min(step, PROGRESS_INTERVAL_S)
+        if await record.wait(max(0.0, step)):
+            return True
+        now = time.monotonic()
+        if now >= deadline:
+            return False
+        assert progress is not None
+        await progress(now - began, timeout_s)

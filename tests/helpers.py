@@ -93,3 +93,12 @@ async def sleepers(argument: str, count: int) -> list[int]:
 def started(argument: str) -> str:
     """Shell that waits until the `sleep <argument>` just started in the background has exec'd."""
     return f'until grep -q "{argument}" /proc/$!/cmdline 2>/dev/null; do :; done'
+
+
+async def wait_for_sleepers(argument: str, count: int = 1) -> list[int]:
+    """The host pids of ``count`` sleepers started with ``argument``, once they all run (bounded)."""
+    with anyio.move_on_after(WAIT_S):
+        while len(found := running_sleepers(argument)) < count:
+            await anyio.sleep(POLL_S)
+        return found
+    pytest.fail(f"{count} sleepers {argument} did not all start within {WAIT_S}s")

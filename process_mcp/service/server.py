@@ -1,28 +1,68 @@
-"""Assembling a server: the executor for the configured mode, wrapped in the five MCP tools."""
+"""Assembling a server: the callers' spaces for the configured mode, behind the five MCP tools."""
 
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 from types import TracebackType
+from typing import TYPE_CHECKING
 
+import anyio
 from mcp.server import MCPServer
 
 from ..config import ProcessMcpConfig, load_config
 from ..errors import BackendUnavailable
 from ..executor import ProcessExecutor
 from ..host import HostExecutor
+from .spaces import Spaces
 from .tools import INSTRUCTIONS, register_tools
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp
 
 
 class ProcessMcpServer:
-    """An MCP server and the executor behind it. ``cleanup`` ends every process it started."""
+    """An MCP server and the spaces behind it. ``cleanup`` ends every process it started.
 
-    def __init__(self, server: MCPServer, executor: ProcessExecutor) -> None:
+    Serve it on stdio with ``server.run_stdio_async()``, over HTTP with ``serve_http``, or mount
+    ``http_app()`` in an ASGI application.
+    """
+
+    def __init__(self, server: MCPServer, spaces: Spaces) -> None:
         self.server = server
-        self.executor = executor
+        self.spaces = spaces
+
+    @property
+    def config(self) -> ProcessMcpConfig:
+        return self.spaces.config
+
+    @property
+    def executor(self) -> ProcessExecutor:
+        """The local caller's executor: the one every call uses over stdio and HTTP without authentication."""
+        return self.spaces.local.executor
+
+    def http_app(self, *, authenticate: bool = True) -> ASGIApp:
+        """The streamable HTTP application, at ``/mcp``.
+
+        With ``authenticate`` (the default) it checks bearer tokens as configured (``ServiceConfig``) and
+        answers 401 without one. Without it, an application that mounts it under its own authentication
+        gives each user its own space: the principal is the ``user`` its middleware puts on the request.
+        Raises InvalidConfig when the authentication settings are incomplete or unsafe.
+        """
+        from .http import build_app
+
+        return build_app(self, authenticate=authenticate)
+
+    async def serve_http(
+        self, host: str | None = None, port: int | None = None, *, stop: anyio.Event | None = None
+    ) -> None:
+        """Serve over HTTP (default: the configured host and port) until ``stop`` is set or the task is
+        cancelled. Raises InvalidConfig for an unsafe setup, e.g. no authentication off loopback."""
+        from .http import prepare, serve
+
+        await serve(self, prepare(self, host, port), stop=stop)
 
     async def cleanup(self) -> None:
-        await self.executor.cleanup()
+        await self.spaces.cleanup()
 
     async def __aenter__(self) -> ProcessMcpServer:
         return self
@@ -48,17 +88,21 @@ def create_executor(config: ProcessMcpConfig) -> ProcessExecutor:
 async def create_process_mcp(config: ProcessMcpConfig | None = None) -> ProcessMcpServer:
     """Build a server for ``config`` (by default, read from the environment) with its backend ready.
 
-    Raises BackendUnavailable if the backend cannot be prepared, InvalidConfig for a bad environment.
+    Over stdio the backend is started now, so a broken setup stops the server at once; over HTTP each
+    principal's space starts on its first call. Raises BackendUnavailable if the backend cannot be
+    prepared, InvalidConfig for a bad environment.
     """
     config = config or load_config()
-    executor = create_executor(config)
-    await executor.start()
-    server = MCPServer("process-mcp", version=_version(), instructions=INSTRUCTIONS)
-    register_tools(server, executor)
-    return ProcessMcpServer(server, executor)
+    spaces = Spaces(config, create_executor)
+    if config.service.transport == "stdio":
+        await spaces.start_local()
+    server = MCPServer("process-mcp", version=version_string(), instructions=INSTRUCTIONS)
+    register_tools(server, spaces)
+    return ProcessMcpServer(server, spaces)
 
 
-def _version() -> str:
+def version_string() -> str:
+    """The installed package's version."""
     try:
         return version("process-mcp")
     except PackageNotFoundError:

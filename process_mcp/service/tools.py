@@ -7,10 +7,12 @@ the error code and says what to do next.
 
 # No `from __future__ import annotations`: the SDK evaluates the tool signatures, whose descriptions
 # are built from the configuration at registration time.
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
 from typing import Annotated, TypeVar
 
 from mcp.server import MCPServer
+from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
@@ -28,7 +30,9 @@ from ..models import (
     SpawnResult,
     StdinResult,
 )
+from ..registry import unknown_process
 from ..waiting import Progress
+from .spaces import Spaces
 
 MAX_LINES = 10_000
 """Most lines one stdout call returns; more would not fit a model's context anyway."""
@@ -68,15 +72,35 @@ WaitMs = Annotated[
 ]
 
 
-def register_tools(server: MCPServer, executor: ProcessExecutor) -> None:
-    """Add spawn, ps, stdin, stdout and kill, backed by ``executor``, to ``server``."""
-    max_timeout = executor.config.defaults.max_timeout_ms
-    default_timeout = executor.config.defaults.timeout_ms
+def register_tools(server: MCPServer, spaces: Spaces) -> None:
+    """Add spawn, ps, stdin, stdout and kill to ``server``; each call runs in its caller's space."""
+    config = spaces.config
+    max_timeout = config.defaults.max_timeout_ms
+    default_timeout = config.defaults.timeout_ms
+    # Over HTTP each principal has a workspace of its own, so no single path can be named.
+    default_cwd = spaces.local.executor.workdir if config.service.transport == "stdio" else "your workspace"
+
+    @asynccontextmanager
+    async def space(ctx: Context | None, *, create: bool = True) -> AsyncIterator[ProcessExecutor | None]:
+        try:
+            async with spaces.use(_principal(ctx), create=create) as executor:
+                yield executor
+        except ProcessMcpError as exc:
+            raise ToolError(str(exc)) from exc
+
+    @asynccontextmanager
+    async def process_space(ctx: Context | None, pid: str) -> AsyncIterator[ProcessExecutor]:
+        """The caller's executor for a call on ``pid``; a caller without a space has no processes, and
+        another caller's id is unknown here exactly as one that never existed."""
+        async with space(ctx, create=False) as executor:
+            if executor is None:
+                raise ToolError(str(unknown_process(pid, spaces.prefix)))
+            yield executor
 
     @server.tool(annotations=ToolAnnotations(destructive_hint=True, open_world_hint=True))
     async def spawn(
         command: Annotated[str, Field(description="Shell command line, run with /bin/sh -c.")],
-        cwd: Annotated[str | None, Field(description=f"Working directory (default {executor.workdir}).")] = None,
+        cwd: Annotated[str | None, Field(description=f"Working directory (default {default_cwd}).")] = None,
         env: Annotated[
             dict[str, str] | None, Field(description="Environment variables to set for this command.")
         ] = None,
@@ -116,7 +140,9 @@ def register_tools(server: MCPServer, executor: ProcessExecutor) -> None:
             wait_for=waitFor,
             idle_ms=idleMs,
         )
-        result = await _call(executor.spawn(options, _progress(ctx, "spawn")))
+        async with space(ctx) as executor:
+            assert executor is not None
+            result = await _call(executor.spawn(options, _progress(ctx, "spawn")))
         label = "screen" if tty else "stdout"
         headline = f"{_headline(result.pid, result)}, {_confinement(result.sandboxed)}{_waited(result)}"
         text = f"{headline}\n{_section(label, result.stdout)}"
@@ -125,13 +151,14 @@ def register_tools(server: MCPServer, executor: ProcessExecutor) -> None:
         return _reply(result, text)
 
     @server.tool(annotations=ToolAnnotations(read_only_hint=True))
-    async def ps() -> Annotated[CallToolResult, ProcessList]:
+    async def ps(ctx: Context | None = None) -> Annotated[CallToolResult, ProcessList]:
         """List running processes and the most recently finished ones.
 
         Each entry has pid, command, status ("running" or "terminated"), exitCode and signal once
         finished, cwd, tty, sandboxed, and createdAt. Use it to find ids for stdout, stdin and kill.
         """
-        processes = await _call(executor.list_processes())
+        async with space(ctx, create=False) as executor:
+            processes = [] if executor is None else await _call(executor.list_processes())
         lines = [
             f"{p.pid}  {_state(p)}  {'tty' if p.tty else 'pipe'}  {_confinement(p.sandboxed)}  {p.created_at}  "
             f"cwd={p.cwd}  $ {p.command}"
@@ -164,9 +191,10 @@ def register_tools(server: MCPServer, executor: ProcessExecutor) -> None:
         {id, input: "1+1\\r", waitFor: ">>> $"} in a Python REPL returns "1+1\\n2\\n>>> ".
         Without a wait, call stdout to read the response.
         """
-        result = await _call(
-            executor.stdin(id, input, wait_for=waitFor, idle_ms=idleMs, wait_ms=waitMs, progress=_progress(ctx, id))
-        )
+        async with process_space(ctx, id) as executor:
+            result = await _call(
+                executor.stdin(id, input, wait_for=waitFor, idle_ms=idleMs, wait_ms=waitMs, progress=_progress(ctx, id))
+            )
         text = f"Sent {result.bytes_sent} bytes to {result.pid} ({_state(result)}){_waited(result)}."
         if result.stdout is not None:
             text += f"\n{_section('output', result.stdout)}"
@@ -206,20 +234,21 @@ def register_tools(server: MCPServer, executor: ProcessExecutor) -> None:
         To wait instead of polling: waitFor a pattern, idleMs of quiet, or untilExit for the exit
         code and final output, all bounded by waitMs.
         """
-        result = await _call(
-            executor.get_output(
-                id,
-                lines,
-                since=since,
-                stderr_since=stderrSince,
-                raw=raw,
-                wait_for=waitFor,
-                idle_ms=idleMs,
-                wait_ms=waitMs,
-                until_exit=untilExit,
-                progress=_progress(ctx, id),
+        async with process_space(ctx, id) as executor:
+            result = await _call(
+                executor.get_output(
+                    id,
+                    lines,
+                    since=since,
+                    stderr_since=stderrSince,
+                    raw=raw,
+                    wait_for=waitFor,
+                    idle_ms=idleMs,
+                    wait_ms=waitMs,
+                    until_exit=untilExit,
+                    progress=_progress(ctx, id),
+                )
             )
-        )
         text = f"{_headline(result.pid, result)}{_waited(result)}\n{_section('stdout', result.stdout)}"
         text += f"\n{_section('stderr', result.stderr)}\n{_cursor_line(result)}"
         if result.dropped:
@@ -233,13 +262,15 @@ def register_tools(server: MCPServer, executor: ProcessExecutor) -> None:
             str,
             Field(description="Signal name, SIG prefix optional: TERM, KILL, INT, HUP, QUIT, USR1, USR2, STOP, CONT"),
         ] = "SIGTERM",
+        ctx: Context | None = None,
     ) -> Annotated[CallToolResult, KillResult]:
         """Send a signal to a process and everything it started (its whole process group).
 
         SIGTERM (default) asks it to stop; SIGKILL forces it; SIGINT is Ctrl-C. Waits up to a second
         for the process to exit and reports its status, so you know whether it is gone.
         """
-        result = await _call(executor.kill(id, signal))
+        async with process_space(ctx, id) as executor:
+            result = await _call(executor.kill(id, signal))
         return _reply(result, f"Sent {result.sent} to {result.pid}: {_state(result)}.")
 
 
@@ -248,6 +279,24 @@ async def _call(operation: Awaitable[_T]) -> _T:
         return await operation
     except ProcessMcpError as exc:
         raise ToolError(str(exc)) from exc
+
+
+def _principal(ctx: Context | None) -> str | None:
+    """Who is calling: the principal of the request's bearer token, or the user an application's own
+    authentication put on the request; None for the local caller (stdio, in-process, no authentication)."""
+    if ctx is None:
+        return None
+    try:
+        request = ctx.request_context.request
+    except ValueError:  # not within a request
+        return None
+    scope = getattr(request, "scope", None)
+    user = scope.get("user") if isinstance(scope, dict) else None
+    if isinstance(user, AuthenticatedUser):
+        return user.access_token.client_id
+    if user is not None and getattr(user, "is_authenticated", False):
+        return str(user.display_name)
+    return None
 
 
 def _reply(result: BaseModel, text: str) -> CallToolResult:

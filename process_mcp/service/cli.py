@@ -1,0 +1,162 @@
+"""The command line: ``process-mcp`` (or ``python -m process_mcp``) serving on stdio or HTTP.
+
+On stdio, stdout carries the protocol, so every log line goes to stderr. On client disconnect (stdio),
+SIGTERM, SIGINT or SIGHUP, every process the server started, in every principal's space, is ended
+before it exits; over HTTP the server first stops accepting connections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Sequence
+
+import anyio
+
+from ..config import ProcessMcpConfig, environment_variables, load_config
+from ..errors import ProcessMcpError
+from .server import ProcessMcpServer, create_process_mcp, version_string
+
+logger = logging.getLogger("process_mcp")
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+_DESCRIPTION = "Let AI agents run and drive processes safely: an MCP server for host (sandboxed) or Docker execution."
+
+
+def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The options; ``--help`` lists them and every environment variable, one line each."""
+    parser = argparse.ArgumentParser(
+        prog="process-mcp",
+        description=_DESCRIPTION,
+        epilog=_environment_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--transport", choices=["stdio", "http"], help="stdio (default) or http; also PROCESS_TRANSPORT"
+    )
+    parser.add_argument("--host", help="address to listen on over HTTP (default 127.0.0.1); also PROCESS_HTTP_HOST")
+    parser.add_argument("--port", type=int, help="port to listen on over HTTP (default 8765); also PROCESS_HTTP_PORT")
+    parser.add_argument("--version", action="version", version=f"process-mcp {version_string()}")
+    return parser.parse_args(argv)
+
+
+def _environment_help() -> str:
+    rows = environment_variables()
+    width = max(len(name) for name, _, _ in rows)
+    lines = ["environment variables (default in brackets):"]
+    for name, default, description in rows:
+        shown = f" [{default}]" if default else ""
+        lines.append(f"  {name:<{width}}  {description}{shown}")
+    return "\n".join(lines)
+
+
+def configure(arguments: argparse.Namespace) -> ProcessMcpConfig:
+    """The configuration from the environment, with the command line's options over it."""
+    config = load_config()
+    service = config.service
+    if arguments.transport is not None:
+        service.transport = arguments.transport
+    if arguments.host is not None:
+        service.host = arguments.host
+    if arguments.port is not None:
+        if not 0 <= arguments.port <= 65535:
+            raise SystemExit(f"process-mcp: --port {arguments.port} is not a port (0-65535)")
+        service.port = arguments.port
+    return config
+
+
+async def serve(config: ProcessMcpConfig) -> None:
+    """Run the server on its transport until the client leaves (stdio) or a stop signal arrives."""
+    with anyio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+        mcp = await create_process_mcp(config)
+        if config.service.transport == "http":
+            await _serve_http(mcp, signals)
+            return
+        logger.info("process-mcp serving on stdio (mode %s)", config.mode)
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(_stop_stdio_on_signal, mcp, signals)
+            await mcp.server.run_stdio_async()
+            tasks.cancel_scope.cancel()
+        await _shutdown(mcp, "the client closed the connection")
+
+
+async def _serve_http(mcp: ProcessMcpServer, signals: AsyncIterator[signal.Signals]) -> None:
+    from .http import prepare, serve
+
+    ready = prepare(mcp)  # refuses an unsafe setup before anything listens
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tasks:
+
+        async def on_signal() -> None:
+            async for signum in signals:
+                stop.set()  # stop accepting; open requests end as their processes do
+                await _shutdown(mcp, f"received {signal.Signals(signum).name}")
+                return
+
+        tasks.start_soon(on_signal)
+        try:
+            await serve(mcp, ready, stop=stop)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await mcp.cleanup()
+            tasks.cancel_scope.cancel()
+
+
+async def _stop_stdio_on_signal(mcp: ProcessMcpServer, signals: AsyncIterator[signal.Signals]) -> None:
+    async for signum in signals:
+        # The transport's stdin reader sits in a blocking read that cancellation cannot
+        # interrupt, so end the processes here and leave without unwinding the transport.
+        await _shutdown(mcp, f"received {signal.Signals(signum).name}")
+        _exit()
+
+
+async def _shutdown(mcp: ProcessMcpServer, why: str) -> None:
+    logger.info("%s; ending every process started", why)
+    # A second stop signal (clients escalate after 2 s) must not cut the cleanup short.
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    with anyio.CancelScope(shield=True):
+        await mcp.cleanup()
+    logger.info("all processes ended; bye")
+
+
+def _exit() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    arguments = parse_arguments(argv)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        anyio.run(serve, configure(arguments))
+    except ProcessMcpError as exc:
+        logger.error("%s", exc)
+        sys.exit(2)
+    except BaseExceptionGroup as group:  # raised from one of the server's tasks
+        failed, _ = group.split(ProcessMcpError)
+        if failed is None:
+            raise
+        for problem in _leaves(failed):
+            logger.error("%s", problem)
+        sys.exit(2)
+    except KeyboardInterrupt:  # before the server was up, so nothing was started
+        sys.exit(130)
+    # Worker threads may still sit in blocking reads; every process is already ended.
+    _exit()

@@ -1,0 +1,214 @@
+"""The streamable HTTP transport: the MCP SDK's app at ``/mcp``, behind authentication, under uvicorn.
+
+Both protocol generations are served on the one endpoint: clients of the 2025 handshake with an
+``Mcp-Session-Id`` (bound by the SDK to the principal that opened it) and stateless 2026-07-28 clients.
+Host and Origin headers are checked against DNS rebinding, bodies and connections are bounded.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import AsyncIterator, Generator
+from contextlib import asynccontextmanager, contextmanager
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import uvicorn
+from mcp.server.auth.middleware.auth_context import AuthContextMiddleware
+from mcp.server.auth.middleware.bearer_auth import BearerAuthBackend, RequireAuthMiddleware
+from mcp.server.auth.routes import build_resource_metadata_url, create_protected_resource_routes
+from mcp.server.transport_security import TransportSecuritySettings
+from pydantic import AnyHttpUrl
+from starlette.applications import Starlette
+from starlette.middleware.authentication import AuthenticationMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ..errors import BackendUnavailable, InvalidConfig
+from .auth import JwtVerifier, make_verifier
+
+if TYPE_CHECKING:
+    from .server import ProcessMcpServer
+
+logger = logging.getLogger(__name__)
+
+MCP_PATH = "/mcp"
+"""Where the MCP endpoint is served."""
+
+GRACEFUL_SHUTDOWN_S = 3
+"""How long open connections (event streams, waits) get to finish once the server stops accepting."""
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether listening on ``host`` is reachable from this machine only."""
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def transport_security(host: str, allowed_hosts: list[str], allowed_origins: list[str]) -> TransportSecuritySettings:
+    """Host and Origin checks: loopback names on loopback; off it, the configured hosts (``*``: any).
+
+    Raises InvalidConfig when listening off loopback with no hosts configured: a browser page could
+    otherwise reach the server through a name the attacker controls (DNS rebinding).
+    """
+    hosts = list(allowed_hosts)
+    origins = list(allowed_origins)
+    if is_loopback(host):
+        hosts += ["127.0.0.1:*", "localhost:*", "[::1]:*"]
+        origins += ["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"]
+    elif not hosts:
+        raise InvalidConfig(
+            f"listening on {host} needs PROCESS_HTTP_ALLOWED_HOSTS: the host names clients use "
+            "(e.g. box.example.com:8765, or box.example.com:* for any port), or * to accept any Host header"
+        )
+    if "*" in hosts:
+        return TransportSecuritySettings(enable_dns_rebinding_protection=False)
+    return TransportSecuritySettings(allowed_hosts=hosts, allowed_origins=origins)
+
+
+def build_app(mcp: ProcessMcpServer, *, authenticate: bool = True) -> ASGIApp:
+    """The HTTP application of ``mcp`` (see ``ProcessMcpServer.http_app``)."""
+    service = mcp.config.service
+    verifier = make_verifier(service) if authenticate else None
+    inner = mcp.server.streamable_http_app(
+        streamable_http_path=MCP_PATH,
+        max_request_body_size=service.max_body_bytes,
+        transport_security=transport_security(service.host, service.allowed_hosts, service.allowed_origins),
+    )
+    _reclaim_during(inner, mcp)
+    if verifier is None:
+        return inner
+    extra: Starlette | None = None
+    metadata_url = None
+    if isinstance(verifier, JwtVerifier):
+        resource = AnyHttpUrl(verifier.audience)
+        metadata_url = build_resource_metadata_url(resource)
+        extra = Starlette(
+            routes=create_protected_resource_routes(
+                resource_url=resource,
+                authorization_servers=[AnyHttpUrl(verifier.issuer)],
+                scopes_supported=verifier.scopes or None,
+            )
+        )
+    guarded = RequireAuthMiddleware(inner, verifier.scopes if isinstance(verifier, JwtVerifier) else [], metadata_url)
+    front = _Front(inner, guarded, extra)
+    return AuthenticationMiddleware(AuthContextMiddleware(front), backend=BearerAuthBackend(verifier))
+
+
+class _Front:
+    """Sends requests for the MCP endpoint through the authentication check; the rest (the protected
+    resource metadata, the lifespan) straight on."""
+
+    def __init__(self, inner: ASGIApp, guarded: ASGIApp, extra: Starlette | None) -> None:
+        self._inner = inner
+        self._guarded = guarded
+        self._extra = extra
+        self._extra_paths = {getattr(route, "path", None) for route in extra.routes} if extra else set()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in self._extra_paths:
+            assert self._extra is not None
+            await self._extra(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._inner(scope, receive, send)
+        else:
+            await self._guarded(scope, receive, send)
+
+
+def _reclaim_during(app: Starlette, mcp: ProcessMcpServer) -> None:
+    """Run the idle-space reclaimer for as long as the application runs (its lifespan)."""
+    serve_sessions = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[Any]:
+        async with serve_sessions(app) as state, anyio.create_task_group() as tasks:
+            tasks.start_soon(mcp.spaces.reclaim_forever)
+            try:
+                yield state
+            finally:
+                tasks.cancel_scope.cancel()
+
+    app.router.lifespan_context = lifespan
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the command line decides what a signal does (end every
+    process first), and uvicorn would re-raise the signal once it stopped, killing the server mid-cleanup."""
+
+    @contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def prepare(mcp: ProcessMcpServer, host: str | None = None, port: int | None = None) -> uvicorn.Config:
+    """Check the setup and build the application: what ``serve`` runs. Raises InvalidConfig for an unsafe
+    setup (no authentication off loopback, a tokens file others can read, ...), before anything runs."""
+    service = mcp.config.service
+    host = host or service.host
+    port = service.port if port is None else port
+    if service.auth_mode == "none" and not is_loopback(host):
+        raise InvalidConfig(
+            f"PROCESS_AUTH=none lets anyone who reaches {host} run commands; it is allowed on a loopback "
+            "host only (127.0.0.1, ::1). Configure PROCESS_AUTH_TOKENS_FILE or OAuth instead"
+        )
+    if mcp.config.mode == "docker" and mcp.config.docker.use_existing and service.auth_mode != "none":
+        raise InvalidConfig(
+            "DOCKER_USE_EXISTING cannot give each principal a container of its own; unset it to serve "
+            "principals over HTTP (each gets a container created from DOCKER_IMAGE)"
+        )
+    if not is_loopback(host):
+        transport_security(host, service.allowed_hosts, service.allowed_origins)  # raises without hosts
+    app = build_app(mcp, authenticate=service.auth_mode != "none")
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        limit_concurrency=service.max_connections,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        lifespan="on",
+    )
+
+
+async def serve(mcp: ProcessMcpServer, config: uvicorn.Config, *, stop: anyio.Event | None) -> None:
+    """Serve ``config`` (from ``prepare``) until ``stop`` is set or the task is cancelled."""
+    host, port = config.host, config.port
+    server = _Server(config)
+    async with anyio.create_task_group() as tasks:
+
+        async def run() -> None:
+            try:
+                await server.serve()
+            except SystemExit:  # uvicorn's answer to a port it cannot bind, after logging why
+                raise BackendUnavailable(f"cannot listen on {host}:{port} (see the error above)") from None
+            tasks.cancel_scope.cancel()
+
+        tasks.start_soon(run)
+        try:
+            while not server.started:
+                if server.should_exit:
+                    return
+                await anyio.sleep(0.01)
+            bound = server.servers[0].sockets[0].getsockname() if server.servers else (host, port)
+            shown = f"[{bound[0]}]" if ":" in str(bound[0]) else bound[0]
+            logger.info(
+                "process-mcp serving on http://%s:%s%s (mode %s, auth %s)",
+                shown,
+                bound[1],
+                MCP_PATH,
+                mcp.config.mode,
+                mcp.config.service.auth_mode,
+            )
+            if stop is None:
+                await anyio.sleep_forever()
+            else:
+                await stop.wait()
+        finally:
+            server.should_exit = True

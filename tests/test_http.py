@@ -1,0 +1,574 @@
+"""The server over streamable HTTP, for real: a server process on a loopback port, real HTTP clients
+(the MCP Python SDK, raw httpx), tokens and JWTs the tests make. Each principal lives in its own space."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from mcp_types import CallToolResult
+
+import process_mcp
+from process_mcp.config import environment_variables
+
+from .helpers import WAIT_S, pid_alive, sleep_argument, wait_for_sleepers
+from .http_server import call, error, http_server, mcp_client, run_server_to_exit, text_of, write_tokens
+
+pytestmark = pytest.mark.anyio
+
+ALICE = "alice-" + secrets.token_hex(16)
+BOB = "bob-" + secrets.token_hex(16)
+CAROL = "carol-" + secrets.token_hex(16)
+DAVE = "dave-" + secrets.token_hex(16)
+TOKENS = {"alice": ALICE, "bob": BOB, "carol": CAROL, "dave": DAVE}
+INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "raw", "version": "1"}},
+}
+JSON_AND_SSE = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+
+
+@pytest.fixture
+def tokens_file(tmp_path: Path) -> Path:
+    return write_tokens(tmp_path / "tokens", TOKENS)
+
+
+@pytest.fixture
+def workspaces(tmp_path: Path) -> Path:
+    path = tmp_path / "workspaces"
+    path.mkdir()
+    return path
+
+
+async def post(url: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> httpx2.Response:
+    async with httpx2.AsyncClient(timeout=WAIT_S) as client:
+        return await client.post(url, json=body, headers={**JSON_AND_SSE, **(headers or {})})
+
+
+# Authentication.
+
+
+async def test_a_request_without_a_valid_token_gets_401_with_www_authenticate(
+    workspaces: Path, tokens_file: Path
+) -> None:
+    async with http_server(workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file)) as server:
+        for headers in ({}, {"Authorization": "Bearer " + "x" * 38}, {"Authorization": f"Basic {ALICE}"}):
+            response = await post(server.url, INITIALIZE, headers)
+            assert response.status_code == 401, (headers, response.text)
+            assert response.headers["www-authenticate"].startswith("Bearer ")
+        # A token that is a prefix or an extension of a real one is no token.
+        for near in (ALICE[:-1], ALICE + "x"):
+            response = await post(server.url, INITIALIZE, {"Authorization": f"Bearer {near}"})
+            assert response.status_code == 401
+        response = await post(server.url, INITIALIZE, {"Authorization": f"Bearer {ALICE}"})
+        assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(
+    ("mode", "problem"),
+    [(0o644, "let others read"), (0o620, "let others read or change"), (0o602, "let others read or change")],
+)
+async def test_a_tokens_file_others_can_read_or_change_stops_the_server(
+    workspaces: Path, tokens_file: Path, mode: int, problem: str
+) -> None:
+    tokens_file.chmod(mode)
+    status, log = await run_server_to_exit(workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file))
+    assert status == 2
+    assert "PROCESS_AUTH_TOKENS_FILE" in log
+    assert "chmod 600" in log
+    assert ALICE not in log
+
+
+@pytest.mark.parametrize(
+    ("content", "complaint"),
+    [
+        ("alice short\n", "shorter than 16"),
+        ("alice\n", "expected 'principal token'"),
+        ("../etc " + "x" * 20 + "\n", "must be 1-48 letters"),
+        (f"alice {ALICE}\nbob {ALICE}\n", "already given"),
+        ("# nobody\n", "no 'principal token' lines"),
+    ],
+)
+async def test_a_malformed_tokens_file_stops_the_server_saying_which_line(
+    workspaces: Path, tmp_path: Path, content: str, complaint: str
+) -> None:
+    path = tmp_path / "bad-tokens"
+    path.write_text(content)
+    path.chmod(0o600)
+    status, log = await run_server_to_exit(workspaces, PROCESS_AUTH_TOKENS_FILE=str(path))
+    assert status == 2
+    assert complaint in log
+
+
+async def test_http_without_authentication_is_refused_unless_asked_for_on_loopback(workspaces: Path) -> None:
+    status, log = await run_server_to_exit(workspaces)
+    assert status == 2
+    assert "HTTP needs authentication" in log
+    status, log = await run_server_to_exit(
+        workspaces, PROCESS_AUTH="none", PROCESS_HTTP_HOST="0.0.0.0", PROCESS_HTTP_ALLOWED_HOSTS="*"
+    )
+    assert status == 2
+    assert "loopback host only" in log
+    async with http_server(workspaces, PROCESS_AUTH="none") as server, mcp_client(server.url, None) as client:
+        assert (await call(client, "spawn", {"command": "echo open"}))["stdout"] == "open\n"
+
+
+async def test_listening_off_loopback_needs_the_host_names_clients_use(workspaces: Path, tokens_file: Path) -> None:
+    status, log = await run_server_to_exit(
+        workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file), PROCESS_HTTP_HOST="0.0.0.0"
+    )
+    assert status == 2
+    assert "PROCESS_HTTP_ALLOWED_HOSTS" in log
+
+
+async def test_host_and_origin_headers_are_checked_against_dns_rebinding(workspaces: Path, tokens_file: Path) -> None:
+    auth = {"Authorization": f"Bearer {ALICE}"}
+    async with http_server(workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file)) as server:
+        response = await post(server.url, INITIALIZE, {**auth, "Host": "evil.example:8765"})
+        assert response.status_code == 421
+        response = await post(server.url, INITIALIZE, {**auth, "Origin": "http://evil.example"})
+        assert response.status_code == 403
+        response = await post(server.url, INITIALIZE, {**auth, "Origin": server.base})
+        assert response.status_code == 200
+
+
+async def test_a_session_opened_by_one_principal_cannot_be_used_by_another(workspaces: Path, tokens_file: Path) -> None:
+    async with http_server(workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file)) as server:
+        opened = await post(server.url, INITIALIZE, {"Authorization": f"Bearer {ALICE}"})
+        session = opened.headers["mcp-session-id"]
+        ps = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "ps", "arguments": {}}}
+        hijack = await post(server.url, ps, {"Authorization": f"Bearer {BOB}", "Mcp-Session-Id": session})
+        assert hijack.status_code in (403, 404), hijack.text
+        assert "result" not in hijack.text
+
+
+async def test_an_oversized_request_body_is_refused(workspaces: Path, tokens_file: Path) -> None:
+    async with http_server(
+        workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file), PROCESS_HTTP_MAX_BODY_BYTES="65536"
+    ) as server:
+        big = {**INITIALIZE, "params": {**INITIALIZE["params"], "padding": "x" * 100_000}}
+        response = await post(server.url, big, {"Authorization": f"Bearer {ALICE}"})
+        assert response.status_code == 413
+        async with mcp_client(server.url, ALICE) as client:
+            assert (await call(client, "spawn", {"command": "echo still serving"}))["stdout"] == "still serving\n"
+
+
+# OAuth resource server.
+
+
+class Issuer:
+    """An OAuth authorization server's signing key and the tokens it would issue."""
+
+    def __init__(self, url: str = "https://issuer.example") -> None:
+        self.url = url
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.kid = secrets.token_hex(4)
+
+    def jwks(self) -> dict[str, Any]:
+        public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.key.public_key()))
+        return {"keys": [{**public, "kid": self.kid, "use": "sig", "alg": "RS256"}]}
+
+    def claims(self, audience: str, subject: str, **claims: Any) -> dict[str, Any]:
+        now = int(time.time())
+        return {"iss": self.url, "aud": audience, "sub": subject, "iat": now, "exp": now + 300, **claims}
+
+    def token(self, audience: str, subject: str = "user-1", **claims: Any) -> str:
+        return jwt.encode(
+            self.claims(audience, subject, **claims), self.key, algorithm="RS256", headers={"kid": self.kid}
+        )
+
+    def confused_token(self, audience: str, **claims: Any) -> str:
+        """The algorithm-confusion attack: HS256 with the issuer's public key (PEM) as the shared secret."""
+        pem = self.key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+        header = {"alg": "HS256", "typ": "JWT", "kid": self.kid}
+        signing_input = b".".join(
+            _b64(json.dumps(part).encode()) for part in (header, self.claims(audience, "x", **claims))
+        )
+        return (signing_input + b"." + _b64(hmac.new(pem, signing_input, hashlib.sha256).digest())).decode()
+
+
+def _b64(data: bytes) -> bytes:
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+async def test_oauth_accepts_only_jwts_from_the_issuer_for_this_server_in_time_with_the_scope(
+    workspaces: Path, tmp_path: Path
+) -> None:
+    issuer, stranger = Issuer(), Issuer()
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps(issuer.jwks()))
+    audience = "http://127.0.0.1/mcp"
+    settings = {
+        "PROCESS_AUTH_ISSUER": issuer.url,
+        "PROCESS_AUTH_AUDIENCE": audience,
+        "PROCESS_AUTH_JWKS": str(jwks),
+        "PROCESS_AUTH_SCOPES": "processes",
+    }
+    async with http_server(workspaces, **settings) as server:
+        refused = {
+            "expired": issuer.token(audience, scope="processes", exp=int(time.time()) - 120),
+            "another audience": issuer.token("https://other.example/mcp", scope="processes"),
+            "another issuer": issuer.token(audience, scope="processes", iss="https://evil.example"),
+            "another key": stranger.token(audience, scope="processes"),
+            "no scope": issuer.token(audience),
+            "unsigned": jwt.encode({"iss": issuer.url, "aud": audience, "sub": "x", "exp": 2**40}, None, "none"),
+            "hmac with the public key as secret": issuer.confused_token(audience, scope="processes"),
+        }
+        for why, token in refused.items():
+            response = await post(server.url, INITIALIZE, {"Authorization": f"Bearer {token}"})
+            assert response.status_code == 401, why
+            challenge = response.headers["www-authenticate"]
+            assert "resource_metadata=" in challenge, challenge
+        metadata_url = challenge.split('resource_metadata="')[1].split('"')[0]
+        async with httpx2.AsyncClient() as client:
+            metadata = (await client.get(metadata_url.replace("http://127.0.0.1/", server.base + "/"))).json()
+        assert metadata["resource"] == audience
+        assert metadata["authorization_servers"] == [issuer.url + "/"] or metadata["authorization_servers"] == [
+            issuer.url
+        ]
+        good = issuer.token(audience, subject="ana@example.com", scope="read processes")
+        async with mcp_client(server.url, good) as client:
+            result = await call(client, "spawn", {"command": "pwd"})
+        assert result["stdout"].startswith(str(workspaces / "ana-example.com-"))
+
+
+async def test_oauth_keys_can_come_from_a_jwks_url(workspaces: Path) -> None:
+    issuer = Issuer()
+    body = json.dumps(issuer.jwks()).encode()
+
+    async def handle(stream: anyio.abc.ByteStream) -> None:
+        async with stream:
+            await stream.receive()
+            await stream.send(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                b"Connection: close\r\n\r\n%s" % (len(body), body)
+            )
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    audience = "http://127.0.0.1/mcp"
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(listener.serve, handle)
+        async with http_server(
+            workspaces,
+            PROCESS_AUTH_ISSUER=issuer.url,
+            PROCESS_AUTH_AUDIENCE=audience,
+            PROCESS_AUTH_JWKS=f"http://127.0.0.1:{port}/jwks.json",
+        ) as server:
+            async with mcp_client(server.url, issuer.token(audience)) as client:
+                assert (await call(client, "spawn", {"command": "echo by url"}))["stdout"] == "by url\n"
+            response = await post(server.url, INITIALIZE, {"Authorization": f"Bearer {Issuer().token(audience)}"})
+            assert response.status_code == 401
+        tasks.cancel_scope.cancel()
+    await listener.aclose()
+
+
+async def test_oauth_without_its_settings_stops_the_server_naming_what_is_missing(workspaces: Path) -> None:
+    status, log = await run_server_to_exit(workspaces, PROCESS_AUTH_ISSUER="https://issuer.example")
+    assert status == 2
+    assert "PROCESS_AUTH_AUDIENCE" in log
+    assert "PROCESS_AUTH_JWKS" in log
+
+
+# Each principal in its own space.
+
+
+@pytest.mark.parametrize("mode", ["legacy", "2026-07-28"])
+async def test_principals_see_only_their_own_processes_and_cannot_touch_anothers(
+    workspaces: Path, tokens_file: Path, mode: str
+) -> None:
+    argument = sleep_argument()
+    async with (
+        http_server(workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file)) as server,
+        mcp_client(server.url, ALICE, mode=mode) as alice,
+        mcp_client(server.url, BOB, mode=mode) as bob,
+    ):
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(call, alice, "spawn", {"command": "echo alice-secret > secret.txt"})
+            tasks.start_soon(call, bob, "spawn", {"command": "echo bob was here"})
+        sleeper = await call(alice, "spawn", {"command": f"sleep {argument}", "background": True})
+        repl = await call(alice, "spawn", {"command": "cat", "background": True})
+        [host_pid] = await wait_for_sleepers(argument)
+
+        alice_ids = {p["pid"] for p in (await call(alice, "ps", {}))["processes"]}
+        bob_ids = {p["pid"] for p in (await call(bob, "ps", {}))["processes"]}
+        assert alice_ids == {"host-1", sleeper["pid"], repl["pid"]}
+        assert bob_ids == {"host-1"}
+        bob_commands = [p["command"] for p in (await call(bob, "ps", {}))["processes"]]
+        assert bob_commands == ["echo bob was here"]
+
+        for tool, arguments in (
+            ("stdout", {"id": sleeper["pid"]}),
+            ("stdin", {"id": repl["pid"], "input": "from bob\\n"}),
+            ("kill", {"id": sleeper["pid"], "signal": "KILL"}),
+        ):
+            refused = await error(bob, tool, arguments)
+            assert "process_not_found: " in refused, refused
+            never = await error(bob, tool, {**arguments, "id": "host-99"})
+            assert refused == never.replace("host-99", arguments["id"])
+        assert pid_alive(host_pid)
+        assert (await call(alice, "stdout", {"id": repl["pid"]}))["stdout"] == ""
+
+        # Nor through the file system: bob's sandbox shows neither alice's workspace nor her file.
+        alice_file = workspaces / "alice" / "secret.txt"
+        assert alice_file.read_text() == "alice-secret\n"
+        peek = await call(bob, "spawn", {"command": f"cat {alice_file}"})
+        assert "alice-secret" not in peek["stdout"]
+        assert peek["exitCode"] != 0
+        assert (await call(bob, "spawn", {"command": f"ls {workspaces}"}))["stdout"].split() == ["bob"]
+        assert (await call(alice, "spawn", {"command": "cat secret.txt"}))["stdout"] == "alice-secret\n"
+        await call(alice, "kill", {"id": sleeper["pid"], "signal": "KILL"})
+
+
+async def test_limits_hold_per_principal(workspaces: Path, tokens_file: Path) -> None:
+    async with (
+        http_server(workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file), PROCESS_MAX_LIVE="2") as server,
+        mcp_client(server.url, ALICE) as alice,
+        mcp_client(server.url, BOB) as bob,
+    ):
+        for _ in range(2):
+            await call(alice, "spawn", {"command": "sleep 60", "background": True})
+        refused = await error(alice, "spawn", {"command": "sleep 60", "background": True})
+        assert "too_many_processes: " in refused, refused
+        for _ in range(2):
+            await call(bob, "spawn", {"command": "sleep 60", "background": True})
+
+
+async def test_a_principal_with_too_many_calls_in_progress_is_told_to_wait_and_others_are_not(
+    workspaces: Path, tokens_file: Path
+) -> None:
+    argument = sleep_argument()
+    async with (
+        http_server(workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file), PROCESS_MAX_REQUESTS="1") as server,
+        mcp_client(server.url, ALICE) as alice,
+        mcp_client(server.url, BOB) as bob,
+    ):
+        gate = await call(alice, "spawn", {"command": f"sleep {argument}", "background": True})
+        [host_pid] = await wait_for_sleepers(argument)
+        held: list[CallToolResult] = []
+
+        async def hold_the_only_slot() -> None:
+            while True:  # the polling below may hold the slot for a moment: try again then
+                result = await alice.call_tool("stdout", {"id": gate["pid"], "untilExit": True, "waitMs": 30000})
+                if not (result.is_error and "too_many_requests: " in text_of(result)):
+                    held.append(result)
+                    return
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(hold_the_only_slot)
+            with anyio.fail_after(WAIT_S):
+                while not (refused := await alice.call_tool("ps", {})).is_error:
+                    await anyio.sleep(0.02)
+            assert "too_many_requests: " in text_of(refused), text_of(refused)
+            assert "PROCESS_MAX_REQUESTS=1" in text_of(refused)
+            await call(bob, "ps", {})
+            await call(bob, "spawn", {"command": "true"})
+            os.kill(host_pid, signal.SIGKILL)  # the test's own sleeper: ends the wait
+        [result] = held
+        assert result.structured_content is not None
+        assert result.structured_content["waitResult"] == "exited"
+        await call(alice, "ps", {})
+
+
+async def test_an_idle_principals_space_is_reclaimed_but_not_while_something_runs(
+    workspaces: Path, tokens_file: Path
+) -> None:
+    argument = sleep_argument()
+    async with (
+        http_server(workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file), PROCESS_IDLE_TIMEOUT_S="1") as server,
+        mcp_client(server.url, ALICE) as alice,
+        mcp_client(server.url, BOB) as bob,
+    ):
+        await call(alice, "spawn", {"command": "echo kept > kept.txt"})
+        sleeper = await call(bob, "spawn", {"command": f"sleep {argument}", "background": True})
+        await server.wait_logged("principal alice: space reclaimed")
+        assert (await call(alice, "ps", {}))["processes"] == []
+        assert (workspaces / "alice" / "kept.txt").read_text() == "kept\n"  # the workspace stays
+        assert not server.logged("principal bob: space reclaimed")
+        [host_pid] = await wait_for_sleepers(argument)
+        assert pid_alive(host_pid)
+        assert (await call(bob, "ps", {}))["processes"][0]["status"] == "running"
+        await call(bob, "kill", {"id": sleeper["pid"]})
+        await server.wait_logged("principal bob: space reclaimed")
+        # A reclaimed principal comes back to a new space in the same workspace.
+        assert (await call(alice, "spawn", {"command": "cat kept.txt"}))["stdout"] == "kept\n"
+
+
+async def test_sigterm_ends_the_processes_of_every_principal(workspaces: Path, tokens_file: Path) -> None:
+    argument = sleep_argument()
+    async with http_server(workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file)) as server:
+        for token in (ALICE, BOB):
+            async with mcp_client(server.url, token) as client:
+                await call(client, "spawn", {"command": f"sleep {argument} & sleep {argument}", "background": True})
+        sleepers = await wait_for_sleepers(argument, 4)
+        assert await server.stop(signal.SIGTERM) == 0
+        assert server.logged("all processes ended")
+    assert not [pid for pid in sleepers if pid_alive(pid)]
+
+
+async def test_progress_and_cancellation_work_over_http(workspaces: Path, tokens_file: Path) -> None:
+    progress: list[float] = []
+
+    async def on_progress(done: float, total: float | None, message: str | None) -> None:
+        progress.append(done)
+
+    async with (
+        http_server(workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file)) as server,
+        mcp_client(server.url, ALICE) as alice,
+    ):
+        result = await alice.call_tool(
+            "spawn",
+            {"command": "sleep 2.5; echo done", "timeoutMs": 20000},
+            progress_callback=on_progress,
+        )
+        assert result.structured_content is not None
+        assert result.structured_content["stdout"] == "done\n"
+        assert progress, "no progress notification during a 2.5 s wait"
+        gate = await call(alice, "spawn", {"command": "read line; echo got $line", "background": True})
+        with anyio.move_on_after(0.5):
+            await alice.call_tool("stdout", {"id": gate["pid"], "untilExit": True, "waitMs": 60000})
+        # The cancelled wait is gone; the process and the server are not.
+        typed = await call(alice, "stdin", {"id": gate["pid"], "input": "go\\n", "waitFor": "got go"})
+        assert "got go" in typed["stdout"]
+
+
+async def test_a_long_wait_survives_over_http(workspaces: Path, tokens_file: Path) -> None:
+    async with (
+        http_server(workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file)) as server,
+        mcp_client(server.url, ALICE) as alice,
+    ):
+        result = await call(alice, "spawn", {"command": "sleep 6; echo READY; sleep 60", "waitFor": "READY"})
+        assert result["waitResult"] == "matched"
+        assert result["status"] == "running"
+
+
+async def test_a_hundred_concurrent_calls_from_four_principals_are_all_answered_correctly(
+    workspaces: Path, tokens_file: Path
+) -> None:
+    answers: dict[str, list[str]] = {}
+    async with http_server(workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file)) as server:
+
+        async def principal(name: str, token: str, mode: str) -> None:
+            async with mcp_client(server.url, token, mode=mode) as client:
+
+                async def one(i: int) -> None:
+                    result = await call(client, "spawn", {"command": f"echo {name}-{i}; pwd"})
+                    answers.setdefault(name, []).append(result["stdout"])
+
+                async with anyio.create_task_group() as tasks:
+                    for i in range(25):
+                        tasks.start_soon(one, i)
+
+        with anyio.fail_after(WAIT_S * 6):
+            async with anyio.create_task_group() as tasks:
+                for (name, token), mode in zip(TOKENS.items(), ["legacy", "2026-07-28"] * 2, strict=True):
+                    tasks.start_soon(principal, name, token, mode)
+    assert sorted(answers) == sorted(TOKENS)
+    for name, outputs in answers.items():
+        assert sorted(outputs) == sorted(f"{name}-{i}\n{workspaces / name}\n" for i in range(25))
+
+
+# Other clients: the TypeScript SDK (both protocol generations) and the Inspector CLI.
+
+JS_CLIENTS = Path(__file__).parent / "js"
+
+
+def node_command(*arguments: str) -> list[str]:
+    if not (JS_CLIENTS / "node_modules").is_dir():
+        pytest.fail("the JavaScript clients are not installed: run npm ci --prefix tests/js (./verify.sh does)")
+    return ["node", *arguments]
+
+
+@pytest.mark.parametrize(("flavour", "protocol"), [("sdk1", "2025-11-25"), ("sdk2", "2026-07-28")])
+async def test_the_typescript_sdk_drives_the_server_over_http(
+    workspaces: Path, tokens_file: Path, flavour: str, protocol: str
+) -> None:
+    async with http_server(workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file)) as server:
+        with anyio.fail_after(WAIT_S * 3):
+            result = await anyio.run_process(
+                node_command(str(JS_CLIENTS / "drive.mjs"), flavour, server.url, ALICE), check=False
+            )
+        assert result.returncode == 0, result.stderr.decode()
+        seen = json.loads(result.stdout)
+        async with mcp_client(server.url, BOB) as bob:
+            assert (await call(bob, "ps", {}))["processes"] == []
+    assert seen["protocolVersion"] == protocol
+    assert (seen["sessionId"] is not None) == (flavour == "sdk1")
+    assert seen["tools"] == ["kill", "ps", "spawn", "stdin", "stdout"]
+    assert seen["echo"] == "hello from /bin/sh\n"
+    assert seen["replTurn"].splitlines()[:2] == ["6*7", "42"]
+    assert seen["kill"]["status"] == "terminated"
+    assert seen["kill"]["signal"] == "SIGTERM"
+    assert [status for _, status in seen["ps"]] == ["terminated"] * 3
+
+
+async def test_the_inspector_cli_calls_tools_with_a_token_and_is_refused_without(
+    workspaces: Path, tokens_file: Path
+) -> None:
+    inspector = str(JS_CLIENTS / "node_modules" / ".bin" / "mcp-inspector")
+    async with http_server(workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file)) as server:
+        spawn = ["--method", "tools/call", "--tool-name", "spawn", "--tool-arg", "command=echo inspected"]
+        with anyio.fail_after(WAIT_S * 3):
+            result = await anyio.run_process(
+                node_command(inspector, "--cli", server.url, "--header", f"Authorization: Bearer {CAROL}", *spawn),
+                check=False,
+            )
+            assert result.returncode == 0, result.stderr.decode()
+            assert json.loads(result.stdout)["structuredContent"]["stdout"] == "inspected\n"
+            refused = await anyio.run_process(node_command(inspector, "--cli", server.url, *spawn), check=False)
+        assert refused.returncode != 0
+        assert b"inspected" not in refused.stdout
+        assert server.logged("principal carol: new space")
+
+
+# The command line.
+
+
+async def test_help_lists_every_option_and_environment_variable_and_version_prints_it() -> None:
+    with anyio.fail_after(WAIT_S * 2):
+        shown = await anyio.run_process([sys.executable, "-m", "process_mcp", "--help"])
+        version = await anyio.run_process([sys.executable, "-m", "process_mcp", "--version"])
+    text = shown.stdout.decode()
+    for option in ("--transport", "--host", "--port", "--version", "--help"):
+        assert option in text
+    lines = text.split("environment variables")[1].splitlines()
+    for name, _, description in environment_variables():
+        [line] = [line for line in lines if line.split()[:1] == [name]]
+        assert description in line
+    assert version.stdout.decode().strip() == f"process-mcp {process_mcp.__version__}"
+
+
+async def test_the_command_line_overrides_the_environment(workspaces: Path, tokens_file: Path) -> None:
+    options = ["--transport", "http", "--host", "127.0.0.1", "--port", "0"]
+    environment = {"PROCESS_HTTP_HOST": "0.0.0.0", "PROCESS_HTTP_PORT": "1"}
+    async with (
+        http_server(
+            workspaces, options, PROCESS_TRANSPORT="stdio", PROCESS_AUTH_TOKENS_FILE=str(tokens_file), **environment
+        ) as server,
+        mcp_client(server.url, ALICE) as alice,
+    ):
+        assert server.url.startswith("http://127.0.0.1:")
+        assert (await call(alice, "spawn", {"command": "echo over http"}))["stdout"] == "over http\n"
+    with anyio.fail_after(WAIT_S * 2):
+        result = await anyio.run_process(
+            [sys.executable, "-m", "process_mcp", "--transport", "http", "--port", "99999"], check=False
+        )
+    assert result.returncode != 0
+    assert b"--port 99999 is not a port" in result.stderr
