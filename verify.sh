@@ -42,10 +42,11 @@ if ! command -v cc >/dev/null || ! command -v ipcmk >/dev/null; then
 fi
 echo "== MCP clients for the HTTP tests"
 # The TypeScript SDK and the Inspector CLI, pinned by tests/js/package-lock.json; they need Node.js 20 or newer.
-node_ok() { command -v npm >/dev/null && node -e 'process.exit(+process.versions.node.split(".")[0] < 20)' 2>/dev/null; }
+node_ok() { command -v npm >/dev/null && node -e 'process.exit(Number(process.versions.node.split(".")[0]) < 20 ? 1 : 0)' 2>/dev/null; }
 if ! node_ok && [[ $(id -u) -eq 0 && -r /etc/debian_version ]]; then
     apt-get install -y --no-install-recommends nodejs npm >/dev/null \
-        || { apt-get update >/dev/null && apt-get install -y --no-install-recommends nodejs npm >/dev/null; }
+        || { apt-get update >/dev/null && apt-get install -y --no-install-recommends nodejs npm >/dev/null; } \
+        || echo "verify.sh: WARNING: could not install nodejs and npm with apt-get" >&2
 fi
 if node_ok; then
     npm ci --prefix tests/js --no-audit --no-fund --loglevel=error >/dev/null

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -21,11 +22,14 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from docker import errors as docker_errors
+from docker.client import DockerClient
 from mcp_types import CallToolResult
 
 import process_mcp
 from process_mcp.config import environment_variables
 
+from .conftest import DEBIAN_IMAGE, unique_name
 from .helpers import WAIT_S, pid_alive, sleep_argument, wait_for_sleepers
 from .http_server import call, error, http_server, mcp_client, run_server_to_exit, text_of, write_tokens
 
@@ -572,3 +576,56 @@ async def test_the_command_line_overrides_the_environment(workspaces: Path, toke
         )
     assert result.returncode != 0
     assert b"--port 99999 is not a port" in result.stderr
+
+
+# Docker mode: a container and a volume per principal.
+
+
+@pytest.mark.docker
+async def test_in_docker_mode_each_principal_gets_a_container_and_volume_of_its_own(
+    engine: DockerClient, workspaces: Path, tokens_file: Path
+) -> None:
+    container, volume = unique_name("http"), unique_name("http-vol")
+    containers = {name: f"{container}-{name}" for name in ("alice", "bob")}
+    volumes = {name: f"{volume}-{name}" for name in ("alice", "bob")}
+    settings = {
+        "PROCESS_AUTH_TOKENS_FILE": str(tokens_file),
+        "PROCESS_MODE": "docker",
+        "DOCKER_IMAGE": DEBIAN_IMAGE,
+        "DOCKER_CONTAINER": container,
+        "DOCKER_VOLUME": volume,
+        "PROCESS_IDLE_TIMEOUT_S": "2",
+        "DEFAULT_WORKDIR": "",  # the container's /home/agent
+    }
+    try:
+        async with (
+            http_server(workspaces, **settings) as server,
+            mcp_client(server.url, ALICE) as alice,
+            mcp_client(server.url, BOB) as bob,
+        ):
+            mine = await call(alice, "spawn", {"command": "hostname; echo alice-data > /home/agent/mine"})
+            assert mine["via"] == "agent"
+            alice_container = await anyio.to_thread.run_sync(engine.containers.get, containers["alice"])
+            assert mine["stdout"].strip() == alice_container.id[:12]
+            peek = await call(bob, "spawn", {"command": "hostname; cat /home/agent/mine"})
+            assert "alice-data" not in peek["stdout"]
+            assert peek["exitCode"] != 0
+            bob_container = await anyio.to_thread.run_sync(engine.containers.get, containers["bob"])
+            assert peek["stdout"].split()[0] == bob_container.id[:12]
+            await call(bob, "spawn", {"command": "sleep 600", "background": True})
+
+            await server.wait_logged("principal alice: space reclaimed")
+            with pytest.raises(docker_errors.NotFound):
+                await anyio.to_thread.run_sync(engine.containers.get, containers["alice"])
+            await anyio.to_thread.run_sync(engine.volumes.get, volumes["alice"])  # kept
+            assert (await call(alice, "spawn", {"command": "cat /home/agent/mine"}))["stdout"] == "alice-data\n"
+        for name in containers.values():  # SIGTERM removed every principal's container
+            with pytest.raises(docker_errors.NotFound):
+                await anyio.to_thread.run_sync(engine.containers.get, name)
+    finally:
+        for name in containers.values():
+            with contextlib.suppress(docker_errors.NotFound):
+                (await anyio.to_thread.run_sync(engine.containers.get, name)).remove(force=True)
+        for name in volumes.values():
+            with contextlib.suppress(docker_errors.NotFound):
+                (await anyio.to_thread.run_sync(engine.volumes.get, name)).remove(force=True)
