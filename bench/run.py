@@ -535,6 +535,165 @@ async def repl_session(s: Settings, workdir: str) -> None:
     s.add("scripted REPL session (start, 4 statements, exit)", f"{calls} calls, {sent} bytes returned", "-", "-", None)
 
 
+class HttpServer:
+    """A server process on streamable HTTP (a free loopback port), with bearer tokens for ``principals``."""
+
+    def __init__(self, workdir: str, principals: int, **env: str) -> None:
+        self.tokens = {f"p{i}": secrets.token_hex(16) for i in range(principals)}
+        self._tokens_file = Path(workdir) / f"bench-tokens-{secrets.token_hex(4)}"
+        self._env = {
+            **os.environ,
+            "DEFAULT_WORKDIR": workdir,
+            "PROCESS_AUTH_TOKENS_FILE": str(self._tokens_file),
+            "MAX_TIMEOUT_MS": "600000",
+            **env,
+        }
+        self.proc: asyncio.subprocess.Process | None = None
+        self.url = ""
+
+    async def start(self) -> None:
+        self._tokens_file.write_text("".join(f"{name} {token}\n" for name, token in self.tokens.items()))
+        self._tokens_file.chmod(0o600)
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "process_mcp", "--transport", "http", "--port", "0",
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            env=self._env,
+        )  # fmt: skip
+        assert self.proc.stderr is not None
+        while not self.url:
+            line = (await asyncio.wait_for(self.proc.stderr.readline(), 30)).decode()
+            if not line:
+                raise RuntimeError("the HTTP server exited at start")
+            if "serving on http://" in line:
+                self.url = line.split("serving on ")[1].split()[0]
+        asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        assert self.proc is not None
+        assert self.proc.stderr is not None
+        while await self.proc.stderr.read(65536):
+            pass
+
+    def rss_mib(self) -> float:
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmRSS")
+
+    async def close(self) -> None:
+        self._tokens_file.unlink(missing_ok=True)
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        self.proc.terminate()
+        try:
+            await asyncio.wait_for(self.proc.wait(), 30)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+class HttpSession:
+    """One client's session, driven with raw JSON-RPC over HTTP (the 2025 handshake), as stdio is above."""
+
+    def __init__(self, http: Any, url: str, token: str) -> None:
+        self._http = http
+        self._url = url
+        self._headers = {
+            "Authorization": f"Bearer {token}",
+            "Accept": "application/json, text/event-stream",
+            "Content-Type": "application/json",
+        }
+        self._next_id = 0
+
+    async def start(self) -> None:
+        params = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "bench", "version": "0"}}
+        response = await self._http.post(
+            self._url, json={"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": params}, headers=self._headers
+        )
+        response.raise_for_status()
+        self._headers["Mcp-Session-Id"] = response.headers["mcp-session-id"]
+        self._headers["Mcp-Protocol-Version"] = "2025-11-25"
+        await self._http.post(
+            self._url, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=self._headers
+        )
+
+    async def tool(self, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+        self._next_id += 1
+        body = {"jsonrpc": "2.0", "id": self._next_id, "method": "tools/call",
+                "params": {"name": name, "arguments": arguments}}  # fmt: skip
+        response = await self._http.post(self._url, json=body, headers=self._headers)
+        response.raise_for_status()
+        for line in response.text.splitlines():
+            if line.startswith("data: "):
+                message = json.loads(line[6:])
+                if message.get("id") == self._next_id:
+                    result: dict[str, Any] = message["result"]
+                    if result.get("isError"):
+                        raise RuntimeError(f"{name} failed: {result['content'][0]['text']}")
+                    return result.get("structuredContent") or {}
+        raise RuntimeError(f"no answer to {name}: {response.text[:200]}")
+
+
+async def http_figures(s: Settings, workdir: str) -> None:
+    """The HTTP transport beside stdio: a spawn's round trip, ps throughput from 8 clients, and memory
+    with many principals holding processes."""
+    import httpx2
+
+    stdio = server(workdir, SANDBOX_ENABLED="false", PROCESS_KEEP_TERMINATED="5")
+    await stdio.start()
+    try:
+        await timed(lambda: stdio.tool("spawn", {"command": "true"}), 5)
+        over_stdio = await timed(lambda: stdio.tool("spawn", {"command": "true"}), s.spawns)
+    finally:
+        await stdio.close()
+    principals, per_principal = (4, 2) if s.quick else (20, 5)
+    srv = HttpServer(workdir, principals, SANDBOX_ENABLED="false", PROCESS_KEEP_TERMINATED="5")
+    await srv.start()
+    limits = httpx2.Limits(max_connections=64, max_keepalive_connections=64)
+    try:
+        async with httpx2.AsyncClient(timeout=600, limits=limits) as http:
+            first = HttpSession(http, srv.url, srv.tokens["p0"])
+            await first.start()
+            await timed(lambda: first.tool("spawn", {"command": "true"}), 5)
+            over_http = await timed(lambda: first.tool("spawn", {"command": "true"}), s.spawns)
+            s.add(
+                "spawn true round trip over HTTP (host, sandbox off), median / p95",
+                f"{ms(statistics.median(over_http))} / {ms(p(over_http, 0.95))}",
+                f"{ms(statistics.median(over_stdio))} / {ms(p(over_stdio, 0.95))} over stdio",
+                "-",
+                None,
+            )
+            clients = [HttpSession(http, srv.url, srv.tokens[f"p{i % principals}"]) for i in range(8)]
+            for client in clients:
+                await client.start()
+            calls = s.ps_calls * 5
+            began = time.perf_counter()
+            await asyncio.gather(*(timed(lambda c=c: c.tool("ps", {}), calls // 8) for c in clients))
+            rate = calls // 8 * 8 / (time.perf_counter() - began)
+            alone_began = time.perf_counter()
+            await timed(lambda: first.tool("ps", {}), calls // 8)
+            alone = calls // 8 / (time.perf_counter() - alone_began)
+            s.add("ps requests per second over HTTP, 8 concurrent clients", f"{rate:.0f}/s",
+                  f"{alone:.0f}/s from one client", "-", None)  # fmt: skip
+            idle = srv.rss_mib()
+            for i in range(principals):
+                session = HttpSession(http, srv.url, srv.tokens[f"p{i}"])
+                await session.start()
+                for _ in range(per_principal):
+                    await session.tool("spawn", {"command": "sleep 600", "background": True})
+            held = srv.rss_mib()
+            s.add(
+                "server memory (RSS) over HTTP with principals holding processes",
+                f"{held:.1f} MiB ({principals} principals x {per_principal} processes)",
+                f"{idle:.1f} MiB with 1 principal",
+                "-",
+                None,
+            )
+    finally:
+        await srv.close()
+
+
 def table(s: Settings) -> str:
     lines = ["| figure | process-mcp | baseline (same run) | target | result |", "|---|---|---|---|---|"]
     for row in s.rows:
@@ -550,9 +709,14 @@ def machine() -> str:
     return f"{system}, Python {platform.python_version()}, {cpus} cores, {memory:.0f} GiB"
 
 
-async def main(s: Settings) -> None:
+FIGURE_GROUPS = (spawn_round_trip, capture, ps_latency, memory_and_startup, repl_session, http_figures, docker_figures)
+
+
+async def main(s: Settings, only: list[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="process-mcp-bench-") as workdir:
-        for figure in (spawn_round_trip, capture, ps_latency, memory_and_startup, repl_session, docker_figures):
+        for figure in FIGURE_GROUPS:
+            if only and figure.__name__ not in only:
+                continue
             print(f"{figure.__name__} ...", file=sys.stderr, flush=True)
             await figure(s, workdir)
     print(f"\nMachine: {machine()}; {'quick run, timings not judged' if s.quick else 'full run'}\n")
@@ -563,9 +727,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="process-mcp benchmarks")
     parser.add_argument("--quick", action="store_true", help="seconds, small sizes, no pass/fail on timings")
     parser.add_argument("--docker-image", help="a local image with python3 for the docker rows")
+    parser.add_argument(
+        "--only", action="append", default=[], choices=[f.__name__ for f in FIGURE_GROUPS], help="run these groups"
+    )
     args = parser.parse_args()
     if args.quick:
         settings = Settings(True, 20, 20_000_000, 5_000_000, 10, 1, 20, 50_000_000, args.docker_image)
     else:
         settings = Settings(False, 200, 500_000_000, 100_000_000, 50, 5, 200, 1_000_000_000, args.docker_image)
-    asyncio.run(main(settings))
+    asyncio.run(main(settings, args.only))

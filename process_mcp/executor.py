@@ -112,11 +112,14 @@ class ProcessExecutor(ABC):
             on_done=self._finished,
         )
         self._starting += 1
-        try:
-            record.handle = await self._launch(record, env)
-        finally:
-            self._starting -= 1
-        self._registry.add(record)
+        # A caller that goes away (a cancelled request, a client that disconnected) must not leave a
+        # process started but unrecorded, where no kill or shutdown can find it: launching is bounded.
+        with anyio.CancelScope(shield=True):
+            try:
+                record.handle = await self._launch(record, env)
+            finally:
+                self._starting -= 1
+            self._registry.add(record)
         if not record.lingering:  # it ended before it was registered (the agent can say so in one read)
             self._drop_oldest()
         wait_result = None

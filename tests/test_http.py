@@ -629,3 +629,38 @@ async def test_in_docker_mode_each_principal_gets_a_container_and_volume_of_its_
         for name in volumes.values():
             with contextlib.suppress(docker_errors.NotFound):
                 (await anyio.to_thread.run_sync(engine.volumes.get, name)).remove(force=True)
+
+
+async def test_a_client_that_disconnects_mid_wait_costs_nothing(workspaces: Path, tokens_file: Path) -> None:
+    argument = sleep_argument()
+    settings = {"PROCESS_AUTH_TOKENS_FILE": str(tokens_file), "PROCESS_MAX_REQUESTS": "1"}
+    headers = {**JSON_AND_SSE, "Authorization": f"Bearer {ALICE}"}
+    async with http_server(workspaces, **settings) as server, httpx2.AsyncClient(timeout=WAIT_S) as http:
+        opened = await http.post(server.url, json=INITIALIZE, headers=headers)
+        headers |= {"Mcp-Session-Id": opened.headers["mcp-session-id"], "Mcp-Protocol-Version": "2025-11-25"}
+        await http.post(server.url, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=headers)
+
+        def tool(request_id: int, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+            params = {"name": name, "arguments": arguments}
+            return {"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": params}
+
+        spawn = {"command": f"sleep {argument}", "background": True}
+        await http.post(server.url, json=tool(1, "spawn", spawn), headers=headers)
+        [host_pid] = await wait_for_sleepers(argument)
+        wait = {"id": "host-1", "untilExit": True, "waitMs": 60000}
+        with pytest.raises(httpx2.ReadTimeout):  # the client gives up and hangs up mid-wait
+            await http.post(server.url, json=tool(2, "stdout", wait), headers=headers, timeout=1)
+        # The abandoned wait no longer holds the principal's only slot, and the process runs on.
+        with anyio.fail_after(WAIT_S):
+            while True:
+                answer = await http.post(server.url, json=tool(3, "ps", {}), headers=headers)
+                assert answer.status_code == 200, answer.text
+                result = json.loads(answer.text.split("data: ", 1)[1])["result"]
+                if not result["isError"]:
+                    break
+                assert "too_many_requests" in result["content"][0]["text"]
+                await anyio.sleep(0.05)
+        assert result["structuredContent"]["processes"][0]["status"] == "running"
+        assert pid_alive(host_pid)
+        async with mcp_client(server.url, ALICE) as alice:
+            await call(alice, "kill", {"id": "host-1"})

@@ -22,10 +22,11 @@ from mcp.server.transport_security import TransportSecuritySettings
 from pydantic import AnyHttpUrl
 from starlette.applications import Starlette
 from starlette.middleware.authentication import AuthenticationMiddleware
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import BackendUnavailable, InvalidConfig
 from .auth import JwtVerifier, make_verifier
+from .tools import DISCONNECTED, Disconnect
 
 if TYPE_CHECKING:
     from .server import ProcessMcpServer
@@ -82,8 +83,9 @@ def build_app(mcp: ProcessMcpServer, *, authenticate: bool = True) -> ASGIApp:
         transport_security=transport_security(service.host, service.allowed_hosts, service.allowed_origins),
     )
     _reclaim_during(inner, mcp)
+    watched = _WatchDisconnect(inner)
     if verifier is None:
-        return inner
+        return watched
     extra: Starlette | None = None
     metadata_url = None
     if isinstance(verifier, JwtVerifier):
@@ -96,9 +98,53 @@ def build_app(mcp: ProcessMcpServer, *, authenticate: bool = True) -> ASGIApp:
                 scopes_supported=verifier.scopes or None,
             )
         )
-    guarded = RequireAuthMiddleware(inner, verifier.scopes if isinstance(verifier, JwtVerifier) else [], metadata_url)
+    guarded = RequireAuthMiddleware(watched, verifier.scopes if isinstance(verifier, JwtVerifier) else [], metadata_url)
     front = _Front(inner, guarded, extra)
     return AuthenticationMiddleware(AuthContextMiddleware(front), backend=BearerAuthBackend(verifier))
+
+
+class _WatchDisconnect:
+    """Puts an event in each HTTP request's scope that is set if the client disconnects before the
+    response is complete, so a tool can stop waiting for a reader that is gone."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        gone = Disconnect()
+        body_read = anyio.Event()
+        scope[DISCONNECTED] = gone
+
+        async def receive_watched() -> Message:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                gone.set()
+            elif not message.get("more_body", False):
+                body_read.set()
+            return message
+
+        async def watch() -> None:
+            # Once the body is in, the server's next message can only be the disconnect (uvicorn repeats
+            # it to every receiver), so listening here takes nothing from the application.
+            await body_read.wait()
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        failure: Exception | None = None
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(watch)
+            try:
+                await self._app(scope, receive_watched, send)
+            except Exception as exc:  # re-raised below as itself, not wrapped in the task group's group
+                failure = exc
+            finally:
+                tasks.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
 
 
 class _Front:

@@ -11,12 +11,14 @@ from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Annotated, TypeVar
 
+import anyio
 from mcp.server import MCPServer
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field
+from starlette.authentication import BaseUser
 
 from ..errors import ProcessMcpError
 from ..executor import ProcessExecutor
@@ -82,11 +84,22 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
 
     @asynccontextmanager
     async def space(ctx: Context | None, *, create: bool = True) -> AsyncIterator[ProcessExecutor | None]:
-        try:
-            async with spaces.use(_principal(ctx), create=create) as executor:
-                yield executor
-        except ProcessMcpError as exc:
-            raise ToolError(str(exc)) from exc
+        """The caller's executor, for one call; the call is cancelled if its HTTP client disconnects (its
+        processes keep running), so a wait nobody will read costs nothing."""
+        disconnect = _disconnect(ctx)
+        with anyio.CancelScope() as scope:
+            if disconnect is not None:
+                disconnect.watch(scope)
+            try:
+                async with spaces.use(_principal(ctx), create=create) as executor:
+                    yield executor
+            except ProcessMcpError as exc:
+                raise ToolError(str(exc)) from exc
+            finally:
+                if disconnect is not None:
+                    disconnect.unwatch(scope)
+        if scope.cancelled_caught:
+            raise ToolError("the client disconnected; the call was abandoned (its processes keep running)")
 
     @asynccontextmanager
     async def process_space(ctx: Context | None, pid: str) -> AsyncIterator[ProcessExecutor]:
@@ -281,9 +294,32 @@ async def _call(operation: Awaitable[_T]) -> _T:
         raise ToolError(str(exc)) from exc
 
 
-def _principal(ctx: Context | None) -> str | None:
-    """Who is calling: the principal of the request's bearer token, or the user an application's own
-    authentication put on the request; None for the local caller (stdio, in-process, no authentication)."""
+DISCONNECTED = "process_mcp.disconnected"
+"""Key of the ``Disconnect`` the HTTP transport puts in each request's scope."""
+
+
+class Disconnect:
+    """Whether an HTTP request's client went away; calls made for it watch it and are cancelled then."""
+
+    def __init__(self) -> None:
+        self.gone = False
+        self._watching: set[anyio.CancelScope] = set()
+
+    def watch(self, scope: anyio.CancelScope) -> None:
+        self._watching.add(scope)
+        if self.gone:
+            scope.cancel()
+
+    def unwatch(self, scope: anyio.CancelScope) -> None:
+        self._watching.discard(scope)
+
+    def set(self) -> None:
+        self.gone = True
+        for scope in list(self._watching):
+            scope.cancel()
+
+
+def _request_scope(ctx: Context | None) -> dict[str, object] | None:
     if ctx is None:
         return None
     try:
@@ -291,11 +327,24 @@ def _principal(ctx: Context | None) -> str | None:
     except ValueError:  # not within a request
         return None
     scope = getattr(request, "scope", None)
-    user = scope.get("user") if isinstance(scope, dict) else None
+    return scope if isinstance(scope, dict) else None
+
+
+def _disconnect(ctx: Context | None) -> Disconnect | None:
+    scope = _request_scope(ctx)
+    found = scope.get(DISCONNECTED) if scope is not None else None
+    return found if isinstance(found, Disconnect) else None
+
+
+def _principal(ctx: Context | None) -> str | None:
+    """Who is calling: the principal of the request's bearer token, or the user an application's own
+    authentication put on the request; None for the local caller (stdio, in-process, no authentication)."""
+    scope = _request_scope(ctx)
+    user = scope.get("user") if scope is not None else None
     if isinstance(user, AuthenticatedUser):
         return user.access_token.client_id
-    if user is not None and getattr(user, "is_authenticated", False):
-        return str(user.display_name)
+    if isinstance(user, BaseUser) and user.is_authenticated:
+        return user.display_name
     return None
 
 
