@@ -94,7 +94,11 @@ async def http_server(workdir: Path, options: Sequence[str] = (), **settings: st
                     await anyio.sleep(0.02)
             if not server.url:
                 pytest.fail("the server did not start serving:\n" + "\n".join(server.log))
-            yield server
+            try:
+                yield server
+            except BaseException:
+                print("the server's log:", *server.log, sep="\n", file=sys.stderr)  # shown with the failure
+                raise
             assert await server.stop() == 0, "\n".join(server.log)
         finally:
             if process.returncode is None:

@@ -20,16 +20,27 @@ import anyio
 import httpx2
 import jwt
 import pytest
+import uvicorn
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from docker import errors as docker_errors
 from docker.client import DockerClient
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp_types import CallToolResult
+from starlette.applications import Starlette
+from starlette.authentication import AuthCredentials, AuthenticationBackend, SimpleUser
+from starlette.middleware import Middleware
+from starlette.middleware.authentication import AuthenticationMiddleware
+from starlette.requests import HTTPConnection
+from starlette.routing import Mount
 
 import process_mcp
+from process_mcp import create_process_mcp
 from process_mcp.config import environment_variables
 
-from .conftest import DEBIAN_IMAGE, unique_name
+from .conftest import DEBIAN_IMAGE, host_config, unique_name
 from .helpers import WAIT_S, pid_alive, sleep_argument, wait_for_sleepers
 from .http_server import call, error, http_server, mcp_client, run_server_to_exit, text_of, write_tokens
 
@@ -664,3 +675,72 @@ async def test_a_client_that_disconnects_mid_wait_costs_nothing(workspaces: Path
         assert pid_alive(host_pid)
         async with mcp_client(server.url, ALICE) as alice:
             await call(alice, "kill", {"id": "host-1"})
+
+
+# The library: mounting the app in an application with its own authentication.
+
+
+class HeaderUsers(AuthenticationBackend):
+    """An application's own authentication, as simple as can be: the user is what X-User says."""
+
+    async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, SimpleUser] | None:
+        name = conn.headers.get("x-user")
+        return (AuthCredentials(["authenticated"]), SimpleUser(name)) if name else None
+
+
+async def test_an_application_mounts_the_app_under_its_own_authentication(workspaces: Path) -> None:
+    config = host_config(workspaces)
+    config.service.transport = "http"
+    mcp = await create_process_mcp(config)
+    app = Starlette(
+        routes=[Mount("/", app=mcp.http_app(authenticate=False))],
+        middleware=[Middleware(AuthenticationMiddleware, backend=HeaderUsers())],
+        lifespan=lambda _: mcp.serving(),
+    )
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on"))
+    async with mcp, anyio.create_task_group() as tasks:
+        tasks.start_soon(server.serve)
+        with anyio.fail_after(WAIT_S):
+            while not server.started:
+                await anyio.sleep(0.02)
+        url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/mcp"
+        try:
+            ann_http = create_mcp_http_client(headers={"X-User": "ann"})
+            ben_http = create_mcp_http_client(headers={"X-User": "ben"})
+            async with (
+                ann_http,
+                ben_http,
+                Client(streamable_http_client(url, http_client=ann_http)) as ann,
+                Client(streamable_http_client(url, http_client=ben_http)) as ben,
+            ):
+                assert (await call(ann, "spawn", {"command": "pwd"}))["stdout"] == f"{workspaces / 'ann'}\n"
+                assert (await call(ben, "ps", {}))["processes"] == []
+            assert (await post(url, INITIALIZE)).status_code == 401
+        finally:
+            server.should_exit = True
+
+
+async def test_connections_beyond_the_limit_are_refused_with_503(workspaces: Path, tokens_file: Path) -> None:
+    settings = {"PROCESS_AUTH_TOKENS_FILE": str(tokens_file), "PROCESS_HTTP_MAX_CONNECTIONS": "3"}
+    headers = {**JSON_AND_SSE, "Authorization": f"Bearer {ALICE}"}
+    async with http_server(workspaces, **settings) as server, contextlib.AsyncExitStack() as stack:
+        # Each client keeps its connection open between requests, as MCP clients do.
+        clients = [await stack.enter_async_context(httpx2.AsyncClient(timeout=WAIT_S)) for _ in range(4)]
+        statuses = [(await c.post(server.url, json=INITIALIZE, headers=headers)).status_code for c in clients]
+        assert statuses == [200, 200, 200, 503]
+        port = int(server.url.rsplit(":", 1)[1].split("/")[0])
+        await clients[0].aclose()
+        with anyio.fail_after(WAIT_S):
+            while established_to(port) > 2:
+                await anyio.sleep(0.02)
+        assert (await clients[3].post(server.url, json=INITIALIZE, headers=headers)).status_code == 200
+
+
+def established_to(port: int) -> int:
+    """How many TCP connections to ``port`` on this machine are established (the server's ends)."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        if int(local.split(":")[1], 16) == port and state == "01":
+            count += 1
+    return count

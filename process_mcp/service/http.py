@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import AsyncIterator, Generator
-from contextlib import asynccontextmanager, contextmanager
-from typing import TYPE_CHECKING, Any
+from collections.abc import Generator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import anyio
 import uvicorn
@@ -21,7 +21,9 @@ from mcp.server.auth.routes import build_resource_metadata_url, create_protected
 from mcp.server.transport_security import TransportSecuritySettings
 from pydantic import AnyHttpUrl
 from starlette.applications import Starlette
+from starlette.authentication import BaseUser
 from starlette.middleware.authentication import AuthenticationMiddleware
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import BackendUnavailable, InvalidConfig
@@ -74,7 +76,8 @@ def transport_security(host: str, allowed_hosts: list[str], allowed_origins: lis
 
 
 def build_app(mcp: ProcessMcpServer, *, authenticate: bool = True) -> ASGIApp:
-    """The HTTP application of ``mcp`` (see ``ProcessMcpServer.http_app``)."""
+    """The HTTP application of ``mcp`` (see ``ProcessMcpServer.http_app``): with ``authenticate``, behind the
+    configured authentication (none only if PROCESS_AUTH=none); without, behind the application's own."""
     service = mcp.config.service
     verifier = make_verifier(service) if authenticate else None
     inner = mcp.server.streamable_http_app(
@@ -82,8 +85,10 @@ def build_app(mcp: ProcessMcpServer, *, authenticate: bool = True) -> ASGIApp:
         max_request_body_size=service.max_body_bytes,
         transport_security=transport_security(service.host, service.allowed_hosts, service.allowed_origins),
     )
-    _reclaim_during(inner, mcp)
+    inner.router.lifespan_context = lambda _: mcp.serving()
     watched = _WatchDisconnect(inner)
+    if not authenticate:
+        return _Front(inner, _RequireUser(watched), None)
     if verifier is None:
         return watched
     extra: Starlette | None = None
@@ -167,20 +172,21 @@ class _Front:
             await self._guarded(scope, receive, send)
 
 
-def _reclaim_during(app: Starlette, mcp: ProcessMcpServer) -> None:
-    """Run the idle-space reclaimer for as long as the application runs (its lifespan)."""
-    serve_sessions = app.router.lifespan_context
+class _RequireUser:
+    """For an application's own authentication: a request its middleware did not authenticate gets 401."""
 
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[Any]:
-        async with serve_sessions(app) as state, anyio.create_task_group() as tasks:
-            tasks.start_soon(mcp.spaces.reclaim_forever)
-            try:
-                yield state
-            finally:
-                tasks.cancel_scope.cancel()
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
 
-    app.router.lifespan_context = lifespan
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        user = scope.get("user")
+        if scope["type"] == "http" and not (isinstance(user, BaseUser) and user.is_authenticated):
+            response = JSONResponse(
+                {"error": "invalid_token", "error_description": "Authentication required"}, status_code=401
+            )
+            await response(scope, receive, send)
+            return
+        await self._app(scope, receive, send)
 
 
 class _Server(uvicorn.Server):
@@ -210,14 +216,16 @@ def prepare(mcp: ProcessMcpServer, host: str | None = None, port: int | None = N
         )
     if not is_loopback(host):
         transport_security(host, service.allowed_hosts, service.allowed_origins)  # raises without hosts
-    app = build_app(mcp, authenticate=service.auth_mode != "none")
+    app = build_app(mcp)
     return uvicorn.Config(
         app,
         host=host,
         port=port,
         log_config=None,
         access_log=False,
-        limit_concurrency=service.max_connections,
+        # uvicorn refuses a request once the open connections, the requesting one included, reach the
+        # limit; one more makes the setting the number of connections served at once.
+        limit_concurrency=service.max_connections + 1,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         lifespan="on",
     )

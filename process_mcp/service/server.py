@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -44,13 +46,26 @@ class ProcessMcpServer:
         """The streamable HTTP application, at ``/mcp``.
 
         With ``authenticate`` (the default) it checks bearer tokens as configured (``ServiceConfig``) and
-        answers 401 without one. Without it, an application that mounts it under its own authentication
-        gives each user its own space: the principal is the ``user`` its middleware puts on the request.
+        answers 401 without one. Without it, the application that mounts it authenticates: each
+        authenticated ``request.user`` (its ``display_name``) gets its own space, and a request its
+        middleware did not authenticate gets 401. Run ``serving()`` in the mounting application's lifespan.
         Raises InvalidConfig when the authentication settings are incomplete or unsafe.
         """
         from .http import build_app
 
         return build_app(self, authenticate=authenticate)
+
+    @asynccontextmanager
+    async def serving(self) -> AsyncIterator[None]:
+        """What the HTTP application needs while it runs: the SDK's session manager and the reclaiming of
+        idle principals' spaces. It is ``http_app()``'s lifespan; an application that mounts that app
+        runs it in its own lifespan (Starlette does not run a mounted app's lifespan)."""
+        async with self.server.session_manager.run(), anyio.create_task_group() as tasks:
+            tasks.start_soon(self.spaces.reclaim_forever)
+            try:
+                yield
+            finally:
+                tasks.cancel_scope.cancel()
 
     async def serve_http(
         self, host: str | None = None, port: int | None = None, *, stop: anyio.Event | None = None
