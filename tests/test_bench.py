@@ -30,7 +30,7 @@ FIGURES = [
     "scripted REPL session",
     "spawn true round trip over HTTP (host, sandbox off)",
     "ps requests per second over HTTP, 8 concurrent clients",
-    "server memory (RSS) over HTTP with principals holding processes",
+    "server memory (RSS) over HTTP with principals holding processes (sandboxed)",
     "spawn true round trip (docker, agent)",
     "spawn true round trip (docker, one exec per process)",
     "non-TTY capture of 20 MB (docker, agent)",
