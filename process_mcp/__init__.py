@@ -2,13 +2,23 @@
 
 from typing import TYPE_CHECKING, Any
 
-from .config import Defaults, DockerConfig, Limits, ProcessMcpConfig, SandboxConfig, ServiceConfig, load_config
+from .config import (
+    Defaults,
+    DockerConfig,
+    Limits,
+    PolicyConfig,
+    ProcessMcpConfig,
+    SandboxConfig,
+    ServiceConfig,
+    load_config,
+)
 from .errors import (
     BackendUnavailable,
     InvalidConfig,
     InvalidInput,
     InvalidSignal,
     KillFailed,
+    PolicyDenied,
     ProcessMcpError,
     ProcessNotFound,
     ProcessTerminated,
@@ -67,6 +77,8 @@ __all__ = [
     "KillFailed",
     "KillResult",
     "Limits",
+    "PolicyConfig",
+    "PolicyDenied",
     "ProcessExecutor",
     "ProcessHandle",
     "ProcessInfo",

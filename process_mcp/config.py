@@ -99,6 +99,15 @@ class SandboxConfig(BaseModel):
         return "*" not in self.allowed_domains
 
 
+class PolicyConfig(BaseModel):
+    """What the operator lets agents run."""
+
+    command_allow: list[str] = Field(
+        default_factory=list, description="Programs (names or globs) commands may run; empty: any."
+    )
+    command_deny: list[str] = Field(default_factory=list, description="Programs (names or globs) commands may not run.")
+
+
 class ServiceConfig(BaseModel):
     """How the server is reached (stdio or HTTP), who may call it, and what one caller may hold."""
 
@@ -146,6 +155,7 @@ class ProcessMcpConfig(BaseModel):
         default_factory=list, description="Server environment variables children get besides the basic ones."
     )
     service: ServiceConfig = Field(default_factory=ServiceConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
 
     @model_validator(mode="after")
     def _default_workdir(self) -> ProcessMcpConfig:
@@ -273,6 +283,12 @@ class _Environment(BaseSettings):
     PROCESS_ENV_PASSTHROUGH: CommaList = Field(
         default_factory=list, description="server variables processes get besides the basic ones"
     )
+    PROCESS_COMMAND_ALLOW: CommaList = Field(
+        default_factory=list, description="programs (names or globs) commands may run; empty: any"
+    )
+    PROCESS_COMMAND_DENY: CommaList = Field(
+        default_factory=list, description="programs (names or globs) commands may not run"
+    )
 
     @field_validator(
         "SANDBOX_ALLOWED_DOMAINS",
@@ -286,6 +302,8 @@ class _Environment(BaseSettings):
         "PROCESS_HTTP_ALLOWED_HOSTS",
         "PROCESS_HTTP_ALLOWED_ORIGINS",
         "PROCESS_AUTH_SCOPES",
+        "PROCESS_COMMAND_ALLOW",
+        "PROCESS_COMMAND_DENY",
         mode="before",
     )
     @classmethod
@@ -367,6 +385,7 @@ def load_config(environ: dict[str, str] | None = None) -> ProcessMcpConfig:
             scan_limit=env.SANDBOX_SCAN_LIMIT,
         ),
         env_passthrough=env.PROCESS_ENV_PASSTHROUGH,
+        policy=PolicyConfig(command_allow=env.PROCESS_COMMAND_ALLOW, command_deny=env.PROCESS_COMMAND_DENY),
         service=ServiceConfig(
             transport=env.PROCESS_TRANSPORT,
             host=env.PROCESS_HTTP_HOST,

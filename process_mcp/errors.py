@@ -84,3 +84,9 @@ class TooManyRequests(ProcessMcpError):
     """The caller has as many tool calls in progress as it may; the message says the limit."""
 
     code = "too_many_requests"
+
+
+class PolicyDenied(ProcessMcpError):
+    """The operator's command policy does not let this command run; the message names what and which setting."""
+
+    code = "policy_denied"

@@ -32,6 +32,7 @@ from .models import (
     SpawnResult,
     StdinResult,
 )
+from .policy import CommandPolicy
 from .registry import ManagedProcess, ProcessRegistry
 from .signals import NON_TERMINATING, parse_signal
 from .terminal import strip_escapes
@@ -85,6 +86,7 @@ class ProcessExecutor(ABC):
         """Where processes run when a spawn gives no cwd, and what a relative cwd is taken from."""
         self._registry = ProcessRegistry(self.prefix, config.limits.keep_terminated)
         self._starting = 0  # spawns between the limit check and the registry, so concurrent ones count
+        self._policy = CommandPolicy(config.policy.command_allow, config.policy.command_deny)
 
     async def start(self) -> None:
         """Prepare the backend (e.g. the container); called once before the first spawn."""
@@ -99,6 +101,7 @@ class ProcessExecutor(ABC):
         a malformed request, SpawnFailed when the backend cannot start it.
         """
         command, cwd, env, timeout_s = self._check_spawn(options)
+        self._policy.check(command)
         wait = self._requested_wait(options.wait_for, options.idle_ms, timeout_s=timeout_s)
         self._check_live_limit()
         record = ManagedProcess(
