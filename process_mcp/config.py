@@ -34,6 +34,9 @@ class Limits(BaseModel):
     keep_terminated: int = Field(20, ge=0, description="Finished processes kept for ps and stdout.")
     output_buffer_bytes: int = Field(1024 * 1024, ge=4096, description="Bytes kept per output stream.")
     max_live: int = Field(128, ge=1, description="Processes that may run at once.")
+    max_lifetime_s: float | None = Field(
+        None, gt=0, description="A process still running after this long gets SIGTERM, a grace, SIGKILL; None: off."
+    )
 
 
 class DockerConfig(BaseModel):
@@ -214,6 +217,9 @@ class _Environment(BaseSettings):
     PROCESS_KEEP_TERMINATED: int = Field(20, ge=0, description="finished processes kept for ps and stdout")
     PROCESS_OUTPUT_BUFFER_BYTES: int = Field(1024 * 1024, ge=4096, description="bytes kept per output stream")
     PROCESS_MAX_LIVE: int = Field(128, ge=1, description="processes that may run at once (per principal)")
+    PROCESS_MAX_LIFETIME_S: float | None = Field(
+        None, gt=0, description="seconds a process may run before SIGTERM, a grace, SIGKILL (unset: no limit)"
+    )
     PROCESS_TRANSPORT: Literal["stdio", "http"] = Field("stdio", description="stdio, or http (streamable HTTP)")
     PROCESS_HTTP_HOST: str = Field("127.0.0.1", min_length=1, description="address the HTTP transport listens on")
     PROCESS_HTTP_PORT: int = Field(8765, ge=0, le=65535, description="port the HTTP transport listens on (0: any)")
@@ -314,6 +320,7 @@ class _Environment(BaseSettings):
 
     @field_validator(
         "DEFAULT_WORKDIR",
+        "PROCESS_MAX_LIFETIME_S",
         "PROCESS_AUTH_TOKENS_FILE",
         "PROCESS_AUTH_ISSUER",
         "PROCESS_AUTH_AUDIENCE",
@@ -345,6 +352,7 @@ def load_config(environ: dict[str, str] | None = None) -> ProcessMcpConfig:
             keep_terminated=env.PROCESS_KEEP_TERMINATED,
             output_buffer_bytes=env.PROCESS_OUTPUT_BUFFER_BYTES,
             max_live=env.PROCESS_MAX_LIVE,
+            max_lifetime_s=env.PROCESS_MAX_LIFETIME_S,
         ),
         docker=DockerConfig(
             image=env.DOCKER_IMAGE,

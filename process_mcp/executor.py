@@ -7,6 +7,7 @@ lives here, so host and Docker mode cannot drift apart.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import posixpath
 import re
@@ -87,6 +88,8 @@ class ProcessExecutor(ABC):
         self._registry = ProcessRegistry(self.prefix, config.limits.keep_terminated)
         self._starting = 0  # spawns between the limit check and the registry, so concurrent ones count
         self._policy = CommandPolicy(config.policy.command_allow, config.policy.command_deny)
+        self._lifetimes: dict[str, asyncio.TimerHandle] = {}  # ends each process at the maximum lifetime
+        self._expiring: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Prepare the backend (e.g. the container); called once before the first spawn."""
@@ -125,6 +128,8 @@ class ProcessExecutor(ABC):
             self._registry.add(record)
         if not record.lingering:  # it ended before it was registered (the agent can say so in one read)
             self._drop_oldest()
+        elif self.config.limits.max_lifetime_s is not None:
+            self._limit_lifetime(record, self.config.limits.max_lifetime_s)
         wait_result = None
         if wait is not None:
             wait_result = await wait_on(record, wait, (0, 0), progress)
@@ -248,6 +253,8 @@ class ProcessExecutor(ABC):
         signum = parse_signal(signal)
         record = self._registry.get(pid)
         self._require_running(record, "receive signals")
+        if signum not in NON_TERMINATING:
+            record.ending("kill")
         await self._handle(record).signal(signum)
         if signum not in NON_TERMINATING:
             await record.wait(KILL_SETTLE_S)
@@ -261,6 +268,8 @@ class ProcessExecutor(ABC):
         """End every process this executor started (SIGTERM, a grace period, then SIGKILL) and release
         the backend. Safe to call more than once."""
         lingering = [r for r in self._registry if r.lingering and r.handle is not None]
+        for record in lingering:
+            record.ending("shutdown")
         await self._signal_all(lingering, signal.SIGTERM)
         # A stopped process acts on SIGTERM only once it is resumed.
         await self._signal_all(lingering, signal.SIGCONT)
@@ -289,7 +298,35 @@ class ProcessExecutor(ABC):
 
     def _finished(self, record: ManagedProcess) -> None:
         """A process has exited and its output is closed: forget the oldest finished ones."""
+        timer = self._lifetimes.pop(record.pid, None)
+        if timer is not None:
+            timer.cancel()
         self._drop_oldest()
+
+    def _limit_lifetime(self, record: ManagedProcess, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+
+        def expire() -> None:
+            self._lifetimes.pop(record.pid, None)
+            task = loop.create_task(self._end_at_lifetime(record, seconds))
+            self._expiring.add(task)
+            task.add_done_callback(self._expiring.discard)
+
+        self._lifetimes[record.pid] = loop.call_later(seconds, expire)
+
+    async def _end_at_lifetime(self, record: ManagedProcess, seconds: float) -> None:
+        """SIGTERM, a grace period, then SIGKILL, to a process (and its group) still running at its lifetime."""
+        if not record.running or record.handle is None:
+            return
+        record.ending("lifetime")
+        logger.info("%s ran for its maximum lifetime (%g s); ending it", record.pid, seconds)
+        try:
+            await record.handle.signal(signal.SIGTERM)
+            await record.handle.signal(signal.SIGCONT)
+            if not await record.wait(SHUTDOWN_GRACE_S):
+                await record.handle.signal(signal.SIGKILL)
+        except ProcessMcpError as exc:
+            logger.warning("could not end %s at its lifetime: %s", record.pid, exc)
 
     def _drop_oldest(self) -> None:
         for dropped in self._registry.prune():

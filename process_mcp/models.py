@@ -34,6 +34,9 @@ SINCE_MAX_BYTES = 64 * 1024
 """Most bytes of each stream a ``since`` read returns (the newest); what it skips is counted."""
 
 
+EndedBy = Literal["exit", "kill", "shutdown", "lifetime"]
+
+
 class _Wire(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, serialize_by_alias=True, frozen=True)
 
@@ -63,6 +66,11 @@ class ExitState(_Wire):
         None, description="Exit code once terminated; 128+N when signal N ended it (the shell convention)."
     )
     signal: str | None = Field(None, description="Name of the signal that ended the process, if one did.")
+    ended_by: EndedBy | None = Field(
+        None,
+        description="Once terminated, why: exit (on its own), kill (the kill tool), shutdown (the server stopped), "
+        "lifetime (it ran past the maximum lifetime).",
+    )
 
 
 class _Progress(_Wire):

@@ -12,7 +12,7 @@ import anyio
 
 from .buffer import OutputBuffer
 from .errors import ProcessNotFound
-from .models import ProcessInfo, ProcessStatus, ProcessVia
+from .models import EndedBy, ProcessInfo, ProcessStatus, ProcessVia
 from .signals import signal_name
 from .terminal import Terminal
 
@@ -50,6 +50,8 @@ class ManagedProcess:
         self.terminal = Terminal(self.stdout, cols, rows) if tty else None
         self.exit_code: int | None = None
         self.signal: str | None = None
+        self.ended_by: EndedBy | None = None
+        self._cause: EndedBy | None = None  # who moved to end it, if anyone did before it exited
         self.sandboxed = False  # set by the backend when it confines the process
         self.via: ProcessVia = "host"  # set by the backend: how the process was started
         self.handle: ProcessHandle | None = None
@@ -97,8 +99,14 @@ class ManagedProcess:
         self._open_streams -= 1
         self._check_done()
 
+    def ending(self, cause: EndedBy) -> None:
+        """Note who is ending the process (the first to try), for ``ended_by`` once it exits."""
+        if self.running and self._cause is None:
+            self._cause = cause
+
     def finish(self, exit_code: int | None, signum: int | None = None) -> None:
         """Record the end of the process: its exit code, or the signal that ended it."""
+        self.ended_by = self._cause or "exit"
         if signum is not None:
             self.signal = signal_name(signum)
             exit_code = 128 + signum
@@ -122,8 +130,8 @@ class ManagedProcess:
         return event.is_set()
 
     def state(self) -> dict[str, Any]:
-        """The fields every reply shares: status, exit_code, signal."""
-        return {"status": self.status, "exit_code": self.exit_code, "signal": self.signal}
+        """The fields every reply shares: status, exit_code, signal, ended_by."""
+        return {"status": self.status, "exit_code": self.exit_code, "signal": self.signal, "ended_by": self.ended_by}
 
     def info(self) -> ProcessInfo:
         return ProcessInfo(

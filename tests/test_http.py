@@ -531,6 +531,7 @@ async def test_the_typescript_sdk_drives_the_server_over_http(
     assert seen["replTurn"].splitlines()[:2] == ["6*7", "42"]
     assert seen["kill"]["status"] == "terminated"
     assert seen["kill"]["signal"] == "SIGTERM"
+    assert seen["kill"]["endedBy"] == "kill"
     assert [status for _, status in seen["ps"]] == ["terminated"] * 3
 
 

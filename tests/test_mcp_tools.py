@@ -75,6 +75,7 @@ async def test_spawn_replies_with_structured_content_and_readable_text(client: C
         "status": "terminated",
         "exitCode": 3,
         "signal": None,
+        "endedBy": "exit",
         "stdout": "out\n",
         "stderr": "err\n",
         "sandboxed": True,
@@ -99,7 +100,14 @@ async def test_a_tty_session_driven_through_the_tools(client: Client) -> None:
             break
     assert "42" in output["stdout"].splitlines()
     killed = await call(client, "kill", {"id": pid, "signal": "KILL"})
-    assert killed == {"pid": pid, "sent": "SIGKILL", "status": "terminated", "exitCode": 137, "signal": "SIGKILL"}
+    assert killed == {
+        "pid": pid,
+        "sent": "SIGKILL",
+        "status": "terminated",
+        "exitCode": 137,
+        "signal": "SIGKILL",
+        "endedBy": "kill",
+    }
 
 
 async def test_ps_lists_processes_as_text_and_structure(client: Client) -> None:
@@ -114,6 +122,7 @@ async def test_ps_lists_processes_as_text_and_structure(client: Client) -> None:
         "status",
         "exitCode",
         "signal",
+        "endedBy",
         "cwd",
         "tty",
         "createdAt",

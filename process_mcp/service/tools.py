@@ -358,9 +358,10 @@ def _reply(result: BaseModel, text: str) -> CallToolResult:
 def _state(state: ExitState) -> str:
     if state.status == "running":
         return "running"
+    cause = f", ended by {state.ended_by}" if state.ended_by not in (None, "exit") else ""
     if state.signal:
-        return f"terminated by {state.signal} (exit code {state.exit_code})"
-    return f"terminated (exit code {state.exit_code})"
+        return f"terminated by {state.signal} (exit code {state.exit_code}{cause})"
+    return f"terminated (exit code {state.exit_code}{cause})"
 
 
 def _headline(pid: str, state: ExitState) -> str:

@@ -42,7 +42,8 @@ const repl = await call("spawn", { command: "python3 -q", tty: true, waitFor: ">
 seen.replTurn = (await call("stdin", { id: repl.pid, input: "6*7\r", waitFor: ">>> $" })).stdout;
 await call("kill", { id: repl.pid, signal: "KILL" });
 const sleeper = await call("spawn", { command: "sleep 600", background: true });
-seen.kill = await call("kill", { id: sleeper.pid });
+await call("kill", { id: sleeper.pid });
+seen.kill = await call("stdout", { id: sleeper.pid, untilExit: true, waitMs: 10000, lines: 1 });
 seen.ps = (await call("ps", {})).processes.map((p) => [p.pid, p.status]);
 await client.close();
 console.log(JSON.stringify(seen));
