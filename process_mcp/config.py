@@ -111,6 +111,16 @@ class PolicyConfig(BaseModel):
     command_deny: list[str] = Field(default_factory=list, description="Programs (names or globs) commands may not run.")
 
 
+class AuditConfig(BaseModel):
+    """Where tool calls and process ends are recorded."""
+
+    path: str | None = Field(None, description="A JSON Lines file; None: no audit log.")
+    max_bytes: int = Field(100 * 1024 * 1024, ge=4096, description="Size at which the file is rotated.")
+    keep: int = Field(5, ge=0, description="Rotated files kept (path.1 is the newest).")
+    required: bool = Field(False, description="Refuse tool calls while the log cannot be written.")
+    redact: bool = Field(True, description="Record env values and stdin input as their sizes only.")
+
+
 class ServiceConfig(BaseModel):
     """How the server is reached (stdio or HTTP), who may call it, and what one caller may hold."""
 
@@ -159,6 +169,7 @@ class ProcessMcpConfig(BaseModel):
     )
     service: ServiceConfig = Field(default_factory=ServiceConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
 
     @model_validator(mode="after")
     def _default_workdir(self) -> ProcessMcpConfig:
@@ -295,6 +306,11 @@ class _Environment(BaseSettings):
     PROCESS_COMMAND_DENY: CommaList = Field(
         default_factory=list, description="programs (names or globs) commands may not run"
     )
+    PROCESS_AUDIT_LOG: str | None = Field(None, description="JSON Lines file recording every call and process end")
+    PROCESS_AUDIT_MAX_BYTES: int = Field(100 * 1024 * 1024, ge=4096, description="audit log size that rotates it")
+    PROCESS_AUDIT_KEEP: int = Field(5, ge=0, description="rotated audit logs kept")
+    PROCESS_AUDIT_REQUIRED: bool = Field(False, description="refuse tool calls while the audit log cannot be written")
+    PROCESS_AUDIT_REDACT: bool = Field(True, description="record env values and stdin input as sizes only")
 
     @field_validator(
         "SANDBOX_ALLOWED_DOMAINS",
@@ -321,6 +337,7 @@ class _Environment(BaseSettings):
     @field_validator(
         "DEFAULT_WORKDIR",
         "PROCESS_MAX_LIFETIME_S",
+        "PROCESS_AUDIT_LOG",
         "PROCESS_AUTH_TOKENS_FILE",
         "PROCESS_AUTH_ISSUER",
         "PROCESS_AUTH_AUDIENCE",
@@ -394,6 +411,13 @@ def load_config(environ: dict[str, str] | None = None) -> ProcessMcpConfig:
         ),
         env_passthrough=env.PROCESS_ENV_PASSTHROUGH,
         policy=PolicyConfig(command_allow=env.PROCESS_COMMAND_ALLOW, command_deny=env.PROCESS_COMMAND_DENY),
+        audit=AuditConfig(
+            path=env.PROCESS_AUDIT_LOG,
+            max_bytes=env.PROCESS_AUDIT_MAX_BYTES,
+            keep=env.PROCESS_AUDIT_KEEP,
+            required=env.PROCESS_AUDIT_REQUIRED,
+            redact=env.PROCESS_AUDIT_REDACT,
+        ),
         service=ServiceConfig(
             transport=env.PROCESS_TRANSPORT,
             host=env.PROCESS_HTTP_HOST,

@@ -13,6 +13,7 @@ import posixpath
 import re
 import signal
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import ClassVar
 
 import anyio
@@ -88,6 +89,8 @@ class ProcessExecutor(ABC):
         self._registry = ProcessRegistry(self.prefix, config.limits.keep_terminated)
         self._starting = 0  # spawns between the limit check and the registry, so concurrent ones count
         self._policy = CommandPolicy(config.policy.command_allow, config.policy.command_deny)
+        self.on_end: Callable[[ManagedProcess], None] | None = None
+        """Called once for each process that has exited and whose output is closed (e.g. to audit it)."""
         self._lifetimes: dict[str, asyncio.TimerHandle] = {}  # ends each process at the maximum lifetime
         self._expiring: set[asyncio.Task[None]] = set()
 
@@ -301,6 +304,8 @@ class ProcessExecutor(ABC):
         timer = self._lifetimes.pop(record.pid, None)
         if timer is not None:
             timer.cancel()
+        if self.on_end is not None:
+            self.on_end(record)
         self._drop_oldest()
 
     def _limit_lifetime(self, record: ManagedProcess, seconds: float) -> None:

@@ -15,6 +15,7 @@ from ..config import ProcessMcpConfig, load_config
 from ..errors import BackendUnavailable
 from ..executor import ProcessExecutor
 from ..host import HostExecutor
+from ..policy.audit import AuditLog
 from .spaces import Spaces
 from .tools import INSTRUCTIONS, register_tools
 
@@ -77,7 +78,10 @@ class ProcessMcpServer:
         await serve(self, prepare(self, host, port), stop=stop)
 
     async def cleanup(self) -> None:
+        """End every process of every caller, then write out the audit log (which records those ends)."""
         await self.spaces.cleanup()
+        if self.spaces.audit is not None:
+            await self.spaces.audit.close()
 
     async def __aenter__(self) -> ProcessMcpServer:
         return self
@@ -108,9 +112,18 @@ async def create_process_mcp(config: ProcessMcpConfig | None = None) -> ProcessM
     prepared, InvalidConfig for a bad environment.
     """
     config = config or load_config()
-    spaces = Spaces(config, create_executor)
+    audit = None
+    if config.audit.path is not None:
+        audit = AuditLog(config.audit)
+        audit.start()
+    spaces = Spaces(config, create_executor, audit)
     if config.service.transport == "stdio":
-        await spaces.start_local()
+        try:
+            await spaces.start_local()
+        except BaseException:
+            if audit is not None:
+                await audit.close()
+            raise
     server = MCPServer("process-mcp", version=version_string(), instructions=INSTRUCTIONS)
     register_tools(server, spaces)
     return ProcessMcpServer(server, spaces)

@@ -22,6 +22,8 @@ import anyio
 from ..config import ProcessMcpConfig
 from ..errors import TooManyRequests
 from ..executor import ProcessExecutor
+from ..policy.audit import AuditLog
+from ..registry import ManagedProcess
 from .auth import PRINCIPAL_NAME, principal_for_subject
 
 logger = logging.getLogger(__name__)
@@ -54,10 +56,12 @@ class Space:
 class Spaces:
     """The spaces of every caller of one server. ``use`` is how a tool call reaches its executor."""
 
-    def __init__(self, config: ProcessMcpConfig, factory: ExecutorFactory) -> None:
+    def __init__(self, config: ProcessMcpConfig, factory: ExecutorFactory, audit: AuditLog | None = None) -> None:
         self.config = config
+        self.audit = audit
+        """Where calls and process ends are recorded, if anywhere."""
         self._factory = factory
-        self.local = Space(None, factory(config))
+        self.local = Space(None, self._make(None, config))
         self._spaces: dict[str, Space] = {}
         self._closing: dict[str, anyio.Event] = {}
         self._lock = anyio.Lock()
@@ -99,7 +103,8 @@ class Spaces:
             yield None
             return
         limit = self.config.service.max_requests
-        if space.calls >= limit:
+        # The local caller (stdio, or HTTP without authentication) is the one user there is: not capped.
+        if space.principal is not None and space.calls >= limit:
             raise TooManyRequests(
                 f"{space.name} has {space.calls} calls in progress, the most allowed (PROCESS_MAX_REQUESTS="
                 f"{limit}); wait for one to return, and use waitFor or untilExit instead of polling"
@@ -123,12 +128,34 @@ class Spaces:
                 if space is not None or (closing is None and not create):
                     return space
                 if closing is None:
-                    space = Space(name, self._factory(self.config_for(name)))
+                    space = Space(name, self._make(name, self.config_for(name)))
                     self._spaces[name] = space
                     logger.info("principal %s: new space", name)
                     return space
             # Its previous space is still being reclaimed (its container removed): wait, then make a new one.
             await closing.wait()
+
+    def _make(self, principal: str | None, config: ProcessMcpConfig) -> ProcessExecutor:
+        executor = self._factory(config)
+        audit = self.audit
+        if audit is not None:
+
+            def ended(record: ManagedProcess) -> None:
+                audit.write(
+                    {
+                        "event": "end",
+                        "principal": principal,
+                        "pid": record.pid,
+                        "command": record.command,
+                        "exitCode": record.exit_code,
+                        "signal": record.signal,
+                        "endedBy": record.ended_by,
+                        "outputBytes": record.stdout.total + record.stderr.total,
+                    }
+                )
+
+            executor.on_end = ended
+        return executor
 
     async def _start(self, space: Space) -> None:
         if space.started:

@@ -7,9 +7,12 @@ the error code and says what to do next.
 
 # No `from __future__ import annotations`: the SDK evaluates the tool signatures, whose descriptions
 # are built from the configuration at registration time.
+import re
+import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
-from typing import Annotated, TypeVar
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
 
 import anyio
 from mcp.server import MCPServer
@@ -32,6 +35,7 @@ from ..models import (
     SpawnResult,
     StdinResult,
 )
+from ..policy.audit import monotonic_ms
 from ..registry import unknown_process
 from ..waiting import Progress
 from .spaces import Spaces
@@ -82,32 +86,61 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
     # Over HTTP each principal has a workspace of its own, so no single path can be named.
     default_cwd = spaces.local.executor.workdir if config.service.transport == "stdio" else "your workspace"
 
-    @asynccontextmanager
-    async def space(ctx: Context | None, *, create: bool = True) -> AsyncIterator[ProcessExecutor | None]:
-        """The caller's executor, for one call; the call is cancelled if its HTTP client disconnects (its
-        processes keep running), so a wait nobody will read costs nothing."""
-        disconnect = _disconnect(ctx)
-        with anyio.CancelScope() as scope:
-            if disconnect is not None:
-                disconnect.watch(scope)
-            try:
-                async with spaces.use(_principal(ctx), create=create) as executor:
-                    yield executor
-            except ProcessMcpError as exc:
-                raise ToolError(str(exc)) from exc
-            finally:
-                if disconnect is not None:
-                    disconnect.unwatch(scope)
-        if scope.cancelled_caught:
-            raise ToolError("the client disconnected; the call was abandoned (its processes keep running)")
+    audit = spaces.audit
 
     @asynccontextmanager
-    async def process_space(ctx: Context | None, pid: str) -> AsyncIterator[ProcessExecutor]:
-        """The caller's executor for a call on ``pid``; a caller without a space has no processes, and
+    async def space(ctx: Context | None, call: _Call, *, create: bool = True) -> AsyncIterator[ProcessExecutor | None]:
+        """The caller's executor, for one call, which is audited; the call is cancelled if its HTTP client
+        disconnects (its processes keep running), so a wait nobody will read costs nothing."""
+        if audit is not None and audit.refusing:
+            raise ToolError(
+                "audit_unavailable: the audit log cannot be written and the operator requires it; try again later"
+            )
+        principal = _principal(ctx)
+        began = time.monotonic()
+        outcome = "ok"
+        disconnect = _disconnect(ctx)
+        try:
+            with anyio.CancelScope() as scope:
+                if disconnect is not None:
+                    disconnect.watch(scope)
+                try:
+                    async with spaces.use(principal, create=create) as executor:
+                        yield executor
+                except ProcessMcpError as exc:
+                    raise ToolError(str(exc)) from exc
+                finally:
+                    if disconnect is not None:
+                        disconnect.unwatch(scope)
+            if scope.cancelled_caught:
+                raise ToolError("client_disconnected: the call was abandoned (its processes keep running)")
+        except ToolError as exc:
+            outcome = _code(exc)
+            raise
+        except anyio.get_cancelled_exc_class():
+            outcome = "cancelled"
+            raise
+        finally:
+            if audit is not None:
+                audit.write(
+                    {
+                        "event": "call",
+                        "principal": principal,
+                        "tool": call.tool,
+                        "arguments": _audited_arguments(call.arguments, config.audit.redact),
+                        "outcome": outcome,
+                        "pid": call.pid,
+                        "durationMs": monotonic_ms(began),
+                    }
+                )
+
+    @asynccontextmanager
+    async def process_space(ctx: Context | None, call: _Call) -> AsyncIterator[ProcessExecutor]:
+        """The caller's executor for a call on a process; a caller without a space has no processes, and
         another caller's id is unknown here exactly as one that never existed."""
-        async with space(ctx, create=False) as executor:
+        async with space(ctx, call, create=False) as executor:
             if executor is None:
-                raise ToolError(str(unknown_process(pid, spaces.prefix)))
+                raise ToolError(str(unknown_process(call.pid or "", spaces.prefix)))
             yield executor
 
     @server.tool(annotations=ToolAnnotations(destructive_hint=True, open_world_hint=True))
@@ -153,9 +186,11 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
             wait_for=waitFor,
             idle_ms=idleMs,
         )
-        async with space(ctx) as executor:
+        call = _Call("spawn", options.model_dump(exclude_defaults=True))
+        async with space(ctx, call) as executor:
             assert executor is not None
             result = await _call(executor.spawn(options, _progress(ctx, "spawn")))
+            call.pid = result.pid
         label = "screen" if tty else "stdout"
         headline = f"{_headline(result.pid, result)}, {_confinement(result.sandboxed)}{_waited(result)}"
         text = f"{headline}\n{_section(label, result.stdout)}"
@@ -170,7 +205,7 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
         Each entry has pid, command, status ("running" or "terminated"), exitCode and signal once
         finished, cwd, tty, sandboxed, and createdAt. Use it to find ids for stdout, stdin and kill.
         """
-        async with space(ctx, create=False) as executor:
+        async with space(ctx, _Call("ps", {}), create=False) as executor:
             processes = [] if executor is None else await _call(executor.list_processes())
         lines = [
             f"{p.pid}  {_state(p)}  {'tty' if p.tty else 'pipe'}  {_confinement(p.sandboxed)}  {p.created_at}  "
@@ -204,7 +239,8 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
         {id, input: "1+1\\r", waitFor: ">>> $"} in a Python REPL returns "1+1\\n2\\n>>> ".
         Without a wait, call stdout to read the response.
         """
-        async with process_space(ctx, id) as executor:
+        arguments = {"id": id, "input": input, "waitFor": waitFor, "idleMs": idleMs, "waitMs": waitMs}
+        async with process_space(ctx, _Call("stdin", arguments, id)) as executor:
             result = await _call(
                 executor.stdin(id, input, wait_for=waitFor, idle_ms=idleMs, wait_ms=waitMs, progress=_progress(ctx, id))
             )
@@ -247,7 +283,9 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
         To wait instead of polling: waitFor a pattern, idleMs of quiet, or untilExit for the exit
         code and final output, all bounded by waitMs.
         """
-        async with process_space(ctx, id) as executor:
+        arguments = {"id": id, "lines": lines, "since": since, "stderrSince": stderrSince, "raw": raw,
+                     "waitFor": waitFor, "idleMs": idleMs, "untilExit": untilExit, "waitMs": waitMs}  # fmt: skip
+        async with process_space(ctx, _Call("stdout", arguments, id)) as executor:
             result = await _call(
                 executor.get_output(
                     id,
@@ -282,7 +320,7 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
         SIGTERM (default) asks it to stop; SIGKILL forces it; SIGINT is Ctrl-C. Waits up to a second
         for the process to exit and reports its status, so you know whether it is gone.
         """
-        async with process_space(ctx, id) as executor:
+        async with process_space(ctx, _Call("kill", {"id": id, "signal": signal}, id)) as executor:
             result = await _call(executor.kill(id, signal))
         return _reply(result, f"Sent {result.sent} to {result.pid}: {_state(result)}.")
 
@@ -292,6 +330,33 @@ async def _call(operation: Awaitable[_T]) -> _T:
         return await operation
     except ProcessMcpError as exc:
         raise ToolError(str(exc)) from exc
+
+
+@dataclass
+class _Call:
+    """One tool call, as the audit log records it."""
+
+    tool: str
+    arguments: dict[str, Any]
+    pid: str | None = None
+
+
+def _code(exc: ToolError) -> str:
+    """The error code a tool's error text starts with."""
+    found = re.match(r"([a-z_]+): ", str(exc))
+    return found.group(1) if found else "error"
+
+
+def _audited_arguments(arguments: dict[str, Any], redact: bool) -> dict[str, Any]:
+    """The arguments as recorded: without the unset ones and, when redacting, env values and stdin input
+    replaced by their sizes."""
+    kept = {name: value for name, value in arguments.items() if value is not None}
+    if redact:
+        if isinstance(kept.get("env"), dict):
+            kept["env"] = {name: f"<{len(str(value))} chars>" for name, value in kept["env"].items()}
+        if isinstance(kept.get("input"), str):
+            kept["input"] = f"<{len(kept['input'])} chars>"
+    return kept
 
 
 DISCONNECTED = "process_mcp.disconnected"
