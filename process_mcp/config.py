@@ -143,6 +143,12 @@ class ServiceConfig(BaseModel):
     scopes: list[str] = Field(default_factory=list)
     idle_timeout_s: float = Field(900, gt=0)
     max_requests: int = Field(32, ge=1, description="Tool calls one principal may have in progress at once.")
+    spawns_per_min: int = Field(0, ge=0, description="Spawns one caller may make in any minute; 0: no limit.")
+    log_format: Literal["text", "json"] = Field("text", description="Log lines as text, or as JSON objects.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    metrics_token: str | None = Field(
+        None, description="Bearer token for /metrics; None: /metrics answers loopback clients only."
+    )
 
     @property
     def auth_mode(self) -> Literal["tokens", "oauth", "none"] | None:
@@ -253,10 +259,18 @@ class _Environment(BaseSettings):
     PROCESS_AUTH_AUDIENCE: str | None = Field(None, description="OAuth: this server's URL, the audience JWTs must name")
     PROCESS_AUTH_JWKS: str | None = Field(None, description="OAuth: the issuer's keys, a JWKS file or https URL")
     PROCESS_AUTH_SCOPES: CommaList = Field(default_factory=list, description="OAuth: scopes every token must carry")
+    PROCESS_LOG_FORMAT: Literal["text", "json"] = Field("text", description="log lines on stderr as text or json")
+    PROCESS_LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="least severe level logged"
+    )
+    PROCESS_METRICS_TOKEN: str | None = Field(None, description="token for /metrics (unset: loopback clients only)")
     PROCESS_IDLE_TIMEOUT_S: float = Field(
         900, gt=0, description="seconds without calls or running processes before a principal's space is reclaimed"
     )
     PROCESS_MAX_REQUESTS: int = Field(32, ge=1, description="tool calls one principal may have in progress at once")
+    PROCESS_RATE_SPAWNS_PER_MIN: int = Field(
+        0, ge=0, description="spawns one caller may make in any minute (0: no limit)"
+    )
     DOCKER_IMAGE: str = Field("ubuntu:22.04", description="image of the created container")
     DOCKER_CONTAINER: str = Field("process-mcp-main", description="container name (per principal: name-principal)")
     DOCKER_VOLUME: str = Field("process-mcp-volume", description="volume mounted at /home/agent")
@@ -338,6 +352,7 @@ class _Environment(BaseSettings):
         "DEFAULT_WORKDIR",
         "PROCESS_MAX_LIFETIME_S",
         "PROCESS_AUDIT_LOG",
+        "PROCESS_METRICS_TOKEN",
         "PROCESS_AUTH_TOKENS_FILE",
         "PROCESS_AUTH_ISSUER",
         "PROCESS_AUTH_AUDIENCE",
@@ -434,6 +449,10 @@ def load_config(environ: dict[str, str] | None = None) -> ProcessMcpConfig:
             scopes=env.PROCESS_AUTH_SCOPES,
             idle_timeout_s=env.PROCESS_IDLE_TIMEOUT_S,
             max_requests=env.PROCESS_MAX_REQUESTS,
+            spawns_per_min=env.PROCESS_RATE_SPAWNS_PER_MIN,
+            metrics_token=env.PROCESS_METRICS_TOKEN,
+            log_format=env.PROCESS_LOG_FORMAT,
+            log_level=env.PROCESS_LOG_LEVEL,
         ),
     )
 

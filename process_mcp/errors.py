@@ -90,3 +90,13 @@ class PolicyDenied(ProcessMcpError):
     """The operator's command policy does not let this command run; the message names what and which setting."""
 
     code = "policy_denied"
+
+
+class RateLimited(ProcessMcpError):
+    """The caller started as many processes this minute as it may; the message says when it may again."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

@@ -12,6 +12,7 @@ import logging
 import posixpath
 import re
 import signal
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import ClassVar
@@ -89,6 +90,8 @@ class ProcessExecutor(ABC):
         self._registry = ProcessRegistry(self.prefix, config.limits.keep_terminated)
         self._starting = 0  # spawns between the limit check and the registry, so concurrent ones count
         self._policy = CommandPolicy(config.policy.command_allow, config.policy.command_deny)
+        self.on_launch: Callable[[float], None] | None = None
+        """Called with the seconds each process took to start (e.g. for metrics)."""
         self.on_end: Callable[[ManagedProcess], None] | None = None
         """Called once for each process that has exited and whose output is closed (e.g. to audit it)."""
         self._lifetimes: dict[str, asyncio.TimerHandle] = {}  # ends each process at the maximum lifetime
@@ -123,12 +126,15 @@ class ProcessExecutor(ABC):
         self._starting += 1
         # A caller that goes away (a cancelled request, a client that disconnected) must not leave a
         # process started but unrecorded, where no kill or shutdown can find it: launching is bounded.
+        launched = time.monotonic()
         with anyio.CancelScope(shield=True):
             try:
                 record.handle = await self._launch(record, env)
             finally:
                 self._starting -= 1
             self._registry.add(record)
+        if self.on_launch is not None:
+            self.on_launch(time.monotonic() - launched)
         if not record.lingering:  # it ended before it was registered (the agent can say so in one read)
             self._drop_oldest()
         elif self.config.limits.max_lifetime_s is not None:
@@ -186,6 +192,10 @@ class ProcessExecutor(ABC):
             **_cursors(record),
             **record.state(),
         )
+
+    def live_count(self) -> int:
+        """How many of its processes run now."""
+        return sum(1 for record in self._registry if record.running)
 
     async def get_process(self, pid: str) -> ProcessInfo:
         """What ps says about one process. Raises ProcessNotFound."""

@@ -21,7 +21,7 @@ from mcp_types import CallToolResult, TextContent
 
 from .helpers import WAIT_S
 
-SERVING = re.compile(r"serving on (http://\S+/mcp)")
+SERVING = re.compile(r"serving on (http://[^\s\"]+/mcp)")
 
 
 class HttpServer:

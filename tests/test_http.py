@@ -29,6 +29,7 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp_types import CallToolResult
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.authentication import AuthCredentials, AuthenticationBackend, SimpleUser
 from starlette.middleware import Middleware
@@ -745,3 +746,78 @@ def established_to(port: int) -> int:
         if int(local.split(":")[1], 16) == port and state == "01":
             count += 1
     return count
+
+
+async def test_spawns_beyond_the_rate_limit_are_refused_with_the_time_to_wait(
+    workspaces: Path, tokens_file: Path
+) -> None:
+    settings = {"PROCESS_AUTH_TOKENS_FILE": str(tokens_file), "PROCESS_RATE_SPAWNS_PER_MIN": "3"}
+    async with (
+        http_server(workspaces, **settings) as server,
+        mcp_client(server.url, ALICE) as alice,
+        mcp_client(server.url, BOB) as bob,
+    ):
+        for i in range(3):
+            assert (await call(alice, "spawn", {"command": f"echo {i}"}))["stdout"] == f"{i}\n"
+        refused = await error(alice, "spawn", {"command": "echo 3"})
+        assert "rate_limited: " in refused
+        assert "PROCESS_RATE_SPAWNS_PER_MIN=3" in refused
+        wait = float(refused.split("try again in ")[1].split(" s")[0])
+        assert 0 < wait <= 60
+        await call(alice, "ps", {})  # other tools are not limited
+        for i in range(3):
+            await call(bob, "spawn", {"command": f"echo {i}"})
+
+
+async def test_metrics_are_served_to_their_token_and_parse_as_prometheus_text(
+    workspaces: Path, tokens_file: Path, tmp_path: Path
+) -> None:
+    token = secrets.token_hex(16)
+    settings = {
+        "PROCESS_AUTH_TOKENS_FILE": str(tokens_file),
+        "PROCESS_METRICS_TOKEN": token,
+        "PROCESS_AUDIT_LOG": str(tmp_path / "audit.jsonl"),
+    }
+    async with http_server(workspaces, **settings) as server:
+        async with mcp_client(server.url, ALICE) as alice:
+            await call(alice, "spawn", {"command": "echo hello"})
+            await call(alice, "spawn", {"command": "sleep 60", "background": True})
+            await error(alice, "stdout", {"id": "host-9"})
+        async with httpx2.AsyncClient(timeout=WAIT_S) as http:
+            assert (await http.get(server.base + "/metrics")).status_code == 401
+            wrong = await http.get(server.base + "/metrics", headers={"Authorization": f"Bearer {ALICE}"})
+            assert wrong.status_code == 401
+            scraped = await http.get(server.base + "/metrics", headers={"Authorization": f"Bearer {token}"})
+        assert scraped.status_code == 200
+        samples = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(scraped.text)
+            for sample in family.samples
+        }
+    assert samples[("process_mcp_tool_calls_total", (("outcome", "ok"), ("tool", "spawn")))] == 2
+    assert samples[("process_mcp_tool_calls_total", (("outcome", "process_not_found"), ("tool", "stdout")))] == 1
+    assert samples[("process_mcp_live_processes", (("principal", "alice"),))] == 1
+    assert samples[("process_mcp_spawn_launch_seconds_count", ())] == 2
+    assert samples[("process_mcp_output_bytes_total", ())] == len("hello\n")
+    assert ("process_mcp_audit_queue_depth", ()) in samples
+
+
+async def test_without_a_metrics_token_only_this_machine_may_scrape(workspaces: Path, tokens_file: Path) -> None:
+    async with (
+        http_server(workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file)) as server,
+        httpx2.AsyncClient(timeout=WAIT_S) as http,
+    ):
+        scraped = await http.get(server.base + "/metrics")
+    assert scraped.status_code == 200
+    assert "process_mcp_tool_calls" in scraped.text
+
+
+async def test_logs_are_json_lines_on_request(workspaces: Path, tokens_file: Path) -> None:
+    settings = {"PROCESS_AUTH_TOKENS_FILE": str(tokens_file), "PROCESS_LOG_FORMAT": "json"}
+    async with http_server(workspaces, **settings) as server, mcp_client(server.url, ALICE) as alice:
+        await call(alice, "spawn", {"command": "true"})
+        await server.wait_logged("principal alice: new space")
+    entries = [json.loads(line) for line in server.log if line.strip()]
+    assert {"time", "level", "logger", "message"} <= set(entries[0])
+    assert any(entry["message"] == "principal alice: new space" for entry in entries)
+    assert any(entry["message"] == "all processes ended; bye" for entry in entries)

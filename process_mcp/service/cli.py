@@ -8,10 +8,12 @@ before it exits; over HTTP the server first stops accepting connections.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Sequence
 
 import anyio
@@ -137,15 +139,46 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     return found
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log line: time, level, logger, message (and the exception, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(form: str = "text", level: str = "INFO") -> None:
+    """Logs go to stderr (stdout may be the protocol), as text or JSON lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    if form == "json":
+        formatter: logging.Formatter = JsonFormatter()
+        formatter.converter = time.gmtime
+    else:
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     arguments = parse_arguments(argv)
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     try:
-        anyio.run(serve, configure(arguments))
+        config = configure(arguments)
+    except ProcessMcpError as exc:
+        setup_logging()
+        logger.error("%s", exc)
+        sys.exit(2)
+    setup_logging(config.service.log_format, config.service.log_level)
+    try:
+        anyio.run(serve, config)
     except ProcessMcpError as exc:
         logger.error("%s", exc)
         sys.exit(2)

@@ -7,6 +7,8 @@ Host and Origin headers are checked against DNS rebinding, bodies and connection
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import logging
 from collections.abc import Generator
@@ -19,11 +21,13 @@ from mcp.server.auth.middleware.auth_context import AuthContextMiddleware
 from mcp.server.auth.middleware.bearer_auth import BearerAuthBackend, RequireAuthMiddleware
 from mcp.server.auth.routes import build_resource_metadata_url, create_protected_resource_routes
 from mcp.server.transport_security import TransportSecuritySettings
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import AnyHttpUrl
 from starlette.applications import Starlette
 from starlette.authentication import BaseUser
 from starlette.middleware.authentication import AuthenticationMiddleware
-from starlette.responses import JSONResponse
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import BackendUnavailable, InvalidConfig
@@ -37,6 +41,9 @@ logger = logging.getLogger(__name__)
 
 MCP_PATH = "/mcp"
 """Where the MCP endpoint is served."""
+
+METRICS_PATH = "/metrics"
+"""Where the Prometheus metrics are served."""
 
 GRACEFUL_SHUTDOWN_S = 3
 """How long open connections (event streams, waits) get to finish once the server stops accepting."""
@@ -87,10 +94,11 @@ def build_app(mcp: ProcessMcpServer, *, authenticate: bool = True) -> ASGIApp:
     )
     inner.router.lifespan_context = lambda _: mcp.serving()
     watched = _WatchDisconnect(inner)
+    metrics = _MetricsEndpoint(mcp.metrics.registry, service.metrics_token)
     if not authenticate:
-        return _Front(inner, _RequireUser(watched), None)
+        return _Front(inner, _RequireUser(watched), metrics)
     if verifier is None:
-        return watched
+        return _Front(inner, watched, metrics)
     extra: Starlette | None = None
     metadata_url = None
     if isinstance(verifier, JwtVerifier):
@@ -104,7 +112,7 @@ def build_app(mcp: ProcessMcpServer, *, authenticate: bool = True) -> ASGIApp:
             )
         )
     guarded = RequireAuthMiddleware(watched, verifier.scopes if isinstance(verifier, JwtVerifier) else [], metadata_url)
-    front = _Front(inner, guarded, extra)
+    front = _Front(inner, guarded, metrics, extra)
     return AuthenticationMiddleware(AuthContextMiddleware(front), backend=BearerAuthBackend(verifier))
 
 
@@ -153,23 +161,51 @@ class _WatchDisconnect:
 
 
 class _Front:
-    """Sends requests for the MCP endpoint through the authentication check; the rest (the protected
-    resource metadata, the lifespan) straight on."""
+    """Sends requests for the MCP endpoint through the authentication check; ``/metrics`` and the
+    protected resource metadata to their own handlers; the lifespan straight on."""
 
-    def __init__(self, inner: ASGIApp, guarded: ASGIApp, extra: Starlette | None) -> None:
+    def __init__(self, inner: ASGIApp, guarded: ASGIApp, metrics: ASGIApp, extra: Starlette | None = None) -> None:
         self._inner = inner
         self._guarded = guarded
+        self._metrics = metrics
         self._extra = extra
         self._extra_paths = {getattr(route, "path", None) for route in extra.routes} if extra else set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] in self._extra_paths:
+        if scope["type"] == "http" and scope["path"] == METRICS_PATH:
+            await self._metrics(scope, receive, send)
+        elif scope["type"] == "http" and scope["path"] in self._extra_paths:
             assert self._extra is not None
             await self._extra(scope, receive, send)
         elif scope["type"] == "lifespan":
             await self._inner(scope, receive, send)
         else:
             await self._guarded(scope, receive, send)
+
+
+class _MetricsEndpoint:
+    """``/metrics`` in Prometheus text format: with its own bearer token if one is configured, else for
+    clients on this machine only (it names principals)."""
+
+    def __init__(self, registry: CollectorRegistry, token: str | None) -> None:
+        self._registry = registry
+        self._token = hashlib.sha256(token.encode()).digest() if token else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope)
+        if not self._allowed(request):
+            response: Response = JSONResponse({"error": "forbidden"}, status_code=401 if self._token else 403)
+        else:
+            body = await anyio.to_thread.run_sync(generate_latest, self._registry)
+            response = Response(body, media_type=CONTENT_TYPE_LATEST)
+        await response(scope, receive, send)
+
+    def _allowed(self, request: Request) -> bool:
+        if self._token is not None:
+            offered = request.headers.get("authorization", "")
+            given = offered[7:] if offered.lower().startswith("bearer ") else ""
+            return hmac.compare_digest(hashlib.sha256(given.encode()).digest(), self._token)
+        return request.client is not None and is_loopback(request.client.host)
 
 
 class _RequireUser:

@@ -16,6 +16,7 @@ from ..errors import BackendUnavailable
 from ..executor import ProcessExecutor
 from ..host import HostExecutor
 from ..policy.audit import AuditLog
+from .metrics import Metrics
 from .spaces import Spaces
 from .tools import INSTRUCTIONS, register_tools
 
@@ -33,6 +34,12 @@ class ProcessMcpServer:
     def __init__(self, server: MCPServer, spaces: Spaces) -> None:
         self.server = server
         self.spaces = spaces
+
+    @property
+    def metrics(self) -> Metrics:
+        """What the server counts (Prometheus), served at /metrics over HTTP."""
+        assert self.spaces.metrics is not None
+        return self.spaces.metrics
 
     @property
     def config(self) -> ProcessMcpConfig:
@@ -117,6 +124,7 @@ async def create_process_mcp(config: ProcessMcpConfig | None = None) -> ProcessM
         audit = AuditLog(config.audit)
         audit.start()
     spaces = Spaces(config, create_executor, audit)
+    spaces.metrics = Metrics(spaces)
     if config.service.transport == "stdio":
         try:
             await spaces.start_local()

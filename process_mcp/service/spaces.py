@@ -14,21 +14,29 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 import anyio
 
 from ..config import ProcessMcpConfig
-from ..errors import TooManyRequests
+from ..errors import RateLimited, TooManyRequests
 from ..executor import ProcessExecutor
 from ..policy.audit import AuditLog
 from ..registry import ManagedProcess
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 from .auth import PRINCIPAL_NAME, principal_for_subject
 
 logger = logging.getLogger(__name__)
 
 ExecutorFactory = Callable[[ProcessMcpConfig], ProcessExecutor]
+
+RATE_WINDOW_S = 60.0
+"""The window PROCESS_RATE_SPAWNS_PER_MIN counts spawns in: any minute, not the calendar's."""
 
 RECLAIM_CHECKS_PER_TIMEOUT = 4
 """How often, per idle timeout, spaces are checked: one is reclaimed at most a quarter late."""
@@ -47,6 +55,7 @@ class Space:
         self.last_call = time.monotonic()
         self.started = False
         self.start_lock = anyio.Lock()
+        self.spawns: deque[float] = deque()  # when its spawns of the last minute were admitted
 
     @property
     def name(self) -> str:
@@ -60,6 +69,8 @@ class Spaces:
         self.config = config
         self.audit = audit
         """Where calls and process ends are recorded, if anywhere."""
+        self.metrics: Metrics | None = None
+        """What is counted, once the server has made it."""
         self._factory = factory
         self.local = Space(None, self._make(None, config))
         self._spaces: dict[str, Space] = {}
@@ -117,6 +128,26 @@ class Spaces:
             space.calls -= 1
             space.last_call = time.monotonic()
 
+    def admit_spawn(self, principal: str | None) -> None:
+        """Count a spawn against the caller's PROCESS_RATE_SPAWNS_PER_MIN; raise RateLimited beyond it."""
+        limit = self.config.service.spawns_per_min
+        if not limit:
+            return
+        space = self.local if principal is None else self._spaces.get(space_name(principal))
+        if space is None:
+            return  # its first call makes its space; the next spawn counts from there
+        now = time.monotonic()
+        while space.spawns and now - space.spawns[0] >= RATE_WINDOW_S:
+            space.spawns.popleft()
+        if len(space.spawns) >= limit:
+            wait = RATE_WINDOW_S - (now - space.spawns[0])
+            raise RateLimited(
+                f"{space.name} started {limit} processes in the last minute, the most allowed "
+                f"(PROCESS_RATE_SPAWNS_PER_MIN={limit}); try again in {wait:.1f} s",
+                retry_after_s=wait,
+            )
+        space.spawns.append(now)
+
     async def _find(self, principal: str | None, create: bool) -> Space | None:
         if principal is None:
             return self.local
@@ -135,13 +166,23 @@ class Spaces:
             # Its previous space is still being reclaimed (its container removed): wait, then make a new one.
             await closing.wait()
 
+    def all(self) -> list[Space]:
+        """Every space there is now, the local caller's first."""
+        return [self.local, *self._spaces.values()]
+
     def _make(self, principal: str | None, config: ProcessMcpConfig) -> ProcessExecutor:
         executor = self._factory(config)
-        audit = self.audit
-        if audit is not None:
 
-            def ended(record: ManagedProcess) -> None:
-                audit.write(
+        def launched(seconds: float) -> None:
+            if self.metrics is not None:
+                self.metrics.spawn_seconds.observe(seconds)
+
+        def ended(record: ManagedProcess) -> None:
+            output = record.stdout.total + record.stderr.total
+            if self.metrics is not None:
+                self.metrics.output_bytes.inc(output)
+            if self.audit is not None:
+                self.audit.write(
                     {
                         "event": "end",
                         "principal": principal,
@@ -150,11 +191,12 @@ class Spaces:
                         "exitCode": record.exit_code,
                         "signal": record.signal,
                         "endedBy": record.ended_by,
-                        "outputBytes": record.stdout.total + record.stderr.total,
+                        "outputBytes": output,
                     }
                 )
 
-            executor.on_end = ended
+        executor.on_launch = launched
+        executor.on_end = ended
         return executor
 
     async def _start(self, space: Space) -> None:

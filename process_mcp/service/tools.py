@@ -121,6 +121,8 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
             outcome = "cancelled"
             raise
         finally:
+            if spaces.metrics is not None:
+                spaces.metrics.calls.labels(call.tool, outcome).inc()
             if audit is not None:
                 audit.write(
                     {
@@ -189,6 +191,10 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
         call = _Call("spawn", options.model_dump(exclude_defaults=True))
         async with space(ctx, call) as executor:
             assert executor is not None
+            try:
+                spaces.admit_spawn(_principal(ctx))
+            except ProcessMcpError as exc:
+                raise ToolError(str(exc)) from exc
             result = await _call(executor.spawn(options, _progress(ctx, "spawn")))
             call.pid = result.pid
         label = "screen" if tty else "stdout"
