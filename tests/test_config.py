@@ -2,12 +2,14 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import tempfile
 from pathlib import Path
 
 import pytest
 
 from process_mcp import InvalidConfig, load_config
+from process_mcp.config import environment_variables
 
 
 def test_defaults_match_the_original_server() -> None:
@@ -151,3 +153,27 @@ def test_a_domain_list_takes_the_created_container_off_the_network_unless_one_is
     environ: dict[str, str], network: str
 ) -> None:
     assert load_config(environ).docker_network == network
+
+
+def test_the_readme_configuration_table_lists_every_variable_with_its_declared_default() -> None:
+    """The environment variables are declared once (config.py); the README's table must agree with it."""
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    section = text.split("\n## Configuration\n")[1].split("\n## ")[0]
+    documented: dict[str, str | None] = {}
+    for row in (line for line in section.splitlines() if line.startswith("| `")):
+        name_cell, default_cell = (cell.strip() for cell in row.strip("|").split("|")[:2])
+        names = re.findall(r"`([A-Z][A-Z0-9_]+)`", name_cell)
+        defaults = re.findall(r"`([^`]*)`", default_cell)
+        for i, name in enumerate(names):
+            documented[name] = defaults[i] if len(defaults) == len(names) else None
+    declared = {name: default for name, default, _ in environment_variables()}
+    assert sorted(set(declared) - set(documented)) == [], "declared but not in the README's table"
+    assert sorted(set(documented) - set(declared)) == [], "in the README's table but not declared"
+    for name, default in declared.items():
+        shown = documented[name]
+        if shown is None or not default:
+            continue
+        try:
+            assert float(shown) == float(default), name
+        except ValueError:
+            assert shown == default, name
