@@ -720,7 +720,55 @@ def machine() -> str:
     return f"{system}, Python {platform.python_version()}, {cpus} cores, {memory:.0f} GiB"
 
 
-FIGURE_GROUPS = (spawn_round_trip, capture, ps_latency, memory_and_startup, repl_session, http_figures, docker_figures)
+async def operator_figures(s: Settings, workdir: str) -> None:
+    """What the operator's controls cost a spawn: command policy, audit log and stats (a ps after each
+    spawn) on, beside policy and audit off, measured alternately in one run on the same machine."""
+    audit = Path(workdir) / f"bench-audit-{secrets.token_hex(4)}.jsonl"
+    plain = server(workdir, SANDBOX_ENABLED="false", PROCESS_KEEP_TERMINATED="5")
+    guarded = server(
+        workdir,
+        SANDBOX_ENABLED="false",
+        PROCESS_KEEP_TERMINATED="5",
+        PROCESS_COMMAND_DENY="rm,shutdown,reboot,curl*",
+        PROCESS_AUDIT_LOG=str(audit),
+    )
+    await plain.start()
+    await guarded.start()
+    try:
+        off: list[float] = []
+        on: list[float] = []
+        command = {"command": "true | cat && echo $(printf x) > /dev/null"}
+        for _ in range(5):
+            await plain.tool("spawn", command)
+            await guarded.tool("spawn", command)
+        for _ in range(s.spawns):
+            off += await timed(lambda: plain.tool("spawn", command), 1)
+            on += await timed(lambda: guarded.tool("spawn", command), 1)
+        await guarded.tool("ps", {})
+    finally:
+        await plain.close()
+        await guarded.close()
+        audit.unlink(missing_ok=True)
+    overhead = statistics.median(on) - statistics.median(off)
+    s.add(
+        "spawn round trip with command policy, audit log and stats on, median",
+        f"{ms(statistics.median(on))} ({overhead:+.2f} ms)",
+        f"{ms(statistics.median(off))} with both off",
+        "<= +0.5 ms",
+        overhead <= 0.5,
+    )
+
+
+FIGURE_GROUPS = (
+    spawn_round_trip,
+    capture,
+    ps_latency,
+    memory_and_startup,
+    repl_session,
+    http_figures,
+    operator_figures,
+    docker_figures,
+)
 
 
 async def main(s: Settings, only: list[str]) -> None:

@@ -31,6 +31,7 @@ from .models import (
     KillResult,
     ProcessInfo,
     ProcessOutput,
+    ProcessStats,
     SpawnOptions,
     SpawnResult,
     StdinResult,
@@ -38,6 +39,7 @@ from .models import (
 from .policy import CommandPolicy
 from .registry import ManagedProcess, ProcessRegistry
 from .signals import NON_TERMINATING, parse_signal
+from .stats import STATS_MAX_AGE_S, sample_tree
 from .terminal import strip_escapes
 from .waiting import OUTPUT_SETTLE_S, Progress, Wait, text_since, wait_exit, wait_on
 
@@ -71,6 +73,11 @@ class ProcessHandle(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release what the handle holds (descriptors, sockets); the process must be gone already."""
+
+    def tree_root(self) -> tuple[int, bool] | None:
+        """A pid on this machine whose tree is the process and its descendants, and whether that pid is
+        itself part of it; None where /proc here cannot see them (a container's agent)."""
+        return None
 
 
 class ProcessExecutor(ABC):
@@ -199,11 +206,15 @@ class ProcessExecutor(ABC):
 
     async def get_process(self, pid: str) -> ProcessInfo:
         """What ps says about one process. Raises ProcessNotFound."""
-        return self._registry.get(pid).info()
+        record = self._registry.get(pid)
+        await _refresh_stats([record], 0.0)
+        return record.info()
 
     async def list_processes(self) -> list[ProcessInfo]:
         """Every running process and the most recently finished ones, oldest first."""
-        return [record.info() for record in self._registry]
+        records = list(self._registry)
+        await _refresh_stats(records, STATS_MAX_AGE_S)
+        return [record.info() for record in records]
 
     async def get_output(
         self,
@@ -248,11 +259,13 @@ class ProcessExecutor(ABC):
             dropped += lost
         else:
             stderr = tail_lines(record.stderr, lines, complete=complete)
+        await _refresh_stats([record], 0.0)
         return ProcessOutput(
             pid=record.pid,
             stdout=stdout,
             stderr=stderr,
             dropped=dropped,
+            stats=record.stats,
             wait_result=wait_result,
             **_cursors(record),
             **record.state(),
@@ -440,6 +453,46 @@ class ProcessExecutor(ABC):
                 await ProcessExecutor._handle(record).signal(signum)
             except ProcessMcpError as exc:
                 logger.warning("cleanup could not signal %s: %s", record.pid, exc)
+
+
+async def _refresh_stats(records: list[ManagedProcess], max_age_s: float) -> None:
+    """Sample the trees of running processes whose sample is older than ``max_age_s`` (one worker
+    thread for all of them); a finished process keeps its last sample, with its final wall time."""
+    now = time.monotonic()
+    due = []
+    for record in records:
+        if record.handle is None:
+            continue
+        if not record.running:
+            if record.stats is not None and record.ended_at is not None:
+                record.stats = record.stats.model_copy(
+                    update={"wall_seconds": round(record.ended_at - record.started, 3)}
+                )
+            continue
+        root = record.handle.tree_root()
+        if root is not None and now - record.stats_at >= max_age_s:
+            due.append((record, root))
+    if not due:
+        return
+    samples = await anyio.to_thread.run_sync(lambda: [sample_tree(pid, include_root=own) for _, (pid, own) in due])
+    taken = time.monotonic()
+    for (record, _), sample in zip(due, samples, strict=True):
+        if sample is None:
+            continue
+        previous_cpu = record.stats.cpu_seconds if record.stats is not None else 0.0
+        elapsed = taken - (record.stats_at or record.started)
+        busy = max(0.0, sample.cpu_seconds - previous_cpu)
+        record.stats = ProcessStats(
+            processes=sample.processes,
+            threads=sample.threads,
+            cpu_seconds=round(sample.cpu_seconds, 2),
+            cpu_percent=round(100 * busy / elapsed, 1) if elapsed > 0 else 0.0,
+            rss_bytes=sample.rss_bytes,
+            read_bytes=sample.read_bytes,
+            written_bytes=sample.written_bytes,
+            wall_seconds=round(taken - record.started, 3),
+        )
+        record.stats_at = taken
 
 
 def _cursors(record: ManagedProcess) -> dict[str, int]:

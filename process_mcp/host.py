@@ -355,6 +355,9 @@ class _HostHandle(ProcessHandle):
         else:
             self._loop.add_reader(self._pidfd, self._on_exit)
 
+    def tree_root(self) -> tuple[int, bool] | None:
+        return self._pid, False  # bwrap's helper is the server's, not the command's
+
     @property
     def pid(self) -> int:
         """The host pid, which is also the process group id (each process starts its own session)."""

@@ -96,6 +96,19 @@ class SpawnResult(ExitState, _Progress):
     via: ProcessVia = Field("host", description=_VIA)
 
 
+class ProcessStats(_Wire):
+    """What a process and everything it started use, sampled from /proc (at most a second old)."""
+
+    processes: int = Field(description="Processes in its tree.")
+    threads: int = Field(description="Threads in its tree.")
+    cpu_seconds: float = Field(description="CPU time used so far (user and system) by the processes alive now.")
+    cpu_percent: float = Field(description="CPU used since the previous sample (or its start), 100 = one core.")
+    rss_bytes: int = Field(description="Resident memory of its tree.")
+    read_bytes: int | None = Field(None, description="Bytes read through system calls (files, pipes, sockets).")
+    written_bytes: int | None = Field(None, description="Bytes written through system calls.")
+    wall_seconds: float = Field(description="Time since it started (until it ended).")
+
+
 class ProcessInfo(ExitState):
     """One row of ps."""
 
@@ -109,6 +122,9 @@ class ProcessInfo(ExitState):
         description="True when the process runs confined: in the host sandbox (bubblewrap) or in the container.",
     )
     via: ProcessVia = Field("host", description=_VIA)
+    stats: ProcessStats | None = Field(
+        None, description="Resources of the process and its descendants; null where they cannot be read (Docker)."
+    )
 
 
 class ProcessOutput(ExitState, _Progress):
@@ -119,6 +135,9 @@ class ProcessOutput(ExitState, _Progress):
     stderr: str = Field(description="Last lines of stderr; empty for a TTY process.")
     dropped: int = Field(
         0, description="With since: bytes after the cursor that are not shown (no longer held, or beyond the limit)."
+    )
+    stats: ProcessStats | None = Field(
+        None, description="Resources of the process and its descendants; null where they cannot be read (Docker)."
     )
 
 

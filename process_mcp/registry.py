@@ -12,7 +12,7 @@ import anyio
 
 from .buffer import OutputBuffer
 from .errors import ProcessNotFound
-from .models import EndedBy, ProcessInfo, ProcessStatus, ProcessVia
+from .models import EndedBy, ProcessInfo, ProcessStats, ProcessStatus, ProcessVia
 from .signals import signal_name
 from .terminal import Terminal
 
@@ -61,6 +61,11 @@ class ManagedProcess:
         self._done = anyio.Event()
         self.last_output = time.monotonic()
         """When output last arrived (monotonic clock), for waits on a quiet process."""
+        self.started = time.monotonic()
+        self.ended_at: float | None = None
+        self.stats: ProcessStats | None = None
+        """The latest sample of what its tree uses (kept once it has ended)."""
+        self.stats_at = 0.0
         self._changed: anyio.Event | None = None  # created only while someone waits for a change
         self.stdout.on_append = self.stderr.on_append = self._output_arrived
 
@@ -107,6 +112,7 @@ class ManagedProcess:
     def finish(self, exit_code: int | None, signum: int | None = None) -> None:
         """Record the end of the process: its exit code, or the signal that ended it."""
         self.ended_by = self._cause or "exit"
+        self.ended_at = time.monotonic()
         if signum is not None:
             self.signal = signal_name(signum)
             exit_code = 128 + signum
@@ -142,6 +148,7 @@ class ManagedProcess:
             created_at=self.created_at,
             sandboxed=self.sandboxed,
             via=self.via,
+            stats=self.stats,
             **self.state(),
         )
 

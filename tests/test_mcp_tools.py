@@ -128,6 +128,7 @@ async def test_ps_lists_processes_as_text_and_structure(client: Client) -> None:
         "createdAt",
         "sandboxed",
         "via",
+        "stats",
     }
     assert "host-1  running  pipe  sandboxed" in text_of(result)
 

@@ -127,6 +127,8 @@ class AgentConnection:
 
     def __init__(self, channel: Channel, name: str, on_lost: Callable[[AgentConnection], None] | None = None) -> None:
         self.name = name
+        self.same_pids = False
+        """Whether the box's pids are this machine's (the agent runs here), so /proc can be read for stats."""
         self.hello: dict[str, Any] = {}
         self._channel = channel
         self._fd = channel.read_fd
@@ -369,6 +371,17 @@ class AgentProcess(ProcessHandle):
         self._exited = False
         for _ in range(self._open_streams):
             record.stream_opened()
+
+    def tree_root(self) -> tuple[int, bool] | None:
+        if not self.connection.same_pids or not self.leader:
+            return None
+        # Its supervisor, a subreaper, holds the leader and whatever escaped from it; itself not counted.
+        try:
+            with open(f"/proc/{self.leader}/stat", "rb") as file:
+                parent = int(file.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return None
+        return parent, False
 
     def stream_closed(self) -> None:
         if self._open_streams > 0:

@@ -79,7 +79,9 @@ class LocalAgent:
             )
         except OSError as exc:
             raise AgentUnavailable(f"cannot start {sys.executable}: {exc.strerror or exc}") from None
-        agent = cls(process, AgentConnection(_Pipes(process), name))
+        connection = AgentConnection(_Pipes(process), name)
+        connection.same_pids = True
+        agent = cls(process, connection)
         try:
             await agent.connection.connect(bootstrap_payload())
         except BaseException:

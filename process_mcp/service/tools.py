@@ -31,6 +31,7 @@ from ..models import (
     KillResult,
     ProcessList,
     ProcessOutput,
+    ProcessStats,
     SpawnOptions,
     SpawnResult,
     StdinResult,
@@ -215,7 +216,7 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
             processes = [] if executor is None else await _call(executor.list_processes())
         lines = [
             f"{p.pid}  {_state(p)}  {'tty' if p.tty else 'pipe'}  {_confinement(p.sandboxed)}  {p.created_at}  "
-            f"cwd={p.cwd}  $ {p.command}"
+            f"{_usage(p.stats)}cwd={p.cwd}  $ {p.command}"
             for p in processes
         ]
         text = "\n".join(lines) if lines else "No processes. Start one with spawn."
@@ -306,7 +307,8 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
                     progress=_progress(ctx, id),
                 )
             )
-        text = f"{_headline(result.pid, result)}{_waited(result)}\n{_section('stdout', result.stdout)}"
+        usage = f" ({_usage(result.stats).strip()})" if result.stats is not None else ""
+        text = f"{_headline(result.pid, result)}{usage}{_waited(result)}\n{_section('stdout', result.stdout)}"
         text += f"\n{_section('stderr', result.stderr)}\n{_cursor_line(result)}"
         if result.dropped:
             text += f" ({result.dropped} bytes after the cursor are no longer available)"
@@ -433,6 +435,12 @@ def _state(state: ExitState) -> str:
     if state.signal:
         return f"terminated by {state.signal} (exit code {state.exit_code}{cause})"
     return f"terminated (exit code {state.exit_code}{cause})"
+
+
+def _usage(stats: ProcessStats | None) -> str:
+    if stats is None:
+        return ""
+    return f"cpu={stats.cpu_seconds:g}s ({stats.cpu_percent:g}%) rss={stats.rss_bytes / 1048576:.1f}MiB  "
 
 
 def _headline(pid: str, state: ExitState) -> str:
