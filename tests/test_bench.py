@@ -31,7 +31,7 @@ FIGURES = [
     "spawn true round trip over HTTP (host, sandbox off)",
     "ps requests per second over HTTP, 8 concurrent clients",
     "server memory (RSS) over HTTP with principals holding processes (sandboxed)",
-    "spawn round trip with command policy, audit log and stats on",
+    "spawn round trip with command policy and audit log on",
     "spawn true round trip (docker, agent)",
     "spawn true round trip (docker, one exec per process)",
     "non-TTY capture of 20 MB (docker, agent)",
