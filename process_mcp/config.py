@@ -34,6 +34,8 @@ class Limits(BaseModel):
     keep_terminated: int = Field(20, ge=0, description="Finished processes kept for ps and stdout.")
     output_buffer_bytes: int = Field(1024 * 1024, ge=4096, description="Bytes kept per output stream.")
     max_live: int = Field(128, ge=1, description="Processes that may run at once.")
+    max_cpu_seconds: int = Field(3600, ge=1, description="Most CPU seconds a spawn's limits may ask for.")
+    max_output_mb: int = Field(1024, ge=1, description="Most output MiB a spawn's limits may ask for.")
     max_lifetime_s: float | None = Field(
         None, gt=0, description="A process still running after this long gets SIGTERM, a grace, SIGKILL; None: off."
     )
@@ -234,6 +236,8 @@ class _Environment(BaseSettings):
     PROCESS_KEEP_TERMINATED: int = Field(20, ge=0, description="finished processes kept for ps and stdout")
     PROCESS_OUTPUT_BUFFER_BYTES: int = Field(1024 * 1024, ge=4096, description="bytes kept per output stream")
     PROCESS_MAX_LIVE: int = Field(128, ge=1, description="processes that may run at once (per principal)")
+    PROCESS_MAX_CPU_SECONDS: int = Field(3600, ge=1, description="most CPU seconds a spawn's limits may ask for")
+    PROCESS_MAX_OUTPUT_MB: int = Field(1024, ge=1, description="most output MiB a spawn's limits may ask for")
     PROCESS_MAX_LIFETIME_S: float | None = Field(
         None, gt=0, description="seconds a process may run before SIGTERM, a grace, SIGKILL (unset: no limit)"
     )
@@ -385,6 +389,8 @@ def load_config(environ: dict[str, str] | None = None) -> ProcessMcpConfig:
             output_buffer_bytes=env.PROCESS_OUTPUT_BUFFER_BYTES,
             max_live=env.PROCESS_MAX_LIVE,
             max_lifetime_s=env.PROCESS_MAX_LIFETIME_S,
+            max_cpu_seconds=env.PROCESS_MAX_CPU_SECONDS,
+            max_output_mb=env.PROCESS_MAX_OUTPUT_MB,
         ),
         docker=DockerConfig(
             image=env.DOCKER_IMAGE,

@@ -30,6 +30,7 @@ from .models import (
     TERMINAL_ROWS,
     KillResult,
     ProcessInfo,
+    ProcessLimits,
     ProcessOutput,
     ProcessStats,
     SpawnOptions,
@@ -118,6 +119,7 @@ class ProcessExecutor(ABC):
         """
         command, cwd, env, timeout_s = self._check_spawn(options)
         self._policy.check(command)
+        self._check_limits(options.limits)
         wait = self._requested_wait(options.wait_for, options.idle_ms, timeout_s=timeout_s)
         self._check_live_limit()
         record = ManagedProcess(
@@ -130,6 +132,8 @@ class ProcessExecutor(ABC):
             rows=TERMINAL_ROWS,
             on_done=self._finished,
         )
+        record.limits = options.limits
+        record.on_output_limit = self._end_for_output
         self._starting += 1
         # A caller that goes away (a cancelled request, a client that disconnected) must not leave a
         # process started but unrecorded, where no kill or shutdown can find it: launching is bounded.
@@ -330,6 +334,38 @@ class ProcessExecutor(ABC):
         if self.on_end is not None:
             self.on_end(record)
         self._drop_oldest()
+
+    def _check_limits(self, limits: ProcessLimits | None) -> None:
+        """Refuse limits above the configured maxima, or limits this backend cannot apply."""
+        if limits is None:
+            return
+        maxima = {
+            "memoryMb": (limits.memory_mb, self.config.sandbox.max_memory_mb, "SANDBOX_MAX_MEMORY_MB"),
+            "cpuSeconds": (limits.cpu_seconds, self.config.limits.max_cpu_seconds, "PROCESS_MAX_CPU_SECONDS"),
+            "processes": (limits.processes, self.config.sandbox.max_processes, "SANDBOX_MAX_PROCESSES"),
+            "outputMb": (limits.output_mb, self.config.limits.max_output_mb, "PROCESS_MAX_OUTPUT_MB"),
+        }
+        for name, (asked, most, setting) in maxima.items():
+            if asked is not None and asked > most:
+                raise InvalidInput(f"limits.{name} {asked} is above the maximum {most} ({setting}); ask for less")
+
+    def _end_for_output(self, record: ManagedProcess) -> None:
+        """The process passed its output limit: SIGKILL to its group, from a task (output arrives in a callback)."""
+        handle = record.handle
+        if handle is None:
+            return
+        loop = asyncio.get_running_loop()
+
+        async def end() -> None:
+            logger.info("%s passed its output limit; ending it", record.pid)
+            try:
+                await handle.signal(signal.SIGKILL)
+            except ProcessMcpError as exc:
+                logger.warning("could not end %s at its output limit: %s", record.pid, exc)
+
+        task = loop.create_task(end())
+        self._expiring.add(task)
+        task.add_done_callback(self._expiring.discard)
 
     def _limit_lifetime(self, record: ManagedProcess, seconds: float) -> None:
         loop = asyncio.get_running_loop()

@@ -260,7 +260,7 @@ class HostExecutor(ProcessExecutor):
         assert sandbox is not None
 
         def wrap_and_start() -> tuple[_Started, str | None]:
-            launch = sandbox.wrap(record.command, record.cwd, env)
+            launch = sandbox.wrap(record.command, record.cwd, env, record.limits)
             try:
                 return starter(launch, "/"), launch.cgroup  # the sandbox changes into record.cwd itself
             except BaseException:

@@ -34,11 +34,24 @@ SINCE_MAX_BYTES = 64 * 1024
 """Most bytes of each stream a ``since`` read returns (the newest); what it skips is counted."""
 
 
-EndedBy = Literal["exit", "kill", "shutdown", "lifetime"]
+CPU_GRACE_S = 5
+"""CPU seconds between a cpuSeconds limit's SIGXCPU and the kernel's SIGKILL (for a process that catches it)."""
+
+EndedBy = Literal["exit", "kill", "shutdown", "lifetime", "limit"]
+LimitName = Literal["output", "cpu"]
 
 
 class _Wire(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, serialize_by_alias=True, frozen=True)
+
+
+class ProcessLimits(_Wire):
+    """Bounds on one process and everything it starts; each at most its configured maximum."""
+
+    memory_mb: int | None = Field(None, ge=1, description="Data memory per process in MiB (allocations beyond fail).")
+    cpu_seconds: int | None = Field(None, ge=1, description="CPU seconds per process; then SIGXCPU ends it.")
+    processes: int | None = Field(None, ge=1, description="Processes and threads it may have (forks beyond fail).")
+    output_mb: int | None = Field(None, ge=1, description="Output (stdout and stderr) in MiB; then SIGKILL ends it.")
 
 
 class SpawnOptions(_Wire):
@@ -56,6 +69,7 @@ class SpawnOptions(_Wire):
         None, description="Regular expression: return as soon as new output matches it (or at exit/timeout)."
     )
     idle_ms: int | None = Field(None, description="Return once the process has printed nothing for this long.")
+    limits: ProcessLimits | None = Field(None, description="Bounds on this process, within the configured maxima.")
 
 
 class ExitState(_Wire):
@@ -69,8 +83,9 @@ class ExitState(_Wire):
     ended_by: EndedBy | None = Field(
         None,
         description="Once terminated, why: exit (on its own), kill (the kill tool), shutdown (the server stopped), "
-        "lifetime (it ran past the maximum lifetime).",
+        "lifetime (it ran past the maximum lifetime), limit (it hit one of its limits: see limit).",
     )
+    limit: LimitName | None = Field(None, description="The limit that ended it: output or cpu.")
 
 
 class _Progress(_Wire):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import signal
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -12,7 +13,7 @@ import anyio
 
 from .buffer import OutputBuffer
 from .errors import ProcessNotFound
-from .models import EndedBy, ProcessInfo, ProcessStats, ProcessStatus, ProcessVia
+from .models import EndedBy, LimitName, ProcessInfo, ProcessLimits, ProcessStats, ProcessStatus, ProcessVia
 from .signals import signal_name
 from .terminal import Terminal
 
@@ -51,6 +52,9 @@ class ManagedProcess:
         self.exit_code: int | None = None
         self.signal: str | None = None
         self.ended_by: EndedBy | None = None
+        self.limit: LimitName | None = None
+        self.limits: ProcessLimits | None = None
+        self.on_output_limit: Callable[[ManagedProcess], None] | None = None  # called once, past output_mb
         self._cause: EndedBy | None = None  # who moved to end it, if anyone did before it exited
         self.sandboxed = False  # set by the backend when it confines the process
         self.via: ProcessVia = "host"  # set by the backend: how the process was started
@@ -90,7 +94,24 @@ class ManagedProcess:
 
     def _output_arrived(self) -> None:
         self.last_output = time.monotonic()
+        if self._past_output_limit():
+            callback, self.on_output_limit = self.on_output_limit, None
+            assert callback is not None
+            self.hit("output")
+            callback(self)
         self._wake()
+
+    def _past_output_limit(self) -> bool:
+        limits = self.limits
+        if limits is None or limits.output_mb is None or self.on_output_limit is None or self.handle is None:
+            return False
+        return self.running and self.stdout.total + self.stderr.total > limits.output_mb * 1024 * 1024
+
+    def hit(self, limit: LimitName) -> None:
+        """Note that the process is being ended for a limit."""
+        if self.running and self._cause is None:
+            self._cause = "limit"
+            self.limit = limit
 
     def _wake(self) -> None:
         if self._changed is not None:
@@ -111,6 +132,10 @@ class ManagedProcess:
 
     def finish(self, exit_code: int | None, signum: int | None = None) -> None:
         """Record the end of the process: its exit code, or the signal that ended it."""
+        cpu = self.limits is not None and self.limits.cpu_seconds is not None
+        # SIGXCPU ends the leader, or, when the shell did not exec its command, the shell reports 128+24.
+        if cpu and self._cause is None and signal.SIGXCPU in (signum, (exit_code or 0) - 128):
+            self._cause, self.limit = "limit", "cpu"
         self.ended_by = self._cause or "exit"
         self.ended_at = time.monotonic()
         if signum is not None:
@@ -137,7 +162,13 @@ class ManagedProcess:
 
     def state(self) -> dict[str, Any]:
         """The fields every reply shares: status, exit_code, signal, ended_by."""
-        return {"status": self.status, "exit_code": self.exit_code, "signal": self.signal, "ended_by": self.ended_by}
+        return {
+            "status": self.status,
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "ended_by": self.ended_by,
+            "limit": self.limit,
+        }
 
     def info(self) -> ProcessInfo:
         return ProcessInfo(

@@ -46,6 +46,7 @@ import anyio.to_thread
 from .cgroups import SandboxCgroups, join_command
 from .config import SandboxConfig
 from .errors import InvalidConfig, InvalidInput, SpawnFailed
+from .models import CPU_GRACE_S, ProcessLimits
 from .proxy import PROXY_PORT, proxy_environment
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ PROTECTED_PATHS = (
 containers, direnv, shells, desktop sessions), read-only
 wherever they are found inside a writable root unless named in SANDBOX_ALLOW_PROTECTED. A ``.git`` that
 is a file (a worktree's pointer), or a ``.git`` directory without ``hooks``, is read-only itself."""
+
 SANDBOX_PATH = "/usr/bin:/bin"
 """PATH of the launch chain inside the sandbox, which uses absolute paths anyway."""
 NOT_SEARCHED = frozenset({"node_modules", "__pycache__", ".venv", ".tox", ".mypy_cache", ".pytest_cache", ".cache"})
@@ -189,7 +191,7 @@ class Sandbox:
         real = os.path.realpath(path)
         return real in _PRIVATE_DIRS or any(_within(real, root) for root in (*self._readable, *self.writable))
 
-    def wrap(self, command: str, cwd: str, env: dict[str, str]) -> Launch:
+    def wrap(self, command: str, cwd: str, env: dict[str, str], limits: ProcessLimits | None = None) -> Launch:
         """How to run ``command`` in the sandbox in ``cwd`` with exactly ``env``; ``Launch.cgroup`` names
         the cgroups it takes, to give back once the process has ended.
 
@@ -226,14 +228,12 @@ class Sandbox:
             args += self._static
             args += self._protections()
             args += ["--remount-ro", "/"]  # the root is bwrap's own tmpfs: unsized, so never writable
-            args += ["--chdir", os.path.realpath(cwd), "--", *self._inner(command, env)]
+            args += ["--chdir", os.path.realpath(cwd), "--", *self._inner(command, env, limits)]
             cgroup = None
             if self.cgroups is not None:
-                memory = self.config.max_memory_mb * 1024 * 1024
+                processes, memory = self._bounds(limits)
                 try:
-                    cgroup, procs = self.cgroups.acquire(
-                        max_processes=self.config.max_processes, max_memory_bytes=memory
-                    )
+                    cgroup, procs = self.cgroups.acquire(max_processes=processes, max_memory_bytes=memory)
                 except OSError as exc:
                     raise SpawnFailed(f"the sandbox's cgroups could not be set up: {exc}") from None
                 args = join_command(procs, args)
@@ -336,10 +336,18 @@ class Sandbox:
             )
         return True
 
-    def _inner(self, command: str, env: dict[str, str]) -> list[str]:
+    def _bounds(self, limits: ProcessLimits | None) -> tuple[int, int]:
+        """Processes and memory bytes for one sandbox: the spawn's limits, else the configured ones."""
+        processes = (limits.processes if limits else None) or self.config.max_processes
+        memory_mb = (limits.memory_mb if limits else None) or self.config.max_memory_mb
+        return processes, memory_mb * 1024 * 1024
+
+    def _inner(self, command: str, env: dict[str, str], bounds: ProcessLimits | None = None) -> list[str]:
         """The chain inside the sandbox: signal defaults, limits, then the command with ``env`` alone."""
-        memory = self.config.max_memory_mb * 1024 * 1024
-        limits = [self.tools.prlimit, f"--nproc={self.config.max_processes}", f"--data={memory}"]
+        processes, memory = self._bounds(bounds)
+        limits = [self.tools.prlimit, f"--nproc={processes}", f"--data={memory}"]
+        if bounds is not None and bounds.cpu_seconds is not None:
+            limits.append(f"--cpu={bounds.cpu_seconds}:{bounds.cpu_seconds + CPU_GRACE_S}")
         assignments = [f"{name}={value}" for name, value in {**self._proxy_env(), **env}.items()]
         chain = [*limits, "--", self.tools.env, "-i", *assignments, self.tools.shell, "-c", command]
         if self.proxy_socket is not None:

@@ -49,7 +49,7 @@ async def test_the_five_tools_keep_the_original_parameters_and_only_add_optional
     assert set(tools) == {"spawn", "ps", "stdin", "stdout", "kill"}
     spawn = tools["spawn"].input_schema
     original = {"command", "cwd", "env", "tty", "background", "timeoutMs"}
-    assert set(spawn["properties"]) == original | {"waitFor", "idleMs"}
+    assert set(spawn["properties"]) == original | {"waitFor", "idleMs", "limits"}
     assert spawn["required"] == ["command"]
     stdin = tools["stdin"].input_schema
     assert set(stdin["properties"]) == {"id", "input", "waitFor", "idleMs", "waitMs"}
@@ -76,6 +76,7 @@ async def test_spawn_replies_with_structured_content_and_readable_text(client: C
         "exitCode": 3,
         "signal": None,
         "endedBy": "exit",
+        "limit": None,
         "stdout": "out\n",
         "stderr": "err\n",
         "sandboxed": True,
@@ -107,6 +108,7 @@ async def test_a_tty_session_driven_through_the_tools(client: Client) -> None:
         "exitCode": 137,
         "signal": "SIGKILL",
         "endedBy": "kill",
+        "limit": None,
     }
 
 
@@ -123,6 +125,7 @@ async def test_ps_lists_processes_as_text_and_structure(client: Client) -> None:
         "exitCode",
         "signal",
         "endedBy",
+        "limit",
         "cwd",
         "tty",
         "createdAt",

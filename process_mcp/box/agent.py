@@ -31,6 +31,7 @@ import errno
 import fcntl
 import json
 import os
+import resource
 import select
 import selectors
 import signal
@@ -292,6 +293,9 @@ def receive_order(order: socket.socket) -> tuple[dict[str, Any], dict[str, str],
     return order_fields["spec"], order_fields["env"], fds
 
 
+LIMITS = {"cpu": resource.RLIMIT_CPU, "data": resource.RLIMIT_DATA, "nproc": resource.RLIMIT_NPROC}
+
+
 def supervise(
     spec: dict[str, Any], env: dict[str, str], stdio: tuple[int, int, int], status: int, lifeline: int, wake: int
 ) -> None:
@@ -307,6 +311,9 @@ def supervise(
         report(error="nocwd", message=str(exc))
         os._exit(0)
     try:
+        for name, (soft, hard) in (spec.get("rlimits") or {}).items():
+            # Set on the supervisor, inherited by the command: posix_spawn offers no rlimit of its own.
+            resource.setrlimit(LIMITS[name], (soft, hard))
         leader = _start_leader(spec, env, stdio)
     except OSError as exc:
         report(error="exec", message=f"{SHELL}: {exc.strerror or exc}")

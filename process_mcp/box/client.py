@@ -23,7 +23,7 @@ import anyio
 
 from ..errors import InvalidInput, KillFailed, SpawnFailed, StdinFailed
 from ..executor import ProcessHandle
-from ..models import TERMINAL_COLS, TERMINAL_ROWS
+from ..models import CPU_GRACE_S, TERMINAL_COLS, TERMINAL_ROWS, ProcessLimits
 from ..registry import ManagedProcess
 from ..streams import STDIN_WRITE_TIMEOUT_S, wait_writable
 from . import protocol
@@ -179,6 +179,8 @@ class AgentConnection:
             "cols": TERMINAL_COLS,
             "rows": TERMINAL_ROWS,
         }
+        if record.limits is not None:
+            spec["rlimits"] = rlimits(record.limits)
         try:
             await self._send(protocol.message(protocol.SPAWN, number, **spec))
             answer = await self._answer(started, REQUEST_TIMEOUT_S, "spawn")
@@ -357,6 +359,18 @@ class AgentConnection:
         self._waiters.clear()
         for process in list(self._processes.values()):
             process.lost()
+
+
+def rlimits(limits: ProcessLimits) -> dict[str, list[int]]:
+    """The resource limits (soft, hard) the agent's supervisor sets before it starts the command."""
+    found: dict[str, list[int]] = {}
+    if limits.cpu_seconds is not None:
+        found["cpu"] = [limits.cpu_seconds, limits.cpu_seconds + CPU_GRACE_S]
+    if limits.memory_mb is not None:
+        found["data"] = [limits.memory_mb * 1024 * 1024] * 2
+    if limits.processes is not None:
+        found["nproc"] = [limits.processes] * 2
+    return found
 
 
 class AgentProcess(ProcessHandle):

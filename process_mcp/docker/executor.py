@@ -32,7 +32,7 @@ import anyio.to_thread
 
 from ..box.client import BOOTSTRAP, AgentConnection, AgentUnavailable, bootstrap_payload
 from ..config import DOCKER_WORKDIR, ProcessMcpConfig
-from ..errors import BackendUnavailable, KillFailed, SpawnFailed
+from ..errors import BackendUnavailable, InvalidInput, KillFailed, SpawnFailed
 from ..executor import ProcessExecutor, ProcessHandle
 from ..models import TTY_TERM
 from ..proxy import PROXY_PORT, proxy_environment
@@ -404,6 +404,11 @@ class DockerExecutor(ProcessExecutor):
         record.via = self.via
         if self.via == "agent":
             return await self._launch_with_agent(record, env)
+        if record.limits is not None:
+            raise InvalidInput(
+                "limits need the agent in the container (python3 >= 3.8 in the image); this container starts "
+                "each process with an exec of its own, which cannot bound it: spawn without limits"
+            )
         return await self._per_exec.launch(record, env)
 
     async def _launch_with_agent(self, record: ManagedProcess, env: dict[str, str]) -> ProcessHandle:

@@ -29,6 +29,7 @@ from ..models import (
     DEFAULT_LINES,
     ExitState,
     KillResult,
+    ProcessLimits,
     ProcessList,
     ProcessOutput,
     ProcessStats,
@@ -163,6 +164,14 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
         ] = None,
         waitFor: WaitFor = None,
         idleMs: IdleMs = None,
+        limits: Annotated[
+            ProcessLimits | None,
+            Field(
+                description="Bounds on this process and what it starts: memoryMb (data memory per process), "
+                "cpuSeconds (CPU per process, then SIGXCPU), processes, outputMb (then SIGKILL); each at most "
+                "the server's maximum. A result ended by one says endedBy 'limit' and which in limit."
+            ),
+        ] = None,
         ctx: Context | None = None,
     ) -> Annotated[CallToolResult, SpawnResult]:
         """Run a shell command and wait for it to finish, up to timeoutMs.
@@ -188,6 +197,7 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
             timeout_ms=timeoutMs,
             wait_for=waitFor,
             idle_ms=idleMs,
+            limits=limits,
         )
         call = _Call("spawn", options.model_dump(exclude_defaults=True))
         async with space(ctx, call) as executor:
@@ -432,6 +442,8 @@ def _state(state: ExitState) -> str:
     if state.status == "running":
         return "running"
     cause = f", ended by {state.ended_by}" if state.ended_by not in (None, "exit") else ""
+    if state.limit is not None:
+        cause += f" ({state.limit})"
     if state.signal:
         return f"terminated by {state.signal} (exit code {state.exit_code}{cause})"
     return f"terminated (exit code {state.exit_code}{cause})"

@@ -1,0 +1,111 @@
+"""Per-process limits: each hit for real, on the host (sandboxed and not) and in Docker through the agent."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from docker.models.containers import Container
+
+from process_mcp import (
+    DockerExecutor,
+    HostExecutor,
+    InvalidInput,
+    ProcessExecutor,
+    ProcessLimits,
+    SandboxConfig,
+    SpawnOptions,
+)
+
+from .conftest import docker_config, host_config
+
+pytestmark = pytest.mark.anyio
+
+CPU_BURNER = "python3 -c 'while True: pass'"
+
+
+@pytest.fixture(params=["host", "host-unsandboxed", "docker"])
+def backend(request: pytest.FixtureRequest) -> str:
+    if request.param == "docker":
+        request.applymarker(pytest.mark.docker)
+    return str(request.param)
+
+
+@pytest.fixture
+async def executor(request: pytest.FixtureRequest, backend: str, workdir: str) -> AsyncIterator[ProcessExecutor]:
+    ex: ProcessExecutor
+    if backend.startswith("host"):
+        ex = HostExecutor(host_config(workdir, sandbox=SandboxConfig(enabled=backend == "host", required=True)))
+    else:
+        container: Container = request.getfixturevalue("shared_container")
+        ex = DockerExecutor(docker_config(str(container.name), workdir, use_existing=True))
+    await ex.start()
+    try:
+        yield ex
+    finally:
+        await ex.cleanup()
+
+
+async def test_a_process_past_its_output_limit_is_killed_and_says_so(executor: ProcessExecutor) -> None:
+    limited = await executor.spawn(
+        SpawnOptions(command="head -c 50000000 /dev/zero", limits=ProcessLimits(output_mb=1), timeout_ms=20000)
+    )
+    assert (limited.status, limited.signal, limited.ended_by, limited.limit) == (
+        "terminated",
+        "SIGKILL",
+        "limit",
+        "output",
+    )
+    free = await executor.spawn(SpawnOptions(command="head -c 500000 /dev/zero", limits=ProcessLimits(output_mb=1)))
+    assert (free.exit_code, free.ended_by, free.limit) == (0, "exit", None)
+
+
+async def test_a_process_past_its_cpu_limit_is_ended_by_sigxcpu_and_says_so(executor: ProcessExecutor) -> None:
+    limited = await executor.spawn(
+        SpawnOptions(command=CPU_BURNER, limits=ProcessLimits(cpu_seconds=1), timeout_ms=30000)
+    )
+    assert (limited.ended_by, limited.limit) == ("limit", "cpu")
+    assert limited.signal == "SIGXCPU" or limited.exit_code == 128 + 24  # the shell reports its child's end
+    quick = await executor.spawn(SpawnOptions(command="python3 -c 'print(1)'", limits=ProcessLimits(cpu_seconds=1)))
+    assert (quick.exit_code, quick.ended_by) == (0, "exit")
+
+
+async def test_memory_beyond_the_limit_cannot_be_had_and_within_it_can(executor: ProcessExecutor) -> None:
+    grab = "python3 -c 'b = bytearray({mb} * 1024 * 1024); print(\"got\", len(b) >> 20)'"
+    refused = await executor.spawn(SpawnOptions(command=grab.format(mb=200), limits=ProcessLimits(memory_mb=64)))
+    assert refused.exit_code != 0
+    assert "MemoryError" in refused.stderr
+    allowed = await executor.spawn(SpawnOptions(command=grab.format(mb=16), limits=ProcessLimits(memory_mb=64)))
+    assert allowed.stdout == "got 16\n"
+
+
+async def test_limits_above_the_configured_maximum_are_refused(executor: ProcessExecutor) -> None:
+    with pytest.raises(InvalidInput, match="PROCESS_MAX_CPU_SECONDS"):
+        await executor.spawn(SpawnOptions(command="true", limits=ProcessLimits(cpu_seconds=10**6)))
+    with pytest.raises(InvalidInput, match="SANDBOX_MAX_MEMORY_MB"):
+        await executor.spawn(SpawnOptions(command="true", limits=ProcessLimits(memory_mb=10**7)))
+
+
+async def test_the_sandbox_bounds_a_process_tree_to_its_processes_limit(workdir: str) -> None:
+    ex = HostExecutor(host_config(workdir, sandbox=SandboxConfig(required=True)))
+    await ex.start()
+    try:
+        forks = "for i in $(seq 40); do sleep 5 & done 2>&1; echo started"
+        limited = await ex.spawn(SpawnOptions(command=forks, limits=ProcessLimits(processes=10), timeout_ms=20000))
+        assert "fork" in (limited.stdout + limited.stderr).lower()
+        free = await ex.spawn(SpawnOptions(command=forks.replace("40", "5"), limits=ProcessLimits(processes=10)))
+        assert "fork" not in (free.stdout + free.stderr).lower()
+    finally:
+        await ex.cleanup()
+
+
+@pytest.mark.docker
+async def test_the_exec_per_process_path_refuses_limits_it_cannot_apply(shared_container: Container) -> None:
+    ex = DockerExecutor(docker_config(str(shared_container.name), "/tmp", use_existing=True, agent=False))
+    await ex.start()
+    try:
+        with pytest.raises(InvalidInput, match="limits need the agent"):
+            await ex.spawn(SpawnOptions(command="true", limits=ProcessLimits(output_mb=1)))
+        assert (await ex.spawn(SpawnOptions(command="echo ok"))).stdout == "ok\n"
+    finally:
+        await ex.cleanup()
