@@ -40,7 +40,7 @@ from .models import (
 from .policy import CommandPolicy
 from .registry import ManagedProcess, ProcessRegistry
 from .signals import NON_TERMINATING, parse_signal
-from .stats import STATS_MAX_AGE_S, sample_tree
+from .stats import STATS_MAX_AGE_S, TreeSample, sample_tree
 from .terminal import strip_escapes
 from .waiting import OUTPUT_SETTLE_S, Progress, Wait, text_since, wait_exit, wait_on
 
@@ -78,6 +78,11 @@ class ProcessHandle(ABC):
     def tree_root(self) -> tuple[int, bool] | None:
         """A pid on this machine whose tree is the process and its descendants, and whether that pid is
         itself part of it; None where /proc here cannot see them (a container's agent)."""
+        return None
+
+    async def sample(self) -> TreeSample | None:
+        """What the process's tree uses, measured where it runs, for a handle without a ``tree_root``;
+        None where it cannot be measured."""
         return None
 
 
@@ -508,11 +513,24 @@ async def _refresh_stats(records: list[ManagedProcess], max_age_s: float) -> Non
         root = record.handle.tree_root()
         if root is not None and now - record.stats_at >= max_age_s:
             due.append((record, root))
-    if not due:
+    remote = [r for r in records if r.running and r.handle is not None and r.handle.tree_root() is None]
+    remote = [r for r in remote if now - r.stats_at >= max_age_s]
+    if not due and not remote:
         return
     samples = await anyio.to_thread.run_sync(lambda: [sample_tree(pid, include_root=own) for _, (pid, own) in due])
+    measured: list[TreeSample | None] = [None] * len(remote)
+
+    async def measure(i: int, handle: ProcessHandle) -> None:
+        measured[i] = await handle.sample()
+
+    async with anyio.create_task_group() as tasks:
+        for i, record in enumerate(remote):
+            assert record.handle is not None
+            tasks.start_soon(measure, i, record.handle)
     taken = time.monotonic()
-    for (record, _), sample in zip(due, samples, strict=True):
+    pairs = [(record, sample) for (record, _), sample in zip(due, samples, strict=True)]
+    pairs += list(zip(remote, measured, strict=True))
+    for record, sample in pairs:
         if sample is None:
             continue
         previous_cpu = record.stats.cpu_seconds if record.stats is not None else 0.0

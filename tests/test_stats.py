@@ -1,4 +1,5 @@
-"""Stats of a known workload, read from /proc for real processes on the host (sandboxed or not)."""
+"""Stats of a known workload for real processes: read from /proc on the host (sandboxed or not), and
+by the agent in the container."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ from collections.abc import AsyncIterator
 
 import anyio
 import pytest
+from docker.models.containers import Container
 
-from process_mcp import HostExecutor, ProcessExecutor, SandboxConfig, SpawnOptions
+from process_mcp import DockerExecutor, HostExecutor, ProcessExecutor, SandboxConfig, SpawnOptions
 
-from .conftest import host_config
+from .conftest import docker_config, host_config
 from .helpers import WAIT_S, wait_for_output
 
 pytestmark = pytest.mark.anyio
@@ -20,9 +22,21 @@ ALLOCATE_100_MB = (
 )
 
 
-@pytest.fixture(params=["host", "host-unsandboxed"])
-async def executor(request: pytest.FixtureRequest, workdir: str) -> AsyncIterator[ProcessExecutor]:
-    ex = HostExecutor(host_config(workdir, sandbox=SandboxConfig(enabled=request.param == "host", required=True)))
+@pytest.fixture(params=["host", "host-unsandboxed", "docker"])
+def backend(request: pytest.FixtureRequest) -> str:
+    if request.param == "docker":
+        request.applymarker(pytest.mark.docker)
+    return str(request.param)
+
+
+@pytest.fixture
+async def executor(request: pytest.FixtureRequest, backend: str, workdir: str) -> AsyncIterator[ProcessExecutor]:
+    ex: ProcessExecutor
+    if backend.startswith("host"):
+        ex = HostExecutor(host_config(workdir, sandbox=SandboxConfig(enabled=backend == "host", required=True)))
+    else:
+        container: Container = request.getfixturevalue("shared_container")
+        ex = DockerExecutor(docker_config(str(container.name), workdir, use_existing=True))
     await ex.start()
     try:
         yield ex

@@ -108,6 +108,41 @@ def descendants(root: int) -> list[int]:
     return found
 
 
+def sample_tree(root: int) -> dict[str, Any]:
+    """What the processes below ``root`` use: CPU, resident memory, threads, bytes read and written."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    page = os.sysconf("SC_PAGE_SIZE")
+    processes = threads = cpu_ticks = pages = read = written = 0
+    io_known = True
+    for pid in descendants(root):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        processes += 1
+        cpu_ticks += int(fields[11]) + int(fields[12])
+        threads += int(fields[17])
+        pages += int(fields[21])
+        try:
+            with open(f"/proc/{pid}/io", "rb") as io:
+                values = dict(line.split(b":", 1) for line in io.read().splitlines() if b":" in line)
+            read += int(values[b"rchar"])
+            written += int(values[b"wchar"])
+        except (OSError, KeyError, ValueError):
+            io_known = False
+    if not processes:
+        return {}
+    return {
+        "processes": processes,
+        "threads": threads,
+        "cpu_seconds": cpu_ticks / ticks,
+        "rss_bytes": pages * page,
+        "read_bytes": read if io_known else None,
+        "written_bytes": written if io_known else None,
+    }
+
+
 def signal_tree(root: int, signum: int) -> int:
     """Send ``signum`` to every process below ``root``; return how many it reached."""
     sent = 0
@@ -560,6 +595,11 @@ class Agent:
             process = self.processes.get(channel)
             sent = 0 if process is None else signal_tree(process.supervisor, int(request["signal"]))
             self.send(protocol.message(protocol.SIGNALLED, channel, seq=request["seq"], sent=sent))
+        elif kind == protocol.SAMPLE:
+            request = protocol.fields(payload)
+            process = self.processes.get(channel)
+            sample = {} if process is None else sample_tree(process.supervisor)
+            self.send(protocol.message(protocol.SAMPLED, channel, seq=request["seq"], **sample))
         elif kind == protocol.RESIZE:
             process = self.processes.get(channel)
             if process is not None and process.tty and process.input_fd >= 0:

@@ -25,6 +25,7 @@ from ..errors import InvalidInput, KillFailed, SpawnFailed, StdinFailed
 from ..executor import ProcessHandle
 from ..models import CPU_GRACE_S, TERMINAL_COLS, TERMINAL_ROWS, ProcessLimits
 from ..registry import ManagedProcess
+from ..stats import TreeSample
 from ..streams import STDIN_WRITE_TIMEOUT_S, wait_writable
 from . import protocol
 
@@ -313,7 +314,7 @@ class AgentConnection:
                 process.exited(answer)
             return
         self._said_bye = self._said_bye or kind == protocol.BYE
-        seq = int(answer.get("seq", 0)) if kind in (protocol.WRITTEN, protocol.SIGNALLED) else 0
+        seq = int(answer.get("seq", 0)) if kind in (protocol.WRITTEN, protocol.SIGNALLED, protocol.SAMPLED) else 0
         future = self._waiters.pop((kind, channel, seq), None)
         if future is not None and not future.done():
             future.set_result(answer)
@@ -455,6 +456,29 @@ class AgentProcess(ProcessHandle):
             await connection._answer(answer, REQUEST_TIMEOUT_S, "signal")
         except AgentUnavailable as exc:
             raise KillFailed(f"could not signal {self.record.pid}: {exc.reason}") from None
+
+    async def sample(self) -> TreeSample | None:
+        """What its tree uses, added up by the agent in the box (for a box whose /proc is not ours)."""
+        connection = self.connection
+        if connection.same_pids or not connection.alive or not self.leader:
+            return None
+        seq = next(connection._seq)
+        answer = connection._expect(protocol.SAMPLED, self.number, seq)
+        try:
+            await connection._send(protocol.message(protocol.SAMPLE, self.number, seq=seq))
+            fields = await connection._answer(answer, REQUEST_TIMEOUT_S, "sample")
+        except AgentUnavailable:
+            return None
+        if not fields.get("processes"):
+            return None
+        return TreeSample(
+            processes=int(fields["processes"]),
+            threads=int(fields["threads"]),
+            cpu_seconds=float(fields["cpu_seconds"]),
+            rss_bytes=int(fields["rss_bytes"]),
+            read_bytes=fields.get("read_bytes"),
+            written_bytes=fields.get("written_bytes"),
+        )
 
     async def resize(self, cols: int, rows: int) -> None:
         """Resize the process's terminal (its foreground group gets SIGWINCH)."""

@@ -33,6 +33,8 @@ SHUTDOWN = 5
 """Channel 0: end every process and exit; answered with BYE."""
 PROXY = 6
 """Channel 0, {port}: listen on 127.0.0.1:port in the box and tunnel each connection to the server."""
+SAMPLE = 7
+"""{seq}: add up what the process's tree uses; answered with SAMPLED."""
 
 # Agent to server.
 HELLO = 64
@@ -51,6 +53,8 @@ SIGNALLED = 71
 """{seq, sent}: how many processes the signal reached."""
 BYE = 72
 """Channel 0: every process is gone; the agent exits."""
+SAMPLED = 73
+"""{seq, processes, threads, cpu_seconds, rss_bytes, read_bytes, written_bytes}, or {seq} if it is gone."""
 
 # Tunnels, on channels from TUNNEL_BASE up, which the agent numbers.
 TUNNEL_OPEN = 80
