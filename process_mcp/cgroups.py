@@ -89,10 +89,19 @@ class SandboxCgroups:
             try:
                 if self._limits[name] != (max_processes, max_memory_bytes):
                     self._set_limits(name, max_processes, max_memory_bytes)
+                # A reused group still holds its last sandbox's peak; this one's starts from nothing.
+                _write(self._parents["memory"] / name / "memory.max_usage_in_bytes", "0", optional=True)
             except OSError:
                 self._free.append(name)
                 raise
         return name, [str(parent / name / "cgroup.procs") for parent in self._parents.values()]
+
+    def peak_memory(self, name: str) -> int | None:
+        """The most memory the group's sandbox used at once, or None where the kernel does not say."""
+        try:
+            return int((self._parents["memory"] / name / "memory.max_usage_in_bytes").read_text())
+        except (OSError, ValueError):
+            return None
 
     def release(self, name: str) -> None:
         """Give back the group of a sandbox that has ended."""

@@ -547,6 +547,7 @@ async def _refresh_stats(records: list[ManagedProcess], max_age_s: float) -> Non
             wall_seconds=round(taken - record.started, 3),
         )
         record.stats_at = taken
+        record.peak_rss = max(sample.rss_bytes, record.peak_rss or 0)
 
 
 def _cursors(record: ManagedProcess) -> dict[str, int]:

@@ -291,6 +291,9 @@ class HostExecutor(ProcessExecutor):
     def _release_cgroup(self, record: ManagedProcess) -> None:
         name = self._cgroup_of.pop(record.pid, None)
         if name is not None and self._sandbox is not None and self._sandbox.cgroups is not None:
+            peak = self._sandbox.cgroups.peak_memory(name)
+            if peak is not None:
+                record.peak_rss = max(peak, record.peak_rss or 0)
             self._sandbox.cgroups.release(name)
 
 

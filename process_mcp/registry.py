@@ -68,6 +68,9 @@ class ManagedProcess:
         self.started = time.monotonic()
         self.ended_at: float | None = None
         self.stats: ProcessStats | None = None
+        self.peak_rss: int | None = None
+        """Most memory its tree was seen using: its sandbox's cgroup peak where there is one, else the
+        highest sample taken."""
         """The latest sample of what its tree uses (kept once it has ended)."""
         self.stats_at = 0.0
         self._changed: anyio.Event | None = None  # created only while someone waits for a change

@@ -185,3 +185,19 @@ async def test_with_the_audit_required_calls_are_refused_while_it_cannot_be_writ
                 audit.write({"event": "probe"})
                 await anyio.sleep(0.05)
         assert (await call(connected, "spawn", {"command": "echo audited"}))["stdout"] == "audited\n"
+
+
+async def test_a_process_end_records_its_peak_memory(
+    client: tuple[Client, Path, ProcessMcpServer],
+) -> None:
+    connected, log, mcp = client
+    sandbox = mcp.executor._sandbox  # type: ignore[attr-defined]
+    if sandbox is None or sandbox.cgroups is None:
+        pytest.skip("the exact peak needs per-sandbox cgroups (a root server where the kernel allows them; CI has)")
+    grab = "python3 -c \"b = bytearray(100 * 1024 * 1024); b[::4096] = b'x' * len(b[::4096])\""
+    assert (await call(connected, "spawn", {"command": grab, "timeoutMs": 20000}))["exitCode"] == 0
+    await call(connected, "spawn", {"command": "true"})
+    await mcp.cleanup()
+    ends = [r for r in records(log) if r["event"] == "end"]
+    assert ends[0]["peakRssBytes"] >= 100 * 1024 * 1024
+    assert ends[1]["peakRssBytes"] < 50 * 1024 * 1024  # a reused cgroup starts from nothing

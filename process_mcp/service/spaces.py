@@ -192,6 +192,7 @@ class Spaces:
                         "signal": record.signal,
                         "endedBy": record.ended_by,
                         "outputBytes": output,
+                        "peakRssBytes": record.peak_rss,
                     }
                 )
 
