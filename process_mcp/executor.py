@@ -114,6 +114,10 @@ class ProcessExecutor(ABC):
         """Prepare the backend (e.g. the container); called once before the first spawn."""
         return None
 
+    async def ready(self) -> bool:
+        """Whether a spawn could start now (for a readiness probe); never raises."""
+        return True
+
     async def spawn(self, options: SpawnOptions, progress: Progress | None = None) -> SpawnResult:
         """Start ``options.command`` under /bin/sh and wait for it to exit, up to the timeout.
 

@@ -86,6 +86,10 @@ class HostExecutor(ProcessExecutor):
         sandbox that cannot run is a warning, or, with ``required``, an error on every spawn."""
         await self._prepare_sandbox()
 
+    async def ready(self) -> bool:
+        await self._prepare_sandbox()
+        return not self._sandbox_misconfigured and not (self.config.sandbox.required and self._sandbox_problem)
+
     async def _prepare_sandbox(self) -> None:
         async with self._sandbox_lock:
             if self._sandbox_checked:

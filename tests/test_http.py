@@ -821,3 +821,23 @@ async def test_logs_are_json_lines_on_request(workspaces: Path, tokens_file: Pat
     assert {"time", "level", "logger", "message"} <= set(entries[0])
     assert any(entry["message"] == "principal alice: new space" for entry in entries)
     assert any(entry["message"] == "all processes ended; bye" for entry in entries)
+
+
+async def test_health_and_readiness_answer_without_a_token_and_say_nothing_more(
+    workspaces: Path, tokens_file: Path, tmp_path: Path
+) -> None:
+    async with (
+        http_server(workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file)) as server,
+        httpx2.AsyncClient(timeout=WAIT_S) as http,
+    ):
+        for path in ("/healthz", "/readyz"):
+            answer = await http.get(server.base + path)
+            assert (answer.status_code, answer.text) == (200, "ok\n")
+    no_engine = {"PROCESS_MODE": "docker", "DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock", "DEFAULT_WORKDIR": ""}
+    async with (
+        http_server(workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file), **no_engine) as server,
+        httpx2.AsyncClient(timeout=WAIT_S) as http,
+    ):
+        assert (await http.get(server.base + "/healthz")).status_code == 200
+        answer = await http.get(server.base + "/readyz")
+        assert (answer.status_code, answer.text) == (503, "not ready\n")

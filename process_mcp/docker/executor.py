@@ -75,6 +75,10 @@ _SWEEP_SCRIPT = (
 ClientFactory = Callable[[], "DockerClient"]
 
 
+READY_TIMEOUT_S = 5.0
+"""Bound on asking the engine whether it answers, for a readiness probe."""
+
+
 class DockerExecutor(ProcessExecutor):
     """Runs processes as execs in one long-lived container (see ``config.docker``).
 
@@ -150,6 +154,23 @@ class DockerExecutor(ProcessExecutor):
         except BaseException:
             await self._close_backend()
             raise
+
+    async def ready(self) -> bool:
+        """Whether the engine answers (a principal's container is made on its first spawn)."""
+
+        def ping() -> bool:
+            client = self._client_factory()
+            try:
+                return bool(client.ping())
+            finally:
+                client.close()
+
+        with anyio.move_on_after(READY_TIMEOUT_S):
+            try:
+                return await anyio.to_thread.run_sync(ping, abandon_on_cancel=True)
+            except engine.docker_errors():
+                return False
+        return False
 
     async def _start_proxy(self) -> None:
         """Start the domain proxy on a private Unix socket; the agent carries processes' connections to it."""

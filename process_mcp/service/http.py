@@ -11,7 +11,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
-from collections.abc import Generator
+from collections.abc import Awaitable, Callable, Generator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -27,7 +27,7 @@ from starlette.applications import Starlette
 from starlette.authentication import BaseUser
 from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import BackendUnavailable, InvalidConfig
@@ -44,6 +44,10 @@ MCP_PATH = "/mcp"
 
 METRICS_PATH = "/metrics"
 """Where the Prometheus metrics are served."""
+
+HEALTH_PATH = "/healthz"
+READY_PATH = "/readyz"
+PROBES = (HEALTH_PATH, READY_PATH)
 
 GRACEFUL_SHUTDOWN_S = 3
 """How long open connections (event streams, waits) get to finish once the server stops accepting."""
@@ -96,9 +100,9 @@ def build_app(mcp: ProcessMcpServer, *, authenticate: bool = True) -> ASGIApp:
     watched = _WatchDisconnect(inner)
     metrics = _MetricsEndpoint(mcp.metrics.registry, service.metrics_token)
     if not authenticate:
-        return _Front(inner, _RequireUser(watched), metrics)
+        return _Front(inner, _RequireUser(watched), metrics, mcp.spaces.ready)
     if verifier is None:
-        return _Front(inner, watched, metrics)
+        return _Front(inner, watched, metrics, mcp.spaces.ready)
     extra: Starlette | None = None
     metadata_url = None
     if isinstance(verifier, JwtVerifier):
@@ -112,7 +116,7 @@ def build_app(mcp: ProcessMcpServer, *, authenticate: bool = True) -> ASGIApp:
             )
         )
     guarded = RequireAuthMiddleware(watched, verifier.scopes if isinstance(verifier, JwtVerifier) else [], metadata_url)
-    front = _Front(inner, guarded, metrics, extra)
+    front = _Front(inner, guarded, metrics, mcp.spaces.ready, extra)
     return AuthenticationMiddleware(AuthContextMiddleware(front), backend=BearerAuthBackend(verifier))
 
 
@@ -164,7 +168,15 @@ class _Front:
     """Sends requests for the MCP endpoint through the authentication check; ``/metrics`` and the
     protected resource metadata to their own handlers; the lifespan straight on."""
 
-    def __init__(self, inner: ASGIApp, guarded: ASGIApp, metrics: ASGIApp, extra: Starlette | None = None) -> None:
+    def __init__(
+        self,
+        inner: ASGIApp,
+        guarded: ASGIApp,
+        metrics: ASGIApp,
+        ready: Callable[[], Awaitable[bool]],
+        extra: Starlette | None = None,
+    ) -> None:
+        self._ready = ready
         self._inner = inner
         self._guarded = guarded
         self._metrics = metrics
@@ -172,7 +184,9 @@ class _Front:
         self._extra_paths = {getattr(route, "path", None) for route in extra.routes} if extra else set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == METRICS_PATH:
+        if scope["type"] == "http" and scope["path"] in PROBES:
+            await self._probe(scope, receive, send)
+        elif scope["type"] == "http" and scope["path"] == METRICS_PATH:
             await self._metrics(scope, receive, send)
         elif scope["type"] == "http" and scope["path"] in self._extra_paths:
             assert self._extra is not None
@@ -181,6 +195,13 @@ class _Front:
             await self._inner(scope, receive, send)
         else:
             await self._guarded(scope, receive, send)
+
+    async def _probe(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """/healthz: the server answers; /readyz: a spawn could start now. Neither needs a token, and
+        neither says more than yes or no."""
+        ok = True if scope["path"] == HEALTH_PATH else await self._ready()
+        response = PlainTextResponse("ok\n" if ok else "not ready\n", status_code=200 if ok else 503)
+        await response(scope, receive, send)
 
 
 class _MetricsEndpoint:

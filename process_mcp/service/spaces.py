@@ -166,6 +166,10 @@ class Spaces:
             # Its previous space is still being reclaimed (its container removed): wait, then make a new one.
             await closing.wait()
 
+    async def ready(self) -> bool:
+        """Whether the backend could start a process now (the local caller's, which every space shares)."""
+        return await self.local.executor.ready()
+
     def all(self) -> list[Space]:
         """Every space there is now, the local caller's first."""
         return [self.local, *self._spaces.values()]
