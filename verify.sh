@@ -40,6 +40,13 @@ if ! command -v cc >/dev/null || ! command -v ipcmk >/dev/null; then
         echo "verify.sh: WARNING: no C compiler or ipcmk; the sandbox attack tests that need them will fail" >&2
     fi
 fi
+echo "== Compose"
+# The deployment tests bring deploy/compose.yaml up; Debian's docker-compose is Compose v1.
+if ! command -v docker-compose >/dev/null && [[ $(id -u) -eq 0 && -r /etc/debian_version ]]; then
+    apt-get install -y --no-install-recommends docker-compose >/dev/null \
+        || { apt-get update >/dev/null && apt-get install -y --no-install-recommends docker-compose >/dev/null; } \
+        || echo "verify.sh: WARNING: could not install docker-compose; the Compose test will fail" >&2
+fi
 echo "== MCP clients for the HTTP tests"
 # The TypeScript SDK and the Inspector CLI, pinned by tests/js/package-lock.json; they need Node.js 20 or newer.
 node_ok() { command -v npm >/dev/null && node -e 'process.exit(Number(process.versions.node.split(".")[0]) < 20 ? 1 : 0)' 2>/dev/null; }

@@ -147,3 +147,44 @@ async def test_the_image_runs_as_any_non_root_uid(docker_client: DockerClient, i
             assert (await call(alice, "spawn", {"command": "id -u"}))["stdout"] == "23456\n"
     finally:
         container.remove(force=True)
+
+
+async def test_the_compose_file_is_valid_and_brings_up_a_hardened_box(
+    docker_client: DockerClient, image: str, secrets_dir: Path
+) -> None:
+    compose = ["docker-compose", "-f", str(ROOT / "deploy" / "compose.yaml"), "-p", unique_name("compose")]
+    with socket_port() as port:
+        tokens = str(secrets_dir / "tokens")
+        environment = {**os.environ, "PROCESS_MCP_PORT": str(port), "PROCESS_MCP_TOKENS": tokens}
+    checked = await anyio.run_process([*compose, "config"], env=environment, check=False)
+    assert checked.returncode == 0, checked.stderr.decode()
+    config = checked.stdout.decode()
+    for hardening in ("read_only: true", "- ALL", "no-new-privileges:true", "127.0.0.1", "pids_limit: 2048"):
+        assert hardening in config
+    up = await anyio.run_process([*compose, "up", "-d"], env=environment, check=False)
+    try:
+        assert up.returncode == 0, up.stderr.decode()
+        url = f"http://127.0.0.1:{port}"
+        async with httpx2.AsyncClient(timeout=2) as http:
+            with anyio.fail_after(WAIT_S * 3):
+                while True:
+                    with contextlib.suppress(httpx2.TransportError):
+                        if (await http.get(url + "/readyz")).status_code == 200:
+                            break
+                    await anyio.sleep(0.1)
+        async with mcp_client(url + "/mcp", TOKEN) as alice:
+            assert (await call(alice, "spawn", {"command": "echo composed"}))["stdout"] == "composed\n"
+    finally:
+        with anyio.CancelScope(shield=True):
+            down = await anyio.run_process([*compose, "down", "-v"], env=environment, check=False)
+        assert down.returncode == 0, down.stderr.decode()
+
+
+@contextlib.contextmanager
+def socket_port() -> Iterator[int]:
+    """A loopback port free at this moment."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        yield probe.getsockname()[1]
