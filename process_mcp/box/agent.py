@@ -40,6 +40,7 @@ import stat
 import struct
 import sys
 import termios
+import time
 from typing import Any
 
 try:
@@ -86,8 +87,21 @@ def set_subreaper() -> bool:
         return False
 
 
-def descendants(root: int) -> list[int]:
-    """Live (not zombie) processes below ``root``, by parent links in /proc."""
+def descendants(root: int, children: dict[int, list[int]] | None = None) -> list[int]:
+    """Live (not zombie) processes below ``root``, by parent links in /proc (or in ``children``)."""
+    if children is None:
+        children = process_children()
+    found: list[int] = []
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def process_children() -> dict[int, list[int]]:
+    """Every live process's children, read from /proc."""
     children: dict[int, list[int]] = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -99,13 +113,12 @@ def descendants(root: int) -> list[int]:
             continue  # gone mid-walk
         if fields[0] != b"Z":
             children.setdefault(int(fields[1]), []).append(int(name))
-    found: list[int] = []
-    todo = [root]
-    while todo:
-        for child in children.get(todo.pop(), ()):
-            found.append(child)
-            todo.append(child)
-    return found
+    return children
+
+
+SAMPLE_MAP_AGE_S = 0.25
+"""How long one read of every process's parent serves samples: a ps asks for every process at once."""
+_sample_map: list[Any] = [0.0, {}]
 
 
 def sample_tree(root: int) -> dict[str, Any]:
@@ -114,7 +127,10 @@ def sample_tree(root: int) -> dict[str, Any]:
     page = os.sysconf("SC_PAGE_SIZE")
     processes = threads = cpu_ticks = pages = read = written = 0
     io_known = True
-    for pid in descendants(root):
+    now = time.monotonic()
+    if now - _sample_map[0] > SAMPLE_MAP_AGE_S:
+        _sample_map[:] = [now, process_children()]
+    for pid in descendants(root, _sample_map[1]):
         try:
             with open(f"/proc/{pid}/stat", "rb") as stat:
                 fields = stat.read().rsplit(b")", 1)[1].split()
