@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -18,6 +19,11 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from .errors import InvalidConfig
 from .models import DEFAULT_TIMEOUT_MS, MAX_TIMEOUT_MS
 
+DOMAIN_PATTERN = re.compile(
+    r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", re.IGNORECASE
+)
+"""An allowed domain: a host name, or ``*.`` and one (its subdomains); IP addresses match as names."""
+
 DOCKER_WORKDIR = "/home/agent"
 """Working directory inside the container; the named volume is mounted there."""
 
@@ -27,7 +33,16 @@ class Defaults(BaseModel):
         None, description="Default cwd and the sandbox's workspace; see default_host_workspace. /home/agent in Docker."
     )
     timeout_ms: int = Field(DEFAULT_TIMEOUT_MS, ge=0)
-    max_timeout_ms: int = Field(MAX_TIMEOUT_MS, ge=0)
+    max_timeout_ms: int = Field(MAX_TIMEOUT_MS, ge=1)
+
+    @model_validator(mode="after")
+    def _timeout_within_maximum(self) -> Defaults:
+        if self.timeout_ms > self.max_timeout_ms:
+            raise ValueError(
+                f"DEFAULT_TIMEOUT_MS {self.timeout_ms} is above MAX_TIMEOUT_MS {self.max_timeout_ms}; lower one or "
+                "raise the other"
+            )
+        return self
 
 
 class Limits(BaseModel):
@@ -79,6 +94,18 @@ class SandboxConfig(BaseModel):
     enabled: bool = True
     required: bool = False
     allowed_domains: list[str] = Field(default_factory=lambda: ["*"])
+
+    @field_validator("allowed_domains")
+    @classmethod
+    def _domains(cls, domains: list[str]) -> list[str]:
+        for domain in domains:
+            if domain != "*" and not DOMAIN_PATTERN.match(domain):
+                raise ValueError(
+                    f"SANDBOX_ALLOWED_DOMAINS entry {domain!r} is not a domain: write names such as example.com or "
+                    "*.example.com (subdomains), or * alone for any"
+                )
+        return domains
+
     allow_write: list[str] = Field(default_factory=list, description="Writable roots besides the workspace.")
     allow_read: list[str] = Field(default_factory=list, description="Paths shown read-only besides the system's.")
     deny_read: list[str] = Field(default_factory=list)
@@ -232,7 +259,7 @@ class _Environment(BaseSettings):
         None, description="working directory when spawn gives no cwd, and the sandbox's workspace"
     )
     DEFAULT_TIMEOUT_MS: int = Field(DEFAULT_TIMEOUT_MS, ge=0, description="how long spawn waits without timeoutMs")
-    MAX_TIMEOUT_MS: int = Field(MAX_TIMEOUT_MS, ge=0, description="cap on timeoutMs and on every wait")
+    MAX_TIMEOUT_MS: int = Field(MAX_TIMEOUT_MS, ge=1, description="cap on timeoutMs and on every wait")
     PROCESS_KEEP_TERMINATED: int = Field(20, ge=0, description="finished processes kept for ps and stdout")
     PROCESS_OUTPUT_BUFFER_BYTES: int = Field(1024 * 1024, ge=4096, description="bytes kept per output stream")
     PROCESS_MAX_LIVE: int = Field(128, ge=1, description="processes that may run at once (per principal)")
@@ -352,6 +379,23 @@ class _Environment(BaseSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
+    @field_validator("PROCESS_MODE", "PROCESS_TRANSPORT", "PROCESS_LOG_FORMAT", mode="before")
+    @classmethod
+    def _lower_case(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("PROCESS_LOG_LEVEL", mode="before")
+    @classmethod
+    def _upper_case(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("DEFAULT_WORKDIR")
+    @classmethod
+    def _absolute_workdir(cls, value: str | None) -> str | None:
+        if value is not None and not os.path.isabs(value):
+            raise ValueError(f"DEFAULT_WORKDIR {value!r} is relative; give an absolute path")
+        return value
+
     @field_validator(
         "DEFAULT_WORKDIR",
         "PROCESS_MAX_LIFETIME_S",
@@ -379,6 +423,19 @@ def load_config(environ: dict[str, str] | None = None) -> ProcessMcpConfig:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise InvalidConfig(f"bad environment: {problems}") from None
+    if env.PROCESS_MODE == "host" and env.DEFAULT_WORKDIR is not None and not os.path.isdir(env.DEFAULT_WORKDIR):
+        raise InvalidConfig(
+            f"bad environment: DEFAULT_WORKDIR {env.DEFAULT_WORKDIR} is not a directory; create it, or unset "
+            "DEFAULT_WORKDIR to use the default workspace"
+        )
+    try:
+        return _config(env)
+    except ValidationError as exc:
+        problems = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
+        raise InvalidConfig(f"bad environment: {problems}") from None
+
+
+def _config(env: _Environment) -> ProcessMcpConfig:
     return ProcessMcpConfig(
         mode=env.PROCESS_MODE,
         defaults=Defaults(

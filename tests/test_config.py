@@ -177,3 +177,39 @@ def test_the_readme_configuration_table_lists_every_variable_with_its_declared_d
             assert float(shown) == float(default), name
         except ValueError:
             assert shown == default, name
+
+
+@pytest.mark.parametrize(
+    ("environ", "named"),
+    [
+        ({"DEFAULT_WORKDIR": "relative/dir"}, "DEFAULT_WORKDIR"),
+        ({"DEFAULT_WORKDIR": "/nonexistent/process-mcp-workspace"}, "DEFAULT_WORKDIR"),
+        ({"SANDBOX_ALLOWED_DOMAINS": "example.com,!!!"}, "'!!!'"),
+        ({"SANDBOX_ALLOWED_DOMAINS": "http://x/y"}, "'http://x/y'"),
+        ({"SANDBOX_ALLOWED_DOMAINS": "exa mple.com"}, "'exa mple.com'"),
+        ({"SANDBOX_ALLOWED_DOMAINS": "*.*"}, "'*.*'"),
+        ({"MAX_TIMEOUT_MS": "0"}, "MAX_TIMEOUT_MS"),
+        ({"DEFAULT_TIMEOUT_MS": "70000"}, "DEFAULT_TIMEOUT_MS 70000 is above MAX_TIMEOUT_MS 60000"),
+    ],
+)
+def test_a_setting_that_cannot_work_stops_the_server_at_start_naming_it(environ: dict[str, str], named: str) -> None:
+    with pytest.raises(InvalidConfig) as refused:
+        load_config(environ)
+    assert named in str(refused.value)
+
+
+def test_settings_that_can_work_are_taken_as_written(tmp_path: Path) -> None:
+    config = load_config(
+        {
+            "PROCESS_MODE": "HOST",
+            "DEFAULT_WORKDIR": str(tmp_path),
+            "SANDBOX_ALLOWED_DOMAINS": "example.com,*.npmjs.org,10.0.0.1,localhost",
+            "PROCESS_LOG_LEVEL": "debug",
+        }
+    )
+    assert config.mode == "host"
+    assert config.sandbox.allowed_domains == ["example.com", "*.npmjs.org", "10.0.0.1", "localhost"]
+    assert config.service.log_level == "DEBUG"
+    assert (
+        load_config({"PROCESS_MODE": "docker", "DEFAULT_WORKDIR": "/in/the/container"}).workdir == "/in/the/container"
+    )
