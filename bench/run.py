@@ -120,10 +120,7 @@ class StdioServer:
 
     def rss_mib(self) -> float:
         assert self.proc is not None
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        raise RuntimeError("no VmRSS")
+        return rss_mib(self.proc.pid)
 
     async def close(self) -> None:
         if self.proc is None:
@@ -135,6 +132,14 @@ class StdioServer:
         except TimeoutError:
             self.proc.kill()
             await self.proc.wait()
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of ``pid`` in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
 
 
 def server(workdir: str, **env: str) -> StdioServer:
@@ -576,10 +581,7 @@ class HttpServer:
 
     def rss_mib(self) -> float:
         assert self.proc is not None
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        raise RuntimeError("no VmRSS")
+        return rss_mib(self.proc.pid)
 
     async def close(self) -> None:
         self._tokens_file.unlink(missing_ok=True)

@@ -147,15 +147,22 @@ def shared_container(docker_client: DockerClient) -> Iterator[Container]:
         volume.remove(force=True)
 
 
+def backend_config(request: pytest.FixtureRequest, backend: str, workdir: str) -> ProcessMcpConfig:
+    """The configuration a test of ``backend`` runs with (see ``backend``), to adjust before starting."""
+    if backend.startswith("host"):
+        return host_config(workdir, sandbox=SandboxConfig(enabled=backend == "host", required=True))
+    container: Container = request.getfixturevalue("shared_container")
+    return docker_config(str(container.name), workdir, use_existing=True, agent=backend == "docker")
+
+
+def executor_for(config: ProcessMcpConfig) -> ProcessExecutor:
+    return HostExecutor(config) if config.mode == "host" else DockerExecutor(config)
+
+
 @pytest.fixture
 async def executor(request: pytest.FixtureRequest, backend: str, workdir: str) -> AsyncIterator[ProcessExecutor]:
     """A started executor of each backend; every process it started is ended afterwards."""
-    ex: ProcessExecutor
-    if backend.startswith("host"):
-        ex = HostExecutor(host_config(workdir, sandbox=SandboxConfig(enabled=backend == "host", required=True)))
-    else:
-        container: Container = request.getfixturevalue("shared_container")
-        ex = DockerExecutor(docker_config(str(container.name), workdir, use_existing=True, agent=backend == "docker"))
+    ex = executor_for(backend_config(request, backend, workdir))
     await ex.start()
     if isinstance(ex, DockerExecutor):
         assert ex.via == ("exec" if backend == "docker-exec" else "agent")

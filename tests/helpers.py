@@ -6,9 +6,12 @@ import os
 import re
 import secrets
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
+from mcp import Client
+from mcp_types import CallToolResult, TextContent
 
 from process_mcp import ProcessExecutor
 
@@ -102,3 +105,25 @@ async def wait_for_sleepers(argument: str, count: int = 1) -> list[int]:
             await anyio.sleep(POLL_S)
         return found
     pytest.fail(f"{count} sleepers {argument} did not all start within {WAIT_S}s")
+
+
+def text_of(result: CallToolResult) -> str:
+    """The text a tool's reply shows."""
+    block = result.content[0]
+    assert isinstance(block, TextContent)
+    return block.text
+
+
+async def call(client: Client, tool: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    """Call ``tool``, which must succeed; its structured content."""
+    result = await client.call_tool(tool, arguments)
+    assert not result.is_error, text_of(result)
+    assert result.structured_content is not None
+    return result.structured_content
+
+
+async def error(client: Client, tool: str, arguments: dict[str, Any]) -> str:
+    """Call ``tool``, which must fail; its error text."""
+    result = await client.call_tool(tool, arguments)
+    assert result.is_error, result
+    return text_of(result)

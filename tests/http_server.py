@@ -17,7 +17,6 @@ from anyio.abc import Process
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
-from mcp_types import CallToolResult, TextContent
 
 from .helpers import WAIT_S
 
@@ -137,22 +136,3 @@ async def mcp_client(url: str, token: str | None, *, mode: str = "legacy", **opt
     http = create_mcp_http_client(headers=headers)
     async with http, Client(streamable_http_client(url, http_client=http), mode=mode, **options) as client:
         yield client
-
-
-def text_of(result: CallToolResult) -> str:
-    block = result.content[0]
-    assert isinstance(block, TextContent)
-    return block.text
-
-
-async def call(client: Client, tool: str, arguments: dict[str, Any]) -> dict[str, Any]:
-    result = await client.call_tool(tool, arguments)
-    assert not result.is_error, text_of(result)
-    assert result.structured_content is not None
-    return result.structured_content
-
-
-async def error(client: Client, tool: str, arguments: dict[str, Any]) -> str:
-    result = await client.call_tool(tool, arguments)
-    assert result.is_error, result
-    return text_of(result)

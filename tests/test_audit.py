@@ -18,8 +18,7 @@ from process_mcp import ProcessMcpServer, create_process_mcp
 from process_mcp.config import AuditConfig
 
 from .conftest import host_config
-from .helpers import WAIT_S
-from .test_mcp_tools import call, error
+from .helpers import WAIT_S, call, error
 
 pytestmark = pytest.mark.anyio
 

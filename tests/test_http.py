@@ -42,8 +42,8 @@ from process_mcp import create_process_mcp
 from process_mcp.config import environment_variables
 
 from .conftest import DEBIAN_IMAGE, host_config, unique_name
-from .helpers import WAIT_S, pid_alive, sleep_argument, wait_for_sleepers
-from .http_server import call, error, http_server, mcp_client, run_server_to_exit, text_of, write_tokens
+from .helpers import WAIT_S, call, error, pid_alive, sleep_argument, text_of, wait_for_sleepers
+from .http_server import http_server, mcp_client, run_server_to_exit, write_tokens
 
 pytestmark = pytest.mark.anyio
 

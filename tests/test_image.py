@@ -19,8 +19,8 @@ from docker.client import DockerClient
 from docker.models.containers import Container
 
 from .conftest import unique_name
-from .helpers import WAIT_S
-from .http_server import call, mcp_client
+from .helpers import WAIT_S, call
+from .http_server import mcp_client
 from .test_http import JS_CLIENTS, node_command
 
 pytestmark = [pytest.mark.anyio, pytest.mark.docker]

@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from docker.models.containers import Container
 
-from process_mcp import DockerExecutor, HostExecutor, ProcessExecutor, SandboxConfig, SpawnOptions
+from process_mcp import ProcessExecutor, SpawnOptions
 
-from .conftest import docker_config, host_config
+from .conftest import backend_config, executor_for
 from .helpers import pid_alive, sleep_argument, wait_for_exit, wait_for_output, wait_for_sleepers
 
 pytestmark = pytest.mark.anyio
@@ -19,22 +18,13 @@ LIFETIME_S = 1.0
 
 @pytest.fixture(params=["host", "host-unsandboxed", "docker"])
 def backend(request: pytest.FixtureRequest) -> str:
-    if request.param == "docker":
-        request.applymarker(pytest.mark.docker)
     return str(request.param)
 
 
 async def make_executor(request: pytest.FixtureRequest, backend: str, workdir: str) -> ProcessExecutor:
-    ex: ProcessExecutor
-    if backend.startswith("host"):
-        config = host_config(workdir, sandbox=SandboxConfig(enabled=backend == "host", required=True))
-        config.limits.max_lifetime_s = LIFETIME_S
-        ex = HostExecutor(config)
-    else:
-        container: Container = request.getfixturevalue("shared_container")
-        config = docker_config(str(container.name), workdir, use_existing=True)
-        config.limits.max_lifetime_s = LIFETIME_S
-        ex = DockerExecutor(config)
+    config = backend_config(request, backend, workdir)
+    config.limits.max_lifetime_s = LIFETIME_S
+    ex = executor_for(config)
     await ex.start()
     return ex
 

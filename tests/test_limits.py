@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 from docker.models.containers import Container
 
@@ -26,24 +24,8 @@ CPU_BURNER = "python3 -c 'while True: pass'"
 
 @pytest.fixture(params=["host", "host-unsandboxed", "docker"])
 def backend(request: pytest.FixtureRequest) -> str:
-    if request.param == "docker":
-        request.applymarker(pytest.mark.docker)
+    """The backends that can apply limits (the exec-per-process one refuses them: see the last test)."""
     return str(request.param)
-
-
-@pytest.fixture
-async def executor(request: pytest.FixtureRequest, backend: str, workdir: str) -> AsyncIterator[ProcessExecutor]:
-    ex: ProcessExecutor
-    if backend.startswith("host"):
-        ex = HostExecutor(host_config(workdir, sandbox=SandboxConfig(enabled=backend == "host", required=True)))
-    else:
-        container: Container = request.getfixturevalue("shared_container")
-        ex = DockerExecutor(docker_config(str(container.name), workdir, use_existing=True))
-    await ex.start()
-    try:
-        yield ex
-    finally:
-        await ex.cleanup()
 
 
 async def test_a_process_past_its_output_limit_is_killed_and_says_so(executor: ProcessExecutor) -> None:

@@ -8,12 +8,11 @@ from typing import Any
 
 import pytest
 from mcp import Client
-from mcp_types import CallToolResult, TextContent
 
 from process_mcp import ProcessMcpServer, create_process_mcp
 
 from .conftest import host_config
-from .helpers import WAIT_S
+from .helpers import WAIT_S, call, error, text_of
 
 pytestmark = pytest.mark.anyio
 
@@ -23,25 +22,6 @@ async def client(workdir: Path) -> AsyncIterator[Client]:
     mcp: ProcessMcpServer = await create_process_mcp(host_config(workdir))
     async with mcp, Client(mcp.server, read_timeout_seconds=WAIT_S) as connected:
         yield connected
-
-
-def text_of(result: CallToolResult) -> str:
-    block = result.content[0]
-    assert isinstance(block, TextContent)
-    return block.text
-
-
-async def call(client: Client, tool: str, arguments: dict[str, Any]) -> dict[str, Any]:
-    result = await client.call_tool(tool, arguments)
-    assert not result.is_error, text_of(result)
-    assert result.structured_content is not None
-    return result.structured_content
-
-
-async def error(client: Client, tool: str, arguments: dict[str, Any]) -> str:
-    result = await client.call_tool(tool, arguments)
-    assert result.is_error
-    return text_of(result)
 
 
 async def test_the_five_tools_keep_the_original_parameters_and_only_add_optional_ones(client: Client) -> None:

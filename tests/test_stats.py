@@ -3,15 +3,11 @@ by the agent in the container."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import anyio
 import pytest
-from docker.models.containers import Container
 
-from process_mcp import DockerExecutor, HostExecutor, ProcessExecutor, SandboxConfig, SpawnOptions
+from process_mcp import ProcessExecutor, SpawnOptions
 
-from .conftest import docker_config, host_config
 from .helpers import WAIT_S, wait_for_output
 
 pytestmark = pytest.mark.anyio
@@ -24,24 +20,8 @@ ALLOCATE_100_MB = (
 
 @pytest.fixture(params=["host", "host-unsandboxed", "docker"])
 def backend(request: pytest.FixtureRequest) -> str:
-    if request.param == "docker":
-        request.applymarker(pytest.mark.docker)
+    """The backends that report stats (the exec-per-process one cannot)."""
     return str(request.param)
-
-
-@pytest.fixture
-async def executor(request: pytest.FixtureRequest, backend: str, workdir: str) -> AsyncIterator[ProcessExecutor]:
-    ex: ProcessExecutor
-    if backend.startswith("host"):
-        ex = HostExecutor(host_config(workdir, sandbox=SandboxConfig(enabled=backend == "host", required=True)))
-    else:
-        container: Container = request.getfixturevalue("shared_container")
-        ex = DockerExecutor(docker_config(str(container.name), workdir, use_existing=True))
-    await ex.start()
-    try:
-        yield ex
-    finally:
-        await ex.cleanup()
 
 
 async def test_a_process_that_allocates_100_mb_shows_that_much_resident(executor: ProcessExecutor) -> None:
