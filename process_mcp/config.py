@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, NoDecode
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .errors import InvalidConfig
 from .models import DEFAULT_TIMEOUT_MS, MAX_TIMEOUT_MS
@@ -385,9 +385,27 @@ def _literal_case(annotation: Any) -> str | None:
     return None
 
 
+class _EnvironmentBase(BaseSettings):
+    """Validates the variables ``_raw`` read; it reads no environment of its own, so a mapping given to
+    ``load_config`` is all there is, and blank or comma-separated values are read one way."""
+
+    model_config = SettingsConfigDict(case_sensitive=True, extra="ignore")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
 _Environment = create_model(  # type: ignore[call-overload]
     "_Environment",
-    __base__=BaseSettings,
+    __base__=_EnvironmentBase,
     __doc__="The environment variables, flat, as users set them (made from the settings' declarations).",
     **{env: _variable(field) for env, (_, field) in SETTINGS.items()},
     **{env: (str | None, Field(None, description=description)) for env, description in ENGINE_VARIABLES.items()},

@@ -213,3 +213,10 @@ def test_settings_that_can_work_are_taken_as_written(tmp_path: Path) -> None:
     assert (
         load_config({"PROCESS_MODE": "docker", "DEFAULT_WORKDIR": "/in/the/container"}).workdir == "/in/the/container"
     )
+
+
+def test_a_blank_variable_is_unset_and_a_given_mapping_is_all_there_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEFAULT_WORKDIR", "")
+    monkeypatch.setenv("PROCESS_MODE", "docker")
+    assert load_config().defaults.workdir == "/home/agent"  # blank: the mode's default
+    assert load_config({}).mode == "host"  # the process environment does not leak into a given mapping
