@@ -187,3 +187,11 @@ async def test_one_call_per_step_of_a_repl_session_through_the_tools(client: Cli
     assert "wait ended: matched" in text
     assert "1024" in text
     assert f"cursor: {answer.structured_content['cursor']}" in text
+
+
+async def test_tool_descriptions_read_as_prose_without_the_code_indentation(client: Client) -> None:
+    for tool in (await client.list_tools()).tools:
+        assert tool.description
+        assert not [line for line in tool.description.splitlines() if line.startswith(" ")], tool.name
+    spawn = next(tool for tool in (await client.list_tools()).tools if tool.name == "spawn")
+    assert "waitFor" in spawn.input_schema["properties"]["background"]["description"]

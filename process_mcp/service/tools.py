@@ -7,9 +7,10 @@ the error code and says what to do next.
 
 # No `from __future__ import annotations`: the SDK evaluates the tool signatures, whose descriptions
 # are built from the configuration at registration time.
+import inspect
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
@@ -46,6 +47,7 @@ MAX_LINES = 10_000
 """Most lines one stdout call returns; more would not fit a model's context anyway."""
 
 _T = TypeVar("_T")
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 INSTRUCTIONS = """\
 Run shell commands and drive interactive programs. spawn starts a command and waits for it (up to
@@ -89,6 +91,16 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
     default_cwd = spaces.local.executor.workdir if config.service.transport == "stdio" else "your workspace"
 
     audit = spaces.audit
+
+    def tool(annotations: ToolAnnotations | None = None) -> Callable[[_F], _F]:
+        """Register a tool whose description is its docstring without the code's indentation, which the
+        model would otherwise read."""
+
+        def register(function: _F) -> _F:
+            description = inspect.cleandoc(function.__doc__ or "")
+            return server.tool(description=description, annotations=annotations)(function)
+
+        return register
 
     @asynccontextmanager
     async def space(ctx: Context | None, call: _Call, *, create: bool = True) -> AsyncIterator[ProcessExecutor | None]:
@@ -147,7 +159,7 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
                 raise ToolError(str(unknown_process(call.pid or "", spaces.prefix)))
             yield executor
 
-    @server.tool(annotations=ToolAnnotations(destructive_hint=True, open_world_hint=True))
+    @tool(ToolAnnotations(destructive_hint=True, open_world_hint=True))
     async def spawn(
         command: Annotated[str, Field(description="Shell command line, run with /bin/sh -c.")],
         cwd: Annotated[str | None, Field(description=f"Working directory (default {default_cwd}).")] = None,
@@ -157,7 +169,9 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
         tty: Annotated[
             bool, Field(description="Run in a real 120x30 terminal: for REPLs, prompts, full-screen apps.")
         ] = False,
-        background: Annotated[bool, Field(description="Return immediately, without waiting at all.")] = False,
+        background: Annotated[
+            bool, Field(description="Return at once instead of waiting for exit (waitFor and idleMs still wait).")
+        ] = False,
         timeoutMs: Annotated[
             int | None,
             Field(ge=0, description=f"Wait this long for exit (default {default_timeout}, max {max_timeout})."),
@@ -215,7 +229,7 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
             text += f"\n{_section('stderr', result.stderr)}"
         return _reply(result, text)
 
-    @server.tool(annotations=ToolAnnotations(read_only_hint=True))
+    @tool(ToolAnnotations(read_only_hint=True))
     async def ps(ctx: Context | None = None) -> Annotated[CallToolResult, ProcessList]:
         """List running processes and the most recently finished ones.
 
@@ -232,7 +246,7 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
         text = "\n".join(lines) if lines else "No processes. Start one with spawn."
         return _reply(ProcessList(processes=processes), text)
 
-    @server.tool()
+    @tool()
     async def stdin(
         id: Annotated[str, Field(description="Process id from spawn or ps, e.g. 'host-1'.")],
         input: Annotated[
@@ -269,7 +283,7 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
             text += f"\n{_cursor_line(result)}"
         return _reply(result, text)
 
-    @server.tool(annotations=ToolAnnotations(read_only_hint=True))
+    @tool(ToolAnnotations(read_only_hint=True))
     async def stdout(
         id: Annotated[str, Field(description="Process id from spawn or ps, e.g. 'host-1'.")],
         lines: Annotated[
@@ -324,7 +338,7 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
             text += f" ({result.dropped} bytes after the cursor are no longer available)"
         return _reply(result, text)
 
-    @server.tool(annotations=ToolAnnotations(destructive_hint=True))
+    @tool(ToolAnnotations(destructive_hint=True))
     async def kill(
         id: Annotated[str, Field(description="Process id from spawn or ps, e.g. 'host-1'.")],
         signal: Annotated[
