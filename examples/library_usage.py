@@ -24,6 +24,14 @@ async def wait_for(executor: ProcessExecutor, pid: str, text: str) -> str:
             await anyio.sleep(0.05)
 
 
+def say(line: str) -> None:
+    # With --serve, stdout carries the MCP protocol, so the demo's own lines go to stderr.
+    print(line, file=sys.stderr if SERVING else sys.stdout, flush=True)
+
+
+SERVING = "--serve" in sys.argv
+
+
 async def main() -> None:
     config = ProcessMcpConfig(mode="host", defaults=Defaults(timeout_ms=5000))  # works in the default workspace
     async with await create_process_mcp(config) as mcp:
@@ -31,14 +39,14 @@ async def main() -> None:
 
         # 1. A command that finishes: stdout, stderr and the exit code come back in one reply.
         result = await executor.spawn(SpawnOptions(command="echo hello; echo oops >&2; exit 3"))
-        print(f"[echo] {result.pid} exit={result.exit_code} stdout={result.stdout!r} stderr={result.stderr!r}")
+        say(f"[echo] {result.pid} exit={result.exit_code} stdout={result.stdout!r} stderr={result.stderr!r}")
 
         # 2. A Python REPL in a real terminal: type into it, read the rendered screen.
         repl = await executor.spawn(SpawnOptions(command="python3 -q", tty=True, background=True))
         await wait_for(executor, repl.pid, ">>>")
         await executor.stdin(repl.pid, "import sys; print('tty:', sys.stdin.isatty(), 6 * 7)\\r")
         screen = await wait_for(executor, repl.pid, "tty: True 42")
-        print(f"[repl] {repl.pid} screen:\n{screen}")
+        say(f"[repl] {repl.pid} screen:\n{screen}")
         await executor.stdin(repl.pid, "exit()\\r")
 
         # 3. A background process, listed by ps, then killed with its whole process group.
@@ -47,12 +55,12 @@ async def main() -> None:
         )
         await wait_for(executor, worker.pid, "tick")
         for info in await executor.list_processes():
-            print(f"[ps] {info.pid} {info.status} {info.command}")
+            say(f"[ps] {info.pid} {info.status} {info.command}")
         killed = await executor.kill(worker.pid, "SIGTERM")
-        print(f"[kill] {killed.pid} {killed.status} by {killed.signal}")
+        say(f"[kill] {killed.pid} {killed.status} by {killed.signal}")
 
         # 4. The same executor behind the five MCP tools, on stdio, for a client to drive.
-        if "--serve" in sys.argv:
+        if SERVING:
             await mcp.server.run_stdio_async()
     # Leaving the block ended every process the executor started.
 
