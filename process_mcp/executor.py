@@ -14,8 +14,8 @@ import re
 import signal
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from typing import ClassVar
+from collections.abc import Callable, Coroutine
+from typing import Any, ClassVar
 
 import anyio
 
@@ -363,7 +363,6 @@ class ProcessExecutor(ABC):
         handle = record.handle
         if handle is None:
             return
-        loop = asyncio.get_running_loop()
 
         async def end() -> None:
             logger.info("%s passed its output limit; ending it", record.pid)
@@ -372,20 +371,20 @@ class ProcessExecutor(ABC):
             except ProcessMcpError as exc:
                 logger.warning("could not end %s at its output limit: %s", record.pid, exc)
 
-        task = loop.create_task(end())
-        self._expiring.add(task)
-        task.add_done_callback(self._expiring.discard)
+        self._in_background(end())
 
     def _limit_lifetime(self, record: ManagedProcess, seconds: float) -> None:
-        loop = asyncio.get_running_loop()
-
         def expire() -> None:
             self._lifetimes.pop(record.pid, None)
-            task = loop.create_task(self._end_at_lifetime(record, seconds))
-            self._expiring.add(task)
-            task.add_done_callback(self._expiring.discard)
+            self._in_background(self._end_at_lifetime(record, seconds))
 
-        self._lifetimes[record.pid] = loop.call_later(seconds, expire)
+        self._lifetimes[record.pid] = asyncio.get_running_loop().call_later(seconds, expire)
+
+    def _in_background(self, ending: Coroutine[Any, Any, None]) -> None:
+        """Run ``ending`` (a signal to a process) as a task of its own, held until it is done."""
+        task = asyncio.get_running_loop().create_task(ending)
+        self._expiring.add(task)
+        task.add_done_callback(self._expiring.discard)
 
     async def _end_at_lifetime(self, record: ManagedProcess, seconds: float) -> None:
         """SIGTERM, a grace period, then SIGKILL, to a process (and its group) still running at its lifetime."""
@@ -501,39 +500,38 @@ class ProcessExecutor(ABC):
 
 
 async def _refresh_stats(records: list[ManagedProcess], max_age_s: float) -> None:
-    """Sample the trees of running processes whose sample is older than ``max_age_s`` (one worker
-    thread for all of them); a finished process keeps its last sample, with its final wall time."""
+    """Sample the trees of running processes whose sample is older than ``max_age_s``: those this
+    machine's /proc shows in one worker thread, the others by asking where they run, all at once. A
+    finished process keeps its last sample (``ManagedProcess.finish`` sets its final wall time)."""
     now = time.monotonic()
-    due = []
+    local: list[tuple[ManagedProcess, tuple[int, bool]]] = []
+    remote: list[tuple[ManagedProcess, ProcessHandle]] = []
     for record in records:
-        if record.handle is None:
-            continue
-        if not record.running:
-            if record.stats is not None and record.ended_at is not None:
-                record.stats = record.stats.model_copy(
-                    update={"wall_seconds": round(record.ended_at - record.started, 3)}
-                )
+        if record.handle is None or not record.running or now - record.stats_at < max_age_s:
             continue
         root = record.handle.tree_root()
-        if root is not None and now - record.stats_at >= max_age_s:
-            due.append((record, root))
-    remote = [r for r in records if r.running and r.handle is not None and r.handle.tree_root() is None]
-    remote = [r for r in remote if now - r.stats_at >= max_age_s]
-    if not due and not remote:
+        if root is None:
+            remote.append((record, record.handle))
+        else:
+            local.append((record, root))
+    if not local and not remote:
         return
-    samples = await anyio.to_thread.run_sync(lambda: [sample_tree(pid, include_root=own) for _, (pid, own) in due])
+    samples: list[TreeSample | None] = []
+    if local:
+        samples = await anyio.to_thread.run_sync(
+            lambda: [sample_tree(pid, include_root=own) for _, (pid, own) in local]
+        )
     measured: list[TreeSample | None] = [None] * len(remote)
 
     async def measure(i: int, handle: ProcessHandle) -> None:
         measured[i] = await handle.sample()
 
     async with anyio.create_task_group() as tasks:
-        for i, record in enumerate(remote):
-            assert record.handle is not None
-            tasks.start_soon(measure, i, record.handle)
+        for i, (_, handle) in enumerate(remote):
+            tasks.start_soon(measure, i, handle)
     taken = time.monotonic()
-    pairs = [(record, sample) for (record, _), sample in zip(due, samples, strict=True)]
-    pairs += list(zip(remote, measured, strict=True))
+    pairs = [(record, sample) for (record, _), sample in zip(local, samples, strict=True)]
+    pairs += [(record, sample) for (record, _), sample in zip(remote, measured, strict=True)]
     for record, sample in pairs:
         if sample is None:
             continue
@@ -548,7 +546,7 @@ async def _refresh_stats(records: list[ManagedProcess], max_age_s: float) -> Non
             rss_bytes=sample.rss_bytes,
             read_bytes=sample.read_bytes,
             written_bytes=sample.written_bytes,
-            wall_seconds=round(taken - record.started, 3),
+            wall_seconds=round((record.ended_at or taken) - record.started, 3),
         )
         record.stats_at = taken
         record.peak_rss = max(sample.rss_bytes, record.peak_rss or 0)

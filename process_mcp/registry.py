@@ -141,6 +141,8 @@ class ManagedProcess:
             self._cause, self.limit = "limit", "cpu"
         self.ended_by = self._cause or "exit"
         self.ended_at = time.monotonic()
+        if self.stats is not None:  # the last sample stands, with the time the process ran in all
+            self.stats = self.stats.model_copy(update={"wall_seconds": round(self.ended_at - self.started, 3)})
         if signum is not None:
             self.signal = signal_name(signum)
             exit_code = 128 + signum

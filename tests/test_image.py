@@ -83,12 +83,18 @@ async def base_url(container: Container) -> str:
     await anyio.to_thread.run_sync(container.reload)
     port = container.attrs["NetworkSettings"]["Ports"]["8765/tcp"][0]["HostPort"]
     url = f"http://127.0.0.1:{port}"
+    await wait_answering(url + "/healthz")
+    return url
+
+
+async def wait_answering(url: str) -> None:
+    """Wait (bounded) until ``url`` answers 200: the server in the container is up."""
     async with httpx2.AsyncClient(timeout=2) as http:
         with anyio.fail_after(WAIT_S * 3):
             while True:
                 with contextlib.suppress(httpx2.TransportError):
-                    if (await http.get(url + "/healthz")).status_code == 200:
-                        return url
+                    if (await http.get(url)).status_code == 200:
+                        return
                 await anyio.sleep(0.1)
 
 
@@ -165,13 +171,7 @@ async def test_the_compose_file_is_valid_and_brings_up_a_hardened_box(
     try:
         assert up.returncode == 0, up.stderr.decode()
         url = f"http://127.0.0.1:{port}"
-        async with httpx2.AsyncClient(timeout=2) as http:
-            with anyio.fail_after(WAIT_S * 3):
-                while True:
-                    with contextlib.suppress(httpx2.TransportError):
-                        if (await http.get(url + "/readyz")).status_code == 200:
-                            break
-                    await anyio.sleep(0.1)
+        await wait_answering(url + "/readyz")
         async with mcp_client(url + "/mcp", TOKEN) as alice:
             assert (await call(alice, "spawn", {"command": "echo composed"}))["stdout"] == "composed\n"
     finally:

@@ -218,16 +218,16 @@ class CommandPolicy:
         elif base == "busybox" and args:
             yield args
         elif base == "xargs":
-            yield _after_options(args, XARGS, where) or ["echo"]
+            yield _after_options(args, XARGS) or ["echo"]
         elif base == "find":
-            yield from _find_exec(args, where)
+            yield from _find_exec(args)
         elif base == "git":
             yield from _git_aliases(args)
         elif base in LAUNCHERS:
             launcher = LAUNCHERS[base]
             strings = _option_strings(args, launcher, where)
             yield from strings
-            rest = _after_options(args, launcher, where)
+            rest = _after_options(args, launcher)
             if base == "env":
                 rest = _skip_assignments(rest)
             if launcher.joins_rest and rest:
@@ -249,7 +249,7 @@ def _matches(pattern: str, program: str, base: str) -> bool:
     return fnmatch.fnmatchcase(program if "/" in pattern else base, pattern)
 
 
-def _after_options(args: list[str | None], launcher: _Launcher, where: str) -> list[str | None]:
+def _after_options(args: list[str | None], launcher: _Launcher) -> list[str | None]:
     """The command (with its arguments) after a launcher's options and positional arguments."""
     i = 0
     while i < len(args):
@@ -262,15 +262,10 @@ def _after_options(args: list[str | None], launcher: _Launcher, where: str) -> l
         if not arg.startswith("-") or arg == "-":
             break
         option = arg.split("=", 1)[0]
-        if option in launcher.valued or option in launcher.strings:
-            i += 1 if "=" in arg else 2
-            continue
-        if not arg.startswith("--") and any(arg.startswith(v) and len(v) == 2 for v in launcher.valued):
-            i += 1  # a short option with its value attached: -n5
-            continue
-        i += 1
-    rest = args[i + launcher.positionals :] if i + launcher.positionals <= len(args) else []
-    return rest
+        takes_value = option in launcher.valued or option in launcher.strings
+        # A flag, an option with its value attached (-n5, --signal=KILL), or one followed by its value.
+        i += 2 if takes_value and "=" not in arg else 1
+    return args[i + launcher.positionals :] if i + launcher.positionals <= len(args) else []
 
 
 def _option_strings(args: list[str | None], launcher: _Launcher, where: str) -> list[str]:
@@ -310,7 +305,7 @@ def _shell_string(args: list[str | None], where: str) -> Iterator[str]:
             return
 
 
-def _find_exec(args: list[str | None], where: str) -> Iterator[list[str | None]]:
+def _find_exec(args: list[str | None]) -> Iterator[list[str | None]]:
     for i, arg in enumerate(args):
         if arg in ("-exec", "-execdir", "-ok", "-okdir"):
             command: list[str | None] = []

@@ -103,9 +103,12 @@ async def _serve_http(mcp: ProcessMcpServer, signals: AsyncIterator[signal.Signa
         try:
             await serve(mcp, ready, stop=stop)
         finally:
-            with anyio.CancelScope(shield=True):
-                await mcp.cleanup()
-            tasks.cancel_scope.cancel()
+            # After a signal, on_signal ends every process and returns; without one (the server could
+            # not listen, or failed), end them here and stop waiting for a signal.
+            if not stop.is_set():
+                with anyio.CancelScope(shield=True):
+                    await mcp.cleanup()
+                tasks.cancel_scope.cancel()
 
 
 async def _stop_stdio_on_signal(mcp: ProcessMcpServer, signals: AsyncIterator[signal.Signals]) -> None:

@@ -86,15 +86,17 @@ def transport_security(host: str, allowed_hosts: list[str], allowed_origins: lis
     return TransportSecuritySettings(allowed_hosts=hosts, allowed_origins=origins)
 
 
-def build_app(mcp: ProcessMcpServer, *, authenticate: bool = True) -> ASGIApp:
+def build_app(mcp: ProcessMcpServer, *, authenticate: bool = True, host: str | None = None) -> ASGIApp:
     """The HTTP application of ``mcp`` (see ``ProcessMcpServer.http_app``): with ``authenticate``, behind the
-    configured authentication (none only if PROCESS_AUTH=none); without, behind the application's own."""
+    configured authentication (none only if PROCESS_AUTH=none); without, behind the application's own.
+    ``host`` (default: the configured one) is where it listens, which decides the Host names it accepts."""
     service = mcp.config.service
+    security = transport_security(host or service.host, service.allowed_hosts, service.allowed_origins)
     verifier = make_verifier(service) if authenticate else None
     inner = mcp.server.streamable_http_app(
         streamable_http_path=MCP_PATH,
         max_request_body_size=service.max_body_bytes,
-        transport_security=transport_security(service.host, service.allowed_hosts, service.allowed_origins),
+        transport_security=security,
     )
     inner.router.lifespan_context = lambda _: mcp.serving()
     watched = _WatchDisconnect(inner)
@@ -271,9 +273,7 @@ def prepare(mcp: ProcessMcpServer, host: str | None = None, port: int | None = N
             "DOCKER_USE_EXISTING cannot give each principal a container of its own; unset it to serve "
             "principals over HTTP (each gets a container created from DOCKER_IMAGE)"
         )
-    if not is_loopback(host):
-        transport_security(host, service.allowed_hosts, service.allowed_origins)  # raises without hosts
-    app = build_app(mcp)
+    app = build_app(mcp, host=host)
     return uvicorn.Config(
         app,
         host=host,

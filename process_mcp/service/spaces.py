@@ -102,11 +102,15 @@ class Spaces:
         await self._start(self.local)
 
     @asynccontextmanager
-    async def use(self, principal: str | None, *, create: bool = True) -> AsyncIterator[ProcessExecutor | None]:
+    async def use(
+        self, principal: str | None, *, create: bool = True, spawning: bool = False
+    ) -> AsyncIterator[ProcessExecutor | None]:
         """The executor of ``principal``'s space (None: the local caller), made and started on first use;
-        None if it has no space and ``create`` is false. Counts the call in progress while inside.
+        None if it has no space and ``create`` is false. Counts the call in progress while inside, and
+        with ``spawning`` the spawn against the caller's rate.
 
-        Raises TooManyRequests when the caller already has as many calls in progress as it may, and
+        Raises TooManyRequests when the caller already has as many calls in progress as it may,
+        RateLimited when it has started as many processes this minute as it may, and
         BackendUnavailable when its backend cannot be started.
         """
         space = await self._find(principal, create)
@@ -120,6 +124,8 @@ class Spaces:
                 f"{space.name} has {space.calls} calls in progress, the most allowed (PROCESS_MAX_REQUESTS="
                 f"{limit}); wait for one to return, and use waitFor or untilExit instead of polling"
             )
+        if spawning:
+            self._admit_spawn(space)
         space.calls += 1
         try:
             await self._start(space)
@@ -128,14 +134,11 @@ class Spaces:
             space.calls -= 1
             space.last_call = time.monotonic()
 
-    def admit_spawn(self, principal: str | None) -> None:
-        """Count a spawn against the caller's PROCESS_RATE_SPAWNS_PER_MIN; raise RateLimited beyond it."""
+    def _admit_spawn(self, space: Space) -> None:
+        """Count a spawn against the space's PROCESS_RATE_SPAWNS_PER_MIN; raise RateLimited beyond it."""
         limit = self.config.service.spawns_per_min
         if not limit:
             return
-        space = self.local if principal is None else self._spaces.get(space_name(principal))
-        if space is None:
-            return  # its first call makes its space; the next spawn counts from there
         now = time.monotonic()
         while space.spawns and now - space.spawns[0] >= RATE_WINDOW_S:
             space.spawns.popleft()
@@ -225,7 +228,7 @@ class Spaces:
             for name, space in list(self._spaces.items()):
                 if space.calls or now - space.last_call < timeout:
                     continue
-                if space.started and any(p.status == "running" for p in await space.executor.list_processes()):
+                if space.executor.live_count():
                     continue
                 del self._spaces[name]
                 self._closing[name] = anyio.Event()

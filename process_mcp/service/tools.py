@@ -119,7 +119,7 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
                 if disconnect is not None:
                     disconnect.watch(scope)
                 try:
-                    async with spaces.use(principal, create=create) as executor:
+                    async with spaces.use(principal, create=create, spawning=call.tool == "spawn") as executor:
                         yield executor
                 except ProcessMcpError as exc:
                     raise ToolError(str(exc)) from exc
@@ -216,10 +216,6 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
         call = _Call("spawn", options.model_dump(exclude_defaults=True))
         async with space(ctx, call) as executor:
             assert executor is not None
-            try:
-                spaces.admit_spawn(_principal(ctx))
-            except ProcessMcpError as exc:
-                raise ToolError(str(exc)) from exc
             result = await _call(executor.spawn(options, _progress(ctx, "spawn")))
             call.pid = result.pid
         label = "screen" if tty else "stdout"
