@@ -40,7 +40,6 @@ import stat
 import struct
 import sys
 import termios
-import time
 from typing import Any
 
 try:
@@ -116,21 +115,14 @@ def process_children() -> dict[int, list[int]]:
     return children
 
 
-SAMPLE_MAP_AGE_S = 0.25
-"""How long one read of every process's parent serves samples: a ps asks for every process at once."""
-_sample_map: list[Any] = [0.0, {}]
-
-
-def sample_tree(root: int) -> dict[str, Any]:
-    """What the processes below ``root`` use: CPU, resident memory, threads, bytes read and written."""
+def sample_tree(root: int, children: dict[int, list[int]]) -> dict[str, Any]:
+    """What the processes below ``root`` use: CPU, resident memory, threads, bytes read and written.
+    ``children`` is one read of every process's children, shared by the samples of one ps."""
     ticks = os.sysconf("SC_CLK_TCK")
     page = os.sysconf("SC_PAGE_SIZE")
     processes = threads = cpu_ticks = pages = read = written = 0
     io_known = True
-    now = time.monotonic()
-    if now - _sample_map[0] > SAMPLE_MAP_AGE_S:
-        _sample_map[:] = [now, process_children()]
-    for pid in descendants(root, _sample_map[1]):
+    for pid in descendants(root, children):
         try:
             with open(f"/proc/{pid}/stat", "rb") as stat:
                 fields = stat.read().rsplit(b")", 1)[1].split()
@@ -344,7 +336,7 @@ def receive_order(order: socket.socket) -> tuple[dict[str, Any], dict[str, str],
     return order_fields["spec"], order_fields["env"], fds
 
 
-LIMITS = {"cpu": resource.RLIMIT_CPU, "data": resource.RLIMIT_DATA, "nproc": resource.RLIMIT_NPROC}
+LIMITS = {"cpu": resource.RLIMIT_CPU, "data": resource.RLIMIT_DATA}
 
 
 def supervise(
@@ -455,6 +447,7 @@ class Agent:
         self.stream_out = stream_out
         self.selector = selectors.DefaultSelector()
         self.decoder = protocol.Decoder()
+        self.children: dict[int, list[int]] | None = None
         self.out = bytearray()
         self.writing = False
         self.reading_output = True
@@ -598,6 +591,7 @@ class Agent:
         if not data:
             self._stop()  # the server is gone: nobody may drive these processes any more
             return
+        self.children = None  # the samples asked in one read (a ps asks for all at once) share one
         for kind, channel, payload in self.decoder.feed(data):
             self._handle(kind, channel, payload)
 
@@ -614,7 +608,9 @@ class Agent:
         elif kind == protocol.SAMPLE:
             request = protocol.fields(payload)
             process = self.processes.get(channel)
-            sample = {} if process is None else sample_tree(process.supervisor)
+            if process is not None and self.children is None:
+                self.children = process_children()
+            sample = {} if process is None or self.children is None else sample_tree(process.supervisor, self.children)
             self.send(protocol.message(protocol.SAMPLED, channel, seq=request["seq"], **sample))
         elif kind == protocol.RESIZE:
             process = self.processes.get(channel)
