@@ -42,6 +42,7 @@ class SandboxCgroups:
         self._free: list[str] = []
         self._leaving: set[str] = set()  # released while their last processes were still exiting
         self._count = 0
+        self._before: dict[str, tuple[int, int]] = {}  # each group's counts of _events before its sandbox
 
     @classmethod
     def create(cls) -> SandboxCgroups | None:
@@ -91,6 +92,7 @@ class SandboxCgroups:
                     self._set_limits(name, max_processes, max_memory_bytes)
                 # A reused group still holds its last sandbox's peak; this one's starts from nothing.
                 _write(self._parents["memory"] / name / "memory.max_usage_in_bytes", "0", optional=True)
+                self._before[name] = self._events(name)
             except OSError:
                 self._free.append(name)
                 raise
@@ -102,6 +104,18 @@ class SandboxCgroups:
             return int((self._parents["memory"] / name / "memory.max_usage_in_bytes").read_text())
         except (OSError, ValueError):
             return None
+
+    def limits_hit(self, name: str) -> tuple[int, int]:
+        """How often the group's current sandbox hit its limits: processes the kernel killed for its
+        memory limit, and forks it refused for its processes limit."""
+        now, before = self._events(name), self._before.get(name, (0, 0))
+        return now[0] - before[0], now[1] - before[1]
+
+    def _events(self, name: str) -> tuple[int, int]:
+        return (
+            _count(self._parents["memory"] / name / "memory.oom_control", "oom_kill"),
+            _count(self._parents["pids"] / name / "pids.events", "max"),
+        )
 
     def release(self, name: str) -> None:
         """Give back the group of a sandbox that has ended."""
@@ -163,6 +177,16 @@ def _own_groups() -> dict[str, str]:
         for controller in controllers.split(","):
             groups[controller] = path
     return groups
+
+
+def _count(path: Path, key: str) -> int:
+    """The number after ``key`` in a cgroup file of ``key value`` pairs; 0 where the kernel has none
+    (``oom_kill`` is Linux 4.13 and later)."""
+    try:
+        found = path.read_text().split()
+        return int(found[found.index(key) + 1])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _has_processes(group: Path) -> bool:

@@ -29,6 +29,7 @@ from .models import (
     TERMINAL_COLS,
     TERMINAL_ROWS,
     KillResult,
+    LimitName,
     ProcessInfo,
     ProcessLimits,
     ProcessOutput,
@@ -51,6 +52,9 @@ KILL_SETTLE_S = 1.0
 SHUTDOWN_GRACE_S = 1.5
 """How long cleanup lets processes handle SIGTERM before SIGKILL; fits in the 2 s MCP clients give a
 server to exit once they close its stdin."""
+LIMIT_CHECK_S = 0.1
+"""How often the tree of a process with a memory or processes limit is measured against it: a tree
+can pass a limit for at most this long, within the kernel's per-process bounds (see ``ProcessLimits``)."""
 SHUTDOWN_KILL_WAIT_S = 2.0
 """How long cleanup waits for the kernel to report SIGKILLed processes gone."""
 
@@ -157,8 +161,11 @@ class ProcessExecutor(ABC):
             self.on_launch(time.monotonic() - launched)
         if not record.lingering:  # it ended before it was registered (the agent can say so in one read)
             self._drop_oldest()
-        elif self.config.limits.max_lifetime_s is not None:
-            self._limit_lifetime(record, self.config.limits.max_lifetime_s)
+        else:
+            if self.config.limits.max_lifetime_s is not None:
+                self._limit_lifetime(record, self.config.limits.max_lifetime_s)
+            if options.limits is not None and (options.limits.memory_mb or options.limits.processes):
+                self._in_background(self._watch_limits(record, options.limits))
         wait_result = None
         if wait is not None:
             wait_result = await wait_on(record, wait, (0, 0), progress)
@@ -372,6 +379,34 @@ class ProcessExecutor(ABC):
                 logger.warning("could not end %s at its output limit: %s", record.pid, exc)
 
         self._in_background(end())
+
+    async def _watch_limits(self, record: ManagedProcess, limits: ProcessLimits) -> None:
+        """Measure the tree of a running process every LIMIT_CHECK_S and SIGKILL its group once it is
+        over its memory or at its processes limit, so the result names the limit (the kernel's own
+        bounds only make an allocation or a fork fail, which a process may ignore or retry forever)."""
+        while record.running:
+            await anyio.sleep(LIMIT_CHECK_S)
+            await _refresh_stats([record], 0.0)
+            reached = self._limit_reached(record, limits)
+            if reached is not None and record.running and record.handle is not None:
+                record.hit(reached)
+                logger.info("%s reached its %s limit; ending it", record.pid, reached)
+                try:
+                    await record.handle.signal(signal.SIGKILL)
+                except ProcessMcpError as exc:
+                    logger.warning("could not end %s at its %s limit: %s", record.pid, reached, exc)
+                return
+
+    def _limit_reached(self, record: ManagedProcess, limits: ProcessLimits) -> LimitName | None:
+        """The limit the process's tree is over (memory) or at (processes), from its latest sample."""
+        stats = record.stats
+        if stats is None:
+            return None
+        if limits.memory_mb is not None and stats.rss_bytes > limits.memory_mb * 1024 * 1024:
+            return "memory"
+        if limits.processes is not None and stats.threads >= limits.processes:
+            return "processes"
+        return None
 
     def _limit_lifetime(self, record: ManagedProcess, seconds: float) -> None:
         def expire() -> None:

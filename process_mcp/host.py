@@ -37,7 +37,7 @@ from .config import ProcessMcpConfig, default_host_workspace, user_home
 from .environment import child_environment
 from .errors import BackendUnavailable, InvalidConfig, InvalidInput, KillFailed, SpawnFailed, StdinFailed
 from .executor import ProcessExecutor, ProcessHandle
-from .models import TERMINAL_COLS, TERMINAL_ROWS, TTY_TERM
+from .models import TERMINAL_COLS, TERMINAL_ROWS, TTY_TERM, LimitName, ProcessLimits
 from .registry import ManagedProcess
 from .sandbox import Launch, Sandbox, Tools, env_resets_signals, find_bwrap, find_tool, probe
 from .signals import signal_from_exit_code
@@ -288,9 +288,27 @@ class HostExecutor(ProcessExecutor):
         record.sandboxed = True
         return started
 
+    def _limit_reached(self, record: ManagedProcess, limits: ProcessLimits) -> LimitName | None:
+        # Where the sandbox has cgroups the kernel says exactly when a limit was hit: it ends a process
+        # of a group past its memory before any sample could see it, and counts refused forks.
+        oom_kills, forks_refused = self._limits_hit(record)
+        if limits.memory_mb is not None and oom_kills:
+            return "memory"
+        if limits.processes is not None and forks_refused:
+            return "processes"
+        return super()._limit_reached(record, limits)
+
     def _finished(self, record: ManagedProcess) -> None:
+        if record.limits is not None and record.limits.memory_mb is not None and self._limits_hit(record)[0]:
+            record.ended_for("memory")  # the kernel ended (part of) it before the next sample did
         self._release_cgroup(record)
         super()._finished(record)
+
+    def _limits_hit(self, record: ManagedProcess) -> tuple[int, int]:
+        name = self._cgroup_of.get(record.pid)
+        if name is None or self._sandbox is None or self._sandbox.cgroups is None:
+            return 0, 0
+        return self._sandbox.cgroups.limits_hit(name)
 
     def _release_cgroup(self, record: ManagedProcess) -> None:
         name = self._cgroup_of.pop(record.pid, None)

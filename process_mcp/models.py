@@ -38,7 +38,7 @@ CPU_GRACE_S = 5
 """CPU seconds between a cpuSeconds limit's SIGXCPU and the kernel's SIGKILL (for a process that catches it)."""
 
 EndedBy = Literal["exit", "kill", "shutdown", "lifetime", "limit"]
-LimitName = Literal["output", "cpu"]
+LimitName = Literal["output", "cpu", "memory", "processes"]
 
 
 class _Wire(BaseModel):
@@ -48,9 +48,15 @@ class _Wire(BaseModel):
 class ProcessLimits(_Wire):
     """Bounds on one process and everything it starts; each at most its configured maximum."""
 
-    memory_mb: int | None = Field(None, ge=1, description="Data memory per process in MiB (allocations beyond fail).")
+    memory_mb: int | None = Field(
+        None,
+        ge=1,
+        description="Memory in MiB: one process's allocation beyond fails, and a tree holding more is ended.",
+    )
     cpu_seconds: int | None = Field(None, ge=1, description="CPU seconds per process; then SIGXCPU ends it.")
-    processes: int | None = Field(None, ge=1, description="Processes and threads it may have (forks beyond fail).")
+    processes: int | None = Field(
+        None, ge=1, description="Processes and threads: forks beyond fail, and a tree that reaches it is ended."
+    )
     output_mb: int | None = Field(None, ge=1, description="Output (stdout and stderr) in MiB; then SIGKILL ends it.")
 
 
@@ -85,7 +91,7 @@ class ExitState(_Wire):
         description="Once terminated, why: exit (on its own), kill (the kill tool), shutdown (the server stopped), "
         "lifetime (it ran past the maximum lifetime), limit (it hit one of its limits: see limit).",
     )
-    limit: LimitName | None = Field(None, description="The limit that ended it: output or cpu.")
+    limit: LimitName | None = Field(None, description="The limit that ended it: memory, processes, cpu or output.")
 
 
 class _Progress(_Wire):

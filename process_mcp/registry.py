@@ -116,6 +116,12 @@ class ManagedProcess:
             self._cause = "limit"
             self.limit = limit
 
+    def ended_for(self, limit: LimitName) -> None:
+        """Note, after the fact, that the process ended because the kernel enforced ``limit`` on its
+        tree (it killed the process, or a part of its tree, so that it ended)."""
+        if self.ended_by == "exit":
+            self.ended_by, self.limit = "limit", limit
+
     def _wake(self) -> None:
         if self._changed is not None:
             self._changed.set()

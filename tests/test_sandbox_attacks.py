@@ -543,6 +543,17 @@ async def test_a_fork_bomb_is_bounded_and_the_server_keeps_spawning(box: Servers
         await b.client.call_tool("kill", {"id": started["pid"], "signal": "SIGKILL"})
 
 
+async def test_a_fork_bomb_or_a_memory_hog_under_a_spawn_limit_is_ended_and_named(box: Servers) -> None:
+    b: Box = await box()
+    bomb = "import os, time\nwhile True:\n    try: os.fork() or time.sleep(300)\n    except OSError: pass"
+    forks = await b.run(f"python3 -c {shlex.quote(bomb)}", limits={"processes": 16})  # retries every refused fork
+    assert (forks["status"], forks["endedBy"], forks["limit"]) == ("terminated", "limit", "processes")
+    hog = "python3 -c 'import time; b = bytearray(48 << 20); time.sleep(300)'"
+    memory = await b.run(f"{hog} & {hog} & {hog} & wait", limits={"memoryMb": 96})
+    assert (memory["status"], memory["endedBy"], memory["limit"]) == ("terminated", "limit", "memory")
+    assert "ok" in await b.output("echo ok", limits={"processes": 16, "memoryMb": 96})
+
+
 async def test_memory_and_tmp_are_bounded_with_a_clear_error(box: Servers) -> None:
     b: Box = await box(SANDBOX_MAX_MEMORY_MB="128", SANDBOX_TMP_SIZE_MB="16")
     output = await b.output("python3 -c 'x = bytearray(512 * 1024 * 1024)'; echo exit=$?")

@@ -363,14 +363,17 @@ class AgentConnection:
 
 
 def rlimits(limits: ProcessLimits) -> dict[str, list[int]]:
-    """The resource limits (soft, hard) the agent's supervisor sets before it starts the command."""
+    """The resource limits (soft, hard) the agent's supervisor sets before it starts the command.
+
+    Not RLIMIT_NPROC: it counts every process of the user (the agent's, other spawns', the server's
+    own when run locally), not this tree; the executor ends a tree that reaches its processes limit,
+    and the box's own pids limit bounds the moments between its measurements.
+    """
     found: dict[str, list[int]] = {}
     if limits.cpu_seconds is not None:
         found["cpu"] = [limits.cpu_seconds, limits.cpu_seconds + CPU_GRACE_S]
     if limits.memory_mb is not None:
         found["data"] = [limits.memory_mb * 1024 * 1024] * 2
-    if limits.processes is not None:
-        found["nproc"] = [limits.processes] * 2
     return found
 
 

@@ -181,9 +181,9 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
         limits: Annotated[
             ProcessLimits | None,
             Field(
-                description="Bounds on this process and what it starts: memoryMb (data memory per process), "
-                "cpuSeconds (CPU per process, then SIGXCPU), processes, outputMb (then SIGKILL); each at most "
-                "the server's maximum. A result ended by one says endedBy 'limit' and which in limit."
+                description="Bounds on this process and what it starts: memoryMb (its tree's memory), cpuSeconds (CPU "
+                "per process, then SIGXCPU), processes (its tree's processes and threads), outputMb; each at "
+                "most the server's maximum. A result ended by one says endedBy 'limit' and which in limit."
             ),
         ] = None,
         ctx: Context | None = None,
