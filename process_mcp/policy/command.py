@@ -147,8 +147,9 @@ class CommandPolicy:
                 f"{_short(source)!r} is not a complete shell command line, so the policy cannot tell what it "
                 "runs; fix its quoting"
             )
-        functions = functions | _defined_names(root)
-        for node in _walk(root):
+        nodes = list(_walk(root))
+        functions = functions | _defined_names(nodes)
+        for node in nodes:
             if node.type == "command":
                 self._check_command(node, depth, functions)
             elif node.type == "heredoc_body":
@@ -388,10 +389,10 @@ def _ansi_c(body: str) -> str:
     return re.sub(r"\\(x[0-9a-fA-F]{1,2}|u[0-9a-fA-F]{1,4}|U[0-9a-fA-F]{1,8}|[0-7]{1,3}|c.|.)", one, body)
 
 
-def _defined_names(root: Node) -> frozenset[str]:
-    """Functions and aliases the line defines: calling them runs their bodies, which are checked."""
+def _defined_names(nodes: list[Node]) -> frozenset[str]:
+    """Functions and aliases the line (its ``nodes``) defines: calling them runs their bodies, which are checked."""
     names = set()
-    for node in _walk(root):
+    for node in nodes:
         name = node.child_by_field_name("name")
         if name is None:
             continue
@@ -419,6 +420,8 @@ def _text(node: Node) -> str:
 
 def _join_continuations(source: str) -> str:
     """Remove backslash-newline pairs, as the shell does before it splits words (the grammar does not)."""
+    if "\\\n" not in source:
+        return source
     out = []
     i = 0
     while i < len(source):
