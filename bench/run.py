@@ -321,17 +321,25 @@ async def raw_exec_mb_s(client: Any, container: Any, size: int) -> float:
     return await asyncio.to_thread(run)
 
 
+CAPTURE_ROUNDS = 3
+"""Floods captured in Docker mode, each beside a raw exec's."""
+
+
 async def docker_capture_and_ps(s: Settings, client: Any, container: Any) -> None:
     srv = docker_server(container)
     await srv.start()
     try:
-        base = await raw_exec_mb_s(client, container, s.pipe_bytes)
-        began = time.perf_counter()
-        started = await srv.tool("spawn", {"command": flood_command(s.pipe_bytes), "background": True})
-        await srv.tool("stdout", {"id": started["pid"], "untilExit": True, "waitMs": 600000, "lines": 1})
-        ours = s.pipe_bytes / (time.perf_counter() - began) / 1e6
+        # One run of each moves by a third with the machine's load: alternate three, take the medians.
+        bases, runs = [], []
+        for _ in range(CAPTURE_ROUNDS):
+            bases.append(await raw_exec_mb_s(client, container, s.pipe_bytes))
+            began = time.perf_counter()
+            started = await srv.tool("spawn", {"command": flood_command(s.pipe_bytes), "background": True})
+            await srv.tool("stdout", {"id": started["pid"], "untilExit": True, "waitMs": 600000, "lines": 1})
+            runs.append(s.pipe_bytes / (time.perf_counter() - began) / 1e6)
+        base, ours = statistics.median(bases), statistics.median(runs)
         s.add(
-            f"non-TTY capture of {s.pipe_bytes / 1e6:.0f} MB (docker, agent)",
+            f"non-TTY capture of {s.pipe_bytes / 1e6:.0f} MB (docker, agent), median of {CAPTURE_ROUNDS}",
             f"{ours:.0f} MB/s ({ours / base:.0%})",
             f"{base:.0f} MB/s (reading a raw exec's stream)",
             ">= 50 % of baseline",
