@@ -177,7 +177,7 @@ async def test_with_the_audit_required_calls_are_refused_while_it_cannot_be_writ
             while audit.healthy:
                 await connected.call_tool("ps", {})
         refused = await error(connected, "spawn", {"command": "echo unaudited"})
-        assert refused.startswith("Error executing tool spawn: audit_unavailable") or "audit_unavailable" in refused
+        assert refused.startswith("audit_unavailable: ")
         filler.unlink()  # space again: the next records are written and calls are served
         with anyio.fail_after(WAIT_S):
             while not audit.healthy:

@@ -123,8 +123,10 @@ def test_random_and_malformed_calls_get_a_result_or_a_clear_error(
     text = "".join(c.text for c in result.content if isinstance(c, TextContent))
     if result.is_error:
         assert text, "an error must say something"
-        clear = any(f"{code}: " in text for code in ERROR_CODES) or "validation error" in text or "Unknown tool" in text
-        assert clear, text[:300]
+        code = text.split(": ", 1)[0]
+        assert code in ERROR_CODES, text[:300]
+        assert result.meta is not None
+        assert result.meta["process-mcp/error"] == {"code": code}
     else:
         assert result.structured_content is not None
     assert not session.call("ps", {}).is_error  # the server keeps serving

@@ -117,31 +117,38 @@ async def test_ps_lists_processes_as_text_and_structure(client: Client) -> None:
 
 
 @pytest.mark.parametrize(
-    ("tool", "arguments", "fragments"),
+    ("tool", "arguments", "code", "fragments"),
     [
-        ("stdout", {"id": "host-99"}, ["process_not_found", "call ps"]),
-        ("kill", {"id": "host-99"}, ["process_not_found"]),
-        ("stdin", {"id": "host-99", "input": "x"}, ["process_not_found"]),
-        ("spawn", {"command": ""}, ["invalid_input", "command is empty"]),
-        ("spawn", {"command": "pwd", "cwd": "/no/such/dir"}, ["invalid_input", "does not exist"]),
-        ("spawn", {"command": "true", "env": {"A B": "1"}}, ["invalid_input", "environment variable name"]),
-        ("spawn", {"command": "a\u0000b"}, ["invalid_input", "NUL"]),
-        ("spawn", {}, ["command", "Field required"]),
-        ("spawn", {"command": 42}, ["command", "valid string"]),
-        ("spawn", {"command": "true", "timeoutMs": -5}, ["timeoutMs", "greater than or equal to 0"]),
-        ("spawn", {"command": "true", "env": "X=1"}, ["env", "valid dictionary"]),
-        ("stdout", {"id": "host-1", "lines": -1}, ["lines", "greater than or equal to 1"]),
-        ("stdout", {"id": "host-1", "lines": "many"}, ["lines", "valid integer"]),
-        ("kill", {"id": "host-1", "signal": "SIGFOO"}, ["invalid_signal", "TERM, KILL"]),
-        ("stdin", {"id": "host-1"}, ["input", "Field required"]),
+        ("stdout", {"id": "host-99"}, "process_not_found", ["call ps"]),
+        ("kill", {"id": "host-99"}, "process_not_found", []),
+        ("stdin", {"id": "host-99", "input": "x"}, "process_not_found", []),
+        ("spawn", {"command": ""}, "invalid_input", ["command is empty"]),
+        ("spawn", {"command": "pwd", "cwd": "/no/such/dir"}, "invalid_input", ["does not exist"]),
+        ("spawn", {"command": "true", "env": {"A B": "1"}}, "invalid_input", ["environment variable name"]),
+        ("spawn", {"command": "a\u0000b"}, "invalid_input", ["NUL"]),
+        ("spawn", {}, "invalid_input", ["command: Field required", "spawn tool's input schema"]),
+        ("spawn", {"command": 42}, "invalid_input", ["command", "valid string"]),
+        ("spawn", {"command": "true", "timeoutMs": -5}, "invalid_input", ["timeoutMs", "greater than or equal to 0"]),
+        ("spawn", {"command": "true", "env": "X=1"}, "invalid_input", ["env", "valid dictionary"]),
+        ("spawn", {"command": "true", "limits": {"memoryMb": 0}}, "invalid_input", ["limits.memoryMb"]),
+        ("stdout", {"id": "host-1", "lines": -1}, "invalid_input", ["lines", "greater than or equal to 1"]),
+        ("stdout", {"id": "host-1", "lines": "many"}, "invalid_input", ["lines", "valid integer"]),
+        ("kill", {"id": "host-1", "signal": "SIGFOO"}, "invalid_signal", ["TERM, KILL"]),
+        ("stdin", {"id": "host-1"}, "invalid_input", ["input: Field required"]),
+        ("run", {"command": "true"}, "invalid_input", ["no tool 'run'", "spawn, ps, stdin, stdout, kill"]),
     ],
 )
-async def test_bad_calls_get_clear_errors_and_the_server_keeps_serving(
-    client: Client, tool: str, arguments: dict[str, Any], fragments: list[str]
+async def test_bad_calls_get_errors_that_start_with_their_code_and_the_server_keeps_serving(
+    client: Client, tool: str, arguments: dict[str, Any], code: str, fragments: list[str]
 ) -> None:
-    message = await error(client, tool, arguments)
+    result = await client.call_tool(tool, arguments)
+    assert result.is_error
+    message = text_of(result)
+    assert message.startswith(f"{code}: ")
     for fragment in fragments:
         assert fragment in message
+    assert result.meta is not None
+    assert result.meta["process-mcp/error"] == {"code": code}
     assert (await call(client, "spawn", {"command": "echo still here"}))["stdout"] == "still here\n"
 
 

@@ -18,7 +18,7 @@ from ..host import HostExecutor
 from ..policy.audit import AuditLog
 from .metrics import Metrics
 from .spaces import Spaces
-from .tools import INSTRUCTIONS, register_tools
+from .tools import INSTRUCTIONS, ToolServer, register_tools
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp
@@ -132,7 +132,7 @@ async def create_process_mcp(config: ProcessMcpConfig | None = None) -> ProcessM
             if audit is not None:
                 await audit.close()
             raise
-    server = MCPServer("process-mcp", version=version_string(), instructions=INSTRUCTIONS)
+    server = ToolServer("process-mcp", version=version_string(), instructions=INSTRUCTIONS)
     register_tools(server, spaces)
     return ProcessMcpServer(server, spaces)
 

@@ -1,13 +1,15 @@
 """The five MCP tools: thin wrappers that validate, call the executor once, and render the result.
 
 Each tool returns structured content (with an output schema) and a plain-text rendering, which is
-what most clients show the model. Library errors become ``isError`` results whose text starts with
-the error code and says what to do next.
+what most clients show the model. Every failed call (a library error, arguments that fail the input
+schema, an unknown tool) is an ``isError`` result whose text starts with the error code and says what
+to do next; the code is also in its ``_meta`` under ERROR_META.
 """
 
 # No `from __future__ import annotations`: the SDK evaluates the tool signatures, whose descriptions
 # are built from the configuration at registration time.
 import inspect
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,9 +21,9 @@ import anyio
 from mcp.server import MCPServer
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.mcpserver import Context
-from mcp.server.mcpserver.exceptions import ToolError
-from mcp_types import CallToolResult, TextContent, ToolAnnotations
-from pydantic import BaseModel, Field
+from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
+from mcp_types import CallToolResult, InputRequiredResult, TextContent, ToolAnnotations
+from pydantic import BaseModel, Field, ValidationError
 from starlette.authentication import BaseUser
 
 from ..errors import ProcessMcpError
@@ -48,6 +50,51 @@ MAX_LINES = 10_000
 
 _T = TypeVar("_T")
 _F = TypeVar("_F", bound=Callable[..., Any])
+
+logger = logging.getLogger(__name__)
+
+ERROR_META = "process-mcp/error"
+"""Where a failed call's ``_meta`` holds its error, ``{"code": ...}``, for a client that acts on the code."""
+TOOL_NAMES = ("spawn", "ps", "stdin", "stdout", "kill")
+
+
+class ToolServer(MCPServer):
+    """An MCP server whose failed tool calls read ``<code>: <what to do next>`` (the SDK would start
+    them "Error executing tool <name>: "), with the code also in ``_meta``."""
+
+    async def call_tool(
+        self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None
+    ) -> CallToolResult | InputRequiredResult:
+        try:
+            return await super().call_tool(name, arguments, context)
+        except UnexpectedToolError:
+            raise  # a crash: the SDK logs it and tells the caller nothing of it
+        except ToolError as exc:
+            code, message = _error_of(name, exc)
+            logger.info("tool %r failed: %s", name, code)
+            return CallToolResult(
+                content=[TextContent(type="text", text=f"{code}: {message}")],
+                is_error=True,
+                _meta={ERROR_META: {"code": code}},
+            )
+
+
+def _error_of(tool: str, exc: ToolError) -> tuple[str, str]:
+    """The code and the message of a failed call, from what the SDK raised (around what the tool raised)."""
+    cause = exc.__cause__
+    if isinstance(cause, ValidationError):
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']) or 'arguments'}: {error['msg']}" for error in cause.errors()
+        )
+        return "invalid_input", f"{problems}; see the {tool} tool's input schema"
+    text = str(cause if isinstance(cause, ToolError) else exc)
+    found = re.match(r"([a-z_]+): (.*)", text, re.DOTALL)
+    if found:
+        return found.group(1), found.group(2)
+    if tool not in TOOL_NAMES:
+        return "invalid_input", f"there is no tool {tool!r}; the tools are {', '.join(TOOL_NAMES)}"
+    return "error", text
+
 
 INSTRUCTIONS = """\
 Run shell commands and drive interactive programs. spawn starts a command and waits for it (up to
