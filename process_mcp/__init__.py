@@ -28,7 +28,8 @@ from .errors import (
     TooManyProcesses,
     TooManyRequests,
 )
-from .executor import ProcessExecutor, ProcessHandle
+from .executor import ProcessExecutor
+from .handle import ProcessHandle
 from .host import HostExecutor
 from .models import (
     DEFAULT_TIMEOUT_MS,

@@ -23,6 +23,7 @@ from .buffer import tail_lines, tail_text
 from .config import ProcessMcpConfig
 from .errors import InvalidInput, ProcessMcpError, ProcessTerminated, TooManyProcesses
 from .escapes import decode_input
+from .handle import ProcessHandle
 from .models import (
     DEFAULT_LINES,
     OUTPUT_TRUNCATE,
@@ -59,35 +60,6 @@ SHUTDOWN_KILL_WAIT_S = 2.0
 """How long cleanup waits for the kernel to report SIGKILLed processes gone."""
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-class ProcessHandle(ABC):
-    """One live process as a backend drives it. Methods are called on the event loop."""
-
-    @abstractmethod
-    async def write(self, data: bytes) -> None:
-        """Deliver ``data`` to the process's input (its terminal or stdin). Raises StdinFailed."""
-
-    @abstractmethod
-    async def signal(self, signum: int) -> None:
-        """Send ``signum`` to the process and everything in its process group. Raises KillFailed.
-
-        A group that is already gone is not an error.
-        """
-
-    @abstractmethod
-    def close(self) -> None:
-        """Release what the handle holds (descriptors, sockets); the process must be gone already."""
-
-    def tree_root(self) -> tuple[int, bool] | None:
-        """A pid on this machine whose tree is the process and its descendants, and whether that pid is
-        itself part of it; None where /proc here cannot see them (a container's agent)."""
-        return None
-
-    async def sample(self) -> TreeSample | None:
-        """What the process's tree uses, measured where it runs, for a handle without a ``tree_root``;
-        None where it cannot be measured."""
-        return None
 
 
 class ProcessExecutor(ABC):

@@ -36,7 +36,8 @@ from .cgroups import SandboxCgroups
 from .config import ProcessMcpConfig, default_host_workspace, user_home
 from .environment import child_environment
 from .errors import BackendUnavailable, InvalidConfig, InvalidInput, KillFailed, SpawnFailed, StdinFailed
-from .executor import ProcessExecutor, ProcessHandle
+from .executor import ProcessExecutor
+from .handle import ProcessHandle
 from .models import TERMINAL_COLS, TERMINAL_ROWS, TTY_TERM, LimitName, ProcessLimits
 from .registry import ManagedProcess
 from .sandbox import Launch, Sandbox, Tools, env_resets_signals, find_bwrap, find_tool, probe

@@ -18,15 +18,14 @@ from .signals import signal_name
 from .terminal import Terminal
 
 if TYPE_CHECKING:
-    from .executor import ProcessHandle
+    from .handle import ProcessHandle
 
 
 class ManagedProcess:
     """Everything the server knows about one process: identity, output, and how it ended.
 
-    Backends append output to ``stdout``/``stderr``, bracket each stream with ``stream_opened`` and
-    ``stream_closed``, and report the exit with ``finish``; all on the event loop. Once the process
-    has exited and its streams are closed, ``on_done`` is called.
+    Backends keep it current as ``handle`` describes (output, streams, exit), on the event loop. Once
+    the process has exited and its streams are closed, ``on_done`` is called.
     """
 
     def __init__(
@@ -68,10 +67,10 @@ class ManagedProcess:
         self.started = time.monotonic()
         self.ended_at: float | None = None
         self.stats: ProcessStats | None = None
+        """The latest sample of what its tree uses (kept once it has ended)."""
         self.peak_rss: int | None = None
         """Most memory its tree was seen using: its sandbox's cgroup peak where there is one, else the
         highest sample taken."""
-        """The latest sample of what its tree uses (kept once it has ended)."""
         self.stats_at = 0.0
         self._changed: anyio.Event | None = None  # created only while someone waits for a change
         self.stdout.on_append = self.stderr.on_append = self._output_arrived

@@ -22,7 +22,7 @@ from typing import Any
 import anyio
 
 from ..errors import InvalidInput, KillFailed, SpawnFailed, StdinFailed
-from ..executor import ProcessHandle
+from ..handle import ProcessHandle
 from ..models import CPU_GRACE_S, TERMINAL_COLS, TERMINAL_ROWS, ProcessLimits
 from ..registry import ManagedProcess
 from ..stats import TreeSample

@@ -33,7 +33,8 @@ import anyio.to_thread
 from ..box.client import BOOTSTRAP, AgentConnection, AgentUnavailable, bootstrap_payload
 from ..config import DOCKER_WORKDIR, ProcessMcpConfig
 from ..errors import BackendUnavailable, InvalidInput, KillFailed, SpawnFailed
-from ..executor import ProcessExecutor, ProcessHandle
+from ..executor import ProcessExecutor
+from ..handle import ProcessHandle
 from ..models import TTY_TERM
 from ..proxy import PROXY_PORT, proxy_environment
 from ..registry import ManagedProcess

@@ -19,7 +19,7 @@ import anyio
 import anyio.to_thread
 
 from ..errors import InvalidInput, KillFailed, SpawnFailed, StdinFailed
-from ..executor import ProcessHandle
+from ..handle import ProcessHandle
 from ..models import TERMINAL_COLS, TERMINAL_ROWS, TTY_TERM
 from ..registry import ManagedProcess
 from ..signals import NON_TERMINATING, signal_from_exit_code

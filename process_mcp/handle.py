@@ -1,0 +1,55 @@
+"""The contract between the executor and a backend, for each process the backend starts.
+
+A backend's ``ProcessExecutor._launch`` starts one process for a ``ManagedProcess`` record and returns
+a ``ProcessHandle`` to drive it. From then on the backend keeps the record current, always on the
+event loop, in this order:
+
+1. Before it returns the handle: ``record.sandboxed`` (whether the process is confined) and
+   ``record.via`` (how it was started), and ``record.stream_opened()`` once for each output stream it
+   will read: stdout and stderr, or the one terminal of a TTY process.
+2. As output arrives: ``record.stdout.append(data)`` or ``record.stderr.append(data)``, the raw bytes
+   in the order they were read. Nothing is rendered here: a TTY's screen is rendered from the buffer
+   only when someone asks for it.
+3. When a stream ends (every holder of its write end is gone): ``record.stream_closed()``.
+4. When the process itself exits, exactly once, with what the kernel reported:
+   ``record.finish(exit_code)``, or ``record.finish(None, signum)`` when a signal ended it.
+
+A process has exited when ``finish`` is called; it is done once it has exited and every stream it
+opened is closed (a background child may hold output open after its parent exits). Then the
+executor's ``on_done`` runs and, once the record is dropped, ``close`` releases the handle.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from .stats import TreeSample
+
+
+class ProcessHandle(ABC):
+    """One live process as a backend drives it. Methods are called on the event loop."""
+
+    @abstractmethod
+    async def write(self, data: bytes) -> None:
+        """Deliver ``data`` to the process's input (its terminal or stdin). Raises StdinFailed."""
+
+    @abstractmethod
+    async def signal(self, signum: int) -> None:
+        """Send ``signum`` to the process and everything in its process group. Raises KillFailed.
+
+        A group that is already gone is not an error.
+        """
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release what the handle holds (descriptors, sockets); the process must be gone already."""
+
+    def tree_root(self) -> tuple[int, bool] | None:
+        """A pid on this machine whose tree is the process and its descendants, and whether that pid is
+        itself part of it; None where /proc here cannot see them (a container's agent)."""
+        return None
+
+    async def sample(self) -> TreeSample | None:
+        """What the process's tree uses, measured where it runs, for a handle without a ``tree_root``;
+        None where it cannot be measured."""
+        return None
