@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import secrets
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +16,22 @@ from mcp import Client
 from mcp_types import CallToolResult, TextContent
 
 from process_mcp import ProcessExecutor
+from process_mcp.sandbox import find_bwrap
 
 WAIT_S = 10.0
 """Bound on every wait for a condition in the tests; generous, since CI machines are shared."""
 POLL_S = 0.02
+
+
+@functools.cache
+def machine_can_sandbox() -> bool:
+    """Whether bubblewrap can make a user and PID namespace here: what a server's ``sandboxed`` is
+    checked against, rather than assumed, since many machines (some containers, CI runners) cannot."""
+    bwrap = find_bwrap()
+    if bwrap is None:
+        return False
+    trial = [bwrap, "--unshare-user", "--unshare-pid", "--ro-bind", "/", "/", "--proc", "/proc", "--", "/bin/true"]
+    return subprocess.run(trial, capture_output=True, check=False, timeout=WAIT_S).returncode == 0
 
 
 async def wait_for_output(executor: ProcessExecutor, pid: str, pattern: str, *, lines: int = 200) -> str:
@@ -118,8 +132,9 @@ async def call(client: Client, tool: str, arguments: dict[str, Any]) -> dict[str
     """Call ``tool``, which must succeed; its structured content."""
     result = await client.call_tool(tool, arguments)
     assert not result.is_error, text_of(result)
-    assert result.structured_content is not None
-    return result.structured_content
+    content: dict[str, Any] | None = result.structured_content
+    assert content is not None
+    return content
 
 
 async def error(client: Client, tool: str, arguments: dict[str, Any]) -> str:
