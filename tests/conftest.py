@@ -67,7 +67,7 @@ def docker_config(container: str, workdir: str = "/home/agent", **docker: object
     return ProcessMcpConfig(
         mode="docker",
         defaults=Defaults(workdir=workdir),
-        docker=DockerConfig(container_name=container, **docker),  # type: ignore[arg-type]
+        docker=DockerConfig(container_name=container, **docker),
     )
 
 

@@ -48,7 +48,7 @@ class HttpServer:
     async def stop(self, signum: int = signal.SIGTERM) -> int:
         """Send ``signum`` and wait for the server to exit; its exit status."""
         if self.process.returncode is None:
-            self.process.send_signal(signum)
+            self.process.send_signal(signal.Signals(signum))
         with anyio.move_on_after(WAIT_S * 2):
             return await self.process.wait()
         self.process.kill()

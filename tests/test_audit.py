@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +133,7 @@ async def test_the_log_rotates_by_size_and_keeps_so_many_files(workdir: Path, tm
 
 
 @pytest.fixture
-def tiny_disk(tmp_path: Path) -> AsyncIterator[Path]:
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     if os.getuid() != 0:
         pytest.skip("mounting a tmpfs needs root (CI runs as root)")
     disk = tmp_path / "disk"

@@ -65,7 +65,7 @@ def test_the_stream_decoder_hands_over_output_in_pieces_and_control_frames_whole
         ]
         assert received[protocol.STDOUT, 3] == output
         assert protocol.fields(bytes(received[protocol.EXITED, 3])) == {"code": 130}
-        assert (received[protocol.STDERR, 4], received[protocol.CLOSED, 3]) == (b"err", b"1")
+        assert (bytes(received[protocol.STDERR, 4]), bytes(received[protocol.CLOSED, 3])) == (b"err", b"1")
 
 
 def test_a_frame_announcing_more_than_the_limit_is_a_corrupt_stream() -> None:

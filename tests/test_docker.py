@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tarfile
 import zipfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -72,6 +72,27 @@ def created_executor(made: Made, image: str = DEBIAN_IMAGE) -> DockerExecutor:
     return DockerExecutor(config, labels=TEST_LABELS)
 
 
+StartExecutor = Callable[[DockerExecutor], Awaitable[DockerExecutor]]
+
+
+@pytest.fixture
+async def started() -> AsyncIterator[StartExecutor]:
+    """Start executors for one test: ``executor = await started(DockerExecutor(...))``. Each is cleaned
+    up after the test (newest first), ending its processes and removing a container it created."""
+    made: list[DockerExecutor] = []
+
+    async def start(executor: DockerExecutor) -> DockerExecutor:
+        made.append(executor)
+        await executor.start()
+        return executor
+
+    try:
+        yield start
+    finally:
+        for executor in reversed(made):
+            await executor.cleanup()
+
+
 @pytest.fixture
 async def shared(shared_container: Container) -> AsyncIterator[DockerExecutor]:
     """An executor on the session's container, as DOCKER_USE_EXISTING would run it."""
@@ -90,6 +111,7 @@ async def matching_pids(container: Container, pattern: str, user: str = "") -> l
         lambda: container.exec_run(["/bin/sh", "-c", _MATCHING_PIDS, "sh", pattern], user=user, stderr=False)
     )
     assert result.exit_code == 0, result.output
+    assert isinstance(result.output, bytes)
     return result.output.decode().split()
 
 
@@ -101,32 +123,30 @@ async def wait_until_none_match(container: Container, pattern: str, user: str = 
     pytest.fail(f"processes matching {pattern!r} still run in the container after {WAIT_S}s")
 
 
-async def test_the_container_it_creates_has_the_documented_limits(engine: DockerClient, made: Made) -> None:
-    executor = created_executor(made)
-    await executor.start()
-    try:
-        attrs = await anyio.to_thread.run_sync(engine.api.inspect_container, made.container)
-        host = attrs["HostConfig"]
-        assert host["Memory"] == host["MemorySwap"] == 512 * 1024 * 1024
-        assert host["NanoCpus"] == 1_000_000_000
-        assert host["PidsLimit"] == 4096
-        assert host["Init"] is True
-        assert host["Privileged"] is False
-        assert host["CapDrop"] == ["ALL"]
-        assert sorted(host["CapAdd"]) == sorted(KEPT_CAPABILITIES)
-        assert host["SecurityOpt"] == ["no-new-privileges"]
-        assert (host["NetworkMode"], host["ReadonlyRootfs"]) == ("bridge", False)
-        assert host["Tmpfs"] == {"/tmp": "rw,size=100m,noexec,nosuid", "/var/tmp": "rw,size=100m,noexec,nosuid"}
-        mounts = [(m["Type"], m["Name"], m["Destination"]) for m in attrs["Mounts"]]
-        assert mounts == [("volume", made.volume, "/home/agent")]
-        assert attrs["Config"]["WorkingDir"] == "/home/agent"
-        assert attrs["Config"]["Cmd"] == ["tail", "-f", "/dev/null"]
-        assert attrs["Config"]["Labels"] == {"process-mcp.managed": "true", **TEST_LABELS}
-        assert attrs["Config"]["User"] == ""  # root for the lease and kill; processes run as DOCKER_USER
-        who = await executor.spawn(SpawnOptions(command="pwd; id -u; echo $HOME; echo ok > mine && cat mine"))
-        assert who.stdout == "/home/agent\n1000\n/home/agent\nok\n"
-    finally:
-        await executor.cleanup()
+async def test_the_container_it_creates_has_the_documented_limits(
+    engine: DockerClient, made: Made, started: StartExecutor
+) -> None:
+    executor = await started(created_executor(made))
+    attrs = await anyio.to_thread.run_sync(engine.api.inspect_container, made.container)
+    host = attrs["HostConfig"]
+    assert host["Memory"] == host["MemorySwap"] == 512 * 1024 * 1024
+    assert host["NanoCpus"] == 1_000_000_000
+    assert host["PidsLimit"] == 4096
+    assert host["Init"] is True
+    assert host["Privileged"] is False
+    assert host["CapDrop"] == ["ALL"]
+    assert sorted(host["CapAdd"]) == sorted(KEPT_CAPABILITIES)
+    assert host["SecurityOpt"] == ["no-new-privileges"]
+    assert (host["NetworkMode"], host["ReadonlyRootfs"]) == ("bridge", False)
+    assert host["Tmpfs"] == {"/tmp": "rw,size=100m,noexec,nosuid", "/var/tmp": "rw,size=100m,noexec,nosuid"}
+    mounts = [(m["Type"], m["Name"], m["Destination"]) for m in attrs["Mounts"]]
+    assert mounts == [("volume", made.volume, "/home/agent")]
+    assert attrs["Config"]["WorkingDir"] == "/home/agent"
+    assert attrs["Config"]["Cmd"] == ["tail", "-f", "/dev/null"]
+    assert attrs["Config"]["Labels"] == {"process-mcp.managed": "true", **TEST_LABELS}
+    assert attrs["Config"]["User"] == ""  # root for the lease and kill; processes run as DOCKER_USER
+    who = await executor.spawn(SpawnOptions(command="pwd; id -u; echo $HOME; echo ok > mine && cat mine"))
+    assert who.stdout == "/home/agent\n1000\n/home/agent\nok\n"
 
 
 # Linux capability numbers (linux/capability.h) of what the created container keeps.
@@ -134,38 +154,33 @@ CAPABILITY_BITS = {"CHOWN": 0, "DAC_OVERRIDE": 1, "FOWNER": 3, "FSETID": 4, "KIL
 
 
 async def test_the_created_container_runs_processes_unprivileged_with_only_the_kept_capabilities_for_root(
-    engine: DockerClient, made: Made
+    engine: DockerClient, made: Made, started: StartExecutor
 ) -> None:
     expected = sum(1 << bit for bit in CAPABILITY_BITS.values())
     probe = "grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status"
-    unprivileged = created_executor(made)
-    await unprivileged.start()
-    try:  # the default user has none of them
-        status = await unprivileged.spawn(SpawnOptions(command=probe))
-        fields = dict(line.split(":\t") for line in status.stdout.strip().splitlines())
-        assert (int(fields["CapBnd"], 16), int(fields["CapEff"], 16), fields["NoNewPrivs"]) == (expected, 0, "1")
-        assert fields["Seccomp"] == "2"  # Docker's default profile, kept
-    finally:
-        await unprivileged.cleanup()
-    executor = DockerExecutor(
-        docker_config(made.container, image=DEBIAN_IMAGE, volume_name=made.volume, user="root"), labels=TEST_LABELS
+    unprivileged = await started(created_executor(made))  # the default user has none of them
+    status = await unprivileged.spawn(SpawnOptions(command=probe))
+    fields = dict(line.split(":\t") for line in status.stdout.strip().splitlines())
+    assert (int(fields["CapBnd"], 16), int(fields["CapEff"], 16), fields["NoNewPrivs"]) == (expected, 0, "1")
+    assert fields["Seccomp"] == "2"  # Docker's default profile, kept
+    await unprivileged.cleanup()  # it removes the container, which the next one creates anew
+    executor = await started(
+        DockerExecutor(
+            docker_config(made.container, image=DEBIAN_IMAGE, volume_name=made.volume, user="root"), labels=TEST_LABELS
+        )
     )
-    await executor.start()
-    try:
-        status = await executor.spawn(SpawnOptions(command=probe))
-        fields = dict(line.split(":\t") for line in status.stdout.strip().splitlines())
-        assert int(fields["CapBnd"], 16) == int(fields["CapEff"], 16) == expected
-        assert fields["NoNewPrivs"] == "1"
-        refused = await executor.spawn(SpawnOptions(command="mknod /home/agent/dev c 1 3; echo exit=$?"))
-        assert "Operation not permitted" in refused.stdout + refused.stderr
-        allowed = await executor.spawn(SpawnOptions(command="touch f && chown 1234:1234 f && stat -c %u f"))
-        assert allowed.stdout == "1234\n"
-    finally:
-        await executor.cleanup()
+    status = await executor.spawn(SpawnOptions(command=probe))
+    fields = dict(line.split(":\t") for line in status.stdout.strip().splitlines())
+    assert int(fields["CapBnd"], 16) == int(fields["CapEff"], 16) == expected
+    assert fields["NoNewPrivs"] == "1"
+    refused = await executor.spawn(SpawnOptions(command="mknod /home/agent/dev c 1 3; echo exit=$?"))
+    assert "Operation not permitted" in refused.stdout + refused.stderr
+    allowed = await executor.spawn(SpawnOptions(command="touch f && chown 1234:1234 f && stat -c %u f"))
+    assert allowed.stdout == "1234\n"
 
 
 async def test_a_root_package_install_works_with_docker_user_root_and_the_kept_capabilities(
-    engine: DockerClient, made: Made, tmp_path: Path
+    engine: DockerClient, made: Made, tmp_path: Path, started: StartExecutor
 ) -> None:
     """dpkg -i of a package (built here, no registry) whose files belong to another user and have a
     setgid mode: it needs CHOWN, FOWNER, FSETID and DAC_OVERRIDE."""
@@ -184,21 +199,17 @@ async def test_a_root_package_install_works_with_docker_user_root_and_the_kept_c
     deb = tmp_path / "pkg.deb"
     await anyio.run_process(["dpkg-deb", "--build", str(root), str(deb)])
     config = docker_config(made.container, image=DEBIAN_IMAGE, volume_name=made.volume, user="root")
-    executor = DockerExecutor(config, labels=TEST_LABELS)
-    await executor.start()
-    try:
-        archive = io.BytesIO()
-        with tarfile.open(fileobj=archive, mode="w") as tar:
-            tar.add(deb, arcname="pkg.deb")
-        container = await anyio.to_thread.run_sync(engine.containers.get, made.container)
-        assert await anyio.to_thread.run_sync(container.put_archive, "/home/agent", archive.getvalue())
-        installed = "/opt/process-mcp-test/shared"
-        command = f"apt-get install -y /home/agent/pkg.deb && stat -c '%u %a' {installed} && cat {installed}/data"
-        result = await executor.spawn(SpawnOptions(command=command, timeout_ms=30000))
-        assert result.exit_code == 0, result.stdout + result.stderr
-        assert result.stdout.endswith("1234 2775\ninstalled\n")
-    finally:
-        await executor.cleanup()
+    executor = await started(DockerExecutor(config, labels=TEST_LABELS))
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        tar.add(deb, arcname="pkg.deb")
+    container = await anyio.to_thread.run_sync(engine.containers.get, made.container)
+    assert await anyio.to_thread.run_sync(container.put_archive, "/home/agent", archive.getvalue())
+    installed = "/opt/process-mcp-test/shared"
+    command = f"apt-get install -y /home/agent/pkg.deb && stat -c '%u %a' {installed} && cat {installed}/data"
+    result = await executor.spawn(SpawnOptions(command=command, timeout_ms=30000))
+    assert result.exit_code == 0, result.stdout + result.stderr
+    assert result.stdout.endswith("1234 2775\ninstalled\n")
 
 
 def _wheel(directory: Path, name: str, version: str) -> Path:
@@ -223,7 +234,7 @@ def _wheel(directory: Path, name: str, version: str) -> Path:
 
 
 async def test_pip_install_user_and_npm_install_work_as_the_default_user(
-    engine: DockerClient, made: Made, tmp_path: Path
+    engine: DockerClient, made: Made, tmp_path: Path, started: StartExecutor
 ) -> None:
     """What an agent does first in a fresh box, as DOCKER_USER (1000:1000, no capabilities), offline:
     packages from the workspace, installed under the home directory the volume gives that user."""
@@ -232,37 +243,33 @@ async def test_pip_install_user_and_npm_install_work_as_the_default_user(
     package.mkdir()
     (package / "package.json").write_text('{"name": "pmcp-npm-demo", "version": "1.0.0", "main": "index.js"}\n')
     (package / "index.js").write_text("module.exports = 'npm demo loaded';\n")
-    executor = created_executor(made)
-    await executor.start()
-    try:
-        archive = io.BytesIO()
-        with tarfile.open(fileobj=archive, mode="w") as tar:
-            for path, arcname in ((wheel, wheel.name), (package, "pmcp-npm-demo")):
-                tar.add(path, arcname=f"incoming/{arcname}", filter=lambda info: _owned_by(info, 1000))
-        container = await anyio.to_thread.run_sync(engine.containers.get, made.container)
-        assert await anyio.to_thread.run_sync(container.put_archive, "/home/agent", archive.getvalue())
-        # Debian marks its Python externally managed (PEP 668): --user needs --break-system-packages there.
-        pip = await executor.spawn(
-            SpawnOptions(
-                command=f"pip install --user --break-system-packages --no-index incoming/{wheel.name} && "
-                "python3 -c 'import pmcp_wheel_demo, sys; print(pmcp_wheel_demo.VERSION, pmcp_wheel_demo.__file__)'",
-                timeout_ms=60000,
-            )
+    executor = await started(created_executor(made))
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        for path, arcname in ((wheel, wheel.name), (package, "pmcp-npm-demo")):
+            tar.add(path, arcname=f"incoming/{arcname}", filter=lambda info: _owned_by(info, 1000))
+    container = await anyio.to_thread.run_sync(engine.containers.get, made.container)
+    assert await anyio.to_thread.run_sync(container.put_archive, "/home/agent", archive.getvalue())
+    # Debian marks its Python externally managed (PEP 668): --user needs --break-system-packages there.
+    pip = await executor.spawn(
+        SpawnOptions(
+            command=f"pip install --user --break-system-packages --no-index incoming/{wheel.name} && "
+            "python3 -c 'import pmcp_wheel_demo, sys; print(pmcp_wheel_demo.VERSION, pmcp_wheel_demo.__file__)'",
+            timeout_ms=60000,
         )
-        assert pip.exit_code == 0, pip.stdout + pip.stderr
-        assert pip.stdout.splitlines()[-1].startswith("1.2 /home/agent/.local/lib/python3")
-        npm = await executor.spawn(
-            SpawnOptions(
-                command="mkdir app && cd app && (cd ../incoming/pmcp-npm-demo && npm pack --silent) && "
-                "npm install --offline --no-audit --no-fund ../incoming/pmcp-npm-demo/pmcp-npm-demo-1.0.0.tgz && "
-                "node -e \"console.log(require('pmcp-npm-demo'))\" && id -u",
-                timeout_ms=60000,
-            )
+    )
+    assert pip.exit_code == 0, pip.stdout + pip.stderr
+    assert pip.stdout.splitlines()[-1].startswith("1.2 /home/agent/.local/lib/python3")
+    npm = await executor.spawn(
+        SpawnOptions(
+            command="mkdir app && cd app && (cd ../incoming/pmcp-npm-demo && npm pack --silent) && "
+            "npm install --offline --no-audit --no-fund ../incoming/pmcp-npm-demo/pmcp-npm-demo-1.0.0.tgz && "
+            "node -e \"console.log(require('pmcp-npm-demo'))\" && id -u",
+            timeout_ms=60000,
         )
-        assert npm.exit_code == 0, npm.stdout + npm.stderr
-        assert npm.stdout.endswith("npm demo loaded\n1000\n")
-    finally:
-        await executor.cleanup()
+    )
+    assert npm.exit_code == 0, npm.stdout + npm.stderr
+    assert npm.stdout.endswith("npm demo loaded\n1000\n")
 
 
 def _owned_by(info: tarfile.TarInfo, uid: int) -> tarfile.TarInfo:
@@ -270,7 +277,9 @@ def _owned_by(info: tarfile.TarInfo, uid: int) -> tarfile.TarInfo:
     return info
 
 
-async def test_a_read_only_root_no_network_and_added_capabilities_when_asked(engine: DockerClient, made: Made) -> None:
+async def test_a_read_only_root_no_network_and_added_capabilities_when_asked(
+    engine: DockerClient, made: Made, started: StartExecutor
+) -> None:
     config = docker_config(
         made.container,
         image=DEBIAN_IMAGE,
@@ -279,20 +288,16 @@ async def test_a_read_only_root_no_network_and_added_capabilities_when_asked(eng
         network="none",
         cap_add=["net_raw", "CAP_SYS_PTRACE"],
     )
-    executor = DockerExecutor(config, labels=TEST_LABELS)
-    await executor.start()
-    try:
-        writes = await executor.spawn(
-            SpawnOptions(command="echo x > /etc/planted; echo ok > /home/agent/f && echo ok > /tmp/f && cat /tmp/f")
-        )
-        assert "Read-only file system" in writes.stderr
-        assert writes.stdout == "ok\n"
-        routes = await executor.spawn(SpawnOptions(command="tail -n +2 /proc/net/route; ls /sys/class/net"))
-        assert routes.stdout == "lo\n"  # no route and no interface but loopback
-        attrs = await anyio.to_thread.run_sync(engine.api.inspect_container, made.container)
-        assert {"NET_RAW", "SYS_PTRACE"} <= set(attrs["HostConfig"]["CapAdd"])  # DOCKER_CAP_ADD, either spelling
-    finally:
-        await executor.cleanup()
+    executor = await started(DockerExecutor(config, labels=TEST_LABELS))
+    writes = await executor.spawn(
+        SpawnOptions(command="echo x > /etc/planted; echo ok > /home/agent/f && echo ok > /tmp/f && cat /tmp/f")
+    )
+    assert "Read-only file system" in writes.stderr
+    assert writes.stdout == "ok\n"
+    routes = await executor.spawn(SpawnOptions(command="tail -n +2 /proc/net/route; ls /sys/class/net"))
+    assert routes.stdout == "lo\n"  # no route and no interface but loopback
+    attrs = await anyio.to_thread.run_sync(engine.api.inspect_container, made.container)
+    assert {"NET_RAW", "SYS_PTRACE"} <= set(attrs["HostConfig"]["CapAdd"])  # DOCKER_CAP_ADD, either spelling
 
 
 # Run in the container: a GET through the proxy its environment names (so `localhost` is the host's, as
@@ -378,24 +383,19 @@ async def test_a_domain_list_reaches_an_allowed_host_server_through_the_agent_an
             group.cancel_scope.cancel()
 
 
-async def test_home_agent_survives_a_restart_in_the_volume(engine: DockerClient, made: Made) -> None:
+async def test_home_agent_survives_a_restart_in_the_volume(
+    engine: DockerClient, made: Made, started: StartExecutor
+) -> None:
     import docker.errors
 
-    first = created_executor(made)
-    await first.start()
-    try:
-        assert (await first.spawn(SpawnOptions(command="echo kept > note.txt"))).exit_code == 0
-    finally:
-        await first.cleanup()
+    first = await started(created_executor(made))
+    assert (await first.spawn(SpawnOptions(command="echo kept > note.txt"))).exit_code == 0
+    await first.cleanup()  # it removes the container it created, and keeps the volume
     with pytest.raises(docker.errors.NotFound):
         await anyio.to_thread.run_sync(engine.containers.get, made.container)
 
-    second = created_executor(made)
-    await second.start()
-    try:
-        assert (await second.spawn(SpawnOptions(command="cat note.txt"))).stdout == "kept\n"
-    finally:
-        await second.cleanup()
+    second = await started(created_executor(made))
+    assert (await second.spawn(SpawnOptions(command="cat note.txt"))).stdout == "kept\n"
 
 
 async def test_an_existing_container_is_started_used_and_left_alone(engine: DockerClient, made: Made) -> None:
@@ -428,7 +428,7 @@ async def test_an_existing_container_is_started_used_and_left_alone(engine: Dock
     ids=["stock-no-workdir", "custom-workdir", "no-bash"],
 )
 async def test_an_existing_container_works_on_the_first_spawn_in_its_own_working_directory(
-    engine: DockerClient, made: Made, image: str, working_dir: str | None, expected: str
+    engine: DockerClient, made: Made, image: str, working_dir: str | None, expected: str, started: StartExecutor
 ) -> None:
     """As a user brings one: `docker run -d [-w DIR] IMAGE tail -f /dev/null`, and nothing but the
     variables that name it (no DEFAULT_WORKDIR, no /home/agent in the image)."""
@@ -444,62 +444,52 @@ async def test_an_existing_container_works_on_the_first_spawn_in_its_own_working
         )
     )
     config = load_config({"PROCESS_MODE": "docker", "DOCKER_USE_EXISTING": "true", "DOCKER_CONTAINER": made.container})
-    executor = DockerExecutor(config)
-    await executor.start()
-    try:
-        first = await executor.spawn(SpawnOptions(command="pwd; ls >/dev/null && echo listed"))
-        assert (first.exit_code, first.stdout) == (0, f"{expected}\nlisted\n")
-        relative = await executor.spawn(SpawnOptions(command="pwd", cwd="."))
-        assert relative.stdout == f"{expected}\n"
-        assert executor.workdir == expected
-    finally:
-        await executor.cleanup()
+    executor = await started(DockerExecutor(config))
+    first = await executor.spawn(SpawnOptions(command="pwd; ls >/dev/null && echo listed"))
+    assert (first.exit_code, first.stdout) == (0, f"{expected}\nlisted\n")
+    relative = await executor.spawn(SpawnOptions(command="pwd", cwd="."))
+    assert relative.stdout == f"{expected}\n"
+    assert executor.workdir == expected
 
 
 @pytest.mark.parametrize("fault", ["kill", "stop", "remove"])
 async def test_a_container_lost_behind_the_servers_back_ends_its_processes_and_comes_back(
-    engine: DockerClient, made: Made, fault: str
+    engine: DockerClient, made: Made, fault: str, started: StartExecutor
 ) -> None:
-    executor = created_executor(made, image=BUSYBOX_IMAGE)
-    await executor.start()
-    try:
-        # Printing all along, so the fault breaks its exec stream mid-output.
-        running = await executor.spawn(SpawnOptions(command="while :; do echo tick; sleep 0.01; done", background=True))
-        await wait_for_output(executor, running.pid, "(?s)tick.*tick")
-        container = await anyio.to_thread.run_sync(engine.containers.get, made.container)
-        if fault == "kill":
-            await anyio.to_thread.run_sync(container.kill)
-        elif fault == "stop":
-            await anyio.to_thread.run_sync(lambda: container.stop(timeout=1))
-        else:
-            await anyio.to_thread.run_sync(lambda: container.remove(force=True))
-        with anyio.fail_after(WAIT_S * 2):  # never "running" forever
-            while (await executor.get_process(running.pid)).status == "running":
-                await anyio.sleep(POLL_S)
-        again = await executor.spawn(SpawnOptions(command="echo back"))
-        assert (again.stdout, again.exit_code) == ("back\n", 0)
-        container = await anyio.to_thread.run_sync(engine.containers.get, made.container)
-        assert container.status == "running"
-    finally:
-        await executor.cleanup()
+    executor = await started(created_executor(made, image=BUSYBOX_IMAGE))
+    # Printing all along, so the fault breaks its exec stream mid-output.
+    running = await executor.spawn(SpawnOptions(command="while :; do echo tick; sleep 0.01; done", background=True))
+    await wait_for_output(executor, running.pid, "(?s)tick.*tick")
+    container = await anyio.to_thread.run_sync(engine.containers.get, made.container)
+    if fault == "kill":
+        await anyio.to_thread.run_sync(container.kill)
+    elif fault == "stop":
+        await anyio.to_thread.run_sync(lambda: container.stop(timeout=1))
+    else:
+        await anyio.to_thread.run_sync(lambda: container.remove(force=True))
+    with anyio.fail_after(WAIT_S * 2):  # never "running" forever
+        while (await executor.get_process(running.pid)).status == "running":
+            await anyio.sleep(POLL_S)
+    again = await executor.spawn(SpawnOptions(command="echo back"))
+    assert (again.stdout, again.exit_code) == ("back\n", 0)
+    container = await anyio.to_thread.run_sync(engine.containers.get, made.container)
+    assert container.status == "running"
 
 
-async def test_a_stopped_existing_container_is_a_clear_error_and_left_alone(engine: DockerClient, made: Made) -> None:
+async def test_a_stopped_existing_container_is_a_clear_error_and_left_alone(
+    engine: DockerClient, made: Made, started: StartExecutor
+) -> None:
     container = await anyio.to_thread.run_sync(
         lambda: engine.containers.run(
             BUSYBOX_IMAGE, ["tail", "-f", "/dev/null"], name=made.container, labels=TEST_LABELS, detach=True
         )
     )
-    executor = DockerExecutor(docker_config(made.container, workdir="/tmp", use_existing=True))
-    await executor.start()
-    try:
-        await anyio.to_thread.run_sync(container.kill)
-        with pytest.raises(BackendUnavailable, match="DOCKER_USE_EXISTING=true this server does not start"):
-            await executor.spawn(SpawnOptions(command="echo never"))
-        await anyio.to_thread.run_sync(container.reload)
-        assert container.status == "exited"  # not started behind the user's back either
-    finally:
-        await executor.cleanup()
+    executor = await started(DockerExecutor(docker_config(made.container, workdir="/tmp", use_existing=True)))
+    await anyio.to_thread.run_sync(container.kill)
+    with pytest.raises(BackendUnavailable, match="DOCKER_USE_EXISTING=true this server does not start"):
+        await executor.spawn(SpawnOptions(command="echo never"))
+    await anyio.to_thread.run_sync(container.reload)
+    assert container.status == "exited"  # not started behind the user's back either
 
 
 async def test_use_existing_with_no_such_container_is_a_clear_error(engine: DockerClient, made: Made) -> None:
@@ -518,54 +508,50 @@ async def test_an_image_that_cannot_be_pulled_is_a_clear_error_naming_it(engine:
     assert "DOCKER_IMAGE" in caught.value.message
 
 
-async def test_an_image_without_bash_runs_commands_terminals_and_kills(engine: DockerClient, made: Made) -> None:
-    executor = created_executor(made, image=BUSYBOX_IMAGE)
-    await executor.start()
-    try:
-        assert executor.via == "exec"  # no Python for the agent: one exec per process, chosen by itself
-        hi = await executor.spawn(SpawnOptions(command="echo hi; ls /bin/bash 2>&1"))
-        assert (hi.via, hi.stdout.startswith("hi\n")) == ("exec", True)
-        assert [p.via for p in await executor.list_processes()] == ["exec"]
-        assert (await executor.spawn(SpawnOptions(command="stty size", tty=True))).stdout == "30 120"
-        tree = await executor.spawn(SpawnOptions(command="sleep 300 & sleep 301 & echo started; wait", background=True))
-        await wait_for_output(executor, tree.pid, "started")
-        container = await anyio.to_thread.run_sync(engine.containers.get, made.container)
-        tree_pattern = f"^{executor.marker(tree.pid)}$"
-        assert len(await matching_pids(container, tree_pattern, executor.exec_user)) == 3  # sh, both sleeps
-        killed = await executor.kill(tree.pid, "KILL")
-        assert (killed.status, killed.signal, killed.exit_code) == ("terminated", "SIGKILL", 137)
-        await wait_until_none_match(container, tree_pattern, executor.exec_user)
-    finally:
-        await executor.cleanup()
+async def test_an_image_without_bash_runs_commands_terminals_and_kills(
+    engine: DockerClient, made: Made, started: StartExecutor
+) -> None:
+    executor = await started(created_executor(made, image=BUSYBOX_IMAGE))
+    assert executor.via == "exec"  # no Python for the agent: one exec per process, chosen by itself
+    hi = await executor.spawn(SpawnOptions(command="echo hi; ls /bin/bash 2>&1"))
+    assert (hi.via, hi.stdout.startswith("hi\n")) == ("exec", True)
+    assert [p.via for p in await executor.list_processes()] == ["exec"]
+    assert (await executor.spawn(SpawnOptions(command="stty size", tty=True))).stdout == "30 120"
+    tree = await executor.spawn(SpawnOptions(command="sleep 300 & sleep 301 & echo started; wait", background=True))
+    await wait_for_output(executor, tree.pid, "started")
+    container = await anyio.to_thread.run_sync(engine.containers.get, made.container)
+    tree_pattern = f"^{executor.marker(tree.pid)}$"
+    assert len(await matching_pids(container, tree_pattern, executor.exec_user)) == 3  # sh, both sleeps
+    killed = await executor.kill(tree.pid, "KILL")
+    assert (killed.status, killed.signal, killed.exit_code) == ("terminated", "SIGKILL", 137)
+    await wait_until_none_match(container, tree_pattern, executor.exec_user)
 
 
-async def test_the_agent_runs_on_an_old_python_without_splice(engine: DockerClient, made: Made) -> None:
+async def test_the_agent_runs_on_an_old_python_without_splice(
+    engine: DockerClient, made: Made, started: StartExecutor
+) -> None:
     """Python 3.9 (Debian 11's, the oldest a reachable mirror has): no os.splice, so output is read and
     written by the agent; exits exact, terminals sized, escapes killed, floods whole."""
-    executor = created_executor(made, image=BULLSEYE_IMAGE)
-    await executor.start()
-    try:
-        assert executor.via == "agent"
-        assert executor._agent is not None
-        assert executor._agent.hello["python"].startswith("3.9.")
-        exited = await executor.spawn(SpawnOptions(command="exit 130"))
-        assert (exited.via, exited.exit_code, exited.signal) == ("agent", 130, None)
-        assert (await executor.spawn(SpawnOptions(command="stty size", tty=True))).stdout == "30 120"
-        flood = await executor.spawn(SpawnOptions(command="head -c 5000000 /dev/zero | tr '\\0' x; echo END"))
-        record = executor._registry.get(flood.pid)
-        assert await record.wait(WAIT_S, output=True)
-        assert (record.stdout.total, record.stdout.tail(4)) == (5_000_004, b"END\n")
-        argument = sleep_argument()
-        escaped = await executor.spawn(SpawnOptions(command=f"setsid sleep {argument} & sleep 600", background=True))
-        container = await anyio.to_thread.run_sync(engine.containers.get, made.container)
-        pattern = f"^{executor.marker(escaped.pid)}$"
-        with anyio.fail_after(WAIT_S):
-            while len(await matching_pids(container, pattern, executor.exec_user)) < 3:  # sh, both sleeps
-                await anyio.sleep(POLL_S)
-        await executor.kill(escaped.pid, "KILL")
-        await wait_until_none_match(container, pattern, executor.exec_user)
-    finally:
-        await executor.cleanup()
+    executor = await started(created_executor(made, image=BULLSEYE_IMAGE))
+    assert executor.via == "agent"
+    assert executor._agent is not None
+    assert executor._agent.hello["python"].startswith("3.9.")
+    exited = await executor.spawn(SpawnOptions(command="exit 130"))
+    assert (exited.via, exited.exit_code, exited.signal) == ("agent", 130, None)
+    assert (await executor.spawn(SpawnOptions(command="stty size", tty=True))).stdout == "30 120"
+    flood = await executor.spawn(SpawnOptions(command="head -c 5000000 /dev/zero | tr '\\0' x; echo END"))
+    record = executor._registry.get(flood.pid)
+    assert await record.wait(WAIT_S, output=True)
+    assert (record.stdout.total, record.stdout.tail(4)) == (5_000_004, b"END\n")
+    argument = sleep_argument()
+    escaped = await executor.spawn(SpawnOptions(command=f"setsid sleep {argument} & sleep 600", background=True))
+    container = await anyio.to_thread.run_sync(engine.containers.get, made.container)
+    pattern = f"^{executor.marker(escaped.pid)}$"
+    with anyio.fail_after(WAIT_S):
+        while len(await matching_pids(container, pattern, executor.exec_user)) < 3:  # sh, both sleeps
+            await anyio.sleep(POLL_S)
+    await executor.kill(escaped.pid, "KILL")
+    await wait_until_none_match(container, pattern, executor.exec_user)
 
 
 async def test_kill_reaches_grandchildren_inside_the_container(
@@ -662,6 +648,7 @@ async def test_a_client_over_stdio_drives_docker_mode_and_disconnecting_ends_its
         result = await anyio.to_thread.run_sync(
             lambda: shared_container.exec_run(["/bin/sh", "-c", _MATCHING_PIDS, "sh", f"^{marker}$"])
         )
+    assert isinstance(result.output, bytes)
     assert result.output.decode().split() == []
 
 
@@ -690,6 +677,7 @@ _SLEEPERS = (
 
 async def sleepers_in(container: Container, argument: str) -> list[str]:
     result = await anyio.to_thread.run_sync(lambda: container.exec_run(["/bin/sh", "-c", _SLEEPERS, "sh", argument]))
+    assert isinstance(result.output, bytes)
     return result.output.decode().split()
 
 

@@ -157,7 +157,7 @@ async def test_input_and_ps_stay_prompt_while_another_process_floods(agent: Dock
     flood = await agent.spawn(SpawnOptions(command="yes 0123456789abcdef", background=True))
     echo = await agent.spawn(SpawnOptions(command="while read x; do echo got:$x; done", background=True))
     for n in range(20):
-        answered = await agent.stdin(echo.pid, f"line {n}\n", wait_for=f"got:line {n}", wait_ms=WAIT_S * 1000)
+        answered = await agent.stdin(echo.pid, f"line {n}\n", wait_for=f"got:line {n}", wait_ms=int(WAIT_S * 1000))
         assert answered.wait_result == "matched"
         assert {p.pid for p in await agent.list_processes()} >= {flood.pid, echo.pid}
     assert (await agent.get_process(flood.pid)).status == "running"

@@ -75,7 +75,8 @@ class Session:
         self.client: Client = self._client_context.__enter__()
 
     def call(self, tool: str, arguments: dict[str, Any]) -> CallToolResult:
-        return self.portal.call(self.client.call_tool, tool, arguments)
+        result: CallToolResult = self.portal.call(self.client.call_tool, tool, arguments)
+        return result
 
     def close(self) -> None:
         self._client_context.__exit__(None, None, None)

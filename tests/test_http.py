@@ -52,7 +52,7 @@ BOB = "bob-" + secrets.token_hex(16)
 CAROL = "carol-" + secrets.token_hex(16)
 DAVE = "dave-" + secrets.token_hex(16)
 TOKENS = {"alice": ALICE, "bob": BOB, "carol": CAROL, "dave": DAVE}
-INITIALIZE = {
+INITIALIZE: dict[str, Any] = {
     "jsonrpc": "2.0",
     "id": 1,
     "method": "initialize",
@@ -244,7 +244,7 @@ async def test_oauth_accepts_only_jwts_from_the_issuer_for_this_server_in_time_w
             "another issuer": issuer.token(audience, scope="processes", iss="https://evil.example"),
             "another key": stranger.token(audience, scope="processes"),
             "no scope": issuer.token(audience),
-            "unsigned": jwt.encode({"iss": issuer.url, "aud": audience, "sub": "x", "exp": 2**40}, None, "none"),
+            "unsigned": jwt.encode({"iss": issuer.url, "aud": audience, "sub": "x", "exp": 2**40}, "", "none"),
             "hmac with the public key as secret": issuer.confused_token(audience, scope="processes"),
         }
         for why, token in refused.items():
@@ -440,10 +440,10 @@ async def test_sigterm_ends_the_processes_of_every_principal(workspaces: Path, t
 
 
 async def test_progress_and_cancellation_work_over_http(workspaces: Path, tokens_file: Path) -> None:
-    progress: list[float] = []
+    reported: list[float] = []
 
-    async def on_progress(done: float, total: float | None, message: str | None) -> None:
-        progress.append(done)
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        reported.append(progress)
 
     async with (
         http_server(workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file)) as server,
@@ -456,7 +456,7 @@ async def test_progress_and_cancellation_work_over_http(workspaces: Path, tokens
         )
         assert result.structured_content is not None
         assert result.structured_content["stdout"] == "done\n"
-        assert progress, "no progress notification during a 2.5 s wait"
+        assert reported, "no progress notification during a 2.5 s wait"
         gate = await call(alice, "spawn", {"command": "read line; echo got $line", "background": True})
         with anyio.move_on_after(0.5):
             await alice.call_tool("stdout", {"id": gate["pid"], "untilExit": True, "waitMs": 60000})
@@ -619,12 +619,12 @@ async def test_in_docker_mode_each_principal_gets_a_container_and_volume_of_its_
             mine = await call(alice, "spawn", {"command": "hostname; echo alice-data > /home/agent/mine"})
             assert mine["via"] == "agent"
             alice_container = await anyio.to_thread.run_sync(engine.containers.get, containers["alice"])
-            assert mine["stdout"].strip() == alice_container.id[:12]
+            assert mine["stdout"].strip() == str(alice_container.id)[:12]
             peek = await call(bob, "spawn", {"command": "hostname; cat /home/agent/mine"})
             assert "alice-data" not in peek["stdout"]
             assert peek["exitCode"] != 0
             bob_container = await anyio.to_thread.run_sync(engine.containers.get, containers["bob"])
-            assert peek["stdout"].split()[0] == bob_container.id[:12]
+            assert peek["stdout"].split()[0] == str(bob_container.id)[:12]
             await call(bob, "spawn", {"command": "sleep 600", "background": True})
 
             await server.wait_logged("principal alice: space reclaimed")

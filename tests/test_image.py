@@ -56,7 +56,7 @@ def secrets_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def box(docker_client: DockerClient, image: str, secrets_dir: Path) -> Iterator[Container]:
     name, volume = unique_name("image"), unique_name("image-vol")
-    container = docker_client.containers.run(
+    container = docker_client.containers.run(  # type: ignore[call-overload]
         image,
         name=name,
         detach=True,
@@ -66,7 +66,7 @@ def box(docker_client: DockerClient, image: str, secrets_dir: Path) -> Iterator[
         tmpfs={"/tmp": "rw,nosuid,nodev,size=64m"},
         volumes={str(secrets_dir): {"bind": "/run/secrets", "mode": "ro"}, volume: {"bind": "/workspace"}},
         environment={"PROCESS_AUTH_TOKENS_FILE": "/run/secrets/tokens"},
-        ports={"8765/tcp": ("127.0.0.1", None)},
+        ports={"8765/tcp": ("127.0.0.1", None)},  # None: any free port, which the stubs do not know
         labels={"process-mcp.test": "true"},
     )
     try:
@@ -132,7 +132,7 @@ async def test_the_hardened_image_serves_the_typescript_client_and_stops_cleanly
 
 async def test_the_image_runs_as_any_non_root_uid(docker_client: DockerClient, image: str, secrets_dir: Path) -> None:
     """As Kubernetes runs it with runAsUser and an fsGroup that may read the mounted secret."""
-    container = docker_client.containers.run(
+    container = docker_client.containers.run(  # type: ignore[call-overload]
         image,
         name=unique_name("image-uid"),
         user="23456:23456",
@@ -144,7 +144,7 @@ async def test_the_image_runs_as_any_non_root_uid(docker_client: DockerClient, i
         tmpfs={"/tmp": "rw,size=16m", "/workspace": "rw,size=16m,mode=1777"},
         volumes={str(secrets_dir): {"bind": "/run/secrets", "mode": "ro"}},
         environment={"PROCESS_AUTH_TOKENS_FILE": "/run/secrets/tokens"},
-        ports={"8765/tcp": ("127.0.0.1", None)},
+        ports={"8765/tcp": ("127.0.0.1", None)},  # None: any free port, which the stubs do not know
         labels={"process-mcp.test": "true"},
     )
     try:

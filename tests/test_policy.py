@@ -7,6 +7,7 @@ which must still run and print.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -99,12 +100,12 @@ def policy(request: pytest.FixtureRequest) -> PolicyConfig:
 
 
 @pytest.fixture
-async def executor(workdir: str, policy: PolicyConfig) -> HostExecutor:
+async def executor(workdir: str, policy: PolicyConfig) -> AsyncIterator[HostExecutor]:
     config = host_config(workdir)
     config.policy = policy
     executor = HostExecutor(config)
     await executor.start()
-    yield executor  # type: ignore[misc]
+    yield executor
     await executor.cleanup()
 
 

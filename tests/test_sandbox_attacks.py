@@ -50,9 +50,10 @@ class Box:
     async def run(self, command: str, **arguments: Any) -> dict[str, Any]:
         result = await self.client.call_tool("spawn", {"command": command, "timeoutMs": 20000, **arguments})
         assert not result.is_error, result.content
-        assert result.structured_content is not None
-        assert result.structured_content["sandboxed"] is True
-        return result.structured_content
+        content: dict[str, Any] | None = result.structured_content
+        assert content is not None
+        assert content["sandboxed"] is True
+        return content
 
     async def output(self, command: str, **arguments: Any) -> str:
         reply = await self.run(command, **arguments)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from process_mcp import InvalidInput, ProcessExecutor, SpawnOptions
+from process_mcp import InvalidInput, ProcessExecutor, SpawnOptions, SpawnResult, StdinResult
 
 from .helpers import wait_for_output
 
@@ -141,7 +141,9 @@ async def test_bad_waits_are_clear_errors(executor: ProcessExecutor) -> None:
 
 async def test_a_scripted_repl_session_takes_one_call_per_step(executor: ProcessExecutor) -> None:
     prompt = r">>> $"
-    steps = [await executor.spawn(SpawnOptions(command="python3 -q", tty=True, wait_for=prompt, timeout_ms=LONG_MS))]
+    steps: list[SpawnResult | StdinResult] = [
+        await executor.spawn(SpawnOptions(command="python3 -q", tty=True, wait_for=prompt, timeout_ms=LONG_MS))
+    ]
     pid = steps[0].pid
     for line in ("x = 6", "y = x * 7", "print(y)", "1 / 0"):
         steps.append(await executor.stdin(pid, f"{line}\r", wait_for=prompt, wait_ms=LONG_MS))
