@@ -548,6 +548,37 @@ async def repl_session(s: Settings, workdir: str) -> None:
     s.add("scripted REPL session (start, 4 statements, exit)", f"{calls} calls, {sent} bytes returned", "-", "-", None)
 
 
+REPLY_OUTPUT_BYTES = 10_000_000
+"""Output of the command whose spawn reply is measured: far more than a reply carries."""
+
+
+async def reply_sizes(s: Settings, workdir: str) -> None:
+    """What a client receives (the JSON-RPC line) for a large output and for a long process list, and
+    how much of it is the text the model reads beside the structured content a program reads."""
+    srv = server(workdir)
+    await srv.start()
+    try:
+        command = f"head -c {REPLY_OUTPUT_BYTES} /dev/zero | tr '\\0' x"
+        before = srv.bytes_received
+        big = await srv.request("tools/call", {"name": "spawn", "arguments": {"command": command}})
+        spawn_bytes = srv.bytes_received - before
+        for _ in range(s.live):
+            await srv.tool("spawn", {"command": "sleep 600", "background": True})
+        before = srv.bytes_received
+        listed = await srv.request("tools/call", {"name": "ps", "arguments": {}})
+        ps_bytes = srv.bytes_received - before
+    finally:
+        await srv.close()
+    for figure, result, size in (
+        (f"spawn reply for {REPLY_OUTPUT_BYTES / 1e6:.0f} MB of output", big, spawn_bytes),
+        (f"ps reply with {s.live} live processes", listed, ps_bytes),
+    ):
+        text = sum(len(block.get("text", "").encode()) for block in result["content"])
+        structured = len(json.dumps(result.get("structuredContent"), separators=(",", ":")).encode())
+        s.add(figure, f"{size / 1024:.1f} KiB (text {text / 1024:.1f}, structured {structured / 1024:.1f})",
+              "-", "-", None)  # fmt: skip
+
+
 class HttpServer:
     """A server process on streamable HTTP (a free loopback port), with bearer tokens for ``principals``."""
 
@@ -777,6 +808,7 @@ FIGURE_GROUPS = (
     ps_latency,
     memory_and_startup,
     repl_session,
+    reply_sizes,
     http_figures,
     operator_figures,
     docker_figures,

@@ -491,7 +491,9 @@ def _principal(ctx: Context | None) -> str | None:
 def _reply(result: BaseModel, text: str) -> CallToolResult:
     return CallToolResult(
         content=[TextContent(type="text", text=text)],
-        structured_content=result.model_dump(mode="json", by_alias=True),
+        # Fields without a value (exitCode while running, signal, limit, ...) are left out, as the
+        # original left them out, rather than sent as null on every row of every reply.
+        structured_content=result.model_dump(mode="json", by_alias=True, exclude_none=True),
     )
 
 
