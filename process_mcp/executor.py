@@ -55,7 +55,7 @@ SHUTDOWN_GRACE_S = 1.5
 server to exit once they close its stdin."""
 LIMIT_CHECK_S = 0.1
 """How often the tree of a process with a memory or processes limit is measured against it: a tree
-can pass a limit for at most this long, within the kernel's per-process bounds (see ``ProcessLimits``)."""
+can be past a limit for about this long, within the kernel's per-process bounds (see ``ProcessLimits``)."""
 SHUTDOWN_KILL_WAIT_S = 2.0
 """How long cleanup waits for the kernel to report SIGKILLed processes gone."""
 

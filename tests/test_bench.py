@@ -28,6 +28,8 @@ FIGURES = [
     "startup: launch to initialize answered",
     "server memory (RSS)",
     "scripted REPL session",
+    "spawn reply for 10 MB of output",
+    "ps reply with 10 live processes",
     "spawn true round trip over HTTP (host, sandbox off)",
     "ps requests per second over HTTP, 8 concurrent clients",
     "server memory (RSS) over HTTP with principals holding processes (sandboxed)",
