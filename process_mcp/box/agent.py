@@ -151,11 +151,25 @@ def sample_tree(root: int, children: dict[int, list[int]]) -> dict[str, Any]:
     }
 
 
-def signal_tree(root: int, signum: int) -> int:
-    """Send ``signum`` to every process below ``root``; return how many it reached."""
+def signal_tree(root: int, signum: int, group: int = 0) -> int:
+    """Send ``signum`` to every process below ``root``; return how many it reached.
+
+    With ``group`` (the leader's process group), the group gets it first with one killpg, which the
+    kernel makes atomic against forks in progress: a child forked while the tree is being listed would
+    otherwise miss it (and a stopped shell's child would go on running). The walk then reaches only
+    what left the group (setsid, setpgid), so nothing gets the signal twice.
+    """
     sent = 0
+    if group:
+        try:
+            os.killpg(group, signum)
+            sent += 1
+        except OSError:
+            group = 0  # the group is gone: whatever is left is reached one by one
     for pid in descendants(root):
         try:
+            if group and os.getpgid(pid) == group:
+                continue
             os.kill(pid, signum)
             sent += 1
         except OSError:
@@ -418,6 +432,7 @@ class Process:
         self.written = 0  # bytes of input written so far
         self.acks: collections.deque[tuple[int, int]] = collections.deque()  # (seq, queued at its end)
         self.exited = False
+        self.leader = 0  # the command's pid, also its process group's, once its supervisor has started it
         self.grown: set[int] = set()  # output pipes already enlarged
 
     @property
@@ -603,7 +618,10 @@ class Agent:
         elif kind == protocol.SIGNAL:
             request = protocol.fields(payload)
             process = self.processes.get(channel)
-            sent = 0 if process is None else signal_tree(process.supervisor, int(request["signal"]))
+            signum = int(request["signal"])
+            # Its group by id only while the leader lives: after that, the id could be another's.
+            group = 0 if process is None or process.exited else process.leader
+            sent = 0 if process is None else signal_tree(process.supervisor, signum, group)
             self.send(protocol.message(protocol.SIGNALLED, channel, seq=request["seq"], sent=sent))
         elif kind == protocol.SAMPLE:
             request = protocol.fields(payload)
@@ -924,6 +942,7 @@ class Agent:
 
     def _on_supervisor_report(self, process: Process, report: dict[str, Any]) -> None:
         if "started" in report:
+            process.leader = int(report["started"])
             self.send(protocol.message(protocol.STARTED, process.channel, pid=report["started"]))
         elif "error" in report:
             process.exited = True
