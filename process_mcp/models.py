@@ -144,7 +144,7 @@ class ProcessInfo(ExitState):
     )
     via: ProcessVia = Field("host", description=_VIA)
     stats: ProcessStats | None = Field(
-        None, description="Resources of the process and its descendants; null where they cannot be read."
+        None, description="Resources of the process and its descendants; absent where they cannot be read."
     )
 
 
@@ -158,7 +158,7 @@ class ProcessOutput(ExitState, _Progress):
         0, description="With since: bytes after the cursor that are not shown (no longer held, or beyond the limit)."
     )
     stats: ProcessStats | None = Field(
-        None, description="Resources of the process and its descendants; null where they cannot be read."
+        None, description="Resources of the process and its descendants; absent where they cannot be read."
     )
 
 
