@@ -20,6 +20,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable
 from concurrent.futures import BrokenExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from .models import TERMINAL_COLS, TERMINAL_ROWS, TTY_TERM, LimitName, ProcessLi
 from .registry import ManagedProcess
 from .sandbox import Launch, Sandbox, Tools, env_resets_signals, find_bwrap, find_tool, probe
 from .signals import signal_from_exit_code
+from .stats import descendants
 from .streams import READ_CHUNK, write_all
 
 if TYPE_CHECKING:
@@ -56,6 +58,10 @@ STATE_DIR_PREFIX = "process-mcp-state-"
 """Start of each sandboxing server's private directory in the temp dir, followed by its pid."""
 EXIT_POLL_S = 0.05
 """Exit polling interval, only where pidfds are unavailable (Linux < 5.3)."""
+SIGNALS_RESET_S = 0.5
+"""How long after its start a sandboxed process's first signal may wait for the launch chain to have
+reset the signals bwrap ignores: sent before that, a group signal is discarded (see ``sandbox``)."""
+SIGNALS_RESET_POLL_S = 0.002
 
 
 class HostExecutor(ProcessExecutor):
@@ -374,6 +380,7 @@ class _HostHandle(ProcessHandle):
         self._readers: dict[int, OutputBuffer] = {}
         self._pidfd = -1
         self._input = -1  # where stdin writes go: the pipe to the child, or the PTY itself
+        self._signals_reset = False  # whether the sandbox's launch chain has passed its signal reset
         try:
             self._pidfd = os.pidfd_open(pid)
         except (AttributeError, OSError):
@@ -383,6 +390,16 @@ class _HostHandle(ProcessHandle):
 
     def tree_root(self) -> tuple[int, bool] | None:
         return self._pid, False  # bwrap's helper is the server's, not the command's
+
+    async def _await_signals_reset(self, signum: int) -> None:
+        """Wait (until SIGNALS_RESET_S after the start) for a process in the sandbox that no longer
+        ignores ``signum``: bwrap and the start of the launch chain ignore it, and a kill sent right
+        after a spawn would otherwise be lost. A command that ignores it itself is signalled anyway."""
+        deadline = self._record.started + SIGNALS_RESET_S
+        # Polled: the kernel offers no event for a change of a process's signal dispositions.
+        while time.monotonic() < deadline and not await anyio.to_thread.run_sync(_accepts, self._pid, signum):  # noqa: ASYNC110
+            await anyio.sleep(SIGNALS_RESET_POLL_S)
+        self._signals_reset = True
 
     @property
     def pid(self) -> int:
@@ -471,6 +488,8 @@ class _HostHandle(ProcessHandle):
         await write_all(fd, lambda view: os.write(fd, view), data, self._record.pid)
 
     async def signal(self, signum: int) -> None:
+        if self._record.sandboxed and not self._signals_reset:
+            await self._await_signals_reset(signum)
         try:
             os.killpg(self._pid, signum)
         except ProcessLookupError:
@@ -482,6 +501,22 @@ class _HostHandle(ProcessHandle):
         for fd in list(self._readers):
             self._stop_reading(fd)
         self._release_pidfd()
+
+
+def _accepts(root: int, signum: int) -> bool:
+    """Whether a process below ``root`` does not ignore ``signum`` (by its SigIgn mask in /proc)."""
+    bit = 1 << (signum - 1)
+    for pid in descendants(root):
+        try:
+            with open(f"/proc/{pid}/status", "rb") as file:
+                for line in file:
+                    if line.startswith(b"SigIgn:"):
+                        if not int(line.split()[1], 16) & bit:
+                            return True
+                        break
+        except (OSError, ValueError, IndexError):
+            continue
+    return False
 
 
 @dataclass

@@ -33,7 +33,7 @@ class TreeSample:
 
 def sample_tree(root: int, *, include_root: bool = True) -> TreeSample | None:
     """Add up ``root``'s tree (without ``root`` itself unless ``include_root``); None if it is gone."""
-    pids = _descendants(root)
+    pids = descendants(root)
     if include_root:
         pids.insert(0, root)
     if not pids:
@@ -62,7 +62,8 @@ def sample_tree(root: int, *, include_root: bool = True) -> TreeSample | None:
     return TreeSample(processes, threads, ticks / CLOCK_TICKS, pages * PAGE_BYTES, read, written)
 
 
-def _descendants(root: int) -> list[int]:
+def descendants(root: int) -> list[int]:
+    """The pids below ``root`` (at most MAX_TREE), by the kernel's lists of each task's children."""
     found: list[int] = []
     stack = [root]
     while stack and len(found) < MAX_TREE:
