@@ -7,7 +7,6 @@ Everything they create is labelled ``process-mcp.test=true`` and removed by name
 
 from __future__ import annotations
 
-import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,6 +17,8 @@ import pytest
 
 from process_mcp import DockerExecutor, HostExecutor, ProcessExecutor, ProcessMcpConfig
 from process_mcp.config import Defaults, DockerConfig, Limits, SandboxConfig
+
+from .helpers import cannot_run_here
 
 if TYPE_CHECKING:
     from docker import DockerClient
@@ -78,7 +79,6 @@ def unique_name(what: str) -> str:
 @pytest.fixture(scope="session")
 def docker_client() -> Iterator[DockerClient]:
     """A client for an engine that answers and has the test images; checked once per session."""
-    in_ci = os.environ.get("CI", "").lower() == "true"
     problem = None
     client = None
     import docker
@@ -97,9 +97,7 @@ def docker_client() -> Iterator[DockerClient]:
     if problem is not None:
         if client is not None:
             client.close()
-        if in_ci:
-            pytest.fail(f"DOCKER TESTS CANNOT RUN IN CI: {problem}")
-        pytest.skip(f"DOCKER TESTS SKIPPED: {problem}")
+        cannot_run_here(f"the Docker tests: {problem}")
     assert client is not None
     try:
         yield client

@@ -18,7 +18,7 @@ from process_mcp import ProcessMcpServer, create_process_mcp
 from process_mcp.config import AuditConfig
 
 from .conftest import host_config
-from .helpers import WAIT_S, call, error
+from .helpers import WAIT_S, call, cannot_run_here, error
 
 pytestmark = pytest.mark.anyio
 
@@ -135,7 +135,7 @@ async def test_the_log_rotates_by_size_and_keeps_so_many_files(workdir: Path, tm
 @pytest.fixture
 def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     if os.getuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+        cannot_run_here("mounting a tmpfs needs root")
     disk = tmp_path / "disk"
     disk.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(disk)], check=True)
@@ -192,7 +192,7 @@ async def test_a_process_end_records_its_peak_memory(
     connected, log, mcp = client
     sandbox = mcp.executor._sandbox  # type: ignore[attr-defined]
     if sandbox is None or sandbox.cgroups is None:
-        pytest.skip("the exact peak needs per-sandbox cgroups (a root server where the kernel allows them; CI has)")
+        cannot_run_here("the exact peak needs per-sandbox cgroups (a root server where the kernel allows them)")
     grab = "python3 -c \"b = bytearray(100 * 1024 * 1024); b[::4096] = b'x' * len(b[::4096])\""
     assert (await call(connected, "spawn", {"command": grab, "timeoutMs": 20000}))["exitCode"] == 0
     await call(connected, "spawn", {"command": "true"})

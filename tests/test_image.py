@@ -19,7 +19,7 @@ from docker.client import DockerClient
 from docker.models.containers import Container
 
 from .conftest import unique_name
-from .helpers import WAIT_S, call
+from .helpers import WAIT_S, call, cannot_run_here
 from .http_server import mcp_client
 from .test_http import JS_CLIENTS, node_command
 
@@ -34,7 +34,7 @@ TOKEN = secrets.token_hex(16)
 def image(docker_client: DockerClient) -> str:
     """process-mcp:latest, built from this checkout (layers are cached, so a rebuild is quick)."""
     if os.getuid() != 0:
-        pytest.skip("building the image needs root (debootstrap); CI runs as root")
+        cannot_run_here("building the image needs root (debootstrap)")
     built = subprocess.run([str(ROOT / "scripts" / "build-image.sh")], capture_output=True, text=True, check=False)
     assert built.returncode == 0, built.stderr[-3000:]
     return built.stdout.strip().splitlines()[-1]
