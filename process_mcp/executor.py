@@ -53,11 +53,11 @@ KILL_SETTLE_S = 1.0
 SHUTDOWN_GRACE_S = 1.5
 """How long cleanup lets processes handle SIGTERM before SIGKILL; fits in the 2 s MCP clients give a
 server to exit once they close its stdin."""
+SHUTDOWN_KILL_WAIT_S = 2.0
+"""How long cleanup waits for the kernel to report SIGKILLed processes gone."""
 LIMIT_CHECK_S = 0.1
 """How often the tree of a process with a memory or processes limit is measured against it: a tree
 can be past a limit for about this long, within the kernel's per-process bounds (see ``ProcessLimits``)."""
-SHUTDOWN_KILL_WAIT_S = 2.0
-"""How long cleanup waits for the kernel to report SIGKILLed processes gone."""
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 

@@ -56,6 +56,8 @@ logger = logging.getLogger(__name__)
 ERROR_META = "process-mcp/error"
 """Where a failed call's ``_meta`` holds its error, ``{"code": ...}``, for a client that acts on the code."""
 TOOL_NAMES = ("spawn", "ps", "stdin", "stdout", "kill")
+_CODED = re.compile(r"([a-z_]+): (.*)", re.DOTALL)
+"""An error's text: its code, then what to do next."""
 
 
 class ToolServer(MCPServer):
@@ -88,7 +90,7 @@ def _error_of(tool: str, exc: ToolError) -> tuple[str, str]:
         )
         return "invalid_input", f"{problems}; see the {tool} tool's input schema"
     text = str(cause if isinstance(cause, ToolError) else exc)
-    found = re.match(r"([a-z_]+): (.*)", text, re.DOTALL)
+    found = _CODED.match(text)
     if found:
         return found.group(1), found.group(2)
     if tool not in TOOL_NAMES:
@@ -418,7 +420,7 @@ class _Call:
 
 def _code(exc: ToolError) -> str:
     """The error code a tool's error text starts with."""
-    found = re.match(r"([a-z_]+): ", str(exc))
+    found = _CODED.match(str(exc))
     return found.group(1) if found else "error"
 
 
