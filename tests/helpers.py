@@ -119,15 +119,6 @@ def started(argument: str) -> str:
     return f'until grep -q "{argument}" /proc/$!/cmdline 2>/dev/null; do :; done'
 
 
-async def wait_for_sleepers(argument: str, count: int = 1) -> list[int]:
-    """The host pids of ``count`` sleepers started with ``argument``, once they all run (bounded)."""
-    with anyio.move_on_after(WAIT_S):
-        while len(found := running_sleepers(argument)) < count:
-            await anyio.sleep(POLL_S)
-        return found
-    pytest.fail(f"{count} sleepers {argument} did not all start within {WAIT_S}s")
-
-
 def text_of(result: CallToolResult) -> str:
     """The text a tool's reply shows."""
     block = result.content[0]

@@ -42,7 +42,7 @@ from process_mcp import create_process_mcp
 from process_mcp.config import environment_variables
 
 from .conftest import DEBIAN_IMAGE, host_config, unique_name
-from .helpers import WAIT_S, call, error, pid_alive, sleep_argument, text_of, wait_for_sleepers
+from .helpers import WAIT_S, call, error, pid_alive, sleep_argument, sleepers, text_of
 from .http_server import http_server, mcp_client, run_server_to_exit, write_tokens
 
 pytestmark = pytest.mark.anyio
@@ -321,7 +321,7 @@ async def test_principals_see_only_their_own_processes_and_cannot_touch_anothers
             tasks.start_soon(call, bob, "spawn", {"command": "echo bob was here"})
         sleeper = await call(alice, "spawn", {"command": f"sleep {argument}", "background": True})
         repl = await call(alice, "spawn", {"command": "cat", "background": True})
-        [host_pid] = await wait_for_sleepers(argument)
+        [host_pid] = await sleepers(argument, 1)
 
         alice_ids = {p["pid"] for p in (await call(alice, "ps", {}))["processes"]}
         bob_ids = {p["pid"] for p in (await call(bob, "ps", {}))["processes"]}
@@ -377,7 +377,7 @@ async def test_a_principal_with_too_many_calls_in_progress_is_told_to_wait_and_o
         mcp_client(server.url, BOB) as bob,
     ):
         gate = await call(alice, "spawn", {"command": f"sleep {argument}", "background": True})
-        [host_pid] = await wait_for_sleepers(argument)
+        [host_pid] = await sleepers(argument, 1)
         held: list[CallToolResult] = []
 
         async def hold_the_only_slot() -> None:
@@ -418,7 +418,7 @@ async def test_an_idle_principals_space_is_reclaimed_but_not_while_something_run
         assert (await call(alice, "ps", {}))["processes"] == []
         assert (workspaces / "alice" / "kept.txt").read_text() == "kept\n"  # the workspace stays
         assert not server.logged("principal bob: space reclaimed")
-        [host_pid] = await wait_for_sleepers(argument)
+        [host_pid] = await sleepers(argument, 1)
         assert pid_alive(host_pid)
         assert (await call(bob, "ps", {}))["processes"][0]["status"] == "running"
         await call(bob, "kill", {"id": sleeper["pid"]})
@@ -433,10 +433,10 @@ async def test_sigterm_ends_the_processes_of_every_principal(workspaces: Path, t
         for token in (ALICE, BOB):
             async with mcp_client(server.url, token) as client:
                 await call(client, "spawn", {"command": f"sleep {argument} & sleep {argument}", "background": True})
-        sleepers = await wait_for_sleepers(argument, 4)
+        found = await sleepers(argument, 4)
         assert await server.stop(signal.SIGTERM) == 0
         assert server.logged("all processes ended")
-    assert not [pid for pid in sleepers if pid_alive(pid)]
+    assert not [pid for pid in found if pid_alive(pid)]
 
 
 async def test_progress_and_cancellation_work_over_http(workspaces: Path, tokens_file: Path) -> None:
@@ -659,7 +659,7 @@ async def test_a_client_that_disconnects_mid_wait_costs_nothing(workspaces: Path
 
         spawn = {"command": f"sleep {argument}", "background": True}
         await http.post(server.url, json=tool(1, "spawn", spawn), headers=headers)
-        [host_pid] = await wait_for_sleepers(argument)
+        [host_pid] = await sleepers(argument, 1)
         wait = {"id": "host-1", "untilExit": True, "waitMs": 60000}
         with pytest.raises(httpx2.ReadTimeout):  # the client gives up and hangs up mid-wait
             await http.post(server.url, json=tool(2, "stdout", wait), headers=headers, timeout=1)

@@ -9,7 +9,7 @@ import pytest
 from process_mcp import ProcessExecutor, SpawnOptions
 
 from .conftest import backend_config, executor_for
-from .helpers import pid_alive, sleep_argument, wait_for_exit, wait_for_output, wait_for_sleepers
+from .helpers import pid_alive, sleep_argument, sleepers, wait_for_exit, wait_for_output
 
 pytestmark = pytest.mark.anyio
 
@@ -73,11 +73,11 @@ async def test_a_process_past_its_lifetime_is_ended_with_everything_it_started(
 ) -> None:
     argument = sleep_argument()
     started = await limited.spawn(SpawnOptions(command=f"sleep {argument} & sleep {argument}", background=True))
-    sleepers = await wait_for_sleepers(argument, 2) if backend.startswith("host") else []
+    children = await sleepers(argument, 2) if backend.startswith("host") else []
     await wait_for_exit(limited, started.pid)
     ended = await limited.get_process(started.pid)
     assert (ended.signal, ended.ended_by) == ("SIGTERM", "lifetime")
-    assert not [pid for pid in sleepers if pid_alive(pid)]
+    assert not [pid for pid in children if pid_alive(pid)]
 
 
 async def test_a_process_that_ignores_sigterm_gets_sigkill_after_the_grace(limited: ProcessExecutor) -> None:
