@@ -9,6 +9,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 NEEDED = [
     "LICENSE",
@@ -27,6 +29,12 @@ NEEDED = [
 ]
 """What the README refers to, what the tests import, and what the package needs at run time."""
 TESTS_FROM_THE_SDIST = [f"tests/test_{name}.py" for name in ("escapes", "buffer", "config", "examples")]
+
+
+@pytest.fixture(scope="module")
+def sdist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This checkout's sdist, built once for the module's tests."""
+    return build_sdist(tmp_path_factory.mktemp("sdist"))
 
 
 def build_sdist(out: Path) -> Path:
@@ -54,8 +62,7 @@ def build_sdist(out: Path) -> Path:
     return next(out.glob("process_mcp-*.tar.gz"))
 
 
-def test_the_sdist_carries_its_license_what_the_readme_names_and_what_its_tests_need(tmp_path: Path) -> None:
-    sdist = build_sdist(tmp_path)
+def test_the_sdist_carries_its_license_what_the_readme_names_and_what_its_tests_need(sdist: Path) -> None:
     with tarfile.open(sdist) as tar:
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
         metadata = tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith("/PKG-INFO")))
@@ -69,8 +76,7 @@ def test_the_sdist_carries_its_license_what_the_readme_names_and_what_its_tests_
     assert "Classifier: Operating System :: POSIX :: Linux" in info
 
 
-def test_the_sdists_own_tests_pass_when_run_from_it(tmp_path: Path) -> None:
-    sdist = build_sdist(tmp_path)
+def test_the_sdists_own_tests_pass_when_run_from_it(sdist: Path, tmp_path: Path) -> None:
     with tarfile.open(sdist) as tar:
         tar.extractall(tmp_path, filter="data")
     unpacked = next(tmp_path.glob("process_mcp-*/"))
