@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import ast
+import os
+import select
+import subprocess
 import sys
 from importlib import resources
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from process_mcp.box import protocol
+from process_mcp.box.client import BOOTSTRAP, bootstrap_payload
 
 
 def test_frames_split_anywhere_across_reads_come_out_whole_and_in_order() -> None:
@@ -96,3 +102,62 @@ def test_what_runs_in_the_box_parses_as_python_3_8(module: str) -> None:
     }
     outside = imported - set(sys.stdlib_module_names) - {"process_mcp_box_protocol"}
     assert not outside, f"the agent may use the standard library only, not {outside}"
+
+
+class RawAgent:
+    """The agent started as the server starts it, spoken to frame by frame."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", BOOTSTRAP],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+            cwd="/",
+            start_new_session=True,
+        )
+        self.decoder = protocol.Decoder()
+        self.send(bootstrap_payload())
+        self.hello = self.next_of(protocol.HELLO)[0]
+
+    def send(self, data: bytes) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(data)
+        self.process.stdin.flush()
+
+    def next_of(self, kind: int, count: int = 1) -> list[dict[str, Any]]:
+        assert self.process.stdout is not None
+        found: list[dict[str, Any]] = []
+        while len(found) < count:
+            ready = select.select([self.process.stdout], [], [], 10)[0]
+            assert ready, f"the agent sent no frame of kind {kind} within 10 s"
+            data = os.read(self.process.stdout.fileno(), 1 << 20)
+            assert data, "the agent's stream ended"
+            for got, _, payload in self.decoder.feed(data):
+                if got == kind:
+                    found.append(protocol.fields(payload))
+        return found
+
+    def close(self) -> None:
+        self.send(protocol.frame(protocol.SHUTDOWN, 0))
+        self.process.wait(10)
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[1])
+
+
+def test_supervisors_come_from_the_zygote_even_for_a_burst_of_spawns_at_start() -> None:
+    """The agent never forks a supervisor in its own loop (a fork of the agent holds up every other
+    process's output and requests): a spawn that finds no spare ready waits for the zygote's."""
+    agent = RawAgent()
+    try:
+        spec = {"command": "sleep 60", "cwd": "/", "env": {}, "inherit": True, "tty": False}
+        # In one write, the moment the agent has said hello: more spawns than the spares it keeps.
+        agent.send(b"".join(protocol.message(protocol.SPAWN, channel, **spec) for channel in range(1, 7)))
+        leaders = [int(started["pid"]) for started in agent.next_of(protocol.STARTED, 6)]
+        forkers = {parent_of(parent_of(leader)) for leader in leaders}  # leader <- supervisor <- ?
+        assert forkers == {parent_of(parent_of(leaders[0]))}
+        assert agent.hello["pid"] not in forkers, "the agent forked a supervisor itself"
+    finally:
+        agent.close()

@@ -40,6 +40,7 @@ import stat
 import struct
 import sys
 import termios
+import time
 from typing import Any
 
 try:
@@ -72,6 +73,14 @@ PR_SET_CHILD_SUBREAPER = 36
 MSG_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 SPARES = 2
 """Supervisors kept forked ahead of need, so a spawn does not wait for a fork."""
+REPLACE_SPARE_S = 0.02
+"""How long a taken spare may wait to be replaced while the process that took it still runs. A fork in
+the zygote while a spawn is under way takes a core from it (on two cores, 0.5-1 ms of a 2.5 ms
+`spawn true`), so the replacement is asked for once that process has exited, at the latest this long
+after it was taken, or at once when no spare is left."""
+SPARE_WAIT_S = 1.0
+"""How long a spawn that finds no spare ready waits for the one the zygote is forking, before forking
+one in the agent itself."""
 SHELL = "/bin/sh"
 
 
@@ -477,6 +486,7 @@ class Agent:
         self.can_splice = hasattr(os, "splice") and stat.S_ISFIFO(os.fstat(stream_out).st_mode)
         self.spares: list[tuple[int, socket.socket]] = []  # supervisors forked ahead of the next spawns
         self.spares_asked = 0
+        self.replace_at: float | None = None  # when to ask for the spares taken, if nothing asks sooner
         self.zygote: socket.socket | None = None
         self.subreaper = set_subreaper()
         for fd in (stream_in, stream_out):
@@ -498,11 +508,15 @@ class Agent:
             )
         )
         while self.running:
-            for key, mask in self.selector.select():
+            timeout = None if self.replace_at is None else max(0.0, self.replace_at - time.monotonic())
+            events = self.selector.select(timeout)
+            for key, mask in events:
                 # Handling one event can close a descriptor that is later in the same batch.
                 current = self.selector.get_map().get(key.fd)
                 if current is not None and self.running:
                     current.data(key.fd, mask)
+            if not events or (self.replace_at is not None and time.monotonic() >= self.replace_at):
+                self._ask_for_spares()
         return 0
 
     # The stream to the server.
@@ -831,6 +845,7 @@ class Agent:
         self._ask_for_spares()
 
     def _ask_for_spares(self) -> None:
+        self.replace_at = None
         missing = SPARES - len(self.spares) - self.spares_asked
         if missing > 0 and self.zygote is not None:
             with contextlib.suppress(OSError):  # full or gone: asked again at the next spawn
@@ -856,10 +871,30 @@ class Agent:
         self.spares_asked -= 1
         self.spares.append((struct.unpack(">I", data)[0], socket.socket(fileno=item[0])))
 
+    def _next_spare(self) -> tuple[int, socket.socket]:
+        """A spare supervisor: a ready one, else the next the zygote forks (a burst of spawns, or the
+        first spawn right after the start), else, with the zygote gone, one forked here."""
+        if not self.spares:
+            self._ask_for_spares()
+            deadline = time.monotonic() + SPARE_WAIT_S
+            while not self.spares and self.zygote is not None and self.spares_asked:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([self.zygote], [], [], left)[0]:
+                    break
+                self._on_zygote(self.zygote.fileno(), selectors.EVENT_READ)
+        if not self.spares:
+            return fork_spare(self.lifeline_r)
+        taken = self.spares.pop(0)
+        if not self.spares:
+            self._ask_for_spares()
+        elif self.replace_at is None:
+            self.replace_at = time.monotonic() + REPLACE_SPARE_S
+        return taken
+
     def _order(self, spec: dict[str, Any], env: dict[str, str], fds: list[int]) -> int:
-        """Hand a process to a spare supervisor (forking one here if none is ready); return its pid."""
+        """Hand a process to a spare supervisor; return its pid."""
         for attempt in (1, 2):
-            pid, order = self.spares.pop(0) if self.spares else fork_spare(self.lifeline_r)
+            pid, order = self._next_spare()
             try:
                 order.setblocking(True)
                 send_order(order, spec, env, fds)
@@ -940,10 +975,6 @@ class Agent:
             self._forget_if_finished(process)
 
     def _on_supervisor_report(self, process: Process, report: dict[str, Any]) -> None:
-        if "started" in report or "error" in report:
-            # Replace the spare this process took only now: a fork asked for while its supervisor starts
-            # the command takes a core from it (0.5 ms of a spawn's 2 on two cores).
-            self._ask_for_spares()
         if "started" in report:
             process.leader = int(report["started"])
             self.send(protocol.message(protocol.STARTED, process.channel, pid=report["started"]))
@@ -958,6 +989,8 @@ class Agent:
                         break  # paused: the rest follows the exit, and the server waits for it
             process.exited = True
             self.send(protocol.message(protocol.EXITED, process.channel, **report))
+        if "started" not in report:
+            self._ask_for_spares()  # the spawn is over: the fork takes a core from nothing of it
 
     def _forget_if_finished(self, process: Process) -> None:
         if process.finished and self.processes.get(process.channel) is process:
