@@ -12,6 +12,8 @@ import anyio
 import pytest
 from mcp import Client, StdioServerParameters
 
+from process_mcp.service.stdio import LINE_LIMIT
+
 from .helpers import WAIT_S, kill_if_alive, machine_can_sandbox, sleep_argument, sleepers, wait_until_gone
 
 pytestmark = pytest.mark.anyio
@@ -49,14 +51,24 @@ async def test_a_client_drives_the_server_over_stdio_and_disconnecting_ends_its_
             kill_if_alive(pid)
 
 
-def start_server(workdir: Path) -> subprocess.Popen[bytes]:
+def start_server(workdir: Path, **env: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "process_mcp"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env={**os.environ, "DEFAULT_WORKDIR": str(workdir)},
+        env={**os.environ, "DEFAULT_WORKDIR": str(workdir), **env},
     )
+
+
+async def stop_server(server: subprocess.Popen[bytes]) -> None:
+    if server.poll() is None:
+        server.terminate()
+    with anyio.fail_after(WAIT_S):
+        await anyio.to_thread.run_sync(server.wait, abandon_on_cancel=True)
+    for stream in (server.stdin, server.stdout, server.stderr):
+        if stream is not None:
+            stream.close()
 
 
 async def send(server: subprocess.Popen[bytes], *messages: str) -> None:
@@ -166,3 +178,94 @@ async def test_a_bad_environment_stops_the_server_with_a_message_naming_the_vari
     assert b"invalid_config" in result.stderr
     assert b"PROCESS_MODE" in result.stderr
     assert result.stdout == b""
+
+
+async def test_while_serving_stdin_and_stdout_point_away_from_the_wire(workdir: Path) -> None:
+    """A stray read of stdin or print to stdout, in the server or a library it uses, cannot take a
+    request or corrupt a reply: fd 0 is the null device and fd 1 is stderr while it serves."""
+    server = start_server(workdir)
+    try:
+        await send(server, INITIALIZE, INITIALIZED)
+        await read_until(server, b'"id":1')
+        fds = Path(f"/proc/{server.pid}/fd")
+        assert os.readlink(fds / "0") == os.devnull
+        assert os.readlink(fds / "1") == os.readlink(fds / "2")
+        await send(server, tool_call(2, "spawn", '{"command":"echo still served"}'))
+        assert b"still served" in await read_until(server, b'"id":2')
+    finally:
+        await stop_server(server)
+
+
+async def test_a_request_line_over_the_limit_is_dropped_and_the_server_keeps_serving(workdir: Path) -> None:
+    server = start_server(workdir)
+    try:
+        await send(server, INITIALIZE, INITIALIZED)
+        await read_until(server, b'"id":1')
+        oversized = tool_call(2, "stdin", '{"id":"host-1","input":"' + "x" * (LINE_LIMIT + 1024) + '"}')
+        await send(server, oversized, tool_call(3, "spawn", '{"command":"echo still served"}'))
+        reply = await read_until(server, b'"id":3')
+        assert b"still served" in reply
+    finally:
+        await stop_server(server)
+
+
+async def test_a_client_that_reads_no_replies_holds_up_its_replies_not_the_server(workdir: Path) -> None:
+    """Replies the client does not read wait; the server meanwhile goes on enforcing a lifetime."""
+    server = start_server(workdir, PROCESS_MAX_LIFETIME_S="1")
+    arg = sleep_argument()
+    tree_pids: list[int] = []
+    try:
+        await send(server, INITIALIZE, INITIALIZED)
+        await read_until(server, b'"id":1')
+        await send(server, tool_call(2, "spawn", f'{{"command":"sleep {arg}","background":true}}'))
+        await read_until(server, b'"id":2')
+        tree_pids = await sleepers(arg, 1)
+        # Replies of about 100 KiB each, far more than the pipe holds, and none of them read yet.
+        big = tool_call(3, "spawn", '{"command":"head -c 200000 /dev/zero | tr \'\\\\0\' x"}')
+        for request_id in range(3, 103):
+            await send(server, big.replace('"id":3', f'"id":{request_id}'))
+        await wait_until_gone(tree_pids[0])  # ended by its lifetime while the replies wait
+        last = await read_until(server, b'"id":102')
+        assert b'"exitCode":0' in last
+    finally:
+        await stop_server(server)
+        for pid in tree_pids:
+            kill_if_alive(pid)
+
+
+async def test_a_client_that_closes_the_servers_stdout_is_gone_and_its_processes_end(workdir: Path) -> None:
+    server = start_server(workdir)
+    arg = sleep_argument()
+    tree_pids: list[int] = []
+    try:
+        await send(server, INITIALIZE, INITIALIZED)
+        await read_until(server, b'"id":1')
+        await send(server, tool_call(2, "spawn", f'{{"command":"sleep {arg}","background":true}}'))
+        await read_until(server, b'"id":2')
+        tree_pids = await sleepers(arg, 1)
+        assert server.stdout is not None
+        server.stdout.close()
+        await send(server, tool_call(3, "ps", "{}"))  # its reply finds no reader
+        with anyio.fail_after(WAIT_S):
+            code = await anyio.to_thread.run_sync(server.wait, abandon_on_cancel=True)
+        assert code == 0
+        await wait_until_gone(tree_pids[0])
+    finally:
+        await stop_server(server)
+        for pid in tree_pids:
+            kill_if_alive(pid)
+
+
+async def test_requests_from_a_file_are_served_through_the_sdks_own_reading(workdir: Path, tmp_path: Path) -> None:
+    """Stdin that is not a pipe or socket (a file here, a terminal by hand) is read as the SDK reads it."""
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(f"{INITIALIZE}\n{INITIALIZED}\n{tool_call(2, 'ps', '{}')}\n")
+    with requests.open("rb") as stdin, anyio.fail_after(WAIT_S * 3):
+        result = await anyio.run_process(
+            [sys.executable, "-m", "process_mcp"],
+            stdin=stdin,
+            env={**os.environ, "DEFAULT_WORKDIR": str(workdir)},
+            check=False,
+        )
+    assert result.returncode == 0, result.stderr.decode()
+    assert b'"id":1' in result.stdout

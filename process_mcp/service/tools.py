@@ -22,6 +22,7 @@ from mcp.server import MCPServer
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
+from mcp.server.stdio import stdio_server
 from mcp_types import CallToolResult, InputRequiredResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError
 from starlette.authentication import BaseUser
@@ -44,6 +45,7 @@ from ..policy.audit import monotonic_ms
 from ..registry import unknown_process
 from ..waiting import Progress
 from .spaces import Spaces
+from .stdio import loop_stdio
 
 MAX_LINES = 10_000
 """Most lines one stdout call returns; more would not fit a model's context anyway."""
@@ -63,6 +65,16 @@ _CODED = re.compile(r"([a-z_]+): (.*)", re.DOTALL)
 class ToolServer(MCPServer):
     """An MCP server whose failed tool calls read ``<code>: <what to do next>`` (the SDK would start
     them "Error executing tool <name>: "), with the code also in ``_meta``."""
+
+    async def run_stdio_async(self) -> None:
+        """Serve on stdin and stdout, read and written on the event loop where they are pipes (see
+        ``stdio``), else through the SDK's transport alone."""
+        async with loop_stdio() as streams:
+            stdin, stdout = streams or (None, None)
+            async with stdio_server(stdin, stdout) as (read_stream, write_stream):  # type: ignore[arg-type]
+                await self._lowlevel_server.run(
+                    read_stream, write_stream, self._lowlevel_server.create_initialization_options()
+                )
 
     async def call_tool(
         self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None

@@ -1,0 +1,132 @@
+"""Stdio served on the event loop: the JSON-RPC lines read from stdin and written to stdout there.
+
+The SDK's stdio transport reads each line and writes each reply (a write and a flush) in worker
+threads: three hand-offs between threads per request, about a quarter of a bare tool call's round
+trip. Where stdin and stdout are pipes or sockets, as every MCP client starts a server, this reads
+and writes them on the event loop instead and hands the SDK's transport the two streams it accepts.
+A terminal or a file keeps the SDK's own reading (the event loop would have to make a terminal
+shared with a shell non-blocking).
+
+As the SDK does, while serving, fd 0 is the null device and fd 1 is stderr, so nothing the server
+or a library reads or prints by accident touches the wire; both are put back at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import stat
+from collections.abc import AsyncIterator
+
+import anyio
+
+logger = logging.getLogger(__name__)
+
+LINE_LIMIT = 16 * 1024 * 1024
+"""Longest request line read; a longer one is dropped (the client gets no answer to it, the server
+goes on). Well above the largest request a tool takes."""
+
+
+FLUSH_TIMEOUT_S = 2.0
+"""How long the replies still waiting at the end may take to go out."""
+
+
+class LineReader:
+    """The lines of the client's requests, as the SDK's transport iterates them."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self._reader = reader
+
+    def __aiter__(self) -> LineReader:
+        return self
+
+    async def __anext__(self) -> str:
+        try:
+            line = await self._reader.readline()
+        except ValueError:  # longer than LINE_LIMIT: what was read of it is dropped
+            logger.warning("dropped a request line longer than %d bytes", LINE_LIMIT)
+            return ""  # not JSON: the SDK's transport reports it and reads on
+        except ConnectionError:
+            raise StopAsyncIteration from None
+        if not line:
+            raise StopAsyncIteration
+        return line.decode("utf-8", errors="replace")
+
+
+class LineWriter:
+    """The replies, written as the SDK's transport writes them; a client that stops reading holds up
+    the replies, never the event loop."""
+
+    def __init__(self, writer: asyncio.StreamWriter, reader: asyncio.StreamReader) -> None:
+        self._writer = writer
+        self._reader = reader
+
+    async def write(self, text: str) -> None:
+        if not self._writer.is_closing():
+            self._writer.write(text.encode())
+
+    async def flush(self) -> None:
+        try:
+            await self._writer.drain()
+        except ConnectionError:
+            # The client closed its end of stdout: it is gone, as when it closes stdin.
+            self._reader.feed_eof()
+
+
+def _pipe_or_socket(fd: int) -> bool:
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
+@contextlib.asynccontextmanager
+async def loop_stdio() -> AsyncIterator[tuple[LineReader, LineWriter] | None]:
+    """The server's stdin and stdout read and written on the running event loop, or None where they
+    are not both pipes or sockets (then the SDK's transport reads them itself)."""
+    if not (_pipe_or_socket(0) and _pipe_or_socket(1)):
+        yield None
+        return
+    loop = asyncio.get_running_loop()
+    wire_in = fcntl.fcntl(0, fcntl.F_DUPFD_CLOEXEC, 3)
+    wire_out = fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, 3)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    try:
+        os.dup2(2, 1)
+    except OSError:  # no stderr
+        os.dup2(devnull, 1)
+    os.close(devnull)
+    reader = asyncio.StreamReader(limit=LINE_LIMIT)
+    in_transport: asyncio.BaseTransport | None = None
+    out_transport: asyncio.WriteTransport | None = None
+    writer: asyncio.StreamWriter | None = None
+    try:
+        in_transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(wire_in, "rb", buffering=0, closefd=False)
+        )
+        out_transport, out_protocol = await loop.connect_write_pipe(
+            asyncio.streams.FlowControlMixin, os.fdopen(wire_out, "wb", buffering=0, closefd=False)
+        )
+        writer = asyncio.StreamWriter(out_transport, out_protocol, None, loop)
+        yield LineReader(reader), LineWriter(writer, reader)
+    finally:
+        if in_transport is not None:
+            in_transport.close()
+        if writer is not None:
+            # The last replies go out if the client still reads; what it does not take is dropped.
+            writer.transport.set_write_buffer_limits(0)  # drain now waits for an empty buffer
+            shield = anyio.CancelScope(shield=True)
+            with shield, anyio.move_on_after(FLUSH_TIMEOUT_S), contextlib.suppress(ConnectionError):
+                await writer.drain()
+        if out_transport is not None and not out_transport.is_closing():
+            out_transport.abort()
+        for fd, wire in ((0, wire_in), (1, wire_out)):
+            with contextlib.suppress(OSError):
+                os.set_blocking(wire, True)  # the pipe's other users expect it as they gave it
+            os.dup2(wire, fd)
+            os.close(wire)
