@@ -7,6 +7,7 @@ import os
 import select
 import subprocess
 import sys
+import time
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -135,7 +136,7 @@ class RawAgent:
             assert data, "the agent's stream ended"
             for got, _, payload in self.decoder.feed(data):
                 if got == kind:
-                    found.append(protocol.fields(payload))
+                    found.append({"data": payload} if kind in protocol.OUTPUT_KINDS else protocol.fields(payload))
         return found
 
     def close(self) -> None:
@@ -159,5 +160,28 @@ def test_supervisors_come_from_the_zygote_even_for_a_burst_of_spawns_at_start() 
         forkers = {parent_of(parent_of(leader)) for leader in leaders}  # leader <- supervisor <- ?
         assert forkers == {parent_of(parent_of(leaders[0]))}
         assert agent.hello["pid"] not in forkers, "the agent forked a supervisor itself"
+    finally:
+        agent.close()
+
+
+def switches(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("voluntary_ctxt_switches:")[1].split()[0])
+
+
+def test_the_agent_sleeps_while_the_server_reads_nothing_of_a_flood() -> None:
+    """A full stream is retried on a timer only while the server takes some of it: a server that
+    takes nothing leaves the agent waiting for room, not waking a thousand times a second."""
+    agent = RawAgent()
+    try:
+        spec = {"command": "yes flood", "cwd": "/", "env": {}, "inherit": True, "tty": False}
+        agent.send(protocol.message(protocol.SPAWN, 1, **spec))
+        agent.next_of(protocol.STDOUT)  # flooding; from here on nothing is read
+        time.sleep(0.5)  # the stream and the process's pipe fill
+        before = switches(agent.process.pid)
+        time.sleep(1.0)
+        woke = switches(agent.process.pid) - before
+        assert woke < 50, f"the agent woke {woke} times in a second while nothing was read"
+        assert len(agent.next_of(protocol.STDOUT, 20)) >= 20  # and it goes on once the server reads
     finally:
         agent.close()

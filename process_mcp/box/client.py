@@ -39,11 +39,6 @@ SEND_TIMEOUT_S = 10.0
 """Bound on waiting for room in the stream; the agent reads it whatever its processes do."""
 SHUTDOWN_TIMEOUT_S = 5.0
 """How long shutdown waits for the agent to end its processes and say BYE."""
-BATCH_AFTER_BYTES = 16 * 1024
-"""A read at least this large means output is flooding in: reading pauses for BATCH_PAUSE_S."""
-BATCH_PAUSE_S = 0.001
-"""How long a flood's reads pause, so the next read carries ~150 KiB instead of the engine's 32 KiB
-frames; each read costs the server's loop the same whatever it carries."""
 INPUT_CHUNK = 64 * 1024
 """Largest input frame; longer input goes in several, each acknowledged."""
 PROTOCOL_MODULE = "process_mcp_box_protocol"
@@ -273,9 +268,7 @@ class AgentConnection:
         except OSError as exc:
             self._lose(f"reading from the agent failed: {exc}")
             return
-        size = 0
         for piece in pieces or ():
-            size += len(piece)
             try:
                 frames = self._decoder.feed(piece)
             except protocol.ProtocolError as exc:
@@ -283,14 +276,6 @@ class AgentConnection:
                 return
             for kind, channel, payload in frames:
                 self._dispatch(kind, channel, payload)
-        if size >= BATCH_AFTER_BYTES and self.alive:
-            # A flood: let the stream fill for a moment, so each wake-up here carries more of it.
-            self._loop.remove_reader(self._fd)
-            self._loop.call_later(BATCH_PAUSE_S, self._resume_reading)
-
-    def _resume_reading(self) -> None:
-        if self.alive:
-            self._loop.add_reader(self._fd, self._on_readable)
 
     def _dispatch(self, kind: int, channel: int, payload: bytes | memoryview) -> None:
         """Act on one frame; output arrives in pieces, views that are valid only during this call."""
