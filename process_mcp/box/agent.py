@@ -88,13 +88,20 @@ one in the agent itself."""
 SHELL = "/bin/sh"
 
 
-def set_subreaper() -> bool:
-    """Make orphaned descendants of this process its children instead of init's; say whether it worked."""
-    try:
-        import ctypes
+_prctl: Any = None
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+
+def set_subreaper() -> bool:
+    """Make orphaned descendants of this process its children instead of init's; say whether it worked.
+    The agent finds prctl once; its zygote and supervisors inherit it (finding it costs a supervisor
+    0.3 ms of CPU)."""
+    global _prctl
+    try:
+        if _prctl is None:
+            import ctypes
+
+            _prctl = ctypes.CDLL(None, use_errno=True).prctl
+        return bool(_prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
     except (ImportError, OSError, AttributeError):
         return False
 
@@ -264,6 +271,24 @@ def _drain(fd: int) -> None:
         pass
 
 
+def rehearse(wake: int) -> None:
+    """Run, in a spare, the Python a start takes (an order decoded, the reports, a reap), before the
+    order comes. A forked process copies each page it first writes to, and Python writes to every
+    object it touches (reference counts): these faults are then taken while the spare waits, not while
+    a process starts (0.3-0.5 ms of a spawn on two cores)."""
+    spec = {"command": "true", "cwd": "/", "env": {}, "inherit": True, "tty": False, "rlimits": {}}
+    order = json.loads(json.dumps({"spec": spec, "env": {"PATH": SHELL}}))
+    for name, (soft, hard) in (order["spec"].get("rlimits") or {"cpu": (0, 0)}).items():
+        LIMITS.get(name, (soft, hard))
+    struct.unpack(">I", struct.pack(">I", 0))
+    array.array("i").frombytes(bytes(8))
+    (json.dumps({"started": 0}) + "\n").encode()
+    (json.dumps(exit_fields(0)) + "\n").encode()
+    reap_children()
+    select.select([wake], [], [], 0)
+    _drain(wake)
+
+
 def spare(order: socket.socket, lifeline: int) -> None:
     """In a supervisor forked ahead of need: get ready (no descriptors of the agent's, a subreaper),
     wait for the order to start a process (its spec, environment and descriptors), then supervise it.
@@ -275,6 +300,7 @@ def spare(order: socket.socket, lifeline: int) -> None:
         close_all_but({0, 1, 2, order.fileno(), lifeline})
         set_subreaper()
         wake = _wake_on_sigchld()
+        rehearse(wake)
         if lifeline in select.select([order.fileno(), lifeline], [], [])[0] and not os.read(lifeline, 1):
             os._exit(0)  # the agent is gone before it needed this one
         spec, env, fds = receive_order(order)
