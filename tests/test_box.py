@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import os
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -118,6 +119,7 @@ class RawAgent:
             start_new_session=True,
         )
         self.decoder = protocol.Decoder()
+        self.backlog: list[tuple[int, int, bytes]] = []
         self.send(bootstrap_payload())
         self.hello = self.next_of(protocol.HELLO)[0]
 
@@ -127,17 +129,23 @@ class RawAgent:
         self.process.stdin.flush()
 
     def next_of(self, kind: int, count: int = 1) -> list[dict[str, Any]]:
-        assert self.process.stdout is not None
+        """The next ``count`` frames of ``kind``, as fields (output and closes as {"data": ...}); frames of other
+        kinds read meanwhile stay for later calls."""
         found: list[dict[str, Any]] = []
-        while len(found) < count:
+        while True:
+            for frame in [f for f in self.backlog if f[0] == kind][: count - len(found)]:
+                self.backlog.remove(frame)
+                payload = frame[2]
+                raw = kind in protocol.OUTPUT_KINDS or kind == protocol.CLOSED
+                found.append({"data": payload} if raw else protocol.fields(payload))
+            if len(found) >= count:
+                return found
+            assert self.process.stdout is not None
             ready = select.select([self.process.stdout], [], [], 10)[0]
             assert ready, f"the agent sent no frame of kind {kind} within 10 s"
             data = os.read(self.process.stdout.fileno(), 1 << 20)
             assert data, "the agent's stream ended"
-            for got, _, payload in self.decoder.feed(data):
-                if got == kind:
-                    found.append({"data": payload} if kind in protocol.OUTPUT_KINDS else protocol.fields(payload))
-        return found
+            self.backlog += [(got, channel, bytes(payload)) for got, channel, payload in self.decoder.feed(data)]
 
     def close(self) -> None:
         self.send(protocol.frame(protocol.SHUTDOWN, 0))
@@ -183,5 +191,51 @@ def test_the_agent_sleeps_while_the_server_reads_nothing_of_a_flood() -> None:
         woke = switches(agent.process.pid) - before
         assert woke < 50, f"the agent woke {woke} times in a second while nothing was read"
         assert len(agent.next_of(protocol.STDOUT, 20)) >= 20  # and it goes on once the server reads
+    finally:
+        agent.close()
+
+
+def run(agent: RawAgent, channel: int, command: str, **spec: Any) -> tuple[bytes, dict[str, Any]]:
+    """Run ``command`` through the agent to its end: its output, and its exit as the agent reports it."""
+    fields = {"command": command, "cwd": "/", "env": {}, "inherit": True, "tty": False, **spec}
+    agent.send(protocol.message(protocol.SPAWN, channel, **fields))
+    exited = agent.next_of(protocol.EXITED)[0]
+    agent.next_of(protocol.CLOSED, 2)
+    output = b"".join(bytes(f[2]) for f in agent.backlog if f[:2] == (protocol.STDOUT, channel))
+    agent.backlog = [f for f in agent.backlog if f[1] != channel]
+    time.sleep(0.05)  # the supervisor closes its status once the tree is gone, and is free again
+    return output, exited
+
+
+def test_a_supervisor_starts_the_next_process_once_its_tree_is_gone_but_not_after_limits() -> None:
+    agent = RawAgent()
+    try:
+        first, _ = run(agent, 1, "echo $PPID")
+        second, _ = run(agent, 2, "echo $PPID")
+        assert first == second, "the supervisor of a finished process was not used again"
+        limited, _ = run(agent, 3, "echo $PPID", rlimits={"cpu": [5, 5]})
+        assert limited == first  # limits are set on the supervisor itself, inherited by the command
+        after, _ = run(agent, 4, "echo $PPID; ulimit -t")
+        supervisor, cpu_limit = after.split()
+        assert supervisor != first.strip(), "a supervisor that set limits on itself started another process"
+        assert cpu_limit == b"unlimited"
+        assert not Path(f"/proc/{int(first)}").exists(), "the supervisor with limits did not exit"
+    finally:
+        agent.close()
+
+
+def test_a_late_signal_for_a_finished_process_misses_the_next_one_under_its_supervisor() -> None:
+    """Once a process's tree is gone its supervisor may run the next process: a signal that comes
+    late for the finished one must reach nothing."""
+    agent = RawAgent()
+    try:
+        finished, _ = run(agent, 1, "echo $PPID")
+        spec = {"cwd": "/", "env": {}, "inherit": True, "tty": False}
+        agent.send(protocol.message(protocol.SPAWN, 2, command="exec sleep 60", **spec))
+        sleeper = int(agent.next_of(protocol.STARTED)[0]["pid"])
+        assert parent_of(sleeper) == int(finished), "the next process did not get the finished one's supervisor"
+        agent.send(protocol.message(protocol.SIGNAL, 1, seq=1, signal=signal.SIGKILL))
+        assert agent.next_of(protocol.SIGNALLED)[0]["sent"] == 0
+        assert Path(f"/proc/{sleeper}").exists(), "a signal for a finished process killed the next one"
     finally:
         agent.close()

@@ -8,11 +8,13 @@ syntax Python 3.8 parses.
 Each process runs under a supervisor of its own that is a child subreaper (PR_SET_CHILD_SUBREAPER),
 so whatever the process starts stays in the supervisor's tree even when it double-forks, calls setsid
 or clears its environment. Supervisors are forked ahead of need by a small zygote (so the agent
-itself never forks mid-spawn) and start their command with posix_spawn. Signals go to every process in that tree, found
-by walking /proc. Every supervisor holds the read end of a lifeline pipe whose write end only the
-agent holds: when the agent dies, however it dies, each supervisor kills its tree and exits. The agent
-is a subreaper too, so the tree of a supervisor that was killed falls to the agent, which kills what
-is left when its stream ends or the server asks it to shut down.
+itself never forks mid-spawn) and start their command with posix_spawn. Once a process's whole tree
+is gone, its supervisor may run the next process (unless it set limits on itself): a start then
+costs no fork at all. Signals go to every process in that tree, found by walking /proc. Every
+supervisor holds the read end of a lifeline pipe whose write end only the agent holds: when the agent
+dies, however it dies, each supervisor kills its tree and exits. The agent is a subreaper too, so the
+tree of a supervisor that was killed falls to the agent, which kills what is left when its stream
+ends or the server asks it to shut down.
 
 Output is read only while the stream to the server has room (and less than OUT_HIGH bytes wait for
 it): a flood then blocks its process as a full pipe would, and neither the agent nor the server grows.
@@ -291,8 +293,9 @@ def rehearse(wake: int) -> None:
 
 def spare(order: socket.socket, lifeline: int) -> None:
     """In a supervisor forked ahead of need: get ready (no descriptors of the agent's, a subreaper),
-    wait for the order to start a process (its spec, environment and descriptors), then supervise it.
-    Never returns."""
+    wait for the order to start a process (its spec, environment and descriptors), supervise it, and
+    once its whole tree is gone wait for the next order: the agent keeps a few of them, which start a
+    process without a fork. Ends when the agent closes the order socket or dies. Never returns."""
     try:
         devnull = os.open(os.devnull, os.O_RDWR)
         os.dup2(devnull, 0)  # 0 and 1 were the agent's stream: never touch them here
@@ -301,11 +304,15 @@ def spare(order: socket.socket, lifeline: int) -> None:
         set_subreaper()
         wake = _wake_on_sigchld()
         rehearse(wake)
-        if lifeline in select.select([order.fileno(), lifeline], [], [])[0] and not os.read(lifeline, 1):
-            os._exit(0)  # the agent is gone before it needed this one
-        spec, env, fds = receive_order(order)
-        order.close()
-        supervise(spec, env, (fds[0], fds[1], fds[2]), fds[3], lifeline, wake)
+        while True:
+            if lifeline in select.select([order.fileno(), lifeline], [], [])[0] and not os.read(lifeline, 1):
+                os._exit(0)  # the agent is gone
+            received = receive_order(order)
+            if received is None:
+                os._exit(0)  # the agent keeps enough supervisors
+            spec, env, fds = received
+            if not supervise(spec, env, (fds[0], fds[1], fds[2]), fds[3], lifeline, wake):
+                os._exit(0)
     finally:
         os._exit(1)
 
@@ -367,9 +374,13 @@ def send_order(order: socket.socket, spec: dict[str, Any], env: dict[str, str], 
     order.sendall(body)
 
 
-def receive_order(order: socket.socket) -> tuple[dict[str, Any], dict[str, str], list[int]]:
+def receive_order(order: socket.socket) -> tuple[dict[str, Any], dict[str, str], list[int]] | None:
+    """The next order on ``order``: the spec, the environment and the descriptors; None once the agent
+    has closed it."""
     item = array.array("i")
     header, ancillary, _, _ = order.recvmsg(4, socket.CMSG_SPACE(8 * item.itemsize), MSG_CMSG_CLOEXEC)
+    if not header:
+        return None
     for level, kind, data in ancillary:
         if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
             item.frombytes(data[: len(data) - len(data) % item.itemsize])
@@ -377,7 +388,10 @@ def receive_order(order: socket.socket) -> tuple[dict[str, Any], dict[str, str],
     for fd in fds:
         os.set_inheritable(fd, False)  # only what posix_spawn dup2s reaches the command
     while len(header) < 4:
-        header += order.recv(4 - len(header))
+        chunk = order.recv(4 - len(header))
+        if not chunk:
+            os._exit(1)
+        header += chunk
     size = struct.unpack(">I", header)[0]
     body = b""
     while len(body) < size:
@@ -394,9 +408,11 @@ LIMITS = {"cpu": resource.RLIMIT_CPU, "data": resource.RLIMIT_DATA}
 
 def supervise(
     spec: dict[str, Any], env: dict[str, str], stdio: tuple[int, int, int], status: int, lifeline: int, wake: int
-) -> None:
+) -> bool:
     """Start the command, report its start and its exit on ``status`` (JSON lines), reap whatever its
-    tree leaves, and kill the tree if ``lifeline`` ends. Never returns."""
+    tree leaves, and kill the tree if ``lifeline`` ends. Return once the tree is gone, with ``status``
+    closed (which tells the agent so): True if this supervisor may start another process (it set no
+    limits on itself)."""
 
     def report(**fields: Any) -> None:
         os.write(status, (json.dumps(fields) + "\n").encode())
@@ -423,7 +439,9 @@ def supervise(
             if pid == leader:
                 report(**exit_fields(code))
         if not children_left:  # a subreaper with no children has no descendants left
-            os._exit(0)
+            os.chdir("/")  # hold no directory of the process's
+            os.close(status)
+            return not spec.get("rlimits")
         ready = select.select([lifeline, wake], [], [])[0]
         if lifeline in ready and not os.read(lifeline, 1):
             kill_tree(os.getpid(), reap=True)  # the agent is gone: nobody can drive this tree
@@ -473,6 +491,8 @@ class Process:
         self.exited = False
         self.leader = 0  # the command's pid, also its process group's, once its supervisor has started it
         self.grown: set[int] = set()  # output pipes already enlarged
+        self.order: socket.socket | None = None  # to its supervisor, until the supervisor is done with it
+        self.reusable = False  # its supervisor may start another process once this one's tree is gone
 
     @property
     def finished(self) -> bool:
@@ -679,14 +699,19 @@ class Agent:
             signum = int(request["signal"])
             # Its group by id only while the leader lives: after that, the id could be another's.
             group = 0 if process is None or process.exited else process.leader
-            sent = 0 if process is None else signal_tree(process.supervisor, signum, group)
+            # Once its tree is gone, its supervisor may be running another process's.
+            sent = 0 if process is None or process.status < 0 else signal_tree(process.supervisor, signum, group)
             self.send(protocol.message(protocol.SIGNALLED, channel, seq=request["seq"], sent=sent))
         elif kind == protocol.SAMPLE:
             request = protocol.fields(payload)
             process = self.processes.get(channel)
             if process is not None and self.children is None:
                 self.children = process_children()
-            sample = {} if process is None or self.children is None else sample_tree(process.supervisor, self.children)
+            sample = (
+                {}
+                if process is None or process.status < 0 or self.children is None
+                else sample_tree(process.supervisor, self.children)
+            )
             self.send(protocol.message(protocol.SAMPLED, channel, seq=request["seq"], **sample))
         elif kind == protocol.RESIZE:
             process = self.processes.get(channel)
@@ -857,7 +882,7 @@ class Agent:
                 outputs = {out_r: 1, err_r: 2}
             status_r, status_w = os.pipe()
             opened += [status_r, status_w]
-            supervisor = self._order(spec, env, [*stdio, status_w])
+            supervisor, order = self._order(spec, env, [*stdio, status_w])
         except OSError as exc:
             for fd in opened:
                 os.close(fd)
@@ -866,6 +891,8 @@ class Agent:
         for fd in {*stdio, status_w}:
             os.close(fd)
         process = Process(channel, supervisor, status_r, outputs, input_fd, bool(spec.get("tty")))
+        process.order = order
+        process.reusable = not spec.get("rlimits")  # a supervisor cannot raise its limits again
         self.processes[channel] = process
         for fd in (*outputs, input_fd, status_r):
             self.owner[fd] = process
@@ -913,7 +940,9 @@ class Agent:
             if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
                 item.frombytes(payload[: len(payload) - len(payload) % item.itemsize])
         self.spares_asked -= 1
-        self.spares.append((struct.unpack(">I", data)[0], socket.socket(fileno=item[0])))
+        # Fresh spares go first in line, so the supervisors freed last (whose pages are the warmest) are
+        # taken first and the fresh ones are the ones let go when too many wait.
+        self.spares.insert(0, (struct.unpack(">I", data)[0], socket.socket(fileno=item[0])))
 
     def _next_spare(self) -> tuple[int, socket.socket]:
         """A spare supervisor: a ready one, else the next the zygote forks (a burst of spawns, or the
@@ -928,29 +957,42 @@ class Agent:
                 self._on_zygote(self.zygote.fileno(), selectors.EVENT_READ)
         if not self.spares:
             return fork_spare(self.lifeline_r)
-        taken = self.spares.pop(0)
+        taken = self.spares.pop()  # the one freed last: its pages are the warmest
         if not self.spares:
             self._ask_for_spares()
         elif self.replace_at is None:
             self.replace_at = time.monotonic() + REPLACE_SPARE_S
         return taken
 
-    def _order(self, spec: dict[str, Any], env: dict[str, str], fds: list[int]) -> int:
-        """Hand a process to a spare supervisor; return its pid."""
+    def _order(self, spec: dict[str, Any], env: dict[str, str], fds: list[int]) -> tuple[int, socket.socket]:
+        """Hand a process to a spare supervisor; return its pid and its order socket."""
         for attempt in (1, 2):
             pid, order = self._next_spare()
             try:
                 order.setblocking(True)
                 send_order(order, spec, env, fds)
-                return pid
+                return pid, order
             except OSError:
+                order.close()
                 if attempt == 2:
                     raise
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)  # it died or went astray: use another
-            finally:
-                order.close()
         raise AssertionError("unreachable")
+
+    def _release(self, process: Process) -> None:
+        """The supervisor of ``process`` has closed its status, its tree gone: keep it for a next
+        process if it may start one (in place of the spare waiting longest, when SPARES wait), else
+        close its order socket, which ends it."""
+        order, process.order = process.order, None
+        if order is None:
+            return
+        if not (process.reusable and self.running):
+            order.close()
+            return
+        self.spares.append((process.supervisor, order))
+        if len(self.spares) > SPARES:
+            self.spares.pop(0)[1].close()
 
     def _close(self, fd: int) -> None:
         del self.owner[fd]
@@ -1009,13 +1051,16 @@ class Agent:
         process.status_buffer = lines.pop()
         for line in lines:
             self._on_supervisor_report(process, json.loads(line))
-        if not data:  # the supervisor exited: its whole tree is gone
+        if not data:  # the supervisor closed it: its whole tree is gone
             self.selector.unregister(fd)
             self._close(fd)
             process.status = -1
             if not process.exited:  # it was killed before the command ended; nothing reports the exit
                 process.exited = True
+                process.reusable = False
                 self.send(protocol.message(protocol.EXITED, process.channel))
+            self._release(process)
+            self._ask_for_spares()  # the spawn is over: a fork now takes a core from nothing of it
             self._forget_if_finished(process)
 
     def _on_supervisor_report(self, process: Process, report: dict[str, Any]) -> None:
@@ -1024,6 +1069,7 @@ class Agent:
             self.send(protocol.message(protocol.STARTED, process.channel, pid=report["started"]))
         elif "error" in report:
             process.exited = True
+            process.reusable = False  # it exits
             self.send(protocol.message(protocol.STARTED, process.channel, **report))
         else:
             # Send what the process wrote before exiting ahead of its exit, so the server's reply is complete.
@@ -1033,8 +1079,6 @@ class Agent:
                         break  # paused: the rest follows the exit, and the server waits for it
             process.exited = True
             self.send(protocol.message(protocol.EXITED, process.channel, **report))
-        if "started" not in report:
-            self._ask_for_spares()  # the spawn is over: the fork takes a core from nothing of it
 
     def _forget_if_finished(self, process: Process) -> None:
         if process.finished and self.processes.get(process.channel) is process:
