@@ -153,12 +153,7 @@ async def test_a_cancelled_wait_stops_and_the_server_keeps_serving(workdir: Path
         assert b'"status":"running"' in line
         assert not [m for m in seen if b"cancel-me" in m or b'"id":3' in m]
     finally:
-        server.terminate()
-        with anyio.fail_after(WAIT_S):
-            await anyio.to_thread.run_sync(server.wait, abandon_on_cancel=True)
-        for stream in (server.stdin, server.stdout, server.stderr):
-            if stream is not None:
-                stream.close()
+        await stop_server(server)
 
 
 def tool_call(request_id: int, name: str, arguments: str, *, progress: str | None = None) -> str:
@@ -209,17 +204,22 @@ async def test_a_request_line_over_the_limit_is_dropped_and_the_server_keeps_ser
         await stop_server(server)
 
 
+async def start_sleeper(server: subprocess.Popen[bytes], request_id: int = 2) -> int:
+    """Initialize the session and start a background `sleep` through it; return the sleeper's pid."""
+    arg = sleep_argument()
+    await send(server, INITIALIZE, INITIALIZED)
+    await read_until(server, b'"id":1')
+    await send(server, tool_call(request_id, "spawn", f'{{"command":"sleep {arg}","background":true}}'))
+    await read_until(server, f'"id":{request_id}'.encode())
+    return (await sleepers(arg, 1))[0]
+
+
 async def test_a_client_that_reads_no_replies_holds_up_its_replies_not_the_server(workdir: Path) -> None:
     """Replies the client does not read wait; the server meanwhile goes on enforcing a lifetime."""
     server = start_server(workdir, PROCESS_MAX_LIFETIME_S="1")
-    arg = sleep_argument()
     tree_pids: list[int] = []
     try:
-        await send(server, INITIALIZE, INITIALIZED)
-        await read_until(server, b'"id":1')
-        await send(server, tool_call(2, "spawn", f'{{"command":"sleep {arg}","background":true}}'))
-        await read_until(server, b'"id":2')
-        tree_pids = await sleepers(arg, 1)
+        tree_pids.append(await start_sleeper(server))
         # Replies of about 100 KiB each, far more than the pipe holds, and none of them read yet.
         big = tool_call(3, "spawn", '{"command":"head -c 200000 /dev/zero | tr \'\\\\0\' x"}')
         for request_id in range(3, 103):
@@ -235,14 +235,9 @@ async def test_a_client_that_reads_no_replies_holds_up_its_replies_not_the_serve
 
 async def test_a_client_that_closes_the_servers_stdout_is_gone_and_its_processes_end(workdir: Path) -> None:
     server = start_server(workdir)
-    arg = sleep_argument()
     tree_pids: list[int] = []
     try:
-        await send(server, INITIALIZE, INITIALIZED)
-        await read_until(server, b'"id":1')
-        await send(server, tool_call(2, "spawn", f'{{"command":"sleep {arg}","background":true}}'))
-        await read_until(server, b'"id":2')
-        tree_pids = await sleepers(arg, 1)
+        tree_pids.append(await start_sleeper(server))
         assert server.stdout is not None
         server.stdout.close()
         await send(server, tool_call(3, "ps", "{}"))  # its reply finds no reader
