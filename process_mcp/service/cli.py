@@ -113,8 +113,9 @@ async def _serve_http(mcp: ProcessMcpServer, signals: AsyncIterator[signal.Signa
 
 async def _stop_stdio_on_signal(mcp: ProcessMcpServer, signals: AsyncIterator[signal.Signals]) -> None:
     async for signum in signals:
-        # The transport's stdin reader sits in a blocking read that cancellation cannot
-        # interrupt, so end the processes here and leave without unwinding the transport.
+        # The SDK's own stdin reader (for a terminal or a file) sits in a blocking read that
+        # cancellation cannot interrupt, so end the processes here and leave without unwinding
+        # the transport.
         await _shutdown(mcp, f"received {signal.Signals(signum).name}")
         _exit()
 
