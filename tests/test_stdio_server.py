@@ -191,17 +191,34 @@ async def test_while_serving_stdin_and_stdout_point_away_from_the_wire(workdir: 
         await stop_server(server)
 
 
-async def test_a_request_line_over_the_limit_is_dropped_and_the_server_keeps_serving(workdir: Path) -> None:
+async def test_a_request_over_the_limit_is_refused_with_its_id_and_the_server_keeps_serving(workdir: Path) -> None:
     server = start_server(workdir)
     try:
         await send(server, INITIALIZE, INITIALIZED)
         await read_until(server, b'"id":1')
-        oversized = tool_call(2, "stdin", '{"id":"host-1","input":"' + "x" * (LINE_LIMIT + 1024) + '"}')
-        await send(server, oversized, tool_call(3, "spawn", '{"command":"echo still served"}'))
-        reply = await read_until(server, b'"id":3')
+        # Just over (its end comes in the read that crosses the limit) and far over (skipped to its end).
+        for request_id, size in ((2, LINE_LIMIT + 1024), (3, LINE_LIMIT * 3 // 2)):
+            oversized = tool_call(request_id, "stdin", '{"id":"host-1","input":"' + "x" * size + '"}')
+            await send(server, oversized)
+            refused = await read_until(server, f'"id": {request_id}'.encode())
+            assert b"invalid_input: this request is over 16 MiB" in refused
+            assert b"several stdin calls" in refused
+        # One four times the limit is not held whole, only read through.
+        peak = peak_rss_mib(server.pid)
+        await send(server, tool_call(4, "stdin", '{"id":"host-1","input":"' + "x" * LINE_LIMIT * 4 + '"}'))
+        await read_until(server, b'"id": 4')
+        assert peak_rss_mib(server.pid) - peak < 2 * LINE_LIMIT / 2**20
+        await send(server, tool_call(5, "spawn", '{"command":"echo still served"}'))
+        reply = await read_until(server, b'"id":5')
         assert b"still served" in reply
     finally:
         await stop_server(server)
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The most memory ``pid`` has held resident, in MiB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024
 
 
 async def start_sleeper(server: subprocess.Popen[bytes], request_id: int = 2) -> int:

@@ -16,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import logging
 import os
+import re
 import stat
 from collections.abc import AsyncIterator
 
@@ -26,34 +28,88 @@ import anyio
 logger = logging.getLogger(__name__)
 
 LINE_LIMIT = 16 * 1024 * 1024
-"""Longest request line read; a longer one is dropped (the client gets no answer to it, the server
-goes on). Well above the largest request a tool takes."""
-
-
+"""Longest request line taken. A longer one is skipped and its request (when its id comes early in
+the line, as clients write it) answered with an error; the server reads on."""
+READ_CHUNK = 256 * 1024
 FLUSH_TIMEOUT_S = 2.0
 """How long the replies still waiting at the end may take to go out."""
+_REQUEST_ID = re.compile(rb'"id"\s*:\s*("(?:[^"\\]|\\.)*"|-?\d+)')
 
 
 class LineReader:
     """The lines of the client's requests, as the SDK's transport iterates them."""
 
-    def __init__(self, reader: asyncio.StreamReader) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
+        self._writer = writer
+        self._buffer = bytearray()
+        self._searched = 0  # bytes of the buffer known to hold no newline
 
     def __aiter__(self) -> LineReader:
         return self
 
     async def __anext__(self) -> str:
+        while True:
+            end = self._buffer.find(b"\n", self._searched)
+            if end >= 0:
+                size = end + 1
+                if size > LINE_LIMIT:
+                    head = bytes(self._buffer[:256])
+                else:
+                    with memoryview(self._buffer) as view:
+                        line = str(view[:size], "utf-8", errors="replace")
+                del self._buffer[:size]
+                self._searched = 0
+                if size > LINE_LIMIT:
+                    self._refuse(head, size)
+                    continue
+                return line
+            self._searched = len(self._buffer)
+            if len(self._buffer) > LINE_LIMIT:
+                await self._skip_line()
+                continue
+            chunk = await self._read()
+            if not chunk:
+                if not self._buffer:
+                    raise StopAsyncIteration
+                rest, self._buffer = self._buffer, bytearray()
+                return rest.decode("utf-8", errors="replace")
+            self._buffer += chunk
+
+    async def _read(self) -> bytes:
         try:
-            line = await self._reader.readline()
-        except ValueError:  # longer than LINE_LIMIT: what was read of it is dropped
-            logger.warning("dropped a request line longer than %d bytes", LINE_LIMIT)
-            return ""  # not JSON: the SDK's transport reports it and reads on
+            return await self._reader.read(READ_CHUNK)
         except ConnectionError:
-            raise StopAsyncIteration from None
-        if not line:
-            raise StopAsyncIteration
-        return line.decode("utf-8", errors="replace")
+            return b""
+
+    async def _skip_line(self) -> None:
+        """Drop the line being read, too long to take (read to its end, not kept), and refuse it."""
+        head = bytes(self._buffer[:256])
+        skipped = len(self._buffer)
+        self._buffer.clear()
+        self._searched = 0
+        while True:
+            chunk = await self._read()
+            end = chunk.find(b"\n")
+            if not chunk or end >= 0:
+                skipped += end + 1 if chunk else 0
+                self._buffer += chunk[end + 1 :] if chunk else b""
+                break
+            skipped += len(chunk)
+        self._refuse(head, skipped)
+
+    def _refuse(self, head: bytes, size: int) -> None:
+        """Answer the request that starts with ``head``, ``size`` bytes long, with an error."""
+        logger.warning("refused a request of %d bytes, over the %d a request may be", size, LINE_LIMIT)
+        found = _REQUEST_ID.search(head)
+        if found is None or self._writer.is_closing():
+            return
+        message = (
+            f"invalid_input: this request is over {LINE_LIMIT // (1024 * 1024)} MiB, the most one request "
+            "may be; send large input to a process in several stdin calls"
+        )
+        reply = {"jsonrpc": "2.0", "id": json.loads(found.group(1)), "error": {"code": -32600, "message": message}}
+        self._writer.write(json.dumps(reply).encode() + b"\n")
 
 
 class LineWriter:
@@ -101,7 +157,7 @@ async def loop_stdio() -> AsyncIterator[tuple[LineReader, LineWriter] | None]:
     except OSError:  # no stderr
         os.dup2(devnull, 1)
     os.close(devnull)
-    reader = asyncio.StreamReader(limit=LINE_LIMIT)
+    reader = asyncio.StreamReader(limit=READ_CHUNK)
     in_transport: asyncio.BaseTransport | None = None
     out_transport: asyncio.WriteTransport | None = None
     writer: asyncio.StreamWriter | None = None
@@ -113,7 +169,7 @@ async def loop_stdio() -> AsyncIterator[tuple[LineReader, LineWriter] | None]:
             asyncio.streams.FlowControlMixin, os.fdopen(wire_out, "wb", buffering=0, closefd=False)
         )
         writer = asyncio.StreamWriter(out_transport, out_protocol, None, loop)
-        yield LineReader(reader), LineWriter(writer, reader)
+        yield LineReader(reader, writer), LineWriter(writer, reader)
     finally:
         if in_transport is not None:
             in_transport.close()
