@@ -208,8 +208,12 @@ async def test_a_request_over_the_limit_is_refused_with_its_id_and_the_server_ke
         await send(server, tool_call(4, "stdin", '{"id":"host-1","input":"' + "x" * LINE_LIMIT * 4 + '"}'))
         await read_until(server, b'"id": 4')
         assert peak_rss_mib(server.pid) - peak < 2 * LINE_LIMIT / 2**20
-        await send(server, tool_call(5, "spawn", '{"command":"echo still served"}'))
-        reply = await read_until(server, b'"id":5')
+        # One whose own id comes after its params gets no answer rather than one with a wrong id.
+        params_first = '{"jsonrpc":"2.0","method":"tools/call","params":{"name":"stdin","arguments":'
+        params_first += '{"id":"host-1","input":"' + "x" * (LINE_LIMIT + 1024) + '"}},"id":5}'
+        await send(server, params_first, tool_call(6, "spawn", '{"command":"echo still served"}'))
+        reply = await read_until(server, b'"id":')
+        assert b'"id":6' in reply
         assert b"still served" in reply
     finally:
         await stop_server(server)

@@ -28,8 +28,8 @@ import anyio
 logger = logging.getLogger(__name__)
 
 LINE_LIMIT = 16 * 1024 * 1024
-"""Longest request line taken. A longer one is skipped and its request (when its id comes early in
-the line, as clients write it) answered with an error; the server reads on."""
+"""Longest request line taken. A longer one is skipped and its request (when its id comes before its
+params, as clients write it) answered with an error; the server reads on."""
 READ_CHUNK = 256 * 1024
 FLUSH_TIMEOUT_S = 2.0
 """How long the replies still waiting at the end may take to go out."""
@@ -101,7 +101,9 @@ class LineReader:
     def _refuse(self, head: bytes, size: int) -> None:
         """Answer the request that starts with ``head``, ``size`` bytes long, with an error."""
         logger.warning("refused a request of %d bytes, over the %d a request may be", size, LINE_LIMIT)
-        found = _REQUEST_ID.search(head)
+        # The request's own id, not one inside its params (a process id in a tool's arguments).
+        params = head.find(b'"params"')
+        found = _REQUEST_ID.search(head, 0, params if params >= 0 else len(head))
         if found is None or self._writer.is_closing():
             return
         message = (
