@@ -25,6 +25,8 @@ from collections.abc import AsyncIterator
 
 import anyio
 
+from ..errors import InvalidInput
+
 logger = logging.getLogger(__name__)
 
 LINE_LIMIT = 16 * 1024 * 1024
@@ -88,12 +90,11 @@ class LineReader:
         skipped = len(self._buffer)
         self._buffer.clear()
         self._searched = 0
-        while True:
-            chunk = await self._read()
+        while chunk := await self._read():
             end = chunk.find(b"\n")
-            if not chunk or end >= 0:
-                skipped += end + 1 if chunk else 0
-                self._buffer += chunk[end + 1 :] if chunk else b""
+            if end >= 0:
+                skipped += end + 1
+                self._buffer += chunk[end + 1 :]
                 break
             skipped += len(chunk)
         self._refuse(head, skipped)
@@ -106,11 +107,11 @@ class LineReader:
         found = _REQUEST_ID.search(head, 0, params if params >= 0 else len(head))
         if found is None or self._writer.is_closing():
             return
-        message = (
-            f"invalid_input: this request is over {LINE_LIMIT // (1024 * 1024)} MiB, the most one request "
-            "may be; send large input to a process in several stdin calls"
+        error = InvalidInput(
+            f"this request is over {LINE_LIMIT // (1024 * 1024)} MiB, the most one request may be; send large "
+            "input to a process in several stdin calls"
         )
-        reply = {"jsonrpc": "2.0", "id": json.loads(found.group(1)), "error": {"code": -32600, "message": message}}
+        reply = {"jsonrpc": "2.0", "id": json.loads(found.group(1)), "error": {"code": -32600, "message": str(error)}}
         self._writer.write(json.dumps(reply).encode() + b"\n")
 
 
