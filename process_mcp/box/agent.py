@@ -82,8 +82,9 @@ SPARES = 2
 REPLACE_SPARE_S = 0.02
 """How long a taken spare may wait to be replaced while the process that took it still runs. A fork in
 the zygote while a spawn is under way takes a core from it (on two cores, 0.5-1 ms of a 2.5 ms
-`spawn true`), so the replacement is asked for once that process has exited, at the latest this long
-after it was taken, or at once when no spare is left."""
+`spawn true`), so the replacement is asked for once that process's tree is gone (when its supervisor,
+freed, usually comes back instead), at the latest this long after it was taken, or at once when no
+spare is left."""
 SPARE_WAIT_S = 1.0
 """How long a spawn that finds no spare ready waits for the one the zygote is forking, before forking
 one in the agent itself."""
