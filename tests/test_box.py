@@ -106,6 +106,12 @@ def test_what_runs_in_the_box_parses_as_python_3_8(module: str) -> None:
     assert not outside, f"the agent may use the standard library only, not {outside}"
 
 
+def spawn_frame(channel: int, command: str, **spec: Any) -> bytes:
+    """A SPAWN for ``command`` in /, with the agent's environment, no terminal, and ``spec`` over that."""
+    fields = {"command": command, "cwd": "/", "env": {}, "inherit": True, "tty": False, **spec}
+    return protocol.message(protocol.SPAWN, channel, **fields)
+
+
 class RawAgent:
     """The agent started as the server starts it, spoken to frame by frame."""
 
@@ -161,9 +167,8 @@ def test_supervisors_come_from_the_zygote_even_for_a_burst_of_spawns_at_start() 
     process's output and requests): a spawn that finds no spare ready waits for the zygote's."""
     agent = RawAgent()
     try:
-        spec = {"command": "sleep 60", "cwd": "/", "env": {}, "inherit": True, "tty": False}
         # In one write, the moment the agent has said hello: more spawns than the spares it keeps.
-        agent.send(b"".join(protocol.message(protocol.SPAWN, channel, **spec) for channel in range(1, 7)))
+        agent.send(b"".join(spawn_frame(channel, "sleep 60") for channel in range(1, 7)))
         leaders = [int(started["pid"]) for started in agent.next_of(protocol.STARTED, 6)]
         forkers = {parent_of(parent_of(leader)) for leader in leaders}  # leader <- supervisor <- ?
         assert forkers == {parent_of(parent_of(leaders[0]))}
@@ -182,8 +187,7 @@ def test_the_agent_sleeps_while_the_server_reads_nothing_of_a_flood() -> None:
     takes nothing leaves the agent waiting for room, not waking a thousand times a second."""
     agent = RawAgent()
     try:
-        spec = {"command": "yes flood", "cwd": "/", "env": {}, "inherit": True, "tty": False}
-        agent.send(protocol.message(protocol.SPAWN, 1, **spec))
+        agent.send(spawn_frame(1, "yes flood"))
         agent.next_of(protocol.STDOUT)  # flooding; from here on nothing is read
         time.sleep(0.5)  # the stream and the process's pipe fill
         before = switches(agent.process.pid)
@@ -197,8 +201,7 @@ def test_the_agent_sleeps_while_the_server_reads_nothing_of_a_flood() -> None:
 
 def run(agent: RawAgent, channel: int, command: str, **spec: Any) -> tuple[bytes, dict[str, Any]]:
     """Run ``command`` through the agent to its end: its output, and its exit as the agent reports it."""
-    fields = {"command": command, "cwd": "/", "env": {}, "inherit": True, "tty": False, **spec}
-    agent.send(protocol.message(protocol.SPAWN, channel, **fields))
+    agent.send(spawn_frame(channel, command, **spec))
     exited = agent.next_of(protocol.EXITED)[0]
     agent.next_of(protocol.CLOSED, 2)
     output = b"".join(bytes(f[2]) for f in agent.backlog if f[:2] == (protocol.STDOUT, channel))
@@ -230,8 +233,7 @@ def test_a_late_signal_for_a_finished_process_misses_the_next_one_under_its_supe
     agent = RawAgent()
     try:
         finished, _ = run(agent, 1, "echo $PPID")
-        spec = {"cwd": "/", "env": {}, "inherit": True, "tty": False}
-        agent.send(protocol.message(protocol.SPAWN, 2, command="exec sleep 60", **spec))
+        agent.send(spawn_frame(2, "exec sleep 60"))
         sleeper = int(agent.next_of(protocol.STARTED)[0]["pid"])
         assert parent_of(sleeper) == int(finished), "the next process did not get the finished one's supervisor"
         agent.send(protocol.message(protocol.SIGNAL, 1, seq=1, signal=signal.SIGKILL))

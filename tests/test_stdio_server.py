@@ -94,6 +94,12 @@ INITIALIZE = (
 INITIALIZED = '{"jsonrpc":"2.0","method":"notifications/initialized"}'
 
 
+async def initialize(server: subprocess.Popen[bytes]) -> None:
+    """The session's handshake, as a client makes it."""
+    await send(server, INITIALIZE, INITIALIZED)
+    await read_until(server, b'"id":1')
+
+
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 async def test_a_stop_signal_ends_the_server_and_every_process_group_it_started(
     workdir: Path, stop: signal.Signals
@@ -102,8 +108,7 @@ async def test_a_stop_signal_ends_the_server_and_every_process_group_it_started(
     arg = sleep_argument()
     tree_pids: list[int] = []
     try:
-        await send(server, INITIALIZE, INITIALIZED)
-        await read_until(server, b'"id":1')
+        await initialize(server)
         spawn = (
             '{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"spawn","arguments":'
             f'{{"command":"sleep {arg} & sleep {arg}","timeoutMs":300}}}}}}'
@@ -131,8 +136,7 @@ async def test_a_stop_signal_ends_the_server_and_every_process_group_it_started(
 async def test_a_cancelled_wait_stops_and_the_server_keeps_serving(workdir: Path) -> None:
     server = start_server(workdir)
     try:
-        await send(server, INITIALIZE, INITIALIZED)
-        await read_until(server, b'"id":1')
+        await initialize(server)
         await send(server, tool_call(2, "spawn", '{"command":"sleep 60","background":true}'))
         await read_until(server, b'"id":2')
         waiting = tool_call(3, "stdout", '{"id":"host-1","waitFor":"never","waitMs":30000}', progress="cancel-me")
@@ -180,8 +184,7 @@ async def test_while_serving_stdin_and_stdout_point_away_from_the_wire(workdir: 
     request or corrupt a reply: fd 0 is the null device and fd 1 is stderr while it serves."""
     server = start_server(workdir)
     try:
-        await send(server, INITIALIZE, INITIALIZED)
-        await read_until(server, b'"id":1')
+        await initialize(server)
         fds = Path(f"/proc/{server.pid}/fd")
         assert os.readlink(fds / "0") == os.devnull
         assert os.readlink(fds / "1") == os.readlink(fds / "2")
@@ -194,8 +197,7 @@ async def test_while_serving_stdin_and_stdout_point_away_from_the_wire(workdir: 
 async def test_a_request_over_the_limit_is_refused_with_its_id_and_the_server_keeps_serving(workdir: Path) -> None:
     server = start_server(workdir)
     try:
-        await send(server, INITIALIZE, INITIALIZED)
-        await read_until(server, b'"id":1')
+        await initialize(server)
         # Just over (its end comes in the read that crosses the limit) and far over (skipped to its end).
         for request_id, size in ((2, LINE_LIMIT + 1024), (3, LINE_LIMIT * 3 // 2)):
             oversized = tool_call(request_id, "stdin", '{"id":"host-1","input":"' + "x" * size + '"}')
@@ -228,8 +230,7 @@ def peak_rss_mib(pid: int) -> float:
 async def start_sleeper(server: subprocess.Popen[bytes], request_id: int = 2) -> int:
     """Initialize the session and start a background `sleep` through it; return the sleeper's pid."""
     arg = sleep_argument()
-    await send(server, INITIALIZE, INITIALIZED)
-    await read_until(server, b'"id":1')
+    await initialize(server)
     await send(server, tool_call(request_id, "spawn", f'{{"command":"sleep {arg}","background":true}}'))
     await read_until(server, f'"id":{request_id}'.encode())
     return (await sleepers(arg, 1))[0]
@@ -242,9 +243,9 @@ async def test_a_client_that_reads_no_replies_holds_up_its_replies_not_the_serve
     try:
         tree_pids.append(await start_sleeper(server))
         # Replies of about 100 KiB each, far more than the pipe holds, and none of them read yet.
-        big = tool_call(3, "spawn", '{"command":"head -c 200000 /dev/zero | tr \'\\\\0\' x"}')
+        big = '{"command":"head -c 200000 /dev/zero | tr \'\\\\0\' x"}'
         for request_id in range(3, 103):
-            await send(server, big.replace('"id":3', f'"id":{request_id}'))
+            await send(server, tool_call(request_id, "spawn", big))
         await wait_until_gone(tree_pids[0])  # ended by its lifetime while the replies wait
         last = await read_until(server, b'"id":102')
         assert b'"exitCode":0' in last
