@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -325,3 +326,57 @@ async def test_a_writable_root_too_large_to_search_fails_the_spawn_clearly(
     (tmp_path / "work" / "dir10").mkdir()
     with pytest.raises(SpawnFailed, match="SANDBOX_SCAN_LIMIT"):
         await executor.spawn(SpawnOptions(command="echo never"))
+
+
+async def test_a_directory_swapped_for_a_link_after_the_checks_is_not_what_gets_mounted(
+    sandbox: MakeSandbox, tmp_path: Path
+) -> None:
+    # The sandbox checks and opens what it mounts while building the command line; a process of the
+    # agent can swap a directory for a link after that and before bwrap mounts it. bwrap must mount
+    # what was checked (or refuse), never what the name leads to by then: here the host's /usr, writable.
+    executor = await sandbox(deny_write=["share"])  # a name at any depth, and one /usr has
+    sandbox_ = executor._sandbox
+    assert sandbox_ is not None
+    work = tmp_path / "work"
+    (work / "d" / "share").mkdir(parents=True)  # read-only, so its parent d is mounted onto itself
+    canary = Path("/usr", f"process-mcp-canary-{sleep_argument()}")
+    launch = await anyio.to_thread.run_sync(sandbox_.wrap, f"echo x > {canary}; echo ran", str(work), {}, None)
+    try:
+        (work / "d").rename(work / "d.real")
+        (work / "d").symlink_to("../" * (len(work.parts) - 1) + "usr")  # relative: the same from inside
+        done = await anyio.to_thread.run_sync(
+            lambda: subprocess.run(
+                launch.argv,
+                env=launch.env,
+                pass_fds=launch.pass_fds,
+                preexec_fn=launch.prepare,
+                capture_output=True,
+                timeout=WAIT_S,
+                check=False,
+            )
+        )
+    finally:
+        try:
+            os.unlink(canary)
+            canary_existed = True
+        except FileNotFoundError:
+            canary_existed = False
+        for fd in launch.close_after_start:
+            os.close(fd)
+        if launch.cgroup is not None and sandbox_.cgroups is not None:
+            sandbox_.cgroups.release(launch.cgroup)
+    assert not canary_existed
+    # bwrap notices that the name no longer leads to what it was given, and starts nothing.
+    assert "ran" not in done.stdout.decode().split(), done.stderr
+    assert done.returncode != 0
+
+
+async def test_an_allowed_read_path_in_tmp_is_shown_over_the_private_tmp(sandbox: MakeSandbox, tmp_path: Path) -> None:
+    shown = tmp_path / "shown"  # tmp_path is in /tmp, which each sandbox gets a private tmpfs of
+    shown.mkdir()
+    (shown / "data").write_text("visible\n")
+    executor = await sandbox(allow_read=[INTERPRETER, str(shown)])
+    _, output = await run(executor, f"cat {shown}/data; echo x > {shown}/planted")
+    assert "visible" in output
+    assert "Read-only file system" in output
+    assert not (shown / "planted").exists()
