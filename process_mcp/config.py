@@ -150,7 +150,9 @@ class SandboxConfig(BaseModel):
         description="protected names that stay writable (.vscode, .git, ...)",
     )
     allow_private_addresses: bool = setting(
-        "SANDBOX_ALLOW_PRIVATE_ADDRESSES", False, description="let the proxy reach loopback and private addresses"
+        "SANDBOX_ALLOW_PRIVATE_ADDRESSES",
+        False,
+        description="let the proxy reach loopback, private, link-local and other non-public addresses",
     )
     max_processes: int = setting("SANDBOX_MAX_PROCESSES", 1024, ge=8, description="processes and threads per sandbox")
     max_memory_mb: int = setting("SANDBOX_MAX_MEMORY_MB", 4096, ge=16, description="memory per sandbox")

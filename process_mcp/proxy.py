@@ -5,7 +5,8 @@ programs find it through HTTP_PROXY/HTTPS_PROXY/ALL_PROXY. One socket therefore 
 apart by the first byte: SOCKS5 (0x05; no-auth, CONNECT only), HTTP CONNECT, and plain HTTP requests in
 absolute form (``GET http://host/path``), which are sent on in origin form with ``Connection: close``.
 Every destination is checked with ``domain_allowed`` before it is resolved; the proxy resolves names itself,
-since the sandbox has no DNS. A refusal names the domain and says how to allow it.
+since the sandbox has no DNS, and connects only to public addresses (``addresses.special``). A refusal names
+the domain or the address and says how to allow it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from urllib.parse import urlsplit
+
+from . import addresses
 
 logger = logging.getLogger(__name__)
 
@@ -82,10 +85,11 @@ def domain_allowed(host: str, patterns: Sequence[str]) -> bool:
 
     ``*`` allows everything; ``a.com`` allows exactly a.com; ``*.a.com`` allows its subdomains but not a.com.
     Names compare case-insensitively, ignoring one trailing dot. An IP literal is allowed only when that
-    address is listed (``::1`` and ``0:0:0:0:0:0:0:1`` are the same address).
+    address is listed (``::1`` and ``0:0:0:0:0:0:0:1`` are the same address, as are ``127.0.0.1`` and
+    ``::ffff:127.0.0.1``; other forms that embed an IPv4 address reach it through a translator, and are not).
     """
     name = _normalize(host)
-    address = _ip(name)
+    address = addresses.parse(name)
     for raw in patterns:
         pattern = _normalize(raw)
         if pattern == "*":
@@ -93,7 +97,7 @@ def domain_allowed(host: str, patterns: Sequence[str]) -> bool:
         if not name or not pattern:
             continue
         if address is not None:
-            if _ip(pattern) == address:
+            if addresses.parse(pattern) == address:
                 return True
         elif pattern.startswith("*."):
             if name.endswith(pattern[1:]) and len(name) > len(pattern) - 1:
@@ -105,13 +109,6 @@ def domain_allowed(host: str, patterns: Sequence[str]) -> bool:
 
 def _normalize(name: str) -> str:
     return name.strip().lower().removesuffix(".")
-
-
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(text.removeprefix("[").removesuffix("]"))
-    except ValueError:
-        return None
 
 
 class _Refused(Exception):
@@ -399,36 +396,29 @@ def _authority(authority: str, default_port: int | None) -> tuple[str, int]:
     return host, port
 
 
-def public_address(address: str) -> bool:
-    """Whether ``address`` is a global one: not loopback, private, link-local (cloud metadata lives at
-    169.254.169.254), shared, multicast, reserved or unspecified, also when written as IPv4-mapped IPv6."""
-    ip = ipaddress.ip_address(address.partition("%")[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
-
-
 async def _connect(host: str, port: int, *, allow_private: bool) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Connect to the first address of ``host`` that answers; raises _Refused saying why none did.
 
     The name is resolved here and the connection made to the address found, so what was checked is what
-    is reached. Unless ``allow_private``, only public addresses are used: an allowed name that resolves to
-    the host's own or its network's services is refused (SSRF, DNS rebinding).
+    is reached. Unless ``allow_private``, only public addresses are used (see addresses.special, which also
+    reads the IPv4 address inside NAT64, 6to4, Teredo and the other IPv6 forms): an allowed name that
+    resolves to the host's own or its network's services is refused (SSRF, DNS rebinding).
     """
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(CONNECT_TIMEOUT_S):
             error: OSError = socket.gaierror(f"{host} resolves to no address")
             found = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            usable = [entry for entry in found if allow_private or public_address(str(entry[4][0]))]
+            why = {str(entry[4][0]): None if allow_private else addresses.special(str(entry[4][0])) for entry in found}
+            usable = [entry for entry in found if why[str(entry[4][0])] is None]
             if found and not usable:
-                refused = sorted({str(entry[4][0]) for entry in found})
-                logger.info("sandbox proxy refused %s: it resolves to %s only", host, ", ".join(refused))
+                reasons = "; ".join(f"{address} is {reason}" for address, reason in sorted(why.items()))
+                logger.info("sandbox proxy refused %s: %s", host, reasons)
                 raise _Refused(
                     HTTPStatus.FORBIDDEN,
                     _Socks.NOT_ALLOWED,
-                    f"'{host}' resolves to {', '.join(refused)}, a loopback, private or link-local address, "
-                    "which the sandbox does not reach; set SANDBOX_ALLOW_PRIVATE_ADDRESSES=true to allow it",
+                    f"'{host}' resolves only to addresses the sandbox does not reach: {reasons}; "
+                    "set SANDBOX_ALLOW_PRIVATE_ADDRESSES=true to allow them",
                     {"X-Process-MCP-Refused": host},
                 )
             # One address at a time, so the error reported is a real one (open_connection merges them).

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
 import os
 import secrets
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -810,6 +812,41 @@ async def test_without_a_metrics_token_only_this_machine_may_scrape(workspaces: 
         scraped = await http.get(server.base + "/metrics")
     assert scraped.status_code == 200
     assert "process_mcp_tool_calls" in scraped.text
+
+
+async def test_a_client_on_ipv4_loopback_seen_through_a_dual_stack_socket_may_scrape(workspaces: Path) -> None:
+    config = host_config(workspaces)
+    config.service.transport = "http"
+    mcp = await create_process_mcp(config)
+    server = uvicorn.Server(uvicorn.Config(mcp.http_app(authenticate=False), log_config=None, lifespan="on"))
+    # An application serving the app on a dual-stack socket sees a client on 127.0.0.1 as ::ffff:127.0.0.1.
+    # This socket listens on that address alone, so nothing off this machine can reach it.
+    with socket.socket(socket.AF_INET6) as dual_stack:
+        dual_stack.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        dual_stack.bind(("::ffff:127.0.0.1", 0))
+        port = dual_stack.getsockname()[1]
+        async with mcp, anyio.create_task_group() as tasks:
+            tasks.start_soon(functools.partial(server.serve, sockets=[dual_stack]))
+            try:
+                with anyio.fail_after(WAIT_S):
+                    while not server.started:
+                        await anyio.sleep(0.02)
+                async with httpx2.AsyncClient(timeout=WAIT_S) as http:
+                    scraped = await http.get(f"http://127.0.0.1:{port}/metrics")
+            finally:
+                server.should_exit = True
+    assert scraped.status_code == 200
+    assert "process_mcp_tool_calls" in scraped.text
+
+
+async def test_http_without_authentication_is_refused_on_an_address_that_only_embeds_127_0_0_1(
+    workspaces: Path,
+) -> None:
+    # A translator or relay delivers these to 127.0.0.1 somewhere else: listening on one is not loopback.
+    for host in ("64:ff9b::7f00:1", "::7f00:1", "2002:7f00:1::1"):  # NAT64, IPv4-compatible, 6to4
+        status, log = await run_server_to_exit(workspaces, PROCESS_AUTH="none", PROCESS_HTTP_HOST=host)
+        assert status == 2, log
+        assert "loopback host only" in log
 
 
 async def test_logs_are_json_lines_on_request(workspaces: Path, tokens_file: Path) -> None:

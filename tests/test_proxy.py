@@ -18,6 +18,7 @@ import anyio.to_thread
 import pytest
 
 from process_mcp import proxy as proxy_module
+from process_mcp.addresses import is_loopback, special
 from process_mcp.proxy import HEADER_LIMIT_BYTES, DomainProxy, domain_allowed
 
 from .helpers import WAIT_S
@@ -178,12 +179,131 @@ def http_parts(response: bytes) -> tuple[str, dict[str, str], bytes]:
         ("0:0:0:0:0:0:0:1", ["::1"], True),
         ("::1", ["[::1]"], True),
         ("::2", ["::1"], False),
+        ("::ffff:127.0.0.1", ["127.0.0.1"], True),
+        ("127.0.0.1", ["::ffff:7f00:1"], True),
+        ("64:ff9b::7f00:1", ["127.0.0.1"], False),
+        ("::7f00:1", ["127.0.0.1"], False),
         ("", ["github.com"], False),
         ("", [""], False),
     ],
 )
 def test_domain_allowed_follows_the_pattern_rules(host: str, patterns: list[str], allowed: bool) -> None:
     assert domain_allowed(host, patterns) is allowed
+
+
+# Addresses that are not public, each with the reason a refusal gives; the IPv6 forms that embed an IPv4
+# address are judged by it (127.0.0.1 is 7f00:1, 169.254.169.254 is a9fe:a9fe, 10.0.0.1 is a00:1; a Teredo
+# client address is stored inverted, so 127.0.0.1 is 80ff:fffe and 8.8.4.4 is f7f7:fbfb).
+FORBIDDEN = [
+    ("64:ff9b::7f00:1", "127.0.0.1 in NAT64 form (64:ff9b::/96), which is loopback (127.0.0.0/8)"),
+    ("64:ff9b::a9fe:a9fe", "169.254.169.254 in NAT64 form (64:ff9b::/96), which is link-local (169.254.0.0/16)"),
+    ("64:ff9b:1::a00:1", "10.0.0.1 in local-use NAT64 form (64:ff9b:1::/48), which is private (10.0.0.0/8)"),
+    ("64:ff9b:1:7f00:0:100::", "127.0.0.1 in local-use NAT64 form (64:ff9b:1::/48), which is loopback"),
+    ("::7f00:1", "127.0.0.1 in IPv4-compatible form (::/96), which is loopback (127.0.0.0/8)"),
+    ("::ffff:127.0.0.1", "127.0.0.1 in IPv4-mapped form (::ffff:0:0/96), which is loopback (127.0.0.0/8)"),
+    ("::ffff:0:7f00:1", "127.0.0.1 in SIIT IPv4-translated form (::ffff:0:0:0/96), which is loopback"),
+    ("2002:7f00:1::1", "127.0.0.1 in 6to4 form (2002::/16), which is loopback (127.0.0.0/8)"),
+    ("2002:a9fe:a9fe::1", "169.254.169.254 in 6to4 form (2002::/16), which is link-local"),
+    ("2001:0:808:808::80ff:fffe", "127.0.0.1 in Teredo form (2001::/32), which is loopback"),
+    ("2001:0:a9fe:a9fe::f7f7:fbfb", "169.254.169.254 in Teredo form (2001::/32), which is link-local"),
+    ("fec0::1", "site-local, deprecated (fec0::/10)"),
+    ("::", "unspecified (::/128)"),
+    ("::1", "loopback (::1/128)"),
+    ("ff02::1", "multicast (ff00::/8)"),
+    ("fd00::1", "unique local, private (fc00::/7)"),
+    ("fe80::1", "link-local (fe80::/10)"),
+    ("2001:db8::1", "documentation (2001:db8::/32)"),
+    ("3fff::1", "documentation (3fff::/20)"),
+    ("2001:2::1", "benchmarking (2001:2::/48)"),
+    ("100::1", "reserved (100::/64)"),
+    ("4000::1", "reserved, outside global unicast (2000::/3)"),
+    ("0.0.0.0", "unspecified (0.0.0.0/32)"),
+    ("0.1.2.3", "'this network' (0.0.0.0/8)"),
+    ("127.0.0.1", "loopback (127.0.0.0/8)"),
+    ("10.1.2.3", "private (10.0.0.0/8)"),
+    ("100.64.0.1", "shared, carrier-grade NAT (100.64.0.0/10)"),
+    ("169.254.169.254", "link-local (169.254.0.0/16)"),
+    ("192.0.2.1", "documentation (192.0.2.0/24)"),
+    ("198.18.0.1", "benchmarking (198.18.0.0/15)"),
+    ("224.0.0.1", "multicast (224.0.0.0/4)"),
+    ("255.255.255.255", "reserved (240.0.0.0/4)"),
+]
+
+
+@pytest.mark.parametrize(("address", "reason"), FORBIDDEN)
+def test_a_special_purpose_address_is_not_public_also_when_an_ipv6_form_embeds_it(address: str, reason: str) -> None:
+    found = special(address)
+    assert found is not None
+    assert reason in str(found)
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "8.8.8.8",
+        "1.1.1.1",
+        "2001:4860:4860::8888",
+        "2606:4700:4700::1111",
+        "64:ff9b::808:808",  # NAT64 of 8.8.8.8: how an IPv6-only host behind DNS64 reaches an IPv4-only site
+        "64:ff9b:1::808:808",
+        "::ffff:8.8.8.8",
+        "2002:808:808::1",
+        "2001:0:808:808::f7f7:fbfb",  # Teredo, server 8.8.8.8, client 8.8.4.4
+    ],
+)
+def test_a_public_address_stays_public_in_every_form(address: str) -> None:
+    assert special(address) is None
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.0.0.2", True),
+        ("::1", True),
+        ("localhost", True),
+        ("::ffff:127.0.0.1", True),  # how a dual-stack socket shows a client on 127.0.0.1
+        # These deliver to 127.0.0.1 through a translator or relay: as a listening or peer address they
+        # are not this machine, so they must not pass for loopback (no authentication, /metrics).
+        ("64:ff9b::7f00:1", False),
+        ("64:ff9b:1::7f00:1", False),
+        ("::7f00:1", False),
+        ("::ffff:0:7f00:1", False),
+        ("2002:7f00:1::1", False),
+        ("2001:0:808:808::80ff:fffe", False),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("10.0.0.1", False),
+        ("box.example.com", False),
+    ],
+)
+def test_only_this_machines_own_loopback_counts_as_loopback(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
+
+
+@pytest.mark.parametrize(("address", "reason"), FORBIDDEN)
+async def test_connect_and_socks5_to_a_non_public_address_are_refused_naming_why(
+    socket_path: str, address: str, reason: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Were the filter to let one through, the proxy would try the network: a short bound keeps the test short.
+    monkeypatch.setattr(proxy_module, "CONNECT_TIMEOUT_S", 1.0)
+    caplog.set_level(logging.INFO, logger="process_mcp.proxy")
+    with anyio.fail_after(WAIT_S):
+        async with serving(socket_path, ["*"], allow_private=False):
+            literal = f"[{address}]" if ":" in address else address
+            response = await exchange(socket_path, f"CONNECT {literal}:443 HTTP/1.1\r\n\r\n".encode())
+            family = socket.AF_INET6 if ":" in address else socket.AF_INET
+            kind = b"\x04" if ":" in address else b"\x01"
+            code, reader, writer = await socks_connect(socket_path, kind + socket.inet_pton(family, address), 443)
+            assert await reader.read() == b""
+            writer.close()
+    status, headers, body = http_parts(response)
+    assert status == "HTTP/1.1 403 Forbidden", body
+    assert headers["x-process-mcp-refused"] == address
+    assert reason.encode() in body
+    assert b"SANDBOX_ALLOW_PRIVATE_ADDRESSES=true" in body
+    assert code == 2  # "connection not allowed by ruleset"; the log says why
+    assert caplog.text.count(reason) == 2
 
 
 async def test_http_connect_to_an_allowed_host_relays_bytes_both_ways(socket_path: str) -> None:

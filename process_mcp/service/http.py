@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Generator
 from contextlib import contextmanager
@@ -30,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..addresses import is_loopback
 from ..errors import BackendUnavailable, InvalidConfig
 from .auth import JwtVerifier, make_verifier
 from .tools import DISCONNECTED, Disconnect
@@ -51,18 +51,6 @@ PROBES = (HEALTH_PATH, READY_PATH)
 
 GRACEFUL_SHUTDOWN_S = 3
 """How long open connections (event streams, waits) get to finish once the server stops accepting."""
-
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-
-
-def is_loopback(host: str) -> bool:
-    """Whether listening on ``host`` is reachable from this machine only."""
-    if host in LOOPBACK_HOSTS:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def transport_security(host: str, allowed_hosts: list[str], allowed_origins: list[str]) -> TransportSecuritySettings:
