@@ -30,6 +30,7 @@ import anyio
 from ptyprocess import PtyProcess
 
 from . import landlock, seccomp
+from .bounds import ServerBounds
 from .box.client import AgentUnavailable
 from .box.local import LocalAgent
 from .buffer import OutputBuffer
@@ -170,7 +171,16 @@ class HostExecutor(ProcessExecutor):
                 await self._proxy.start(socket_path)
             except OSError as exc:
                 raise BackendUnavailable(f"the sandbox's network proxy cannot listen at {socket_path}: {exc}") from None
-        cgroups = SandboxCgroups.create()
+        bounds = await anyio.to_thread.run_sync(ServerBounds.read)
+        if bounds.processes or bounds.memory:
+            logger.info(
+                "sandbox: the server runs within %s; sandboxes may take %s processes and %s MiB of it together, "
+                "and each at most what is left at its spawn",
+                bounds.describe(),
+                bounds.processes_total() or "unbounded",
+                (total // (1024 * 1024)) if (total := bounds.memory_total()) else "unbounded",
+            )
+        cgroups = SandboxCgroups.create(max_processes=bounds.processes_total(), max_memory_bytes=bounds.memory_total())
         if cgroups is None:
             if os.getuid() == 0:
                 self._missing_layer(
@@ -189,6 +199,7 @@ class HostExecutor(ProcessExecutor):
             proxy_socket=socket_path,
             env_resets_signals=await env_resets_signals(env),
             cgroups=cgroups,
+            server_bounds=bounds,
         )
         try:
             if scope_ipc:

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 
 import anyio.to_thread
 
+from .bounds import HEADROOM_PROCESSES, MIN_SANDBOX_PROCESSES, ServerBounds
 from .cgroups import SandboxCgroups, join_command
 from .config import SandboxConfig
 from .errors import InvalidConfig, InvalidInput, SpawnFailed
@@ -182,6 +183,7 @@ class Sandbox:
         proxy_socket: str | None = None,
         env_resets_signals: bool = True,
         cgroups: SandboxCgroups | None = None,
+        server_bounds: ServerBounds | None = None,
     ) -> None:
         self.config = config
         self.tools = tools
@@ -192,6 +194,7 @@ class Sandbox:
         self._seccomp_file = seccomp_file
         self._env_resets_signals = env_resets_signals
         self.cgroups = cgroups
+        self.server_bounds = server_bounds or ServerBounds()
         self._python = os.path.realpath(sys.executable)
         self.writable = _writable_roots([workspace, *config.allow_write], home)
         self._readable = [p for p in (*SYSTEM_PATHS, *_existing(config.allow_read)) if os.path.lexists(p)]
@@ -249,10 +252,11 @@ class Sandbox:
             self._protections(mounts)
             args += mounts.args
             args += ["--remount-ro", "/"]  # the root is bwrap's own tmpfs: unsized, so never writable
-            args += ["--chdir", os.path.realpath(cwd), "--", *self._inner(command, env, limits)]
+            processes, memory = self._bounds(limits)
+            inner = self._inner(command, env, limits, processes=processes, memory=memory)
+            args += ["--chdir", os.path.realpath(cwd), "--", *inner]
             cgroup = None
             if self.cgroups is not None:
-                processes, memory = self._bounds(limits)
                 try:
                     cgroup, procs = self.cgroups.acquire(max_processes=processes, max_memory_bytes=memory)
                 except OSError as exc:
@@ -423,14 +427,30 @@ class Sandbox:
         return True
 
     def _bounds(self, limits: ProcessLimits | None) -> tuple[int, int]:
-        """Processes and memory bytes for one sandbox: the spawn's limits, else the configured ones."""
+        """Processes and memory bytes for one sandbox: the spawn's limits, else the configured ones, and never
+        more than half the processes the bounds the server lives in leave now, or their memory (``bounds``).
+        Raises SpawnFailed when too few processes are left to start one."""
         processes = (limits.processes if limits else None) or self.config.max_processes
-        memory_mb = (limits.memory_mb if limits else None) or self.config.max_memory_mb
-        return processes, memory_mb * 1024 * 1024
+        memory = ((limits.memory_mb if limits else None) or self.config.max_memory_mb) * 1024 * 1024
+        if (left := self.server_bounds.processes_left(enough=2 * processes)) is not None:
+            available, bound = left
+            if available < MIN_SANDBOX_PROCESSES:
+                raise SpawnFailed(
+                    f"no processes are left for another sandbox: the server runs within {bound.where} of "
+                    f"{bound.limit}, {bound.limit - available - HEADROOM_PROCESSES} are in use, and "
+                    f"{HEADROOM_PROCESSES} are kept for the server itself; end processes that are not needed "
+                    "(ps, then kill), or raise that bound"
+                )
+            # Half of what is left, so a fork bomb in one sandbox leaves room for the next spawn too.
+            processes = min(processes, max(available // 2, MIN_SANDBOX_PROCESSES))
+        if (total := self.server_bounds.memory_total()) is not None:
+            memory = min(memory, total)
+        return processes, memory
 
-    def _inner(self, command: str, env: dict[str, str], bounds: ProcessLimits | None = None) -> list[str]:
+    def _inner(
+        self, command: str, env: dict[str, str], bounds: ProcessLimits | None, *, processes: int, memory: int
+    ) -> list[str]:
         """The chain inside the sandbox: signal defaults, limits, then the command with ``env`` alone."""
-        processes, memory = self._bounds(bounds)
         limits = [self.tools.prlimit, f"--nproc={processes}", f"--data={memory}"]
         if bounds is not None and bounds.cpu_seconds is not None:
             limits.append(f"--cpu={bounds.cpu_seconds}:{bounds.cpu_seconds + CPU_GRACE_S}")

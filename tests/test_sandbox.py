@@ -15,6 +15,7 @@ import pytest
 
 from process_mcp import BackendUnavailable, HostExecutor, SpawnFailed, SpawnOptions
 from process_mcp.config import SandboxConfig
+from process_mcp.models import ProcessLimits
 
 from .conftest import host_config
 from .helpers import WAIT_S, sleep_argument, wait_for_output
@@ -380,3 +381,16 @@ async def test_an_allowed_read_path_in_tmp_is_shown_over_the_private_tmp(sandbox
     assert "visible" in output
     assert "Read-only file system" in output
     assert not (shown / "planted").exists()
+
+
+async def test_a_spawns_limits_never_change_what_the_next_spawn_gets(sandbox: MakeSandbox) -> None:
+    # Sandboxes' cgroups are pooled: a group raised from a small memory limit to a larger one must take
+    # it (the kernel refuses a memory limit above the swap limit), and one that failed is never reused.
+    executor = await sandbox()
+    probe = "grep 'Max data size' /proc/self/limits"
+    for memory_mb in (100, 300, None, 50, 2000, None, 100):
+        limits = ProcessLimits(memory_mb=memory_mb) if memory_mb else None
+        code, output = await run(executor, probe, limits=limits)
+        assert code == 0, output
+        expected = (memory_mb or 4096) * 1024 * 1024
+        assert output.split()[3] == str(expected), (memory_mb, output)

@@ -8,22 +8,26 @@ working. SECURITY.md lists what these prove.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import secrets
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from mcp import Client, StdioServerParameters
 
@@ -123,6 +127,10 @@ class Servers:
         self._python_path = python_path
 
     async def __call__(self, **env: str) -> Box:
+        return await self.start(None, **env)
+
+    async def start(self, cgroup_procs: str | None, **env: str) -> Box:
+        """A server, first moved into the cgroup whose ``cgroup.procs`` is given (a bound it lives in)."""
         settings = {
             "DEFAULT_WORKDIR": str(self.workspace),
             "SANDBOX_REQUIRED": "true",
@@ -131,6 +139,8 @@ class Servers:
             **env,
         }
         command = [*(_as(self.uid) if self.uid != os.getuid() else []), "/usr/bin/python3", "-m", "process_mcp"]
+        if cgroup_procs is not None:
+            command = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', cgroup_procs, *command]
         params = StdioServerParameters(command=command[0], args=command[1:], env=settings, cwd="/")
         client = await self._stack.enter_async_context(Client(params, read_timeout_seconds=WAIT_S * 3))
         return Box(client, self.workspace, self.outside, self.uid)
@@ -718,12 +728,82 @@ async def test_a_fork_bomb_or_a_memory_hog_under_a_spawn_limit_is_ended_and_name
     assert "ok" in await b.output("echo ok", limits={"processes": 16, "memoryMb": 96})
 
 
+@contextmanager
+def _pids_cgroup(limit: int) -> Iterator[Path]:
+    """A cgroup v1 pids group of ``limit`` processes, as a container or a systemd unit would put a server in."""
+    top = Path("/sys/fs/cgroup/pids")
+    if os.getuid() != 0 or not top.is_dir():
+        cannot_run_here("making a bounded cgroup for the server needs root and a cgroup v1 pids hierarchy")
+    group = top / f"process-mcp-test-bound-{secrets.token_hex(4)}"
+    group.mkdir()
+    try:
+        (group / "pids.max").write_text(str(limit))
+        yield group
+    finally:
+        # The server (and the groups it made below its own) may outlive the test's body: end them all.
+        deadline = time.monotonic() + WAIT_S
+        while group.exists():
+            groups = [*sorted((p for p in group.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)), group]
+            for each in groups:
+                for pid in (each / "cgroup.procs").read_text().split():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), signal.SIGKILL)
+                with contextlib.suppress(OSError):
+                    each.rmdir()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{group} still has processes")
+            time.sleep(0.05)
+
+
+async def test_a_fork_bomb_in_a_bounded_server_leaves_room_to_spawn_and_kill(box: Servers) -> None:
+    with _pids_cgroup(400) as group:
+        b: Box = await box.start(str(group / "cgroup.procs"))
+        retrying = "import os, time\nwhile True:\n    try: os.fork()\n    except OSError: time.sleep(0.01)\n"
+        bomb = await b.run(f"python3 -c {shlex.quote(retrying)}", background=True)
+        # Until the bomb has taken all a sandbox may (half of what the bound leaves the server's sandboxes,
+        # about 160 here), or the whole bound where nothing keeps it from that: no change for a second.
+        readings: list[int] = []
+        with anyio.fail_after(WAIT_S * 2):
+            while len(readings) < 4 or readings[-1] < 150 or len(set(readings[-4:])) > 1:
+                readings.append(int((group / "pids.current").read_text()))
+                await anyio.sleep(0.3)
+        assert readings[-1] < 400, readings  # never the whole bound
+        listed = await b.client.call_tool("ps", {})
+        assert not listed.is_error
+        # The next spawn still starts, and the kill that ends the bomb works.
+        assert "still-spawning" in await b.output("echo still-spawning")
+        killed = await b.client.call_tool("kill", {"id": bomb["pid"], "signal": "SIGKILL"})
+        assert not killed.is_error, killed.content
+        assert "after" in await b.output("echo after")
+
+
 async def test_memory_and_tmp_are_bounded_with_a_clear_error(box: Servers) -> None:
     b: Box = await box(SANDBOX_MAX_MEMORY_MB="128", SANDBOX_TMP_SIZE_MB="16")
     output = await b.output("python3 -c 'x = bytearray(512 * 1024 * 1024)'; echo exit=$?")
     assert "MemoryError" in output
     output = await b.output("head -c 64M /dev/zero > /tmp/fill; echo exit=$?; du -m /tmp/fill")
     assert "No space left on device" in output
+    assert "ok" in await b.output("echo ok")
+
+
+async def test_shared_memory_is_bounded_where_the_sandbox_has_cgroups_and_by_its_tmpfs_elsewhere(box: Servers) -> None:
+    b: Box = await box(SANDBOX_MAX_MEMORY_MB="128", SANDBOX_TMP_SIZE_MB="64")
+    memfd = (
+        "import os\nfd = os.memfd_create('x')\n"
+        "for i in range(768):\n    os.write(fd, b'x' * (1 << 20))\nprint('held', i + 1, 'MiB')\n"
+    )
+    # /dev/shm is a tmpfs of the sandbox's own, sized: what a process can hold there is bounded everywhere.
+    output = await b.output("head -c 200M /dev/zero > /dev/shm/fill; echo exit=$?; du -m /dev/shm/fill")
+    assert "No space left on device" in output
+    if box.uid == 0:
+        # A root server gives each sandbox memory cgroups, which charge memfd and shm pages too.
+        result = await b.client.call_tool("spawn", {"command": f"python3 -c {shlex.quote(memfd)}", "timeoutMs": 20000})
+        content = result.structured_content
+        assert content is not None
+        assert "held" not in content["stdout"]
+        assert content["exitCode"] == 137 or content.get("signal") == "SIGKILL", content
+    # Without cgroups (an unprivileged server on cgroup v1) a memfd is outside RLIMIT_DATA: SECURITY.md
+    # says so, and this is not asserted as a bound.
     assert "ok" in await b.output("echo ok")
 
 
