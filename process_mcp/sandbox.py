@@ -40,7 +40,9 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import anyio.to_thread
@@ -114,6 +116,10 @@ SANDBOX_PATH = "/usr/bin:/bin"
 NOT_SEARCHED = frozenset({"node_modules", "__pycache__", ".venv", ".tox", ".mypy_cache", ".pytest_cache", ".cache"})
 """Directories the search for protected paths does not enter: package and cache trees, large and made
 by tools, where no repository or shell configuration of the user's lives."""
+ROOT_ONLY_SEARCH = ("/usr", "/opt")
+"""System trees searched, when the server is root, for files only root may read, to hide them like /etc's."""
+HIDDEN_SEARCH_TIMEOUT_S = 60.0
+"""Bound on that search (about a second for a Debian /usr)."""
 GITDIR_FILE_MAX = 4096
 """Bytes read of a ``.git`` pointer file (``gitdir: <path>``) to find the git directory it names."""
 _PRIVATE_DIRS = ("/", "/tmp", "/var/tmp")
@@ -199,6 +205,11 @@ class Sandbox:
         self.writable = _writable_roots([workspace, *config.allow_write], home)
         self._readable = [p for p in (*SYSTEM_PATHS, *_existing(config.allow_read)) if os.path.lexists(p)]
         self._hidden = _unreadable_by_others("/etc") if os.path.isdir("/etc") else []
+        # Root reads every file: in the large system trees, search in the background (about a second).
+        self._more_hidden: Future[list[str]] | None = None
+        if os.geteuid() == 0:
+            tops = [p for p in ROOT_ONLY_SEARCH if p in self._readable and not os.path.islink(p)]
+            self._more_hidden = _root_only_search(tuple(tops))
         protected = [p for p in PROTECTED_PATHS if p not in set(config.allow_protected)]
         relative = [p for p in (*config.deny_write, *config.deny_read) if not _is_absolute(p)]
         self._names = _NameIndex([*protected, *relative])
@@ -283,7 +294,7 @@ class Sandbox:
                 mounts.add(["--symlink", os.readlink(path), path])
             else:
                 self._mount_configured(mounts, path, "SANDBOX_ALLOW_READ", writable=False)
-        for path in self._hidden:
+        for path in [*self._hidden, *self._hidden_in_system_trees()]:
             self._hide(mounts, path)
         shown = set()
         if self.proxy_socket is not None:
@@ -296,6 +307,18 @@ class Sandbox:
             self._mount_configured(mounts, directory, "the server's interpreter", writable=False)
         for root in self.writable:
             self._mount_configured(mounts, root, "DEFAULT_WORKDIR or SANDBOX_ALLOW_WRITE", writable=True)
+
+    def _hidden_in_system_trees(self) -> list[str]:
+        """What a root server hides in ``ROOT_ONLY_SEARCH`` (waiting for the search at the first spawns)."""
+        if self._more_hidden is None:
+            return []
+        try:
+            return self._more_hidden.result(timeout=HIDDEN_SEARCH_TIMEOUT_S)
+        except (OSError, subprocess.SubprocessError, TimeoutError) as exc:
+            raise SpawnFailed(
+                f"the sandbox could not find the files in {', '.join(ROOT_ONLY_SEARCH)} that only root may read, "
+                f"to hide them: {exc}; check that find (findutils) is installed"
+            ) from None
 
     @staticmethod
     def _mount_configured(mounts: MountArgs, path: str, setting: str, *, writable: bool) -> None:
@@ -609,6 +632,45 @@ def _unreadable_by_others(top: str) -> list[str]:
                 found.append(path)
         dirs[:] = [d for d in dirs if os.path.join(directory, d) not in found]
     return found
+
+
+_searches: dict[tuple[str, ...], Future[list[str]]] = {}
+_searches_lock = threading.Lock()
+
+
+def _root_only_search(tops: tuple[str, ...]) -> Future[list[str]]:
+    """The search of ``tops`` for root-only files, started once per process in the background: every
+    executor of a process shares it (the system trees are the same for all)."""
+    with _searches_lock:
+        if tops not in _searches:
+            future: Future[list[str]] = Future()
+            _searches[tops] = future
+            threading.Thread(target=_search_into, args=(future, tops), daemon=True).start()
+        return _searches[tops]
+
+
+def _search_into(future: Future[list[str]], tops: Sequence[str]) -> None:
+    try:
+        future.set_result(_unreadable_by_others_fast(tops))
+    except (OSError, subprocess.SubprocessError) as exc:
+        future.set_exception(exc)
+
+
+def _unreadable_by_others_fast(tops: Sequence[str]) -> list[str]:
+    """``_unreadable_by_others`` for large trees, for a root server (which can read everything): with
+    find, about ten times faster than a walk in Python over /usr."""
+    if not tops:
+        return []
+    done = subprocess.run(
+        ["/usr/bin/find", *tops, "-xdev", "!", "-type", "l", "!", "-perm", "-o=r", "-prune", "-print0"],
+        capture_output=True,
+        timeout=HIDDEN_SEARCH_TIMEOUT_S,
+        check=False,
+        env={},
+    )
+    if done.returncode != 0 and not done.stdout:
+        raise subprocess.SubprocessError(done.stderr.decode(errors="replace").strip() or f"exit {done.returncode}")
+    return [os.fsdecode(p) for p in done.stdout.split(b"\0") if p]
 
 
 def ignore_bwrap_signals() -> None:

@@ -7,18 +7,19 @@ import os
 import shlex
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import anyio
 import pytest
 
 from process_mcp import BackendUnavailable, HostExecutor, SpawnFailed, SpawnOptions
+from process_mcp import sandbox as sandbox_module
 from process_mcp.config import SandboxConfig
 from process_mcp.models import ProcessLimits
 
 from .conftest import host_config
-from .helpers import WAIT_S, sleep_argument, wait_for_output
+from .helpers import WAIT_S, cannot_run_here, sleep_argument, wait_for_output
 
 pytestmark = pytest.mark.anyio
 
@@ -394,3 +395,27 @@ async def test_a_spawns_limits_never_change_what_the_next_spawn_gets(sandbox: Ma
         assert code == 0, output
         expected = (memory_mb or 4096) * 1024 * 1024
         assert output.split()[3] == str(expected), (memory_mb, output)
+
+
+@pytest.fixture
+def root_only_file() -> Iterator[Path]:
+    """A file in /usr that only root may read, as packages leave some (polkit rules, private keys)."""
+    if os.getuid() != 0:
+        cannot_run_here("only a root server can read root-only files in /usr, which is what is hidden")
+    secret = Path("/usr/local/share", f"process-mcp-test-{sleep_argument()}")
+    secret.write_text("root-only\n")
+    secret.chmod(0o600)
+    try:
+        yield secret
+    finally:
+        secret.unlink()
+
+
+async def test_files_in_usr_that_only_root_may_read_are_hidden_from_a_root_servers_sandbox(
+    sandbox: MakeSandbox, root_only_file: Path
+) -> None:
+    sandbox_module._searches.clear()  # the search is once per process: make it see this file
+    executor = await sandbox()
+    _, output = await run(executor, f"cat {root_only_file}; cat /usr/bin/env >/dev/null && echo shown")
+    assert "root-only" not in output
+    assert "shown" in output  # the rest of /usr is there
