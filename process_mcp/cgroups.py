@@ -212,8 +212,14 @@ def _count(path: Path, key: str) -> int:
 
 
 def _has_processes(group: Path) -> bool:
+    """Whether anything is still in ``group``, or charged to it: a process that has left ``cgroup.procs``
+    keeps counting in ``pids.current`` until it is reaped, and a group reused before then would start its
+    next sandbox with fewer processes than its limit."""
     try:
-        return bool((group / "cgroup.procs").read_text().strip())
+        if (group / "cgroup.procs").read_text().strip():
+            return True
+        current = group / "pids.current"
+        return current.exists() and current.read_text().strip() not in ("", "0")
     except FileNotFoundError:
         return False
 

@@ -381,6 +381,16 @@ def _remove_stale_state_dirs() -> None:
             continue  # not ours to judge (another user's, or gone already)
 
 
+def _only_child(pid: int) -> int | None:
+    """The one child of ``pid`` (bwrap's init below bwrap), or None while there is not exactly one."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", "rb") as file:
+            children = file.read().split()
+    except OSError:
+        return None
+    return int(children[0]) if len(children) == 1 else None
+
+
 class _HostHandle(ProcessHandle):
     """What pipe and PTY processes share: output readers, exit watching, group signals."""
 
@@ -392,6 +402,7 @@ class _HostHandle(ProcessHandle):
         self._pidfd = -1
         self._input = -1  # where stdin writes go: the pipe to the child, or the PTY itself
         self._signals_reset = False  # whether the sandbox's launch chain has passed its signal reset
+        self._init_pid: int | None = None  # bwrap's init, once seen
         try:
             self._pidfd = os.pidfd_open(pid)
         except (AttributeError, OSError):
@@ -400,7 +411,11 @@ class _HostHandle(ProcessHandle):
             self._loop.add_reader(self._pidfd, self._on_exit)
 
     def tree_root(self) -> tuple[int, bool] | None:
-        return self._pid, False  # bwrap's helper is the server's, not the command's
+        # Below bwrap (the server's helper) is bwrap's init in the sandbox's PID namespace, and below
+        # that the command: only the command's tree counts against its limits.
+        if self._init_pid is None:
+            self._init_pid = _only_child(self._pid)
+        return (self._init_pid or self._pid), False
 
     async def _await_signals_reset(self, signum: int) -> None:
         """Wait (until SIGNALS_RESET_S after the start) for a process in the sandbox that no longer

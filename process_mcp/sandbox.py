@@ -269,7 +269,9 @@ class Sandbox:
             cgroup = None
             if self.cgroups is not None:
                 try:
-                    cgroup, procs = self.cgroups.acquire(max_processes=processes, max_memory_bytes=memory)
+                    cgroup, procs = self.cgroups.acquire(
+                        max_processes=processes + self._chain_processes(in_cgroup=True), max_memory_bytes=memory
+                    )
                 except OSError as exc:
                     raise SpawnFailed(f"the sandbox's cgroups could not be set up: {exc}") from None
                 args = join_command(procs, args)
@@ -474,7 +476,8 @@ class Sandbox:
         self, command: str, env: dict[str, str], bounds: ProcessLimits | None, *, processes: int, memory: int
     ) -> list[str]:
         """The chain inside the sandbox: signal defaults, limits, then the command with ``env`` alone."""
-        limits = [self.tools.prlimit, f"--nproc={processes}", f"--data={memory}"]
+        nproc = processes + self._chain_processes(in_cgroup=False)
+        limits = [self.tools.prlimit, f"--nproc={nproc}", f"--data={memory}"]
         if bounds is not None and bounds.cpu_seconds is not None:
             limits.append(f"--cpu={bounds.cpu_seconds}:{bounds.cpu_seconds + CPU_GRACE_S}")
         assignments = [f"{name}={value}" for name, value in {**self._proxy_env(), **env}.items()]
@@ -484,6 +487,12 @@ class Sandbox:
         if self._env_resets_signals:
             return [self.tools.env, "--default-signal", *chain]
         return [self._python, "-I", "-S", "-c", _LAUNCHER, "", "0", *chain]
+
+    def _chain_processes(self, *, in_cgroup: bool) -> int:
+        """Processes of the launch chain that live beside the command, which a bound must not count against
+        the caller's ``processes``: bwrap's init in the sandbox's user namespace, the outer bwrap too in its
+        cgroup, and the proxy bridge where there is one."""
+        return 1 + (1 if in_cgroup else 0) + (1 if self.proxy_socket is not None else 0)
 
     def _prepare(self) -> Callable[[], None] | None:
         """Only where ``env`` cannot ignore signals: a preexec_fn makes Python fork instead of vfork,
