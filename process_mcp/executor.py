@@ -44,7 +44,7 @@ from .registry import ManagedProcess, ProcessRegistry
 from .signals import NON_TERMINATING, parse_signal
 from .stats import STATS_MAX_AGE_S, TreeSample, sample_tree
 from .terminal import strip_escapes
-from .waiting import OUTPUT_SETTLE_S, Progress, Wait, text_since, wait_exit, wait_on
+from .waiting import MATCH_THREADS, OUTPUT_SETTLE_S, Progress, Wait, text_since, wait_exit, wait_on
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ class ProcessExecutor(ABC):
         """Called once for each process that has exited and whose output is closed (e.g. to audit it)."""
         self._lifetimes: dict[str, asyncio.TimerHandle] = {}  # ends each process at the maximum lifetime
         self._expiring: set[asyncio.Task[None]] = set()
+        self._searches: anyio.CapacityLimiter | None = None  # made on the event loop, at the first wait
 
     async def start(self) -> None:
         """Prepare the backend (e.g. the container); called once before the first spawn."""
@@ -140,7 +141,7 @@ class ProcessExecutor(ABC):
                 self._in_background(self._watch_limits(record, options.limits))
         wait_result = None
         if wait is not None:
-            wait_result = await wait_on(record, wait, (0, 0), progress)
+            wait_result = await wait_on(record, wait, (0, 0), progress, limiter=self._search_limiter())
         elif not options.background and await wait_exit(record, timeout_s, progress):
             await record.wait(OUTPUT_SETTLE_S, output=True)
         return SpawnResult(
@@ -178,7 +179,7 @@ class ProcessExecutor(ABC):
         await self._handle(record).write(data)
         if wait is None:
             return StdinResult(pid=record.pid, bytes_sent=len(data), **_cursors(record), **record.state())
-        wait_result = await wait_on(record, wait, start, progress)
+        wait_result = await wait_on(record, wait, start, progress, limiter=self._search_limiter())
         complete = not record.lingering
         stdout, _ = text_since(record.stdout, start[0], record.tty, complete=complete)
         stderr, _ = text_since(record.stderr, start[1], False, complete=complete)
@@ -235,7 +236,8 @@ class ProcessExecutor(ABC):
         wait = self._requested_wait(wait_for, idle_ms, wait_ms, until_exit=until_exit)
         wait_result = None
         if wait is not None:
-            wait_result = await wait_on(record, wait, (record.stdout.total, record.stderr.total), progress)
+            start = (record.stdout.total, record.stderr.total)
+            wait_result = await wait_on(record, wait, start, progress, limiter=self._search_limiter())
         complete = not record.lingering
         dropped = 0
         if since is not None:
@@ -476,6 +478,12 @@ class ProcessExecutor(ABC):
         if pattern is None and idle_s is None and wait_ms is None and not until_exit:
             return None
         return Wait(timeout_s, pattern, idle_s, any_output=pattern is None and idle_s is None and not until_exit)
+
+    def _search_limiter(self) -> anyio.CapacityLimiter:
+        """Bounds the pattern searches this executor's waits run at once (see ``waiting``)."""
+        if self._searches is None:
+            self._searches = anyio.CapacityLimiter(MATCH_THREADS)
+        return self._searches
 
     async def _screen_or_tail(self, record: ManagedProcess) -> str:
         if record.terminal is not None:

@@ -43,7 +43,7 @@ from ..models import (
 )
 from ..policy.audit import monotonic_ms
 from ..registry import unknown_process
-from ..waiting import Progress
+from ..waiting import MATCH_TIMEOUT_S, MAX_PATTERN_CHARS, Progress
 from .spaces import Spaces
 from .stdio import loop_stdio
 
@@ -122,8 +122,10 @@ cursor of the previous reply) returns only new output, and with untilExit waits 
 WaitFor = Annotated[
     str | None,
     Field(
+        max_length=MAX_PATTERN_CHARS,
         description="Regular expression (Python syntax, multiline): return as soon as output produced during this "
-        "call matches it (for a tty, the text without escape sequences). waitResult says matched, exited or timeout."
+        "call matches it (for a tty, the text without escape sequences). waitResult says matched, exited or timeout. "
+        f"A search may take {MATCH_TIMEOUT_S:g} s: keep it plain (no nested quantifiers such as (a+)+).",
     ),
 ]
 IdleMs = Annotated[

@@ -1,0 +1,118 @@
+"""One caller cannot freeze the server for everyone: nothing a call sends, or makes its processes print,
+holds up the event loop. Each attack froze the server for 8 s or more before its fix; here ps keeps
+answering while it runs, and the legitimate use next to it keeps working. Driven through the real tools,
+in memory and over HTTP (another principal's ps)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TypeVar
+
+import anyio
+import pytest
+from mcp import Client
+
+from process_mcp import ProcessMcpServer, create_process_mcp
+from process_mcp.config import ProcessMcpConfig
+
+from .conftest import host_config
+from .helpers import call, error
+
+pytestmark = pytest.mark.anyio
+
+_T = TypeVar("_T")
+
+LIVELY_S = 3.0
+"""Longest a ps may be held up while an attack runs: generous, where each attack used to freeze it 8 s or more."""
+PS_EVERY_S = 0.05
+"""Pause between the ps calls made while an attack runs."""
+ATTACK_BOUND_S = 60.0
+"""Bound on one attack and the ps calls around it (a frozen loop shows up as a slow ps, not as this)."""
+
+A_LINE = "a" * 28
+"""The issue's line: ``^(a+)+b$`` backtracks over it for 8-17 s in Python's ``re``."""
+
+
+async def slowest_ps_during(client: Client, attack: Callable[[], Awaitable[_T]]) -> tuple[float, _T]:
+    """Run ``attack`` while calling ps every PS_EVERY_S; the longest a ps (or the pause before the next) was
+    held up beyond its own time, and what the attack returned."""
+    result: list[_T] = []
+    slowest = 0.0
+    done = anyio.Event()
+
+    async def run_attack() -> None:
+        result.append(await attack())
+        done.set()
+
+    with anyio.fail_after(ATTACK_BOUND_S):
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(run_attack)
+            while not done.is_set():
+                began = time.monotonic()
+                await call(client, "ps", {})
+                await anyio.sleep(PS_EVERY_S)
+                slowest = max(slowest, time.monotonic() - began - PS_EVERY_S)
+    return slowest, result[0]
+
+
+@asynccontextmanager
+async def connected(config: ProcessMcpConfig) -> AsyncIterator[Client]:
+    """An in-memory MCP client of a server made from ``config``."""
+    mcp: ProcessMcpServer = await create_process_mcp(config)
+    async with mcp, Client(mcp.server, read_timeout_seconds=ATTACK_BOUND_S) as client:
+        yield client
+
+
+@pytest.fixture
+async def client(tmp_path: Path) -> AsyncIterator[Client]:
+    async with connected(host_config(tmp_path)) as client:
+        yield client
+
+
+# waitFor patterns.
+
+
+# Each backtracks for seconds in Python's ``re``; the second also in the ``regex`` module, where the
+# first is answered at once.
+@pytest.mark.parametrize(("pattern", "line"), [("^(a+)+b$", A_LINE), ("(a|aa)+$", "a" * 36)])
+async def test_a_catastrophic_wait_for_pattern_leaves_ps_answering_and_its_process_running(
+    client: Client, pattern: str, line: str
+) -> None:
+    command = f"echo {line}!; sleep 300"
+    slowest, reply = await slowest_ps_during(
+        client,
+        lambda: client.call_tool("spawn", {"command": command, "waitFor": pattern, "timeoutMs": 2000}),
+    )
+    assert slowest < LIVELY_S, f"ps was held up {slowest:.1f} s while {pattern!r} was searched"
+    text = reply.content[0].text  # type: ignore[union-attr]
+    if reply.is_error:  # refused as too costly, the process left running
+        assert text.startswith("invalid_input: "), text
+        assert "too costly" in text, text
+        assert "nested quantifiers" in text.lower(), text
+        assert "host-1 keeps running" in text, text
+    else:  # or searched quickly without a match, until the timeout
+        assert reply.structured_content is not None
+        assert reply.structured_content["waitResult"] == "timeout", text
+    [process] = (await call(client, "ps", {}))["processes"]
+    assert process["status"] == "running"
+    await call(client, "kill", {"id": process["pid"], "signal": "KILL"})
+
+
+async def test_an_ordinary_wait_for_pattern_still_matches_next_to_a_costly_line(client: Client) -> None:
+    started = await call(
+        client,
+        "spawn",
+        {"command": f"echo {A_LINE}!; echo 'Listening on port 8080'; sleep 300", "waitFor": r"port \d+$"},
+    )
+    assert started["waitResult"] == "matched"
+    assert started["status"] == "running"
+    await call(client, "kill", {"id": started["pid"], "signal": "KILL"})
+
+
+async def test_a_pattern_longer_than_the_limit_is_refused_saying_the_limit(client: Client) -> None:
+    refused = await error(client, "spawn", {"command": "true", "waitFor": "a" * 5000})
+    assert refused.startswith("invalid_input: "), refused
+    assert "1024" in refused, refused
