@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import pytest
@@ -116,3 +116,51 @@ async def test_a_pattern_longer_than_the_limit_is_refused_saying_the_limit(clien
     refused = await error(client, "spawn", {"command": "true", "waitFor": "a" * 5000})
     assert refused.startswith("invalid_input: "), refused
     assert "1024" in refused, refused
+
+
+# Terminal rendering.
+
+
+async def spawn_and_read(client: Client, command: str, ready: str) -> tuple[float, dict[str, Any], dict[str, Any]]:
+    """Spawn ``command`` in a terminal until it prints ``ready``, then read its screen: how long the two
+    calls took, and their replies."""
+    began = time.monotonic()
+    started = await call(client, "spawn", {"command": command, "tty": True, "waitFor": ready})
+    shown = await call(client, "stdout", {"id": started["pid"]})
+    return time.monotonic() - began, started, shown
+
+
+# 4 KiB of DECALN (ESC # 8) is the issue's instance (8-10 s of pyte); 64 KiB runs past the render budget;
+# reverse video on and off rewrote every cell of the (filled) screen in pyte.
+@pytest.mark.parametrize(
+    ("sequence", "count"),
+    [("\\033#8", 1365), ("\\033#8", 21845), ("\\033[?5h\\033[?5l", 1600)],
+    ids=["DECALN 4 KiB", "DECALN 64 KiB", "reverse video 16 KiB"],
+)
+async def test_a_terminal_flooded_with_screen_wide_sequences_is_answered_within_seconds(
+    client: Client, sequence: str, count: int
+) -> None:
+    command = f"printf '\\033#8'; printf '{sequence}%.0s' $(seq {count}); echo; echo FLOODED; sleep 300"
+    slowest, (took, started, shown) = await slowest_ps_during(
+        client, lambda: spawn_and_read(client, command, "FLOODED")
+    )
+    assert slowest < LIVELY_S, f"ps was held up {slowest:.1f} s"
+    assert took < LIVELY_S, f"spawn and stdout took {took:.1f} s"
+    assert started["waitResult"] == "matched"
+    assert "FLOODED" in shown["stdout"]
+    screen = shown["stdout"].splitlines()
+    if screen[0].startswith("[terminal not rendered"):  # past the budget: the text instead, saying so
+        assert "took more than" in screen[0]
+        assert screen[-1] == "FLOODED"
+    await call(client, "kill", {"id": started["pid"], "signal": "KILL"})
+
+
+async def test_a_full_screen_programs_frames_still_render(client: Client) -> None:
+    frames = (
+        "for i in $(seq 300); do printf '\\033[H\\033[2J\\033[1;32mframe %s\\033[0m\\r\\n\\033[5;10Hstatus: ok %s' "
+        "$i $i; done; sleep 300"
+    )
+    _, started, shown = await spawn_and_read(client, frames, "ok 300")
+    assert started["waitResult"] == "matched"
+    assert shown["stdout"].splitlines() == ["frame 300", "", "", "", "         status: ok 300"]
+    await call(client, "kill", {"id": started["pid"], "signal": "KILL"})
