@@ -26,6 +26,11 @@ from .escapes import decode_input
 from .handle import ProcessHandle
 from .models import (
     DEFAULT_LINES,
+    MAX_COMMAND_BYTES,
+    MAX_ENV_BYTES,
+    MAX_ENV_VARS,
+    MAX_INPUT_CHARS,
+    MAX_PATH_BYTES,
     OUTPUT_TRUNCATE,
     TERMINAL_COLS,
     TERMINAL_ROWS,
@@ -172,6 +177,11 @@ class ProcessExecutor(ABC):
         ProcessTerminated, InvalidInput for a bad escape or wait, StdinFailed.
         """
         record = self._registry.get(pid)
+        if len(input) > MAX_INPUT_CHARS:
+            raise InvalidInput(
+                f"input is {len(input)} characters, more than the {MAX_INPUT_CHARS} one stdin call may send; "
+                "send it in several calls"
+            )
         data = decode_input(input)
         wait = self._requested_wait(wait_for, idle_ms, wait_ms)
         self._require_running(record, "take input")
@@ -421,13 +431,20 @@ class ProcessExecutor(ABC):
         if not command.strip():
             raise InvalidInput("command is empty; pass a shell command line such as 'ls -la'")
         _no_nul("command", command)
+        _at_most(
+            "command", command, MAX_COMMAND_BYTES, "the kernel's limit on one argument; put a long script in a file"
+        )
         cwd = self.workdir
         if options.cwd is not None:
             _no_nul("cwd", options.cwd)
             if not options.cwd.strip():
                 raise InvalidInput("cwd is empty; pass a directory path or omit cwd to use the default")
+            _at_most("cwd", options.cwd, MAX_PATH_BYTES, "the kernel's limit on a path")
             cwd = posixpath.normpath(posixpath.join(cwd, options.cwd))
         env = dict(options.env or {})
+        if len(env) > MAX_ENV_VARS:
+            raise InvalidInput(f"env sets {len(env)} variables, more than the {MAX_ENV_VARS} a spawn may set")
+        _at_most("env", "".join(env) + "".join(env.values()), MAX_ENV_BYTES, "names and values together")
         for name, value in env.items():
             if not _ENV_NAME.match(name):
                 raise InvalidInput(
@@ -575,6 +592,12 @@ async def _wait_all(records: list[ManagedProcess], timeout_s: float) -> None:
     with anyio.move_on_after(timeout_s):
         for record in records:
             await record.wait(timeout_s, output=True)
+
+
+def _at_most(what: str, value: str, limit: int, why: str) -> None:
+    size = len(value.encode("utf-8", "surrogateescape"))
+    if size > limit:
+        raise InvalidInput(f"{what} is {size} bytes, more than the {limit} it may have ({why})")
 
 
 def _no_nul(what: str, value: str) -> None:

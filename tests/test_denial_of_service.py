@@ -16,7 +16,16 @@ import pytest
 from mcp import Client
 
 from process_mcp import ProcessMcpServer, create_process_mcp
-from process_mcp.config import ProcessMcpConfig
+from process_mcp.config import PolicyConfig, ProcessMcpConfig
+from process_mcp.models import (
+    MAX_COMMAND_BYTES,
+    MAX_ENV_BYTES,
+    MAX_ENV_VARS,
+    MAX_ID_CHARS,
+    MAX_INPUT_CHARS,
+    MAX_PATH_BYTES,
+)
+from process_mcp.policy.command import MAX_CHECKED_BYTES
 
 from .conftest import host_config
 from .helpers import call, error
@@ -164,3 +173,66 @@ async def test_a_full_screen_programs_frames_still_render(client: Client) -> Non
     assert started["waitResult"] == "matched"
     assert shown["stdout"].splitlines() == ["frame 300", "", "", "", "         status: ok 300"]
     await call(client, "kill", {"id": started["pid"], "signal": "KILL"})
+
+
+# The command policy, and the size of every request field.
+
+
+@pytest.fixture
+async def policed(tmp_path: Path) -> AsyncIterator[Client]:
+    config = host_config(tmp_path)
+    config.policy = PolicyConfig(command_allow=["echo", "sleep", "true"])
+    async with connected(config) as client:
+        yield client
+
+
+async def test_a_normal_command_passes_the_policy_and_a_denied_one_is_refused(policed: Client) -> None:
+    ran = await call(policed, "spawn", {"command": "echo ok | sleep 0; true && echo done"})
+    assert ran["stdout"] == "done\n"
+    longest = "echo " + "x" * (MAX_CHECKED_BYTES - 5)  # the longest line a policy checks still runs
+    assert (await call(policed, "spawn", {"command": longest}))["stdout"] == longest[5:] + "\n"
+    refused = await error(policed, "spawn", {"command": "echo ok | cat"})
+    assert refused.startswith("policy_denied: 'cat' is not in PROCESS_COMMAND_ALLOW"), refused
+
+
+# The instance: 2.9 MB froze the loop 14-15 s in the parser; 16 KiB of a malformed pipeline
+# takes tree-sitter's error recovery seconds (with the GIL held).
+@pytest.mark.parametrize(
+    ("command", "refusal"),
+    [
+        ("echo " + "a " * 1_450_000, str(MAX_COMMAND_BYTES)),
+        ("|true | " * 2047, f"may be at most {MAX_CHECKED_BYTES} bytes"),
+    ],
+    ids=["2.9 MB", "16 KiB of broken pipeline"],
+)
+async def test_a_command_costly_to_check_is_refused_and_ps_keeps_answering(
+    policed: Client, command: str, refusal: str
+) -> None:
+    slowest, reply = await slowest_ps_during(policed, lambda: policed.call_tool("spawn", {"command": command}))
+    assert slowest < LIVELY_S, f"ps was held up {slowest:.1f} s while a command was checked"
+    assert reply.is_error
+    text = reply.content[0].text  # type: ignore[union-attr]
+    assert text.startswith("invalid_input: "), text[:300]
+    assert refusal in text, text[:300]
+
+
+@pytest.mark.parametrize(
+    ("tool", "arguments", "limit"),
+    [
+        ("spawn", {"command": "true", "cwd": "d/" * 2100}, MAX_PATH_BYTES),
+        ("spawn", {"command": "true", "env": {f"V{i}": "" for i in range(MAX_ENV_VARS + 1)}}, MAX_ENV_VARS),
+        ("spawn", {"command": "true", "env": {"BIG": "x" * MAX_ENV_BYTES}}, MAX_ENV_BYTES),
+        ("stdin", {"id": "host-1", "input": "\\n" * MAX_INPUT_CHARS}, MAX_INPUT_CHARS),
+        ("stdout", {"id": "host-" + "1" * 100}, MAX_ID_CHARS),
+        ("spawn", {"command": "echo " + "é" * (MAX_COMMAND_BYTES // 2)}, MAX_COMMAND_BYTES),
+    ],
+    ids=["cwd", "env count", "env size", "stdin input", "id", "command in bytes"],
+)
+async def test_every_request_field_has_a_maximum_that_the_refusal_names(
+    client: Client, tool: str, arguments: dict[str, Any], limit: int
+) -> None:
+    await call(client, "spawn", {"command": "sleep 300", "background": True})
+    refused = await error(client, tool, arguments)
+    assert refused.startswith("invalid_input: "), refused[:300]
+    assert str(limit) in refused, refused[:300]
+    await call(client, "kill", {"id": "host-1", "signal": "KILL"})
