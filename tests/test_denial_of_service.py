@@ -5,6 +5,7 @@ in memory and over HTTP (another principal's ps)."""
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -29,6 +30,7 @@ from process_mcp.policy.command import MAX_CHECKED_BYTES
 
 from .conftest import host_config
 from .helpers import call, error
+from .http_server import http_server, mcp_client, write_tokens
 
 pytestmark = pytest.mark.anyio
 
@@ -236,3 +238,36 @@ async def test_every_request_field_has_a_maximum_that_the_refusal_names(
     assert refused.startswith("invalid_input: "), refused[:300]
     assert str(limit) in refused, refused[:300]
     await call(client, "kill", {"id": "host-1", "signal": "KILL"})
+
+
+# Over HTTP: one principal's attack, another principal's ps.
+
+ALICE = "alice-" + secrets.token_hex(16)
+BOB = "bob-" + secrets.token_hex(16)
+ATTACKS = {
+    "waitFor": {"command": f"echo {A_LINE}!; sleep 300", "waitFor": "^(a+)+b$", "timeoutMs": 2000},
+    "terminal": {"command": "printf '\\033#8%.0s' $(seq 1365); echo; echo FLOODED; sleep 300", "tty": True,
+                 "waitFor": "FLOODED"},
+    "policy": {"command": "echo " + "a " * 1_450_000},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("attack", ATTACKS.values(), ids=ATTACKS.keys())
+async def test_another_principals_ps_over_http_keeps_answering_during_an_attack(
+    tmp_path: Path, attack: dict[str, Any]
+) -> None:
+    workspaces = tmp_path / "workspaces"
+    workspaces.mkdir()
+    tokens = write_tokens(tmp_path / "tokens", {"alice": ALICE, "bob": BOB})
+    settings = {"PROCESS_AUTH_TOKENS_FILE": str(tokens), "PROCESS_COMMAND_ALLOW": "echo,sleep,printf,seq"}
+    async with (
+        http_server(workspaces, **settings) as server,
+        mcp_client(server.url, ALICE) as alice,
+        mcp_client(server.url, BOB) as bob,
+    ):
+        await call(bob, "spawn", {"command": "echo bob is here"})
+        slowest, _ = await slowest_ps_during(bob, lambda: alice.call_tool("spawn", attack))
+        assert slowest < LIVELY_S, f"bob's ps was held up {slowest:.1f} s"
+        for process in (await call(alice, "ps", {}))["processes"]:
+            if process["status"] == "running":
+                await call(alice, "kill", {"id": process["pid"], "signal": "KILL"})
