@@ -33,6 +33,21 @@ WaitResult = Literal["matched", "idle", "exited", "timeout"]
 SINCE_MAX_BYTES = 64 * 1024
 """Most bytes of each stream a ``since`` read returns (the newest); what it skips is counted."""
 
+# Bounds on what one request may carry; each is also in the tools' input schemas.
+MAX_COMMAND_BYTES = 128 * 1024 - 1
+"""Longest command line: the kernel's limit on one argument (MAX_ARG_STRLEN, less its NUL); a longer one
+could never start."""
+MAX_PATH_BYTES = 4095
+"""Longest cwd: the kernel's PATH_MAX, less its NUL."""
+MAX_ENV_VARS = 1024
+"""Most environment variables one spawn may set."""
+MAX_ENV_BYTES = 128 * 1024
+"""Most bytes of environment (names and values) one spawn may set; they travel as arguments."""
+MAX_INPUT_CHARS = 64 * 1024
+"""Longest stdin input per call; longer text goes in several calls (a terminal takes 4 KiB at a time anyway)."""
+MAX_ID_CHARS = 64
+"""Longest process id a call may name (ids are like 'host-12')."""
+
 
 CPU_GRACE_S = 5
 """CPU seconds between a cpuSeconds limit's SIGXCPU and the kernel's SIGKILL (for a process that catches it)."""
@@ -63,9 +78,15 @@ class ProcessLimits(_Wire):
 class SpawnOptions(_Wire):
     """What to run and how."""
 
-    command: str = Field(description="Shell command line, run with /bin/sh -c.")
-    cwd: str | None = Field(None, description="Working directory; defaults to the configured workdir.")
-    env: dict[str, str] | None = Field(None, description="Variables set over the server's environment.")
+    command: str = Field(description=f"Shell command line, run with /bin/sh -c; at most {MAX_COMMAND_BYTES} bytes.")
+    cwd: str | None = Field(
+        None, description=f"Working directory; defaults to the configured workdir; at most {MAX_PATH_BYTES} bytes."
+    )
+    env: dict[str, str] | None = Field(
+        None,
+        description=f"Variables set over the server's environment; at most {MAX_ENV_VARS}, of {MAX_ENV_BYTES} "
+        "bytes in all.",
+    )
     tty: bool = Field(False, description="Run in a real pseudo-terminal (120x30).")
     background: bool = Field(False, description="Return at once instead of waiting for exit.")
     timeout_ms: int | None = Field(

@@ -31,6 +31,11 @@ from ..errors import ProcessMcpError
 from ..executor import ProcessExecutor
 from ..models import (
     DEFAULT_LINES,
+    MAX_COMMAND_BYTES,
+    MAX_ENV_VARS,
+    MAX_ID_CHARS,
+    MAX_INPUT_CHARS,
+    MAX_PATH_BYTES,
     ExitState,
     KillResult,
     ProcessLimits,
@@ -42,8 +47,9 @@ from ..models import (
     StdinResult,
 )
 from ..policy.audit import monotonic_ms
+from ..policy.command import MAX_CHECKED_BYTES
 from ..registry import unknown_process
-from ..waiting import Progress
+from ..waiting import MATCH_TIMEOUT_S, MAX_PATTERN_CHARS, Progress
 from .spaces import Spaces
 from .stdio import loop_stdio
 
@@ -122,8 +128,10 @@ cursor of the previous reply) returns only new output, and with untilExit waits 
 WaitFor = Annotated[
     str | None,
     Field(
+        max_length=MAX_PATTERN_CHARS,
         description="Regular expression (Python syntax, multiline): return as soon as output produced during this "
-        "call matches it (for a tty, the text without escape sequences). waitResult says matched, exited or timeout."
+        "call matches it (for a tty, the text without escape sequences). waitResult says matched, exited or timeout. "
+        f"A search may take {MATCH_TIMEOUT_S:g} s: keep it plain (no nested quantifiers such as (a+)+).",
     ),
 ]
 IdleMs = Annotated[
@@ -152,6 +160,11 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
     default_cwd = spaces.local.executor.workdir if config.service.transport == "stdio" else "your workspace"
 
     audit = spaces.audit
+    policy_note = (
+        f"; with the operator's command policy, at most {MAX_CHECKED_BYTES} bytes"
+        if config.policy.command_allow or config.policy.command_deny
+        else ""
+    )
 
     def tool(annotations: ToolAnnotations | None = None) -> Callable[[_F], _F]:
         """Register a tool whose description is its docstring without the code's indentation, which the
@@ -222,10 +235,20 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
 
     @tool(ToolAnnotations(destructive_hint=True, open_world_hint=True))
     async def spawn(
-        command: Annotated[str, Field(description="Shell command line, run with /bin/sh -c.")],
-        cwd: Annotated[str | None, Field(description=f"Working directory (default {default_cwd}).")] = None,
+        command: Annotated[
+            str,
+            Field(
+                max_length=MAX_COMMAND_BYTES,
+                description=f"Shell command line, run with /bin/sh -c; at most {MAX_COMMAND_BYTES} bytes (put longer "
+                f"scripts in a file){policy_note}.",
+            ),
+        ],
+        cwd: Annotated[
+            str | None, Field(max_length=MAX_PATH_BYTES, description=f"Working directory (default {default_cwd}).")
+        ] = None,
         env: Annotated[
-            dict[str, str] | None, Field(description="Environment variables to set for this command.")
+            dict[str, str] | None,
+            Field(max_length=MAX_ENV_VARS, description="Environment variables to set for this command."),
         ] = None,
         tty: Annotated[
             bool, Field(description="Run in a real 120x30 terminal: for REPLs, prompts, full-screen apps.")
@@ -305,13 +328,15 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
 
     @tool()
     async def stdin(
-        id: Annotated[str, Field(description="Process id from spawn or ps, e.g. 'host-1'.")],
+        id: Annotated[str, Field(max_length=MAX_ID_CHARS, description="Process id from spawn or ps, e.g. 'host-1'.")],
         input: Annotated[
             str,
             Field(
-                description="Text to send. Escapes: \\n newline, \\r carriage return (Enter in a tty), "
+                max_length=MAX_INPUT_CHARS,
+                description=f"Text to send, at most {MAX_INPUT_CHARS} characters (send more in several calls). "
+                "Escapes: \\n newline, \\r carriage return (Enter in a tty), "
                 "\\t tab, \\xHH a byte (\\x03 is Ctrl-C, \\x04 Ctrl-D, \\x1b Escape), \\uHHHH a "
-                "character, \\\\ a backslash."
+                "character, \\\\ a backslash.",
             ),
         ],
         waitFor: WaitFor = None,
@@ -342,7 +367,7 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
 
     @tool(ToolAnnotations(read_only_hint=True))
     async def stdout(
-        id: Annotated[str, Field(description="Process id from spawn or ps, e.g. 'host-1'.")],
+        id: Annotated[str, Field(max_length=MAX_ID_CHARS, description="Process id from spawn or ps, e.g. 'host-1'.")],
         lines: Annotated[
             int, Field(ge=1, le=MAX_LINES, description="How many of the last lines to return.")
         ] = DEFAULT_LINES,
@@ -397,7 +422,7 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
 
     @tool(ToolAnnotations(destructive_hint=True))
     async def kill(
-        id: Annotated[str, Field(description="Process id from spawn or ps, e.g. 'host-1'.")],
+        id: Annotated[str, Field(max_length=MAX_ID_CHARS, description="Process id from spawn or ps, e.g. 'host-1'.")],
         signal: Annotated[
             str,
             Field(description="Signal name, SIG prefix optional: TERM, KILL, INT, HUP, QUIT, USR1, USR2, STOP, CONT"),
