@@ -67,7 +67,10 @@ async def test_spawn_replies_with_structured_content_and_readable_text(client: C
         "cursor": 4,
         "stderrCursor": 4,
     }  # fields without a value (signal, limit, waitResult) are left out
-    expected = f"host-1: terminated (exit code 3), {CONFINEMENT}\n--- stdout ---\nout\n\n--- stderr ---\nerr\n"
+    expected = (
+        f"host-1: terminated (exit code 3), {CONFINEMENT}\ncursor: 4, stderrCursor: 4\n"
+        "--- stdout ---\nout\n\n--- stderr ---\nerr\n"
+    )
     assert text_of(result) == expected
 
 
@@ -191,3 +194,30 @@ async def test_tool_descriptions_read_as_prose_without_the_code_indentation(clie
         assert not [line for line in tool.description.splitlines() if line.startswith(" ")], tool.name
     spawn = next(tool for tool in (await client.list_tools()).tools if tool.name == "spawn")
     assert "waitFor" in spawn.input_schema["properties"]["background"]["description"]
+
+
+async def test_pythons_output_in_a_pipe_reaches_wait_for_and_a_silent_wait_says_why(client: Client) -> None:
+    # Python block-buffers a pipe: without PYTHONUNBUFFERED a server's "ready" line waits for a full buffer.
+    server = "import time; print('Serving HTTP on port 8000', flush=False); time.sleep(30)"
+    ready = await client.call_tool(
+        "spawn", {"command": f'python3 -c "{server}"', "waitFor": "Serving HTTP", "timeoutMs": 5000}
+    )
+    assert ready.structured_content is not None
+    assert ready.structured_content["waitResult"] == "matched", text_of(ready)
+    text = text_of(ready)
+    assert f"cursor: {ready.structured_content['cursor']}" in text  # the spawn reply's text can continue too
+    await call(client, "kill", {"id": ready.structured_content["pid"], "signal": "KILL"})
+    # A program that buffers anyway (here told to): the timed-out wait says why nothing came, and what to do.
+    held = await client.call_tool(
+        "spawn",
+        {
+            "command": f'python3 -c "{server}"',
+            "env": {"PYTHONUNBUFFERED": ""},
+            "waitFor": "Serving HTTP",
+            "timeoutMs": 1000,
+        },
+    )
+    assert held.structured_content is not None
+    assert held.structured_content["waitResult"] == "timeout"
+    assert "tty: true" in text_of(held)
+    await call(client, "kill", {"id": held.structured_content["pid"], "signal": "KILL"})

@@ -304,7 +304,7 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
             call.pid = result.pid
         label = "screen" if tty else "stdout"
         headline = f"{_headline(result.pid, result)}, {_confinement(result.sandboxed)}{_waited(result)}"
-        text = f"{headline}\n{_section(label, result.stdout)}"
+        text = f"{headline}\n{_cursor_line(result)}{_held_back(result, tty)}\n{_section(label, result.stdout)}"
         if not tty:
             text += f"\n{_section('stderr', result.stderr)}"
         return _reply(result, text)
@@ -415,7 +415,7 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
             )
         usage = f" ({_usage(result.stats).strip()})" if result.stats is not None else ""
         text = f"{_headline(result.pid, result)}{usage}{_waited(result)}\n{_section('stdout', result.stdout)}"
-        text += f"\n{_section('stderr', result.stderr)}\n{_cursor_line(result)}"
+        text += f"\n{_section('stderr', result.stderr)}\n{_cursor_line(result)}{_held_back(result, False)}"
         if result.dropped:
             text += f" ({result.dropped} bytes after the cursor are no longer available)"
         return _reply(result, text)
@@ -573,7 +573,18 @@ def _waited(result: SpawnResult | StdinResult | ProcessOutput) -> str:
     return "" if result.wait_result is None else f"; wait ended: {result.wait_result}"
 
 
-def _cursor_line(result: StdinResult | ProcessOutput) -> str:
+def _held_back(result: SpawnResult | ProcessOutput, tty: bool) -> str:
+    """Why a wait on a pipe may have seen nothing: programs buffer output that is not a terminal."""
+    if tty or result.wait_result != "timeout" or result.status != "running" or result.cursor or result.stderr_cursor:
+        return ""
+    return (
+        "\nno output yet: a program writing to a pipe may hold its output in a buffer until it has a few KiB or "
+        "exits (C stdio, Python without PYTHONUNBUFFERED, Node's pipes); spawn it with tty: true, or use its own "
+        "flag to flush (python3 -u, stdbuf -oL, grep --line-buffered)"
+    )
+
+
+def _cursor_line(result: SpawnResult | StdinResult | ProcessOutput) -> str:
     return f"cursor: {result.cursor}, stderrCursor: {result.stderr_cursor}"
 
 
