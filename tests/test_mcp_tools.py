@@ -119,12 +119,12 @@ async def test_ps_lists_processes_as_text_and_structure(client: Client) -> None:
         ("spawn", {"command": "true", "env": {"A B": "1"}}, "invalid_input", ["environment variable name"]),
         ("spawn", {"command": "a\u0000b"}, "invalid_input", ["NUL"]),
         ("spawn", {}, "invalid_input", ["command: Field required", "spawn tool's input schema"]),
-        ("spawn", {"command": 42}, "invalid_input", ["command", "valid string"]),
+        ("spawn", {"command": 42}, "invalid_input", ["command must be a string"]),
         ("spawn", {"command": "true", "timeoutMs": -5}, "invalid_input", ["timeoutMs", "greater than or equal to 0"]),
-        ("spawn", {"command": "true", "env": "X=1"}, "invalid_input", ["env", "valid dictionary"]),
+        ("spawn", {"command": "true", "env": "X=1"}, "invalid_input", ["env must be an object"]),
         ("spawn", {"command": "true", "limits": {"memoryMb": 0}}, "invalid_input", ["limits.memoryMb"]),
         ("stdout", {"id": "host-1", "lines": -1}, "invalid_input", ["lines", "greater than or equal to 1"]),
-        ("stdout", {"id": "host-1", "lines": "many"}, "invalid_input", ["lines", "valid integer"]),
+        ("stdout", {"id": "host-1", "lines": "many"}, "invalid_input", ["lines must be an integer"]),
         ("kill", {"id": "host-1", "signal": "SIGFOO"}, "invalid_signal", ["TERM, KILL"]),
         ("stdin", {"id": "host-1"}, "invalid_input", ["input: Field required"]),
         ("run", {"command": "true"}, "invalid_input", ["no tool 'run'", "spawn, ps, stdin, stdout, kill"]),
@@ -221,3 +221,41 @@ async def test_pythons_output_in_a_pipe_reaches_wait_for_and_a_silent_wait_says_
     assert held.structured_content["waitResult"] == "timeout"
     assert "tty: true" in text_of(held)
     await call(client, "kill", {"id": held.structured_content["pid"], "signal": "KILL"})
+
+
+@pytest.mark.parametrize(
+    ("tool", "arguments", "fragment"),
+    [
+        ("kill", {"id": "host-1", "sig": "KILL"}, "kill has no argument 'sig'; did you mean signal?"),
+        ("spawn", {"command": "true", "wait_for": "x"}, "spawn has no argument 'wait_for'; did you mean waitFor?"),
+        ("spawn", {"command": "true", "timeout": 2000}, "spawn has no argument 'timeout'; did you mean timeoutMs?"),
+        (
+            "spawn",
+            {"command": "true", "limits": {"memoryMB": 64}},
+            "spawn has no argument limits.'memoryMB'; did you mean limits.memoryMb?",
+        ),
+        ("spawn", {"command": "true", "tty": "yes"}, "spawn: tty must be true or false, not a string 'yes'"),
+        ("spawn", {"command": "true", "timeoutMs": "1000"}, "timeoutMs must be an integer or null, not a string"),
+        ("spawn", {"command": "true", "env": {"A": 1}}, "spawn: env.A must be a string, not an integer 1"),
+        ("stdout", {"id": "host-1", "lines": 1.5}, "stdout: lines must be an integer, not a number 1.5"),
+        ("ps", {"all": True}, "ps has no argument 'all'"),
+    ],
+)
+async def test_unknown_arguments_and_wrong_json_types_are_refused_naming_the_closest(
+    client: Client, tool: str, arguments: dict[str, Any], fragment: str
+) -> None:
+    result = await client.call_tool(tool, arguments)
+    assert result.is_error
+    text = text_of(result)
+    assert text.startswith("invalid_input: "), text
+    assert fragment in text, text
+    assert result.meta is not None
+    assert result.meta["process-mcp/error"] == {"code": "invalid_input"}
+    assert (await call(client, "ps", {}))["processes"] == []  # nothing was started
+
+
+async def test_every_tool_schema_forbids_arguments_it_does_not_name(client: Client) -> None:
+    for tool in (await client.list_tools()).tools:
+        assert tool.input_schema.get("additionalProperties") is False, tool.name
+        for definition in tool.input_schema.get("$defs", {}).values():
+            assert definition.get("additionalProperties") is False, (tool.name, definition)

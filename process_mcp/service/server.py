@@ -134,6 +134,7 @@ async def create_process_mcp(config: ProcessMcpConfig | None = None) -> ProcessM
             raise
     server = ToolServer("process-mcp", version=version_string(), instructions=INSTRUCTIONS)
     register_tools(server, spaces)
+    server.close_schemas()
     return ProcessMcpServer(server, spaces)
 
 

@@ -27,7 +27,7 @@ from mcp_types import CallToolResult, InputRequiredResult, TextContent, ToolAnno
 from pydantic import BaseModel, Field, ValidationError
 from starlette.authentication import BaseUser
 
-from ..errors import ProcessMcpError
+from ..errors import InvalidInput, ProcessMcpError
 from ..executor import ProcessExecutor
 from ..models import (
     DEFAULT_LINES,
@@ -50,6 +50,7 @@ from ..policy.audit import monotonic_ms
 from ..policy.command import MAX_CHECKED_BYTES
 from ..registry import unknown_process
 from ..waiting import MATCH_TIMEOUT_S, MAX_PATTERN_CHARS, Progress
+from .arguments import check_arguments, close_schema
 from .spaces import Spaces
 from .stdio import loop_stdio
 
@@ -82,9 +83,21 @@ class ToolServer(MCPServer):
                     read_stream, write_stream, self._lowlevel_server.create_initialization_options()
                 )
 
+    def close_schemas(self) -> None:
+        """Publish every tool's input schema with ``additionalProperties: false`` (see ``arguments``)."""
+        for tool in self._tool_manager.list_tools():
+            close_schema(tool.parameters)
+
     async def call_tool(
         self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None
     ) -> CallToolResult | InputRequiredResult:
+        tool = self._tool_manager.get_tool(name)
+        if tool is not None:
+            try:
+                check_arguments(name, tool.parameters, arguments or {})
+            except InvalidInput as exc:
+                logger.info("tool %r failed: %s", name, exc.code)
+                return _failure(exc.code, exc.message)
         try:
             return await super().call_tool(name, arguments, context)
         except UnexpectedToolError:
@@ -92,11 +105,13 @@ class ToolServer(MCPServer):
         except ToolError as exc:
             code, message = _error_of(name, exc)
             logger.info("tool %r failed: %s", name, code)
-            return CallToolResult(
-                content=[TextContent(type="text", text=f"{code}: {message}")],
-                is_error=True,
-                _meta={ERROR_META: {"code": code}},
-            )
+            return _failure(code, message)
+
+
+def _failure(code: str, message: str) -> CallToolResult:
+    return CallToolResult(
+        content=[TextContent(type="text", text=f"{code}: {message}")], is_error=True, _meta={ERROR_META: {"code": code}}
+    )
 
 
 def _error_of(tool: str, exc: ToolError) -> tuple[str, str]:
