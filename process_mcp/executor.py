@@ -21,7 +21,7 @@ import anyio
 
 from .buffer import tail_lines, tail_text
 from .config import ProcessMcpConfig
-from .errors import InvalidInput, ProcessMcpError, ProcessTerminated, TooManyProcesses
+from .errors import InvalidInput, ProcessMcpError, ProcessTerminated, TooManyProcesses, excerpt
 from .escapes import decode_input
 from .handle import ProcessHandle
 from .models import (
@@ -448,7 +448,7 @@ class ProcessExecutor(ABC):
         for name, value in env.items():
             if not _ENV_NAME.match(name):
                 raise InvalidInput(
-                    f"environment variable name {name!r} is invalid; use letters, digits and '_', "
+                    f"environment variable name {excerpt(name)} is invalid; use letters, digits and '_', "
                     "not starting with a digit"
                 )
             _no_nul(f"the value of {name}", value)

@@ -37,7 +37,7 @@ from .buffer import OutputBuffer
 from .cgroups import SandboxCgroups
 from .config import ProcessMcpConfig, default_host_workspace, user_home
 from .environment import child_environment
-from .errors import BackendUnavailable, InvalidConfig, InvalidInput, KillFailed, SpawnFailed, StdinFailed
+from .errors import BackendUnavailable, InvalidConfig, InvalidInput, KillFailed, SpawnFailed, StdinFailed, excerpt
 from .executor import ProcessExecutor
 from .handle import ProcessHandle
 from .models import TERMINAL_COLS, TERMINAL_ROWS, TTY_TERM, LimitName, ProcessLimits
@@ -249,7 +249,7 @@ class HostExecutor(ProcessExecutor):
             return await self._launch_unsandboxed(record, child_env)  # the agent reports a missing cwd
         if not await anyio.Path(record.cwd).is_dir():
             raise InvalidInput(
-                f"cwd {record.cwd!r} does not exist or is not a directory; pass an existing directory "
+                f"cwd {excerpt(record.cwd)} does not exist or is not a directory; pass an existing directory "
                 f"or omit cwd to use {self.workdir}"
             )
         try:
@@ -257,7 +257,7 @@ class HostExecutor(ProcessExecutor):
                 return _PtyHandle(record, await self._start(_start_pty, record, child_env))
             return _PipeHandle(record, await self._start(_start_pipe, record, child_env))
         except OSError as exc:
-            raise SpawnFailed(f"could not start {record.command!r}: {exc.strerror or exc}") from None
+            raise SpawnFailed(f"could not start {excerpt(record.command)}: {exc.strerror or exc}") from None
 
     async def _launch_unsandboxed(self, record: ManagedProcess, env: dict[str, str]) -> ProcessHandle:
         async with self._local_lock:  # started with the first spawn, again after it was lost
@@ -268,7 +268,7 @@ class HostExecutor(ProcessExecutor):
                 try:
                     self._local = await LocalAgent.start("local")
                 except AgentUnavailable as exc:
-                    raise SpawnFailed(f"could not start {record.command!r}: {exc.reason}") from None
+                    raise SpawnFailed(f"could not start {excerpt(record.command)}: {exc.reason}") from None
         return await self._local.connection.spawn(record, env, inherit=False, workdir=self.workdir)
 
     async def _start(

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .buffer import OutputBuffer
-from .errors import ProcessNotFound
+from .errors import ProcessNotFound, excerpt
 from .models import EndedBy, LimitName, ProcessInfo, ProcessLimits, ProcessStats, ProcessStatus, ProcessVia
 from .signals import signal_name
 from .terminal import Terminal
@@ -219,7 +219,7 @@ class ProcessRegistry:
         prefix, _, number = pid.rpartition("-")
         if prefix == self.prefix and number.isdigit() and 0 < int(number) <= self._issued:
             raise ProcessNotFound(
-                f"process {pid!r} ended and was dropped (the newest {self.keep_terminated} finished "
+                f"process {excerpt(pid)} ended and was dropped (the newest {self.keep_terminated} finished "
                 "processes are kept); call ps to list processes"
             )
         raise unknown_process(pid, self.prefix)
@@ -238,4 +238,7 @@ class ProcessRegistry:
 
 def unknown_process(pid: str, prefix: str) -> ProcessNotFound:
     """The error for an id that was never handed out (by a registry whose ids start with ``prefix``)."""
-    return ProcessNotFound(f"no process {pid!r}; ids look like '{prefix}-1'; call ps to list processes")
+    return ProcessNotFound(
+        f"no process {excerpt(pid)}; call ps to list the processes there are (ids look like '{prefix}-<n>', "
+        "as spawn returns them)"
+    )

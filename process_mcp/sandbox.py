@@ -50,7 +50,7 @@ import anyio.to_thread
 from .bounds import HEADROOM_PROCESSES, MIN_SANDBOX_PROCESSES, ServerBounds
 from .cgroups import SandboxCgroups, join_command
 from .config import SandboxConfig
-from .errors import InvalidConfig, InvalidInput, SpawnFailed
+from .errors import InvalidConfig, InvalidInput, SpawnFailed, excerpt
 from .models import CPU_GRACE_S, ProcessLimits
 from .mounts import LinkInPath, MountArgs, PathOpener
 from .proxy import PROXY_PORT, proxy_environment
@@ -232,7 +232,7 @@ class Sandbox:
         """
         if not self.visible(cwd):
             raise InvalidInput(
-                f"cwd {cwd!r} is outside what the sandbox shows; use a directory in the workspace "
+                f"cwd {excerpt(cwd)} is outside what the sandbox shows; use a directory in the workspace "
                 f"({self.workspace}), or add it to SANDBOX_ALLOW_READ (read-only) or SANDBOX_ALLOW_WRITE"
             )
         opener = PathOpener()

@@ -21,7 +21,7 @@ import anyio.to_thread
 import regex
 
 from .buffer import OutputBuffer, decode_utf8
-from .errors import InvalidInput
+from .errors import InvalidInput, excerpt
 from .models import SINCE_MAX_BYTES, WaitResult
 from .registry import ManagedProcess
 from .terminal import strip_escapes
@@ -72,7 +72,7 @@ class Wait:
         try:
             return regex.compile(pattern, regex.MULTILINE)
         except (regex.error, RecursionError, OverflowError) as exc:
-            raise InvalidInput(f"waitFor {pattern!r} is not a valid regular expression: {exc}") from None
+            raise InvalidInput(f"waitFor {excerpt(pattern)} is not a valid regular expression: {exc}") from None
 
 
 class _TooCostly(Exception):

@@ -259,3 +259,12 @@ async def test_every_tool_schema_forbids_arguments_it_does_not_name(client: Clie
         assert tool.input_schema.get("additionalProperties") is False, tool.name
         for definition in tool.input_schema.get("$defs", {}).values():
             assert definition.get("additionalProperties") is False, (tool.name, definition)
+
+
+async def test_errors_quote_a_short_marked_excerpt_of_what_they_were_given(client: Client) -> None:
+    long_cwd = "/nonexistent/" + "d" * 3000
+    text = await error(client, "spawn", {"command": "true", "cwd": long_cwd})
+    assert "d" * 200 not in text
+    assert f"({len(long_cwd)} characters)" in text
+    missing = await error(client, "stdout", {"id": "host-1"})
+    assert missing.count("host-1") == 1, missing  # named once, not also offered as the example
