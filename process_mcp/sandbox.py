@@ -297,7 +297,10 @@ class Sandbox:
             else:
                 self._mount_configured(mounts, path, "SANDBOX_ALLOW_READ", writable=False)
         for path in [*self._hidden, *self._hidden_in_system_trees()]:
-            self._hide(mounts, path)
+            try:
+                self._hide(mounts, path)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # removed since the server looked (a package uninstalled): nothing to hide
         shown = set()
         if self.proxy_socket is not None:
             shown.add(os.path.dirname(self.proxy_socket))

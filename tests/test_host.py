@@ -15,6 +15,7 @@ import pytest
 from process_mcp import HostExecutor, ProcessNotFound, SpawnOptions, StdinFailed, TooManyProcesses
 from process_mcp.config import SandboxConfig
 from process_mcp.host import STATE_DIR_PREFIX
+from process_mcp.models import MAX_INPUT_CHARS
 
 from .conftest import host_config
 from .helpers import (
@@ -130,8 +131,7 @@ async def test_stdin_to_a_process_that_closed_its_input_fails_clearly(host: Host
     await wait_for_output(host, started.pid, "closed")
     if host.sandboxed:
         # bwrap keeps its own copy of the input pipe open, so the pipe has a reader until it fills.
-        with pytest.raises(StdinFailed, match="is not reading its input"):
-            await host.stdin(started.pid, "x" * (1 << 20))
+        await _fill_until_refused(host, started.pid)
         return
     with pytest.raises(StdinFailed, match="no longer accepts input"):
         await host.stdin(started.pid, "hello\\n")
@@ -139,9 +139,15 @@ async def test_stdin_to_a_process_that_closed_its_input_fails_clearly(host: Host
 
 async def test_stdin_to_a_process_that_never_reads_fails_after_a_bounded_wait(host: HostExecutor) -> None:
     started = await host.spawn(SpawnOptions(command="sleep 30", background=True))
-    with pytest.raises(StdinFailed, match="is not reading its input"):
-        await host.stdin(started.pid, "x" * (1 << 20))
+    await _fill_until_refused(host, started.pid)
     assert (await host.get_process(started.pid)).status == "running"
+
+
+async def _fill_until_refused(host: HostExecutor, pid: str) -> None:
+    """Send the largest inputs one call may until the pipe is full: the call that finds it so must fail."""
+    with pytest.raises(StdinFailed, match="is not reading its input"):  # noqa: PT012
+        for _ in range(64):  # a pipe holds at most 1 MiB (Linux's default limit for a user)
+            await host.stdin(pid, "x" * MAX_INPUT_CHARS)
 
 
 async def test_a_missing_executable_is_an_exit_code_not_a_spawn_failure(host: HostExecutor) -> None:

@@ -408,7 +408,7 @@ def root_only_file() -> Iterator[Path]:
     try:
         yield secret
     finally:
-        secret.unlink()
+        secret.unlink(missing_ok=True)
 
 
 async def test_files_in_usr_that_only_root_may_read_are_hidden_from_a_root_servers_sandbox(
@@ -419,3 +419,6 @@ async def test_files_in_usr_that_only_root_may_read_are_hidden_from_a_root_serve
     _, output = await run(executor, f"cat {root_only_file}; cat /usr/bin/env >/dev/null && echo shown")
     assert "root-only" not in output
     assert "shown" in output  # the rest of /usr is there
+    # A hidden file removed since the server looked (a package uninstalled) leaves nothing to hide.
+    await anyio.Path(root_only_file).unlink()
+    assert (await run(executor, "echo still-spawning"))[1] == "still-spawning\n"
