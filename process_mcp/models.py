@@ -28,7 +28,7 @@ ProcessStatus = Literal["running", "terminated"]
 ProcessVia = Literal["host", "agent", "exec"]
 """How a process was started: on the host, through the agent in the container, or as a Docker exec."""
 _VIA = "How it was started: 'host', 'agent' (the agent in the container) or 'exec' (one Docker exec each)."
-WaitResult = Literal["matched", "idle", "exited", "timeout"]
+WaitResult = Literal["matched", "output", "idle", "exited", "timeout"]
 """Why a wait ended: the pattern matched, the output went quiet, the process exited, or time ran out."""
 SINCE_MAX_BYTES = 64 * 1024
 """Most bytes of each stream a ``since`` read returns (the newest); what it skips is counted."""
@@ -121,7 +121,9 @@ class _Progress(_Wire):
     cursor: int = Field(0, description="Bytes of stdout so far; pass it as `since` to read only what follows.")
     stderr_cursor: int = Field(0, description="Bytes of stderr so far; pass it as `stderrSince`.")
     wait_result: WaitResult | None = Field(
-        None, description="Why the wait ended: matched, idle, exited or timeout; absent when nothing was awaited."
+        None,
+        description="Why the wait ended: matched (waitFor), output (new output, for waitMs alone), idle, exited or "
+        "timeout; absent when nothing was awaited.",
     )
 
 

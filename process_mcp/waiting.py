@@ -154,9 +154,10 @@ async def wait_on(
     deadline = began + wait.timeout_s
     next_report = began + PROGRESS_INTERVAL_S
 
+    def any_output() -> bool:
+        return wait.any_output and (record.stdout.total, record.stderr.total) != start
+
     async def matched() -> bool:
-        if wait.any_output and (record.stdout.total, record.stderr.total) != start:
-            return True
         found = False
         for matcher in matchers:  # every matcher advances, even after one has matched
             found = await matcher.search(searches) or found
@@ -171,10 +172,14 @@ async def wait_on(
 
     while True:
         changed = record.changed()
+        if any_output():
+            return "output"
         if await checked():
             return "matched"
         if not record.running:
             await record.wait(OUTPUT_SETTLE_S, output=True)
+            if any_output():
+                return "output"
             return "matched" if await checked() else "exited"
         now = time.monotonic()
         wake = deadline

@@ -161,7 +161,7 @@ WaitMs = Annotated[
     Field(
         ge=0,
         description="Bound on the wait in ms (default: the spawn timeout; capped by the maximum timeout); "
-        "alone, return at the first new output.",
+        "alone, return at the first new output (waitResult output).",
     ),
 ]
 
