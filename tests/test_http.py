@@ -784,6 +784,9 @@ async def test_spawns_beyond_the_rate_limit_are_refused_with_the_time_to_wait(
         mcp_client(server.url, ALICE) as alice,
         mcp_client(server.url, BOB) as bob,
     ):
+        # Spawns that never started (a cwd that is not there, a bad argument) do not count.
+        for _ in range(4):
+            assert "invalid_input" in await error(alice, "spawn", {"command": "true", "cwd": "/nonexistent"})
         for i in range(3):
             assert (await call(alice, "spawn", {"command": f"echo {i}"}))["stdout"] == f"{i}\n"
         refused = await error(alice, "spawn", {"command": "echo 3"})
