@@ -213,9 +213,12 @@ class ProcessExecutor(ABC):
         await _refresh_stats([record], 0.0)
         return record.info()
 
-    async def list_processes(self) -> list[ProcessInfo]:
-        """Every running process and the most recently finished ones, oldest first."""
+    async def list_processes(self, *, stats: bool = False) -> list[ProcessInfo]:
+        """Every running process and the most recently finished ones, oldest first; with ``stats``, each
+        with the resources of its tree (sampled now where the last sample is older than STATS_MAX_AGE_S)."""
         records = list(self._registry)
+        if not stats:
+            return [record.info(stats=False) for record in records]
         await _refresh_stats(records, STATS_MAX_AGE_S)
         return [record.info() for record in records]
 

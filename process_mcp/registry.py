@@ -180,7 +180,7 @@ class ManagedProcess:
             "limit": self.limit,
         }
 
-    def info(self) -> ProcessInfo:
+    def info(self, *, stats: bool = True) -> ProcessInfo:
         return ProcessInfo(
             pid=self.pid,
             command=self.command,
@@ -189,7 +189,7 @@ class ManagedProcess:
             created_at=self.created_at,
             sandboxed=self.sandboxed,
             via=self.via,
-            stats=self.stats,
+            stats=self.stats if stats else None,
             **self.state(),
         )
 

@@ -370,8 +370,8 @@ async def test_a_link_in_one_principals_workspace_never_mounts_anothers(workspac
             refused = await error(bob, "spawn", {"command": attack})
             assert "symbolic link" in refused, refused
             assert "alice-secret" not in refused
-            link = await call(alice, "ps", {})  # alice is unaffected meanwhile
-            assert link["processes"]
+            listed = await call(alice, "ps", {})  # alice is unaffected meanwhile
+            assert listed["processes"]
             for name in (".bashrc", "a/b/.ssh", ".git"):
                 (workspaces / "bob" / name).unlink(missing_ok=True)
         assert alice_file.read_text() == "alice-secret\n"

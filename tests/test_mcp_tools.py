@@ -43,6 +43,8 @@ async def test_the_five_tools_keep_the_original_parameters_and_only_add_optional
     assert stdout["required"] == ["id"]
     assert set(tools["kill"].input_schema["properties"]) == {"id", "signal"}
     assert tools["kill"].input_schema["properties"]["signal"]["default"] == "SIGTERM"
+    assert set(tools["ps"].input_schema["properties"]) == {"stats"}
+    assert "required" not in tools["ps"].input_schema
     for tool in tools.values():
         assert tool.output_schema is not None
         assert tool.description
@@ -268,3 +270,13 @@ async def test_errors_quote_a_short_marked_excerpt_of_what_they_were_given(clien
     assert f"({len(long_cwd)} characters)" in text
     missing = await error(client, "stdout", {"id": "host-1"})
     assert missing.count("host-1") == 1, missing  # named once, not also offered as the example
+
+
+async def test_ps_reports_resources_only_when_asked(client: Client) -> None:
+    started = await call(client, "spawn", {"command": "echo ready; exec sleep 30", "waitFor": "ready"})
+    plain = await call(client, "ps", {})
+    assert [set(p) & {"stats"} for p in plain["processes"]] == [set()]
+    detailed = await call(client, "ps", {"stats": True})
+    (row,) = detailed["processes"]
+    assert row["stats"]["processes"] >= 1, row
+    await call(client, "kill", {"id": started["pid"], "signal": "KILL"})

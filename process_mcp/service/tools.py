@@ -325,14 +325,22 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
         return _reply(result, text)
 
     @tool(ToolAnnotations(read_only_hint=True))
-    async def ps(ctx: Context | None = None) -> Annotated[CallToolResult, ProcessList]:
+    async def ps(
+        stats: Annotated[
+            bool,
+            Field(description="Also each process's resources (CPU, memory, processes of its tree), read from /proc."),
+        ] = False,
+        ctx: Context | None = None,
+    ) -> Annotated[CallToolResult, ProcessList]:
         """List running processes and the most recently finished ones.
 
         Each entry has pid, command, status ("running" or "terminated"), exitCode and signal once
-        finished, cwd, tty, sandboxed, and createdAt. Use it to find ids for stdout, stdin and kill.
+        finished, cwd, tty, sandboxed, and createdAt; with stats: true also what each uses. Use it to find
+        ids for stdout, stdin and kill.
         """
-        async with space(ctx, _Call("ps", {}), create=False) as executor:
-            processes = [] if executor is None else await _call(executor.list_processes())
+        arguments = {"stats": stats} if stats else {}
+        async with space(ctx, _Call("ps", arguments), create=False) as executor:
+            processes = [] if executor is None else await _call(executor.list_processes(stats=stats))
         lines = [
             f"{p.pid}  {_state(p)}  {'tty' if p.tty else 'pipe'}  {_confinement(p.sandboxed)}  {p.created_at}  "
             f"{_usage(p.stats)}cwd={p.cwd}  $ {p.command}"
