@@ -415,9 +415,10 @@ class DockerExecutor(ProcessExecutor):
             except engine.docker_errors() as exc:
                 reason = engine.reason(exc)
         raise BackendUnavailable(
-            f"image {image!r} is not available locally and could not be pulled ({reason}); build one with "
-            "`docker build -t process-mcp:custom -f Dockerfile.custom .` and set DOCKER_IMAGE=process-mcp:custom, "
-            "or set DOCKER_IMAGE to an image you have"
+            f"image {image!r} is not available locally and could not be pulled ({reason}); build one without a "
+            "registry with `scripts/build-box-image.sh process-mcp:custom git` (Debian with python3, as root), or "
+            "with a registry `docker build -t process-mcp:custom -f Dockerfile.custom .`, and set "
+            "DOCKER_IMAGE=process-mcp:custom; or set DOCKER_IMAGE to an image you have"
         )
 
     async def _launch(self, record: ManagedProcess, env: dict[str, str]) -> ProcessHandle:
