@@ -452,6 +452,38 @@ async def test_an_existing_container_works_on_the_first_spawn_in_its_own_working
     assert executor.workdir == expected
 
 
+@pytest.fixture
+def passwordless_image(docker_client: DockerClient) -> Iterator[str]:
+    """The busybox test image without /etc/passwd and /etc/group, as distroless-style and scratch images
+    are: no user has a name there."""
+    name = unique_name("nopasswd").replace("process-mcp-test-", "process-mcp-test/") + ":latest"
+    source = docker_client.containers.create(BUSYBOX_IMAGE, ["true"], labels=TEST_LABELS)
+    try:
+        exported = b"".join(bytes(chunk) for chunk in source.export())
+    finally:
+        source.remove(force=True)
+    stripped = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(exported)) as tar, tarfile.open(fileobj=stripped, mode="w") as out:
+        for member in tar.getmembers():
+            if member.name.lstrip("./") not in ("etc/passwd", "etc/group"):
+                out.addfile(member, tar.extractfile(member) if member.isfile() else None)
+    docker_client.api.import_image_from_data(
+        stripped.getvalue(), repository=name.partition(":")[0], tag="latest", changes=["LABEL process-mcp.test=true"]
+    )
+    try:
+        yield name
+    finally:
+        docker_client.images.remove(name, force=True)
+
+
+async def test_an_image_without_etc_passwd_runs_processes_as_the_numeric_user(
+    made: Made, started: StartExecutor, passwordless_image: str
+) -> None:
+    executor = await started(created_executor(made, image=passwordless_image))
+    result = await executor.spawn(SpawnOptions(command="id -u; id -g; test -w /home/agent && echo home-writable"))
+    assert (result.exit_code, result.stdout.split()) == (0, ["1000", "1000", "home-writable"]), result
+
+
 @pytest.mark.parametrize("fault", ["kill", "stop", "remove"])
 async def test_a_container_lost_behind_the_servers_back_ends_its_processes_and_comes_back(
     engine: DockerClient, made: Made, fault: str, started: StartExecutor

@@ -352,14 +352,17 @@ class DockerExecutor(ProcessExecutor):
             return
         try:
             result = await anyio.to_thread.run_sync(
-                lambda: container.exec_run(["/bin/sh", "-c", _OWN_HOME, "sh", user], user="root", stdin=False)
+                # By number: an image without /etc/passwd has no user named root.
+                lambda: container.exec_run(["/bin/sh", "-c", _OWN_HOME, "sh", user], user="0", stdin=False)
             )
         except engine.docker_errors() as exc:
             raise BackendUnavailable(f"cannot give {DOCKER_WORKDIR} to {user}: {engine.reason(exc)}") from None
         if result.exit_code != 0:
             output = result.output if isinstance(result.output, bytes) else b""
+            said = output.decode(errors="replace").strip() or f"chown exited with code {result.exit_code}"
             raise BackendUnavailable(
-                f"cannot give {DOCKER_WORKDIR} to DOCKER_USER={user}: {output.decode(errors='replace').strip()}"
+                f"cannot give {DOCKER_WORKDIR} to DOCKER_USER={user}: {said}; a user given by name must exist in "
+                "the image's /etc/passwd (give uid:gid numbers otherwise)"
             )
 
     async def _create_container(self, client: DockerClient) -> Container:
