@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ast
 import os
+import pwd
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +19,8 @@ import pytest
 
 from process_mcp.box import protocol
 from process_mcp.box.client import BOOTSTRAP, bootstrap_payload
+
+from .helpers import cannot_run_here
 
 
 def test_frames_split_anywhere_across_reads_come_out_whole_and_in_order() -> None:
@@ -113,16 +117,20 @@ def spawn_frame(channel: int, command: str, **spec: Any) -> bytes:
 
 
 class RawAgent:
-    """The agent started as the server starts it, spoken to frame by frame."""
+    """The agent started as the server starts it (as ``user``, default this process's), spoken to frame by frame."""
 
-    def __init__(self) -> None:
+    def __init__(self, user: int | None = None) -> None:
+        python = sys.executable
+        if user is not None:  # another user may not run this one: the system's, as a box has its own
+            python = shutil.which("python3", path="/usr/bin:/bin") or cannot_run_here("no /usr/bin/python3")
         self.process = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", BOOTSTRAP],
+            [python, "-I", "-S", "-c", BOOTSTRAP],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
             cwd="/",
             start_new_session=True,
+            user=user,
         )
         self.decoder = protocol.Decoder()
         self.backlog: list[tuple[int, int, bytes]] = []
@@ -239,5 +247,29 @@ def test_a_late_signal_for_a_finished_process_misses_the_next_one_under_its_supe
         agent.send(protocol.message(protocol.SIGNAL, 1, seq=1, signal=signal.SIGKILL))
         assert agent.next_of(protocol.SIGNALLED)[0]["sent"] == 0
         assert Path(f"/proc/{sleeper}").exists(), "a signal for a finished process killed the next one"
+    finally:
+        agent.close()
+
+
+def test_the_agent_its_zygote_and_its_supervisors_are_not_dumpable_so_their_user_cannot_reach_them() -> None:
+    """What keeps a process of the agent's own user from tracing them or opening their descriptors (their
+    stream to the server, their stderr) through /proc: not dumpable, their /proc entries are root's. Run
+    as an unprivileged user (nobody, when the tests run as root, which may open anything)."""
+    user = pwd.getpwnam("nobody").pw_uid if os.getuid() == 0 else os.getuid()
+    agent = RawAgent(user)
+    try:
+        assert agent.hello["undumpable"] is True
+        agent.send(spawn_frame(1, "exec sleep 60"))
+        leader = int(agent.next_of(protocol.STARTED)[0]["pid"])
+        supervisor = parent_of(leader)
+        zygote = parent_of(supervisor)
+        assert parent_of(zygote) == agent.process.pid
+        machinery = (agent.process.pid, zygote, supervisor)
+        for pid in machinery:
+            assert Path(f"/proc/{pid}/fd").stat().st_uid == 0, pid
+        assert Path(f"/proc/{leader}/fd").stat().st_uid == user  # the command is dumpable again
+        probe = "; ".join(f"ls /proc/{pid}/fd >/dev/null 2>&1 && echo reached {pid}" for pid in machinery)
+        output, _ = run(agent, 2, f"{probe}; echo probed")
+        assert output == b"probed\n", output
     finally:
         agent.close()

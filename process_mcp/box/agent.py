@@ -22,6 +22,14 @@ Where Python has os.splice and the stream is a pipe, a flood moves from the proc
 stream in the kernel, behind a frame header sized with FIONREAD. Each wake-up reads one bounded chunk
 per ready process, so a chatty process cannot starve another, and the agent reads the stream from the
 server whatever its processes do.
+
+Nothing a process does may reach the agent, its zygote or its supervisors, which are what keep the
+server's view of every process true. They are not dumpable (PR_SET_DUMPABLE 0, set by the bootstrap
+before it reads anything): a process of the same user can neither trace them nor open their
+descriptors through /proc (their stream to the server, their stderr). Where the agent runs as root and
+is told a user (the container the server made), each command runs as that user, dropped to it in a
+child of its supervisor just before the command starts: its processes cannot signal them either. Where
+the agent runs as the processes' own user, they can (see SECURITY.md).
 """
 
 from __future__ import annotations
@@ -76,6 +84,8 @@ KILL_ROUNDS = 100
 FLUSH_TIMEOUT_S = 5.0
 """How long the agent tries to write its last frames before exiting."""
 PR_SET_CHILD_SUBREAPER = 36
+PR_GET_DUMPABLE = 3
+PR_SET_DUMPABLE = 4
 MSG_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 SPARES = 2
 """Supervisors kept forked ahead of need, so a spawn does not wait for a fork."""
@@ -93,20 +103,78 @@ SHELL = "/bin/sh"
 
 _prctl: Any = None
 
+RUN_AS: tuple[int, int] | None = None
+"""The uid and gid every command runs as, when the agent is root and drops to them (None: commands run
+as the agent does). Set once at the start; the zygote and supervisors inherit it."""
 
-def set_subreaper() -> bool:
-    """Make orphaned descendants of this process its children instead of init's; say whether it worked.
-    The agent finds prctl once; its zygote and supervisors inherit it (finding it costs a supervisor
-    0.3 ms of CPU)."""
+
+def prctl(option: int, value: int) -> int | None:
+    """prctl(2) through the C library, or None where it cannot be called. The agent finds it once; its
+    zygote and supervisors inherit it (finding it costs a supervisor 0.3 ms of CPU)."""
     global _prctl
     try:
         if _prctl is None:
             import ctypes
 
             _prctl = ctypes.CDLL(None, use_errno=True).prctl
-        return bool(_prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+        return int(_prctl(option, value, 0, 0, 0))
     except (ImportError, OSError, AttributeError):
-        return False
+        return None
+
+
+def set_subreaper() -> bool:
+    """Make orphaned descendants of this process its children instead of init's; say whether it worked."""
+    return prctl(PR_SET_CHILD_SUBREAPER, 1) == 0
+
+
+def set_undumpable() -> bool:
+    """Make this process (and what it forks, until an exec) not dumpable, so that processes of its
+    user cannot ptrace it or open its descriptors through /proc; say whether it is. A credential
+    change (see as_processes_user) sets the flag back to the system's default, so it is set again
+    after each."""
+    prctl(PR_SET_DUMPABLE, 0)
+    return prctl(PR_GET_DUMPABLE, 0) == 0
+
+
+def resolve_user(spec: str) -> tuple[int, int]:
+    """The uid and gid ``spec`` names as Docker reads a user: ``uid``, ``uid:gid``, ``name`` or
+    ``name:group``; a user's gid, when not given, is its primary group (0 for a uid the box's passwd
+    does not list). Raises KeyError for a name the box does not know."""
+    import grp
+    import pwd
+
+    user, _, group = spec.partition(":")
+    if user.isdigit():
+        uid = int(user)
+        try:
+            gid = pwd.getpwuid(uid).pw_gid
+        except KeyError:
+            gid = 0
+    else:
+        entry = pwd.getpwnam(user)
+        uid, gid = entry.pw_uid, entry.pw_gid
+    if group:
+        gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    return uid, gid
+
+
+@contextlib.contextmanager
+def as_processes_user() -> Any:
+    """Read /proc with the effective uid and gid of the processes (a root agent without
+    CAP_SYS_PTRACE may not read another user's /proc/PID/io); the real and saved ids stay root, so
+    nothing the processes do reaches the agent meanwhile."""
+    if RUN_AS is None:
+        yield
+        return
+    euid, egid = os.geteuid(), os.getegid()
+    os.setegid(RUN_AS[1])
+    os.seteuid(RUN_AS[0])
+    try:
+        yield
+    finally:
+        os.seteuid(euid)
+        os.setegid(egid)
+        set_undumpable()
 
 
 def descendants(root: int, children: dict[int, list[int]] | None = None) -> list[int]:
@@ -418,16 +486,20 @@ def supervise(
     def report(**fields: Any) -> None:
         os.write(status, (json.dumps(fields) + "\n").encode())
 
-    try:
-        os.chdir(spec["cwd"])  # the supervisor's own directory is what the command starts in
-    except OSError as exc:
-        report(error="nocwd", message=str(exc))
-        os._exit(0)
+    if RUN_AS is None:
+        try:
+            os.chdir(spec["cwd"])  # the supervisor's own directory is what the command starts in
+        except OSError as exc:
+            report(error="nocwd", message=str(exc))
+            os._exit(0)
     try:
         for name, (soft, hard) in (spec.get("rlimits") or {}).items():
             # Set on the supervisor, inherited by the command: posix_spawn offers no rlimit of its own.
             resource.setrlimit(LIMITS[name], (soft, hard))
-        leader = _start_leader(spec, env, stdio)
+        leader = _start_leader(spec, env, stdio) if RUN_AS is None else _start_as_user(spec, env, stdio, RUN_AS)
+    except StartFailed as exc:
+        report(error=exc.error, message=exc.message)
+        os._exit(0)
     except OSError as exc:
         report(error="exec", message=f"{SHELL}: {exc.strerror or exc}")
         os._exit(0)
@@ -470,6 +542,72 @@ def _start_leader(spec: dict[str, Any], env: dict[str, str], stdio: tuple[int, i
         setsigmask=(),
         setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),  # Python ignores them, and exec keeps ignored signals
     )
+
+
+class StartFailed(Exception):
+    """A command could not be started as its user: ``error`` is "nocwd" or "exec", as STARTED says."""
+
+    def __init__(self, error: str, message: str) -> None:
+        super().__init__(message)
+        self.error = error
+        self.message = message
+
+
+def _start_as_user(
+    spec: dict[str, Any], env: dict[str, str], stdio: tuple[int, int, int], user: tuple[int, int]
+) -> int:
+    """Start ``/bin/sh -c command`` as ``user`` (uid, gid; no supplementary groups) in a session of its
+    own on ``stdio``, from a root supervisor: a fork that drops to the user for good and execs. The
+    supervisor stays root, so nothing the command does can signal or trace it. The directory is
+    entered as the user, so one the user may not enter is "nocwd" as it would be without the agent.
+    Raises StartFailed once the child has said why it could not exec."""
+    uid, gid = user
+    errors_r, errors_w = os.pipe()  # close-on-exec: an exec that works closes it, and says nothing
+    pid = os.fork()
+    if pid == 0:
+        step = "exec"
+        try:
+            os.close(errors_r)
+            os.setsid()
+            if spec.get("tty"):
+                terminal = os.open(os.ttyname(stdio[0]), os.O_RDWR)  # after setsid: the controlling terminal
+                os.fchown(terminal, uid, -1)  # the user's, as a login gives it
+                for target in (0, 1, 2):
+                    os.dup2(terminal, target)
+            else:
+                for target, fd in enumerate(stdio):
+                    os.dup2(fd, target)
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            step = "nocwd"
+            os.chdir(spec["cwd"])
+            step = "exec"
+            for signum in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores them, and exec keeps ignored signals
+                signal.signal(signum, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])
+            os.execve(SHELL, [SHELL, "-c", spec["command"]], env)
+        except OSError as exc:
+            message = str(exc) if step == "nocwd" else f"{SHELL}: {exc.strerror or exc}"
+            with contextlib.suppress(OSError):
+                os.write(errors_w, json.dumps({"error": step, "message": message}).encode())
+        finally:
+            os._exit(127)
+    os.close(errors_w)
+    said = b""
+    try:
+        while True:
+            chunk = os.read(errors_r, 4096)
+            if not chunk:
+                break
+            said += chunk
+    finally:
+        os.close(errors_r)
+    if said:
+        os.waitpid(pid, 0)
+        failure = json.loads(said)
+        raise StartFailed(failure["error"], failure["message"])
+    return pid
 
 
 class Process:
@@ -542,6 +680,7 @@ class Agent:
         self.replace_at: float | None = None  # when to ask for the spares taken, if nothing asks sooner
         self.zygote: socket.socket | None = None
         self.subreaper = set_subreaper()
+        self.undumpable = set_undumpable()  # before the zygote: it and every supervisor inherit it
         for fd in (stream_in, stream_out):
             os.set_blocking(fd, False)
         grow_pipe(stream_out)
@@ -556,8 +695,11 @@ class Agent:
                 0,
                 version=protocol.VERSION,
                 pid=os.getpid(),
+                started=start_time(),
                 python="%d.%d.%d" % sys.version_info[:3],  # noqa: UP031
                 subreaper=self.subreaper,
+                undumpable=self.undumpable,
+                user=list(RUN_AS) if RUN_AS is not None else None,
             )
         )
         while self.running:
@@ -708,11 +850,10 @@ class Agent:
             process = self.processes.get(channel)
             if process is not None and self.children is None:
                 self.children = process_children()
-            sample = (
-                {}
-                if process is None or process.status < 0 or self.children is None
-                else sample_tree(process.supervisor, self.children)
-            )
+            sample: dict[str, Any] = {}
+            if process is not None and process.status >= 0 and self.children is not None:
+                with as_processes_user():
+                    sample = sample_tree(process.supervisor, self.children)
             self.send(protocol.message(protocol.SAMPLED, channel, seq=request["seq"], **sample))
         elif kind == protocol.RESIZE:
             process = self.processes.get(channel)
@@ -1138,7 +1279,24 @@ class Agent:
         reap_children()  # supervisors, and orphans of killed supervisors; exits come from the supervisors
 
 
-def main() -> int:
+def start_time() -> int:
+    """This process's start time in clock ticks since boot, which tells it from a later one with its pid."""
+    with open("/proc/self/stat", "rb") as stat:
+        return int(stat.read().rsplit(b")", 1)[1].split()[19])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the agent; ``argv`` (default: the command line after the bootstrap) may name the user every
+    command runs as, which a root agent drops to (ignored unless the agent is root and the user is not)."""
+    global RUN_AS
+    args = sys.argv[1:] if argv is None else argv
+    if args and os.geteuid() == 0:
+        try:
+            user = resolve_user(args[0])
+        except (KeyError, ValueError):
+            sys.stderr.write(f"process-mcp agent: no user {args[0]!r} in this box's passwd and group files\n")
+            return 5
+        RUN_AS = user if user[0] != 0 else None
     return Agent().run()
 
 

@@ -44,14 +44,20 @@ INPUT_CHUNK = 64 * 1024
 PROTOCOL_MODULE = "process_mcp_box_protocol"
 """The name the agent imports the protocol by inside the box (it is sent, not installed)."""
 
-# Run as `python3 -I -S -c BOOTSTRAP` with the stream on stdin and stdout. Reads two length-prefixed
-# modules from the stream (protocol, then the agent), and runs the agent. Python 2 and 3.0-3.7 parse
-# it too, so they can say why they cannot run the agent.
+# Run as `python3 -I -S -c BOOTSTRAP [USER]` with the stream on stdin and stdout. Reads two
+# length-prefixed modules from the stream (protocol, then the agent), and runs the agent (which, run as
+# root, drops to USER for each command). Python 2 and 3.0-3.7 parse it too, so they can say why they
+# cannot run the agent.
 BOOTSTRAP = f"""
 import os, sys, types
 if sys.version_info < (3, 8):
     sys.stderr.write("process-mcp agent: Python %d.%d is older than 3.8\\n" % sys.version_info[:2])
     sys.exit(3)
+try:  # PR_SET_DUMPABLE 0 before anything is read: no process of this user may trace it or open its fds
+    import ctypes
+    ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)
+except Exception:
+    pass
 def take(n):
     data = b""
     while len(data) < n:

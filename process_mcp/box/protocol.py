@@ -38,7 +38,9 @@ SAMPLE = 7
 
 # Agent to server.
 HELLO = 64
-"""Channel 0, first frame: {version, pid, python, subreaper}."""
+"""Channel 0, first frame: {version, pid, started, python, subreaper, undumpable, user}: ``started`` is its
+start time (clock ticks since boot, as /proc/PID/stat says), so it can be told from a later process with
+its pid; ``user`` is [uid, gid] its processes run as, or null for its own."""
 STARTED = 65
 """{pid} once the command runs, or {error, message} (error "nocwd": the directory is missing)."""
 STDOUT = 66

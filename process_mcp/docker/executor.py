@@ -209,10 +209,17 @@ class DockerExecutor(ProcessExecutor):
         assert self._container is not None
         api, container_id = self._client.api, self._container.id
 
+        command = ["/bin/sh", "-c", AGENT_SCRIPT, "sh", BOOTSTRAP]
+        if self.agent_user == "0":
+            command.append(self.config.docker.user)  # the agent drops to it for each command
+
         def start_exec() -> tuple[Any, socket.socket]:
-            command = ["/bin/sh", "-c", AGENT_SCRIPT, "sh", BOOTSTRAP]
-            exec_id = api.exec_create(
-                container_id, command, stdin=True, environment={MARKER_VAR: f"{self._token}:agent"}, user=self.exec_user
+            exec_id: str = api.exec_create(
+                container_id,
+                command,
+                stdin=True,
+                environment={MARKER_VAR: f"{self._token}:agent"},
+                user=self.agent_user,
             )["Id"]
             wrapper: Any = api.exec_start(exec_id, socket=True)
             return wrapper, getattr(wrapper, "_sock", wrapper)
@@ -238,6 +245,11 @@ class DockerExecutor(ProcessExecutor):
             return
         if not hello.get("subreaper"):
             logger.warning("the agent could not become a subreaper: orphaned processes may escape kill")
+        if not hello.get("undumpable"):
+            logger.warning(
+                "the agent could not make itself undumpable (PR_SET_DUMPABLE): processes of its user may trace it "
+                "or write into its stream"
+            )
         if self._proxy_dir is not None:
             socket_path = os.path.join(self._proxy_dir, "proxy.sock")
             try:
@@ -338,10 +350,17 @@ class DockerExecutor(ProcessExecutor):
         return container
 
     @property
+    def agent_user(self) -> str:
+        """Who the agent's exec runs as: root in the container this server made, so that it can run each
+        command as DOCKER_USER while no process of that user can signal, trace or write to it (nor to
+        its supervisors); the container's own user in an existing one."""
+        return "" if self.config.docker.use_existing else "0"
+
+    @property
     def exec_user(self) -> str:
-        """Who every exec runs as: DOCKER_USER in the container this server made (its processes, and the
-        lease, sweep and kill scripts, which read their environments and so must be the same user), the
-        container's own user ("") in an existing one."""
+        """Who the execs other than the agent's run as: DOCKER_USER in the container this server made (the
+        processes of the exec-per-process path, and the lease, sweep and kill scripts, which read the
+        processes' environments and so must be their user), the container's own user ("") in an existing one."""
         return "" if self.config.docker.use_existing else self.config.docker.user
 
     async def _own_home(self, container: Container) -> None:
