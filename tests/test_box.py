@@ -20,7 +20,7 @@ import pytest
 from process_mcp.box import protocol
 from process_mcp.box.client import BOOTSTRAP, bootstrap_payload
 
-from .helpers import cannot_run_here
+from .helpers import cannot_run_here, kill_if_alive, running_sleepers, sleep_argument, started
 
 
 def test_frames_split_anywhere_across_reads_come_out_whole_and_in_order() -> None:
@@ -272,4 +272,26 @@ def test_the_agent_its_zygote_and_its_supervisors_are_not_dumpable_so_their_user
         output, _ = run(agent, 2, f"{probe}; echo probed")
         assert output == b"probed\n", output
     finally:
+        agent.close()
+
+
+def test_a_process_that_kills_its_supervisor_is_ended_with_what_it_started_and_reads_as_lost() -> None:
+    """Its orphans, a setsid'd one too, fall to the agent (the zygote is no subreaper), which tells them
+    from its own children and ends them; the exit reports its loss, not a code."""
+    agent = RawAgent()
+    argument = sleep_argument()
+    try:
+        agent.send(spawn_frame(1, "exec sleep 60"))
+        bystander = int(agent.next_of(protocol.STARTED)[0]["pid"])
+        agent.send(spawn_frame(2, f"setsid sleep {argument} & {started(argument)}; kill -9 $PPID; sleep 60"))
+        agent.next_of(protocol.STARTED)
+        assert agent.next_of(protocol.EXITED)[0] == {"lost": True}
+        deadline = time.monotonic() + 10
+        while running_sleepers(argument) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not running_sleepers(argument), "what the process started outlived its supervisor"
+        assert Path(f"/proc/{bystander}").exists(), "another process's tree was ended too"
+    finally:
+        for pid in running_sleepers(argument):
+            kill_if_alive(pid)
         agent.close()

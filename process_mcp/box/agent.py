@@ -390,13 +390,13 @@ def zygote(control: socket.socket, lifeline: int) -> None:
     """In a small process forked once at the agent's start: fork spare supervisors when the agent asks
     (one byte each) and hand each back (its pid, and the agent's end of its order socket). Forking
     here, not in the agent, keeps the agent's loop free of the fork and of the copy-on-write faults
-    that follow one. A subreaper, so what its supervisors leave stays in the agent's tree. Never returns."""
+    that follow one. Not a subreaper: what a supervisor that was killed leaves falls to the agent,
+    which tells it from its own children and ends it. Never returns."""
     try:
         devnull = os.open(os.devnull, os.O_RDWR)
         os.dup2(devnull, 0)
         os.dup2(devnull, 1)
         close_all_but({0, 1, 2, control.fileno(), lifeline})
-        set_subreaper()
         wake = _wake_on_sigchld()
         while True:
             ready = select.select([control.fileno(), lifeline, wake], [], [])[0]
@@ -513,6 +513,7 @@ def supervise(
                 report(**exit_fields(code))
         if not children_left:  # a subreaper with no children has no descendants left
             os.chdir("/")  # hold no directory of the process's
+            report(done=True)  # a status that ends without it: the supervisor was killed
             os.close(status)
             return not spec.get("rlimits")
         ready = select.select([lifeline, wake], [], [])[0]
@@ -632,6 +633,7 @@ class Process:
         self.grown: set[int] = set()  # output pipes already enlarged
         self.order: socket.socket | None = None  # to its supervisor, until the supervisor is done with it
         self.reusable = False  # its supervisor may start another process once this one's tree is gone
+        self.done = False  # its supervisor said its tree is gone (or that nothing started)
 
     @property
     def finished(self) -> bool:
@@ -679,6 +681,7 @@ class Agent:
         self.spares_asked = 0
         self.replace_at: float | None = None  # when to ask for the spares taken, if nothing asks sooner
         self.zygote: socket.socket | None = None
+        self.zygote_pid = 0
         self.subreaper = set_subreaper()
         self.undumpable = set_undumpable()  # before the zygote: it and every supervisor inherit it
         for fd in (stream_in, stream_out):
@@ -1051,6 +1054,7 @@ class Agent:
         if pid == 0:
             ours.close()
             zygote(theirs, self.lifeline_r)
+        self.zygote_pid = pid
         theirs.close()
         ours.setblocking(False)
         self.zygote = ours
@@ -1193,14 +1197,16 @@ class Agent:
         process.status_buffer = lines.pop()
         for line in lines:
             self._on_supervisor_report(process, json.loads(line))
-        if not data:  # the supervisor closed it: its whole tree is gone
+        if not data:  # the supervisor closed it: its whole tree is gone, or the supervisor was killed
             self.selector.unregister(fd)
             self._close(fd)
             process.status = -1
-            if not process.exited:  # it was killed before the command ended; nothing reports the exit
-                process.exited = True
+            if not process.done:  # killed (by the process's own user, or the kernel's OOM killer)
                 process.reusable = False
-                self.send(protocol.message(protocol.EXITED, process.channel))
+                self._end_orphans()
+            if not process.exited:  # nothing reports the command's exit: it was ended with its supervisor
+                process.exited = True
+                self.send(protocol.message(protocol.EXITED, process.channel, lost=True))
             self._release(process)
             self._ask_for_spares()  # the spawn is over: a fork now takes a core from nothing of it
             self._forget_if_finished(process)
@@ -1209,8 +1215,11 @@ class Agent:
         if "started" in report:
             process.leader = int(report["started"])
             self.send(protocol.message(protocol.STARTED, process.channel, pid=report["started"]))
+        elif "done" in report:
+            process.done = True
         elif "error" in report:
             process.exited = True
+            process.done = True  # nothing started
             process.reusable = False  # it exits
             self.send(protocol.message(protocol.STARTED, process.channel, **report))
         else:
@@ -1221,6 +1230,25 @@ class Agent:
                         break  # paused: the rest follows the exit, and the server waits for it
             process.exited = True
             self.send(protocol.message(protocol.EXITED, process.channel, **report))
+
+    def _end_orphans(self) -> None:
+        """Kill what a supervisor that was killed left: its orphans fell to the agent (a subreaper; the
+        zygote is not one), out of every supervisor's tree. The agent's own children are the zygote and the
+        supervisors it knows (their orphans fall to it too when the zygote is killed); any other is such an
+        orphan, and is killed with everything below it, in rounds that catch what forks meanwhile."""
+        me = os.getpid()
+        for _ in range(KILL_ROUNDS):
+            children = process_children()
+            keep = {self.zygote_pid, *(p.supervisor for p in self.processes.values()), *(s[0] for s in self.spares)}
+            orphans = [pid for pid in children.get(me, ()) if pid not in keep]
+            if not orphans:
+                return
+            for orphan in orphans:
+                for pid in [orphan, *descendants(orphan, children)]:
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
+            reap_children()
+            select.select([], [], [], 0.005)  # let the kernel finish the deaths before the next walk
 
     def _forget_if_finished(self, process: Process) -> None:
         if process.finished and self.processes.get(process.channel) is process:

@@ -403,6 +403,8 @@ class AgentProcess(ProcessHandle):
         self._exited = True
         if "signal" in answer:
             self.record.finish(None, int(answer["signal"]))
+        elif answer.get("lost"):  # its supervisor was killed; the agent ended what was left of its tree
+            self.record.finish(None, cause="lost")
         else:
             self.record.finish(answer.get("code"))
 
