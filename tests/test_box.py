@@ -8,6 +8,7 @@ import pwd
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -143,14 +144,14 @@ class RawAgent:
         self.process.stdin.flush()
 
     def next_of(self, kind: int, count: int = 1) -> list[dict[str, Any]]:
-        """The next ``count`` frames of ``kind``, as fields (output and closes as {"data": ...}); frames of other
-        kinds read meanwhile stay for later calls."""
+        """The next ``count`` frames of ``kind``, as fields (output, closes and tunnels' frames as
+        {"data": ...}); frames of other kinds read meanwhile stay for later calls."""
         found: list[dict[str, Any]] = []
         while True:
             for frame in [f for f in self.backlog if f[0] == kind][: count - len(found)]:
                 self.backlog.remove(frame)
                 payload = frame[2]
-                raw = kind in protocol.OUTPUT_KINDS or kind == protocol.CLOSED
+                raw = kind in protocol.OUTPUT_KINDS or kind == protocol.CLOSED or kind >= protocol.TUNNEL_OPEN
                 found.append({"data": payload} if raw else protocol.fields(payload))
             if len(found) >= count:
                 return found
@@ -294,4 +295,45 @@ def test_a_process_that_kills_its_supervisor_is_ended_with_what_it_started_and_r
     finally:
         for pid in running_sleepers(argument):
             kill_if_alive(pid)
+        agent.close()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def round_trip(agent: RawAgent, seq: int) -> None:
+    """A request answered in turn: what the agent did in the loop iterations before is in the backlog."""
+    agent.send(protocol.message(protocol.SIGNAL, 1 << 20, seq=seq, signal=0))
+    agent.next_of(protocol.SIGNALLED)
+
+
+def test_the_agent_opens_at_most_max_tunnels_and_the_next_once_one_has_closed_on_both_sides() -> None:
+    """Connections beyond protocol.MAX_TUNNELS wait, unaccepted, so the server (which ends an agent that
+    opens more) never sees more; a tunnel counts until each side has closed it and seen the other's close."""
+    agent = RawAgent()
+    port = free_port()
+    clients: list[socket.socket] = []
+    try:
+        agent.send(protocol.message(protocol.PROXY, 0, port=port))
+        round_trip(agent, 1)  # listening
+        for _ in range(protocol.MAX_TUNNELS + 5):
+            clients.append(socket.create_connection(("127.0.0.1", port), timeout=10))  # the backlog holds them
+        assert len(agent.next_of(protocol.TUNNEL_OPEN, protocol.MAX_TUNNELS)) == protocol.MAX_TUNNELS
+        clients[0].close()  # the process's side of the first tunnel closes: the agent says so ...
+        agent.next_of(protocol.TUNNEL_CLOSE)
+        round_trip(agent, 2)
+        round_trip(agent, 3)
+        assert not [f for f in agent.backlog if f[0] == protocol.TUNNEL_OPEN], "one opened while the server's was open"
+        agent.send(protocol.frame(protocol.TUNNEL_CLOSE, protocol.TUNNEL_BASE))  # ... and then the server's side
+        agent.next_of(protocol.TUNNEL_OPEN)
+        round_trip(agent, 4)
+        round_trip(agent, 5)
+        assert not [f for f in agent.backlog if f[0] == protocol.TUNNEL_OPEN], "more than one opened for one closed"
+    finally:
+        for client in clients:
+            client.close()
         agent.close()

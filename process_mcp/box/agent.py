@@ -650,6 +650,7 @@ class Tunnel:
         self.out = bytearray()  # from the server, not yet written to the process
         self.reading = True  # the process may still send
         self.peer_done = False  # the server sends no more
+        self.broken = False  # the process's end failed: what the server sends is dropped
         self.shut = False
         self.events = 0
 
@@ -673,6 +674,7 @@ class Agent:
         self.tunnels: dict[int, Tunnel] = {}  # by socket descriptor
         self.next_tunnel = protocol.TUNNEL_BASE
         self.listener: socket.socket | None = None
+        self.accepting = False  # the listener is watched (fewer than MAX_TUNNELS are open)
         self.running = True
         self.lifeline_r, self.lifeline_w = os.pipe()
         self.splicing: tuple[int, int] | None = None  # (pipe, bytes it still owes the frame on the stream)
@@ -876,6 +878,9 @@ class Agent:
             if kind == protocol.TUNNEL_DATA:
                 if len(tunnel.out) + len(payload) > protocol.TUNNEL_WINDOW:
                     raise protocol.ProtocolError(f"tunnel {channel} overran its window")
+                if tunnel.broken:  # nothing can be delivered: acknowledged, so the server's side drains
+                    self.send(protocol.frame(protocol.TUNNEL_ACK, channel, protocol.COUNT.pack(len(payload))))
+                    return
                 tunnel.out += payload
             elif kind == protocol.TUNNEL_ACK:
                 tunnel.window += protocol.COUNT.unpack(payload)[0]
@@ -923,7 +928,19 @@ class Agent:
             return
         listener.setblocking(False)
         self.listener = listener
-        self.selector.register(listener, selectors.EVENT_READ, self._on_connection)
+        self._accept_while_room()
+
+    def _accept_while_room(self) -> None:
+        """Accept connections while fewer than MAX_TUNNELS are open; beyond, they wait in the backlog."""
+        if self.listener is None:
+            return
+        room = len(self.tunnels) < protocol.MAX_TUNNELS
+        if room != self.accepting:
+            if room:
+                self.selector.register(self.listener, selectors.EVENT_READ, self._on_connection)
+            else:
+                self.selector.unregister(self.listener)
+            self.accepting = room
 
     def _on_connection(self, fd: int, events: int) -> None:
         assert self.listener is not None
@@ -937,6 +954,7 @@ class Agent:
         self.tunnels[sock.fileno()] = tunnel
         self.send(protocol.frame(protocol.TUNNEL_OPEN, tunnel.channel))
         self._tunnel_watch(tunnel)
+        self._accept_while_room()
 
     def _tunnel_watch(self, tunnel: Tunnel) -> None:
         """Watch for what the tunnel can do now: read while the server has room, write while data waits."""
@@ -983,8 +1001,9 @@ class Agent:
         except BlockingIOError:
             pass
         except OSError:  # the process closed its end: nothing more can be delivered
+            written += len(tunnel.out)  # acknowledged all the same, so the server's side drains
             tunnel.out.clear()
-            tunnel.peer_done = True
+            tunnel.broken = True
             if tunnel.reading:
                 tunnel.reading = False
                 self.send(protocol.frame(protocol.TUNNEL_CLOSE, tunnel.channel))
@@ -994,11 +1013,14 @@ class Agent:
             tunnel.shut = True
             with contextlib.suppress(OSError):
                 tunnel.sock.shutdown(socket.SHUT_WR)
+        # Open until both sides have closed and each has seen the other's close: the server counts it the
+        # same way, so the two never disagree on how many are open (see protocol.MAX_TUNNELS).
         if tunnel.shut and not tunnel.reading:
             if tunnel.events:
                 self.selector.unregister(tunnel.sock)
             del self.tunnels[tunnel.sock.fileno()]
             tunnel.sock.close()
+            self._accept_while_room()
             return
         self._tunnel_watch(tunnel)
 

@@ -72,6 +72,10 @@ TUNNEL_BASE = 1 << 31
 """First tunnel channel; process channels are the server's process numbers, far below it."""
 TUNNEL_WINDOW = 256 * 1024
 """Bytes either end may have in flight per tunnel: what bounds a tunnel's memory at the other end."""
+MAX_TUNNELS = 128
+"""Tunnels open at once per agent: each costs the server a connection to its proxy. A tunnel counts from
+its TUNNEL_OPEN until each side has sent TUNNEL_CLOSE and seen the other's; the agent accepts no more
+connections while this many are open, and the server ends an agent that opens more."""
 COUNT = struct.Struct(">I")
 
 
