@@ -9,20 +9,21 @@ here is looked for with ``docker top`` by a sleep duration unique to the test.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING
 
 import anyio
 import anyio.to_thread
 import pytest
 
-from process_mcp import DockerExecutor, ProcessMcpConfig, SpawnOptions
-from process_mcp.box import protocol
+from process_mcp import DockerExecutor, ProcessMcpConfig, SpawnFailed, SpawnOptions
+from process_mcp.box import client, protocol
 from process_mcp.box.client import AgentConnection
 from process_mcp.config import Defaults, DockerConfig, SandboxConfig
 
 from .conftest import DEBIAN_IMAGE, TEST_LABELS, docker_config, unique_name
-from .helpers import POLL_S, WAIT_S, sleep_argument, wait_for_output
+from .helpers import POLL_S, WAIT_S, sleep_argument, wait_for_exit, wait_for_output
 
 if TYPE_CHECKING:
     from docker import DockerClient
@@ -369,6 +370,65 @@ async def test_a_process_can_neither_stop_nor_kill_the_agent_the_zygote_or_its_s
         await executor.cleanup()
 
 
+async def process_state(container: Container, pid: int) -> str:
+    """The state (R, S, T, ...) of ``pid`` in the container, as its /proc/PID/stat says; "" once gone."""
+    result = await anyio.to_thread.run_sync(lambda: container.exec_run(["cat", f"/proc/{pid}/stat"]))
+    assert isinstance(result.output, bytes)
+    return result.output.rpartition(b")")[2].split()[0].decode() if result.exit_code == 0 else ""
+
+
+async def test_what_stops_its_agent_of_its_own_user_costs_one_spawn_and_is_ended_with_it(
+    shared_container: Container, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stopped agent answers nothing: the spawn that waits for it in vain loses it, and the backend
+    kills it, resumes its supervisors so they end their trees, and starts a new agent for the next spawn."""
+    monkeypatch.setattr(client, "REQUEST_TIMEOUT_S", 1.0)
+    executor = DockerExecutor(config_for(shared_container, made=False))
+    await executor.start()
+    try:
+        connection = live_agent(executor)
+        argument = sleep_argument()
+        started = await executor.spawn(
+            SpawnOptions(command=f"setsid sleep {argument} & {attack('stop')}", background=True)
+        )
+        await wait_for_top(shared_container, argument, 1)
+        with anyio.fail_after(WAIT_S):
+            while await process_state(shared_container, connection.hello["pid"]) != "T":
+                await anyio.sleep(POLL_S)
+        with pytest.raises(SpawnFailed, match="did not answer a spawn"):
+            await executor.spawn(SpawnOptions(command="echo never"))
+        assert not connection.alive
+        assert (await executor.get_process(started.pid)).ended_by == "lost"
+        await wait_for_top(shared_container, argument, 0)
+        again = await executor.spawn(SpawnOptions(command="echo back"))
+        assert (again.stdout, again.via) == ("back\n", "agent")
+    finally:
+        await executor.cleanup()
+
+
+async def test_what_kills_its_agent_of_its_own_user_is_ended_with_it(shared_container: Container) -> None:
+    """Where the agent runs as its processes' user, they can SIGKILL it (SECURITY.md says so). The server
+    then reads every process as lost and ends what carries their markers: the killer, and what it left
+    under the container's init, which no supervisor holds any more."""
+    executor = DockerExecutor(config_for(shared_container, made=False))
+    await executor.start()
+    try:
+        connection = live_agent(executor)
+        argument = sleep_argument()
+        started = await executor.spawn(
+            SpawnOptions(command=f"setsid sleep {argument} & {attack('kill')}", background=True)
+        )
+        await wait_for_top(shared_container, argument, 1)
+        await wait_for_exit(executor, started.pid)
+        assert (await executor.get_process(started.pid)).ended_by == "lost"
+        assert not connection.alive
+        await wait_for_top(shared_container, argument, 0)  # the sleep the killer left under docker-init
+        again = await executor.spawn(SpawnOptions(command="echo back"))
+        assert (again.stdout, again.via) == ("back\n", "agent")
+    finally:
+        await executor.cleanup()
+
+
 async def test_the_root_agents_processes_run_as_docker_user_with_what_an_exec_as_that_user_has(
     made_container: Container,
 ) -> None:
@@ -406,3 +466,78 @@ async def test_the_root_agents_processes_run_as_docker_user_with_what_an_exec_as
 
 # A stream that breaks the protocol: each frame below is played into the client as if the agent had
 # written it (what a process that could write into the stream would write).
+
+FORGED: dict[str, Callable[[AgentConnection], bytes]] = {
+    "a header announcing 4 GiB": lambda agent: protocol.HEADER.pack(protocol.STDOUT, agent.last_channel, 2**32 - 1),
+    "an exit of a process it was never asked to start": lambda agent: protocol.message(
+        protocol.EXITED, agent.last_channel + 1, code=0
+    ),
+    "output for process 0x7fffffff": lambda agent: protocol.frame(protocol.STDOUT, 0x7FFFFFFF, b"forged"),
+    "an answer to a request never made": lambda agent: protocol.message(
+        protocol.SIGNALLED, agent.last_channel, seq=10**9, sent=1
+    ),
+    "a BYE the server did not ask for": lambda agent: protocol.frame(protocol.BYE, 0),
+    "a second HELLO": lambda agent: protocol.message(protocol.HELLO, 0, **agent.hello),
+    "a second start of its process": lambda agent: protocol.message(protocol.STARTED, agent.last_channel, pid=1),
+}
+
+
+async def agent_exec_running(executor: DockerExecutor, exec_id: str) -> bool:
+    assert executor._client is not None
+    api = executor._client.api
+    return bool((await anyio.to_thread.run_sync(api.exec_inspect, exec_id))["Running"])
+
+
+async def assert_lost_with_everything(
+    executor: DockerExecutor, container: Container, connection: AgentConnection, exec_id: str, pid: str, argument: str
+) -> None:
+    """The agent was lost: its process reads as lost, every process of its tree is gone (an escapee too),
+    the agent's exec has ended, and the next spawn starts a new agent."""
+    assert not connection.alive
+    record = await executor.get_process(pid)
+    assert (record.status, record.ended_by) == ("terminated", "lost"), record
+    await wait_for_top(container, argument, 0)
+    with anyio.fail_after(WAIT_S):
+        while await agent_exec_running(executor, exec_id):
+            await anyio.sleep(POLL_S)
+    again = await executor.spawn(SpawnOptions(command="echo back"))
+    assert (again.stdout, again.via, again.exit_code) == ("back\n", "agent", 0)
+    assert executor._agent is not None
+    assert executor._agent is not connection
+
+
+@pytest.mark.parametrize("forged", list(FORGED), ids=list(FORGED))
+async def test_a_frame_the_agent_may_not_send_ends_it_and_its_processes_and_the_next_spawn_works(
+    boxed: DockerExecutor, box: Container, forged: str
+) -> None:
+    connection = live_agent(boxed)
+    exec_id = boxed._agent_execs[connection]
+    argument = sleep_argument()
+    started = await boxed.spawn(
+        SpawnOptions(command=f"setsid sleep {argument} & exec sleep {argument}", background=True)
+    )
+    await wait_for_top(box, argument, 2)
+    connection.feed([FORGED[forged](connection)])
+    await assert_lost_with_everything(boxed, box, connection, exec_id, started.pid, argument)
+
+
+async def test_five_thousand_tunnels_opened_at_once_end_the_agent_not_the_servers_descriptors(
+    box: Container, mode: str
+) -> None:
+    """Each tunnel costs the server a connection to its proxy: past protocol.MAX_TUNNELS open at once, the
+    agent is lost before the server holds more."""
+    executor = DockerExecutor(config_for(box, made=mode == "root agent", domains=["example.invalid"]))
+    await executor.start()
+    try:
+        connection = live_agent(executor)
+        exec_id = executor._agent_execs[connection]
+        argument = sleep_argument()
+        started = await executor.spawn(SpawnOptions(command=f"exec sleep {argument}", background=True))
+        await wait_for_top(box, argument, 1)
+        before = len(os.listdir("/proc/self/fd"))
+        opens = b"".join(protocol.frame(protocol.TUNNEL_OPEN, protocol.TUNNEL_BASE + n) for n in range(5000))
+        connection.feed([opens])
+        assert len(os.listdir("/proc/self/fd")) <= before + 8  # the loss closed the stream, made no connection
+        await assert_lost_with_everything(executor, box, connection, exec_id, started.pid, argument)
+    finally:
+        await executor.cleanup()

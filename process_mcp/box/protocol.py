@@ -30,7 +30,7 @@ SIGNAL = 3
 RESIZE = 4
 """{cols, rows}: resize the process's terminal."""
 SHUTDOWN = 5
-"""Channel 0: end every process and exit; answered with BYE."""
+"""Channel 0: end every process and exit; answered with BYE (the only time the agent may say BYE)."""
 PROXY = 6
 """Channel 0, {port}: listen on 127.0.0.1:port in the box and tunnel each connection to the server."""
 SAMPLE = 7
