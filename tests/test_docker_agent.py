@@ -9,7 +9,10 @@ here is looked for with ``docker top`` by a sleep duration unique to the test.
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -21,6 +24,8 @@ from process_mcp import DockerExecutor, ProcessMcpConfig, SpawnFailed, SpawnOpti
 from process_mcp.box import client, protocol
 from process_mcp.box.client import AgentConnection
 from process_mcp.config import Defaults, DockerConfig, SandboxConfig
+from process_mcp.docker import stream
+from process_mcp.docker.stream import ExecStream
 
 from .conftest import DEBIAN_IMAGE, TEST_LABELS, docker_config, unique_name
 from .helpers import POLL_S, WAIT_S, sleep_argument, wait_for_exit, wait_for_output
@@ -541,3 +546,51 @@ async def test_five_thousand_tunnels_opened_at_once_end_the_agent_not_the_server
         await assert_lost_with_everything(executor, box, connection, exec_id, started.pid, argument)
     finally:
         await executor.cleanup()
+
+
+def stderr_frames(data: bytes) -> bytes:
+    """``data`` as the engine frames an exec's stderr (stream 2, size), in frames of at most 1 MiB."""
+    step = 1 << 20
+    return b"".join(
+        bytes([2, 0, 0, 0]) + len(data[at : at + step]).to_bytes(4, "big") + data[at : at + step]
+        for at in range(0, len(data), step)
+    )
+
+
+def test_the_agents_stderr_reaches_the_log_escaped_and_bounded_however_much_it_writes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What reached the agent's stderr (whoever wrote it) cannot forge a line of the server's log nor grow
+    it by more than a few lines per interval: 64 MiB with forged lines and escape sequences."""
+    forged = b"2025-01-01 00:00:00,000 INFO process_mcp.service.spaces: principal bob: FORGED\n\x1b[2J\r\xe2\x80\xa8"
+    data = stderr_frames(forged * 1000 + b"x" * (64 << 20) + b"\nlast words\n")
+    ours, theirs = socket.socketpair()
+    channel = ExecStream(ours, ours, "box")
+
+    def write() -> None:
+        with theirs:
+            theirs.sendall(data)
+
+    writer = threading.Thread(target=write)
+    caplog.set_level(logging.WARNING, logger=stream.__name__)
+    writer.start()
+    try:
+        while True:
+            ours.setblocking(True)
+            try:
+                assert channel.receive() == []
+            except EOFError:
+                break
+    finally:
+        writer.join(WAIT_S)
+        channel.close()
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) <= stream.STDERR_LINES_PER_WINDOW + 1
+    assert sum(len(message) for message in messages) <= 4 * stream.STDERR_BYTES_PER_WINDOW + 1024
+    assert all(message.startswith("agent box") for message in messages), messages[:3]
+    assert not any(char in message for message in messages for char in "\n\r\x1b\u2028")
+    assert "agent box says: 2025-01-01 00:00:00,000 INFO process_mcp.service.spaces: principal bob: FORGED" in messages
+    assert "\\x1b[2J\\r\\u2028" in messages[1]
+    dropped = messages[-1]
+    assert "were not logged" in dropped, dropped
+    assert int(dropped.split("(")[1].split()[0]) >= 64 << 20  # every dropped byte is counted

@@ -259,7 +259,7 @@ class DockerExecutor(ProcessExecutor):
             exec_id, wrapper, sock = await anyio.to_thread.run_sync(start_exec)
         except engine.docker_errors() as exc:
             raise BackendUnavailable(f"cannot start the agent in the container: {engine.reason(exc)}") from None
-        channel = ExecStream(wrapper, sock)
+        channel = ExecStream(wrapper, sock, self.config.docker.container_name)
         agent = AgentConnection(channel, self.config.docker.container_name, on_lost=self._agent_lost)
         self._agent_execs[agent] = exec_id
         try:
