@@ -44,7 +44,7 @@ from .per_exec import LAUNCH_TIMEOUT_S, ExecLauncher
 from .stream import AGENT_SCRIPT, ExecStream
 
 if TYPE_CHECKING:
-    from docker import DockerClient
+    from docker import APIClient, DockerClient
     from docker.models.containers import Container
 
     from ..proxy import DomainProxy
@@ -267,7 +267,7 @@ class DockerExecutor(ProcessExecutor):
         except AgentUnavailable as exc:
             agent.close()
             self._agent_execs.pop(agent, None)
-            reason = channel.agent_stderr.strip() or exc.reason
+            reason = channel.stderr_tail().strip() or exc.reason
             logger.warning(
                 "cannot run the agent in container %s (%s); each process runs as its own exec: slower, and exit "
                 "codes as the engine reports them",
@@ -301,16 +301,14 @@ class DockerExecutor(ProcessExecutor):
             self._agent = None
         exec_id = self._agent_execs.pop(agent, None)
         if exec_id is not None and self._client is not None and self._container is not None:
-            self._in_background(self._end_lost_agent(agent, exec_id))
+            # The engine's client and the container as they are now: a shutdown may release them meanwhile.
+            self._in_background(self._end_lost_agent(agent, exec_id, self._client.api, self._container))
 
-    async def _end_lost_agent(self, agent: AgentConnection, exec_id: str) -> None:
+    async def _end_lost_agent(self, agent: AgentConnection, exec_id: str, api: APIClient, container: Container) -> None:
         """Give a lost agent AGENT_EXIT_S to end its processes and exit as its closed stream tells it to,
         then kill it through the engine (its supervisors then kill their trees, and what is left of them
         after AGENT_GROUP_WAIT is killed), then kill what is left of its processes that carries their
         markers (what escaped supervisors that a process of the agent's own user killed)."""
-        assert self._client is not None
-        assert self._container is not None
-        api, container = self._client.api, self._container
         failures: tuple[type[BaseException], ...] = (*engine.docker_errors(), OSError)
         try:
             with anyio.move_on_after(AGENT_EXIT_S):

@@ -124,9 +124,9 @@ class ExecStream(Channel):
         """The agent's stderr, as lines of the server's log (``name`` is the agent's, in each)."""
         sock.setblocking(False)
 
-    @property
-    def agent_stderr(self) -> str:
-        """The end of what the agent wrote to its stderr, escaped, to explain why it could not start."""
+    def stderr_tail(self) -> str:
+        """The end of what the agent wrote to its stderr (what is pending is logged first), escaped, to
+        explain why it could not start."""
         self.stderr.close()
         return self.stderr.kept
 
