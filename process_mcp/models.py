@@ -52,7 +52,7 @@ MAX_ID_CHARS = 64
 CPU_GRACE_S = 5
 """CPU seconds between a cpuSeconds limit's SIGXCPU and the kernel's SIGKILL (for a process that catches it)."""
 
-EndedBy = Literal["exit", "kill", "shutdown", "lifetime", "limit"]
+EndedBy = Literal["exit", "kill", "shutdown", "lifetime", "limit", "lost"]
 LimitName = Literal["output", "cpu", "memory", "processes"]
 
 
@@ -110,7 +110,8 @@ class ExitState(_Wire):
     ended_by: EndedBy | None = Field(
         None,
         description="Once terminated, why: exit (on its own), kill (the kill tool), shutdown (the server stopped), "
-        "lifetime (it ran past the maximum lifetime), limit (it hit one of its limits: see limit).",
+        "lifetime (it ran past the maximum lifetime), limit (it hit one of its limits: see limit), lost (the agent "
+        "running it in its box was lost, and the process was ended with it; spawn again to start anew).",
     )
     limit: LimitName | None = Field(None, description="The limit that ended it: memory, processes, cpu or output.")
 

@@ -138,12 +138,15 @@ class ManagedProcess:
         if self.running and self._cause is None:
             self._cause = cause
 
-    def finish(self, exit_code: int | None, signum: int | None = None) -> None:
-        """Record the end of the process: its exit code, or the signal that ended it."""
+    def finish(self, exit_code: int | None, signum: int | None = None, *, cause: EndedBy | None = None) -> None:
+        """Record the end of the process: its exit code, or the signal that ended it. ``cause``, when
+        given, is why it ended whoever had moved to end it (its box's agent was lost, and it with it)."""
         cpu = self.limits is not None and self.limits.cpu_seconds is not None
         # SIGXCPU ends the leader, or, when the shell did not exec its command, the shell reports 128+24.
         if cpu and self._cause is None and signal.SIGXCPU in (signum, (exit_code or 0) - 128):
             self._cause, self.limit = "limit", "cpu"
+        if cause is not None:
+            self._cause, self.limit = cause, None
         self.ended_by = self._cause or "exit"
         self.ended_at = time.monotonic()
         if self.stats is not None:  # the last sample stands, with the time the process ran in all

@@ -13,6 +13,7 @@ import anyio
 import pytest
 
 from process_mcp import HostExecutor, ProcessNotFound, SpawnOptions, StdinFailed, TooManyProcesses
+from process_mcp.box import protocol
 from process_mcp.config import SandboxConfig
 from process_mcp.host import STATE_DIR_PREFIX
 from process_mcp.models import MAX_INPUT_CHARS
@@ -238,3 +239,34 @@ async def main():
 
 anyio.run(main)
 """
+
+
+async def test_a_local_agent_that_breaks_the_protocol_is_dropped_with_its_processes_and_replaced(
+    workdir: Path,
+) -> None:
+    """Unsandboxed, the agent runs here: a frame it may not send (here a BYE the server did not ask for)
+    loses it; the server closes its stream, so it ends every process it ran (one that left its tree too)
+    at once, not at the next spawn; they read as lost, and the next spawn starts a new agent."""
+    executor = HostExecutor(host_config(workdir, sandbox=SandboxConfig(enabled=False)))
+    arg = sleep_argument()
+    children: list[int] = []
+    try:
+        spawned = await executor.spawn(
+            SpawnOptions(command=f"setsid sleep {arg} & {started(arg)}; sleep 600", background=True)
+        )
+        children = await sleepers(arg, 1)
+        local = executor._local
+        assert local is not None
+        local.connection.feed([protocol.frame(protocol.BYE, 0)])
+        assert not local.connection.alive
+        process = await executor.get_process(spawned.pid)
+        assert (process.status, process.ended_by) == ("terminated", "lost")
+        for child in children:
+            await wait_until_gone(child)
+        again = await executor.spawn(SpawnOptions(command="echo back"))
+        assert (again.stdout, again.exit_code) == ("back\n", 0)
+        assert executor._local is not local
+    finally:
+        for child in children:
+            kill_if_alive(child)
+        await executor.cleanup()

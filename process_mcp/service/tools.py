@@ -562,6 +562,8 @@ def _reply(result: BaseModel, text: str) -> CallToolResult:
 def _state(state: ExitState) -> str:
     if state.status == "running":
         return "running"
+    if state.ended_by == "lost":
+        return "terminated (ended with the agent in its box, which was lost)"
     cause = f", ended by {state.ended_by}" if state.ended_by not in (None, "exit") else ""
     if state.limit is not None:
         cause += f" ({state.limit})"
