@@ -17,7 +17,7 @@ import tarfile
 import zipfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import anyio
 import anyio.abc
@@ -459,7 +459,7 @@ def passwordless_image(docker_client: DockerClient) -> Iterator[str]:
     name = unique_name("nopasswd").replace("process-mcp-test-", "process-mcp-test/") + ":latest"
     source = docker_client.containers.create(BUSYBOX_IMAGE, ["true"], labels=TEST_LABELS)
     try:
-        exported = b"".join(bytes(chunk) for chunk in source.export())
+        exported = b"".join(cast("Iterator[bytes]", source.export()))  # typed as str; the engine sends bytes
     finally:
         source.remove(force=True)
     stripped = io.BytesIO()
