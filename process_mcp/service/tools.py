@@ -567,9 +567,10 @@ def _state(state: ExitState) -> str:
     cause = f", ended by {state.ended_by}" if state.ended_by not in (None, "exit") else ""
     if state.limit is not None:
         cause += f" ({state.limit})"
+    code = "unknown: the process's end could not be observed" if state.exit_code is None else state.exit_code
     if state.signal:
-        return f"terminated by {state.signal} (exit code {state.exit_code}{cause})"
-    return f"terminated (exit code {state.exit_code}{cause})"
+        return f"terminated by {state.signal} (exit code {code}{cause})"
+    return f"terminated (exit code {code}{cause})"
 
 
 def _usage(stats: ProcessStats | None) -> str:
