@@ -280,3 +280,13 @@ async def test_ps_reports_resources_only_when_asked(client: Client) -> None:
     (row,) = detailed["processes"]
     assert row["stats"]["processes"] >= 1, row
     await call(client, "kill", {"id": started["pid"], "signal": "KILL"})
+
+
+def test_an_end_that_could_not_be_observed_never_reads_exit_code_none() -> None:
+    from process_mcp.models import ExitState
+    from process_mcp.service.tools import _state
+
+    unobserved = _state(ExitState(status="terminated", exit_code=None, ended_by="exit"))
+    assert "None" not in unobserved
+    assert "could not be observed" in unobserved
+    assert _state(ExitState(status="terminated", exit_code=3, ended_by="exit")) == "terminated (exit code 3)"
