@@ -28,7 +28,7 @@ from mcp import Client, StdioServerParameters
 from process_mcp import BackendUnavailable, ProcessMcpConfig, SpawnOptions, create_process_mcp, load_config
 from process_mcp.config import Defaults, DockerConfig, SandboxConfig
 from process_mcp.docker import DockerExecutor
-from process_mcp.docker.engine import KEPT_CAPABILITIES
+from process_mcp.docker.engine import KEPT_CAPABILITIES, MANAGED_LABEL
 
 from .conftest import BULLSEYE_IMAGE, BUSYBOX_IMAGE, DEBIAN_IMAGE, TEST_LABELS, docker_config, unique_name
 from .helpers import POLL_S, WAIT_S, sleep_argument, wait_for_output
@@ -482,6 +482,45 @@ async def test_an_image_without_etc_passwd_runs_processes_as_the_numeric_user(
     executor = await started(created_executor(made, image=passwordless_image))
     result = await executor.spawn(SpawnOptions(command="id -u; id -g; test -w /home/agent && echo home-writable"))
     assert (result.exit_code, result.stdout.split()) == (0, ["1000", "1000", "home-writable"]), result
+
+
+async def test_a_container_that_could_not_start_is_removed_and_a_stale_one_is_made_anew(
+    engine: DockerClient, made: Made, started: StartExecutor
+) -> None:
+    import docker.errors
+
+    config = docker_config(made.container, volume_name=made.volume, network="process-mcp-test-no-such-network")
+    with pytest.raises(BackendUnavailable):
+        await DockerExecutor(config, labels=TEST_LABELS).start()
+    with pytest.raises(docker.errors.NotFound):  # not left behind to be reused with the bad setting
+        await anyio.to_thread.run_sync(engine.containers.get, made.container)
+    # A stopped container of the server's own from another configuration (here another image) is made anew.
+    first = await started(created_executor(made, image=BUSYBOX_IMAGE))
+    await first.cleanup()
+    await anyio.to_thread.run_sync(
+        lambda: engine.containers.create(
+            BUSYBOX_IMAGE,
+            ["tail", "-f", "/dev/null"],
+            name=made.container,
+            labels={**TEST_LABELS, MANAGED_LABEL: "true"},
+        )
+    )
+    second = await started(created_executor(made, image=DEBIAN_IMAGE))
+    assert "bookworm" in (await second.spawn(SpawnOptions(command="cat /etc/os-release"))).stdout
+
+
+async def test_a_running_container_that_differs_from_the_configuration_is_refused_naming_the_difference(
+    engine: DockerClient, made: Made
+) -> None:
+    await anyio.to_thread.run_sync(
+        lambda: engine.containers.run(
+            BUSYBOX_IMAGE, ["tail", "-f", "/dev/null"], name=made.container, labels=TEST_LABELS, detach=True
+        )
+    )
+    with pytest.raises(BackendUnavailable, match=r"runs image .*busybox.*, not DOCKER_IMAGE=") as caught:
+        await DockerExecutor(docker_config(made.container, volume_name=made.volume), labels=TEST_LABELS).start()
+    assert "docker rm -f" in caught.value.message
+    assert (await anyio.to_thread.run_sync(engine.containers.get, made.container)).status == "running"  # untouched
 
 
 @pytest.mark.parametrize("fault", ["kill", "stop", "remove"])

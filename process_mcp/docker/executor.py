@@ -411,9 +411,34 @@ class DockerExecutor(ProcessExecutor):
                     f"container {name!r} does not exist and DOCKER_USE_EXISTING=true forbids creating it; "
                     "create it (see example-custom-container.sh), fix DOCKER_CONTAINER, or unset DOCKER_USE_EXISTING"
                 ) from None
-            container = await self._create_container(client)
+            return await self._start_created(await self._create_container(client))
         except engine.docker_errors() as exc:
             raise BackendUnavailable(f"cannot look up container {name!r}: {engine.reason(exc)}") from None
+        if not cfg.use_existing and (difference := self._differs(container)):
+            if container.labels.get(MANAGED_LABEL) != "true" or container.status == "running":
+                whose = "is running" if container.status == "running" else "was not made by process-mcp"
+                raise BackendUnavailable(
+                    f"container {name!r} {whose} and {difference}; remove it (docker rm -f {name}) to have it made "
+                    "anew, set DOCKER_CONTAINER to another name, or DOCKER_USE_EXISTING=true to use it as it is"
+                )
+            logger.warning("container %s %s; making it anew as configured", name, difference)
+            await self._remove(container)
+            return await self._start_created(await self._create_container(client))
+        await self._start(container)
+        return container
+
+    async def _start_created(self, container: Container) -> Container:
+        """Start a container this call created; one that cannot start is removed, never left to be reused."""
+        try:
+            await self._start(container)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._remove(container)
+            raise
+        return container
+
+    async def _start(self, container: Container) -> None:
+        name = self.config.docker.container_name
         try:
             if container.status != "running":
                 logger.info("starting stopped container %s", name)
@@ -426,9 +451,26 @@ class DockerExecutor(ProcessExecutor):
                 f"container {name!r} stopped right after starting (status {container.status}); its main "
                 "command must keep running, e.g. `tail -f /dev/null`"
             )
-        if not cfg.use_existing:
+        if not self.config.docker.use_existing:
             await self._own_home(container)
-        return container
+
+    def _differs(self, container: Container) -> str | None:
+        """How an existing container differs from what this configuration would make (image, network)."""
+        attrs: dict[str, Any] = container.attrs
+        image = attrs.get("Config", {}).get("Image")
+        if image != self.config.docker.image:
+            return f"runs image {image!r}, not DOCKER_IMAGE={self.config.docker.image!r}"
+        network = attrs.get("HostConfig", {}).get("NetworkMode")
+        wanted = self.config.docker_network or "bridge"
+        if network not in (wanted, "default" if wanted == "bridge" else wanted):
+            return f"is on network {network!r}, not {wanted!r} (DOCKER_NETWORK)"
+        return None
+
+    async def _remove(self, container: Container) -> None:
+        try:
+            await anyio.to_thread.run_sync(lambda: container.remove(force=True))
+        except engine.docker_errors() as exc:
+            logger.warning("could not remove container %s: %s", container.name, engine.reason(exc))
 
     @property
     def agent_user(self) -> str:
@@ -460,10 +502,9 @@ class DockerExecutor(ProcessExecutor):
         if result.exit_code != 0:
             output = result.output if isinstance(result.output, bytes) else b""
             said = output.decode(errors="replace").strip() or f"chown exited with code {result.exit_code}"
-            raise BackendUnavailable(
-                f"cannot give {DOCKER_WORKDIR} to DOCKER_USER={user}: {said}; a user given by name must exist in "
-                "the image's /etc/passwd (give uid:gid numbers otherwise)"
-            )
+            named = not user.replace(":", "").isdigit()
+            hint = "; a user given by name must exist in the image's /etc/passwd (or give uid:gid)" if named else ""
+            raise BackendUnavailable(f"cannot give {DOCKER_WORKDIR} to DOCKER_USER={user}: {said}{hint}")
 
     async def _create_container(self, client: DockerClient) -> Container:
         import docker.errors
