@@ -4,7 +4,8 @@ A server often runs inside a bound of its own: a container's or a systemd unit's
 a memory limit), or an RLIMIT_NPROC. A sandbox's own bounds (SANDBOX_MAX_PROCESSES, 1024 by default)
 may be larger than what is left there, and a fork bomb in one sandbox then takes every process the
 server may have, so the next spawn, or even the kill that would end the bomb, fails. So the server
-reads its enclosing bounds (cgroup v1 and v2, each level up to the root, and RLIMIT_NPROC), keeps
+reads its enclosing bounds (cgroup v1 and v2, each level up to the root, RLIMIT_NPROC, and the machine's
+own: kernel.pid_max, kernel.threads-max, its memory), keeps
 HEADROOM_PROCESSES and HEADROOM_MEMORY_BYTES of them for itself, and gives each sandbox at most half of
 what is left at its spawn (so one bomb leaves room for the next spawn, and for the kill that ends it).
 """
@@ -33,11 +34,14 @@ class Bound:
 
     where: str
     limit: int
-    current: Path | None  # the file that says what is in use, or None for RLIMIT_NPROC (counted in /proc)
+    current: Path | None  # the file that says what is in use, or None: counted in /proc (see ``machine``)
+    machine: bool = False  # counts every task on the machine (kernel.pid_max), not this user's
 
     def in_use(self, *, exact: bool = True) -> int:
         """What counts against the limit now. For RLIMIT_NPROC, unless ``exact``, every thread on the
         machine (one read, an upper bound) rather than this user's (a walk of /proc)."""
+        if self.machine:
+            return _threads_on_machine()
         if self.current is None:
             return _processes_of(os.getuid()) if exact else _threads_on_machine()
         try:
@@ -66,6 +70,12 @@ class ServerBounds:
         soft, _ = resource.getrlimit(resource.RLIMIT_NPROC)
         if os.getuid() != 0 and soft != resource.RLIM_INFINITY:
             processes.append(Bound("RLIMIT_NPROC (processes of this user)", soft, None))
+        # The machine's own: without a cgroup around it, the server and every other program share these.
+        for setting in ("pid_max", "threads-max"):
+            if (value := _number(Path("/proc/sys/kernel", setting))) is not None:
+                processes.append(Bound(f"kernel.{setting} (tasks on this machine)", value, None, machine=True))
+        if (total := _mem_total()) is not None:
+            memory.append(Bound("MemTotal (this machine's memory)", total, None, machine=True))
         return cls(tuple(processes), tuple(memory))
 
     def processes_left(self, enough: int | None = None) -> tuple[int, Bound] | None:
@@ -139,6 +149,23 @@ def _own_cgroups() -> dict[str, str]:
         for controller in controllers.split(",") if controllers else [""]:
             groups[controller] = path
     return groups
+
+
+def _number(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _mem_total() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _threads_on_machine() -> int:

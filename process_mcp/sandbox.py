@@ -113,6 +113,8 @@ that finds one is refused."""
 
 SANDBOX_PATH = "/usr/bin:/bin"
 """PATH of the launch chain inside the sandbox, which uses absolute paths anyway."""
+UNLISTABLE = "(a directory that cannot be listed)"
+"""The pattern ``_NameIndex.find`` reports a directory under, when it could not look into it."""
 NOT_SEARCHED = frozenset({"node_modules", "__pycache__", ".venv", ".tox", ".mypy_cache", ".pytest_cache", ".cache"})
 """Directories the search for protected paths does not enter: package and cache trees, large and made
 by tools, where no repository or shell configuration of the user's lives."""
@@ -291,7 +293,11 @@ class Sandbox:
         size = str(self.config.tmp_size_mb * 1024 * 1024)
         for tmp in ("/tmp", "/var/tmp", "/dev/shm"):
             mounts.add(["--size", size, "--perms", "1777", "--tmpfs", tmp])
+        # A read-only path inside a writable root is mounted after that root, or the root would cover it.
+        inside = [p for p in self._readable if any(_within(p, root) and p != root for root in self.writable)]
         for path in self._readable:
+            if path in inside:
+                continue
             if os.path.islink(path):  # a system directory such as /lib -> usr/lib (the system's own)
                 mounts.add(["--symlink", os.readlink(path), path])
             else:
@@ -312,6 +318,8 @@ class Sandbox:
             self._mount_configured(mounts, directory, "the server's interpreter", writable=False)
         for root in self.writable:
             self._mount_configured(mounts, root, "DEFAULT_WORKDIR or SANDBOX_ALLOW_WRITE", writable=True)
+        for path in inside:
+            self._mount_configured(mounts, path, "SANDBOX_ALLOW_READ", writable=False)
 
     def _hidden_in_system_trees(self) -> list[str]:
         """What a root server hides in ``ROOT_ONLY_SEARCH`` (waiting for the search at the first spawns)."""
@@ -359,6 +367,11 @@ class Sandbox:
             _open_found(opener, path)
         hidden = {path for path in hidden if self._check_hideable(opener, path)}
         read_only -= hidden
+        # Nothing inside a hidden path is mounted: it is an empty directory there, where bwrap could not
+        # even make the mount point (a protected repository inside a denied directory failed every spawn).
+        beneath = [h for h in hidden if stat.S_ISDIR(opener.mode(h))]
+        read_only = {p for p in read_only if not any(_within(p, h) and p != h for h in beneath)}
+        hidden = {p for p in hidden if not any(_within(p, h) and p != h for h in beneath)}
         # A path inside another read-only one needs no mount of its own (.git/hooks in a read-only .git).
         read_only = {path for path in read_only if not any(_within(path, o) and path != o for o in read_only)}
         pinned = set()
@@ -542,7 +555,18 @@ class _NameIndex:
                 )
             try:
                 entries = list(os.scandir(directory))
-            except OSError:
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # gone since its parent was listed
+            except OSError as exc:
+                # Not listable (a process of the same user can chmod its directories): what is below it
+                # cannot be looked through, so it is held read-only whole, never left unprotected.
+                logger.warning(
+                    "sandbox: cannot look into %s (%s), so it is read-only for this process; give the server's "
+                    "user read access to it (chmod u+rx) to have it writable again",
+                    directory,
+                    exc.strerror or exc,
+                )
+                found.append((directory, UNLISTABLE))
                 continue
             for entry in entries:
                 for rest, pattern in self._by_first.get(entry.name, ()):

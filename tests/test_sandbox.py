@@ -15,6 +15,7 @@ import pytest
 
 from process_mcp import BackendUnavailable, HostExecutor, SpawnFailed, SpawnOptions
 from process_mcp import sandbox as sandbox_module
+from process_mcp.bounds import ServerBounds
 from process_mcp.config import SandboxConfig
 from process_mcp.models import ProcessLimits
 
@@ -422,3 +423,23 @@ async def test_files_in_usr_that_only_root_may_read_are_hidden_from_a_root_serve
     # A hidden file removed since the server looked (a package uninstalled) leaves nothing to hide.
     await anyio.Path(root_only_file).unlink()
     assert (await run(executor, "echo still-spawning"))[1] == "still-spawning\n"
+
+
+async def test_an_allowed_read_path_inside_the_workspace_stays_read_only(sandbox: MakeSandbox, tmp_path: Path) -> None:
+    vendor = tmp_path / "work" / "vendor"
+    vendor.mkdir()
+    (vendor / "lib.txt").write_text("original\n")
+    executor = await sandbox(allow_read=[INTERPRETER, str(vendor)])
+    _, output = await run(executor, "echo changed > vendor/lib.txt; echo fine > mine.txt")
+    assert "Read-only file system" in output
+    assert (vendor / "lib.txt").read_text() == "original\n"
+    assert (tmp_path / "work" / "mine.txt").read_text() == "fine\n"
+
+
+def test_the_machines_own_task_and_memory_limits_bound_the_sandboxes_together() -> None:
+    bounds = ServerBounds.read()
+    assert any(bound.machine and "pid_max" in bound.where for bound in bounds.processes)
+    assert any(bound.machine for bound in bounds.memory)
+    total = bounds.processes_total()
+    assert total is not None
+    assert total < int(Path("/proc/sys/kernel/pid_max").read_text())

@@ -434,6 +434,29 @@ async def test_a_link_cannot_uncover_a_denied_file_or_move_a_deny_rule(box: Serv
     assert SECRET not in refused
 
 
+async def test_a_directory_made_unreadable_is_held_read_only_not_skipped_by_the_search(box: Servers) -> None:
+    b: Box = await box()
+    _write_as(b, b.workspace / "repo/.git/config", "[core]\n")
+    _write_as(b, b.workspace / "repo/.git/hooks/README", "hooks\n")
+    _write_as(b, b.workspace / "repo/main.py", "print(1)\n")
+    # A process of the server's own user may chmod its directories; an unprivileged server then cannot
+    # list them, and the search for protected paths must not take that as "nothing here".
+    await b.output("chmod 0300 repo")
+    output = await b.output("chmod 0755 repo; echo evil >> repo/.git/config; echo evil > repo/.git/hooks/pre-commit")
+    (b.workspace / "repo").chmod(0o755)
+    assert (b.workspace / "repo/.git/config").read_text() == "[core]\n", output
+    assert not (b.workspace / "repo/.git/hooks/pre-commit").exists()
+    # Once it can be listed again, the rest of the repository is as writable as before.
+    await b.output("echo 2 > repo/main.py")
+    assert (b.workspace / "repo/main.py").read_text() == "2\n"
+
+
+async def test_a_protected_path_inside_a_hidden_directory_does_not_fail_later_spawns(box: Servers) -> None:
+    b: Box = await box(SANDBOX_DENY_READ="secret")
+    await b.output("mkdir -p a/secret/r/.git/hooks")
+    assert "still-spawning" in await b.output("echo still-spawning; ls -A a/secret")
+
+
 # 4c. Git reads configuration and code from many files in .git: none of them may be the agent's.
 
 
