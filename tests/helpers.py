@@ -7,6 +7,7 @@ import os
 import re
 import secrets
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -16,7 +17,7 @@ from mcp import Client
 from mcp_types import CallToolResult, TextContent
 
 from process_mcp import ProcessExecutor
-from process_mcp.sandbox import find_bwrap
+from process_mcp.sandbox import Sandbox, find_bwrap
 
 WAIT_S = 10.0
 """Bound on every wait for a condition in the tests; generous, since CI machines are shared."""
@@ -140,3 +141,44 @@ async def error(client: Client, tool: str, arguments: dict[str, Any]) -> str:
     result = await client.call_tool(tool, arguments)
     assert result.is_error, result
     return text_of(result)
+
+
+def run_wrapped(
+    sandbox: Sandbox,
+    command: str,
+    cwd: str,
+    *,
+    edit: Callable[[list[str]], list[str]] | None = None,
+    pass_fds: tuple[int, ...] = (),
+) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` with the command line ``sandbox`` builds for it, changed by ``edit`` first: the
+    seam for proving one protection layer with another taken away. Blocking; call it from a thread."""
+    launch = sandbox.wrap(command, cwd, {"PATH": "/usr/bin:/bin"}, None)
+    try:
+        return subprocess.run(
+            edit(list(launch.argv)) if edit is not None else launch.argv,
+            env=launch.env,
+            pass_fds=(*launch.pass_fds, *pass_fds),
+            preexec_fn=launch.prepare,
+            capture_output=True,
+            text=True,
+            timeout=WAIT_S,
+            check=False,
+        )
+    finally:
+        for fd in launch.close_after_start:
+            os.close(fd)
+        if launch.cgroup is not None and sandbox.cgroups is not None:
+            sandbox.cgroups.release(launch.cgroup)
+
+
+def without(argv: list[str], option: str, values: int = 0) -> list[str]:
+    """``argv`` without ``option`` and the ``values`` arguments that follow it; it must be there."""
+    at = argv.index(option)
+    return argv[:at] + argv[at + 1 + values :]
+
+
+def replaced(argv: list[str], option: str, value: str) -> list[str]:
+    """``argv`` with the one argument after ``option`` replaced by ``value``; the option must be there."""
+    at = argv.index(option)
+    return [*argv[: at + 1], value, *argv[at + 2 :]]
