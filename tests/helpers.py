@@ -174,11 +174,13 @@ def run_wrapped(
 
 def without(argv: list[str], option: str, values: int = 0) -> list[str]:
     """``argv`` without ``option`` and the ``values`` arguments that follow it; it must be there."""
+    assert option in argv, f"the command line has no {option}: {argv}"
     at = argv.index(option)
     return argv[:at] + argv[at + 1 + values :]
 
 
 def replaced(argv: list[str], option: str, value: str) -> list[str]:
     """``argv`` with the one argument after ``option`` replaced by ``value``; the option must be there."""
+    assert option in argv, f"the command line has no {option}: {argv}"
     at = argv.index(option)
     return [*argv[: at + 1], value, *argv[at + 2 :]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import shlex
 import subprocess
@@ -20,7 +21,7 @@ from process_mcp.config import SandboxConfig
 from process_mcp.models import ProcessLimits
 
 from .conftest import host_config
-from .helpers import WAIT_S, cannot_run_here, sleep_argument, wait_for_output
+from .helpers import WAIT_S, cannot_run_here, run_wrapped, sleep_argument, wait_for_output, without
 
 pytestmark = pytest.mark.anyio
 
@@ -179,6 +180,35 @@ async def test_processes_get_their_own_pid_namespace_proc_and_dev(sandbox: MakeS
     assert pid < 10  # numbered inside its own namespace
     assert visible < 10  # sees only its own few processes, not the host's
     assert devices < 30  # a minimal /dev, not the host's
+
+
+async def test_bwrap_and_seccomp_each_refuse_a_nested_user_namespace_alone(
+    sandbox: MakeSandbox, tmp_path: Path
+) -> None:
+    # Two layers refuse a user namespace inside the sandbox: bwrap's --disable-userns (a nesting limit:
+    # ENOSPC) and the seccomp filter's CLONE_NEWUSER rule (EPERM). With both on, the filter answers
+    # first and hides whether the other holds, so each runs without the other; without either, the
+    # same probe makes a namespace, which shows it can tell.
+    sandbox_ = (await sandbox())._sandbox
+    assert sandbox_ is not None
+    probe = "unshare --user true && echo made-a-user-namespace"
+    layers = {  # what is taken off the command line, and how the probe is then refused
+        "bwrap alone": ([("--seccomp", 1)], "No space left on device"),
+        "seccomp alone": ([("--disable-userns", 0)], "Operation not permitted"),
+        "neither": ([("--seccomp", 1), ("--disable-userns", 0)], ""),
+    }
+    for layer, (removed, refusal) in layers.items():
+
+        def edit(argv: list[str], removed: list[tuple[str, int]] = removed) -> list[str]:
+            for option, values in removed:
+                argv = without(argv, option, values)
+            return argv
+
+        done = await anyio.to_thread.run_sync(
+            functools.partial(run_wrapped, sandbox_, probe, str(tmp_path / "work"), edit=edit)
+        )
+        assert ("made-a-user-namespace" in done.stdout) is (layer == "neither"), (layer, done)
+        assert refusal in done.stderr, (layer, done.stderr)
 
 
 async def test_an_empty_domain_list_means_no_network(sandbox: MakeSandbox) -> None:
