@@ -276,41 +276,110 @@ async def test_a_workspace_that_would_open_the_system_or_home_is_refused(box: Se
 # 4. Persistence: what runs code later stays read-only inside the writable roots.
 
 
-PLANTS = (
-    ".git/hooks/pre-commit",
+PROTECTED = (
+    ".git",
+    ".git/hooks",
     ".git/config",
-    "nested/deeper/lib/.git/hooks/post-checkout",
-    "nested/deeper/lib/.git/config",
-    ".vscode/tasks.json",
-    ".idea/workspace.xml",
-    ".bashrc",
-    ".profile",
-    ".ssh/authorized_keys",
-    ".config/autostart/evil.desktop",
-    ".local/bin/git",
+    ".git/config.worktree",
+    ".git/commondir",
+    ".git/info",
+    ".git/modules",
+    ".git/worktrees",
+    ".husky",
+    ".githooks",
+    ".vscode",
+    ".idea",
+    ".devcontainer",
     ".envrc",
-    ".husky/pre-commit",
-    ".devcontainer/devcontainer.json",
+    ".bashrc",
+    ".bash_profile",
+    ".bash_login",
+    ".bash_logout",
+    ".profile",
+    ".zshrc",
+    ".zshenv",
+    ".zprofile",
+    ".zlogin",
+    ".ssh",
+    ".gnupg",
+    ".gitconfig",
+    ".config/git",
+    ".config/autostart",
+    ".local/bin",
 )
+"""Every name SECURITY.md promises read-only in the writable roots, written here rather than read from
+the sandbox, so that a name dropped there fails the test below."""
+PLANTS = {
+    ".git": ".git/HEAD",
+    ".git/hooks": ".git/hooks/pre-commit",
+    ".git/config": ".git/config",
+    ".git/config.worktree": ".git/config.worktree",
+    ".git/commondir": ".git/commondir",
+    ".git/info": ".git/info/attributes",
+    ".git/modules": ".git/modules/m/config",
+    ".git/worktrees": ".git/worktrees/w/commondir",
+    ".husky": ".husky/pre-commit",
+    ".githooks": ".githooks/pre-commit",
+    ".vscode": ".vscode/tasks.json",
+    ".idea": ".idea/workspace.xml",
+    ".devcontainer": ".devcontainer/devcontainer.json",
+    ".envrc": ".envrc",
+    ".bashrc": ".bashrc",
+    ".bash_profile": ".bash_profile",
+    ".bash_login": ".bash_login",
+    ".bash_logout": ".bash_logout",
+    ".profile": ".profile",
+    ".zshrc": ".zshrc",
+    ".zshenv": ".zshenv",
+    ".zprofile": ".zprofile",
+    ".zlogin": ".zlogin",
+    ".ssh": ".ssh/authorized_keys",
+    ".gnupg": ".gnupg/gpg.conf",
+    ".gitconfig": ".gitconfig",
+    ".config/git": ".config/git/config",
+    ".config/autostart": ".config/autostart/evil.desktop",
+    ".local/bin": ".local/bin/git",
+}
+"""A file planted for each protected name (the name itself, or a file in it). ``.git`` is read-only whole,
+which covers the names under it; with ``.git`` allowed, those names are what holds."""
+NESTED = "nested/deeper/lib"
+"""Where every plant is made a second time: protected names count at any depth."""
 
 
-async def test_files_that_run_code_later_cannot_be_planted_or_changed(box: Servers) -> None:
-    b: Box = await box()
+@pytest.mark.parametrize("allowed", ["", ".git"], ids=["default", "git-allowed"])
+async def test_files_that_run_code_later_cannot_be_planted_or_changed(box: Servers, allowed: str) -> None:
+    assert set(PLANTS) == set(PROTECTED)  # the test's own bookkeeping: a plant for every name
+    b: Box = await box(SANDBOX_ALLOW_PROTECTED=allowed)
     workspace = b.workspace
-    for plant in PLANTS:
-        _write_as(b, workspace / plant, "original\n")
-    _write_as(b, workspace / "nested/deeper/lib/main.py", "print('hi')\n")
-    for plant in PLANTS:
-        output = await b.output(f"echo evil > {plant}; echo evil >> {plant}; rm -f {plant}; ls {plant}")
-        assert (workspace / plant).read_text() == "original\n", output
+    held = {name: plant for name, plant in PLANTS.items() if name != allowed}
+    targets = [*held.values(), *(f"{NESTED}/{plant}" for plant in held.values())]
+    for target in targets:
+        _write_as(b, workspace / target, "original\n")
+    _write_as(b, workspace / NESTED / "main.py", "print('hi')\n")
+    # A protected directory also takes no new file.
+    new_files = [
+        f"{prefix}{name}/planted-new" for name in held if PLANTS[name] != name for prefix in ("", f"{NESTED}/")
+    ]
+    attack = [f"echo evil > {t}; echo evil >> {t}; rm -f {t}" for t in targets] + [
+        f"echo evil > {n}" for n in new_files
+    ]
+    output = await b.output("; ".join(attack) + "; echo done")
+    assert "done" in output
+    changed = [t for t in targets if not (workspace / t).exists() or (workspace / t).read_text() != "original\n"]
+    assert changed == [], output
+    assert [n for n in new_files if (workspace / n).exists()] == [], output
     # Moving a protected directory away, planting, and moving it back is refused at the first step.
     output = await b.output("mv .git moved && echo evil > moved/hooks/x; mv nested other")
     assert "busy" in output.lower()
     assert not (workspace / "moved").exists()
     assert (workspace / "nested").is_dir()
-    # The legitimate work next to them: editing code and reading the repository's configuration.
-    assert "original" in await b.output("cat .git/config && echo edited > nested/deeper/lib/main.py")
-    assert (workspace / "nested/deeper/lib/main.py").read_text() == "edited\n"
+    # The legitimate work next to them: editing code, reading the repository's configuration and, with
+    # .git allowed, what a commit writes.
+    assert "original" in await b.output(f"cat .git/config && echo edited > {NESTED}/main.py")
+    assert (workspace / NESTED / "main.py").read_text() == "edited\n"
+    if allowed:
+        await b.output(f"echo ref: refs/heads/work > {PLANTS[allowed]}")
+        assert (workspace / PLANTS[allowed]).read_text() == "ref: refs/heads/work\n"
 
 
 async def test_a_repository_without_a_hooks_directory_cannot_get_one(box: Servers) -> None:
