@@ -399,15 +399,32 @@ async def test_a_protected_path_can_be_allowed_explicitly(box: Servers) -> None:
     assert (b.workspace / ".vscode/settings.json").read_text() == "changed\n"
 
 
-async def test_files_in_etc_that_other_users_cannot_read_stay_hidden_even_from_root(box: Servers) -> None:
-    b: Box = await box()
+async def test_files_in_etc_that_other_users_cannot_read_stay_hidden_even_from_their_owner(box: Servers) -> None:
+    # A file the server's own user may read and others may not: hidden from its sandboxes whoever runs
+    # the server (for nobody, /etc/shadow alone would prove nothing: nobody cannot read it anyway).
     if os.getuid() != 0:
-        cannot_run_here("only a root test run can read /etc/shadow to compare")
-    shadow = Path("/etc/shadow").read_text()
-    assert shadow, "the host has no /etc/shadow to test with"
-    output = await b.output("cat /etc/shadow /etc/gshadow; head -1 /etc/passwd")
-    assert "root:" in output  # /etc/passwd is world-readable and shown
-    assert shadow.splitlines()[0] not in output
+        cannot_run_here("only a root test run can place a private file in /etc for the server's user")
+    private = Path(f"/etc/process-mcp-test-{secrets.token_hex(4)}")
+    private.write_text(SECRET)
+    try:
+        private.chmod(0o600)
+        os.chown(private, box.uid, box.uid)
+        b: Box = await box()  # after the file exists: what is hidden is decided at the server's start
+        assert _as_user_reads(box.uid, private) == SECRET  # the server's user can read it on the host
+        output = await b.output(f"cat {private} /etc/shadow /etc/gshadow; head -1 /etc/passwd")
+        assert "root:" in output  # /etc/passwd is world-readable and shown
+        assert SECRET not in output
+        if box.uid == 0:
+            shadow = Path("/etc/shadow").read_text()
+            assert shadow, "the host has no /etc/shadow to test with"
+            assert shadow.splitlines()[0] not in output
+    finally:
+        private.unlink()
+
+
+def _as_user_reads(uid: int, path: Path) -> str:
+    command = [*(_as(uid) if uid != os.getuid() else []), "cat", str(path)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=WAIT_S, check=True).stdout
 
 
 async def test_the_users_home_is_not_shown_at_all(box: Servers) -> None:
