@@ -20,14 +20,13 @@ from process_mcp.models import MAX_INPUT_CHARS
 
 from .conftest import host_config
 from .helpers import (
-    POLL_S,
     WAIT_S,
     kill_if_alive,
     pid_alive,
-    running_sleepers,
     sleep_argument,
     sleepers,
     started,
+    wait_for_exit,
     wait_for_output,
     wait_until_gone,
 )
@@ -89,16 +88,18 @@ async def test_kill_ends_descendants_that_left_the_process_group_or_tree(host: H
 @pytest.mark.parametrize("escape", list(ESCAPES))
 async def test_cleanup_ends_descendants_that_left_a_parent_that_has_exited(host: HostExecutor, escape: str) -> None:
     arg = sleep_argument()
-    result = await host.spawn(SpawnOptions(command=f"set -- {arg}; {ESCAPES[escape]} echo started"))
-    assert (result.status, result.exit_code) == ("terminated", 0)
-    if host.sandboxed:  # the sandbox's PID namespace ended with its first process, and took the child
-        with anyio.fail_after(WAIT_S):
-            while running_sleepers(arg):
-                await anyio.sleep(POLL_S)
-        return
+    # The parent waits for a line on its input, so the child is seen running on the host before it exits.
+    spawned = await host.spawn(
+        SpawnOptions(command=f"set -- {arg}; {ESCAPES[escape]} read go; echo parent-exits", background=True)
+    )
     (child,) = await sleepers(arg, 1)
     try:
-        await host.cleanup()
+        await host.stdin(spawned.pid, "go\\n")
+        await wait_for_exit(host, spawned.pid)
+        assert (await host.get_output(spawned.pid)).stdout == "parent-exits\n"
+        if not host.sandboxed:
+            await host.cleanup()
+        # In the sandbox, its PID namespace ended with its first process and took the child without a cleanup.
         await wait_until_gone(child)
     finally:
         kill_if_alive(child)
