@@ -6,12 +6,14 @@ import ast
 import os
 import pwd
 import select
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ import pytest
 from process_mcp.box import protocol
 from process_mcp.box.client import BOOTSTRAP, bootstrap_payload
 
-from .helpers import cannot_run_here, kill_if_alive, running_sleepers, sleep_argument, started
+from .helpers import POLL_S, WAIT_S, cannot_run_here, kill_if_alive, running_sleepers, sleep_argument, started
 
 
 def test_frames_split_anywhere_across_reads_come_out_whole_and_in_order() -> None:
@@ -155,12 +157,26 @@ class RawAgent:
                 found.append({"data": payload} if raw else protocol.fields(payload))
             if len(found) >= count:
                 return found
-            assert self.process.stdout is not None
-            ready = select.select([self.process.stdout], [], [], 10)[0]
-            assert ready, f"the agent sent no frame of kind {kind} within 10 s"
-            data = os.read(self.process.stdout.fileno(), 1 << 20)
-            assert data, "the agent's stream ended"
-            self.backlog += [(got, channel, bytes(payload)) for got, channel, payload in self.decoder.feed(data)]
+            self.read(f"frame of kind {kind}")
+
+    def read(self, awaited: str) -> None:
+        """Read what the agent sent next into the backlog; fail if nothing comes within 10 s."""
+        assert self.process.stdout is not None
+        ready = select.select([self.process.stdout], [], [], 10)[0]
+        assert ready, f"the agent sent no {awaited} within 10 s"
+        data = os.read(self.process.stdout.fileno(), 1 << 20)
+        assert data, "the agent's stream ended"
+        self.backlog += [(got, channel, bytes(payload)) for got, channel, payload in self.decoder.feed(data)]
+
+    def frames_until(self, kind: int, channel: int) -> list[tuple[int, int, bytes]]:
+        """Every frame the agent sent, in order, up to and including the first of ``kind`` on ``channel``;
+        those after it stay for later calls."""
+        while True:
+            for at, frame in enumerate(self.backlog):
+                if frame[:2] == (kind, channel):
+                    found, self.backlog = self.backlog[: at + 1], self.backlog[at + 1 :]
+                    return found
+            self.read(f"frame of kind {kind} on channel {channel}")
 
     def close(self) -> None:
         self.send(protocol.frame(protocol.SHUTDOWN, 0))
@@ -336,4 +352,67 @@ def test_the_agent_opens_at_most_max_tunnels_and_the_next_once_one_has_closed_on
     finally:
         for client in clients:
             client.close()
+
+
+BURST_BYTES = 512 * 1024
+"""A burst that fits in a grown pipe (1 MiB) and in one read of the agent's."""
+BURST = f"""
+import fcntl, os
+fcntl.fcntl(1, 1031, 1 << 20)  # F_SETPIPE_SZ: room for the whole burst while nothing reads it
+os.write(1, b"x" * {BURST_BYTES - 8} + b"TAIL-OK\\n")
+open("written", "w").close()
+"""
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {WAIT_S} s"
+        time.sleep(POLL_S)
+
+
+def stream_full(agent: RawAgent) -> bool:
+    """Whether the agent's stream to the server has no room left (its pipe's every buffer in use), seen
+    from a write end of our own that is never written to."""
+    writer = os.open(f"/proc/{agent.process.pid}/fd/1", os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        return not select.select([], [writer], [], 0)[1]
+    finally:
+        os.close(writer)
+
+
+def any_process_in(directory: Path) -> bool:
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and os.readlink(entry / "cwd") == str(directory):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def test_what_a_process_wrote_before_exiting_goes_ahead_of_its_exit_while_the_stream_is_full(tmp_path: Path) -> None:
+    """The server takes an exit to mean the output before it has come (a reply is cut at once), so the
+    agent sends what the process wrote before exiting ahead of the exit; also when the stream to the
+    server is full and output is not being read, since the exit arrives on the supervisor's own pipe."""
+    if os.getuid() != 0:
+        cannot_run_here("the agent and its supervisors are not dumpable: only root can watch their stream and cwd")
+    agent = RawAgent()
+    try:
+        # A flood that fills the stream, which the test does not read: the agent stops reading output.
+        agent.send(spawn_frame(1, f"head -c {16 << 20} /dev/zero"))
+        wait_until(lambda: stream_full(agent), "filling the stream")
+        # A burst written into the process's own pipe while nothing reads it, then its exit.
+        burst = tmp_path / "burst"
+        burst.mkdir()
+        agent.send(spawn_frame(2, f"exec python3 -c {shlex.quote(BURST)}", cwd=str(burst)))
+        wait_until((burst / "written").exists, "the burst")
+        # Its supervisor leaves the directory once it has reported the exit (and the tree is gone).
+        wait_until(lambda: not any_process_in(burst), "the exit report")
+        frames = agent.frames_until(protocol.EXITED, 2)
+        ahead = b"".join(payload for kind, channel, payload in frames if (kind, channel) == (protocol.STDOUT, 2))
+        assert len(ahead) == BURST_BYTES
+        assert ahead.endswith(b"TAIL-OK\n")
+        agent.frames_until(protocol.EXITED, 1)  # the rest of the flood, so the agent can end at once
+    finally:
         agent.close()
