@@ -12,7 +12,8 @@ event loop, in this order:
    only when someone asks for it.
 3. When a stream ends (every holder of its write end is gone): ``record.stream_closed()``.
 4. When the process itself exits, exactly once, with what the kernel reported:
-   ``record.finish(exit_code)``, or ``record.finish(None, signum)`` when a signal ended it.
+   ``record.finish(exit_code)``, or ``record.finish(None, signum)`` when a signal ended it; what the
+   process wrote before exiting and is still waiting to be read is appended first.
 
 A process has exited when ``finish`` is called; it is done once it has exited and every stream it
 opened is closed (a background child may hold output open after its parent exits). Then the

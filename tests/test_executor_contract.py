@@ -69,6 +69,15 @@ async def test_exit_is_reported_while_a_background_child_still_holds_the_output(
     assert (await executor.get_process(result.pid)).status == "terminated"
 
 
+@pytest.mark.parametrize("holder", ["", "sleep 1 & "], ids=["alone", "child-holds-output"])
+async def test_a_burst_written_just_before_the_exit_is_all_in_the_reply(executor: ProcessExecutor, holder: str) -> None:
+    size = 3_000_000  # more than a pipe holds, so the last of it is written just before the exit
+    result = await executor.spawn(SpawnOptions(command=f"{holder}head -c {size} /dev/zero | tr '\\0' x; echo TAIL-OK"))
+    assert (result.status, result.exit_code) == ("terminated", 0)
+    assert result.stdout.endswith("xTAIL-OK\n")
+    assert result.cursor == size + len("TAIL-OK\n")
+
+
 async def test_background_returns_at_once_and_output_arrives_later(executor: ProcessExecutor) -> None:
     result = await executor.spawn(SpawnOptions(command="read line; echo got:$line", background=True))
     assert result.status == "running"
