@@ -228,6 +228,11 @@ class ServiceConfig(BaseModel):
     max_connections: int = setting(
         "PROCESS_HTTP_MAX_CONNECTIONS", 256, ge=1, description="HTTP connections served at once (then 503)"
     )
+    max_connections_per_address: int | None = setting(
+        "PROCESS_HTTP_MAX_CONNECTIONS_PER_ADDRESS",
+        ge=1,
+        description="HTTP connections one client address may hold (unset: half of PROCESS_HTTP_MAX_CONNECTIONS)",
+    )
     max_body_bytes: int = setting(
         "PROCESS_HTTP_MAX_BODY_BYTES", 4 * 1024 * 1024, ge=1024, description="largest HTTP request body"
     )
@@ -266,6 +271,14 @@ class ServiceConfig(BaseModel):
     spawns_per_min: int = setting(
         "PROCESS_RATE_SPAWNS_PER_MIN", 0, ge=0, description="spawns one caller may make in any minute (0: no limit)"
     )
+
+    @property
+    def connections_per_address(self) -> int:
+        """How many connections one client address may hold: as configured, else half of all, so one
+        address never holds every connection."""
+        if self.max_connections_per_address is not None:
+            return self.max_connections_per_address
+        return max(1, (self.max_connections + 1) // 2)
 
     @property
     def auth_mode(self) -> Literal["tokens", "oauth", "none"] | None:

@@ -42,10 +42,11 @@ from starlette.routing import Mount
 import process_mcp
 from process_mcp import create_process_mcp
 from process_mcp.config import environment_variables
+from process_mcp.service import connections
 
 from .conftest import DEBIAN_IMAGE, host_config, unique_name
 from .helpers import WAIT_S, call, error, pid_alive, sleep_argument, sleepers, text_of
-from .http_server import http_server, mcp_client, run_server_to_exit, write_tokens
+from .http_server import HttpServer, http_server, mcp_client, run_server_to_exit, write_tokens
 
 pytestmark = pytest.mark.anyio
 
@@ -724,20 +725,57 @@ async def test_an_application_mounts_the_app_under_its_own_authentication(worksp
             server.should_exit = True
 
 
-async def test_connections_beyond_the_limit_are_refused_with_503(workspaces: Path, tokens_file: Path) -> None:
-    settings = {"PROCESS_AUTH_TOKENS_FILE": str(tokens_file), "PROCESS_HTTP_MAX_CONNECTIONS": "3"}
+async def test_connections_busy_beyond_the_limit_are_refused_with_503_and_idle_ones_make_room(
+    workspaces: Path, tokens_file: Path
+) -> None:
+    argument = sleep_argument()
+    settings = {
+        "PROCESS_AUTH_TOKENS_FILE": str(tokens_file),
+        "PROCESS_HTTP_MAX_CONNECTIONS": "3",
+        "PROCESS_HTTP_MAX_CONNECTIONS_PER_ADDRESS": "3",
+    }
     headers = {**JSON_AND_SSE, "Authorization": f"Bearer {ALICE}"}
-    async with http_server(workspaces, **settings) as server, contextlib.AsyncExitStack() as stack:
-        # Each client keeps its connection open between requests, as MCP clients do.
-        clients = [await stack.enter_async_context(httpx2.AsyncClient(timeout=WAIT_S)) for _ in range(4)]
-        statuses = [(await c.post(server.url, json=INITIALIZE, headers=headers)).status_code for c in clients]
-        assert statuses == [200, 200, 200, 503]
-        port = int(server.url.rsplit(":", 1)[1].split("/")[0])
-        await clients[0].aclose()
-        with anyio.fail_after(WAIT_S):
-            while established_to(port) > 2:
-                await anyio.sleep(0.02)
-        assert (await clients[3].post(server.url, json=INITIALIZE, headers=headers)).status_code == 200
+    async with http_server(workspaces, **settings) as server:
+        async with contextlib.AsyncExitStack() as stack:
+            # Each client keeps its connection open between requests, as MCP clients do: idle, those
+            # connections do not keep a fifth client out.
+            clients = [await stack.enter_async_context(httpx2.AsyncClient(timeout=WAIT_S)) for _ in range(5)]
+            statuses = [(await c.post(server.url, json=INITIALIZE, headers=headers)).status_code for c in clients]
+            assert statuses == [200] * 5
+        work = workspaces / "alice"
+
+        async def spawn_and_wait(i: int) -> None:
+            async with httpx2.AsyncClient(timeout=WAIT_S * 6) as client:
+                opened = await client.post(server.url, json=INITIALIZE, headers=headers)
+                session = {"Mcp-Session-Id": opened.headers["mcp-session-id"], "Mcp-Protocol-Version": "2025-11-25"}
+                initialized = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+                await client.post(server.url, json=initialized, headers={**headers, **session})
+                arguments = {"command": f"touch started-{i}; sleep {argument}", "timeoutMs": 60000}
+                spawn = {"jsonrpc": "2.0", "id": 2, "method": "tools/call"}
+                spawn["params"] = {"name": "spawn", "arguments": arguments}
+                answer = await client.post(server.url, json=spawn, headers={**headers, **session})
+                assert answer.status_code == 200, answer.text
+
+        async with anyio.create_task_group() as tasks:
+            for i in range(3):
+                tasks.start_soon(spawn_and_wait, i)
+            # Each spawn waits for its process to exit, on a connection of its own.
+            found = await sleepers(argument, 3)
+            with anyio.fail_after(WAIT_S):
+                while not all((work / f"started-{i}").exists() for i in range(3)):
+                    await anyio.sleep(0.02)
+            async with httpx2.AsyncClient(timeout=WAIT_S) as fourth:
+                refused = await fourth.post(server.url, json=INITIALIZE, headers=headers)
+            assert refused.status_code == 503
+            assert established_to(port_of(server)) <= 4
+            for pid in found:
+                os.kill(pid, signal.SIGKILL)  # the test's own sleepers: ends the spawns' waits
+        async with httpx2.AsyncClient(timeout=WAIT_S) as fourth:
+            assert (await fourth.post(server.url, json=INITIALIZE, headers=headers)).status_code == 200
+
+
+def port_of(server: HttpServer) -> int:
+    return int(server.url.rsplit(":", 1)[1].split("/")[0])
 
 
 def established_to(port: int) -> int:
@@ -748,6 +786,137 @@ def established_to(port: int) -> int:
         if int(local.split(":")[1], 16) == port and state == "01":
             count += 1
     return count
+
+
+@pytest.mark.parametrize("sources", [["127.0.0.1"], ["127.0.0.2", "127.0.0.3", "127.0.0.4"]])
+async def test_connections_that_send_nothing_do_not_keep_a_principal_out(
+    workspaces: Path, tokens_file: Path, sources: list[str]
+) -> None:
+    # The attack as reported: 270 connections that send nothing, against the default 256, from the
+    # principals' own address (a sandbox on this machine) or spread over several.
+    async with http_server(workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file)) as server:
+        port = port_of(server)
+        silent = [await raw_connection(port, sources[i % len(sources)]) for i in range(270)]
+        try:
+            with anyio.fail_after(WAIT_S):  # answered at once while the silent connections are open
+                async with mcp_client(server.url, BOB) as bob:
+                    assert (await call(bob, "spawn", {"command": "echo answered"}))["stdout"] == "answered\n"
+            assert established_to(port) <= 256
+            with anyio.fail_after(WAIT_S):  # the server closed the silent connections it needed room for
+                while sum(closed_by_server(sock) for sock in silent) < 270 - 256:
+                    await anyio.sleep(0.02)
+        finally:
+            for sock in silent:
+                sock.close()
+
+
+async def test_a_connection_that_does_not_complete_its_request_in_time_is_closed(
+    workspaces: Path, tokens_file: Path
+) -> None:
+    async with http_server(workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file)) as server:
+        port = port_of(server)
+        silent = await raw_connection(port)
+        head = await raw_connection(port)  # sends its head a byte at a time
+        body = await raw_connection(port)  # a whole head with a token, then its body a byte at a time
+        head_bytes = f"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-Padding: {'x' * 100}\r\n".encode()
+        await anyio.to_thread.run_sync(
+            body.sendall,
+            f"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {ALICE}\r\n"
+            f"Content-Type: application/json\r\nAccept: application/json, text/event-stream\r\n"
+            f"Content-Length: 1000\r\n\r\n".encode(),
+        )
+        ended: dict[str, bool] = {}
+
+        async def dribble(name: str, sock: socket.socket, data: bytes) -> None:
+            for i in range(len(data)):
+                try:
+                    await anyio.to_thread.run_sync(sock.sendall, data[i : i + 1])
+                except OSError:
+                    break
+                if closed_by_server(sock):
+                    break
+                await anyio.sleep(1)  # the attacker's pace, just under any single timeout
+            ended[name] = closed_by_server(sock)
+
+        async def wait_closed(name: str, sock: socket.socket) -> None:
+            while not closed_by_server(sock):
+                await anyio.sleep(0.1)
+            ended[name] = True
+
+        with anyio.fail_after(connections.BODY_TIMEOUT_S + WAIT_S):
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(wait_closed, "silent", silent)
+                tasks.start_soon(dribble, "head", head, head_bytes)
+                tasks.start_soon(dribble, "body", body, b"{" + b" " * 998 + b"}")
+        assert ended == {"silent": True, "head": True, "body": True}
+        async with mcp_client(server.url, BOB) as bob:
+            assert (await call(bob, "spawn", {"command": "echo served"}))["stdout"] == "served\n"
+        for sock in (silent, head, body):
+            sock.close()
+
+
+async def test_one_address_cannot_hold_every_connection_even_with_a_token(workspaces: Path, tokens_file: Path) -> None:
+    settings = {"PROCESS_AUTH_TOKENS_FILE": str(tokens_file), "PROCESS_HTTP_MAX_CONNECTIONS": "8"}
+    async with http_server(workspaces, **settings) as server:
+        port = port_of(server)
+        # Alice, from an address of her own, opens requests whose bodies never come: each keeps its
+        # connection busy. Her address may hold half the connections.
+        held = []
+        for _ in range(8):
+            sock = await raw_connection(port, "127.0.0.2")
+            await anyio.to_thread.run_sync(
+                sock.sendall,
+                f"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {ALICE}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n".encode(),
+            )
+            held.append(sock)
+        try:
+            with anyio.fail_after(WAIT_S):
+                async with mcp_client(server.url, BOB) as bob:
+                    assert (await call(bob, "spawn", {"command": "echo served"}))["stdout"] == "served\n"
+            with anyio.fail_after(WAIT_S):  # what her address had no room for was refused
+                while len(refused := [a for a in map(answer_on, held) if a.startswith(b"HTTP/1.1 503")]) < 4:
+                    await anyio.sleep(0.02)
+            assert all(b"too_many_connections" in answer for answer in refused)
+        finally:
+            for sock in held:
+                sock.close()
+
+
+async def raw_connection(port: int, source: str = "127.0.0.1") -> socket.socket:
+    """A TCP connection to the server from ``source`` (any address of 127.0.0.0/8 is this machine)."""
+
+    def connect() -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind((source, 0))
+        sock.settimeout(WAIT_S)
+        sock.connect(("127.0.0.1", port))
+        sock.settimeout(None)  # blocking, so that a read without waiting (MSG_DONTWAIT) returns at once
+        return sock
+
+    return await anyio.to_thread.run_sync(connect)
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """Whether the server has closed ``sock``'s connection (end of stream or reset), without waiting."""
+    try:
+        data = sock.recv(65536, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    if not data:
+        return True
+    sock.recv(len(data))  # an answer (e.g. 408 or 503): read it, and look again
+    return closed_by_server(sock)
+
+
+def answer_on(sock: socket.socket) -> bytes:
+    """What the server has answered on ``sock`` so far, left to be read again (b"" if nothing)."""
+    try:
+        return sock.recv(65536, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:
+        return b""
 
 
 async def test_spawns_beyond_the_rate_limit_are_refused_with_the_time_to_wait(

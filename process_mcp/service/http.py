@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..addresses import is_loopback
 from ..errors import BackendUnavailable, InvalidConfig
 from .auth import JwtVerifier, make_verifier
+from .connections import ConnectionGuard
 from .tools import DISCONNECTED, Disconnect
 
 if TYPE_CHECKING:
@@ -262,15 +263,17 @@ def prepare(mcp: ProcessMcpServer, host: str | None = None, port: int | None = N
             "principals over HTTP (each gets a container created from DOCKER_IMAGE)"
         )
     app = build_app(mcp, host=host)
+    guard = ConnectionGuard(service.max_connections, service.connections_per_address)
     return uvicorn.Config(
         app,
         host=host,
         port=port,
+        # The guard limits connections (see connections.py); uvicorn's own limit would count idle ones.
+        http=guard.protocol(),
+        limit_concurrency=None,
+        ws="none",  # an upgrade would hand the connection to a protocol the guard does not follow
         log_config=None,
         access_log=False,
-        # uvicorn refuses a request once the open connections, the requesting one included, reach the
-        # limit; one more makes the setting the number of connections served at once.
-        limit_concurrency=service.max_connections + 1,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         lifespan="on",
     )
