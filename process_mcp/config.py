@@ -268,6 +268,15 @@ class ServiceConfig(BaseModel):
     max_requests: int = setting(
         "PROCESS_MAX_REQUESTS", 32, ge=1, description="tool calls one principal may have in progress at once"
     )
+    max_sessions_per_principal: int = setting(
+        "PROCESS_MAX_SESSIONS_PER_PRINCIPAL", 32, ge=1, description="MCP sessions one principal may have open at once"
+    )
+    session_idle_timeout_s: float = setting(
+        "PROCESS_SESSION_IDLE_TIMEOUT_S",
+        1800,
+        gt=0,
+        description="seconds an MCP session may go without a request before it ends",
+    )
     spawns_per_min: int = setting(
         "PROCESS_RATE_SPAWNS_PER_MIN", 0, ge=0, description="spawns one caller may make in any minute (0: no limit)"
     )

@@ -919,6 +919,63 @@ def answer_on(sock: socket.socket) -> bytes:
         return b""
 
 
+async def test_a_principal_at_its_session_cap_is_refused_and_others_are_not(
+    workspaces: Path, tokens_file: Path
+) -> None:
+    # The attack as reported: one principal opens sessions as fast as it can and never ends them.
+    headers = {**JSON_AND_SSE, "Authorization": f"Bearer {ALICE}"}
+    async with http_server(workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file)) as server:
+        statuses: list[int] = []
+        refusals: list[str] = []
+
+        async def flood(http: httpx2.AsyncClient) -> None:
+            for _ in range(50):
+                answer = await http.post(server.url, json=INITIALIZE, headers=headers)
+                statuses.append(answer.status_code)
+                if answer.status_code != 200:
+                    refusals.append(answer.json()["error"]["message"])
+
+        async with httpx2.AsyncClient(timeout=WAIT_S) as http, anyio.create_task_group() as tasks:
+            for _ in range(8):
+                tasks.start_soon(flood, http)
+            with anyio.fail_after(WAIT_S):  # answered while the flood runs
+                async with mcp_client(server.url, BOB) as bob:
+                    assert (await call(bob, "spawn", {"command": "echo answered"}))["stdout"] == "answered\n"
+        assert statuses.count(200) == 32
+        assert set(statuses) == {200, 429}
+        assert refusals[0].startswith("too_many_sessions: alice has 32 MCP sessions open"), refusals[0]
+        assert "PROCESS_MAX_SESSIONS_PER_PRINCIPAL=32" in refusals[0]
+        created = [line for line in server.log if "Created new transport with session ID" in line]
+        assert len(created) <= 32 + 1  # alice's and bob's: the refused never reached the SDK
+        # Alice's sessions still work, and so do her stateless (2026-07-28) calls, which open none.
+        async with mcp_client(server.url, ALICE, mode="2026-07-28") as alice:
+            assert (await call(alice, "spawn", {"command": "echo stateless"}))["stdout"] == "stateless\n"
+
+
+async def test_a_session_ended_or_idle_frees_its_principals_room(workspaces: Path, tokens_file: Path) -> None:
+    headers = {**JSON_AND_SSE, "Authorization": f"Bearer {ALICE}"}
+    settings = {
+        "PROCESS_AUTH_TOKENS_FILE": str(tokens_file),
+        "PROCESS_MAX_SESSIONS_PER_PRINCIPAL": "2",
+        "PROCESS_SESSION_IDLE_TIMEOUT_S": "2",
+    }
+    async with http_server(workspaces, **settings) as server, httpx2.AsyncClient(timeout=WAIT_S) as http:
+        first, second = [(await http.post(server.url, json=INITIALIZE, headers=headers)) for _ in range(2)]
+        assert (await http.post(server.url, json=INITIALIZE, headers=headers)).status_code == 429
+        ended = await http.delete(server.url, headers={**headers, "Mcp-Session-Id": first.headers["mcp-session-id"]})
+        assert ended.status_code == 200
+        third = await http.post(server.url, json=INITIALIZE, headers=headers)
+        assert third.status_code == 200
+        assert (await http.post(server.url, json=INITIALIZE, headers=headers)).status_code == 429
+        # Without requests, the sessions end by themselves, and with them the count.
+        with anyio.fail_after(WAIT_S):
+            while (await http.post(server.url, json=INITIALIZE, headers=headers)).status_code != 200:
+                await anyio.sleep(0.1)
+        session = {"Mcp-Session-Id": second.headers["mcp-session-id"], "Mcp-Protocol-Version": "2025-11-25"}
+        ps = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "ps", "arguments": {}}}
+        assert (await http.post(server.url, json=ps, headers={**headers, **session})).status_code == 404
+
+
 async def test_spawns_beyond_the_rate_limit_are_refused_with_the_time_to_wait(
     workspaces: Path, tokens_file: Path
 ) -> None:

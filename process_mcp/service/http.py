@@ -33,6 +33,7 @@ from ..addresses import is_loopback
 from ..errors import BackendUnavailable, InvalidConfig
 from .auth import JwtVerifier, make_verifier
 from .connections import ConnectionGuard
+from .sessions import SessionQuota
 from .tools import DISCONNECTED, Disconnect
 
 if TYPE_CHECKING:
@@ -85,10 +86,11 @@ def build_app(mcp: ProcessMcpServer, *, authenticate: bool = True, host: str | N
     inner = mcp.server.streamable_http_app(
         streamable_http_path=MCP_PATH,
         max_request_body_size=service.max_body_bytes,
+        session_idle_timeout=service.session_idle_timeout_s,
         transport_security=security,
     )
     inner.router.lifespan_context = lambda _: mcp.serving()
-    watched = _WatchDisconnect(inner)
+    watched = SessionQuota(_WatchDisconnect(inner), service.max_sessions_per_principal, service.session_idle_timeout_s)
     metrics = _MetricsEndpoint(mcp.metrics.registry, service.metrics_token)
     if not authenticate:
         return _Front(inner, _RequireUser(watched), metrics, mcp.spaces.ready)
