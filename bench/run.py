@@ -719,9 +719,9 @@ async def http_figures(s: Settings, workdir: str) -> None:
                   f"{alone:.0f}/s from one client", "-", None)  # fmt: skip
     finally:
         await srv.close()
-    # Memory in the default configuration (sandboxed): each principal's processes run in sandboxes, which
-    # are processes of their own, so this is what the server itself holds per principal.
-    srv = HttpServer(workdir, principals, PROCESS_KEEP_TERMINATED="5")
+    # Memory sandboxed: each principal's processes run in sandboxes, which are processes of their own, so
+    # this is what the server itself holds per principal. Several principals need a domain list.
+    srv = HttpServer(workdir, principals, PROCESS_KEEP_TERMINATED="5", SANDBOX_ALLOWED_DOMAINS="example.com")
     await srv.start()
     try:
         async with httpx2.AsyncClient(timeout=600, limits=limits) as http:

@@ -41,12 +41,12 @@ from starlette.routing import Mount
 
 import process_mcp
 from process_mcp import create_process_mcp
-from process_mcp.config import environment_variables
+from process_mcp.config import SandboxConfig, environment_variables
 from process_mcp.service import connections
 
 from .conftest import DEBIAN_IMAGE, host_config, unique_name
 from .helpers import WAIT_S, call, error, pid_alive, sleep_argument, sleepers, text_of
-from .http_server import HttpServer, http_server, mcp_client, run_server_to_exit, write_tokens
+from .http_server import TEST_DOMAINS, HttpServer, http_server, mcp_client, run_server_to_exit, write_tokens
 
 pytestmark = pytest.mark.anyio
 
@@ -304,6 +304,57 @@ async def test_oauth_without_its_settings_stops_the_server_naming_what_is_missin
     assert status == 2
     assert "PROCESS_AUTH_AUDIENCE" in log
     assert "PROCESS_AUTH_JWKS" in log
+
+
+# Principals cannot reach each other through the network.
+
+
+async def test_several_principals_sharing_the_hosts_network_are_refused_and_a_domain_list_keeps_them_apart(
+    workspaces: Path, tokens_file: Path, tmp_path: Path
+) -> None:
+    # With SANDBOX_ALLOWED_DOMAINS=* every sandbox is in the host's network namespace: a server one
+    # principal's process listens on (127.0.0.1) would answer every other principal's processes.
+    status, log = await run_server_to_exit(
+        workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file), SANDBOX_ALLOWED_DOMAINS="*"
+    )
+    assert status == 2, log
+    assert "SANDBOX_ALLOWED_DOMAINS=* would share this machine's network" in log
+    assert "network namespace of its own" in log
+    # One principal may share it with itself: the README's quick start for one token starts.
+    one = write_tokens(tmp_path / "one", {"alice": ALICE})
+    async with (
+        http_server(workspaces, PROCESS_AUTH_TOKENS_FILE=str(one), SANDBOX_ALLOWED_DOMAINS="*") as server,
+        mcp_client(server.url, ALICE) as alice,
+    ):
+        assert (await call(alice, "spawn", {"command": "echo alone"}))["stdout"] == "alone\n"
+
+    # With a domain list, the attack as reported: alice serves a secret on loopback, bob's process asks.
+    port = 20000 + secrets.randbelow(20000)
+    serve = f"python3 -u -m http.server {port} --bind 127.0.0.1"
+    connect = f"import socket; socket.create_connection(('127.0.0.1', {port}), 5); print('reached')"
+    fetch_own = (
+        "import http.server, threading, urllib.request\n"
+        "server = http.server.HTTPServer(('127.0.0.1', 0), http.server.SimpleHTTPRequestHandler)\n"
+        "threading.Thread(target=server.serve_forever, daemon=True).start()\n"
+        "opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))\n"
+        "print(opener.open(f'http://127.0.0.1:{server.server_port}/secret.txt', timeout=5).read().decode())\n"
+    )
+    async with (
+        http_server(workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file)) as server,
+        mcp_client(server.url, ALICE) as alice,
+        mcp_client(server.url, BOB) as bob,
+    ):
+        await call(alice, "spawn", {"command": "echo alice-secret > secret.txt"})
+        (workspaces / "alice" / "own.py").write_text(fetch_own)
+        served = await call(alice, "spawn", {"command": serve, "background": True, "waitFor": "Serving HTTP"})
+        assert served["waitResult"] == "matched", served
+        peek = await call(bob, "spawn", {"command": f'python3 -c "{connect}"'})
+        assert peek["exitCode"] != 0
+        assert "reached" not in peek["stdout"]
+        assert "ConnectionRefusedError" in peek["stderr"], peek
+        # Each principal still reaches what its own process serves (in the same sandbox).
+        assert (await call(alice, "spawn", {"command": "python3 own.py"}))["stdout"] == "alice-secret\n\n"
+        await call(alice, "kill", {"id": served["pid"]})
 
 
 # Each principal in its own space.
@@ -694,7 +745,7 @@ class HeaderUsers(AuthenticationBackend):
 
 
 async def test_an_application_mounts_the_app_under_its_own_authentication(workspaces: Path) -> None:
-    config = host_config(workspaces)
+    config = host_config(workspaces, sandbox=SandboxConfig(allowed_domains=[TEST_DOMAINS]))
     config.service.transport = "http"
     mcp = await create_process_mcp(config)
     app = Starlette(
@@ -1030,21 +1081,84 @@ async def test_metrics_are_served_to_their_token_and_parse_as_prometheus_text(
     assert ("process_mcp_audit_queue_depth", ()) in samples
 
 
-async def test_without_a_metrics_token_only_this_machine_may_scrape(workspaces: Path, tokens_file: Path) -> None:
+async def test_without_a_metrics_token_this_machine_may_scrape_when_it_shares_its_network_with_nobody(
+    workspaces: Path, tmp_path: Path
+) -> None:
+    # One principal, and sandboxes with a domain list (a network namespace each): a client on loopback
+    # can only be the operator's.
+    one = write_tokens(tmp_path / "one", {"alice": ALICE})
     async with (
-        http_server(workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file)) as server,
+        http_server(workspaces, PROCESS_AUTH_TOKENS_FILE=str(one)) as server,
         httpx2.AsyncClient(timeout=WAIT_S) as http,
     ):
         scraped = await http.get(server.base + "/metrics")
     assert scraped.status_code == 200
     assert "process_mcp_tool_calls" in scraped.text
+    assert not server.logged("/metrics is off")
+
+
+@pytest.mark.parametrize(
+    ("tokens", "settings", "why"),
+    [
+        (TOKENS, {}, "several principals"),
+        ({"alice": ALICE}, {"SANDBOX_ALLOWED_DOMAINS": "*"}, "SANDBOX_ALLOWED_DOMAINS=*"),
+        ({"alice": ALICE}, {"SANDBOX_ENABLED": "false"}, "unsandboxed"),
+    ],
+)
+async def test_metrics_need_their_token_when_loopback_is_shared_with_principals_or_sandboxes(
+    workspaces: Path, tmp_path: Path, tokens: dict[str, str], settings: dict[str, str], why: str
+) -> None:
+    tokens_file = write_tokens(tmp_path / "tokens", tokens)
+    async with (
+        http_server(workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file), **settings) as server,
+        httpx2.AsyncClient(timeout=WAIT_S) as http,
+    ):
+        async with mcp_client(server.url, ALICE) as alice:
+            await call(alice, "spawn", {"command": "echo counted"})
+        for headers in ({}, {"Authorization": f"Bearer {ALICE}"}):
+            scraped = await http.get(server.base + "/metrics", headers=headers)
+            assert scraped.status_code == 403
+            assert "PROCESS_METRICS_TOKEN" in scraped.text
+            assert "alice" not in scraped.text
+    [line] = [line for line in server.log if "/metrics is off" in line]
+    assert why in line
+    assert "PROCESS_METRICS_TOKEN" in line
+
+
+async def test_a_sandboxed_process_cannot_scrape_metrics_on_loopback(workspaces: Path, tmp_path: Path) -> None:
+    # One principal may share the host's network with its own sandboxes (SANDBOX_ALLOWED_DOMAINS=*), but
+    # /metrics is then no longer served to whoever is on loopback.
+    one = write_tokens(tmp_path / "one", {"alice": ALICE})
+    fetch = (
+        "import sys, urllib.request, urllib.error\n"
+        "opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))\n"
+        "for path in ('/healthz', '/metrics'):\n"
+        "    try:\n"
+        "        answer = opener.open(sys.argv[1] + path, timeout=5)\n"
+        "        print(path, answer.status, answer.read().decode().strip())\n"
+        "    except urllib.error.HTTPError as exc:\n"
+        "        print(path, exc.code, exc.read().decode().strip())\n"
+    )
+    (workspaces / "alice").mkdir()
+    (workspaces / "alice" / "fetch.py").write_text(fetch)
+    settings = {"PROCESS_AUTH_TOKENS_FILE": str(one), "SANDBOX_ALLOWED_DOMAINS": "*"}
+    async with http_server(workspaces, **settings) as server, mcp_client(server.url, ALICE) as alice:
+        await call(alice, "spawn", {"command": "sleep 60", "background": True})
+        result = await call(alice, "spawn", {"command": f"python3 fetch.py {server.base}"})
+    lines = result["stdout"].splitlines()
+    assert lines[0] == "/healthz 200 ok"  # the sandbox does reach the server on loopback
+    assert lines[1].startswith("/metrics 403 "), result
+    assert "process_mcp_" not in result["stdout"]
 
 
 async def test_a_client_on_ipv4_loopback_seen_through_a_dual_stack_socket_may_scrape(workspaces: Path) -> None:
-    config = host_config(workspaces)
+    # The one local caller (PROCESS_AUTH=none), with sandboxes in network namespaces of their own: loopback
+    # is this machine's operator.
+    config = host_config(workspaces, sandbox=SandboxConfig(allowed_domains=[TEST_DOMAINS]))
     config.service.transport = "http"
+    config.service.auth = "none"
     mcp = await create_process_mcp(config)
-    server = uvicorn.Server(uvicorn.Config(mcp.http_app(authenticate=False), log_config=None, lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(mcp.http_app(), log_config=None, lifespan="on"))
     # An application serving the app on a dual-stack socket sees a client on 127.0.0.1 as ::ffff:127.0.0.1.
     # This socket listens on that address alone, so nothing off this machine can reach it.
     with socket.socket(socket.AF_INET6) as dual_stack:
