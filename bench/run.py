@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import platform
@@ -802,6 +803,90 @@ async def operator_figures(s: Settings, workdir: str) -> None:
     )
 
 
+class ConcurrentCalls:
+    """Tool calls in flight at once on one stdio server: replies are matched to calls by id."""
+
+    def __init__(self, srv: StdioServer) -> None:
+        self.srv = srv
+        self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._next_id = 1_000_000
+        self._reader: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> ConcurrentCalls:
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._reader is not None
+        self._reader.cancel()
+
+    async def tool(self, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+        """The call's result (an error result too)."""
+        self._next_id += 1
+        reply = asyncio.get_running_loop().create_future()
+        self._waiting[self._next_id] = reply
+        request = {"name": name, "arguments": arguments}
+        await self.srv._send({"jsonrpc": "2.0", "id": self._next_id, "method": "tools/call", "params": request})
+        result: dict[str, Any] = await reply
+        return result
+
+    async def _read(self) -> None:
+        assert self.srv.proc is not None
+        assert self.srv.proc.stdout is not None
+        while line := await self.srv.proc.stdout.readline():
+            message = json.loads(line)
+            reply = self._waiting.pop(message.get("id"), None)
+            if reply is not None:
+                reply.set_result(message.get("result") or {"isError": True, "error": message.get("error")})
+
+
+ATTACKS: dict[str, tuple[dict[str, Any], dict[str, str]]] = {
+    "a waitFor of ^(a+)+b$ over 28 a's": ({"command": f"echo {'a' * 28}!; sleep 600", "waitFor": "^(a+)+b$"}, {}),
+    "a TTY printing 64 KiB of DECALN": (
+        {"command": "printf '\\033#8%.0s' $(seq 21845); echo; echo DONE; sleep 600", "tty": True, "waitFor": "DONE"},
+        {},
+    ),
+    "a 2.9 MB command with a command policy": (
+        {"command": "echo " + "a " * 1_450_000},
+        {"PROCESS_COMMAND_ALLOW": "echo,sleep,printf,seq"},
+    ),
+}
+"""Calls that each froze the server for 8-17 s before it bounded them, and the settings they need."""
+
+
+async def ps_during_attacks(s: Settings, workdir: str) -> None:
+    """ps round trips while one caller repeats an attack on the event loop, beside ps when idle."""
+    for name, (attack, settings) in ATTACKS.items():
+        srv = server(workdir, SANDBOX_ENABLED="false", DEFAULT_TIMEOUT_MS="3000", **settings)
+        await srv.start()
+        try:
+            idle = await timed(functools.partial(srv.tool, "ps", {}), s.ps_calls)
+            during: list[float] = []
+            attacks: list[float] = []
+            async with ConcurrentCalls(srv) as calls:
+                for _ in range(2 if s.quick else 5):
+                    began = time.perf_counter()
+                    attacking = asyncio.get_running_loop().create_task(calls.tool("spawn", attack))
+                    while not attacking.done():
+                        during += await timed(functools.partial(calls.tool, "ps", {}), 1)
+                        await asyncio.sleep(0.01)
+                    attacks.append(time.perf_counter() - began)
+                    result = attacking.result()
+                    pid = (result.get("structuredContent") or {}).get("pid")
+                    if pid is not None:
+                        await calls.tool("kill", {"id": pid, "signal": "KILL"})
+        finally:
+            await srv.close()
+        s.add(
+            f"ps during {name}, median / p99 ({len(during)} calls)",
+            f"{ms(statistics.median(during))} / {ms(p(during, 0.99))} (the attacking call: "
+            f"{statistics.median(attacks):.2f} s)",
+            f"{ms(statistics.median(idle))} / {ms(p(idle, 0.99))} idle",
+            "p99 < 500 ms",
+            p(during, 0.99) < 500,
+        )
+
+
 FIGURE_GROUPS = (
     spawn_round_trip,
     capture,
@@ -811,6 +896,7 @@ FIGURE_GROUPS = (
     reply_sizes,
     http_figures,
     operator_figures,
+    ps_during_attacks,
     docker_figures,
 )
 

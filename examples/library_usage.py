@@ -8,20 +8,11 @@ import sys
 
 import anyio
 
-from process_mcp import ProcessExecutor, ProcessMcpConfig, SpawnOptions, create_process_mcp
+from process_mcp import ProcessMcpConfig, SpawnOptions, create_process_mcp
 from process_mcp.config import Defaults
 
-PROMPT_WAIT_S = 10.0
-
-
-async def wait_for(executor: ProcessExecutor, pid: str, text: str) -> str:
-    """Poll the process's output until ``text`` shows up (bounded)."""
-    with anyio.fail_after(PROMPT_WAIT_S):
-        while True:
-            output = (await executor.get_output(pid, lines=20)).stdout
-            if text in output:
-                return output
-            await anyio.sleep(0.05)
+WAIT_MS = 10_000
+"""Bound on each wait below: every wait returns as soon as its condition holds, never by sleeping."""
 
 
 def say(line: str) -> None:
@@ -41,19 +32,22 @@ async def main() -> None:
         result = await executor.spawn(SpawnOptions(command="echo hello; echo oops >&2; exit 3"))
         say(f"[echo] {result.pid} exit={result.exit_code} stdout={result.stdout!r} stderr={result.stderr!r}")
 
-        # 2. A Python REPL in a real terminal: type into it, read the rendered screen.
-        repl = await executor.spawn(SpawnOptions(command="python3 -q", tty=True, background=True))
-        await wait_for(executor, repl.pid, ">>>")
-        await executor.stdin(repl.pid, "import sys; print('tty:', sys.stdin.isatty(), 6 * 7)\\r")
-        screen = await wait_for(executor, repl.pid, "tty: True 42")
-        say(f"[repl] {repl.pid} screen:\n{screen}")
-        await executor.stdin(repl.pid, "exit()\\r")
-
-        # 3. A background process, listed by ps, then killed with its whole process group.
-        worker = await executor.spawn(
-            SpawnOptions(command="while true; do echo tick; sleep 0.1; done", background=True)
+        # 2. A Python REPL in a real terminal: spawn returns once the prompt shows (waitFor), and stdin
+        #    returns the answer to what was typed in the same call.
+        repl = await executor.spawn(SpawnOptions(command="python3 -q", tty=True, wait_for=">>> $", timeout_ms=WAIT_MS))
+        answer = await executor.stdin(
+            repl.pid, "import sys; print('tty:', sys.stdin.isatty(), 6 * 7)\\r", wait_for=">>> $", wait_ms=WAIT_MS
         )
-        await wait_for(executor, worker.pid, "tick")
+        say(f"[repl] {repl.pid} answered:\n{answer.stdout}")
+        await executor.stdin(repl.pid, "exit()\\r")
+        ended = await executor.get_output(repl.pid, until_exit=True, wait_ms=WAIT_MS)
+        say(f"[repl] {repl.pid} {ended.status} exit={ended.exit_code}")
+
+        # 3. A background process, listed by ps, then killed with its whole process group. idleMs would
+        #    return once a program goes quiet (waiting for input); here the first tick is enough.
+        worker = await executor.spawn(
+            SpawnOptions(command="while true; do echo tick; sleep 0.1; done", wait_for="tick", timeout_ms=WAIT_MS)
+        )
         for info in await executor.list_processes():
             say(f"[ps] {info.pid} {info.status} {info.command}")
         killed = await executor.kill(worker.pid, "SIGTERM")

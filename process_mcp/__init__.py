@@ -1,67 +1,105 @@
-"""process-mcp: let AI agents run and drive processes safely, on the host or in a Docker container."""
+"""process-mcp: let AI agents run and drive processes safely, on the host or in a Docker container.
 
+The public names are resolved on first use: ``import process_mcp`` (and so ``process-mcp --version`` or
+``--help``) loads neither the MCP SDK, the Docker client nor the sandbox until something asks for them.
+"""
+
+from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from .config import (
-    Defaults,
-    DockerConfig,
-    Limits,
-    PolicyConfig,
-    ProcessMcpConfig,
-    SandboxConfig,
-    ServiceConfig,
-    load_config,
-)
-from .errors import (
-    BackendUnavailable,
-    InvalidConfig,
-    InvalidInput,
-    InvalidSignal,
-    KillFailed,
-    PolicyDenied,
-    ProcessMcpError,
-    ProcessNotFound,
-    ProcessTerminated,
-    RateLimited,
-    SpawnFailed,
-    StdinFailed,
-    TooManyProcesses,
-    TooManyRequests,
-)
-from .executor import ProcessExecutor
-from .handle import ProcessHandle
-from .host import HostExecutor
-from .models import (
-    DEFAULT_TIMEOUT_MS,
-    MAX_TIMEOUT_MS,
-    OUTPUT_TRUNCATE,
-    TERMINAL_COLS,
-    TERMINAL_ROWS,
-    KillResult,
-    ProcessInfo,
-    ProcessLimits,
-    ProcessList,
-    ProcessOutput,
-    ProcessStats,
-    SpawnOptions,
-    SpawnResult,
-    StdinResult,
-)
-from .service.server import ProcessMcpServer, create_executor, create_process_mcp, version_string
-
-__version__ = version_string()
-
 if TYPE_CHECKING:
+    from .config import (
+        Defaults,
+        DockerConfig,
+        Limits,
+        PolicyConfig,
+        ProcessMcpConfig,
+        SandboxConfig,
+        ServiceConfig,
+        load_config,
+    )
     from .docker import DockerExecutor
+    from .errors import (
+        BackendUnavailable,
+        InvalidConfig,
+        InvalidInput,
+        InvalidSignal,
+        KillFailed,
+        PolicyDenied,
+        ProcessMcpError,
+        ProcessNotFound,
+        ProcessTerminated,
+        RateLimited,
+        SpawnFailed,
+        StdinFailed,
+        TooManyProcesses,
+        TooManyRequests,
+    )
+    from .executor import ProcessExecutor
+    from .handle import ProcessHandle
+    from .host import HostExecutor
+    from .models import (
+        DEFAULT_TIMEOUT_MS,
+        MAX_TIMEOUT_MS,
+        OUTPUT_TRUNCATE,
+        TERMINAL_COLS,
+        TERMINAL_ROWS,
+        KillResult,
+        ProcessInfo,
+        ProcessLimits,
+        ProcessList,
+        ProcessOutput,
+        ProcessStats,
+        SpawnOptions,
+        SpawnResult,
+        StdinResult,
+    )
+    from .service.server import ProcessMcpServer, create_executor, create_process_mcp
+
+    __version__: str
+
+_WHERE = {
+    **dict.fromkeys(
+        ("Defaults", "DockerConfig", "Limits", "PolicyConfig", "ProcessMcpConfig", "SandboxConfig", "ServiceConfig",
+         "load_config"),
+        ".config",
+    ),
+    **dict.fromkeys(
+        ("BackendUnavailable", "InvalidConfig", "InvalidInput", "InvalidSignal", "KillFailed", "PolicyDenied",
+         "ProcessMcpError", "ProcessNotFound", "ProcessTerminated", "RateLimited", "SpawnFailed", "StdinFailed",
+         "TooManyProcesses", "TooManyRequests"),
+        ".errors",
+    ),
+    **dict.fromkeys(
+        ("DEFAULT_TIMEOUT_MS", "MAX_TIMEOUT_MS", "OUTPUT_TRUNCATE", "TERMINAL_COLS", "TERMINAL_ROWS", "KillResult",
+         "ProcessInfo", "ProcessLimits", "ProcessList", "ProcessOutput", "ProcessStats", "SpawnOptions", "SpawnResult",
+         "StdinResult"),
+        ".models",
+    ),
+    "ProcessExecutor": ".executor",
+    "ProcessHandle": ".handle",
+    "HostExecutor": ".host",
+    "DockerExecutor": ".docker",
+    **dict.fromkeys(("ProcessMcpServer", "create_executor", "create_process_mcp"), ".service.server"),
+}  # fmt: skip
+"""Where each public name lives, imported when it is first asked for."""
 
 
 def __getattr__(name: str) -> Any:
-    # DockerExecutor is loaded on first use, so `import process_mcp` stays light in host mode.
-    if name == "DockerExecutor":
-        from .docker import DockerExecutor
+    if name == "__version__":
+        from .version import version_string
 
-        return DockerExecutor
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value: Any = version_string()
+    elif name in _WHERE:
+        value = getattr(import_module(_WHERE[name], __name__), name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
 
 
 __all__ = [

@@ -25,6 +25,7 @@ POOL_SIZE = 32
 """Empty groups kept for reuse; more are removed."""
 PREFIX = "process-mcp-"
 """Start of each executor's parent group, followed by the server's pid and a random part."""
+_UNLIMITED = 1 << 63
 _JOIN = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
 
 
@@ -41,12 +42,15 @@ class SandboxCgroups:
         self._limits: dict[str, tuple[int, int]] = {}  # every group that exists, with its limits
         self._free: list[str] = []
         self._leaving: set[str] = set()  # released while their last processes were still exiting
+        self._broken: set[str] = set()  # failed to take their limits: removed once empty, never reused
         self._count = 0
         self._before: dict[str, tuple[int, int]] = {}  # each group's counts of _events before its sandbox
 
     @classmethod
-    def create(cls) -> SandboxCgroups | None:
+    def create(cls, *, max_processes: int | None = None, max_memory_bytes: int | None = None) -> SandboxCgroups | None:
         """Make this executor's parent groups below this process's own; None where that is not allowed.
+        ``max_processes`` and ``max_memory_bytes`` bound all sandboxes together (what the bounds the server
+        lives in leave it, see ``bounds``).
 
         Groups left by servers that died (their pid is gone) are removed first.
         """
@@ -65,6 +69,10 @@ class SandboxCgroups:
                 if controller == "memory":
                     # Charged to each child; enabling hierarchy makes a child's limit hold for its whole tree.
                     _write(parent / "memory.use_hierarchy", "1", optional=True)
+                    if max_memory_bytes is not None:
+                        _write(parent / "memory.limit_in_bytes", str(max_memory_bytes))
+                elif max_processes is not None:
+                    _write(parent / "pids.max", str(max_processes))
         except OSError as exc:
             logger.debug("no per-sandbox cgroups: %s", exc)
             for parent in parents.values():
@@ -86,7 +94,7 @@ class SandboxCgroups:
                 name = f"sandbox-{self._count}"
                 for parent in self._parents.values():
                     (parent / name).mkdir()
-                self._limits[name] = (0, 0)
+                self._limits[name] = (0, _UNLIMITED)  # what the kernel gives a new group
             try:
                 if self._limits[name] != (max_processes, max_memory_bytes):
                     self._set_limits(name, max_processes, max_memory_bytes)
@@ -94,7 +102,8 @@ class SandboxCgroups:
                 _write(self._parents["memory"] / name / "memory.max_usage_in_bytes", "0", optional=True)
                 self._before[name] = self._events(name)
             except OSError:
-                self._free.append(name)
+                # Never handed out again: its limits are in an unknown state (a later spawn's would differ).
+                self._discard(name)
                 raise
         return name, [str(parent / name / "cgroup.procs") for parent in self._parents.values()]
 
@@ -126,10 +135,22 @@ class SandboxCgroups:
     def _set_limits(self, name: str, max_processes: int, max_memory_bytes: int) -> None:
         _write(self._parents["pids"] / name / "pids.max", str(max_processes))
         memory = self._parents["memory"] / name
-        _write(memory / "memory.limit_in_bytes", str(max_memory_bytes))
-        # Without swap accounting configured this file is missing; the memory limit still holds.
-        _write(memory / "memory.memsw.limit_in_bytes", str(max_memory_bytes), optional=True)
+        # The kernel keeps memory.limit_in_bytes <= memory.memsw.limit_in_bytes at every step, so a
+        # pooled group's limit is raised swap-first and lowered memory-first. Without swap accounting
+        # configured the memsw file is missing; the memory limit still holds.
+        order = ["memory.limit_in_bytes", "memory.memsw.limit_in_bytes"]
+        if max_memory_bytes > self._limits[name][1]:
+            order.reverse()
+        for file in order:
+            _write(memory / file, str(max_memory_bytes), optional=file.startswith("memory.memsw"))
         self._limits[name] = (max_processes, max_memory_bytes)
+
+    def _discard(self, name: str) -> None:
+        if all(_rmdir(parent / name) for parent in self._parents.values()):
+            self._limits.pop(name, None)
+        else:
+            self._broken.add(name)
+            self._leaving.add(name)
 
     def _collect(self) -> None:
         """Move released groups that are empty now to the free list, or remove them past POOL_SIZE."""
@@ -137,10 +158,11 @@ class SandboxCgroups:
             if any(_has_processes(parent / name) for parent in self._parents.values()):
                 continue
             self._leaving.discard(name)
-            if len(self._free) < POOL_SIZE:
+            if name not in self._broken and len(self._free) < POOL_SIZE:
                 self._free.append(name)
             elif all(_rmdir(parent / name) for parent in self._parents.values()):
                 del self._limits[name]
+                self._broken.discard(name)
             else:
                 self._leaving.add(name)
 
@@ -190,8 +212,14 @@ def _count(path: Path, key: str) -> int:
 
 
 def _has_processes(group: Path) -> bool:
+    """Whether anything is still in ``group``, or charged to it: a process that has left ``cgroup.procs``
+    keeps counting in ``pids.current`` until it is reaped, and a group reused before then would start its
+    next sandbox with fewer processes than its limit."""
     try:
-        return bool((group / "cgroup.procs").read_text().strip())
+        if (group / "cgroup.procs").read_text().strip():
+            return True
+        current = group / "pids.current"
+        return current.exists() and current.read_text().strip() not in ("", "0")
     except FileNotFoundError:
         return False
 

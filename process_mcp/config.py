@@ -147,7 +147,7 @@ class SandboxConfig(BaseModel):
     allow_protected: list[str] = setting(
         "SANDBOX_ALLOW_PROTECTED",
         default_factory=list,
-        description="protected names that stay writable (.vscode, .git/config, ...)",
+        description="protected names that stay writable (.vscode, .git, ...)",
     )
     allow_private_addresses: bool = setting(
         "SANDBOX_ALLOW_PRIVATE_ADDRESSES",

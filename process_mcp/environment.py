@@ -2,7 +2,8 @@
 
 A server's environment holds whatever its MCP client put there (API keys, cloud credentials, tokens).
 Children get only the variables programs need to behave (``BASIC_VARIABLES`` and ``LC_*``), the ones an
-operator names in ``PROCESS_ENV_PASSTHROUGH``, and then the request's own ``env`` on top.
+operator names in ``PROCESS_ENV_PASSTHROUGH``, ``DEFAULTS`` where neither set them, and then the
+request's own ``env`` on top.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ BASIC_VARIABLES = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE
 """What every child gets from the server's environment when set, besides ``LC_*``."""
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 """PATH for children when the server has none."""
+DEFAULTS = {"PYTHONUNBUFFERED": "1"}
+"""Set for children unless the operator passes them through or the request sets them: Python block-buffers
+a pipe, so a server's "ready" line would reach neither waitFor nor stdout until a buffer filled."""
 
 
 def child_environment(
@@ -23,4 +27,6 @@ def child_environment(
     names = set(BASIC_VARIABLES) | set(passthrough)
     env = {name: value for name, value in server.items() if name in names or name.startswith("LC_")}
     env.setdefault("PATH", DEFAULT_PATH)
+    for name, value in DEFAULTS.items():
+        env.setdefault(name, value)
     return {**env, **overrides, **request}

@@ -6,6 +6,16 @@ message that tells the caller (usually a model) what to do next.
 
 from __future__ import annotations
 
+EXCERPT_CHARS = 80
+"""Most characters of a caller's value an error message quotes; a 200 KB command is not sent back."""
+
+
+def excerpt(value: str) -> str:
+    """``value`` quoted for an error message: whole when short, else its start, marked, with its length."""
+    if len(value) <= EXCERPT_CHARS:
+        return repr(value)
+    return f"{value[:EXCERPT_CHARS]!r}... ({len(value)} characters)"
+
 
 class ProcessMcpError(Exception):
     """Root of every error this library raises on purpose."""

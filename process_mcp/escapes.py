@@ -23,7 +23,7 @@ def decode_input(text: str) -> bytes:
     pos = 0
     for match in _ESCAPE.finditer(text):
         out += _literal(text[pos : match.start()], pos)
-        out += _decode_one(match.group(1), match.start())
+        out += _decode_one(match.group(1), match.start(), text)
         pos = match.end()
     out += _literal(text[pos:], pos)
     return bytes(out)
@@ -38,7 +38,10 @@ def _literal(chunk: str, where: int) -> bytes:
         ) from None
 
 
-def _decode_one(body: str, where: int) -> bytes:
+_HEX_NEEDED = {"x": (2, "\\x03 for Ctrl-C"), "u": (4, "\\u00e9 for e with an acute accent")}
+
+
+def _decode_one(body: str, where: int, text: str) -> bytes:
     if body in _SIMPLE:
         return _SIMPLE[body]
     if len(body) == 3 and body[0] == "x":
@@ -48,6 +51,13 @@ def _decode_one(body: str, where: int) -> bytes:
         if 0xD800 <= code <= 0xDFFF:
             raise InvalidInput(f"\\{body} at position {where} is a lone surrogate; send the character itself")
         return chr(code).encode("utf-8")
+    if body in _HEX_NEEDED:
+        digits, example = _HEX_NEEDED[body]
+        given = text[where : where + 2 + digits]
+        raise InvalidInput(
+            f"'{given}' at position {where} is not a valid escape: \\{body} needs exactly {digits} hex digits "
+            f"(0-9, a-f), as in {example}; write \\\\ for a literal backslash"
+        )
     shown = "a trailing backslash" if body == "" else f"'\\{body}'"
     raise InvalidInput(
         f"{shown} at position {where} is not a valid escape; use one of {VALID_FORMS} "

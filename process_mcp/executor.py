@@ -21,11 +21,16 @@ import anyio
 
 from .buffer import tail_lines, tail_text
 from .config import ProcessMcpConfig
-from .errors import InvalidInput, ProcessMcpError, ProcessTerminated, TooManyProcesses
+from .errors import InvalidInput, ProcessMcpError, ProcessTerminated, TooManyProcesses, excerpt
 from .escapes import decode_input
 from .handle import ProcessHandle
 from .models import (
     DEFAULT_LINES,
+    MAX_COMMAND_BYTES,
+    MAX_ENV_BYTES,
+    MAX_ENV_VARS,
+    MAX_INPUT_CHARS,
+    MAX_PATH_BYTES,
     OUTPUT_TRUNCATE,
     TERMINAL_COLS,
     TERMINAL_ROWS,
@@ -44,7 +49,7 @@ from .registry import ManagedProcess, ProcessRegistry
 from .signals import NON_TERMINATING, parse_signal
 from .stats import STATS_MAX_AGE_S, TreeSample, sample_tree
 from .terminal import strip_escapes
-from .waiting import OUTPUT_SETTLE_S, Progress, Wait, text_since, wait_exit, wait_on
+from .waiting import MATCH_THREADS, OUTPUT_SETTLE_S, Progress, Wait, text_since, wait_exit, wait_on
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +90,7 @@ class ProcessExecutor(ABC):
         """Called once for each process that has exited and whose output is closed (e.g. to audit it)."""
         self._lifetimes: dict[str, asyncio.TimerHandle] = {}  # ends each process at the maximum lifetime
         self._expiring: set[asyncio.Task[None]] = set()
+        self._searches: anyio.CapacityLimiter | None = None  # made on the event loop, at the first wait
 
     async def start(self) -> None:
         """Prepare the backend (e.g. the container); called once before the first spawn."""
@@ -140,7 +146,7 @@ class ProcessExecutor(ABC):
                 self._in_background(self._watch_limits(record, options.limits))
         wait_result = None
         if wait is not None:
-            wait_result = await wait_on(record, wait, (0, 0), progress)
+            wait_result = await wait_on(record, wait, (0, 0), progress, limiter=self._search_limiter())
         elif not options.background and await wait_exit(record, timeout_s, progress):
             await record.wait(OUTPUT_SETTLE_S, output=True)
         return SpawnResult(
@@ -171,6 +177,11 @@ class ProcessExecutor(ABC):
         ProcessTerminated, InvalidInput for a bad escape or wait, StdinFailed.
         """
         record = self._registry.get(pid)
+        if len(input) > MAX_INPUT_CHARS:
+            raise InvalidInput(
+                f"input is {len(input)} characters, more than the {MAX_INPUT_CHARS} one stdin call may send; "
+                "send it in several calls"
+            )
         data = decode_input(input)
         wait = self._requested_wait(wait_for, idle_ms, wait_ms)
         self._require_running(record, "take input")
@@ -178,7 +189,7 @@ class ProcessExecutor(ABC):
         await self._handle(record).write(data)
         if wait is None:
             return StdinResult(pid=record.pid, bytes_sent=len(data), **_cursors(record), **record.state())
-        wait_result = await wait_on(record, wait, start, progress)
+        wait_result = await wait_on(record, wait, start, progress, limiter=self._search_limiter())
         complete = not record.lingering
         stdout, _ = text_since(record.stdout, start[0], record.tty, complete=complete)
         stderr, _ = text_since(record.stderr, start[1], False, complete=complete)
@@ -202,9 +213,12 @@ class ProcessExecutor(ABC):
         await _refresh_stats([record], 0.0)
         return record.info()
 
-    async def list_processes(self) -> list[ProcessInfo]:
-        """Every running process and the most recently finished ones, oldest first."""
+    async def list_processes(self, *, stats: bool = False) -> list[ProcessInfo]:
+        """Every running process and the most recently finished ones, oldest first; with ``stats``, each
+        with the resources of its tree (sampled now where the last sample is older than STATS_MAX_AGE_S)."""
         records = list(self._registry)
+        if not stats:
+            return [record.info(stats=False) for record in records]
         await _refresh_stats(records, STATS_MAX_AGE_S)
         return [record.info() for record in records]
 
@@ -235,7 +249,8 @@ class ProcessExecutor(ABC):
         wait = self._requested_wait(wait_for, idle_ms, wait_ms, until_exit=until_exit)
         wait_result = None
         if wait is not None:
-            wait_result = await wait_on(record, wait, (record.stdout.total, record.stderr.total), progress)
+            start = (record.stdout.total, record.stderr.total)
+            wait_result = await wait_on(record, wait, start, progress, limiter=self._search_limiter())
         complete = not record.lingering
         dropped = 0
         if since is not None:
@@ -419,17 +434,24 @@ class ProcessExecutor(ABC):
         if not command.strip():
             raise InvalidInput("command is empty; pass a shell command line such as 'ls -la'")
         _no_nul("command", command)
+        _at_most(
+            "command", command, MAX_COMMAND_BYTES, "the kernel's limit on one argument; put a long script in a file"
+        )
         cwd = self.workdir
         if options.cwd is not None:
             _no_nul("cwd", options.cwd)
             if not options.cwd.strip():
                 raise InvalidInput("cwd is empty; pass a directory path or omit cwd to use the default")
+            _at_most("cwd", options.cwd, MAX_PATH_BYTES, "the kernel's limit on a path")
             cwd = posixpath.normpath(posixpath.join(cwd, options.cwd))
         env = dict(options.env or {})
+        if len(env) > MAX_ENV_VARS:
+            raise InvalidInput(f"env sets {len(env)} variables, more than the {MAX_ENV_VARS} a spawn may set")
+        _at_most("env", "".join(env) + "".join(env.values()), MAX_ENV_BYTES, "names and values together")
         for name, value in env.items():
             if not _ENV_NAME.match(name):
                 raise InvalidInput(
-                    f"environment variable name {name!r} is invalid; use letters, digits and '_', "
+                    f"environment variable name {excerpt(name)} is invalid; use letters, digits and '_', "
                     "not starting with a digit"
                 )
             _no_nul(f"the value of {name}", value)
@@ -476,6 +498,12 @@ class ProcessExecutor(ABC):
         if pattern is None and idle_s is None and wait_ms is None and not until_exit:
             return None
         return Wait(timeout_s, pattern, idle_s, any_output=pattern is None and idle_s is None and not until_exit)
+
+    def _search_limiter(self) -> anyio.CapacityLimiter:
+        """Bounds the pattern searches this executor's waits run at once (see ``waiting``)."""
+        if self._searches is None:
+            self._searches = anyio.CapacityLimiter(MATCH_THREADS)
+        return self._searches
 
     async def _screen_or_tail(self, record: ManagedProcess) -> str:
         if record.terminal is not None:
@@ -567,6 +595,12 @@ async def _wait_all(records: list[ManagedProcess], timeout_s: float) -> None:
     with anyio.move_on_after(timeout_s):
         for record in records:
             await record.wait(timeout_s, output=True)
+
+
+def _at_most(what: str, value: str, limit: int, why: str) -> None:
+    size = len(value.encode("utf-8", "surrogateescape"))
+    if size > limit:
+        raise InvalidInput(f"{what} is {size} bytes, more than the {limit} it may have ({why})")
 
 
 def _no_nul(what: str, value: str) -> None:

@@ -30,13 +30,14 @@ import anyio
 from ptyprocess import PtyProcess
 
 from . import landlock, seccomp
+from .bounds import ServerBounds
 from .box.client import AgentUnavailable
 from .box.local import LocalAgent
 from .buffer import OutputBuffer
 from .cgroups import SandboxCgroups
 from .config import ProcessMcpConfig, default_host_workspace, user_home
 from .environment import child_environment
-from .errors import BackendUnavailable, InvalidConfig, InvalidInput, KillFailed, SpawnFailed, StdinFailed
+from .errors import BackendUnavailable, InvalidConfig, InvalidInput, KillFailed, SpawnFailed, StdinFailed, excerpt
 from .executor import ProcessExecutor
 from .handle import ProcessHandle
 from .models import TERMINAL_COLS, TERMINAL_ROWS, TTY_TERM, LimitName, ProcessLimits
@@ -170,7 +171,16 @@ class HostExecutor(ProcessExecutor):
                 await self._proxy.start(socket_path)
             except OSError as exc:
                 raise BackendUnavailable(f"the sandbox's network proxy cannot listen at {socket_path}: {exc}") from None
-        cgroups = SandboxCgroups.create()
+        bounds = await anyio.to_thread.run_sync(ServerBounds.read)
+        if bounds.processes or bounds.memory:
+            logger.info(
+                "sandbox: the server runs within %s; sandboxes may take %s processes and %s MiB of it together, "
+                "and each at most what is left at its spawn",
+                bounds.describe(),
+                bounds.processes_total() or "unbounded",
+                (total // (1024 * 1024)) if (total := bounds.memory_total()) else "unbounded",
+            )
+        cgroups = SandboxCgroups.create(max_processes=bounds.processes_total(), max_memory_bytes=bounds.memory_total())
         if cgroups is None:
             if os.getuid() == 0:
                 self._missing_layer(
@@ -189,6 +199,7 @@ class HostExecutor(ProcessExecutor):
             proxy_socket=socket_path,
             env_resets_signals=await env_resets_signals(env),
             cgroups=cgroups,
+            server_bounds=bounds,
         )
         try:
             if scope_ipc:
@@ -238,7 +249,7 @@ class HostExecutor(ProcessExecutor):
             return await self._launch_unsandboxed(record, child_env)  # the agent reports a missing cwd
         if not await anyio.Path(record.cwd).is_dir():
             raise InvalidInput(
-                f"cwd {record.cwd!r} does not exist or is not a directory; pass an existing directory "
+                f"cwd {excerpt(record.cwd)} does not exist or is not a directory; pass an existing directory "
                 f"or omit cwd to use {self.workdir}"
             )
         try:
@@ -246,7 +257,7 @@ class HostExecutor(ProcessExecutor):
                 return _PtyHandle(record, await self._start(_start_pty, record, child_env))
             return _PipeHandle(record, await self._start(_start_pipe, record, child_env))
         except OSError as exc:
-            raise SpawnFailed(f"could not start {record.command!r}: {exc.strerror or exc}") from None
+            raise SpawnFailed(f"could not start {excerpt(record.command)}: {exc.strerror or exc}") from None
 
     async def _launch_unsandboxed(self, record: ManagedProcess, env: dict[str, str]) -> ProcessHandle:
         async with self._local_lock:  # started with the first spawn, again after it was lost
@@ -257,7 +268,7 @@ class HostExecutor(ProcessExecutor):
                 try:
                     self._local = await LocalAgent.start("local")
                 except AgentUnavailable as exc:
-                    raise SpawnFailed(f"could not start {record.command!r}: {exc.reason}") from None
+                    raise SpawnFailed(f"could not start {excerpt(record.command)}: {exc.reason}") from None
         return await self._local.connection.spawn(record, env, inherit=False, workdir=self.workdir)
 
     async def _start(
@@ -370,6 +381,16 @@ def _remove_stale_state_dirs() -> None:
             continue  # not ours to judge (another user's, or gone already)
 
 
+def _only_child(pid: int) -> int | None:
+    """The one child of ``pid`` (bwrap's init below bwrap), or None while there is not exactly one."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", "rb") as file:
+            children = file.read().split()
+    except OSError:
+        return None
+    return int(children[0]) if len(children) == 1 else None
+
+
 class _HostHandle(ProcessHandle):
     """What pipe and PTY processes share: output readers, exit watching, group signals."""
 
@@ -381,6 +402,7 @@ class _HostHandle(ProcessHandle):
         self._pidfd = -1
         self._input = -1  # where stdin writes go: the pipe to the child, or the PTY itself
         self._signals_reset = False  # whether the sandbox's launch chain has passed its signal reset
+        self._init_pid: int | None = None  # bwrap's init, once seen
         try:
             self._pidfd = os.pidfd_open(pid)
         except (AttributeError, OSError):
@@ -389,7 +411,11 @@ class _HostHandle(ProcessHandle):
             self._loop.add_reader(self._pidfd, self._on_exit)
 
     def tree_root(self) -> tuple[int, bool] | None:
-        return self._pid, False  # bwrap's helper is the server's, not the command's
+        # Below bwrap (the server's helper) is bwrap's init in the sandbox's PID namespace, and below
+        # that the command: only the command's tree counts against its limits.
+        if self._init_pid is None:
+            self._init_pid = _only_child(self._pid)
+        return (self._init_pid or self._pid), False
 
     async def _await_signals_reset(self, signum: int) -> None:
         """Wait (until SIGNALS_RESET_S after the start) for a process in the sandbox that no longer

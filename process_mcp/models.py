@@ -28,16 +28,31 @@ ProcessStatus = Literal["running", "terminated"]
 ProcessVia = Literal["host", "agent", "exec"]
 """How a process was started: on the host, through the agent in the container, or as a Docker exec."""
 _VIA = "How it was started: 'host', 'agent' (the agent in the container) or 'exec' (one Docker exec each)."
-WaitResult = Literal["matched", "idle", "exited", "timeout"]
+WaitResult = Literal["matched", "output", "idle", "exited", "timeout"]
 """Why a wait ended: the pattern matched, the output went quiet, the process exited, or time ran out."""
 SINCE_MAX_BYTES = 64 * 1024
 """Most bytes of each stream a ``since`` read returns (the newest); what it skips is counted."""
+
+# Bounds on what one request may carry; each is also in the tools' input schemas.
+MAX_COMMAND_BYTES = 128 * 1024 - 1
+"""Longest command line: the kernel's limit on one argument (MAX_ARG_STRLEN, less its NUL); a longer one
+could never start."""
+MAX_PATH_BYTES = 4095
+"""Longest cwd: the kernel's PATH_MAX, less its NUL."""
+MAX_ENV_VARS = 1024
+"""Most environment variables one spawn may set."""
+MAX_ENV_BYTES = 128 * 1024
+"""Most bytes of environment (names and values) one spawn may set; they travel as arguments."""
+MAX_INPUT_CHARS = 64 * 1024
+"""Longest stdin input per call; longer text goes in several calls (a terminal takes 4 KiB at a time anyway)."""
+MAX_ID_CHARS = 64
+"""Longest process id a call may name (ids are like 'host-12')."""
 
 
 CPU_GRACE_S = 5
 """CPU seconds between a cpuSeconds limit's SIGXCPU and the kernel's SIGKILL (for a process that catches it)."""
 
-EndedBy = Literal["exit", "kill", "shutdown", "lifetime", "limit"]
+EndedBy = Literal["exit", "kill", "shutdown", "lifetime", "limit", "lost"]
 LimitName = Literal["output", "cpu", "memory", "processes"]
 
 
@@ -63,9 +78,15 @@ class ProcessLimits(_Wire):
 class SpawnOptions(_Wire):
     """What to run and how."""
 
-    command: str = Field(description="Shell command line, run with /bin/sh -c.")
-    cwd: str | None = Field(None, description="Working directory; defaults to the configured workdir.")
-    env: dict[str, str] | None = Field(None, description="Variables set over the server's environment.")
+    command: str = Field(description=f"Shell command line, run with /bin/sh -c; at most {MAX_COMMAND_BYTES} bytes.")
+    cwd: str | None = Field(
+        None, description=f"Working directory; defaults to the configured workdir; at most {MAX_PATH_BYTES} bytes."
+    )
+    env: dict[str, str] | None = Field(
+        None,
+        description=f"Variables set over the server's environment; at most {MAX_ENV_VARS}, of {MAX_ENV_BYTES} "
+        "bytes in all.",
+    )
     tty: bool = Field(False, description="Run in a real pseudo-terminal (120x30).")
     background: bool = Field(False, description="Return at once instead of waiting for exit.")
     timeout_ms: int | None = Field(
@@ -89,7 +110,8 @@ class ExitState(_Wire):
     ended_by: EndedBy | None = Field(
         None,
         description="Once terminated, why: exit (on its own), kill (the kill tool), shutdown (the server stopped), "
-        "lifetime (it ran past the maximum lifetime), limit (it hit one of its limits: see limit).",
+        "lifetime (it ran past the maximum lifetime), limit (it hit one of its limits: see limit), lost (the agent "
+        "running it in its box was lost, and the process was ended with it; spawn again to start anew).",
     )
     limit: LimitName | None = Field(None, description="The limit that ended it: memory, processes, cpu or output.")
 
@@ -100,7 +122,9 @@ class _Progress(_Wire):
     cursor: int = Field(0, description="Bytes of stdout so far; pass it as `since` to read only what follows.")
     stderr_cursor: int = Field(0, description="Bytes of stderr so far; pass it as `stderrSince`.")
     wait_result: WaitResult | None = Field(
-        None, description="Why the wait ended: matched, idle, exited or timeout; absent when nothing was awaited."
+        None,
+        description="Why the wait ended: matched (waitFor), output (new output, for waitMs alone), idle, exited or "
+        "timeout; absent when nothing was awaited.",
     )
 
 

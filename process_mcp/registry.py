@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from .buffer import OutputBuffer
-from .errors import ProcessNotFound
+from .errors import ProcessNotFound, excerpt
 from .models import EndedBy, LimitName, ProcessInfo, ProcessLimits, ProcessStats, ProcessStatus, ProcessVia
 from .signals import signal_name
 from .terminal import Terminal
@@ -138,12 +138,15 @@ class ManagedProcess:
         if self.running and self._cause is None:
             self._cause = cause
 
-    def finish(self, exit_code: int | None, signum: int | None = None) -> None:
-        """Record the end of the process: its exit code, or the signal that ended it."""
+    def finish(self, exit_code: int | None, signum: int | None = None, *, cause: EndedBy | None = None) -> None:
+        """Record the end of the process: its exit code, or the signal that ended it. ``cause``, when
+        given, is why it ended whoever had moved to end it (its box's agent was lost, and it with it)."""
         cpu = self.limits is not None and self.limits.cpu_seconds is not None
         # SIGXCPU ends the leader, or, when the shell did not exec its command, the shell reports 128+24.
         if cpu and self._cause is None and signal.SIGXCPU in (signum, (exit_code or 0) - 128):
             self._cause, self.limit = "limit", "cpu"
+        if cause is not None:
+            self._cause, self.limit = cause, None
         self.ended_by = self._cause or "exit"
         self.ended_at = time.monotonic()
         if self.stats is not None:  # the last sample stands, with the time the process ran in all
@@ -180,7 +183,7 @@ class ManagedProcess:
             "limit": self.limit,
         }
 
-    def info(self) -> ProcessInfo:
+    def info(self, *, stats: bool = True) -> ProcessInfo:
         return ProcessInfo(
             pid=self.pid,
             command=self.command,
@@ -189,7 +192,7 @@ class ManagedProcess:
             created_at=self.created_at,
             sandboxed=self.sandboxed,
             via=self.via,
-            stats=self.stats,
+            stats=self.stats if stats else None,
             **self.state(),
         )
 
@@ -219,7 +222,7 @@ class ProcessRegistry:
         prefix, _, number = pid.rpartition("-")
         if prefix == self.prefix and number.isdigit() and 0 < int(number) <= self._issued:
             raise ProcessNotFound(
-                f"process {pid!r} ended and was dropped (the newest {self.keep_terminated} finished "
+                f"process {excerpt(pid)} ended and was dropped (the newest {self.keep_terminated} finished "
                 "processes are kept); call ps to list processes"
             )
         raise unknown_process(pid, self.prefix)
@@ -238,4 +241,7 @@ class ProcessRegistry:
 
 def unknown_process(pid: str, prefix: str) -> ProcessNotFound:
     """The error for an id that was never handed out (by a registry whose ids start with ``prefix``)."""
-    return ProcessNotFound(f"no process {pid!r}; ids look like '{prefix}-1'; call ps to list processes")
+    return ProcessNotFound(
+        f"no process {excerpt(pid)}; call ps to list the processes there are (ids look like '{prefix}-<n>', "
+        "as spawn returns them)"
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 
-from .errors import InvalidSignal
+from .errors import InvalidSignal, excerpt
 
 COMMON = ("TERM", "KILL", "INT", "HUP", "QUIT", "USR1", "USR2", "STOP", "CONT")
 
@@ -36,7 +36,7 @@ def parse_signal(name: str) -> signal.Signals:
         found = signal.Signals.__members__.get(wanted)
         if found is not None and not wanted.startswith("SIG_"):
             return found
-    raise InvalidSignal(f"unknown signal {name!r}; use a name such as {', '.join(COMMON)} (SIG prefix optional)")
+    raise InvalidSignal(f"unknown signal {excerpt(name)}; use a name such as {', '.join(COMMON)} (SIG prefix optional)")
 
 
 def signal_name(signum: int) -> str:

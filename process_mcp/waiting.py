@@ -3,19 +3,25 @@
 Shared by both backends. A wait never polls: it sleeps on the record's change event (set on every
 output and on exit) or until the next deadline, whichever comes first. Output is matched as text,
 incrementally, so a long wait on a chatty process does not rescan everything it printed.
+
+A pattern is the caller's, and a backtracking pattern can take exponential time (``^(a+)+b$`` on a line
+of ``a``s), so it never runs on the event loop: each search runs in a worker thread, with the GIL
+released (the ``regex`` module's ``concurrent``), and is stopped after MATCH_TIMEOUT_S; a pattern that
+needs more is refused as too costly while its process keeps running.
 """
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import anyio
+import anyio.to_thread
+import regex
 
 from .buffer import OutputBuffer, decode_utf8
-from .errors import InvalidInput
+from .errors import InvalidInput, excerpt
 from .models import SINCE_MAX_BYTES, WaitResult
 from .registry import ManagedProcess
 from .terminal import strip_escapes
@@ -28,6 +34,15 @@ OUTPUT_SETTLE_S = 0.25
 """After an exit, how long a wait lets output still in flight arrive (a PTY delivers it a moment
 later); it only runs out when a leftover child keeps the output open."""
 
+MAX_PATTERN_CHARS = 1024
+"""Longest waitFor pattern; a prompt or a log line needs a few dozen characters."""
+MATCH_TIMEOUT_S = 0.25
+"""Most time one search of a pattern may take (over the new output and MATCH_OVERLAP_BYTES before it);
+an ordinary pattern takes microseconds, so one that needs more is refused as too costly."""
+MATCH_THREADS = 2
+"""Searches one executor runs at once, each in a worker thread: the threads ps and rendering use are never
+all taken by patterns."""
+
 Progress = Callable[[float, float], Awaitable[None]]
 """Called with (seconds waited, seconds allowed) while a wait runs."""
 
@@ -37,40 +52,66 @@ class Wait:
     """What one call waits for; ``timeout_s`` bounds it. Exit always ends a wait."""
 
     timeout_s: float
-    pattern: re.Pattern[str] | None = None
+    pattern: regex.Pattern[str] | None = None
     idle_s: float | None = None
     any_output: bool = False
 
     @staticmethod
-    def compile(pattern: str | None) -> re.Pattern[str] | None:
-        """``pattern`` as a regular expression (multiline); raise InvalidInput saying what is wrong."""
+    def compile(pattern: str | None) -> regex.Pattern[str] | None:
+        """``pattern`` as a regular expression (Python syntax, multiline); raise InvalidInput saying what is
+        wrong."""
         if pattern is None:
             return None
         if not pattern:
             raise InvalidInput("waitFor is empty; pass a regular expression such as '\\\\$ $' or omit it")
+        if len(pattern) > MAX_PATTERN_CHARS:
+            raise InvalidInput(
+                f"waitFor is {len(pattern)} characters, more than the {MAX_PATTERN_CHARS} a pattern may have; "
+                "match a short, distinctive part of the line instead"
+            )
         try:
-            return re.compile(pattern, re.MULTILINE)
-        except re.error as exc:
-            raise InvalidInput(f"waitFor {pattern!r} is not a valid regular expression: {exc}") from None
+            return regex.compile(pattern, regex.MULTILINE)
+        except (regex.error, RecursionError, OverflowError) as exc:
+            raise InvalidInput(f"waitFor {excerpt(pattern)} is not a valid regular expression: {exc}") from None
+
+
+class _TooCostly(Exception):
+    """A search ran past MATCH_TIMEOUT_S."""
+
+    def __init__(self, searched: int) -> None:
+        super().__init__(searched)
+        self.searched = searched
 
 
 class _Matcher:
     """Searches what a stream printed after ``start``, a bit more each time."""
 
-    def __init__(self, buffer: OutputBuffer, start: int, pattern: re.Pattern[str], tty: bool) -> None:
+    def __init__(self, buffer: OutputBuffer, start: int, pattern: regex.Pattern[str], tty: bool) -> None:
         self._buffer = buffer
         self._checked = start  # bytes up to here were searched (with an overlap kept for the next search)
         self._start = start
         self._pattern = pattern
         self._tty = tty
 
-    def search(self) -> bool:
+    async def search(self, limiter: anyio.CapacityLimiter) -> bool:
+        """Whether the output not searched yet matches; raises _TooCostly. The buffer is read here, on the
+        event loop that owns it; decoding and matching happen in a worker thread."""
         if self._buffer.total == self._checked:
             return False
         begin = max(self._start, self._checked - MATCH_OVERLAP_BYTES)
         data, _ = self._buffer.since(begin)
         self._checked = self._buffer.total
-        return self._pattern.search(stream_text(data, self._tty, cut_head=begin > self._start)) is not None
+        cut_head = begin > self._start
+        return await anyio.to_thread.run_sync(_search, self._pattern, data, self._tty, cut_head, limiter=limiter)
+
+
+def _search(pattern: regex.Pattern[str], data: bytes, tty: bool, cut_head: bool) -> bool:
+    """Run in a worker thread: the GIL is released while the pattern runs, and it is stopped at the timeout."""
+    text = stream_text(data, tty, cut_head=cut_head)
+    try:
+        return pattern.search(text, timeout=MATCH_TIMEOUT_S, concurrent=True) is not None
+    except TimeoutError:
+        raise _TooCostly(len(text)) from None
 
 
 def stream_text(data: bytes, tty: bool, *, cut_head: bool = False, complete: bool = True) -> str:
@@ -91,9 +132,19 @@ def text_since(buffer: OutputBuffer, cursor: int, tty: bool, *, complete: bool) 
 
 
 async def wait_on(
-    record: ManagedProcess, wait: Wait, start: tuple[int, int], progress: Progress | None = None
+    record: ManagedProcess,
+    wait: Wait,
+    start: tuple[int, int],
+    progress: Progress | None = None,
+    *,
+    limiter: anyio.CapacityLimiter | None = None,
 ) -> WaitResult:
-    """Wait as ``wait`` says, for output after ``start`` (stdout and stderr cursors). Returns why it ended."""
+    """Wait as ``wait`` says, for output after ``start`` (stdout and stderr cursors). Returns why it ended.
+
+    Searches for the pattern run in worker threads under ``limiter`` (one of MATCH_THREADS tokens if not
+    given). Raises InvalidInput when one search takes longer than MATCH_TIMEOUT_S; the process keeps running.
+    """
+    searches = limiter if limiter is not None else anyio.CapacityLimiter(MATCH_THREADS)
     matchers = []
     if wait.pattern is not None:
         matchers = [_Matcher(record.stdout, start[0], wait.pattern, record.tty)]
@@ -103,18 +154,33 @@ async def wait_on(
     deadline = began + wait.timeout_s
     next_report = began + PROGRESS_INTERVAL_S
 
-    def matched() -> bool:
-        if wait.any_output and (record.stdout.total, record.stderr.total) != start:
-            return True
-        return any([m.search() for m in matchers])  # every matcher advances, so a list, not a generator
+    def any_output() -> bool:
+        return wait.any_output and (record.stdout.total, record.stderr.total) != start
+
+    async def matched() -> bool:
+        found = False
+        for matcher in matchers:  # every matcher advances, even after one has matched
+            found = await matcher.search(searches) or found
+        return found
+
+    async def checked() -> bool:
+        try:
+            return await matched()
+        except _TooCostly as exc:
+            assert wait.pattern is not None
+            raise InvalidInput(too_costly(wait.pattern.pattern, exc.searched, record.pid)) from None
 
     while True:
         changed = record.changed()
-        if matched():
+        if any_output():
+            return "output"
+        if await checked():
             return "matched"
         if not record.running:
             await record.wait(OUTPUT_SETTLE_S, output=True)
-            return "matched" if matched() else "exited"
+            if any_output():
+                return "output"
+            return "matched" if await checked() else "exited"
         now = time.monotonic()
         wake = deadline
         if wait.idle_s is not None:
@@ -131,6 +197,16 @@ async def wait_on(
             wake = min(wake, next_report)
         with anyio.move_on_after(max(0.0, wake - time.monotonic())):
             await changed.wait()
+
+
+def too_costly(pattern: str, searched: int, pid: str) -> str:
+    """What a caller is told when its pattern took too long on ``searched`` characters of output."""
+    return (
+        f"waitFor {pattern[:80]!r} is too costly: one search of {searched} characters of output took more than "
+        f"{MATCH_TIMEOUT_S:g} s, so the wait was stopped; {pid} keeps running (read it with stdout). Nested "
+        "quantifiers, a repeated group with a quantifier inside such as (a+)+ or (\\w+\\s?)*, can take "
+        "exponential time: anchor the pattern and match the text plainly, e.g. '^a+b$' or 'port \\d+$'"
+    )
 
 
 async def wait_exit(record: ManagedProcess, timeout_s: float, progress: Progress | None = None) -> bool:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import ast
 import os
+import pwd
 import select
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +20,8 @@ import pytest
 
 from process_mcp.box import protocol
 from process_mcp.box.client import BOOTSTRAP, bootstrap_payload
+
+from .helpers import cannot_run_here, kill_if_alive, running_sleepers, sleep_argument, started
 
 
 def test_frames_split_anywhere_across_reads_come_out_whole_and_in_order() -> None:
@@ -113,16 +118,20 @@ def spawn_frame(channel: int, command: str, **spec: Any) -> bytes:
 
 
 class RawAgent:
-    """The agent started as the server starts it, spoken to frame by frame."""
+    """The agent started as the server starts it (as ``user``, default this process's), spoken to frame by frame."""
 
-    def __init__(self) -> None:
+    def __init__(self, user: int | None = None) -> None:
+        python = sys.executable
+        if user is not None:  # another user may not run this one: the system's, as a box has its own
+            python = shutil.which("python3", path="/usr/bin:/bin") or cannot_run_here("no /usr/bin/python3")
         self.process = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", BOOTSTRAP],
+            [python, "-I", "-S", "-c", BOOTSTRAP],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
             cwd="/",
             start_new_session=True,
+            user=user,
         )
         self.decoder = protocol.Decoder()
         self.backlog: list[tuple[int, int, bytes]] = []
@@ -135,14 +144,14 @@ class RawAgent:
         self.process.stdin.flush()
 
     def next_of(self, kind: int, count: int = 1) -> list[dict[str, Any]]:
-        """The next ``count`` frames of ``kind``, as fields (output and closes as {"data": ...}); frames of other
-        kinds read meanwhile stay for later calls."""
+        """The next ``count`` frames of ``kind``, as fields (output, closes and tunnels' frames as
+        {"data": ...}); frames of other kinds read meanwhile stay for later calls."""
         found: list[dict[str, Any]] = []
         while True:
             for frame in [f for f in self.backlog if f[0] == kind][: count - len(found)]:
                 self.backlog.remove(frame)
                 payload = frame[2]
-                raw = kind in protocol.OUTPUT_KINDS or kind == protocol.CLOSED
+                raw = kind in protocol.OUTPUT_KINDS or kind == protocol.CLOSED or kind >= protocol.TUNNEL_OPEN
                 found.append({"data": payload} if raw else protocol.fields(payload))
             if len(found) >= count:
                 return found
@@ -240,4 +249,91 @@ def test_a_late_signal_for_a_finished_process_misses_the_next_one_under_its_supe
         assert agent.next_of(protocol.SIGNALLED)[0]["sent"] == 0
         assert Path(f"/proc/{sleeper}").exists(), "a signal for a finished process killed the next one"
     finally:
+        agent.close()
+
+
+def test_the_agent_its_zygote_and_its_supervisors_are_not_dumpable_so_their_user_cannot_reach_them() -> None:
+    """What keeps a process of the agent's own user from tracing them or opening their descriptors (their
+    stream to the server, their stderr) through /proc: not dumpable, their /proc entries are root's. Run
+    as an unprivileged user (nobody, when the tests run as root, which may open anything)."""
+    user = pwd.getpwnam("nobody").pw_uid if os.getuid() == 0 else os.getuid()
+    agent = RawAgent(user)
+    try:
+        assert agent.hello["undumpable"] is True
+        agent.send(spawn_frame(1, "exec sleep 60"))
+        leader = int(agent.next_of(protocol.STARTED)[0]["pid"])
+        supervisor = parent_of(leader)
+        zygote = parent_of(supervisor)
+        assert parent_of(zygote) == agent.process.pid
+        machinery = (agent.process.pid, zygote, supervisor)
+        for pid in machinery:
+            assert Path(f"/proc/{pid}/fd").stat().st_uid == 0, pid
+        assert Path(f"/proc/{leader}/fd").stat().st_uid == user  # the command is dumpable again
+        probe = "; ".join(f"ls /proc/{pid}/fd >/dev/null 2>&1 && echo reached {pid}" for pid in machinery)
+        output, _ = run(agent, 2, f"{probe}; echo probed")
+        assert output == b"probed\n", output
+    finally:
+        agent.close()
+
+
+def test_a_process_that_kills_its_supervisor_is_ended_with_what_it_started_and_reads_as_lost() -> None:
+    """Its orphans, a setsid'd one too, fall to the agent (the zygote is no subreaper), which tells them
+    from its own children and ends them; the exit reports its loss, not a code."""
+    agent = RawAgent()
+    argument = sleep_argument()
+    try:
+        agent.send(spawn_frame(1, "exec sleep 60"))
+        bystander = int(agent.next_of(protocol.STARTED)[0]["pid"])
+        agent.send(spawn_frame(2, f"setsid sleep {argument} & {started(argument)}; kill -9 $PPID; sleep 60"))
+        agent.next_of(protocol.STARTED)
+        assert agent.next_of(protocol.EXITED)[0] == {"lost": True}
+        deadline = time.monotonic() + 10
+        while running_sleepers(argument) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not running_sleepers(argument), "what the process started outlived its supervisor"
+        assert Path(f"/proc/{bystander}").exists(), "another process's tree was ended too"
+    finally:
+        for pid in running_sleepers(argument):
+            kill_if_alive(pid)
+        agent.close()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def round_trip(agent: RawAgent, seq: int) -> None:
+    """A request answered in turn: what the agent did in the loop iterations before is in the backlog."""
+    agent.send(protocol.message(protocol.SIGNAL, 1 << 20, seq=seq, signal=0))
+    agent.next_of(protocol.SIGNALLED)
+
+
+def test_the_agent_opens_at_most_max_tunnels_and_the_next_once_one_has_closed_on_both_sides() -> None:
+    """Connections beyond protocol.MAX_TUNNELS wait, unaccepted, so the server (which ends an agent that
+    opens more) never sees more; a tunnel counts until each side has closed it and seen the other's close."""
+    agent = RawAgent()
+    port = free_port()
+    clients: list[socket.socket] = []
+    try:
+        agent.send(protocol.message(protocol.PROXY, 0, port=port))
+        round_trip(agent, 1)  # listening
+        for _ in range(protocol.MAX_TUNNELS + 5):
+            clients.append(socket.create_connection(("127.0.0.1", port), timeout=10))  # the backlog holds them
+        assert len(agent.next_of(protocol.TUNNEL_OPEN, protocol.MAX_TUNNELS)) == protocol.MAX_TUNNELS
+        clients[0].close()  # the process's side of the first tunnel closes: the agent says so ...
+        agent.next_of(protocol.TUNNEL_CLOSE)
+        round_trip(agent, 2)
+        round_trip(agent, 3)
+        assert not [f for f in agent.backlog if f[0] == protocol.TUNNEL_OPEN], "one opened while the server's was open"
+        agent.send(protocol.frame(protocol.TUNNEL_CLOSE, protocol.TUNNEL_BASE))  # ... and then the server's side
+        agent.next_of(protocol.TUNNEL_OPEN)
+        round_trip(agent, 4)
+        round_trip(agent, 5)
+        assert not [f for f in agent.backlog if f[0] == protocol.TUNNEL_OPEN], "more than one opened for one closed"
+    finally:
+        for client in clients:
+            client.close()
         agent.close()

@@ -17,7 +17,7 @@ import tarfile
 import zipfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import anyio
 import anyio.abc
@@ -28,7 +28,7 @@ from mcp import Client, StdioServerParameters
 from process_mcp import BackendUnavailable, ProcessMcpConfig, SpawnOptions, create_process_mcp, load_config
 from process_mcp.config import Defaults, DockerConfig, SandboxConfig
 from process_mcp.docker import DockerExecutor
-from process_mcp.docker.engine import KEPT_CAPABILITIES
+from process_mcp.docker.engine import KEPT_CAPABILITIES, MANAGED_LABEL
 
 from .conftest import BULLSEYE_IMAGE, BUSYBOX_IMAGE, DEBIAN_IMAGE, TEST_LABELS, docker_config, unique_name
 from .helpers import POLL_S, WAIT_S, sleep_argument, wait_for_output
@@ -450,6 +450,77 @@ async def test_an_existing_container_works_on_the_first_spawn_in_its_own_working
     relative = await executor.spawn(SpawnOptions(command="pwd", cwd="."))
     assert relative.stdout == f"{expected}\n"
     assert executor.workdir == expected
+
+
+@pytest.fixture
+def passwordless_image(docker_client: DockerClient) -> Iterator[str]:
+    """The busybox test image without /etc/passwd and /etc/group, as distroless-style and scratch images
+    are: no user has a name there."""
+    name = unique_name("nopasswd").replace("process-mcp-test-", "process-mcp-test/") + ":latest"
+    source = docker_client.containers.create(BUSYBOX_IMAGE, ["true"], labels=TEST_LABELS)
+    try:
+        exported = b"".join(cast("Iterator[bytes]", source.export()))  # typed as str; the engine sends bytes
+    finally:
+        source.remove(force=True)
+    stripped = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(exported)) as tar, tarfile.open(fileobj=stripped, mode="w") as out:
+        for member in tar.getmembers():
+            if member.name.lstrip("./") not in ("etc/passwd", "etc/group"):
+                out.addfile(member, tar.extractfile(member) if member.isfile() else None)
+    docker_client.api.import_image_from_data(
+        stripped.getvalue(), repository=name.partition(":")[0], tag="latest", changes=["LABEL process-mcp.test=true"]
+    )
+    try:
+        yield name
+    finally:
+        docker_client.images.remove(name, force=True)
+
+
+async def test_an_image_without_etc_passwd_runs_processes_as_the_numeric_user(
+    made: Made, started: StartExecutor, passwordless_image: str
+) -> None:
+    executor = await started(created_executor(made, image=passwordless_image))
+    result = await executor.spawn(SpawnOptions(command="id -u; id -g; test -w /home/agent && echo home-writable"))
+    assert (result.exit_code, result.stdout.split()) == (0, ["1000", "1000", "home-writable"]), result
+
+
+async def test_a_container_that_could_not_start_is_removed_and_a_stale_one_is_made_anew(
+    engine: DockerClient, made: Made, started: StartExecutor
+) -> None:
+    import docker.errors
+
+    config = docker_config(made.container, volume_name=made.volume, network="process-mcp-test-no-such-network")
+    with pytest.raises(BackendUnavailable):
+        await DockerExecutor(config, labels=TEST_LABELS).start()
+    with pytest.raises(docker.errors.NotFound):  # not left behind to be reused with the bad setting
+        await anyio.to_thread.run_sync(engine.containers.get, made.container)
+    # A stopped container of the server's own from another configuration (here another image) is made anew.
+    first = await started(created_executor(made, image=BUSYBOX_IMAGE))
+    await first.cleanup()
+    await anyio.to_thread.run_sync(
+        lambda: engine.containers.create(
+            BUSYBOX_IMAGE,
+            ["tail", "-f", "/dev/null"],
+            name=made.container,
+            labels={**TEST_LABELS, MANAGED_LABEL: "true"},
+        )
+    )
+    second = await started(created_executor(made, image=DEBIAN_IMAGE))
+    assert "bookworm" in (await second.spawn(SpawnOptions(command="cat /etc/os-release"))).stdout
+
+
+async def test_a_running_container_that_differs_from_the_configuration_is_refused_naming_the_difference(
+    engine: DockerClient, made: Made
+) -> None:
+    await anyio.to_thread.run_sync(
+        lambda: engine.containers.run(
+            BUSYBOX_IMAGE, ["tail", "-f", "/dev/null"], name=made.container, labels=TEST_LABELS, detach=True
+        )
+    )
+    with pytest.raises(BackendUnavailable, match=r"runs image .*busybox.*, not DOCKER_IMAGE=") as caught:
+        await DockerExecutor(docker_config(made.container, volume_name=made.volume), labels=TEST_LABELS).start()
+    assert "docker rm -f" in caught.value.message
+    assert (await anyio.to_thread.run_sync(engine.containers.get, made.container)).status == "running"  # untouched
 
 
 @pytest.mark.parametrize("fault", ["kill", "stop", "remove"])

@@ -33,9 +33,6 @@ def test_escapes_decode_to_the_bytes_they_stand_for(text: str, expected: bytes) 
     [
         ("\\q", "'\\q' at position 0 is not a valid escape"),
         ("ab\\", "a trailing backslash at position 2"),
-        ("\\x4", "'\\x' at position 0"),
-        ("\\xZZ", "not a valid escape"),
-        ("\\u12", "not a valid escape"),
         ("\\ud800", "lone surrogate"),
         ("x\ud800", "lone surrogate at position 1"),
     ],
@@ -45,3 +42,18 @@ def test_invalid_escapes_are_refused_with_the_valid_forms(text: str, fragment: s
         decode_input(text)
     assert fragment in str(caught.value)
     assert "\\n \\r \\t \\xHH \\uHHHH \\\\" in str(caught.value) or "surrogate" in fragment
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("\\x4", "'\\x4' at position 0 is not a valid escape: \\x needs exactly 2 hex digits"),
+        ("ab\\xZZ", "'\\xZZ' at position 2 is not a valid escape: \\x needs exactly 2 hex digits"),
+        ("\\u12", "'\\u12' at position 0 is not a valid escape: \\u needs exactly 4 hex digits"),
+        ("\\u12g4", "'\\u12g4' at position 0 is not a valid escape: \\u needs exactly 4 hex digits"),
+    ],
+)
+def test_a_short_hex_escape_says_how_many_digits_it_needs(text: str, fragment: str) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        decode_input(text)
+    assert fragment in str(caught.value)

@@ -13,8 +13,10 @@ import anyio
 import pytest
 
 from process_mcp import HostExecutor, ProcessNotFound, SpawnOptions, StdinFailed, TooManyProcesses
+from process_mcp.box import protocol
 from process_mcp.config import SandboxConfig
 from process_mcp.host import STATE_DIR_PREFIX
+from process_mcp.models import MAX_INPUT_CHARS
 
 from .conftest import host_config
 from .helpers import (
@@ -130,8 +132,7 @@ async def test_stdin_to_a_process_that_closed_its_input_fails_clearly(host: Host
     await wait_for_output(host, started.pid, "closed")
     if host.sandboxed:
         # bwrap keeps its own copy of the input pipe open, so the pipe has a reader until it fills.
-        with pytest.raises(StdinFailed, match="is not reading its input"):
-            await host.stdin(started.pid, "x" * (1 << 20))
+        await _fill_until_refused(host, started.pid)
         return
     with pytest.raises(StdinFailed, match="no longer accepts input"):
         await host.stdin(started.pid, "hello\\n")
@@ -139,9 +140,15 @@ async def test_stdin_to_a_process_that_closed_its_input_fails_clearly(host: Host
 
 async def test_stdin_to_a_process_that_never_reads_fails_after_a_bounded_wait(host: HostExecutor) -> None:
     started = await host.spawn(SpawnOptions(command="sleep 30", background=True))
-    with pytest.raises(StdinFailed, match="is not reading its input"):
-        await host.stdin(started.pid, "x" * (1 << 20))
+    await _fill_until_refused(host, started.pid)
     assert (await host.get_process(started.pid)).status == "running"
+
+
+async def _fill_until_refused(host: HostExecutor, pid: str) -> None:
+    """Send the largest inputs one call may until the pipe is full: the call that finds it so must fail."""
+    with pytest.raises(StdinFailed, match="is not reading its input"):  # noqa: PT012
+        for _ in range(64):  # a pipe holds at most 1 MiB (Linux's default limit for a user)
+            await host.stdin(pid, "x" * MAX_INPUT_CHARS)
 
 
 async def test_a_missing_executable_is_an_exit_code_not_a_spawn_failure(host: HostExecutor) -> None:
@@ -232,3 +239,34 @@ async def main():
 
 anyio.run(main)
 """
+
+
+async def test_a_local_agent_that_breaks_the_protocol_is_dropped_with_its_processes_and_replaced(
+    workdir: Path,
+) -> None:
+    """Unsandboxed, the agent runs here: a frame it may not send (here a BYE the server did not ask for)
+    loses it; the server closes its stream, so it ends every process it ran (one that left its tree too)
+    at once, not at the next spawn; they read as lost, and the next spawn starts a new agent."""
+    executor = HostExecutor(host_config(workdir, sandbox=SandboxConfig(enabled=False)))
+    arg = sleep_argument()
+    children: list[int] = []
+    try:
+        spawned = await executor.spawn(
+            SpawnOptions(command=f"setsid sleep {arg} & {started(arg)}; sleep 600", background=True)
+        )
+        children = await sleepers(arg, 1)
+        local = executor._local
+        assert local is not None
+        local.connection.feed([protocol.frame(protocol.BYE, 0)])
+        assert not local.connection.alive
+        process = await executor.get_process(spawned.pid)
+        assert (process.status, process.ended_by) == ("terminated", "lost")
+        for child in children:
+            await wait_until_gone(child)
+        again = await executor.spawn(SpawnOptions(command="echo back"))
+        assert (again.stdout, again.exit_code) == ("back\n", 0)
+        assert executor._local is not local
+    finally:
+        for child in children:
+            kill_if_alive(child)
+        await executor.cleanup()

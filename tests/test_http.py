@@ -407,6 +407,31 @@ async def test_principals_see_only_their_own_processes_and_cannot_touch_anothers
         await call(alice, "kill", {"id": sleeper["pid"], "signal": "KILL"})
 
 
+async def test_a_link_in_one_principals_workspace_never_mounts_anothers(workspaces: Path, tokens_file: Path) -> None:
+    async with (
+        http_server(workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file)) as server,
+        mcp_client(server.url, ALICE) as alice,
+        mcp_client(server.url, BOB) as bob,
+    ):
+        await call(alice, "spawn", {"command": "echo alice-secret > secret.txt"})
+        alice_file = workspaces / "alice" / "secret.txt"
+        up = "../" * len((workspaces / "bob").parts)  # from bob's workspace to the host's /
+        attack = f"cat {alice_file}; echo bob >> {alice_file}"
+        for plant in (f"ln -s {up} .bashrc", f"mkdir -p a/b && ln -s ../../{up} a/b/.ssh", "ln -s ../alice .git"):
+            await call(bob, "spawn", {"command": plant})
+            refused = await error(bob, "spawn", {"command": attack})
+            assert "symbolic link" in refused, refused
+            assert "alice-secret" not in refused
+            listed = await call(alice, "ps", {})  # alice is unaffected meanwhile
+            assert listed["processes"]
+            for name in (".bashrc", "a/b/.ssh", ".git"):
+                (workspaces / "bob" / name).unlink(missing_ok=True)
+        assert alice_file.read_text() == "alice-secret\n"
+        peek = await call(bob, "spawn", {"command": attack})
+        assert "alice-secret" not in peek["stdout"]
+        assert alice_file.read_text() == "alice-secret\n"
+
+
 async def test_limits_hold_per_principal(workspaces: Path, tokens_file: Path) -> None:
     async with (
         http_server(workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file), PROCESS_MAX_LIVE="2") as server,
@@ -1036,6 +1061,9 @@ async def test_spawns_beyond_the_rate_limit_are_refused_with_the_time_to_wait(
         mcp_client(server.url, ALICE) as alice,
         mcp_client(server.url, BOB) as bob,
     ):
+        # Spawns that never started (a cwd that is not there, a bad argument) do not count.
+        for _ in range(4):
+            assert "invalid_input" in await error(alice, "spawn", {"command": "true", "cwd": "/nonexistent"})
         for i in range(3):
             assert (await call(alice, "spawn", {"command": f"echo {i}"}))["stdout"] == f"{i}\n"
         refused = await error(alice, "spawn", {"command": "echo 3"})

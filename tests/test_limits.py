@@ -88,6 +88,20 @@ async def test_a_tree_that_reaches_its_processes_limit_is_ended_and_says_so(exec
     assert (few.exit_code, few.ended_by, few.limit) == (0, "exit", None)
 
 
+async def test_a_small_processes_limit_counts_only_the_callers_processes(executor: ProcessExecutor) -> None:
+    # The sandbox's launch chain (bwrap and its init) must not count: a limit of 1 runs one process.
+    for processes in range(1, 6):
+        small = await executor.spawn(
+            SpawnOptions(command="echo ok", limits=ProcessLimits(processes=processes), timeout_ms=30000)
+        )
+        assert (small.exit_code, small.stdout, small.ended_by) == (0, "ok\n", "exit"), (processes, small)
+    # A tree is ended when it reaches its limit (the kernel refuses the fork beyond): two fit under three.
+    two = await executor.spawn(
+        SpawnOptions(command="sleep 0.2 & wait", limits=ProcessLimits(processes=3), timeout_ms=30000)
+    )
+    assert (two.exit_code, two.ended_by) == (0, "exit"), two
+
+
 async def test_limits_above_the_configured_maximum_are_refused(executor: ProcessExecutor) -> None:
     with pytest.raises(InvalidInput, match="PROCESS_MAX_CPU_SECONDS"):
         await executor.spawn(SpawnOptions(command="true", limits=ProcessLimits(cpu_seconds=10**6)))

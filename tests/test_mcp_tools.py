@@ -43,6 +43,8 @@ async def test_the_five_tools_keep_the_original_parameters_and_only_add_optional
     assert stdout["required"] == ["id"]
     assert set(tools["kill"].input_schema["properties"]) == {"id", "signal"}
     assert tools["kill"].input_schema["properties"]["signal"]["default"] == "SIGTERM"
+    assert set(tools["ps"].input_schema["properties"]) == {"stats"}
+    assert "required" not in tools["ps"].input_schema
     for tool in tools.values():
         assert tool.output_schema is not None
         assert tool.description
@@ -67,7 +69,10 @@ async def test_spawn_replies_with_structured_content_and_readable_text(client: C
         "cursor": 4,
         "stderrCursor": 4,
     }  # fields without a value (signal, limit, waitResult) are left out
-    expected = f"host-1: terminated (exit code 3), {CONFINEMENT}\n--- stdout ---\nout\n\n--- stderr ---\nerr\n"
+    expected = (
+        f"host-1: terminated (exit code 3), {CONFINEMENT}\ncursor: 4, stderrCursor: 4\n"
+        "--- stdout ---\nout\n\n--- stderr ---\nerr\n"
+    )
     assert text_of(result) == expected
 
 
@@ -116,12 +121,12 @@ async def test_ps_lists_processes_as_text_and_structure(client: Client) -> None:
         ("spawn", {"command": "true", "env": {"A B": "1"}}, "invalid_input", ["environment variable name"]),
         ("spawn", {"command": "a\u0000b"}, "invalid_input", ["NUL"]),
         ("spawn", {}, "invalid_input", ["command: Field required", "spawn tool's input schema"]),
-        ("spawn", {"command": 42}, "invalid_input", ["command", "valid string"]),
+        ("spawn", {"command": 42}, "invalid_input", ["command must be a string"]),
         ("spawn", {"command": "true", "timeoutMs": -5}, "invalid_input", ["timeoutMs", "greater than or equal to 0"]),
-        ("spawn", {"command": "true", "env": "X=1"}, "invalid_input", ["env", "valid dictionary"]),
+        ("spawn", {"command": "true", "env": "X=1"}, "invalid_input", ["env must be an object"]),
         ("spawn", {"command": "true", "limits": {"memoryMb": 0}}, "invalid_input", ["limits.memoryMb"]),
         ("stdout", {"id": "host-1", "lines": -1}, "invalid_input", ["lines", "greater than or equal to 1"]),
-        ("stdout", {"id": "host-1", "lines": "many"}, "invalid_input", ["lines", "valid integer"]),
+        ("stdout", {"id": "host-1", "lines": "many"}, "invalid_input", ["lines must be an integer"]),
         ("kill", {"id": "host-1", "signal": "SIGFOO"}, "invalid_signal", ["TERM, KILL"]),
         ("stdin", {"id": "host-1"}, "invalid_input", ["input: Field required"]),
         ("run", {"command": "true"}, "invalid_input", ["no tool 'run'", "spawn, ps, stdin, stdout, kill"]),
@@ -191,3 +196,97 @@ async def test_tool_descriptions_read_as_prose_without_the_code_indentation(clie
         assert not [line for line in tool.description.splitlines() if line.startswith(" ")], tool.name
     spawn = next(tool for tool in (await client.list_tools()).tools if tool.name == "spawn")
     assert "waitFor" in spawn.input_schema["properties"]["background"]["description"]
+
+
+async def test_pythons_output_in_a_pipe_reaches_wait_for_and_a_silent_wait_says_why(client: Client) -> None:
+    # Python block-buffers a pipe: without PYTHONUNBUFFERED a server's "ready" line waits for a full buffer.
+    server = "import time; print('Serving HTTP on port 8000', flush=False); time.sleep(30)"
+    ready = await client.call_tool(
+        "spawn", {"command": f'python3 -c "{server}"', "waitFor": "Serving HTTP", "timeoutMs": 5000}
+    )
+    assert ready.structured_content is not None
+    assert ready.structured_content["waitResult"] == "matched", text_of(ready)
+    text = text_of(ready)
+    assert f"cursor: {ready.structured_content['cursor']}" in text  # the spawn reply's text can continue too
+    await call(client, "kill", {"id": ready.structured_content["pid"], "signal": "KILL"})
+    # A program that buffers anyway (here told to): the timed-out wait says why nothing came, and what to do.
+    held = await client.call_tool(
+        "spawn",
+        {
+            "command": f'python3 -c "{server}"',
+            "env": {"PYTHONUNBUFFERED": ""},
+            "waitFor": "Serving HTTP",
+            "timeoutMs": 1000,
+        },
+    )
+    assert held.structured_content is not None
+    assert held.structured_content["waitResult"] == "timeout"
+    assert "tty: true" in text_of(held)
+    await call(client, "kill", {"id": held.structured_content["pid"], "signal": "KILL"})
+
+
+@pytest.mark.parametrize(
+    ("tool", "arguments", "fragment"),
+    [
+        ("kill", {"id": "host-1", "sig": "KILL"}, "kill has no argument 'sig'; did you mean signal?"),
+        ("spawn", {"command": "true", "wait_for": "x"}, "spawn has no argument 'wait_for'; did you mean waitFor?"),
+        ("spawn", {"command": "true", "timeout": 2000}, "spawn has no argument 'timeout'; did you mean timeoutMs?"),
+        (
+            "spawn",
+            {"command": "true", "limits": {"memoryMB": 64}},
+            "spawn has no argument limits.'memoryMB'; did you mean limits.memoryMb?",
+        ),
+        ("spawn", {"command": "true", "tty": "yes"}, "spawn: tty must be true or false, not a string 'yes'"),
+        ("spawn", {"command": "true", "timeoutMs": "1000"}, "timeoutMs must be an integer or null, not a string"),
+        ("spawn", {"command": "true", "env": {"A": 1}}, "spawn: env.A must be a string, not an integer 1"),
+        ("stdout", {"id": "host-1", "lines": 1.5}, "stdout: lines must be an integer, not a number 1.5"),
+        ("ps", {"all": True}, "ps has no argument 'all'"),
+    ],
+)
+async def test_unknown_arguments_and_wrong_json_types_are_refused_naming_the_closest(
+    client: Client, tool: str, arguments: dict[str, Any], fragment: str
+) -> None:
+    result = await client.call_tool(tool, arguments)
+    assert result.is_error
+    text = text_of(result)
+    assert text.startswith("invalid_input: "), text
+    assert fragment in text, text
+    assert result.meta is not None
+    assert result.meta["process-mcp/error"] == {"code": "invalid_input"}
+    assert (await call(client, "ps", {}))["processes"] == []  # nothing was started
+
+
+async def test_every_tool_schema_forbids_arguments_it_does_not_name(client: Client) -> None:
+    for tool in (await client.list_tools()).tools:
+        assert tool.input_schema.get("additionalProperties") is False, tool.name
+        for definition in tool.input_schema.get("$defs", {}).values():
+            assert definition.get("additionalProperties") is False, (tool.name, definition)
+
+
+async def test_errors_quote_a_short_marked_excerpt_of_what_they_were_given(client: Client) -> None:
+    long_cwd = "/nonexistent/" + "d" * 3000
+    text = await error(client, "spawn", {"command": "true", "cwd": long_cwd})
+    assert "d" * 200 not in text
+    assert f"({len(long_cwd)} characters)" in text
+    missing = await error(client, "stdout", {"id": "host-1"})
+    assert missing.count("host-1") == 1, missing  # named once, not also offered as the example
+
+
+async def test_ps_reports_resources_only_when_asked(client: Client) -> None:
+    started = await call(client, "spawn", {"command": "echo ready; exec sleep 30", "waitFor": "ready"})
+    plain = await call(client, "ps", {})
+    assert [set(p) & {"stats"} for p in plain["processes"]] == [set()]
+    detailed = await call(client, "ps", {"stats": True})
+    (row,) = detailed["processes"]
+    assert row["stats"]["processes"] >= 1, row
+    await call(client, "kill", {"id": started["pid"], "signal": "KILL"})
+
+
+def test_an_end_that_could_not_be_observed_never_reads_exit_code_none() -> None:
+    from process_mcp.models import ExitState
+    from process_mcp.service.tools import _state
+
+    unobserved = _state(ExitState(status="terminated", exit_code=None, ended_by="exit"))
+    assert "None" not in unobserved
+    assert "could not be observed" in unobserved
+    assert _state(ExitState(status="terminated", exit_code=3, ended_by="exit")) == "terminated (exit code 3)"

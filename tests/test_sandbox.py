@@ -5,18 +5,21 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
+import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import anyio
 import pytest
 
 from process_mcp import BackendUnavailable, HostExecutor, SpawnFailed, SpawnOptions
+from process_mcp import sandbox as sandbox_module
 from process_mcp.config import SandboxConfig
+from process_mcp.models import ProcessLimits
 
 from .conftest import host_config
-from .helpers import WAIT_S, sleep_argument, wait_for_output
+from .helpers import WAIT_S, cannot_run_here, sleep_argument, wait_for_output
 
 pytestmark = pytest.mark.anyio
 
@@ -325,3 +328,97 @@ async def test_a_writable_root_too_large_to_search_fails_the_spawn_clearly(
     (tmp_path / "work" / "dir10").mkdir()
     with pytest.raises(SpawnFailed, match="SANDBOX_SCAN_LIMIT"):
         await executor.spawn(SpawnOptions(command="echo never"))
+
+
+async def test_a_directory_swapped_for_a_link_after_the_checks_is_not_what_gets_mounted(
+    sandbox: MakeSandbox, tmp_path: Path
+) -> None:
+    # The sandbox checks and opens what it mounts while building the command line; a process of the
+    # agent can swap a directory for a link after that and before bwrap mounts it. bwrap must mount
+    # what was checked (or refuse), never what the name leads to by then: here the host's /usr, writable.
+    executor = await sandbox(deny_write=["share"])  # a name at any depth, and one /usr has
+    sandbox_ = executor._sandbox
+    assert sandbox_ is not None
+    work = tmp_path / "work"
+    (work / "d" / "share").mkdir(parents=True)  # read-only, so its parent d is mounted onto itself
+    canary = Path("/usr", f"process-mcp-canary-{sleep_argument()}")
+    launch = await anyio.to_thread.run_sync(sandbox_.wrap, f"echo x > {canary}; echo ran", str(work), {}, None)
+    try:
+        (work / "d").rename(work / "d.real")
+        (work / "d").symlink_to("../" * (len(work.parts) - 1) + "usr")  # relative: the same from inside
+        done = await anyio.to_thread.run_sync(
+            lambda: subprocess.run(
+                launch.argv,
+                env=launch.env,
+                pass_fds=launch.pass_fds,
+                preexec_fn=launch.prepare,
+                capture_output=True,
+                timeout=WAIT_S,
+                check=False,
+            )
+        )
+    finally:
+        try:
+            os.unlink(canary)
+            canary_existed = True
+        except FileNotFoundError:
+            canary_existed = False
+        for fd in launch.close_after_start:
+            os.close(fd)
+        if launch.cgroup is not None and sandbox_.cgroups is not None:
+            sandbox_.cgroups.release(launch.cgroup)
+    assert not canary_existed
+    # bwrap notices that the name no longer leads to what it was given, and starts nothing.
+    assert "ran" not in done.stdout.decode().split(), done.stderr
+    assert done.returncode != 0
+
+
+async def test_an_allowed_read_path_in_tmp_is_shown_over_the_private_tmp(sandbox: MakeSandbox, tmp_path: Path) -> None:
+    shown = tmp_path / "shown"  # tmp_path is in /tmp, which each sandbox gets a private tmpfs of
+    shown.mkdir()
+    (shown / "data").write_text("visible\n")
+    executor = await sandbox(allow_read=[INTERPRETER, str(shown)])
+    _, output = await run(executor, f"cat {shown}/data; echo x > {shown}/planted")
+    assert "visible" in output
+    assert "Read-only file system" in output
+    assert not (shown / "planted").exists()
+
+
+async def test_a_spawns_limits_never_change_what_the_next_spawn_gets(sandbox: MakeSandbox) -> None:
+    # Sandboxes' cgroups are pooled: a group raised from a small memory limit to a larger one must take
+    # it (the kernel refuses a memory limit above the swap limit), and one that failed is never reused.
+    executor = await sandbox()
+    probe = "grep 'Max data size' /proc/self/limits"
+    for memory_mb in (100, 300, None, 50, 2000, None, 100):
+        limits = ProcessLimits(memory_mb=memory_mb) if memory_mb else None
+        code, output = await run(executor, probe, limits=limits)
+        assert code == 0, output
+        expected = (memory_mb or 4096) * 1024 * 1024
+        assert output.split()[3] == str(expected), (memory_mb, output)
+
+
+@pytest.fixture
+def root_only_file() -> Iterator[Path]:
+    """A file in /usr that only root may read, as packages leave some (polkit rules, private keys)."""
+    if os.getuid() != 0:
+        cannot_run_here("only a root server can read root-only files in /usr, which is what is hidden")
+    secret = Path("/usr/local/share", f"process-mcp-test-{sleep_argument()}")
+    secret.write_text("root-only\n")
+    secret.chmod(0o600)
+    try:
+        yield secret
+    finally:
+        secret.unlink(missing_ok=True)
+
+
+async def test_files_in_usr_that_only_root_may_read_are_hidden_from_a_root_servers_sandbox(
+    sandbox: MakeSandbox, root_only_file: Path
+) -> None:
+    sandbox_module._searches.clear()  # the search is once per process: make it see this file
+    executor = await sandbox()
+    _, output = await run(executor, f"cat {root_only_file}; cat /usr/bin/env >/dev/null && echo shown")
+    assert "root-only" not in output
+    assert "shown" in output  # the rest of /usr is there
+    # A hidden file removed since the server looked (a package uninstalled) leaves nothing to hide.
+    await anyio.Path(root_only_file).unlink()
+    assert (await run(executor, "echo still-spawning"))[1] == "still-spawning\n"

@@ -8,22 +8,26 @@ working. SECURITY.md lists what these prove.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import secrets
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from mcp import Client, StdioServerParameters
 
@@ -123,6 +127,10 @@ class Servers:
         self._python_path = python_path
 
     async def __call__(self, **env: str) -> Box:
+        return await self.start(None, **env)
+
+    async def start(self, cgroup_procs: str | None, **env: str) -> Box:
+        """A server, first moved into the cgroup whose ``cgroup.procs`` is given (a bound it lives in)."""
         settings = {
             "DEFAULT_WORKDIR": str(self.workspace),
             "SANDBOX_REQUIRED": "true",
@@ -131,6 +139,8 @@ class Servers:
             **env,
         }
         command = [*(_as(self.uid) if self.uid != os.getuid() else []), "/usr/bin/python3", "-m", "process_mcp"]
+        if cgroup_procs is not None:
+            command = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', cgroup_procs, *command]
         params = StdioServerParameters(command=command[0], args=command[1:], env=settings, cwd="/")
         client = await self._stack.enter_async_context(Client(params, read_timeout_seconds=WAIT_S * 3))
         return Box(client, self.workspace, self.outside, self.uid)
@@ -338,6 +348,171 @@ async def test_the_users_home_is_not_shown_at_all(box: Servers) -> None:
     output = await b.output(f"ls -A {home}; echo x >> {home}/.bashrc; echo HOME=$HOME")
     assert f"HOME={b.workspace}" in output
     assert f"ls: cannot access '{home}': No such file or directory" in output
+
+
+# 4b. Links: nothing the sandbox mounts follows a symbolic link a process could have made.
+
+
+def _plant_link(b: Box, name: str, target: str) -> Path:
+    link = b.workspace / name
+    link.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(target, link)
+    os.lchown(link, b.uid, b.uid)
+    for part in link.parents:
+        if part == b.workspace.parent:
+            break
+        os.chown(part, b.uid, b.uid)
+    return link
+
+
+async def test_a_protected_name_that_is_a_link_is_refused_and_never_mounted(box: Servers) -> None:
+    workspace, outside = box.workspace, box.outside
+    shared = outside / "shared"  # shown read-only; a link must not make it writable
+    (shared / "bin").mkdir(parents=True)
+    (outside / "secret").write_text(SECRET)
+    for path in (shared, shared / "bin", outside / "secret"):
+        os.chown(path, box.uid, box.uid)
+    b: Box = await box(SANDBOX_ALLOW_READ=str(shared))
+    up = "../" * len(workspace.parts)  # from the workspace to the host's /
+    canary = f"/usr/process-mcp-canary-{secrets.token_hex(4)}"
+    attack = f"cat {outside}/secret; echo x > {canary}; echo x > {shared}/bin/planted; ls /proc/1/root/"
+    links = [
+        (".bashrc", up),  # the host's root as the sandbox's /
+        (".local", f"{up}usr"),  # /usr, with .local/bin in it, bound writable as a parent
+        (".ssh", "/proc"),
+        (".git", str(outside)),
+        ("deep/er/.vscode", f"../../{up}"),
+        (".config", str(shared)),  # the first component of .config/autostart
+        (".local", str(shared)),  # .local/bin exists in the shown directory
+    ]
+    try:
+        for name, target in links:
+            link = _plant_link(b, name, target)
+            refused = await b.error(attack, env={})
+            assert "symbolic link" in refused, (name, refused)
+            assert SECRET not in refused
+            link.unlink()
+    finally:
+        Path(canary).unlink(missing_ok=True)
+    assert not Path(canary).exists()
+    assert not (shared / "bin/planted").exists()
+    # With the links gone, the same workspace works, and the attack finds nothing it should not.
+    output = await b.output(attack)
+    assert SECRET not in output
+    assert not Path(canary).exists()
+    assert not (shared / "bin/planted").exists()
+    assert "Read-only file system" in output  # the shown directory stays read-only
+
+
+async def test_a_protected_name_behind_a_link_is_refused_when_the_relative_deny_rules_name_it(box: Servers) -> None:
+    b: Box = await box(SANDBOX_DENY_READ=".env")
+    _write_as(b, b.workspace / "real/.env", SECRET)
+    _plant_link(b, "app/.env", "../real/.env")
+    assert "symbolic link" in await b.error("cat app/.env")
+    (b.workspace / "app/.env").unlink()
+    assert SECRET not in await b.output("cat real/.env app/.env; echo done")
+
+
+async def test_a_link_cannot_uncover_a_denied_file_or_move_a_deny_rule(box: Servers) -> None:
+    workspace = box.workspace
+    b: Box = await box(SANDBOX_DENY_READ=f"{workspace}/secret,{workspace}/keys/id")
+    _write_as(b, workspace / "secret", SECRET)
+    _write_as(b, workspace / "keys/id", SECRET)
+    _write_as(b, workspace / "decoy/id", "decoy\n")
+    # A protected name deeper than the denied file, linked to the workspace, would be mounted over it.
+    link = _plant_link(b, "a/b/.ssh", "../..")
+    refused = await b.error("cat secret a/b/.ssh/secret")
+    assert "symbolic link" in refused
+    assert SECRET not in refused
+    link.unlink()
+    assert SECRET not in await b.output("cat secret; echo done")
+    # A deny path whose parent became a link is refused, not followed to whatever the link names.
+    (workspace / "keys").rename(workspace / "keys.real")
+    _plant_link(b, "keys", "decoy")
+    refused = await b.error("cat keys.real/id")
+    assert "symbolic link" in refused
+    assert SECRET not in refused
+
+
+# 4c. Git reads configuration and code from many files in .git: none of them may be the agent's.
+
+
+def _git(repo: Path, uid: int, *args: str) -> subprocess.CompletedProcess[str]:
+    """The user's git on the host, in ``repo``: what the agent's plants are aimed at."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(repo.parent.parent), "GIT_CONFIG_NOSYSTEM": "1"}
+    command = [*(_as(uid) if uid != os.getuid() else []), "git", "-c", "safe.directory=*", *args]
+    return subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=WAIT_S, check=False)
+
+
+def _repository(b: Box, name: str) -> Path:
+    repo = b.workspace / name
+    _write_as(b, repo / "main.py", "print(1)\n")
+    for args in (
+        ("init", "-q"),
+        ("add", "main.py"),
+        ("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "1"),
+    ):
+        done = _git(repo, b.uid, *args)
+        assert done.returncode == 0, done.stderr
+    return repo
+
+
+async def test_git_runs_nothing_the_agent_wrote_into_any_file_it_reads(box: Servers) -> None:
+    b: Box = await box()
+    repo = _repository(b, "repo")
+    canary = b.outside / "git-ran-agent-code"
+    script = f"#!/bin/sh\ntouch {canary}\n"
+    evil = b.workspace / "evil"
+    plants = [
+        # commondir: git then reads the config and hooks of a directory the agent controls.
+        f"mkdir -p {evil}/hooks && printf '[core]\\n\\tfsmonitor = {evil}/run\\n' > {evil}/config"
+        f" && printf %s {shlex.quote(script)} > {evil}/run && chmod +x {evil}/run",
+        f"echo {evil} > repo/.git/commondir",
+        "printf '[core]\\n\\tfsmonitor = ../evil/run\\n' > repo/.git/config.worktree",
+        "printf '[extensions]\\n\\tworktreeConfig = true\\n' >> repo/.git/config",
+        "echo '* filter=evil' > repo/.git/info/attributes",
+        f"mkdir -p repo/.git/worktrees/w && echo {evil} > repo/.git/worktrees/w/commondir",
+        f"printf %s {shlex.quote(script)} > repo/.git/hooks/post-checkout",
+        "mkdir -p repo/.git/modules/m && echo '[core]' > repo/.git/modules/m/config",
+        "echo ref: refs/heads/evil > repo/.git/HEAD",
+    ]
+    output = await b.output("; ".join(plants) + "; ls repo/.git")
+    assert output.count("Read-only file system") >= len(plants) - 1, output
+    for name in ("commondir", "config.worktree", "info/attributes", "worktrees", "modules"):
+        assert not (repo / ".git" / name).exists(), name
+    # The user's git on the host, with the plants attempted: nothing of the agent's runs.
+    for args in (("status",), ("checkout", "-q", "-b", "other"), ("log", "--oneline")):
+        _git(repo, b.uid, *args)
+    assert not canary.exists()
+    # The legitimate use: the agent reads the repository and edits the code.
+    output = await b.output("cd repo && git -c safe.directory='*' log --oneline; git status --short; echo 2 > main.py")
+    assert " 1" in output
+    assert (repo / "main.py").read_text() == "2\n"
+
+
+async def test_a_worktree_pointer_protects_the_git_directory_it_names(box: Servers) -> None:
+    b: Box = await box()
+    _write_as(b, b.workspace / "gitdirs/proj/hooks/README", "hooks\n")
+    _write_as(b, b.workspace / "gitdirs/proj/config", "[core]\n")
+    _write_as(b, b.workspace / "proj/.git", "gitdir: ../gitdirs/proj\n")
+    output = await b.output("echo evil > gitdirs/proj/hooks/pre-commit; echo evil >> gitdirs/proj/config; echo ok")
+    assert "Read-only file system" in output
+    assert not (b.workspace / "gitdirs/proj/hooks/pre-commit").exists()
+    assert (b.workspace / "gitdirs/proj/config").read_text() == "[core]\n"
+
+
+async def test_allowing_git_lets_the_agent_commit_while_hooks_and_config_stay_read_only(box: Servers) -> None:
+    b: Box = await box(SANDBOX_ALLOW_PROTECTED=".git")
+    repo = _repository(b, "repo")
+    git = "git -c safe.directory='*' -c user.name=agent -c user.email=a@a"
+    output = await b.output(
+        f"cd repo && echo 2 > main.py && {git} commit -qam two && {git} log --oneline | wc -l;"
+        " echo evil > .git/hooks/pre-commit; echo evil >> .git/config"
+    )
+    assert "2" in output.split()
+    assert "Read-only file system" in output
+    assert not (repo / ".git/hooks/pre-commit").exists()
+    assert "evil" not in (repo / ".git/config").read_text()
 
 
 # 5. Deny rules hold against rename, hard links, symbolic links and paths that do not exist yet.
@@ -553,12 +728,82 @@ async def test_a_fork_bomb_or_a_memory_hog_under_a_spawn_limit_is_ended_and_name
     assert "ok" in await b.output("echo ok", limits={"processes": 16, "memoryMb": 96})
 
 
+@contextmanager
+def _pids_cgroup(limit: int) -> Iterator[Path]:
+    """A cgroup v1 pids group of ``limit`` processes, as a container or a systemd unit would put a server in."""
+    top = Path("/sys/fs/cgroup/pids")
+    if os.getuid() != 0 or not top.is_dir():
+        cannot_run_here("making a bounded cgroup for the server needs root and a cgroup v1 pids hierarchy")
+    group = top / f"process-mcp-test-bound-{secrets.token_hex(4)}"
+    group.mkdir()
+    try:
+        (group / "pids.max").write_text(str(limit))
+        yield group
+    finally:
+        # The server (and the groups it made below its own) may outlive the test's body: end them all.
+        deadline = time.monotonic() + WAIT_S
+        while group.exists():
+            groups = [*sorted((p for p in group.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)), group]
+            for each in groups:
+                for pid in (each / "cgroup.procs").read_text().split():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), signal.SIGKILL)
+                with contextlib.suppress(OSError):
+                    each.rmdir()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{group} still has processes")
+            time.sleep(0.05)
+
+
+async def test_a_fork_bomb_in_a_bounded_server_leaves_room_to_spawn_and_kill(box: Servers) -> None:
+    with _pids_cgroup(400) as group:
+        b: Box = await box.start(str(group / "cgroup.procs"))
+        retrying = "import os, time\nwhile True:\n    try: os.fork()\n    except OSError: time.sleep(0.01)\n"
+        bomb = await b.run(f"python3 -c {shlex.quote(retrying)}", background=True)
+        # Until the bomb has taken all a sandbox may (half of what the bound leaves the server's sandboxes,
+        # about 160 here), or the whole bound where nothing keeps it from that: no change for a second.
+        readings: list[int] = []
+        with anyio.fail_after(WAIT_S * 2):
+            while len(readings) < 4 or readings[-1] < 150 or len(set(readings[-4:])) > 1:
+                readings.append(int((group / "pids.current").read_text()))
+                await anyio.sleep(0.3)
+        assert readings[-1] < 400, readings  # never the whole bound
+        listed = await b.client.call_tool("ps", {})
+        assert not listed.is_error
+        # The next spawn still starts, and the kill that ends the bomb works.
+        assert "still-spawning" in await b.output("echo still-spawning")
+        killed = await b.client.call_tool("kill", {"id": bomb["pid"], "signal": "SIGKILL"})
+        assert not killed.is_error, killed.content
+        assert "after" in await b.output("echo after")
+
+
 async def test_memory_and_tmp_are_bounded_with_a_clear_error(box: Servers) -> None:
     b: Box = await box(SANDBOX_MAX_MEMORY_MB="128", SANDBOX_TMP_SIZE_MB="16")
     output = await b.output("python3 -c 'x = bytearray(512 * 1024 * 1024)'; echo exit=$?")
     assert "MemoryError" in output
     output = await b.output("head -c 64M /dev/zero > /tmp/fill; echo exit=$?; du -m /tmp/fill")
     assert "No space left on device" in output
+    assert "ok" in await b.output("echo ok")
+
+
+async def test_shared_memory_is_bounded_where_the_sandbox_has_cgroups_and_by_its_tmpfs_elsewhere(box: Servers) -> None:
+    b: Box = await box(SANDBOX_MAX_MEMORY_MB="128", SANDBOX_TMP_SIZE_MB="64")
+    memfd = (
+        "import os\nfd = os.memfd_create('x')\n"
+        "for i in range(768):\n    os.write(fd, b'x' * (1 << 20))\nprint('held', i + 1, 'MiB')\n"
+    )
+    # /dev/shm is a tmpfs of the sandbox's own, sized: what a process can hold there is bounded everywhere.
+    output = await b.output("head -c 200M /dev/zero > /dev/shm/fill; echo exit=$?; du -m /dev/shm/fill")
+    assert "No space left on device" in output
+    if box.uid == 0:
+        # A root server gives each sandbox memory cgroups, which charge memfd and shm pages too.
+        result = await b.client.call_tool("spawn", {"command": f"python3 -c {shlex.quote(memfd)}", "timeoutMs": 20000})
+        content = result.structured_content
+        assert content is not None
+        assert "held" not in content["stdout"]
+        assert content["exitCode"] == 137 or content.get("signal") == "SIGKILL", content
+    # Without cgroups (an unprivileged server on cgroup v1) a memfd is outside RLIMIT_DATA: SECURITY.md
+    # says so, and this is not asserted as a bound.
     assert "ok" in await b.output("echo ok")
 
 

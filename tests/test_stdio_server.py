@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -217,6 +218,25 @@ async def test_a_request_over_the_limit_is_refused_with_its_id_and_the_server_ke
         reply = await read_until(server, b'"id":')
         assert b'"id":6' in reply
         assert b"still served" in reply
+    finally:
+        await stop_server(server)
+
+
+async def test_a_line_that_is_not_json_gets_a_parse_error_and_the_server_keeps_serving(workdir: Path) -> None:
+    server = start_server(workdir)
+    try:
+        await initialize(server)
+        await send(server, "this is not json", '{"jsonrpc": "2.0", "id": 2,', tool_call(3, "ps", "{}"))
+        for _ in range(2):
+            refused = json.loads(await read_until(server, b'"id": null'))
+            assert refused["error"]["code"] == -32700, refused
+            assert "not JSON" in refused["error"]["message"]
+        assert b'"id":3' in await read_until(server, b'"id":3')
+        assert server.stdin is not None
+        server.stdin.close()  # the server ends; its log is then complete
+        assert server.stderr is not None
+        log = await anyio.to_thread.run_sync(server.stderr.read)
+        assert b"a request line is not JSON" in log
     finally:
         await stop_server(server)
 

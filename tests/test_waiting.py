@@ -115,7 +115,7 @@ async def test_wait_ms_alone_returns_at_the_first_new_output(executor: ProcessEx
     started = await executor.spawn(SpawnOptions(command="echo early; sleep 0.3; echo late; sleep 30", background=True))
     await wait_for_output(executor, started.pid, "early")
     result = await executor.get_output(started.pid, wait_ms=LONG_MS)
-    assert result.wait_result == "matched"
+    assert result.wait_result == "output"  # no pattern was given, so nothing "matched"
     assert "late" in result.stdout
     assert (await executor.get_output(started.pid, wait_ms=200)).wait_result == "timeout"
 

@@ -22,6 +22,14 @@ Where Python has os.splice and the stream is a pipe, a flood moves from the proc
 stream in the kernel, behind a frame header sized with FIONREAD. Each wake-up reads one bounded chunk
 per ready process, so a chatty process cannot starve another, and the agent reads the stream from the
 server whatever its processes do.
+
+Nothing a process does may reach the agent, its zygote or its supervisors, which are what keep the
+server's view of every process true. They are not dumpable (PR_SET_DUMPABLE 0, set by the bootstrap
+before it reads anything): a process of the same user can neither trace them nor open their
+descriptors through /proc (their stream to the server, their stderr). Where the agent runs as root and
+is told a user (the container the server made), each command runs as that user, dropped to it in a
+child of its supervisor just before the command starts: its processes cannot signal them either. Where
+the agent runs as the processes' own user, they can (see SECURITY.md).
 """
 
 from __future__ import annotations
@@ -76,6 +84,8 @@ KILL_ROUNDS = 100
 FLUSH_TIMEOUT_S = 5.0
 """How long the agent tries to write its last frames before exiting."""
 PR_SET_CHILD_SUBREAPER = 36
+PR_GET_DUMPABLE = 3
+PR_SET_DUMPABLE = 4
 MSG_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 SPARES = 2
 """Supervisors kept forked ahead of need, so a spawn does not wait for a fork."""
@@ -93,20 +103,84 @@ SHELL = "/bin/sh"
 
 _prctl: Any = None
 
+RUN_AS: tuple[int, int] | None = None
+"""The uid and gid every command runs as, when the agent is root and drops to them (None: commands run
+as the agent does). Set once at the start; the zygote and supervisors inherit it."""
 
-def set_subreaper() -> bool:
-    """Make orphaned descendants of this process its children instead of init's; say whether it worked.
-    The agent finds prctl once; its zygote and supervisors inherit it (finding it costs a supervisor
-    0.3 ms of CPU)."""
+
+def prctl(option: int, value: int) -> int | None:
+    """prctl(2) through the C library, or None where it cannot be called. The agent finds it once; its
+    zygote and supervisors inherit it (finding it costs a supervisor 0.3 ms of CPU)."""
     global _prctl
     try:
         if _prctl is None:
             import ctypes
 
             _prctl = ctypes.CDLL(None, use_errno=True).prctl
-        return bool(_prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+        return int(_prctl(option, value, 0, 0, 0))
     except (ImportError, OSError, AttributeError):
-        return False
+        return None
+
+
+def set_subreaper() -> bool:
+    """Make orphaned descendants of this process its children instead of init's; say whether it worked."""
+    return prctl(PR_SET_CHILD_SUBREAPER, 1) == 0
+
+
+def set_undumpable() -> bool:
+    """Make this process (and what it forks, until an exec) not dumpable, so that processes of its
+    user cannot ptrace it or open its descriptors through /proc; say whether it is. A credential
+    change (see as_processes_user) sets the flag back to the system's default, so it is set again
+    after each."""
+    prctl(PR_SET_DUMPABLE, 0)
+    return prctl(PR_GET_DUMPABLE, 0) == 0
+
+
+def resolve_user(spec: str) -> tuple[int, int]:
+    """The uid and gid ``spec`` names as Docker reads a user: ``uid``, ``uid:gid``, ``name`` or
+    ``name:group``; a user's gid, when not given, is its primary group (0 for a uid the box's passwd
+    does not list). Raises KeyError for a name the box does not know."""
+    import grp
+    import pwd
+
+    user, _, group = spec.partition(":")
+    if user.isdigit():
+        uid = int(user)
+        try:
+            gid = pwd.getpwuid(uid).pw_gid
+        except KeyError:
+            gid = 0
+    else:
+        entry = pwd.getpwnam(user)
+        uid, gid = entry.pw_uid, entry.pw_gid
+    if group:
+        gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    return uid, gid
+
+
+@contextlib.contextmanager
+def as_processes_user() -> Any:
+    """Read /proc with the effective uid and gid of the processes (a root agent without
+    CAP_SYS_PTRACE may not read another user's /proc/PID/io); the real and saved ids stay root, so
+    nothing the processes do reaches the agent meanwhile."""
+    if RUN_AS is None:
+        yield
+        return
+    euid, egid = os.geteuid(), os.getegid()
+    try:
+        os.setegid(RUN_AS[1])
+        os.seteuid(RUN_AS[0])
+    except OSError:  # cannot (no CAP_SETGID): read as root, without what /proc/PID/io says
+        with contextlib.suppress(OSError):
+            os.setegid(egid)
+        yield
+        return
+    try:
+        yield
+    finally:
+        os.seteuid(euid)
+        os.setegid(egid)
+        set_undumpable()
 
 
 def descendants(root: int, children: dict[int, list[int]] | None = None) -> list[int]:
@@ -322,13 +396,13 @@ def zygote(control: socket.socket, lifeline: int) -> None:
     """In a small process forked once at the agent's start: fork spare supervisors when the agent asks
     (one byte each) and hand each back (its pid, and the agent's end of its order socket). Forking
     here, not in the agent, keeps the agent's loop free of the fork and of the copy-on-write faults
-    that follow one. A subreaper, so what its supervisors leave stays in the agent's tree. Never returns."""
+    that follow one. Not a subreaper: what a supervisor that was killed leaves falls to the agent,
+    which tells it from its own children and ends it. Never returns."""
     try:
         devnull = os.open(os.devnull, os.O_RDWR)
         os.dup2(devnull, 0)
         os.dup2(devnull, 1)
         close_all_but({0, 1, 2, control.fileno(), lifeline})
-        set_subreaper()
         wake = _wake_on_sigchld()
         while True:
             ready = select.select([control.fileno(), lifeline, wake], [], [])[0]
@@ -418,16 +492,20 @@ def supervise(
     def report(**fields: Any) -> None:
         os.write(status, (json.dumps(fields) + "\n").encode())
 
-    try:
-        os.chdir(spec["cwd"])  # the supervisor's own directory is what the command starts in
-    except OSError as exc:
-        report(error="nocwd", message=str(exc))
-        os._exit(0)
+    if RUN_AS is None:
+        try:
+            os.chdir(spec["cwd"])  # the supervisor's own directory is what the command starts in
+        except OSError as exc:
+            report(error="nocwd", message=str(exc))
+            os._exit(0)
     try:
         for name, (soft, hard) in (spec.get("rlimits") or {}).items():
             # Set on the supervisor, inherited by the command: posix_spawn offers no rlimit of its own.
             resource.setrlimit(LIMITS[name], (soft, hard))
-        leader = _start_leader(spec, env, stdio)
+        leader = _start_leader(spec, env, stdio) if RUN_AS is None else _start_as_user(spec, env, stdio, RUN_AS)
+    except StartFailed as exc:
+        report(error=exc.error, message=exc.message)
+        os._exit(0)
     except OSError as exc:
         report(error="exec", message=f"{SHELL}: {exc.strerror or exc}")
         os._exit(0)
@@ -441,6 +519,7 @@ def supervise(
                 report(**exit_fields(code))
         if not children_left:  # a subreaper with no children has no descendants left
             os.chdir("/")  # hold no directory of the process's
+            report(done=True)  # a status that ends without it: the supervisor was killed
             os.close(status)
             return not spec.get("rlimits")
         ready = select.select([lifeline, wake], [], [])[0]
@@ -472,6 +551,72 @@ def _start_leader(spec: dict[str, Any], env: dict[str, str], stdio: tuple[int, i
     )
 
 
+class StartFailed(Exception):
+    """A command could not be started as its user: ``error`` is "nocwd" or "exec", as STARTED says."""
+
+    def __init__(self, error: str, message: str) -> None:
+        super().__init__(message)
+        self.error = error
+        self.message = message
+
+
+def _start_as_user(
+    spec: dict[str, Any], env: dict[str, str], stdio: tuple[int, int, int], user: tuple[int, int]
+) -> int:
+    """Start ``/bin/sh -c command`` as ``user`` (uid, gid; no supplementary groups) in a session of its
+    own on ``stdio``, from a root supervisor: a fork that drops to the user for good and execs. The
+    supervisor stays root, so nothing the command does can signal or trace it. The directory is
+    entered as the user, so one the user may not enter is "nocwd" as it would be without the agent.
+    Raises StartFailed once the child has said why it could not exec."""
+    uid, gid = user
+    errors_r, errors_w = os.pipe()  # close-on-exec: an exec that works closes it, and says nothing
+    pid = os.fork()
+    if pid == 0:
+        step = "exec"
+        try:
+            os.close(errors_r)
+            os.setsid()
+            if spec.get("tty"):
+                terminal = os.open(os.ttyname(stdio[0]), os.O_RDWR)  # after setsid: the controlling terminal
+                os.fchown(terminal, uid, -1)  # the user's, as a login gives it
+                for target in (0, 1, 2):
+                    os.dup2(terminal, target)
+            else:
+                for target, fd in enumerate(stdio):
+                    os.dup2(fd, target)
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            step = "nocwd"
+            os.chdir(spec["cwd"])
+            step = "exec"
+            for signum in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores them, and exec keeps ignored signals
+                signal.signal(signum, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])
+            os.execve(SHELL, [SHELL, "-c", spec["command"]], env)
+        except OSError as exc:
+            message = str(exc) if step == "nocwd" else f"{SHELL}: {exc.strerror or exc}"
+            with contextlib.suppress(OSError):
+                os.write(errors_w, json.dumps({"error": step, "message": message}).encode())
+        finally:
+            os._exit(127)
+    os.close(errors_w)
+    said = b""
+    try:
+        while True:
+            chunk = os.read(errors_r, 4096)
+            if not chunk:
+                break
+            said += chunk
+    finally:
+        os.close(errors_r)
+    if said:
+        os.waitpid(pid, 0)
+        failure = json.loads(said)
+        raise StartFailed(failure["error"], failure["message"])
+    return pid
+
+
 class Process:
     """The agent's view of one process: its supervisor, descriptors and pending input."""
 
@@ -494,6 +639,7 @@ class Process:
         self.grown: set[int] = set()  # output pipes already enlarged
         self.order: socket.socket | None = None  # to its supervisor, until the supervisor is done with it
         self.reusable = False  # its supervisor may start another process once this one's tree is gone
+        self.done = False  # its supervisor said its tree is gone (or that nothing started)
 
     @property
     def finished(self) -> bool:
@@ -510,6 +656,7 @@ class Tunnel:
         self.out = bytearray()  # from the server, not yet written to the process
         self.reading = True  # the process may still send
         self.peer_done = False  # the server sends no more
+        self.broken = False  # the process's end failed: what the server sends is dropped
         self.shut = False
         self.events = 0
 
@@ -533,6 +680,7 @@ class Agent:
         self.tunnels: dict[int, Tunnel] = {}  # by socket descriptor
         self.next_tunnel = protocol.TUNNEL_BASE
         self.listener: socket.socket | None = None
+        self.accepting = False  # the listener is watched (fewer than MAX_TUNNELS are open)
         self.running = True
         self.lifeline_r, self.lifeline_w = os.pipe()
         self.splicing: tuple[int, int] | None = None  # (pipe, bytes it still owes the frame on the stream)
@@ -541,7 +689,9 @@ class Agent:
         self.spares_asked = 0
         self.replace_at: float | None = None  # when to ask for the spares taken, if nothing asks sooner
         self.zygote: socket.socket | None = None
+        self.zygote_pid = 0
         self.subreaper = set_subreaper()
+        self.undumpable = set_undumpable()  # before the zygote: it and every supervisor inherit it
         for fd in (stream_in, stream_out):
             os.set_blocking(fd, False)
         grow_pipe(stream_out)
@@ -556,8 +706,11 @@ class Agent:
                 0,
                 version=protocol.VERSION,
                 pid=os.getpid(),
+                started=start_time(),
                 python="%d.%d.%d" % sys.version_info[:3],  # noqa: UP031
                 subreaper=self.subreaper,
+                undumpable=self.undumpable,
+                user=list(RUN_AS) if RUN_AS is not None else None,
             )
         )
         while self.running:
@@ -708,11 +861,10 @@ class Agent:
             process = self.processes.get(channel)
             if process is not None and self.children is None:
                 self.children = process_children()
-            sample = (
-                {}
-                if process is None or process.status < 0 or self.children is None
-                else sample_tree(process.supervisor, self.children)
-            )
+            sample: dict[str, Any] = {}
+            if process is not None and process.status >= 0 and self.children is not None:
+                with as_processes_user():
+                    sample = sample_tree(process.supervisor, self.children)
             self.send(protocol.message(protocol.SAMPLED, channel, seq=request["seq"], **sample))
         elif kind == protocol.RESIZE:
             process = self.processes.get(channel)
@@ -732,6 +884,9 @@ class Agent:
             if kind == protocol.TUNNEL_DATA:
                 if len(tunnel.out) + len(payload) > protocol.TUNNEL_WINDOW:
                     raise protocol.ProtocolError(f"tunnel {channel} overran its window")
+                if tunnel.broken:  # nothing can be delivered: acknowledged, so the server's side drains
+                    self.send(protocol.frame(protocol.TUNNEL_ACK, channel, protocol.COUNT.pack(len(payload))))
+                    return
                 tunnel.out += payload
             elif kind == protocol.TUNNEL_ACK:
                 tunnel.window += protocol.COUNT.unpack(payload)[0]
@@ -779,7 +934,19 @@ class Agent:
             return
         listener.setblocking(False)
         self.listener = listener
-        self.selector.register(listener, selectors.EVENT_READ, self._on_connection)
+        self._accept_while_room()
+
+    def _accept_while_room(self) -> None:
+        """Accept connections while fewer than MAX_TUNNELS are open; beyond, they wait in the backlog."""
+        if self.listener is None:
+            return
+        room = len(self.tunnels) < protocol.MAX_TUNNELS
+        if room != self.accepting:
+            if room:
+                self.selector.register(self.listener, selectors.EVENT_READ, self._on_connection)
+            else:
+                self.selector.unregister(self.listener)
+            self.accepting = room
 
     def _on_connection(self, fd: int, events: int) -> None:
         assert self.listener is not None
@@ -793,6 +960,7 @@ class Agent:
         self.tunnels[sock.fileno()] = tunnel
         self.send(protocol.frame(protocol.TUNNEL_OPEN, tunnel.channel))
         self._tunnel_watch(tunnel)
+        self._accept_while_room()
 
     def _tunnel_watch(self, tunnel: Tunnel) -> None:
         """Watch for what the tunnel can do now: read while the server has room, write while data waits."""
@@ -839,8 +1007,9 @@ class Agent:
         except BlockingIOError:
             pass
         except OSError:  # the process closed its end: nothing more can be delivered
+            written += len(tunnel.out)  # acknowledged all the same, so the server's side drains
             tunnel.out.clear()
-            tunnel.peer_done = True
+            tunnel.broken = True
             if tunnel.reading:
                 tunnel.reading = False
                 self.send(protocol.frame(protocol.TUNNEL_CLOSE, tunnel.channel))
@@ -850,11 +1019,14 @@ class Agent:
             tunnel.shut = True
             with contextlib.suppress(OSError):
                 tunnel.sock.shutdown(socket.SHUT_WR)
+        # Open until both sides have closed and each has seen the other's close: the server counts it the
+        # same way, so the two never disagree on how many are open (see protocol.MAX_TUNNELS).
         if tunnel.shut and not tunnel.reading:
             if tunnel.events:
                 self.selector.unregister(tunnel.sock)
             del self.tunnels[tunnel.sock.fileno()]
             tunnel.sock.close()
+            self._accept_while_room()
             return
         self._tunnel_watch(tunnel)
 
@@ -910,6 +1082,7 @@ class Agent:
         if pid == 0:
             ours.close()
             zygote(theirs, self.lifeline_r)
+        self.zygote_pid = pid
         theirs.close()
         ours.setblocking(False)
         self.zygote = ours
@@ -1052,14 +1225,16 @@ class Agent:
         process.status_buffer = lines.pop()
         for line in lines:
             self._on_supervisor_report(process, json.loads(line))
-        if not data:  # the supervisor closed it: its whole tree is gone
+        if not data:  # the supervisor closed it: its whole tree is gone, or the supervisor was killed
             self.selector.unregister(fd)
             self._close(fd)
             process.status = -1
-            if not process.exited:  # it was killed before the command ended; nothing reports the exit
-                process.exited = True
+            if not process.done:  # killed (by the process's own user, or the kernel's OOM killer)
                 process.reusable = False
-                self.send(protocol.message(protocol.EXITED, process.channel))
+                self._end_orphans()
+            if not process.exited:  # nothing reports the command's exit: it was ended with its supervisor
+                process.exited = True
+                self.send(protocol.message(protocol.EXITED, process.channel, lost=True))
             self._release(process)
             self._ask_for_spares()  # the spawn is over: a fork now takes a core from nothing of it
             self._forget_if_finished(process)
@@ -1068,8 +1243,11 @@ class Agent:
         if "started" in report:
             process.leader = int(report["started"])
             self.send(protocol.message(protocol.STARTED, process.channel, pid=report["started"]))
+        elif "done" in report:
+            process.done = True
         elif "error" in report:
             process.exited = True
+            process.done = True  # nothing started
             process.reusable = False  # it exits
             self.send(protocol.message(protocol.STARTED, process.channel, **report))
         else:
@@ -1080,6 +1258,25 @@ class Agent:
                         break  # paused: the rest follows the exit, and the server waits for it
             process.exited = True
             self.send(protocol.message(protocol.EXITED, process.channel, **report))
+
+    def _end_orphans(self) -> None:
+        """Kill what a supervisor that was killed left: its orphans fell to the agent (a subreaper; the
+        zygote is not one), out of every supervisor's tree. The agent's own children are the zygote and the
+        supervisors it knows (their orphans fall to it too when the zygote is killed); any other is such an
+        orphan, and is killed with everything below it, in rounds that catch what forks meanwhile."""
+        me = os.getpid()
+        for _ in range(KILL_ROUNDS):
+            children = process_children()
+            keep = {self.zygote_pid, *(p.supervisor for p in self.processes.values()), *(s[0] for s in self.spares)}
+            orphans = [pid for pid in children.get(me, ()) if pid not in keep]
+            if not orphans:
+                return
+            for orphan in orphans:
+                for pid in [orphan, *descendants(orphan, children)]:
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
+            reap_children()
+            select.select([], [], [], 0.005)  # let the kernel finish the deaths before the next walk
 
     def _forget_if_finished(self, process: Process) -> None:
         if process.finished and self.processes.get(process.channel) is process:
@@ -1138,7 +1335,24 @@ class Agent:
         reap_children()  # supervisors, and orphans of killed supervisors; exits come from the supervisors
 
 
-def main() -> int:
+def start_time() -> int:
+    """This process's start time in clock ticks since boot, which tells it from a later one with its pid."""
+    with open("/proc/self/stat", "rb") as stat:
+        return int(stat.read().rsplit(b")", 1)[1].split()[19])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the agent; ``argv`` (default: the command line after the bootstrap) may name the user every
+    command runs as, which a root agent drops to (ignored unless the agent is root and the user is not)."""
+    global RUN_AS
+    args = sys.argv[1:] if argv is None else argv
+    if args and os.geteuid() == 0:
+        try:
+            user = resolve_user(args[0])
+        except (KeyError, ValueError):
+            sys.stderr.write(f"process-mcp agent: no user {args[0]!r} in this box's passwd and group files\n")
+            return 5
+        RUN_AS = user if user[0] != 0 else None
     return Agent().run()
 
 

@@ -3,19 +3,26 @@
 A backend supplies a ``Channel`` (for Docker, the socket of the one exec that runs the agent) and gets
 back an ``AgentConnection`` that starts processes and hands out a ``ProcessHandle`` for each. Output
 frames go straight into the process's record on the event loop; requests wait (bounded) for their
-answer. If the stream ends, every process of the agent is reported terminated: the agent's
-supervisors kill their trees when it dies.
+answer.
+
+The stream comes from inside the box, so it is read as hostile: a frame is taken only where the agent
+may send it (for a channel, a request or a tunnel the server opened, a BYE only once the server asked
+it to shut down, at most MAX_PAYLOAD bytes, at most protocol.MAX_TUNNELS tunnels). Anything else is a
+protocol error, and a protocol error, like the end of the stream, loses the agent: the server closes
+its stream (an agent that still runs then ends every process and exits), every process it ran is
+reported ended with ``ended_by`` "lost", and the backend's ``on_lost`` makes sure of the rest (in
+Docker, it kills the agent and what is left of its processes through the engine) and starts a new
+agent for the next spawn.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import struct
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from importlib import resources
 from typing import Any
 
@@ -44,14 +51,20 @@ INPUT_CHUNK = 64 * 1024
 PROTOCOL_MODULE = "process_mcp_box_protocol"
 """The name the agent imports the protocol by inside the box (it is sent, not installed)."""
 
-# Run as `python3 -I -S -c BOOTSTRAP` with the stream on stdin and stdout. Reads two length-prefixed
-# modules from the stream (protocol, then the agent), and runs the agent. Python 2 and 3.0-3.7 parse
-# it too, so they can say why they cannot run the agent.
+# Run as `python3 -I -S -c BOOTSTRAP [USER]` with the stream on stdin and stdout. Reads two
+# length-prefixed modules from the stream (protocol, then the agent), and runs the agent (which, run as
+# root, drops to USER for each command). Python 2 and 3.0-3.7 parse it too, so they can say why they
+# cannot run the agent.
 BOOTSTRAP = f"""
 import os, sys, types
 if sys.version_info < (3, 8):
     sys.stderr.write("process-mcp agent: Python %d.%d is older than 3.8\\n" % sys.version_info[:2])
     sys.exit(3)
+try:  # PR_SET_DUMPABLE 0 before anything is read: no process of this user may trace it or open its fds
+    import ctypes
+    ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)
+except Exception:
+    pass
 def take(n):
     data = b""
     while len(data) < n:
@@ -132,19 +145,30 @@ class AgentConnection:
         self._decoder = protocol.StreamDecoder()
         self._processes: dict[int, AgentProcess] = {}
         self._waiters: dict[tuple[int, int, int], asyncio.Future[dict[str, Any]]] = {}
-        self._seq = itertools.count(1)
+        self._seq_issued = 0
+        self._first_channel = 0  # the process channels this agent was asked to start lie from here ...
+        self._last_channel = 0  # ... to here (0: none yet)
+        self._last_tunnel = protocol.TUNNEL_BASE - 1  # the agent numbers its tunnels upwards from TUNNEL_BASE
         self._send_lock = anyio.Lock()
         self._on_lost = on_lost
         self._proxy: ProxyConnector | None = None
         self._tunnels: dict[int, _Tunnel] = {}
         self._lost: str | None = None
+        self._shutdown_sent = False
         self._said_bye = False
         self._closed = False
+        self._reading = True
+        self._channel_open = True
         self._loop.add_reader(self._fd, self._on_readable)
 
     @property
     def alive(self) -> bool:
         return self._lost is None and not self._closed
+
+    @property
+    def last_channel(self) -> int:
+        """The highest process channel (the N of the record's ``<prefix>-N``) this agent was asked to start."""
+        return self._last_channel
 
     async def connect(self, payload: bytes) -> dict[str, Any]:
         """Send the bootstrap ``payload`` and wait for the agent's hello; raise AgentUnavailable."""
@@ -165,6 +189,8 @@ class AgentConnection:
         number = int(record.pid.rpartition("-")[2])
         process = AgentProcess(self, number, record)
         self._processes[number] = process
+        self._first_channel = min(self._first_channel or number, number)
+        self._last_channel = max(self._last_channel, number)
         started = self._expect(protocol.STARTED, number, 0)
         spec = {
             "command": record.command,
@@ -195,7 +221,6 @@ class AgentConnection:
         if "error" in answer:
             process.detach()
             raise SpawnFailed(f"could not start {record.command!r}{where}: {answer.get('message') or answer['error']}")
-        process.leader = int(answer["pid"])
         return process
 
     async def serve_proxy(self, port: int, connect: ProxyConnector) -> None:
@@ -210,6 +235,7 @@ class AgentConnection:
             bye = self._expect(protocol.BYE, 0, 0)
             with anyio.move_on_after(SHUTDOWN_TIMEOUT_S):
                 try:
+                    self._shutdown_sent = True
                     await self._send(protocol.frame(protocol.SHUTDOWN, 0))
                     await self._answer(bye, SHUTDOWN_TIMEOUT_S, "shut down")
                 except AgentUnavailable as exc:
@@ -217,12 +243,18 @@ class AgentConnection:
         self.close()
 
     def close(self) -> None:
+        """Close the stream (the agent, if it still runs, ends every process and exits); a process not
+        reported ended yet reads as ended by "lost" unless something had moved to end it."""
         if self._closed:
             return
         self._closed = True
-        self._loop.remove_reader(self._fd)
-        self._channel.close()
-        self._end_all("the server closed the agent's stream")
+        self._close_channel()
+        self._end_all("the server closed the agent's stream", lost=False)
+
+    def next_seq(self) -> int:
+        """A sequence number for a request whose answer the agent numbers the same way."""
+        self._seq_issued += 1
+        return self._seq_issued
 
     # Requests and answers.
 
@@ -236,10 +268,10 @@ class AgentConnection:
             raise AgentUnavailable(self._lost)
         with anyio.move_on_after(timeout_s):
             return await future
-        for key, waiting in list(self._waiters.items()):
-            if waiting is future:
-                del self._waiters[key]
-        raise AgentUnavailable(f"the agent did not answer a {what} within {timeout_s:g} s")
+        # It answers in milliseconds whatever its processes do: one that does not is stopped or wedged,
+        # and would fail every later request the same way.
+        self._lose(f"the agent did not answer a {what} within {timeout_s:g} s")
+        raise AgentUnavailable(self._lost or f"the agent did not answer a {what} within {timeout_s:g} s")
 
     async def _send(self, data: bytes) -> None:
         if self._lost is not None or self._closed:
@@ -248,6 +280,8 @@ class AgentConnection:
         async with self._send_lock:
             with anyio.move_on_after(SEND_TIMEOUT_S):
                 while view:
+                    if not self._channel_open:
+                        raise AgentUnavailable(self._lost or "the agent's stream is closed")
                     try:
                         view = view[self._channel.send(view) :]
                     except BlockingIOError:
@@ -268,83 +302,196 @@ class AgentConnection:
         except OSError as exc:
             self._lose(f"reading from the agent failed: {exc}")
             return
-        for piece in pieces or ():
+        self.feed(pieces or ())
+
+    def feed(self, pieces: Iterable[bytes | memoryview]) -> None:
+        """Act on what the agent wrote (what the channel read): the frames it holds, in order, until a
+        frame the agent may not send, which loses the agent. Called by the reader; tests call it to play
+        a hostile agent."""
+        for piece in pieces:
             try:
-                frames = self._decoder.feed(piece)
+                for kind, channel, payload in self._decoder.feed(piece):
+                    if not self._reading:
+                        return
+                    self._dispatch(kind, channel, payload)
             except protocol.ProtocolError as exc:
-                self._lose(f"the agent's stream is corrupt: {exc}")
+                self._lose(f"the agent broke the protocol: {exc}")
                 return
-            for kind, channel, payload in frames:
-                self._dispatch(kind, channel, payload)
+            if not self._reading:
+                return
 
     def _dispatch(self, kind: int, channel: int, payload: bytes | memoryview) -> None:
-        """Act on one frame; output arrives in pieces, views that are valid only during this call."""
-        if kind == protocol.STDOUT or kind == protocol.STDERR:
-            process = self._processes.get(channel)
-            if process is not None:
-                (process.record.stdout if kind == protocol.STDOUT else process.record.stderr).append(payload)
-            return
-        if kind >= protocol.TUNNEL_OPEN:
+        """Act on one frame; output arrives in pieces, views that are valid only during this call.
+        Raises ProtocolError for a frame the agent may not send."""
+        if not self.hello and kind != protocol.HELLO:
+            raise protocol.ProtocolError(f"its first frame is of kind {kind}, not HELLO")
+        if channel >= protocol.TUNNEL_BASE:
             self._tunnel_frame(kind, channel, payload)
+        elif channel == 0:
+            self._agent_frame(kind, payload)
+        elif not self._first_channel <= channel <= self._last_channel or not self._first_channel:
+            raise protocol.ProtocolError(f"a frame of kind {kind} for process {channel}, which it was never asked for")
+        else:
+            self._process_frame(kind, channel, payload)
+
+    def _agent_frame(self, kind: int, payload: bytes | memoryview) -> None:
+        if kind == protocol.HELLO and not self.hello:
+            hello = protocol.fields(bytes(payload))
+            _number(hello, "pid", 1, 2**31)
+            _number(hello, "started", 0, 2**63)
+            self.hello = hello
+            self._resolve(protocol.HELLO, 0, 0, hello)
+        elif kind == protocol.BYE and self._shutdown_sent and not self._said_bye:
+            self._said_bye = True
+            self._resolve(protocol.BYE, 0, 0, {})
+        elif kind == protocol.BYE:
+            raise protocol.ProtocolError("it said BYE, but the server had not asked it to shut down")
+        else:
+            raise protocol.ProtocolError(f"a frame of kind {kind} for the agent itself")
+
+    def _process_frame(self, kind: int, channel: int, payload: bytes | memoryview) -> None:
+        process = self._processes.get(channel)  # None: one the server let go of, whose late frames are dropped
+        if kind == protocol.STDOUT or kind == protocol.STDERR:
+            stream = 1 if kind == protocol.STDOUT else 2
+            if process is not None:
+                if stream not in process.open_streams:
+                    raise protocol.ProtocolError(f"output on stream {stream} of process {channel}, which is closed")
+                (process.record.stdout if stream == 1 else process.record.stderr).append(payload)
             return
         if kind == protocol.CLOSED:
-            process = self._processes.get(channel)
+            closed = {b"1": 1, b"2": 2}.get(bytes(payload))
+            if closed is None:
+                raise protocol.ProtocolError(f"process {channel} closed stream {bytes(payload)[:16]!r}")
             if process is not None:
-                process.stream_closed()
+                if closed not in process.open_streams:
+                    raise protocol.ProtocolError(f"process {channel} closed stream {closed}, which is closed")
+                process.stream_closed(closed)
             return
         answer = protocol.fields(bytes(payload)) if payload else {}
-        if kind == protocol.EXITED:
-            process = self._processes.get(channel)
+        if kind == protocol.STARTED:
+            self._started(channel, process, answer)
+        elif kind == protocol.EXITED:
+            self._exited(channel, process, answer)
+        elif kind in (protocol.WRITTEN, protocol.SIGNALLED, protocol.SAMPLED):
+            seq = _number(answer, "seq", 1, self._seq_issued)
+            self._resolve(kind, channel, seq, answer)  # none waits: an answer that came too late
+        else:
+            raise protocol.ProtocolError(f"a frame of kind {kind} for process {channel}")
+
+    def _started(self, channel: int, process: AgentProcess | None, answer: dict[str, Any]) -> None:
+        if (protocol.STARTED, channel, 0) not in self._waiters:
             if process is not None:
-                process.exited(answer)
+                raise protocol.ProtocolError(f"it said process {channel} started, which it had said already")
+            return  # a spawn that stopped waiting for it
+        if "error" in answer:
+            if not isinstance(answer["error"], str):
+                raise protocol.ProtocolError(f"process {channel} failed to start with error {answer['error']!r}")
+        elif process is not None:
+            process.leader = _number(answer, "pid", 1, 2**31)
+        self._resolve(protocol.STARTED, channel, 0, answer)
+
+    def _exited(self, channel: int, process: AgentProcess | None, answer: dict[str, Any]) -> None:
+        if process is None:
             return
-        self._said_bye = self._said_bye or kind == protocol.BYE
-        seq = int(answer.get("seq", 0)) if kind in (protocol.WRITTEN, protocol.SIGNALLED, protocol.SAMPLED) else 0
+        if not process.leader:
+            if (protocol.STARTED, channel, 0) not in self._waiters:
+                raise protocol.ProtocolError(f"it said process {channel} exited, which never started")
+            # Its supervisor ended before it started the command (it was killed): the spawn failed.
+            self._resolve(protocol.STARTED, channel, 0, {"error": "spawn", "message": "its supervisor ended"})
+            return
+        if process.has_exited:
+            raise protocol.ProtocolError(f"it said process {channel} exited, which it had said already")
+        if "signal" in answer:
+            _number(answer, "signal", 1, 64)
+        elif "code" in answer:
+            _number(answer, "code", 0, 255)
+        elif answer.get("lost", True) is not True:
+            raise protocol.ProtocolError(f"process {channel} exited with lost={str(answer['lost'])[:16]!r}")
+        process.exited(answer)
+
+    def _resolve(self, kind: int, channel: int, seq: int, answer: dict[str, Any]) -> None:
         future = self._waiters.pop((kind, channel, seq), None)
         if future is not None and not future.done():
             future.set_result(answer)
 
     def _tunnel_frame(self, kind: int, channel: int, payload: bytes | memoryview) -> None:
         if kind == protocol.TUNNEL_OPEN:
-            if self._proxy is None or channel in self._tunnels:
-                self._lose(f"the agent opened tunnel {channel}, which it may not")
-                return
+            if self._proxy is None:
+                raise protocol.ProtocolError(f"it opened tunnel {channel}, but the server asked for no proxy")
+            if channel <= self._last_tunnel:
+                raise protocol.ProtocolError(f"it opened tunnel {channel} again, or out of order")
+            if len(self._tunnels) >= protocol.MAX_TUNNELS:
+                raise protocol.ProtocolError(f"it opened more than {protocol.MAX_TUNNELS} tunnels at once")
+            self._last_tunnel = channel
             self._tunnels[channel] = _Tunnel(self, channel, self._proxy)
             return
+        if kind not in (protocol.TUNNEL_DATA, protocol.TUNNEL_ACK, protocol.TUNNEL_CLOSE):
+            raise protocol.ProtocolError(f"a frame of kind {kind} for tunnel {channel}")
+        if channel > self._last_tunnel:
+            raise protocol.ProtocolError(f"a frame for tunnel {channel}, which it never opened")
         tunnel = self._tunnels.get(channel)
         if tunnel is None:
             return  # ended here already
-        try:
-            if kind == protocol.TUNNEL_DATA:
-                tunnel.received(bytes(payload))
-            elif kind == protocol.TUNNEL_ACK:
-                tunnel.acknowledged(protocol.COUNT.unpack(payload)[0])
-            elif kind == protocol.TUNNEL_CLOSE:
-                tunnel.received(None)
-        except protocol.ProtocolError as exc:
-            self._lose(str(exc))
+        if kind == protocol.TUNNEL_DATA:
+            tunnel.received(bytes(payload))
+        elif kind == protocol.TUNNEL_ACK:
+            if len(payload) != protocol.COUNT.size:
+                raise protocol.ProtocolError(f"an acknowledgement of {len(payload)} bytes for tunnel {channel}")
+            tunnel.acknowledged(protocol.COUNT.unpack(payload)[0])
+        else:
+            tunnel.received(None)
+            self._forget_tunnel_if_done(tunnel)
+
+    def _forget_tunnel_if_done(self, tunnel: _Tunnel) -> None:
+        """A tunnel counts against MAX_TUNNELS until each side has closed it and seen the other's close,
+        as the agent counts it."""
+        if tunnel.agent_closed and tunnel.close_sent and self._tunnels.get(tunnel.channel) is tunnel:
+            del self._tunnels[tunnel.channel]
+
+    # Losing the agent.
 
     def _lose(self, reason: str) -> None:
         if self._lost is not None or self._closed:
             return
         self._lost = reason
-        self._loop.remove_reader(self._fd)
         if self._said_bye:  # the agent ended as asked; close() follows
+            self._stop_reading()
             return
-        logger.warning("agent %s: %s; its processes are ended", self.name, reason)
-        self._end_all(reason)
+        logger.warning("agent %s: %s; it is dropped and its processes are ended", self.name, reason)
+        self._close_channel()  # an agent that still runs sees its input end: it ends every process and exits
+        self._end_all(reason, lost=True)
         if self._on_lost is not None:
             self._on_lost(self)
 
-    def _end_all(self, reason: str) -> None:
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._fd)
+
+    def _close_channel(self) -> None:
+        self._stop_reading()
+        if self._channel_open:
+            self._channel_open = False
+            self._channel.close()
+
+    def _end_all(self, reason: str, *, lost: bool) -> None:
         for tunnel in list(self._tunnels.values()):
             tunnel.cancel()
+        self._tunnels.clear()
         for future in self._waiters.values():
             if not future.done():
                 future.set_exception(AgentUnavailable(reason))
         self._waiters.clear()
         for process in list(self._processes.values()):
-            process.lost()
+            process.lost(override=lost)
+
+
+def _number(fields: dict[str, Any], name: str, low: int, high: int) -> int:
+    """The integer ``fields[name]``, which must lie from ``low`` to ``high``; else a ProtocolError."""
+    value = fields.get(name)
+    if type(value) is not int or not low <= value <= high:
+        raise protocol.ProtocolError(f"{name} is {str(value)[:32]!r}, not a whole number from {low} to {high}")
+    return value
 
 
 def rlimits(limits: ProcessLimits) -> dict[str, list[int]]:
@@ -370,9 +517,10 @@ class AgentProcess(ProcessHandle):
         self.number = number
         self.record = record
         self.leader = 0  # its pid in the box, once started
-        self._open_streams = 1 if record.tty else 2
-        self._exited = False
-        for _ in range(self._open_streams):
+        self.open_streams = {1} if record.tty else {1, 2}
+        """The output streams the agent has not closed yet (1 stdout, 2 stderr)."""
+        self.has_exited = False
+        for _ in self.open_streams:
             record.stream_opened()
 
     def tree_root(self) -> tuple[int, bool] | None:
@@ -386,25 +534,35 @@ class AgentProcess(ProcessHandle):
             return None
         return parent, False
 
-    def stream_closed(self) -> None:
-        if self._open_streams > 0:
-            self._open_streams -= 1
+    def stream_closed(self, stream: int) -> None:
+        if stream in self.open_streams:
+            self.open_streams.discard(stream)
             self.record.stream_closed()
 
     def exited(self, answer: dict[str, Any]) -> None:
-        if self._exited:
+        if self.has_exited:
             return
-        self._exited = True
+        self.has_exited = True
         if "signal" in answer:
             self.record.finish(None, int(answer["signal"]))
+        elif answer.get("lost"):  # its supervisor was killed; the agent ended what was left of its tree
+            self.record.finish(None, cause="lost")
         else:
             self.record.finish(answer.get("code"))
 
-    def lost(self) -> None:
-        """The agent is gone, and with it this process (its supervisor kills the tree)."""
-        while self._open_streams:
-            self.stream_closed()
-        self.exited({})
+    def lost(self, *, override: bool) -> None:
+        """The agent is gone, and with it this process (its supervisor kills the tree; the backend makes
+        sure). It reads as ended by "lost": with ``override`` (the agent was lost) whatever had moved to
+        end it, else (the server closed the stream) only if nothing had."""
+        for stream in list(self.open_streams):
+            self.stream_closed(stream)
+        if not self.has_exited:
+            self.has_exited = True
+            if override:
+                self.record.finish(None, cause="lost")
+            else:
+                self.record.ending("lost")
+                self.record.finish(None)
         self.detach()
 
     def detach(self) -> None:
@@ -415,7 +573,7 @@ class AgentProcess(ProcessHandle):
         pid = self.record.pid
         with anyio.move_on_after(STDIN_WRITE_TIMEOUT_S):
             for start in range(0, len(data), INPUT_CHUNK) if data else ():
-                seq = next(self.connection._seq)
+                seq = self.connection.next_seq()
                 written = self.connection._expect(protocol.WRITTEN, self.number, seq)
                 chunk = struct.pack(">I", seq) + data[start : start + INPUT_CHUNK]
                 try:
@@ -437,7 +595,7 @@ class AgentProcess(ProcessHandle):
         connection = self.connection
         if not connection.alive:
             return  # the agent is gone, and its processes with it
-        seq = next(connection._seq)
+        seq = connection.next_seq()
         answer = connection._expect(protocol.SIGNALLED, self.number, seq)
         try:
             await connection._send(protocol.message(protocol.SIGNAL, self.number, seq=seq, signal=int(signum)))
@@ -450,7 +608,7 @@ class AgentProcess(ProcessHandle):
         connection = self.connection
         if connection.same_pids or not connection.alive or not self.leader:
             return None
-        seq = next(connection._seq)
+        seq = connection.next_seq()
         answer = connection._expect(protocol.SAMPLED, self.number, seq)
         try:
             await connection._send(protocol.message(protocol.SAMPLE, self.number, seq=seq))
@@ -486,24 +644,37 @@ class _Tunnel:
 
     def __init__(self, connection: AgentConnection, channel: int, connect: ProxyConnector) -> None:
         self._connection = connection
-        self._channel = channel
         self._incoming: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._queued = 0
         self._window = protocol.TUNNEL_WINDOW
         self._room = asyncio.Event()
         self._room.set()
-        self._close_sent = False
+        self.channel = channel
+        self.close_sent = False
+        self.agent_closed = False
+        self._done = False  # the connection to the proxy is over: what the process sends is dropped
         self._task = asyncio.get_running_loop().create_task(self._run(connect))
 
     def received(self, data: bytes | None) -> None:
-        """Bytes from the process (None: it sends no more)."""
-        if data is not None:
+        """Bytes from the process (None: it sends no more). Raises ProtocolError for bytes beyond the
+        window, or after the agent closed its side."""
+        if self.agent_closed:
+            raise protocol.ProtocolError(f"tunnel {self.channel} was closed by the agent already")
+        if data is None:
+            self.agent_closed = True
+        else:
             self._queued += len(data)
             if self._queued > protocol.TUNNEL_WINDOW:
-                raise protocol.ProtocolError(f"tunnel {self._channel} overran its window")
+                raise protocol.ProtocolError(f"tunnel {self.channel} overran its window")
+            if self._done:
+                self._queued -= len(data)  # nobody will write it on; not acknowledged either
+                return
         self._incoming.put_nowait(data)
 
     def acknowledged(self, count: int) -> None:
+        """The agent wrote ``count`` more bytes to the process. Raises ProtocolError for more than was sent."""
+        if self._window + count > protocol.TUNNEL_WINDOW:
+            raise protocol.ProtocolError(f"tunnel {self.channel} acknowledged more than was sent")
         self._window += count
         self._room.set()
 
@@ -524,21 +695,21 @@ class _Tunnel:
                 for pump in pumps:
                     pump.cancel()
         except OSError as exc:  # the proxy refused or dropped the connection
-            logger.debug("tunnel %d: %s", self._channel, exc)
+            logger.debug("tunnel %d: %s", self.channel, exc)
         except AgentUnavailable:
             pass  # the agent is gone, and the process's end with it
         finally:
+            self._done = True
             if writer is not None:
                 writer.close()
-            if self._connection._tunnels.get(self._channel) is self:
-                del self._connection._tunnels[self._channel]
             await self._close_towards_process()
 
     async def _close_towards_process(self) -> None:
-        if not self._close_sent and self._connection.alive:
-            self._close_sent = True
+        if not self.close_sent and self._connection.alive:
+            self.close_sent = True
             with contextlib.suppress(AgentUnavailable):
-                await self._connection._send(protocol.frame(protocol.TUNNEL_CLOSE, self._channel))
+                await self._connection._send(protocol.frame(protocol.TUNNEL_CLOSE, self.channel))
+            self._connection._forget_tunnel_if_done(self)
 
     async def _to_process(self, reader: asyncio.StreamReader) -> None:
         while True:
@@ -550,7 +721,7 @@ class _Tunnel:
             self._window -= len(data)
             if self._window <= 0:
                 self._room.clear()
-            await self._connection._send(protocol.frame(protocol.TUNNEL_DATA, self._channel, data))
+            await self._connection._send(protocol.frame(protocol.TUNNEL_DATA, self.channel, data))
 
     async def _from_process(self, writer: asyncio.StreamWriter) -> None:
         while True:
@@ -563,4 +734,4 @@ class _Tunnel:
             await writer.drain()
             self._queued -= len(data)
             ack = protocol.COUNT.pack(len(data))
-            await self._connection._send(protocol.frame(protocol.TUNNEL_ACK, self._channel, ack))
+            await self._connection._send(protocol.frame(protocol.TUNNEL_ACK, self.channel, ack))

@@ -30,7 +30,7 @@ SIGNAL = 3
 RESIZE = 4
 """{cols, rows}: resize the process's terminal."""
 SHUTDOWN = 5
-"""Channel 0: end every process and exit; answered with BYE."""
+"""Channel 0: end every process and exit; answered with BYE (the only time the agent may say BYE)."""
 PROXY = 6
 """Channel 0, {port}: listen on 127.0.0.1:port in the box and tunnel each connection to the server."""
 SAMPLE = 7
@@ -38,7 +38,9 @@ SAMPLE = 7
 
 # Agent to server.
 HELLO = 64
-"""Channel 0, first frame: {version, pid, python, subreaper}."""
+"""Channel 0, first frame: {version, pid, started, python, subreaper, undumpable, user}: ``started`` is its
+start time (clock ticks since boot, as /proc/PID/stat says), so it can be told from a later process with
+its pid; ``user`` is [uid, gid] its processes run as, or null for its own."""
 STARTED = 65
 """{pid} once the command runs, or {error, message} (error "nocwd": the directory is missing)."""
 STDOUT = 66
@@ -46,7 +48,8 @@ STDERR = 67
 CLOSED = 68
 """Payload b"1" or b"2": that output stream reached its end (every holder closed it)."""
 EXITED = 69
-"""{code} or {signal}: the process (not its descendants) ended, as the kernel reported it."""
+"""{code} or {signal}: the process (not its descendants) ended, as the kernel reported it; {lost: true}: its
+supervisor was killed before the process's exit was known, and the agent ended what was left of its tree."""
 WRITTEN = 70
 """{seq} once that input was written, or {seq, error}."""
 SIGNALLED = 71
@@ -69,6 +72,10 @@ TUNNEL_BASE = 1 << 31
 """First tunnel channel; process channels are the server's process numbers, far below it."""
 TUNNEL_WINDOW = 256 * 1024
 """Bytes either end may have in flight per tunnel: what bounds a tunnel's memory at the other end."""
+MAX_TUNNELS = 128
+"""Tunnels open at once per agent: each costs the server a connection to its proxy. A tunnel counts from
+its TUNNEL_OPEN until each side has sent TUNNEL_CLOSE and seen the other's; the agent accepts no more
+connections while this many are open, and the server ends an agent that opens more."""
 COUNT = struct.Struct(">I")
 
 

@@ -44,7 +44,7 @@ from .per_exec import LAUNCH_TIMEOUT_S, ExecLauncher
 from .stream import AGENT_SCRIPT, ExecStream
 
 if TYPE_CHECKING:
-    from docker import DockerClient
+    from docker import APIClient, DockerClient
     from docker.models.containers import Container
 
     from ..proxy import DomainProxy
@@ -78,6 +78,36 @@ ClientFactory = Callable[[], "DockerClient"]
 
 READY_TIMEOUT_S = 5.0
 """Bound on asking the engine whether it answers, for a readiness probe."""
+AGENT_EXIT_S = 2.0
+"""How long a lost agent, whose stream the server closed, has to end its processes and exit before the
+server kills it through the engine."""
+AGENT_EXIT_POLL_S = 0.05
+"""Interval of asking the engine whether a lost agent's exec still runs."""
+AGENT_GROUP_WAIT = 20
+"""Tenths of a second the supervisors of a killed agent have to end their trees and exit, before what is
+left of its process group is killed."""
+LOST_SWEEP_TIMEOUT_S = 10.0
+"""Bound on each exec that ends what a lost agent left (a busy engine may be slow to start one)."""
+
+# $1 the agent's pid, $2 its start time (clock ticks, field 22 of /proc/PID/stat, as its HELLO said): if
+# that pid is still that process, SIGKILL it, SIGCONT its process group (its zygote and supervisors, which
+# a process of its user may have stopped) so each supervisor sees its lifeline end and kills its tree, and
+# SIGKILL what is left of the group after AGENT_GROUP_WAIT (tenths of a second, $3).
+_END_AGENT_SCRIPT = (
+    'p=$1 t=$2 w=$3; s=$(cat "/proc/$p/stat" 2>/dev/null) || exit 0; set -- ${s##*)}; [ "${20}" = "$t" ] || exit 0; '
+    'kill -9 "$p"; kill -CONT -"$p" 2>/dev/null; i=0; '
+    'while kill -0 -"$p" 2>/dev/null && [ $i -lt "$w" ]; do sleep 0.1; i=$((i+1)); done; '
+    'kill -9 -"$p" 2>/dev/null; exit 0'
+)
+# $1 the start of a marker line (PROCESS_MCP_ID=<token>:docker-), $2 a process number: SIGKILL every
+# process whose marker has that start and a number up to $2 (those of a lost agent; a newer agent's
+# processes have higher numbers). What a process that killed its supervisor left still carries it.
+_SWEEP_LOST_SCRIPT = (
+    'v=; for d in /proc/[0-9]*; do p=${d#/proc/}; [ "$p" = $$ ] && continue; '
+    "m=$(tr '\\0' '\\n' < \"$d/environ\" 2>/dev/null | grep -e \"^$1[0-9][0-9]*$\") || continue; "
+    'n=${m#"$1"}; [ "$n" -le "$2" ] 2>/dev/null && v="$v $p"; done; '
+    '[ -z "$v" ] || kill -9 $v 2>/dev/null; exit 0'
+)
 
 
 class DockerExecutor(ProcessExecutor):
@@ -106,6 +136,7 @@ class DockerExecutor(ProcessExecutor):
         self._lease: Any = None  # the lease exec's socket; closing it ends the lease
         self._recovery_lock = anyio.Lock()
         self._agent: AgentConnection | None = None
+        self._agent_execs: dict[AgentConnection, str] = {}  # the exec that runs each agent not shut down
         self._per_exec = ExecLauncher(self)
         self._proxy: DomainProxy | None = None  # the domain filter processes reach through the agent
         self._proxy_dir: str | None = None
@@ -209,25 +240,34 @@ class DockerExecutor(ProcessExecutor):
         assert self._container is not None
         api, container_id = self._client.api, self._container.id
 
-        def start_exec() -> tuple[Any, socket.socket]:
-            command = ["/bin/sh", "-c", AGENT_SCRIPT, "sh", BOOTSTRAP]
-            exec_id = api.exec_create(
-                container_id, command, stdin=True, environment={MARKER_VAR: f"{self._token}:agent"}, user=self.exec_user
+        command = ["/bin/sh", "-c", AGENT_SCRIPT, "sh", BOOTSTRAP]
+        if self.agent_user == "0":
+            command.append(self.config.docker.user)  # the agent drops to it for each command
+
+        def start_exec() -> tuple[str, Any, socket.socket]:
+            exec_id: str = api.exec_create(
+                container_id,
+                command,
+                stdin=True,
+                environment={MARKER_VAR: f"{self._token}:agent"},
+                user=self.agent_user,
             )["Id"]
             wrapper: Any = api.exec_start(exec_id, socket=True)
-            return wrapper, getattr(wrapper, "_sock", wrapper)
+            return exec_id, wrapper, getattr(wrapper, "_sock", wrapper)
 
         try:
-            wrapper, sock = await anyio.to_thread.run_sync(start_exec)
+            exec_id, wrapper, sock = await anyio.to_thread.run_sync(start_exec)
         except engine.docker_errors() as exc:
             raise BackendUnavailable(f"cannot start the agent in the container: {engine.reason(exc)}") from None
-        channel = ExecStream(wrapper, sock)
+        channel = ExecStream(wrapper, sock, self.config.docker.container_name)
         agent = AgentConnection(channel, self.config.docker.container_name, on_lost=self._agent_lost)
+        self._agent_execs[agent] = exec_id
         try:
             hello = await agent.connect(bootstrap_payload())
         except AgentUnavailable as exc:
             agent.close()
-            reason = channel.agent_stderr.strip() or exc.reason
+            self._agent_execs.pop(agent, None)
+            reason = channel.stderr_tail().strip() or exc.reason
             logger.warning(
                 "cannot run the agent in container %s (%s); each process runs as its own exec: slower, and exit "
                 "codes as the engine reports them",
@@ -238,19 +278,72 @@ class DockerExecutor(ProcessExecutor):
             return
         if not hello.get("subreaper"):
             logger.warning("the agent could not become a subreaper: orphaned processes may escape kill")
+        if not hello.get("undumpable"):
+            logger.warning(
+                "the agent could not make itself undumpable (PR_SET_DUMPABLE): processes of its user may trace it "
+                "or write into its stream"
+            )
         if self._proxy_dir is not None:
             socket_path = os.path.join(self._proxy_dir, "proxy.sock")
             try:
                 await agent.serve_proxy(PROXY_PORT, lambda: asyncio.open_unix_connection(socket_path))
             except AgentUnavailable as exc:
                 agent.close()
+                self._agent_execs.pop(agent, None)
                 raise BackendUnavailable(f"the agent cannot carry the domain proxy: {exc.reason}") from None
         self._agent = agent
         logger.info("agent started in container %s (Python %s)", self.config.docker.container_name, hello["python"])
 
     def _agent_lost(self, agent: AgentConnection) -> None:
+        """The agent was lost (its stream ended or broke the protocol; the client has closed the stream
+        and reported its processes ended): make sure they are, and let the next spawn start a new one."""
         if self._agent is agent:
             self._agent = None
+        exec_id = self._agent_execs.pop(agent, None)
+        if exec_id is not None and self._client is not None and self._container is not None:
+            # The engine's client and the container as they are now: a shutdown may release them meanwhile.
+            self._in_background(self._end_lost_agent(agent, exec_id, self._client.api, self._container))
+
+    async def _end_lost_agent(self, agent: AgentConnection, exec_id: str, api: APIClient, container: Container) -> None:
+        """Give a lost agent AGENT_EXIT_S to end its processes and exit as its closed stream tells it to,
+        then kill it through the engine (its supervisors then kill their trees, and what is left of them
+        after AGENT_GROUP_WAIT is killed), then kill what is left of its processes that carries their
+        markers (what escaped supervisors that a process of the agent's own user killed)."""
+        failures: tuple[type[BaseException], ...] = (*engine.docker_errors(), OSError)
+        try:
+            with anyio.move_on_after(AGENT_EXIT_S):
+                while True:
+                    if not (await anyio.to_thread.run_sync(api.exec_inspect, exec_id)).get("Running"):
+                        break
+                    await anyio.sleep(AGENT_EXIT_POLL_S)  # the engine has no event for an exec's end
+            pid, started = agent.hello.get("pid"), agent.hello.get("started")
+            if pid is not None and started is not None:
+                script = [_END_AGENT_SCRIPT, "sh", str(pid), str(started), str(AGENT_GROUP_WAIT)]
+                await self._run_bounded(container, script, self.agent_user)
+            marker = f"{self.marker()}{self.prefix}-"
+            await self._run_bounded(container, [_SWEEP_LOST_SCRIPT, "sh", marker, str(agent.last_channel)])
+        except failures as exc:
+            import docker.errors
+
+            gone = isinstance(exc, docker.errors.NotFound) or getattr(exc, "status_code", None) == 409
+            # A container that was removed or stopped took the agent and its processes with it.
+            logger.log(
+                logging.DEBUG if gone else logging.WARNING,
+                "could not make sure the lost agent's processes are gone: %s",
+                engine.reason(exc),
+            )
+
+    async def _run_bounded(self, container: Container, script: list[str], user: str | None = None) -> None:
+        """Run ``/bin/sh -c`` ``script`` in the container as ``user`` (default: exec_user), for at most
+        LOST_SWEEP_TIMEOUT_S."""
+        as_user = self.exec_user if user is None else user
+        with anyio.move_on_after(LOST_SWEEP_TIMEOUT_S):
+            await anyio.to_thread.run_sync(
+                lambda: container.exec_run(["/bin/sh", "-c", *script], stdin=False, tty=False, user=as_user),
+                abandon_on_cancel=True,
+            )
+            return
+        logger.warning("an exec ending what a lost agent left did not finish within %g s", LOST_SWEEP_TIMEOUT_S)
 
     async def _take_lease(self) -> None:
         """Start the lease exec and wait (bounded) until it runs; raise BackendUnavailable if it cannot."""
@@ -318,9 +411,34 @@ class DockerExecutor(ProcessExecutor):
                     f"container {name!r} does not exist and DOCKER_USE_EXISTING=true forbids creating it; "
                     "create it (see example-custom-container.sh), fix DOCKER_CONTAINER, or unset DOCKER_USE_EXISTING"
                 ) from None
-            container = await self._create_container(client)
+            return await self._start_created(await self._create_container(client))
         except engine.docker_errors() as exc:
             raise BackendUnavailable(f"cannot look up container {name!r}: {engine.reason(exc)}") from None
+        if not cfg.use_existing and (difference := self._differs(container)):
+            if container.labels.get(MANAGED_LABEL) != "true" or container.status == "running":
+                whose = "is running" if container.status == "running" else "was not made by process-mcp"
+                raise BackendUnavailable(
+                    f"container {name!r} {whose} and {difference}; remove it (docker rm -f {name}) to have it made "
+                    "anew, set DOCKER_CONTAINER to another name, or DOCKER_USE_EXISTING=true to use it as it is"
+                )
+            logger.warning("container %s %s; making it anew as configured", name, difference)
+            await self._remove(container)
+            return await self._start_created(await self._create_container(client))
+        await self._start(container)
+        return container
+
+    async def _start_created(self, container: Container) -> Container:
+        """Start a container this call created; one that cannot start is removed, never left to be reused."""
+        try:
+            await self._start(container)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._remove(container)
+            raise
+        return container
+
+    async def _start(self, container: Container) -> None:
+        name = self.config.docker.container_name
         try:
             if container.status != "running":
                 logger.info("starting stopped container %s", name)
@@ -333,15 +451,39 @@ class DockerExecutor(ProcessExecutor):
                 f"container {name!r} stopped right after starting (status {container.status}); its main "
                 "command must keep running, e.g. `tail -f /dev/null`"
             )
-        if not cfg.use_existing:
+        if not self.config.docker.use_existing:
             await self._own_home(container)
-        return container
+
+    def _differs(self, container: Container) -> str | None:
+        """How an existing container differs from what this configuration would make (image, network)."""
+        attrs: dict[str, Any] = container.attrs
+        image = attrs.get("Config", {}).get("Image")
+        if image != self.config.docker.image:
+            return f"runs image {image!r}, not DOCKER_IMAGE={self.config.docker.image!r}"
+        network = attrs.get("HostConfig", {}).get("NetworkMode")
+        wanted = self.config.docker_network or "bridge"
+        if network not in (wanted, "default" if wanted == "bridge" else wanted):
+            return f"is on network {network!r}, not {wanted!r} (DOCKER_NETWORK)"
+        return None
+
+    async def _remove(self, container: Container) -> None:
+        try:
+            await anyio.to_thread.run_sync(lambda: container.remove(force=True))
+        except engine.docker_errors() as exc:
+            logger.warning("could not remove container %s: %s", container.name, engine.reason(exc))
+
+    @property
+    def agent_user(self) -> str:
+        """Who the agent's exec runs as: root in the container this server made, so that it can run each
+        command as DOCKER_USER while no process of that user can signal, trace or write to it (nor to
+        its supervisors); the container's own user in an existing one."""
+        return "" if self.config.docker.use_existing else "0"
 
     @property
     def exec_user(self) -> str:
-        """Who every exec runs as: DOCKER_USER in the container this server made (its processes, and the
-        lease, sweep and kill scripts, which read their environments and so must be the same user), the
-        container's own user ("") in an existing one."""
+        """Who the execs other than the agent's run as: DOCKER_USER in the container this server made (the
+        processes of the exec-per-process path, and the lease, sweep and kill scripts, which read the
+        processes' environments and so must be their user), the container's own user ("") in an existing one."""
         return "" if self.config.docker.use_existing else self.config.docker.user
 
     async def _own_home(self, container: Container) -> None:
@@ -352,15 +494,17 @@ class DockerExecutor(ProcessExecutor):
             return
         try:
             result = await anyio.to_thread.run_sync(
-                lambda: container.exec_run(["/bin/sh", "-c", _OWN_HOME, "sh", user], user="root", stdin=False)
+                # By number: an image without /etc/passwd has no user named root.
+                lambda: container.exec_run(["/bin/sh", "-c", _OWN_HOME, "sh", user], user="0", stdin=False)
             )
         except engine.docker_errors() as exc:
             raise BackendUnavailable(f"cannot give {DOCKER_WORKDIR} to {user}: {engine.reason(exc)}") from None
         if result.exit_code != 0:
             output = result.output if isinstance(result.output, bytes) else b""
-            raise BackendUnavailable(
-                f"cannot give {DOCKER_WORKDIR} to DOCKER_USER={user}: {output.decode(errors='replace').strip()}"
-            )
+            said = output.decode(errors="replace").strip() or f"chown exited with code {result.exit_code}"
+            named = not user.replace(":", "").isdigit()
+            hint = "; a user given by name must exist in the image's /etc/passwd (or give uid:gid)" if named else ""
+            raise BackendUnavailable(f"cannot give {DOCKER_WORKDIR} to DOCKER_USER={user}: {said}{hint}")
 
     async def _create_container(self, client: DockerClient) -> Container:
         import docker.errors
@@ -415,9 +559,10 @@ class DockerExecutor(ProcessExecutor):
             except engine.docker_errors() as exc:
                 reason = engine.reason(exc)
         raise BackendUnavailable(
-            f"image {image!r} is not available locally and could not be pulled ({reason}); build one with "
-            "`docker build -t process-mcp:custom -f Dockerfile.custom .` and set DOCKER_IMAGE=process-mcp:custom, "
-            "or set DOCKER_IMAGE to an image you have"
+            f"image {image!r} is not available locally and could not be pulled ({reason}); build one without a "
+            "registry with `scripts/build-box-image.sh process-mcp:custom git` (Debian with python3, as root), or "
+            "with a registry `docker build -t process-mcp:custom -f Dockerfile.custom .`, and set "
+            "DOCKER_IMAGE=process-mcp:custom; or set DOCKER_IMAGE to an image you have"
         )
 
     async def _launch(self, record: ManagedProcess, env: dict[str, str]) -> ProcessHandle:
@@ -481,6 +626,7 @@ class DockerExecutor(ProcessExecutor):
         logger.warning("container %s %s behind this server's back; bringing it back", name, lost)
         if self._agent is not None:
             self._agent.close()
+            self._agent_execs.pop(self._agent, None)
             self._agent = None
         if self._lease is not None:
             self._lease.close()
@@ -497,6 +643,7 @@ class DockerExecutor(ProcessExecutor):
         try:
             if self._agent is not None:
                 await self._agent.shutdown()  # ends every process it started, wherever they went
+                self._agent_execs.pop(self._agent, None)
                 self._agent = None
             if self._container is not None:
                 try:

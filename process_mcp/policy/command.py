@@ -8,6 +8,11 @@ escaped, given by path, or started through a launcher (``env``, ``nice``, ``time
 variable or a substitution, a pattern, ``eval`` of something computed) is refused while a policy is
 set. The policy is a guard rail against honest mistakes; the sandbox is the security boundary: an
 allowed interpreter (``python3``, ``sh`` without ``-c``, ``make``) runs whatever code it is given.
+
+tree-sitter's error recovery costs more than linear time (16 KiB of a malformed pipeline take
+seconds, 2.9 MB froze the server for 15 s), cannot be stopped once started, and holds the GIL, so a
+worker thread would not keep the event loop free: what bounds it is the size of what is parsed. A
+command is checked only up to MAX_CHECKED_BYTES, where the worst lines found take ~0.2 s.
 """
 
 from __future__ import annotations
@@ -21,7 +26,11 @@ from dataclasses import dataclass
 import tree_sitter_bash
 from tree_sitter import Language, Node, Parser
 
-from ..errors import PolicyDenied
+from ..errors import InvalidInput, PolicyDenied
+
+MAX_CHECKED_BYTES = 4 * 1024
+"""Longest command checked against a policy (a longer one is refused while a policy is set): the worst
+malformed lines of this size take the parser ~0.2 s, twice the size four times as long."""
 
 MAX_DEPTH = 8
 """Deepest nesting of shell strings (``sh -c "sh -c '...'"``, ``eval``) followed; deeper is refused."""
@@ -119,16 +128,24 @@ class CommandPolicy:
     def __init__(self, allow: Sequence[str] = (), deny: Sequence[str] = ()) -> None:
         self.allow = list(allow)
         self.deny = list(deny)
-        self._parser = Parser(Language(tree_sitter_bash.language())) if self.active else None
+        self._language = Language(tree_sitter_bash.language()) if self.active else None
 
     @property
     def active(self) -> bool:
         return bool(self.allow or self.deny)
 
     def check(self, command: str) -> None:
-        """Raise PolicyDenied, naming the program and the setting, if ``command`` may not run."""
+        """Raise PolicyDenied, naming the program and the setting, if ``command`` may not run; InvalidInput if
+        it is longer than MAX_CHECKED_BYTES."""
         if not self.active:
             return
+        size = len(command.encode("utf-8", "surrogateescape"))
+        if size > MAX_CHECKED_BYTES:
+            raise InvalidInput(
+                f"the command is {size} bytes, and with a command policy set ({self._settings()}) a command may be "
+                f"at most {MAX_CHECKED_BYTES} bytes, so that it can be checked; write long text into a file over "
+                "several commands, or run a script file"
+            )
         try:
             self._check_source(command, 0, frozenset())
         except PolicyDenied as exc:
@@ -139,8 +156,9 @@ class CommandPolicy:
     def _check_source(self, source: str, depth: int, functions: frozenset[str]) -> None:
         if depth > MAX_DEPTH:
             raise PolicyDenied(f"shell code nested more than {MAX_DEPTH} levels deep cannot be checked")
-        assert self._parser is not None
-        tree = self._parser.parse(_join_continuations(source).encode("utf-8", "surrogateescape"))
+        assert self._language is not None
+        parser = Parser(self._language)
+        tree = parser.parse(_join_continuations(source).encode("utf-8", "surrogateescape"))
         root = tree.root_node
         if root.has_error:
             raise PolicyDenied(

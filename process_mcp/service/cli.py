@@ -15,12 +15,16 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING
 
 import anyio
 
-from ..config import ProcessMcpConfig, environment_variables, load_config
 from ..errors import ProcessMcpError
-from .server import ProcessMcpServer, create_process_mcp, version_string
+from ..version import version_string
+
+if TYPE_CHECKING:
+    from ..config import ProcessMcpConfig
+    from .server import ProcessMcpServer
 
 logger = logging.getLogger("process_mcp")
 
@@ -34,9 +38,10 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="process-mcp",
         description=_DESCRIPTION,
-        epilog=_environment_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,
     )
+    parser.add_argument("-h", "--help", action=_HelpWithEnvironment, help="show this help message and exit")
     parser.add_argument(
         "--transport", choices=["stdio", "http"], help="stdio (default) or http; also PROCESS_TRANSPORT"
     )
@@ -46,7 +51,22 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class _HelpWithEnvironment(argparse.Action):
+    """--help, which lists the environment variables too: read from the settings' declaration only when
+    asked, so --version and serving never load it for the help's sake."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=str(kwargs.get("help")))
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object, **__: object) -> None:
+        parser.epilog = _environment_help()
+        parser.print_help()
+        parser.exit()
+
+
 def _environment_help() -> str:
+    from ..config import environment_variables
+
     rows = environment_variables()
     width = max(len(name) for name, _, _ in rows)
     lines = ["environment variables (default in brackets):"]
@@ -58,6 +78,8 @@ def _environment_help() -> str:
 
 def configure(arguments: argparse.Namespace) -> ProcessMcpConfig:
     """The configuration from the environment, with the command line's options over it."""
+    from ..config import load_config
+
     config = load_config()
     service = config.service
     if arguments.transport is not None:
@@ -74,6 +96,8 @@ def configure(arguments: argparse.Namespace) -> ProcessMcpConfig:
 async def serve(config: ProcessMcpConfig) -> None:
     """Run the server on its transport until the client leaves (stdio) or a stop signal arrives."""
     with anyio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+        from .server import create_process_mcp  # the MCP stack, loaded only to serve
+
         mcp = await create_process_mcp(config)
         if config.service.transport == "http":
             await _serve_http(mcp, signals)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from importlib.metadata import PackageNotFoundError, version
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -16,6 +15,7 @@ from ..errors import BackendUnavailable
 from ..executor import ProcessExecutor
 from ..host import HostExecutor
 from ..policy.audit import AuditLog
+from ..version import version_string
 from .metrics import Metrics
 from .spaces import Spaces
 from .tools import INSTRUCTIONS, ToolServer, register_tools
@@ -134,12 +134,5 @@ async def create_process_mcp(config: ProcessMcpConfig | None = None) -> ProcessM
             raise
     server = ToolServer("process-mcp", version=version_string(), instructions=INSTRUCTIONS)
     register_tools(server, spaces)
+    server.close_schemas()
     return ProcessMcpServer(server, spaces)
-
-
-def version_string() -> str:
-    """The installed package's version."""
-    try:
-        return version("process-mcp")
-    except PackageNotFoundError:
-        return "0+unknown"

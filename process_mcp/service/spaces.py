@@ -11,6 +11,7 @@ processes' records go and its container is removed; its workspace and volume sta
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -124,21 +125,27 @@ class Spaces:
                 f"{space.name} has {space.calls} calls in progress, the most allowed (PROCESS_MAX_REQUESTS="
                 f"{limit}); wait for one to return, and use waitFor or untilExit instead of polling"
             )
-        if spawning:
-            self._admit_spawn(space)
+        slot = self._admit_spawn(space) if spawning else None
         space.calls += 1
         try:
             await self._start(space)
             yield space.executor
+        except BaseException:
+            # Only what started counts against the rate: a refused or failed spawn gives its slot back.
+            if slot is not None:
+                with contextlib.suppress(ValueError):
+                    space.spawns.remove(slot)
+            raise
         finally:
             space.calls -= 1
             space.last_call = time.monotonic()
 
-    def _admit_spawn(self, space: Space) -> None:
-        """Count a spawn against the space's PROCESS_RATE_SPAWNS_PER_MIN; raise RateLimited beyond it."""
+    def _admit_spawn(self, space: Space) -> float | None:
+        """Hold a slot of the space's PROCESS_RATE_SPAWNS_PER_MIN for a spawn (its time, given back if the
+        spawn fails); raise RateLimited beyond it."""
         limit = self.config.service.spawns_per_min
         if not limit:
-            return
+            return None
         now = time.monotonic()
         while space.spawns and now - space.spawns[0] >= RATE_WINDOW_S:
             space.spawns.popleft()
@@ -150,6 +157,7 @@ class Spaces:
                 retry_after_s=wait,
             )
         space.spawns.append(now)
+        return now
 
     async def _find(self, principal: str | None, create: bool) -> Space | None:
         if principal is None:

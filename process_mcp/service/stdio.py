@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 
 import anyio
 
-from ..errors import InvalidInput
+from ..errors import InvalidInput, excerpt
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,8 @@ class LineReader:
                 if size > LINE_LIMIT:
                     self._refuse(head, size)
                     continue
+                if not self._parses(line):
+                    continue
                 return line
             self._searched = len(self._buffer)
             if len(self._buffer) > LINE_LIMIT:
@@ -77,6 +79,22 @@ class LineReader:
                 rest, self._buffer = self._buffer, bytearray()
                 return rest.decode("utf-8", errors="replace")
             self._buffer += chunk
+
+    def _parses(self, line: str) -> bool:
+        """Whether ``line`` is JSON; if not, answer it with a parse error (id null, as JSON-RPC says) and log it.
+        The SDK would drop it without a word. Blank lines are skipped silently."""
+        if not line.strip():
+            return False
+        try:
+            json.loads(line)
+        except ValueError as exc:
+            logger.warning("a request line is not JSON (%s): %s", exc, excerpt(line.strip()))
+            if not self._writer.is_closing():
+                message = f"Parse error: the line is not JSON ({exc}); send one JSON-RPC message per line"
+                reply = {"jsonrpc": "2.0", "id": None, "error": {"code": -32700, "message": message}}
+                self._writer.write(json.dumps(reply).encode() + b"\n")
+            return False
+        return True
 
     async def _read(self) -> bytes:
         try:

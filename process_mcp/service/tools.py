@@ -25,10 +25,15 @@ from mcp.server.stdio import stdio_server
 from mcp_types import CallToolResult, InputRequiredResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError
 
-from ..errors import ProcessMcpError
+from ..errors import InvalidInput, ProcessMcpError
 from ..executor import ProcessExecutor
 from ..models import (
     DEFAULT_LINES,
+    MAX_COMMAND_BYTES,
+    MAX_ENV_VARS,
+    MAX_ID_CHARS,
+    MAX_INPUT_CHARS,
+    MAX_PATH_BYTES,
     ExitState,
     KillResult,
     ProcessLimits,
@@ -40,8 +45,10 @@ from ..models import (
     StdinResult,
 )
 from ..policy.audit import monotonic_ms
+from ..policy.command import MAX_CHECKED_BYTES
 from ..registry import unknown_process
-from ..waiting import Progress
+from ..waiting import MATCH_TIMEOUT_S, MAX_PATTERN_CHARS, Progress
+from .arguments import check_arguments, close_schema
 from .auth import principal_of
 from .spaces import Spaces
 from .stdio import loop_stdio
@@ -75,9 +82,21 @@ class ToolServer(MCPServer):
                     read_stream, write_stream, self._lowlevel_server.create_initialization_options()
                 )
 
+    def close_schemas(self) -> None:
+        """Publish every tool's input schema with ``additionalProperties: false`` (see ``arguments``)."""
+        for tool in self._tool_manager.list_tools():
+            close_schema(tool.parameters)
+
     async def call_tool(
         self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None
     ) -> CallToolResult | InputRequiredResult:
+        tool = self._tool_manager.get_tool(name)
+        if tool is not None:
+            try:
+                check_arguments(name, tool.parameters, arguments or {})
+            except InvalidInput as exc:
+                logger.info("tool %r failed: %s", name, exc.code)
+                return _failure(exc.code, exc.message)
         try:
             return await super().call_tool(name, arguments, context)
         except UnexpectedToolError:
@@ -85,11 +104,13 @@ class ToolServer(MCPServer):
         except ToolError as exc:
             code, message = _error_of(name, exc)
             logger.info("tool %r failed: %s", name, code)
-            return CallToolResult(
-                content=[TextContent(type="text", text=f"{code}: {message}")],
-                is_error=True,
-                _meta={ERROR_META: {"code": code}},
-            )
+            return _failure(code, message)
+
+
+def _failure(code: str, message: str) -> CallToolResult:
+    return CallToolResult(
+        content=[TextContent(type="text", text=f"{code}: {message}")], is_error=True, _meta={ERROR_META: {"code": code}}
+    )
 
 
 def _error_of(tool: str, exc: ToolError) -> tuple[str, str]:
@@ -121,8 +142,10 @@ cursor of the previous reply) returns only new output, and with untilExit waits 
 WaitFor = Annotated[
     str | None,
     Field(
+        max_length=MAX_PATTERN_CHARS,
         description="Regular expression (Python syntax, multiline): return as soon as output produced during this "
-        "call matches it (for a tty, the text without escape sequences). waitResult says matched, exited or timeout."
+        "call matches it (for a tty, the text without escape sequences). waitResult says matched, exited or timeout. "
+        f"A search may take {MATCH_TIMEOUT_S:g} s: keep it plain (no nested quantifiers such as (a+)+).",
     ),
 ]
 IdleMs = Annotated[
@@ -137,7 +160,7 @@ WaitMs = Annotated[
     Field(
         ge=0,
         description="Bound on the wait in ms (default: the spawn timeout; capped by the maximum timeout); "
-        "alone, return at the first new output.",
+        "alone, return at the first new output (waitResult output).",
     ),
 ]
 
@@ -151,6 +174,11 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
     default_cwd = spaces.local.executor.workdir if config.service.transport == "stdio" else "your workspace"
 
     audit = spaces.audit
+    policy_note = (
+        f"; with the operator's command policy, at most {MAX_CHECKED_BYTES} bytes"
+        if config.policy.command_allow or config.policy.command_deny
+        else ""
+    )
 
     def tool(annotations: ToolAnnotations | None = None) -> Callable[[_F], _F]:
         """Register a tool whose description is its docstring without the code's indentation, which the
@@ -221,10 +249,20 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
 
     @tool(ToolAnnotations(destructive_hint=True, open_world_hint=True))
     async def spawn(
-        command: Annotated[str, Field(description="Shell command line, run with /bin/sh -c.")],
-        cwd: Annotated[str | None, Field(description=f"Working directory (default {default_cwd}).")] = None,
+        command: Annotated[
+            str,
+            Field(
+                max_length=MAX_COMMAND_BYTES,
+                description=f"Shell command line, run with /bin/sh -c; at most {MAX_COMMAND_BYTES} bytes (put longer "
+                f"scripts in a file){policy_note}.",
+            ),
+        ],
+        cwd: Annotated[
+            str | None, Field(max_length=MAX_PATH_BYTES, description=f"Working directory (default {default_cwd}).")
+        ] = None,
         env: Annotated[
-            dict[str, str] | None, Field(description="Environment variables to set for this command.")
+            dict[str, str] | None,
+            Field(max_length=MAX_ENV_VARS, description="Environment variables to set for this command."),
         ] = None,
         tty: Annotated[
             bool, Field(description="Run in a real 120x30 terminal: for REPLs, prompts, full-screen apps.")
@@ -280,20 +318,28 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
             call.pid = result.pid
         label = "screen" if tty else "stdout"
         headline = f"{_headline(result.pid, result)}, {_confinement(result.sandboxed)}{_waited(result)}"
-        text = f"{headline}\n{_section(label, result.stdout)}"
+        text = f"{headline}\n{_cursor_line(result)}{_held_back(result, tty)}\n{_section(label, result.stdout)}"
         if not tty:
             text += f"\n{_section('stderr', result.stderr)}"
         return _reply(result, text)
 
     @tool(ToolAnnotations(read_only_hint=True))
-    async def ps(ctx: Context | None = None) -> Annotated[CallToolResult, ProcessList]:
+    async def ps(
+        stats: Annotated[
+            bool,
+            Field(description="Also each process's resources (CPU, memory, processes of its tree), read from /proc."),
+        ] = False,
+        ctx: Context | None = None,
+    ) -> Annotated[CallToolResult, ProcessList]:
         """List running processes and the most recently finished ones.
 
         Each entry has pid, command, status ("running" or "terminated"), exitCode and signal once
-        finished, cwd, tty, sandboxed, and createdAt. Use it to find ids for stdout, stdin and kill.
+        finished, cwd, tty, sandboxed, and createdAt; with stats: true also what each uses. Use it to find
+        ids for stdout, stdin and kill.
         """
-        async with space(ctx, _Call("ps", {}), create=False) as executor:
-            processes = [] if executor is None else await _call(executor.list_processes())
+        arguments = {"stats": stats} if stats else {}
+        async with space(ctx, _Call("ps", arguments), create=False) as executor:
+            processes = [] if executor is None else await _call(executor.list_processes(stats=stats))
         lines = [
             f"{p.pid}  {_state(p)}  {'tty' if p.tty else 'pipe'}  {_confinement(p.sandboxed)}  {p.created_at}  "
             f"{_usage(p.stats)}cwd={p.cwd}  $ {p.command}"
@@ -304,13 +350,15 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
 
     @tool()
     async def stdin(
-        id: Annotated[str, Field(description="Process id from spawn or ps, e.g. 'host-1'.")],
+        id: Annotated[str, Field(max_length=MAX_ID_CHARS, description="Process id from spawn or ps, e.g. 'host-1'.")],
         input: Annotated[
             str,
             Field(
-                description="Text to send. Escapes: \\n newline, \\r carriage return (Enter in a tty), "
+                max_length=MAX_INPUT_CHARS,
+                description=f"Text to send, at most {MAX_INPUT_CHARS} characters (send more in several calls). "
+                "Escapes: \\n newline, \\r carriage return (Enter in a tty), "
                 "\\t tab, \\xHH a byte (\\x03 is Ctrl-C, \\x04 Ctrl-D, \\x1b Escape), \\uHHHH a "
-                "character, \\\\ a backslash."
+                "character, \\\\ a backslash.",
             ),
         ],
         waitFor: WaitFor = None,
@@ -341,7 +389,7 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
 
     @tool(ToolAnnotations(read_only_hint=True))
     async def stdout(
-        id: Annotated[str, Field(description="Process id from spawn or ps, e.g. 'host-1'.")],
+        id: Annotated[str, Field(max_length=MAX_ID_CHARS, description="Process id from spawn or ps, e.g. 'host-1'.")],
         lines: Annotated[
             int, Field(ge=1, le=MAX_LINES, description="How many of the last lines to return.")
         ] = DEFAULT_LINES,
@@ -389,14 +437,14 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
             )
         usage = f" ({_usage(result.stats).strip()})" if result.stats is not None else ""
         text = f"{_headline(result.pid, result)}{usage}{_waited(result)}\n{_section('stdout', result.stdout)}"
-        text += f"\n{_section('stderr', result.stderr)}\n{_cursor_line(result)}"
+        text += f"\n{_section('stderr', result.stderr)}\n{_cursor_line(result)}{_held_back(result, False)}"
         if result.dropped:
             text += f" ({result.dropped} bytes after the cursor are no longer available)"
         return _reply(result, text)
 
     @tool(ToolAnnotations(destructive_hint=True))
     async def kill(
-        id: Annotated[str, Field(description="Process id from spawn or ps, e.g. 'host-1'.")],
+        id: Annotated[str, Field(max_length=MAX_ID_CHARS, description="Process id from spawn or ps, e.g. 'host-1'.")],
         signal: Annotated[
             str,
             Field(description="Signal name, SIG prefix optional: TERM, KILL, INT, HUP, QUIT, USR1, USR2, STOP, CONT"),
@@ -507,12 +555,15 @@ def _reply(result: BaseModel, text: str) -> CallToolResult:
 def _state(state: ExitState) -> str:
     if state.status == "running":
         return "running"
+    if state.ended_by == "lost":
+        return "terminated (ended with the agent in its box, which was lost)"
     cause = f", ended by {state.ended_by}" if state.ended_by not in (None, "exit") else ""
     if state.limit is not None:
         cause += f" ({state.limit})"
+    code = "unknown: the process's end could not be observed" if state.exit_code is None else state.exit_code
     if state.signal:
-        return f"terminated by {state.signal} (exit code {state.exit_code}{cause})"
-    return f"terminated (exit code {state.exit_code}{cause})"
+        return f"terminated by {state.signal} (exit code {code}{cause})"
+    return f"terminated (exit code {code}{cause})"
 
 
 def _usage(stats: ProcessStats | None) -> str:
@@ -541,7 +592,18 @@ def _waited(result: SpawnResult | StdinResult | ProcessOutput) -> str:
     return "" if result.wait_result is None else f"; wait ended: {result.wait_result}"
 
 
-def _cursor_line(result: StdinResult | ProcessOutput) -> str:
+def _held_back(result: SpawnResult | ProcessOutput, tty: bool) -> str:
+    """Why a wait on a pipe may have seen nothing: programs buffer output that is not a terminal."""
+    if tty or result.wait_result != "timeout" or result.status != "running" or result.cursor or result.stderr_cursor:
+        return ""
+    return (
+        "\nno output yet: a program writing to a pipe may hold its output in a buffer until it has a few KiB or "
+        "exits (C stdio, Python without PYTHONUNBUFFERED, Node's pipes); spawn it with tty: true, or use its own "
+        "flag to flush (python3 -u, stdbuf -oL, grep --line-buffered)"
+    )
+
+
+def _cursor_line(result: SpawnResult | StdinResult | ProcessOutput) -> str:
     return f"cursor: {result.cursor}, stderrCursor: {result.stderr_cursor}"
 
 
