@@ -119,6 +119,11 @@ class DockerConfig(BaseModel):
         default_factory=dict,
         description="DOCKER_HOST, DOCKER_TLS_VERIFY and DOCKER_CERT_PATH, as set: how to reach the engine.",
     )
+    own_network: bool = Field(
+        False,
+        description="Put the created container on a bridge network of its own, named after it, instead of "
+        "Docker's shared bridge: a principal's container, which must not reach the others'.",
+    )
     agent: bool = setting("DOCKER_AGENT", True, description="drive processes through the agent in the container")
     user: str = setting(
         "DOCKER_USER",
@@ -327,10 +332,14 @@ class ProcessMcpConfig(BaseModel):
     @property
     def docker_network(self) -> str:
         """The created container's network: DOCKER_NETWORK, else none when the domain list restricts the
-        network (processes reach the domain proxy through the agent), else bridge."""
-        if self.docker.network is not None:
-            return self.docker.network
-        return "none" if self.sandbox.network_restricted else "bridge"
+        network (processes reach the domain proxy through the agent), else bridge; a bridge network of
+        its own (named after the container) instead of bridge with ``docker.own_network``."""
+        network = self.docker.network
+        if network is None:
+            network = "none" if self.sandbox.network_restricted else "bridge"
+        if network == "bridge" and self.docker.own_network:
+            return self.docker.container_name
+        return network
 
     @property
     def workdir(self) -> str:

@@ -723,6 +723,102 @@ async def test_in_docker_mode_each_principal_gets_a_container_and_volume_of_its_
                 (await anyio.to_thread.run_sync(engine.volumes.get, name)).remove(force=True)
 
 
+@pytest.mark.docker
+async def test_in_docker_mode_a_principals_container_cannot_reach_anothers_but_reaches_its_own_and_out(
+    engine: DockerClient, workspaces: Path, tokens_file: Path
+) -> None:
+    container, volume = unique_name("http-net"), unique_name("http-net-vol")
+    names = {name: f"{container}-{name}" for name in ("alice", "bob")}
+    settings = {
+        "PROCESS_AUTH_TOKENS_FILE": str(tokens_file),
+        "PROCESS_MODE": "docker",
+        "DOCKER_IMAGE": DEBIAN_IMAGE,
+        "DOCKER_CONTAINER": container,
+        "DOCKER_VOLUME": volume,
+        "SANDBOX_ALLOWED_DOMAINS": "*",  # a network, not only the domain proxy
+        "DEFAULT_WORKDIR": "",
+    }
+    serve = "echo {0}-secret > secret.txt; python3 -u -m http.server 8000"
+    fetch = (
+        "import sys, urllib.request\n"
+        "opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))\n"
+        "try:\n"
+        "    print(opener.open(f'http://{sys.argv[1]}:8000/secret.txt', timeout=3).read().decode().strip())\n"
+        "except OSError as exc:\n"
+        "    print('unreachable', type(exc).__name__)\n"
+    )
+    reach_out = (
+        "import socket, sys; print(socket.create_connection((sys.argv[1], int(sys.argv[2])), 5).recv(64).decode())"
+    )
+
+    async def answer(stream: anyio.abc.ByteStream) -> None:
+        async with stream:
+            await stream.send(b"outside\n")
+
+    listeners: list[anyio.abc.Listener[anyio.abc.SocketStream]] = []
+    try:
+        async with (
+            http_server(workspaces, **settings) as server,
+            mcp_client(server.url, ALICE) as alice,
+            mcp_client(server.url, BOB) as bob,
+            anyio.create_task_group() as tasks,
+        ):
+            clients = {"alice": alice, "bob": bob}
+            address, gateway = {}, {}
+            for name, client in clients.items():
+                served = await call(client, "spawn", {"command": serve.format(name), "background": True,
+                                                       "waitFor": "Serving HTTP"})  # fmt: skip
+                assert served["waitResult"] == "matched", served
+                await call(client, "spawn", {"command": f"cat > fetch.py <<'EOF'\n{fetch}EOF"})
+                found = await anyio.to_thread.run_sync(engine.containers.get, names[name])
+                # Host-side: each container is on a network of its own, named after it, labelled, made by the server.
+                assert list(found.attrs["NetworkSettings"]["Networks"]) == [names[name]]
+                net = await anyio.to_thread.run_sync(engine.networks.get, names[name])
+                assert net.attrs["Labels"].get("process-mcp.managed") == "true"
+                address[name] = found.attrs["NetworkSettings"]["Networks"][names[name]]["IPAddress"]
+                gateway[name] = net.attrs["IPAM"]["Config"][0]["Gateway"]
+            for name, other in (("alice", "bob"), ("bob", "alice")):
+                # The outside: a server on the host, at the address it has on this principal's network.
+                outside = await anyio.create_tcp_listener(local_host=gateway[name], local_port=0)
+                listeners.append(outside)
+                tasks.start_soon(outside.serve, answer)
+                port = outside.extra(anyio.abc.SocketAttribute.local_port)
+                own = await call(clients[name], "spawn", {"command": f"python3 fetch.py {address[name]}"})
+                assert own["stdout"] == f"{name}-secret\n", own
+                theirs = await call(clients[name], "spawn", {"command": f"python3 fetch.py {address[other]}"})
+                assert theirs["stdout"].startswith("unreachable"), theirs
+                assert "secret" not in theirs["stdout"]
+                out = await call(
+                    clients[name], "spawn", {"command": f'python3 -c "{reach_out}" {gateway[name]} {port}'}
+                )
+                assert out["stdout"] == "outside\n\n", out
+            tasks.cancel_scope.cancel()
+        for name in names.values():  # SIGTERM removed the containers, and then their networks
+            with pytest.raises(docker_errors.NotFound):
+                await anyio.to_thread.run_sync(engine.networks.get, name)
+    finally:
+        for listener in listeners:
+            await listener.aclose()
+        for name in names.values():
+            with contextlib.suppress(docker_errors.NotFound):
+                (await anyio.to_thread.run_sync(engine.containers.get, name)).remove(force=True)
+            with contextlib.suppress(docker_errors.NotFound):
+                (await anyio.to_thread.run_sync(engine.networks.get, name)).remove()
+            with contextlib.suppress(docker_errors.NotFound):
+                (await anyio.to_thread.run_sync(engine.volumes.get, f"{volume}-{name.rsplit('-', 1)[1]}")).remove()
+
+
+@pytest.mark.parametrize("network", ["host", "shared-net"])
+async def test_in_docker_mode_a_network_every_principal_would_share_is_refused_at_start(
+    workspaces: Path, tokens_file: Path, network: str
+) -> None:
+    status, log = await run_server_to_exit(
+        workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file), PROCESS_MODE="docker", DOCKER_NETWORK=network
+    )
+    assert status == 2, log
+    assert f"DOCKER_NETWORK={network} would put every principal's container on one network" in log
+
+
 async def test_a_client_that_disconnects_mid_wait_costs_nothing(workspaces: Path, tokens_file: Path) -> None:
     argument = sleep_argument()
     settings = {"PROCESS_AUTH_TOKENS_FILE": str(tokens_file), "PROCESS_MAX_REQUESTS": "1"}

@@ -91,10 +91,19 @@ def check_isolation(config: ProcessMcpConfig, principals: bool) -> None:
 
     Raises InvalidConfig for several principals on the host with SANDBOX_ALLOWED_DOMAINS=*: every
     sandbox then shares this machine's network namespace, loopback included, so a server one
-    principal's process listens on answers every other principal's processes. A domain list gives
-    each sandbox a network namespace of its own.
+    principal's process listens on answers every other principal's processes (a domain list gives
+    each sandbox a network namespace of its own); and in Docker mode for a DOCKER_NETWORK that every
+    principal's container would share (host, or a named network), where each principal's container
+    otherwise gets a network of its own.
     """
     sandbox = config.sandbox
+    shared = config.docker.network
+    if principals and config.mode == "docker" and shared not in (None, "bridge", "none"):
+        raise InvalidConfig(
+            f"several principals with DOCKER_NETWORK={shared} would put every principal's container on one "
+            "network, where each reaches the servers the others' processes listen on. Unset DOCKER_NETWORK "
+            "(each principal's container then gets a network of its own), or set it to none"
+        )
     if principals and config.mode == "host" and sandbox.enabled and not sandbox.network_restricted:
         raise InvalidConfig(
             "several principals with SANDBOX_ALLOWED_DOMAINS=* would share this machine's network, loopback "
