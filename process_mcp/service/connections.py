@@ -58,8 +58,6 @@ class ConnectionGuard:
         self._idle: dict[GuardedProtocol, None] = {}  # an ordered set
         self._addresses: dict[str, set[GuardedProtocol]] = {}
         self._open = 0
-        self.evicted = 0
-        """Idle connections closed to make room, since the start."""
 
     @property
     def busy(self) -> int:
@@ -117,7 +115,6 @@ class ConnectionGuard:
                 ):
                     self.closed(other)
                     other.evict()
-                    self.evicted += 1
                     return True
         return False
 
