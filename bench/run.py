@@ -720,9 +720,9 @@ async def http_figures(s: Settings, workdir: str) -> None:
                   f"{alone:.0f}/s from one client", "-", None)  # fmt: skip
     finally:
         await srv.close()
-    # Memory in the default configuration (sandboxed): each principal's processes run in sandboxes, which
-    # are processes of their own, so this is what the server itself holds per principal.
-    srv = HttpServer(workdir, principals, PROCESS_KEEP_TERMINATED="5")
+    # Memory sandboxed: each principal's processes run in sandboxes, which are processes of their own, so
+    # this is what the server itself holds per principal. Several principals need a domain list.
+    srv = HttpServer(workdir, principals, PROCESS_KEEP_TERMINATED="5", SANDBOX_ALLOWED_DOMAINS="example.com")
     await srv.start()
     try:
         async with httpx2.AsyncClient(timeout=600, limits=limits) as http:
@@ -742,6 +742,71 @@ async def http_figures(s: Settings, workdir: str) -> None:
         "server memory (RSS) over HTTP with principals holding processes (sandboxed)",
         f"{held:.1f} MiB ({principals} principals x {per_principal} processes)",
         f"{idle:.1f} MiB with 1 principal and 1 process",
+        "-",
+        None,
+    )
+
+
+SILENT_CONNECTIONS = 270
+"""Connections that send nothing, as many as a sandboxed process opened to keep every principal out."""
+
+
+async def http_floods(s: Settings, workdir: str) -> None:
+    """Another principal's ps over HTTP while one fills what the server shares: connections that send
+    nothing, then MCP sessions opened and never ended (and the memory those sessions hold)."""
+    import httpx2
+
+    srv = HttpServer(workdir, 2, SANDBOX_ENABLED="false")
+    await srv.start()
+    try:
+        async with httpx2.AsyncClient(timeout=60) as http:
+            other = HttpSession(http, srv.url, srv.tokens["p1"])
+            await other.start()
+            idle = await timed(lambda: other.tool("ps", {}), s.ps_calls)
+            host, port = srv.url.split("//")[1].split("/")[0].rsplit(":", 1)
+            silent = [await asyncio.open_connection(host, int(port)) for _ in range(SILENT_CONNECTIONS)]
+            during_silent = await timed(lambda: other.tool("ps", {}), s.ps_calls)
+            for _, writer in silent:
+                writer.close()
+
+            attacker = {"Authorization": f"Bearer {srv.tokens['p0']}", "Accept": "application/json, text/event-stream"}
+            client = {"name": "flood", "version": "0"}
+            params = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": client}
+            initialize = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": params}
+            statuses: list[int] = []
+            asked = 200 if s.quick else 1000
+            before = srv.rss_mib()
+
+            async def flood() -> None:
+                for _ in range(asked // 8):
+                    statuses.append((await http.post(srv.url, json=initialize, headers=attacker)).status_code)
+
+            flooding = [asyncio.get_running_loop().create_task(flood()) for _ in range(8)]
+            during_sessions: list[float] = []
+            while not all(task.done() for task in flooding):
+                during_sessions += await timed(lambda: other.tool("ps", {}), 1)
+            await asyncio.gather(*flooding)
+            after = srv.rss_mib()
+    finally:
+        await srv.close()
+    s.add(
+        f"ps of another principal over HTTP with {SILENT_CONNECTIONS} silent connections open, median / p99",
+        f"{ms(statistics.median(during_silent))} / {ms(p(during_silent, 0.99))}",
+        f"{ms(statistics.median(idle))} / {ms(p(idle, 0.99))} idle",
+        "-",
+        None,
+    )
+    s.add(
+        f"server memory (RSS) after one principal asks for {asked} MCP sessions",
+        f"{after:.1f} MiB ({statuses.count(200)} opened, {statuses.count(429)} refused)",
+        f"{before:.1f} MiB before",
+        "-",
+        None,
+    )
+    s.add(
+        f"ps of another principal over HTTP during that session flood, median / p99 ({len(during_sessions)} calls)",
+        f"{ms(statistics.median(during_sessions))} / {ms(p(during_sessions, 0.99))}",
+        f"{ms(statistics.median(idle))} / {ms(p(idle, 0.99))} idle",
         "-",
         None,
     )
@@ -895,6 +960,7 @@ FIGURE_GROUPS = (
     repl_session,
     reply_sizes,
     http_figures,
+    http_floods,
     operator_figures,
     ps_during_attacks,
     docker_figures,

@@ -119,6 +119,11 @@ class DockerConfig(BaseModel):
         default_factory=dict,
         description="DOCKER_HOST, DOCKER_TLS_VERIFY and DOCKER_CERT_PATH, as set: how to reach the engine.",
     )
+    own_network: bool = Field(
+        False,
+        description="Put the created container on a bridge network of its own, named after it, instead of "
+        "Docker's shared bridge: a principal's container, which must not reach the others'.",
+    )
     agent: bool = setting("DOCKER_AGENT", True, description="drive processes through the agent in the container")
     user: str = setting(
         "DOCKER_USER",
@@ -228,6 +233,11 @@ class ServiceConfig(BaseModel):
     max_connections: int = setting(
         "PROCESS_HTTP_MAX_CONNECTIONS", 256, ge=1, description="HTTP connections served at once (then 503)"
     )
+    max_connections_per_address: int | None = setting(
+        "PROCESS_HTTP_MAX_CONNECTIONS_PER_ADDRESS",
+        ge=1,
+        description="HTTP connections one client address may hold (unset: half of PROCESS_HTTP_MAX_CONNECTIONS)",
+    )
     max_body_bytes: int = setting(
         "PROCESS_HTTP_MAX_BODY_BYTES", 4 * 1024 * 1024, ge=1024, description="largest HTTP request body"
     )
@@ -263,9 +273,26 @@ class ServiceConfig(BaseModel):
     max_requests: int = setting(
         "PROCESS_MAX_REQUESTS", 32, ge=1, description="tool calls one principal may have in progress at once"
     )
+    max_sessions_per_principal: int = setting(
+        "PROCESS_MAX_SESSIONS_PER_PRINCIPAL", 32, ge=1, description="MCP sessions one principal may have open at once"
+    )
+    session_idle_timeout_s: float = setting(
+        "PROCESS_SESSION_IDLE_TIMEOUT_S",
+        1800,
+        gt=0,
+        description="seconds an MCP session may go without a request before it ends",
+    )
     spawns_per_min: int = setting(
         "PROCESS_RATE_SPAWNS_PER_MIN", 0, ge=0, description="spawns one caller may make in any minute (0: no limit)"
     )
+
+    @property
+    def connections_per_address(self) -> int:
+        """How many connections one client address may hold: as configured, else half of all, so one
+        address never holds every connection."""
+        if self.max_connections_per_address is not None:
+            return self.max_connections_per_address
+        return max(1, (self.max_connections + 1) // 2)
 
     @property
     def auth_mode(self) -> Literal["tokens", "oauth", "none"] | None:
@@ -305,10 +332,14 @@ class ProcessMcpConfig(BaseModel):
     @property
     def docker_network(self) -> str:
         """The created container's network: DOCKER_NETWORK, else none when the domain list restricts the
-        network (processes reach the domain proxy through the agent), else bridge."""
-        if self.docker.network is not None:
-            return self.docker.network
-        return "none" if self.sandbox.network_restricted else "bridge"
+        network (processes reach the domain proxy through the agent), else bridge; a bridge network of
+        its own (named after the container) instead of bridge with ``docker.own_network``."""
+        network = self.docker.network
+        if network is None:
+            network = "none" if self.sandbox.network_restricted else "bridge"
+        if network == "bridge" and self.docker.own_network:
+            return self.docker.container_name
+        return network
 
     @property
     def workdir(self) -> str:

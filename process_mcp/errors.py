@@ -96,6 +96,12 @@ class TooManyRequests(ProcessMcpError):
     code = "too_many_requests"
 
 
+class TooManySessions(ProcessMcpError):
+    """The caller has as many MCP sessions open as it may; the message says how to free one."""
+
+    code = "too_many_sessions"
+
+
 class PolicyDenied(ProcessMcpError):
     """The operator's command policy does not let this command run; the message names what and which setting."""
 

@@ -61,12 +61,18 @@ def write_tokens(path: Path, tokens: dict[str, str]) -> Path:
     return path
 
 
+TEST_DOMAINS = "example.com"
+"""The domain list test servers get unless a test sets one: several principals on the host need one (each
+sandbox then has a network namespace of its own); the tests' processes reach no domain."""
+
+
 def server_environment(workdir: Path, **settings: str) -> dict[str, str]:
     return {
         **os.environ,
         "DEFAULT_WORKDIR": str(workdir),
         "PROCESS_TRANSPORT": "http",
         "PROCESS_HTTP_PORT": "0",
+        "SANDBOX_ALLOWED_DOMAINS": TEST_DOMAINS,
         **settings,
     }
 

@@ -140,6 +140,24 @@ def test_a_domain_list_takes_the_created_container_off_the_network_unless_one_is
     assert load_config(environ).docker_network == network
 
 
+@pytest.mark.parametrize(
+    ("environ", "network"),
+    [
+        ({}, "box-alice"),
+        ({"DOCKER_NETWORK": "bridge"}, "box-alice"),
+        ({"SANDBOX_ALLOWED_DOMAINS": "github.com"}, "none"),
+        ({"DOCKER_NETWORK": "none"}, "none"),
+    ],
+)
+def test_a_principals_container_gets_a_network_of_its_own_instead_of_the_shared_bridge(
+    environ: dict[str, str], network: str
+) -> None:
+    config = load_config(environ)
+    config.docker.container_name = "box-alice"
+    config.docker.own_network = True
+    assert config.docker_network == network
+
+
 def test_the_readme_configuration_table_lists_every_variable_with_its_declared_default() -> None:
     """The environment variables are declared once (config.py); the README's table must agree with it."""
     text = (Path(__file__).parent.parent / "README.md").read_text()

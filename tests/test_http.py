@@ -41,11 +41,12 @@ from starlette.routing import Mount
 
 import process_mcp
 from process_mcp import create_process_mcp
-from process_mcp.config import environment_variables
+from process_mcp.config import SandboxConfig, environment_variables
+from process_mcp.service import connections
 
 from .conftest import DEBIAN_IMAGE, host_config, unique_name
 from .helpers import WAIT_S, call, error, pid_alive, sleep_argument, sleepers, text_of
-from .http_server import http_server, mcp_client, run_server_to_exit, write_tokens
+from .http_server import TEST_DOMAINS, HttpServer, http_server, mcp_client, run_server_to_exit, write_tokens
 
 pytestmark = pytest.mark.anyio
 
@@ -303,6 +304,57 @@ async def test_oauth_without_its_settings_stops_the_server_naming_what_is_missin
     assert status == 2
     assert "PROCESS_AUTH_AUDIENCE" in log
     assert "PROCESS_AUTH_JWKS" in log
+
+
+# Principals cannot reach each other through the network.
+
+
+async def test_several_principals_sharing_the_hosts_network_are_refused_and_a_domain_list_keeps_them_apart(
+    workspaces: Path, tokens_file: Path, tmp_path: Path
+) -> None:
+    # With SANDBOX_ALLOWED_DOMAINS=* every sandbox is in the host's network namespace: a server one
+    # principal's process listens on (127.0.0.1) would answer every other principal's processes.
+    status, log = await run_server_to_exit(
+        workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file), SANDBOX_ALLOWED_DOMAINS="*"
+    )
+    assert status == 2, log
+    assert "SANDBOX_ALLOWED_DOMAINS=* would share this machine's network" in log
+    assert "network namespace of its own" in log
+    # One principal may share it with itself: the README's quick start for one token starts.
+    one = write_tokens(tmp_path / "one", {"alice": ALICE})
+    async with (
+        http_server(workspaces, PROCESS_AUTH_TOKENS_FILE=str(one), SANDBOX_ALLOWED_DOMAINS="*") as server,
+        mcp_client(server.url, ALICE) as alice,
+    ):
+        assert (await call(alice, "spawn", {"command": "echo alone"}))["stdout"] == "alone\n"
+
+    # With a domain list, the attack as reported: alice serves a secret on loopback, bob's process asks.
+    port = 20000 + secrets.randbelow(20000)
+    serve = f"python3 -u -m http.server {port} --bind 127.0.0.1"
+    connect = f"import socket; socket.create_connection(('127.0.0.1', {port}), 5); print('reached')"
+    fetch_own = (
+        "import http.server, threading, urllib.request\n"
+        "server = http.server.HTTPServer(('127.0.0.1', 0), http.server.SimpleHTTPRequestHandler)\n"
+        "threading.Thread(target=server.serve_forever, daemon=True).start()\n"
+        "opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))\n"
+        "print(opener.open(f'http://127.0.0.1:{server.server_port}/secret.txt', timeout=5).read().decode())\n"
+    )
+    async with (
+        http_server(workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file)) as server,
+        mcp_client(server.url, ALICE) as alice,
+        mcp_client(server.url, BOB) as bob,
+    ):
+        await call(alice, "spawn", {"command": "echo alice-secret > secret.txt"})
+        (workspaces / "alice" / "own.py").write_text(fetch_own)
+        served = await call(alice, "spawn", {"command": serve, "background": True, "waitFor": "Serving HTTP"})
+        assert served["waitResult"] == "matched", served
+        peek = await call(bob, "spawn", {"command": f'python3 -c "{connect}"'})
+        assert peek["exitCode"] != 0
+        assert "reached" not in peek["stdout"]
+        assert "ConnectionRefusedError" in peek["stderr"], peek
+        # Each principal still reaches what its own process serves (in the same sandbox).
+        assert (await call(alice, "spawn", {"command": "python3 own.py"}))["stdout"] == "alice-secret\n\n"
+        await call(alice, "kill", {"id": served["pid"]})
 
 
 # Each principal in its own space.
@@ -671,6 +723,102 @@ async def test_in_docker_mode_each_principal_gets_a_container_and_volume_of_its_
                 (await anyio.to_thread.run_sync(engine.volumes.get, name)).remove(force=True)
 
 
+@pytest.mark.docker
+async def test_in_docker_mode_a_principals_container_cannot_reach_anothers_but_reaches_its_own_and_out(
+    engine: DockerClient, workspaces: Path, tokens_file: Path
+) -> None:
+    container, volume = unique_name("http-net"), unique_name("http-net-vol")
+    names = {name: f"{container}-{name}" for name in ("alice", "bob")}
+    settings = {
+        "PROCESS_AUTH_TOKENS_FILE": str(tokens_file),
+        "PROCESS_MODE": "docker",
+        "DOCKER_IMAGE": DEBIAN_IMAGE,
+        "DOCKER_CONTAINER": container,
+        "DOCKER_VOLUME": volume,
+        "SANDBOX_ALLOWED_DOMAINS": "*",  # a network, not only the domain proxy
+        "DEFAULT_WORKDIR": "",
+    }
+    serve = "echo {0}-secret > secret.txt; python3 -u -m http.server 8000"
+    fetch = (
+        "import sys, urllib.request\n"
+        "opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))\n"
+        "try:\n"
+        "    print(opener.open(f'http://{sys.argv[1]}:8000/secret.txt', timeout=3).read().decode().strip())\n"
+        "except OSError as exc:\n"
+        "    print('unreachable', type(exc).__name__)\n"
+    )
+    reach_out = (
+        "import socket, sys; print(socket.create_connection((sys.argv[1], int(sys.argv[2])), 5).recv(64).decode())"
+    )
+
+    async def answer(stream: anyio.abc.ByteStream) -> None:
+        async with stream:
+            await stream.send(b"outside\n")
+
+    listeners: list[anyio.abc.Listener[anyio.abc.SocketStream]] = []
+    try:
+        async with (
+            http_server(workspaces, **settings) as server,
+            mcp_client(server.url, ALICE) as alice,
+            mcp_client(server.url, BOB) as bob,
+            anyio.create_task_group() as tasks,
+        ):
+            clients = {"alice": alice, "bob": bob}
+            address, gateway = {}, {}
+            for name, client in clients.items():
+                served = await call(client, "spawn", {"command": serve.format(name), "background": True,
+                                                       "waitFor": "Serving HTTP"})  # fmt: skip
+                assert served["waitResult"] == "matched", served
+                await call(client, "spawn", {"command": f"cat > fetch.py <<'EOF'\n{fetch}EOF"})
+                found = await anyio.to_thread.run_sync(engine.containers.get, names[name])
+                # Host-side: each container is on a network of its own, named after it, labelled, made by the server.
+                assert list(found.attrs["NetworkSettings"]["Networks"]) == [names[name]]
+                net = await anyio.to_thread.run_sync(engine.networks.get, names[name])
+                assert net.attrs["Labels"].get("process-mcp.managed") == "true"
+                address[name] = found.attrs["NetworkSettings"]["Networks"][names[name]]["IPAddress"]
+                gateway[name] = net.attrs["IPAM"]["Config"][0]["Gateway"]
+            for name, other in (("alice", "bob"), ("bob", "alice")):
+                # The outside: a server on the host, at the address it has on this principal's network.
+                outside = await anyio.create_tcp_listener(local_host=gateway[name], local_port=0)
+                listeners.append(outside)
+                tasks.start_soon(outside.serve, answer)
+                port = outside.extra(anyio.abc.SocketAttribute.local_port)
+                own = await call(clients[name], "spawn", {"command": f"python3 fetch.py {address[name]}"})
+                assert own["stdout"] == f"{name}-secret\n", own
+                theirs = await call(clients[name], "spawn", {"command": f"python3 fetch.py {address[other]}"})
+                assert theirs["stdout"].startswith("unreachable"), theirs
+                assert "secret" not in theirs["stdout"]
+                out = await call(
+                    clients[name], "spawn", {"command": f'python3 -c "{reach_out}" {gateway[name]} {port}'}
+                )
+                assert out["stdout"] == "outside\n\n", out
+            tasks.cancel_scope.cancel()
+        for name in names.values():  # SIGTERM removed the containers, and then their networks
+            with pytest.raises(docker_errors.NotFound):
+                await anyio.to_thread.run_sync(engine.networks.get, name)
+    finally:
+        for listener in listeners:
+            await listener.aclose()
+        for name in names.values():
+            with contextlib.suppress(docker_errors.NotFound):
+                (await anyio.to_thread.run_sync(engine.containers.get, name)).remove(force=True)
+            with contextlib.suppress(docker_errors.NotFound):
+                (await anyio.to_thread.run_sync(engine.networks.get, name)).remove()
+            with contextlib.suppress(docker_errors.NotFound):
+                (await anyio.to_thread.run_sync(engine.volumes.get, f"{volume}-{name.rsplit('-', 1)[1]}")).remove()
+
+
+@pytest.mark.parametrize("network", ["host", "shared-net"])
+async def test_in_docker_mode_a_network_every_principal_would_share_is_refused_at_start(
+    workspaces: Path, tokens_file: Path, network: str
+) -> None:
+    status, log = await run_server_to_exit(
+        workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file), PROCESS_MODE="docker", DOCKER_NETWORK=network
+    )
+    assert status == 2, log
+    assert f"DOCKER_NETWORK={network} would put every principal's container on one network" in log
+
+
 async def test_a_client_that_disconnects_mid_wait_costs_nothing(workspaces: Path, tokens_file: Path) -> None:
     argument = sleep_argument()
     settings = {"PROCESS_AUTH_TOKENS_FILE": str(tokens_file), "PROCESS_MAX_REQUESTS": "1"}
@@ -718,7 +866,7 @@ class HeaderUsers(AuthenticationBackend):
 
 
 async def test_an_application_mounts_the_app_under_its_own_authentication(workspaces: Path) -> None:
-    config = host_config(workspaces)
+    config = host_config(workspaces, sandbox=SandboxConfig(allowed_domains=[TEST_DOMAINS]))
     config.service.transport = "http"
     mcp = await create_process_mcp(config)
     app = Starlette(
@@ -749,20 +897,57 @@ async def test_an_application_mounts_the_app_under_its_own_authentication(worksp
             server.should_exit = True
 
 
-async def test_connections_beyond_the_limit_are_refused_with_503(workspaces: Path, tokens_file: Path) -> None:
-    settings = {"PROCESS_AUTH_TOKENS_FILE": str(tokens_file), "PROCESS_HTTP_MAX_CONNECTIONS": "3"}
+async def test_connections_busy_beyond_the_limit_are_refused_with_503_and_idle_ones_make_room(
+    workspaces: Path, tokens_file: Path
+) -> None:
+    argument = sleep_argument()
+    settings = {
+        "PROCESS_AUTH_TOKENS_FILE": str(tokens_file),
+        "PROCESS_HTTP_MAX_CONNECTIONS": "3",
+        "PROCESS_HTTP_MAX_CONNECTIONS_PER_ADDRESS": "3",
+    }
     headers = {**JSON_AND_SSE, "Authorization": f"Bearer {ALICE}"}
-    async with http_server(workspaces, **settings) as server, contextlib.AsyncExitStack() as stack:
-        # Each client keeps its connection open between requests, as MCP clients do.
-        clients = [await stack.enter_async_context(httpx2.AsyncClient(timeout=WAIT_S)) for _ in range(4)]
-        statuses = [(await c.post(server.url, json=INITIALIZE, headers=headers)).status_code for c in clients]
-        assert statuses == [200, 200, 200, 503]
-        port = int(server.url.rsplit(":", 1)[1].split("/")[0])
-        await clients[0].aclose()
-        with anyio.fail_after(WAIT_S):
-            while established_to(port) > 2:
-                await anyio.sleep(0.02)
-        assert (await clients[3].post(server.url, json=INITIALIZE, headers=headers)).status_code == 200
+    async with http_server(workspaces, **settings) as server:
+        async with contextlib.AsyncExitStack() as stack:
+            # Each client keeps its connection open between requests, as MCP clients do: idle, those
+            # connections do not keep a fifth client out.
+            clients = [await stack.enter_async_context(httpx2.AsyncClient(timeout=WAIT_S)) for _ in range(5)]
+            statuses = [(await c.post(server.url, json=INITIALIZE, headers=headers)).status_code for c in clients]
+            assert statuses == [200] * 5
+        work = workspaces / "alice"
+
+        async def spawn_and_wait(i: int) -> None:
+            async with httpx2.AsyncClient(timeout=WAIT_S * 6) as client:
+                opened = await client.post(server.url, json=INITIALIZE, headers=headers)
+                session = {"Mcp-Session-Id": opened.headers["mcp-session-id"], "Mcp-Protocol-Version": "2025-11-25"}
+                initialized = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+                await client.post(server.url, json=initialized, headers={**headers, **session})
+                arguments = {"command": f"touch started-{i}; sleep {argument}", "timeoutMs": 60000}
+                spawn = {"jsonrpc": "2.0", "id": 2, "method": "tools/call"}
+                spawn["params"] = {"name": "spawn", "arguments": arguments}
+                answer = await client.post(server.url, json=spawn, headers={**headers, **session})
+                assert answer.status_code == 200, answer.text
+
+        async with anyio.create_task_group() as tasks:
+            for i in range(3):
+                tasks.start_soon(spawn_and_wait, i)
+            # Each spawn waits for its process to exit, on a connection of its own.
+            found = await sleepers(argument, 3)
+            with anyio.fail_after(WAIT_S):
+                while not all((work / f"started-{i}").exists() for i in range(3)):
+                    await anyio.sleep(0.02)
+            async with httpx2.AsyncClient(timeout=WAIT_S) as fourth:
+                refused = await fourth.post(server.url, json=INITIALIZE, headers=headers)
+            assert refused.status_code == 503
+            assert established_to(port_of(server)) <= 4
+            for pid in found:
+                os.kill(pid, signal.SIGKILL)  # the test's own sleepers: ends the spawns' waits
+        async with httpx2.AsyncClient(timeout=WAIT_S) as fourth:
+            assert (await fourth.post(server.url, json=INITIALIZE, headers=headers)).status_code == 200
+
+
+def port_of(server: HttpServer) -> int:
+    return int(server.url.rsplit(":", 1)[1].split("/")[0])
 
 
 def established_to(port: int) -> int:
@@ -773,6 +958,194 @@ def established_to(port: int) -> int:
         if int(local.split(":")[1], 16) == port and state == "01":
             count += 1
     return count
+
+
+@pytest.mark.parametrize("sources", [["127.0.0.1"], ["127.0.0.2", "127.0.0.3", "127.0.0.4"]])
+async def test_connections_that_send_nothing_do_not_keep_a_principal_out(
+    workspaces: Path, tokens_file: Path, sources: list[str]
+) -> None:
+    # The attack as reported: 270 connections that send nothing, against the default 256, from the
+    # principals' own address (a sandbox on this machine) or spread over several.
+    async with http_server(workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file)) as server:
+        port = port_of(server)
+        silent = [await raw_connection(port, sources[i % len(sources)]) for i in range(270)]
+        try:
+            with anyio.fail_after(WAIT_S):  # answered at once while the silent connections are open
+                async with mcp_client(server.url, BOB) as bob:
+                    assert (await call(bob, "spawn", {"command": "echo answered"}))["stdout"] == "answered\n"
+            assert established_to(port) <= 256
+            with anyio.fail_after(WAIT_S):  # the server closed the silent connections it needed room for
+                while sum(closed_by_server(sock) for sock in silent) < 270 - 256:
+                    await anyio.sleep(0.02)
+        finally:
+            for sock in silent:
+                sock.close()
+
+
+async def test_a_connection_that_does_not_complete_its_request_in_time_is_closed(
+    workspaces: Path, tokens_file: Path
+) -> None:
+    async with http_server(workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file)) as server:
+        port = port_of(server)
+        silent = await raw_connection(port)
+        head = await raw_connection(port)  # sends its head a byte at a time
+        body = await raw_connection(port)  # a whole head with a token, then its body a byte at a time
+        head_bytes = f"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-Padding: {'x' * 100}\r\n".encode()
+        await anyio.to_thread.run_sync(
+            body.sendall,
+            f"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {ALICE}\r\n"
+            f"Content-Type: application/json\r\nAccept: application/json, text/event-stream\r\n"
+            f"Content-Length: 1000\r\n\r\n".encode(),
+        )
+        ended: dict[str, bool] = {}
+
+        async def dribble(name: str, sock: socket.socket, data: bytes) -> None:
+            for i in range(len(data)):
+                try:
+                    await anyio.to_thread.run_sync(sock.sendall, data[i : i + 1])
+                except OSError:
+                    break
+                if closed_by_server(sock):
+                    break
+                await anyio.sleep(1)  # the attacker's pace, just under any single timeout
+            ended[name] = closed_by_server(sock)
+
+        async def wait_closed(name: str, sock: socket.socket) -> None:
+            while not closed_by_server(sock):
+                await anyio.sleep(0.1)
+            ended[name] = True
+
+        with anyio.fail_after(connections.BODY_TIMEOUT_S + WAIT_S):
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(wait_closed, "silent", silent)
+                tasks.start_soon(dribble, "head", head, head_bytes)
+                tasks.start_soon(dribble, "body", body, b"{" + b" " * 998 + b"}")
+        assert ended == {"silent": True, "head": True, "body": True}
+        async with mcp_client(server.url, BOB) as bob:
+            assert (await call(bob, "spawn", {"command": "echo served"}))["stdout"] == "served\n"
+        for sock in (silent, head, body):
+            sock.close()
+
+
+async def test_one_address_cannot_hold_every_connection_even_with_a_token(workspaces: Path, tokens_file: Path) -> None:
+    settings = {"PROCESS_AUTH_TOKENS_FILE": str(tokens_file), "PROCESS_HTTP_MAX_CONNECTIONS": "8"}
+    async with http_server(workspaces, **settings) as server:
+        port = port_of(server)
+        # Alice, from an address of her own, opens requests whose bodies never come: each keeps its
+        # connection busy. Her address may hold half the connections.
+        held = []
+        for _ in range(8):
+            sock = await raw_connection(port, "127.0.0.2")
+            await anyio.to_thread.run_sync(
+                sock.sendall,
+                f"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {ALICE}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n".encode(),
+            )
+            held.append(sock)
+        try:
+            with anyio.fail_after(WAIT_S):
+                async with mcp_client(server.url, BOB) as bob:
+                    assert (await call(bob, "spawn", {"command": "echo served"}))["stdout"] == "served\n"
+            with anyio.fail_after(WAIT_S):  # what her address had no room for was refused
+                while len(refused := [a for a in map(answer_on, held) if a.startswith(b"HTTP/1.1 503")]) < 4:
+                    await anyio.sleep(0.02)
+            assert all(b"too_many_connections" in answer for answer in refused)
+        finally:
+            for sock in held:
+                sock.close()
+
+
+async def raw_connection(port: int, source: str = "127.0.0.1") -> socket.socket:
+    """A TCP connection to the server from ``source`` (any address of 127.0.0.0/8 is this machine)."""
+
+    def connect() -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind((source, 0))
+        sock.settimeout(WAIT_S)
+        sock.connect(("127.0.0.1", port))
+        sock.settimeout(None)  # blocking, so that a read without waiting (MSG_DONTWAIT) returns at once
+        return sock
+
+    return await anyio.to_thread.run_sync(connect)
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """Whether the server has closed ``sock``'s connection (end of stream or reset), without waiting."""
+    try:
+        data = sock.recv(65536, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    if not data:
+        return True
+    sock.recv(len(data))  # an answer (e.g. 408 or 503): read it, and look again
+    return closed_by_server(sock)
+
+
+def answer_on(sock: socket.socket) -> bytes:
+    """What the server has answered on ``sock`` so far, left to be read again (b"" if nothing)."""
+    try:
+        return sock.recv(65536, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:
+        return b""
+
+
+async def test_a_principal_at_its_session_cap_is_refused_and_others_are_not(
+    workspaces: Path, tokens_file: Path
+) -> None:
+    # The attack as reported: one principal opens sessions as fast as it can and never ends them.
+    headers = {**JSON_AND_SSE, "Authorization": f"Bearer {ALICE}"}
+    async with http_server(workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file)) as server:
+        statuses: list[int] = []
+        refusals: list[str] = []
+
+        async def flood(http: httpx2.AsyncClient) -> None:
+            for _ in range(50):
+                answer = await http.post(server.url, json=INITIALIZE, headers=headers)
+                statuses.append(answer.status_code)
+                if answer.status_code != 200:
+                    refusals.append(answer.json()["error"]["message"])
+
+        async with httpx2.AsyncClient(timeout=WAIT_S) as http, anyio.create_task_group() as tasks:
+            for _ in range(8):
+                tasks.start_soon(flood, http)
+            with anyio.fail_after(WAIT_S):  # answered while the flood runs
+                async with mcp_client(server.url, BOB) as bob:
+                    assert (await call(bob, "spawn", {"command": "echo answered"}))["stdout"] == "answered\n"
+        assert statuses.count(200) == 32
+        assert set(statuses) == {200, 429}
+        assert refusals[0].startswith("too_many_sessions: alice has 32 MCP sessions open"), refusals[0]
+        assert "PROCESS_MAX_SESSIONS_PER_PRINCIPAL=32" in refusals[0]
+        created = [line for line in server.log if "Created new transport with session ID" in line]
+        assert len(created) <= 32 + 1  # alice's and bob's: the refused never reached the SDK
+        # Alice's sessions still work, and so do her stateless (2026-07-28) calls, which open none.
+        async with mcp_client(server.url, ALICE, mode="2026-07-28") as alice:
+            assert (await call(alice, "spawn", {"command": "echo stateless"}))["stdout"] == "stateless\n"
+
+
+async def test_a_session_ended_or_idle_frees_its_principals_room(workspaces: Path, tokens_file: Path) -> None:
+    headers = {**JSON_AND_SSE, "Authorization": f"Bearer {ALICE}"}
+    settings = {
+        "PROCESS_AUTH_TOKENS_FILE": str(tokens_file),
+        "PROCESS_MAX_SESSIONS_PER_PRINCIPAL": "2",
+        "PROCESS_SESSION_IDLE_TIMEOUT_S": "2",
+    }
+    async with http_server(workspaces, **settings) as server, httpx2.AsyncClient(timeout=WAIT_S) as http:
+        first, second = [(await http.post(server.url, json=INITIALIZE, headers=headers)) for _ in range(2)]
+        assert (await http.post(server.url, json=INITIALIZE, headers=headers)).status_code == 429
+        ended = await http.delete(server.url, headers={**headers, "Mcp-Session-Id": first.headers["mcp-session-id"]})
+        assert ended.status_code == 200
+        third = await http.post(server.url, json=INITIALIZE, headers=headers)
+        assert third.status_code == 200
+        assert (await http.post(server.url, json=INITIALIZE, headers=headers)).status_code == 429
+        # Without requests, the sessions end by themselves, and with them the count.
+        with anyio.fail_after(WAIT_S):
+            while (await http.post(server.url, json=INITIALIZE, headers=headers)).status_code != 200:
+                await anyio.sleep(0.1)
+        session = {"Mcp-Session-Id": second.headers["mcp-session-id"], "Mcp-Protocol-Version": "2025-11-25"}
+        ps = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "ps", "arguments": {}}}
+        assert (await http.post(server.url, json=ps, headers={**headers, **session})).status_code == 404
 
 
 async def test_spawns_beyond_the_rate_limit_are_refused_with_the_time_to_wait(
@@ -832,21 +1205,84 @@ async def test_metrics_are_served_to_their_token_and_parse_as_prometheus_text(
     assert ("process_mcp_audit_queue_depth", ()) in samples
 
 
-async def test_without_a_metrics_token_only_this_machine_may_scrape(workspaces: Path, tokens_file: Path) -> None:
+async def test_without_a_metrics_token_this_machine_may_scrape_when_it_shares_its_network_with_nobody(
+    workspaces: Path, tmp_path: Path
+) -> None:
+    # One principal, and sandboxes with a domain list (a network namespace each): a client on loopback
+    # can only be the operator's.
+    one = write_tokens(tmp_path / "one", {"alice": ALICE})
     async with (
-        http_server(workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file)) as server,
+        http_server(workspaces, PROCESS_AUTH_TOKENS_FILE=str(one)) as server,
         httpx2.AsyncClient(timeout=WAIT_S) as http,
     ):
         scraped = await http.get(server.base + "/metrics")
     assert scraped.status_code == 200
     assert "process_mcp_tool_calls" in scraped.text
+    assert not server.logged("/metrics is off")
+
+
+@pytest.mark.parametrize(
+    ("tokens", "settings", "why"),
+    [
+        (TOKENS, {}, "several principals"),
+        ({"alice": ALICE}, {"SANDBOX_ALLOWED_DOMAINS": "*"}, "SANDBOX_ALLOWED_DOMAINS=*"),
+        ({"alice": ALICE}, {"SANDBOX_ENABLED": "false"}, "unsandboxed"),
+    ],
+)
+async def test_metrics_need_their_token_when_loopback_is_shared_with_principals_or_sandboxes(
+    workspaces: Path, tmp_path: Path, tokens: dict[str, str], settings: dict[str, str], why: str
+) -> None:
+    tokens_file = write_tokens(tmp_path / "tokens", tokens)
+    async with (
+        http_server(workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file), **settings) as server,
+        httpx2.AsyncClient(timeout=WAIT_S) as http,
+    ):
+        async with mcp_client(server.url, ALICE) as alice:
+            await call(alice, "spawn", {"command": "echo counted"})
+        for headers in ({}, {"Authorization": f"Bearer {ALICE}"}):
+            scraped = await http.get(server.base + "/metrics", headers=headers)
+            assert scraped.status_code == 403
+            assert "PROCESS_METRICS_TOKEN" in scraped.text
+            assert "alice" not in scraped.text
+    [line] = [line for line in server.log if "/metrics is off" in line]
+    assert why in line
+    assert "PROCESS_METRICS_TOKEN" in line
+
+
+async def test_a_sandboxed_process_cannot_scrape_metrics_on_loopback(workspaces: Path, tmp_path: Path) -> None:
+    # One principal may share the host's network with its own sandboxes (SANDBOX_ALLOWED_DOMAINS=*), but
+    # /metrics is then no longer served to whoever is on loopback.
+    one = write_tokens(tmp_path / "one", {"alice": ALICE})
+    fetch = (
+        "import sys, urllib.request, urllib.error\n"
+        "opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))\n"
+        "for path in ('/healthz', '/metrics'):\n"
+        "    try:\n"
+        "        answer = opener.open(sys.argv[1] + path, timeout=5)\n"
+        "        print(path, answer.status, answer.read().decode().strip())\n"
+        "    except urllib.error.HTTPError as exc:\n"
+        "        print(path, exc.code, exc.read().decode().strip())\n"
+    )
+    (workspaces / "alice").mkdir()
+    (workspaces / "alice" / "fetch.py").write_text(fetch)
+    settings = {"PROCESS_AUTH_TOKENS_FILE": str(one), "SANDBOX_ALLOWED_DOMAINS": "*"}
+    async with http_server(workspaces, **settings) as server, mcp_client(server.url, ALICE) as alice:
+        await call(alice, "spawn", {"command": "sleep 60", "background": True})
+        result = await call(alice, "spawn", {"command": f"python3 fetch.py {server.base}"})
+    lines = result["stdout"].splitlines()
+    assert lines[0] == "/healthz 200 ok"  # the sandbox does reach the server on loopback
+    assert lines[1].startswith("/metrics 403 "), result
+    assert "process_mcp_" not in result["stdout"]
 
 
 async def test_a_client_on_ipv4_loopback_seen_through_a_dual_stack_socket_may_scrape(workspaces: Path) -> None:
-    config = host_config(workspaces)
+    # The one local caller (PROCESS_AUTH=none), with sandboxes in network namespaces of their own: loopback
+    # is this machine's operator.
+    config = host_config(workspaces, sandbox=SandboxConfig(allowed_domains=[TEST_DOMAINS]))
     config.service.transport = "http"
+    config.service.auth = "none"
     mcp = await create_process_mcp(config)
-    server = uvicorn.Server(uvicorn.Config(mcp.http_app(authenticate=False), log_config=None, lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(mcp.http_app(), log_config=None, lifespan="on"))
     # An application serving the app on a dual-stack socket sees a client on 127.0.0.1 as ::ffff:127.0.0.1.
     # This socket listens on that address alone, so nothing off this machine can reach it.
     with socket.socket(socket.AF_INET6) as dual_stack:

@@ -38,7 +38,7 @@ from ..handle import ProcessHandle
 from ..models import TTY_TERM
 from ..proxy import PROXY_PORT, proxy_environment
 from ..registry import ManagedProcess
-from . import engine
+from . import engine, network
 from .engine import MANAGED_LABEL, MARKER_VAR
 from .per_exec import LAUNCH_TIMEOUT_S, ExecLauncher
 from .stream import AGENT_SCRIPT, ExecStream
@@ -516,6 +516,7 @@ class DockerExecutor(ProcessExecutor):
                 await anyio.to_thread.run_sync(client.volumes.get, cfg.volume_name)
             except docker.errors.NotFound:
                 await anyio.to_thread.run_sync(lambda: client.volumes.create(cfg.volume_name, labels=self._labels))
+            await self._ensure_own_network(client)
             options = engine.container_options(cfg, self._labels, self.config.docker_network)
             container = await anyio.to_thread.run_sync(lambda: client.containers.create(**options))
         except docker.errors.APIError as exc:
@@ -652,6 +653,7 @@ class DockerExecutor(ProcessExecutor):
                     logger.warning("could not sweep leftover processes: %s", exc)
                 if self._created:
                     await self._remove_container(self._container)
+                    await self._remove_own_network()
         finally:
             if self._lease is not None:
                 self._lease.close()  # the lease exec sees its input end and exits
@@ -675,6 +677,22 @@ class DockerExecutor(ProcessExecutor):
                 logger.warning("could not remove container %s: %s", self.config.docker.container_name, exc)
             return
         logger.warning("container %s was not removed within %g s", container.name, CONTAINER_REMOVE_TIMEOUT_S)
+
+    async def _ensure_own_network(self, client: DockerClient) -> None:
+        """Create the container's own network, if it is to have one (``DockerConfig.own_network``)."""
+        if self.config.docker_network == self.config.docker.container_name:
+            name = self.config.docker_network
+            await anyio.to_thread.run_sync(lambda: network.ensure_network(client, name, self._labels))
+
+    async def _remove_own_network(self) -> None:
+        """Remove the container's own network, once the container is gone."""
+        client = self._client
+        if client is not None and self.config.docker_network == self.config.docker.container_name:
+            name = self.config.docker_network
+            try:
+                await anyio.to_thread.run_sync(lambda: network.remove_network(client, name), abandon_on_cancel=True)
+            except engine.docker_errors() as exc:
+                logger.warning("could not remove network %s: %s", name, engine.reason(exc))
 
     def _release_client(self) -> None:
         if self._client is not None:

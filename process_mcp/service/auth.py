@@ -14,11 +14,14 @@ import logging
 import os
 import re
 import stat
+from collections.abc import Mapping
 from typing import Any
 
 import anyio
 import jwt
+from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import AccessToken, TokenVerifier
+from starlette.authentication import BaseUser
 
 from ..config import ServiceConfig
 from ..errors import InvalidConfig
@@ -244,3 +247,14 @@ def make_verifier(service: ServiceConfig) -> TokenVerifier | None:
         "PROCESS_AUTH_ISSUER, PROCESS_AUTH_AUDIENCE and PROCESS_AUTH_JWKS for OAuth; or PROCESS_AUTH=none "
         "with a loopback PROCESS_HTTP_HOST"
     )
+
+
+def principal_of(scope: Mapping[str, Any]) -> str | None:
+    """Who is calling, from an HTTP request's scope: the principal of its bearer token, or the user an
+    application's own authentication put on it; None for the local caller (no authentication)."""
+    user = scope.get("user")
+    if isinstance(user, AuthenticatedUser):
+        return user.access_token.client_id
+    if isinstance(user, BaseUser) and user.is_authenticated:
+        return user.display_name
+    return None

@@ -18,6 +18,7 @@ import anyio
 import uvicorn
 from mcp.server.auth.middleware.auth_context import AuthContextMiddleware
 from mcp.server.auth.middleware.bearer_auth import BearerAuthBackend, RequireAuthMiddleware
+from mcp.server.auth.provider import TokenVerifier
 from mcp.server.auth.routes import build_resource_metadata_url, create_protected_resource_routes
 from mcp.server.transport_security import TransportSecuritySettings
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -30,8 +31,11 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..addresses import is_loopback
+from ..config import ProcessMcpConfig
 from ..errors import BackendUnavailable, InvalidConfig
-from .auth import JwtVerifier, make_verifier
+from .auth import JwtVerifier, TokenFileVerifier, make_verifier
+from .connections import ConnectionGuard
+from .sessions import SessionQuota
 from .tools import DISCONNECTED, Disconnect
 
 if TYPE_CHECKING:
@@ -74,21 +78,82 @@ def transport_security(host: str, allowed_hosts: list[str], allowed_origins: lis
     return TransportSecuritySettings(allowed_hosts=hosts, allowed_origins=origins)
 
 
+def several_principals(verifier: TokenVerifier | None, *, authenticate: bool) -> bool:
+    """Whether the app serves more than one principal: a tokens file that names several, OAuth (any
+    subject of the issuer), or an application's own authentication (any of its users)."""
+    if not authenticate or isinstance(verifier, JwtVerifier):
+        return True
+    return isinstance(verifier, TokenFileVerifier) and len(verifier.principals) > 1
+
+
+def check_isolation(config: ProcessMcpConfig, principals: bool) -> None:
+    """Refuse a setup where one principal's processes could reach another's through the network.
+
+    Raises InvalidConfig for several principals on the host with SANDBOX_ALLOWED_DOMAINS=*: every
+    sandbox then shares this machine's network namespace, loopback included, so a server one
+    principal's process listens on answers every other principal's processes (a domain list gives
+    each sandbox a network namespace of its own); and in Docker mode for a DOCKER_NETWORK that every
+    principal's container would share (host, or a named network), where each principal's container
+    otherwise gets a network of its own.
+    """
+    sandbox = config.sandbox
+    shared = config.docker.network
+    if principals and config.mode == "docker" and shared not in (None, "bridge", "none"):
+        raise InvalidConfig(
+            f"several principals with DOCKER_NETWORK={shared} would put every principal's container on one "
+            "network, where each reaches the servers the others' processes listen on. Unset DOCKER_NETWORK "
+            "(each principal's container then gets a network of its own), or set it to none"
+        )
+    if principals and config.mode == "host" and sandbox.enabled and not sandbox.network_restricted:
+        raise InvalidConfig(
+            "several principals with SANDBOX_ALLOWED_DOMAINS=* would share this machine's network, loopback "
+            "included: a server one principal's process listens on (127.0.0.1) would answer the others' "
+            "processes. Set SANDBOX_ALLOWED_DOMAINS to the domains processes need (e.g. "
+            "pypi.org,files.pythonhosted.org,github.com): each sandbox then gets a network namespace of its own "
+            "and reaches only those, through the proxy. Or serve one principal per server, or use "
+            "PROCESS_MODE=docker (a network per principal)"
+        )
+
+
+def shared_loopback(config: ProcessMcpConfig, principals: bool) -> str | None:
+    """Why a client on loopback is not necessarily the operator (so /metrics needs its token), or None."""
+    if principals:
+        return "the server has several principals, and a client on this machine may be one of them"
+    if config.mode == "host" and not config.sandbox.enabled:
+        return "processes run unsandboxed, on this machine's network"
+    if config.mode == "host" and not config.sandbox.network_restricted:
+        return "with SANDBOX_ALLOWED_DOMAINS=* every sandbox shares this machine's network, loopback included"
+    if config.mode == "docker" and config.docker_network == "host":
+        return "with DOCKER_NETWORK=host the containers share this machine's network, loopback included"
+    return None
+
+
 def build_app(mcp: ProcessMcpServer, *, authenticate: bool = True, host: str | None = None) -> ASGIApp:
     """The HTTP application of ``mcp`` (see ``ProcessMcpServer.http_app``): with ``authenticate``, behind the
     configured authentication (none only if PROCESS_AUTH=none); without, behind the application's own.
-    ``host`` (default: the configured one) is where it listens, which decides the Host names it accepts."""
+    ``host`` (default: the configured one) is where it listens, which decides the Host names it accepts.
+    Raises InvalidConfig for an unsafe setup (``check_isolation``)."""
     service = mcp.config.service
     security = transport_security(host or service.host, service.allowed_hosts, service.allowed_origins)
     verifier = make_verifier(service) if authenticate else None
+    principals = several_principals(verifier, authenticate=authenticate)
+    check_isolation(mcp.config, principals)
+    untrusted = shared_loopback(mcp.config, principals)
+    if untrusted is not None and service.metrics_token is None:
+        logger.info(
+            "%s is off: %s. Set PROCESS_METRICS_TOKEN to serve it to requests with Authorization: Bearer <token>",
+            METRICS_PATH,
+            untrusted,
+        )
     inner = mcp.server.streamable_http_app(
         streamable_http_path=MCP_PATH,
         max_request_body_size=service.max_body_bytes,
+        session_idle_timeout=service.session_idle_timeout_s,
         transport_security=security,
     )
     inner.router.lifespan_context = lambda _: mcp.serving()
-    watched = _WatchDisconnect(inner)
-    metrics = _MetricsEndpoint(mcp.metrics.registry, service.metrics_token)
+    watched = SessionQuota(_WatchDisconnect(inner), service.max_sessions_per_principal, service.session_idle_timeout_s)
+    metrics = _MetricsEndpoint(mcp.metrics.registry, service.metrics_token, trust_loopback=untrusted is None)
     if not authenticate:
         return _Front(inner, _RequireUser(watched), metrics, mcp.spaces.ready)
     if verifier is None:
@@ -195,17 +260,26 @@ class _Front:
 
 
 class _MetricsEndpoint:
-    """``/metrics`` in Prometheus text format: with its own bearer token if one is configured, else for
-    clients on this machine only (it names principals)."""
+    """``/metrics`` in Prometheus text format (it names principals): with its own bearer token if one is
+    configured; else, with ``trust_loopback``, for clients on this machine only, and otherwise for nobody."""
 
-    def __init__(self, registry: CollectorRegistry, token: str | None) -> None:
+    def __init__(self, registry: CollectorRegistry, token: str | None, *, trust_loopback: bool) -> None:
         self._registry = registry
         self._token = hashlib.sha256(token.encode()).digest() if token else None
+        self._trust_loopback = trust_loopback
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope)
-        if not self._allowed(request):
-            response: Response = JSONResponse({"error": "forbidden"}, status_code=401 if self._token else 403)
+        if self._token is None and not self._trust_loopback:
+            response: Response = JSONResponse(
+                {
+                    "error": "forbidden",
+                    "error_description": "metrics are off until the operator sets PROCESS_METRICS_TOKEN",
+                },
+                status_code=403,
+            )
+        elif not self._allowed(request):
+            response = JSONResponse({"error": "forbidden"}, status_code=401 if self._token else 403)
         else:
             body = await anyio.to_thread.run_sync(generate_latest, self._registry)
             response = Response(body, media_type=CONTENT_TYPE_LATEST)
@@ -262,15 +336,17 @@ def prepare(mcp: ProcessMcpServer, host: str | None = None, port: int | None = N
             "principals over HTTP (each gets a container created from DOCKER_IMAGE)"
         )
     app = build_app(mcp, host=host)
+    guard = ConnectionGuard(service.max_connections, service.connections_per_address)
     return uvicorn.Config(
         app,
         host=host,
         port=port,
+        # The guard limits connections (see connections.py); uvicorn's own limit would count idle ones.
+        http=guard.protocol(),
+        limit_concurrency=None,
+        ws="none",  # an upgrade would hand the connection to a protocol the guard does not follow
         log_config=None,
         access_log=False,
-        # uvicorn refuses a request once the open connections, the requesting one included, reach the
-        # limit; one more makes the setting the number of connections served at once.
-        limit_concurrency=service.max_connections + 1,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         lifespan="on",
     )

@@ -57,7 +57,8 @@ class ProcessMcpServer:
         answers 401 without one. Without it, the application that mounts it authenticates: each
         authenticated ``request.user`` (its ``display_name``) gets its own space, and a request its
         middleware did not authenticate gets 401. Run ``serving()`` in the mounting application's lifespan.
-        Raises InvalidConfig when the authentication settings are incomplete or unsafe.
+        Raises InvalidConfig when the authentication settings are incomplete or unsafe, or
+        when several principals would share a network (on the host, without a domain list).
         """
         from .http import build_app
 

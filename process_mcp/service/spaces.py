@@ -89,13 +89,14 @@ class Spaces:
         return sorted(self._spaces)
 
     def config_for(self, principal: str) -> ProcessMcpConfig:
-        """The configuration of ``principal``'s space: its own workspace, container and volume."""
+        """The configuration of ``principal``'s space: its own workspace; or container, volume and network."""
         config = self.config.model_copy(deep=True)
         if config.mode == "host":
             config.defaults.workdir = os.path.join(self.config.workdir, principal)
         else:
             config.docker.container_name = f"{self.config.docker.container_name}-{principal}"
             config.docker.volume_name = f"{self.config.docker.volume_name}-{principal}"
+            config.docker.own_network = True  # on Docker's shared bridge, principals' containers reach each other
         return config
 
     async def start_local(self) -> None:

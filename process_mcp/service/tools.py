@@ -19,13 +19,11 @@ from typing import Annotated, Any, TypeVar
 
 import anyio
 from mcp.server import MCPServer
-from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
 from mcp.server.stdio import stdio_server
 from mcp_types import CallToolResult, InputRequiredResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError
-from starlette.authentication import BaseUser
 
 from ..errors import InvalidInput, ProcessMcpError
 from ..executor import ProcessExecutor
@@ -51,6 +49,7 @@ from ..policy.command import MAX_CHECKED_BYTES
 from ..registry import unknown_process
 from ..waiting import MATCH_TIMEOUT_S, MAX_PATTERN_CHARS, Progress
 from .arguments import check_arguments, close_schema
+from .auth import principal_of
 from .spaces import Spaces
 from .stdio import loop_stdio
 
@@ -539,15 +538,9 @@ def _disconnect(ctx: Context | None) -> Disconnect | None:
 
 
 def _principal(ctx: Context | None) -> str | None:
-    """Who is calling: the principal of the request's bearer token, or the user an application's own
-    authentication put on the request; None for the local caller (stdio, in-process, no authentication)."""
+    """Who is calling (``principal_of`` the request); None for the local caller (stdio, in-process)."""
     scope = _request_scope(ctx)
-    user = scope.get("user") if scope is not None else None
-    if isinstance(user, AuthenticatedUser):
-        return user.access_token.client_id
-    if isinstance(user, BaseUser) and user.is_authenticated:
-        return user.display_name
-    return None
+    return principal_of(scope) if scope is not None else None
 
 
 def _reply(result: BaseModel, text: str) -> CallToolResult:
