@@ -219,7 +219,12 @@ def config_for(container: Container, *, made: bool, domains: list[str] | None = 
     return ProcessMcpConfig(
         mode="docker",
         defaults=Defaults(workdir="/home/agent"),
-        docker=DockerConfig(container_name=str(container.name), use_existing=not made),
+        # As made_container was made (its image, the default bridge), or the server would make it anew.
+        docker=DockerConfig(
+            container_name=str(container.name), use_existing=not made, image=DEBIAN_IMAGE, network="bridge"
+        )
+        if made
+        else DockerConfig(container_name=str(container.name), use_existing=True),
         sandbox=SandboxConfig(allowed_domains=domains) if domains is not None else SandboxConfig(),
     )
 
