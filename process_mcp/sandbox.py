@@ -395,10 +395,7 @@ class Sandbox:
                     "sandbox was being set up; spawn again"
                 ) from None
             except OSError as exc:
-                raise SpawnFailed(
-                    f"the sandbox could not protect {path}: it changed while the sandbox was being set up "
-                    f"({exc.strerror or exc}); spawn again"
-                ) from None
+                raise _changed(path, exc) from None
 
     def _git_dirs_pointed_to(self, found: set[str]) -> set[str]:
         """The git directories that ``.git`` pointer files among ``found`` name, where they are inside a
@@ -594,10 +591,15 @@ def _open_found(opener: PathOpener, path: str) -> None:
             "read-only); replace the link with what it points to, or name it in SANDBOX_ALLOW_PROTECTED"
         ) from None
     except OSError as exc:
-        raise SpawnFailed(
-            f"the sandbox could not protect {path}: it changed while the sandbox was being set up "
-            f"({exc.strerror or exc}); spawn again"
-        ) from None
+        raise _changed(path, exc) from None
+
+
+def _changed(path: str, exc: OSError) -> SpawnFailed:
+    """The error for a protected path that changed (or went) between the search and its opening."""
+    return SpawnFailed(
+        f"the sandbox could not protect {path}: it changed while the sandbox was being set up "
+        f"({exc.strerror or exc}); spawn again"
+    )
 
 
 def _denied_link(path: str, setting: str, link: str) -> str:
