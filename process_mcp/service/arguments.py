@@ -78,12 +78,8 @@ def _resolve(root: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
 def _has_type(value: Any, kind: object) -> bool:
     if kind is None:
         return True
-    if kind == "integer":
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind == "number":
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    expected = {"string": str, "boolean": bool, "object": dict, "array": list, "null": type(None)}.get(str(kind))
-    return expected is not None and isinstance(value, expected)
+    actual = _json_type(value)
+    return actual == kind or (kind == "number" and actual == "integer")
 
 
 def _unknown(tool: str, path: str, name: str, valid: list[str]) -> str:
@@ -104,12 +100,14 @@ def _closest(name: str, valid: list[str]) -> str | None:
 
 
 def _wrong_type(tool: str, where: str, expected: str, value: Any) -> str:
-    given = "null" if value is None else _JSON_TYPES.get(_json_type(value), type(value).__name__)
+    given = _JSON_TYPES.get(_json_type(value), type(value).__name__)
     shown = repr(value) if isinstance(value, str | int | float | bool) and len(repr(value)) <= 40 else ""
     return f"{tool}: {where} must be {expected}, not {given}{' ' + shown if shown else ''}; send the JSON type itself"
 
 
 def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
     if isinstance(value, bool):
         return "boolean"
     if isinstance(value, int):
