@@ -10,6 +10,7 @@ import pytest
 
 from process_mcp import InvalidConfig, load_config
 from process_mcp.config import environment_variables
+from process_mcp.service import environment_help
 
 
 def test_defaults_match_the_original_server() -> None:
@@ -156,6 +157,14 @@ def test_a_principals_container_gets_a_network_of_its_own_instead_of_the_shared_
     config.docker.container_name = "box-alice"
     config.docker.own_network = True
     assert config.docker_network == network
+
+
+def test_the_help_lists_every_variable_as_declared() -> None:
+    """--help reads rows kept beside the CLI so it needs no pydantic; they must be the declaration's."""
+    declared = tuple(environment_variables())
+    if environment_help.ROWS != declared:
+        rows = "".join(f"    {row!r},\n" for row in declared)
+        pytest.fail(f"process_mcp/service/environment_help.py is stale; set ROWS to:\n(\n{rows})")
 
 
 def test_the_readme_configuration_table_lists_every_variable_with_its_declared_default() -> None:

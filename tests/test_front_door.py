@@ -34,3 +34,18 @@ def test_every_public_name_resolves() -> None:
     for name in process_mcp.__all__:
         assert getattr(process_mcp, name) is not None, name
     assert process_mcp.__version__
+
+
+def test_help_lists_the_environment_without_loading_the_settings() -> None:
+    probe = (
+        "import contextlib, io, sys\nfrom process_mcp.service.cli import parse_arguments\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out):\n"
+        "    try:\n        parse_arguments(['--help'])\n    except SystemExit:\n        pass\n"
+        "assert 'PROCESS_MODE' in out.getvalue() and 'DOCKER_IMAGE' in out.getvalue(), out.getvalue()\n"
+        "import sys\nprint(' '.join(sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60)
+    loaded = set(done.stdout.split())
+    assert "process_mcp.config" not in loaded
+    assert not {name for name in loaded if name.split(".")[0] in (*HEAVY, "pydantic", "pydantic_settings")}

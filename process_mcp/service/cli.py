@@ -52,8 +52,8 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 class _HelpWithEnvironment(argparse.Action):
-    """--help, which lists the environment variables too: read from the settings' declaration only when
-    asked, so --version and serving never load it for the help's sake."""
+    """--help, which lists the environment variables too, from the rows derived from the settings'
+    declaration (``environment_help``), so the help answers without loading the settings."""
 
     def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: object) -> None:
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=str(kwargs.get("help")))
@@ -65,12 +65,11 @@ class _HelpWithEnvironment(argparse.Action):
 
 
 def _environment_help() -> str:
-    from ..config import environment_variables
+    from .environment_help import ROWS
 
-    rows = environment_variables()
-    width = max(len(name) for name, _, _ in rows)
+    width = max(len(name) for name, _, _ in ROWS)
     lines = ["environment variables (default in brackets):"]
-    for name, default, description in rows:
+    for name, default, description in ROWS:
         shown = f" [{default}]" if default else ""
         lines.append(f"  {name:<{width}}  {description}{shown}")
     return "\n".join(lines)
