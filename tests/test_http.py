@@ -42,7 +42,7 @@ from starlette.routing import Mount
 import process_mcp
 from process_mcp import create_process_mcp
 from process_mcp.config import SandboxConfig, environment_variables
-from process_mcp.service import connections
+from process_mcp.service import auth, connections
 
 from .conftest import DEBIAN_IMAGE, host_config, unique_name
 from .helpers import WAIT_S, call, error, pid_alive, sleep_argument, sleepers, text_of
@@ -98,6 +98,48 @@ async def test_a_request_without_a_valid_token_gets_401_with_www_authenticate(
             assert response.status_code == 401
         response = await post(server.url, INITIALIZE, {"Authorization": f"Bearer {ALICE}"})
         assert response.status_code == 200, response.text
+
+
+async def test_refused_requests_are_logged_with_the_client_and_why_but_never_the_token(
+    workspaces: Path, tokens_file: Path
+) -> None:
+    stranger = secrets.token_urlsafe(30)
+    async with http_server(workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file)) as server:
+        for headers in ({}, {"Authorization": f"Basic {ALICE}"}, {"Authorization": f"Bearer {stranger}"}):
+            assert (await post(server.url, INITIALIZE, headers)).status_code == 401
+        await server.wait_logged("no principal in the tokens file has this token")
+        refusals = [line for line in server.log if "refused a request from 127.0.0.1:" in line]
+        assert len(refusals) == 3, refusals
+        assert "to /mcp: no Authorization header" in refusals[0]
+        assert "is not a bearer token (scheme 'Basic')" in refusals[1]
+        fingerprint = hashlib.sha256(stranger.encode()).hexdigest()[:12]
+        assert f"(token sha256:{fingerprint})" in refusals[2]
+        # A flood of bad tokens is summed up, not logged line by line.
+        for _ in range(auth.REFUSAL_LOG_BURST + 5):
+            assert (await post(server.url, INITIALIZE, {"Authorization": f"Bearer {stranger}"})).status_code == 401
+        refusals = [line for line in server.log if "refused a request from" in line]
+        assert len(refusals) == auth.REFUSAL_LOG_BURST
+    log = "\n".join(server.log)
+    assert stranger not in log
+    assert ALICE not in log
+
+
+async def test_a_refused_jwt_is_logged_with_its_reason_and_the_subject_it_claims(
+    workspaces: Path, tmp_path: Path
+) -> None:
+    issuer = Issuer()
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps(issuer.jwks()))
+    audience = "http://127.0.0.1/mcp"
+    settings = {"PROCESS_AUTH_ISSUER": issuer.url, "PROCESS_AUTH_AUDIENCE": audience, "PROCESS_AUTH_JWKS": str(jwks)}
+    expired = issuer.token(audience, subject="mallory\nINFO forged line", exp=int(time.time()) - 120)
+    async with http_server(workspaces, **settings) as server:
+        assert (await post(server.url, INITIALIZE, {"Authorization": f"Bearer {expired}"})).status_code == 401
+        await server.wait_logged("the JWT was refused")
+    (line,) = [line for line in server.log if "refused a request from" in line]
+    assert "expired" in line, line
+    assert "claiming subject 'mallory\\nINFO forged line'" in line, line
+    assert expired not in "\n".join(server.log)
 
 
 @pytest.mark.parametrize(

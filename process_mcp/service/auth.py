@@ -14,7 +14,9 @@ import logging
 import os
 import re
 import stat
+import time
 from collections.abc import Mapping
+from contextvars import ContextVar
 from typing import Any
 
 import anyio
@@ -24,7 +26,7 @@ from mcp.server.auth.provider import AccessToken, TokenVerifier
 from starlette.authentication import BaseUser
 
 from ..config import ServiceConfig
-from ..errors import InvalidConfig
+from ..errors import InvalidConfig, excerpt
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,64 @@ JWKS_CACHE_S = 300
 
 JWKS_FETCH_TIMEOUT_S = 10
 """Bound on fetching the issuer's keys."""
+
+
+REFUSAL_LOG_BURST = 20
+"""Refused requests logged one line each per window; more are counted and summed up in one line."""
+
+REFUSAL_LOG_WINDOW_S = 60.0
+"""The window of ``REFUSAL_LOG_BURST``: a flood of bad tokens cannot fill the log."""
+
+refusal: ContextVar[str | None] = ContextVar("refusal", default=None)
+"""Why the verifier refused the token of the request being authenticated (never the token itself)."""
+
+
+class RefusalLog:
+    """Logs why requests were refused authentication: the client, the reason, and a hint to who it was
+    (a short fingerprint of the token; a JWT's unverified subject), never the token; at most
+    ``REFUSAL_LOG_BURST`` lines per window, and then how many more there were."""
+
+    def __init__(self) -> None:
+        self._window_start = -REFUSAL_LOG_WINDOW_S
+        self._logged = 0
+        self._unlogged = 0
+
+    def refused(self, client: str, path: str, authorization: str | None) -> None:
+        now = time.monotonic()
+        if now - self._window_start >= REFUSAL_LOG_WINDOW_S:
+            if self._unlogged:
+                logger.warning("%d more requests were refused authentication and not logged", self._unlogged)
+            self._window_start, self._logged, self._unlogged = now, 0, 0
+        if self._logged >= REFUSAL_LOG_BURST:
+            self._unlogged += 1
+            return
+        self._logged += 1
+        logger.warning("refused a request from %s to %s: %s", client, path, why_refused(authorization))
+
+
+def why_refused(authorization: str | None) -> str:
+    """The reason a request with this Authorization header was refused, with a hint to who sent it."""
+    if authorization is None:
+        return "no Authorization header"
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return f"the Authorization header is not a bearer token (scheme {excerpt(scheme)})"
+    token = token.strip()
+    fingerprint = hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    hint = f"token sha256:{fingerprint}"
+    subject = _unverified_subject(token)
+    if subject is not None:
+        hint += f", claiming subject {excerpt(subject)}"
+    return f"{refusal.get() or 'the bearer token was not accepted'} ({hint})"
+
+
+def _unverified_subject(token: str) -> str | None:
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except (jwt.PyJWTError, ValueError):
+        return None
+    subject = claims.get("sub")
+    return str(subject) if subject is not None else None
 
 
 class TokenFileVerifier(TokenVerifier):
@@ -68,6 +128,7 @@ class TokenFileVerifier(TokenVerifier):
             if hmac.compare_digest(offered, digest) and found is None:
                 found = principal
         if found is None:
+            refusal.set("no principal in the tokens file has this token")
             return None
         return AccessToken(token=token, client_id=found, scopes=[], subject=found)
 
@@ -154,12 +215,12 @@ class JwtVerifier(TokenVerifier):
                 options={"require": ["exp", "iss", "aud", "sub"]},
             )
         except (jwt.PyJWTError, ValueError) as exc:
-            logger.info("refused a bearer token: %s", exc)
+            refusal.set(f"the JWT was refused: {excerpt(str(exc))}")
             return None
         granted = _scopes(claims)
         missing = [scope for scope in self.scopes if scope not in granted]
         if missing:
-            logger.info("refused a bearer token for %r: it lacks the scopes %s", claims.get("sub"), missing)
+            refusal.set(f"the JWT lacks the scopes {', '.join(missing)}")
             return None
         subject = str(claims["sub"])
         return AccessToken(

@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..addresses import is_loopback
 from ..config import ProcessMcpConfig
 from ..errors import BackendUnavailable, InvalidConfig
-from .auth import JwtVerifier, TokenFileVerifier, make_verifier
+from .auth import JwtVerifier, RefusalLog, TokenFileVerifier, make_verifier
 from .connections import ConnectionGuard
 from .sessions import SessionQuota
 from .tools import DISCONNECTED, Disconnect
@@ -170,7 +170,9 @@ def build_app(mcp: ProcessMcpServer, *, authenticate: bool = True, host: str | N
                 scopes_supported=verifier.scopes or None,
             )
         )
-    guarded = RequireAuthMiddleware(watched, verifier.scopes if isinstance(verifier, JwtVerifier) else [], metadata_url)
+    guarded = _LogRefusals(
+        RequireAuthMiddleware(watched, verifier.scopes if isinstance(verifier, JwtVerifier) else [], metadata_url)
+    )
     front = _Front(inner, guarded, metrics, mcp.spaces.ready, extra)
     return AuthenticationMiddleware(AuthContextMiddleware(front), backend=BearerAuthBackend(verifier))
 
@@ -291,6 +293,22 @@ class _MetricsEndpoint:
             given = offered[7:] if offered.lower().startswith("bearer ") else ""
             return hmac.compare_digest(hashlib.sha256(given.encode()).digest(), self._token)
         return request.client is not None and is_loopback(request.client.host)
+
+
+class _LogRefusals:
+    """Logs each request the authentication check is about to refuse (see ``RefusalLog``)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+        self._log = RefusalLog()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        user = scope.get("user")
+        if scope["type"] == "http" and not (isinstance(user, BaseUser) and user.is_authenticated):
+            request = Request(scope)
+            client = f"{request.client.host}:{request.client.port}" if request.client else "an unknown client"
+            self._log.refused(client, scope["path"], request.headers.get("authorization"))
+        await self._app(scope, receive, send)
 
 
 class _RequireUser:
