@@ -171,12 +171,15 @@ class RawAgent:
 
     def frames_until(self, kind: int, channel: int) -> list[tuple[int, int, bytes]]:
         """Every frame the agent sent, in order, up to and including the first of ``kind`` on ``channel``;
-        those after it stay for later calls."""
+        those after it stay for later calls. Fails if it has not come within WAIT_S, however much else
+        keeps coming."""
+        deadline = time.monotonic() + WAIT_S
         while True:
             for at, frame in enumerate(self.backlog):
                 if frame[:2] == (kind, channel):
                     found, self.backlog = self.backlog[: at + 1], self.backlog[at + 1 :]
                     return found
+            assert time.monotonic() < deadline, f"no frame of kind {kind} on channel {channel} within {WAIT_S} s"
             self.read(f"frame of kind {kind} on channel {channel}")
 
     def close(self) -> None:
