@@ -10,6 +10,7 @@ import shlex
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -170,12 +171,15 @@ class RawAgent:
 
     def frames_until(self, kind: int, channel: int) -> list[tuple[int, int, bytes]]:
         """Every frame the agent sent, in order, up to and including the first of ``kind`` on ``channel``;
-        those after it stay for later calls."""
+        those after it stay for later calls. Fails if it has not come within WAIT_S, however much else
+        keeps coming."""
+        deadline = time.monotonic() + WAIT_S
         while True:
             for at, frame in enumerate(self.backlog):
                 if frame[:2] == (kind, channel):
                     found, self.backlog = self.backlog[: at + 1], self.backlog[at + 1 :]
                     return found
+            assert time.monotonic() < deadline, f"no frame of kind {kind} on channel {channel} within {WAIT_S} s"
             self.read(f"frame of kind {kind} on channel {channel}")
 
     def close(self) -> None:
@@ -414,5 +418,85 @@ def test_what_a_process_wrote_before_exiting_goes_ahead_of_its_exit_while_the_st
         assert len(ahead) == BURST_BYTES
         assert ahead.endswith(b"TAIL-OK\n")
         agent.frames_until(protocol.EXITED, 1)  # the rest of the flood, so the agent can end at once
+    finally:
+        agent.close()
+
+
+FLOOD_BYTES = 3 * 512 * 1024
+"""More than the stream to the server holds (1 MiB), less than it and the process's own grown pipe hold
+together: the flood can end while the server reads nothing, its tail still in its pipe."""
+FLOOD = f"""
+import fcntl, os
+fcntl.fcntl(1, 1031, 1 << 20)  # F_SETPIPE_SZ: room for the tail while nothing reads it
+os.read(0, 1)  # the test has seen the process and its supervisor
+data = memoryview(b"x" * {FLOOD_BYTES - 8} + b"TAIL-OK\\n")
+while data:
+    data = data[os.write(1, data) :]
+"""
+
+
+def pipes(pid: int) -> set[str]:
+    """The pipes ``pid`` holds, as /proc names them (``pipe:[inode]``)."""
+    found = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("pipe:"):
+            found.add(target)
+    return found
+
+
+def processes_in(directory: Path) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and os.readlink(entry / "cwd") == str(directory):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_a_floods_own_tail_goes_ahead_of_its_exit_while_part_of_it_waits_for_the_full_stream(tmp_path: Path) -> None:
+    """The flood that fills the stream is itself the process that exits: the agent is in the middle of a
+    frame of its output (spliced into the stream as the server makes room) and has stopped reading its
+    pipe, which still holds its tail. The exit must wait for that tail, not go out behind the one frame."""
+    if os.getuid() != 0:
+        cannot_run_here("the agent and its supervisors are not dumpable: only root can watch their descriptors and cwd")
+    agent = RawAgent()
+    try:
+        flood = tmp_path / "flood"
+        flood.mkdir()
+        agent.send(spawn_frame(1, f"exec python3 -c {shlex.quote(FLOOD)}", cwd=str(flood)))
+        wait_until(lambda: len(processes_in(flood)) == 2, "the start")  # the supervisor and the process
+        found = processes_in(flood)
+        supervisor = next(pid for pid in found if parent_of(pid) not in found)
+        # The pipes the agent shares with the supervisor: its lifeline and the status the exit is reported on.
+        shared = pipes(agent.process.pid) & pipes(supervisor)
+        agent.send(protocol.frame(protocol.INPUT, 1, struct.pack(">I", 1) + b"go"))
+        # The agent has read the exit report once it has closed its end of the status pipe.
+        wait_until(lambda: len(pipes(agent.process.pid) & shared) < len(shared), "the exit report")
+        frames = agent.frames_until(protocol.EXITED, 1)
+        ahead = b"".join(payload for kind, channel, payload in frames if (kind, channel) == (protocol.STDOUT, 1))
+        assert len(ahead) == FLOOD_BYTES, f"{FLOOD_BYTES - len(ahead)} bytes of the flood came after its exit"
+        assert ahead.endswith(b"TAIL-OK\n")
+    finally:
+        agent.close()
+
+
+@pytest.mark.parametrize("left", ["sleep 60", "yes left"], ids=["silent", "writing"])
+def test_an_exit_waits_for_what_the_process_wrote_but_not_for_a_child_left_holding_its_output(left: str) -> None:
+    """A process that leaves a child holding its output pipe open (silent, or writing without end) is
+    reported exited, with what it wrote ahead of the exit, while the child still holds the pipe. (A
+    terminal cannot be held so: the exit of its session's leader hangs it up.)"""
+    agent = RawAgent()
+    try:
+        agent.send(spawn_frame(1, f"{left} & echo TAIL-OK"))
+        frames = agent.frames_until(protocol.EXITED, 1)
+        assert not [f for f in frames if f[:2] == (protocol.CLOSED, 1)], "its output closed: nothing held it open"
+        ahead = b"".join(payload for kind, channel, payload in frames if (kind, channel) == (protocol.STDOUT, 1))
+        assert b"TAIL-OK" in ahead
     finally:
         agent.close()

@@ -28,11 +28,20 @@ PIPE_FLOOD_BYTES = 1_000_000_000
 TTY_FLOOD_BYTES = 200_000_000
 
 # The server in miniature: an executor that runs one flood while answering ps and stdout, and reports
-# its own peak memory during it. argv: the configuration (JSON), the flood's size, "tty" or "pipe".
+# its own peak memory during it, and the end of what it held when the flood's exit was recorded (the
+# record's contract: what the process wrote comes before its exit; a client that sees "terminated" reads
+# its output at once). argv: the configuration (JSON), the flood's size, "tty" or "pipe".
 SERVE_ONE_FLOOD = """
 import json, sys, time
 import anyio
 from process_mcp import DockerExecutor, HostExecutor, ProcessMcpConfig, SpawnOptions
+from process_mcp.registry import ManagedProcess
+
+held_at_exit = {}
+def finish(record, *args, _finish=ManagedProcess.finish, **kwargs):
+    held_at_exit[record.pid] = record.stdout.tail(64).decode(errors="replace")
+    _finish(record, *args, **kwargs)
+ManagedProcess.finish = finish
 
 def status(field):
     for line in open("/proc/self/status"):
@@ -64,6 +73,7 @@ async def main():
         print(json.dumps({
             "growth": status("VmHWM") - baseline, "calls": calls, "slowest": slowest, "listed": sorted(listed),
             "tail": output.stdout, "exit_code": output.exit_code, "cursor": output.cursor,
+            "held_at_exit": held_at_exit[started.pid],
         }))
     finally:
         await executor.cleanup()
@@ -83,6 +93,9 @@ async def test_a_flood_keeps_memory_bounded_the_server_answering_and_the_tail_ri
         done = await anyio.run_process(argv, cwd=ROOT, check=False)
     assert done.returncode == 0, done.stderr.decode(errors="replace")
     report = json.loads(done.stdout)
+    assert report["held_at_exit"].rstrip().endswith("TAIL-OK"), (
+        f"at its exit the server held {report['held_at_exit']!r}"
+    )
     assert report["tail"].rstrip().endswith("TAIL-OK")
     assert report["exit_code"] == 0
     assert report["cursor"] >= size

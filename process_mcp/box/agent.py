@@ -16,6 +16,11 @@ dies, however it dies, each supervisor kills its tree and exits. The agent is a 
 tree of a supervisor that was killed falls to the agent, which kills what is left when its stream
 ends or the server asks it to shut down.
 
+A process's exit goes to the server only after every byte its outputs held when its supervisor reported
+the exit (all it wrote, and all its children that ended before it wrote): the server takes an exit to mean
+its output has come. A pipe says how much it holds; a terminal is read until it is empty, or until
+TERMINAL_HOLD bytes were taken. While the stream to the server is full, the exit waits with them.
+
 Output is read only while the stream to the server has room (and less than OUT_HIGH bytes wait for
 it): a flood then blocks its process as a full pipe would, and neither the agent nor the server grows.
 Where Python has os.splice and the stream is a pipe, a flood moves from the process's pipe to the
@@ -76,9 +81,10 @@ OUT_HIGH = 2 * 1024 * 1024
 """Output waiting to go to the server above which the agent stops reading processes."""
 INPUT_MAX = 1024 * 1024
 """Input waiting for one process that does not read, above which more input is refused."""
-DRAIN_READS = 16
-"""Reads made at a process's exit to collect what it wrote just before, bounded against a child
-that keeps writing."""
+TERMINAL_HOLD = 256 * 1024
+"""Bytes of a terminal read after its process's exit, ahead of the exit, when no read finds it empty first
+(something the process left keeps writing to it): many times what a terminal holds (about 20 KiB, in its
+line discipline and the pseudo-terminal's buffers), which a terminal cannot count as a pipe can."""
 KILL_ROUNDS = 100
 """Rounds of walking /proc and killing, each catching what forked during the one before."""
 FLUSH_TIMEOUT_S = 5.0
@@ -634,7 +640,9 @@ class Process:
         self.queued = 0  # bytes of input accepted so far
         self.written = 0  # bytes of input written so far
         self.acks: collections.deque[tuple[int, int]] = collections.deque()  # (seq, queued at its end)
-        self.exited = False
+        self.exited = False  # its supervisor reported the command's exit
+        self.exit_report: dict[str, Any] | None = None  # that exit, until the output ahead of it is sent
+        self.owed: dict[int, int] = {}  # output descriptor -> bytes still to send ahead of the exit
         self.leader = 0  # the command's pid, also its process group's, once its supervisor has started it
         self.grown: set[int] = set()  # output pipes already enlarged
         self.order: socket.socket | None = None  # to its supervisor, until the supervisor is done with it
@@ -800,10 +808,13 @@ class Agent:
         except BlockingIOError:
             written = 0
         if written < len(header):  # no room even for the header: read the payload the usual way
-            self.send(header[written:], os.read(fd, size))  # the agent is this pipe's only reader
+            data = os.read(fd, size)  # the agent is this pipe's only reader: it holds ``size`` bytes
+            self.send(header[written:], data)
+            self._took(process, fd, len(data))
             return
         self.splicing = (fd, size)
         self._write_out()
+        self._took(process, fd, size)  # promised to the frame on the stream: whatever is sent next follows them
 
     def _continue_splice(self) -> None:
         assert self.splicing is not None
@@ -908,6 +919,10 @@ class Agent:
             self.splicing = None
             with contextlib.suppress(OSError):
                 self.out[0:0] = os.read(fd, left)
+        for process in self.processes.values():  # exits still waiting for output that can no longer come
+            process.owed.clear()
+            if process.exit_report is not None:
+                self.out += protocol.message(protocol.EXITED, process.channel, **process.exit_report)
         self.out += protocol.frame(protocol.BYE, 0)
         remaining = FLUSH_TIMEOUT_S
         while self.out and remaining > 0:
@@ -1192,6 +1207,7 @@ class Agent:
         try:
             data = os.read(fd, READ_CHUNK)
         except BlockingIOError:
+            self._took(process, fd, None)  # empty: whatever it held at the exit is on its way
             return False
         except OSError as exc:
             if exc.errno != errno.EIO:  # EIO: every holder of the terminal's other side closed it
@@ -1202,12 +1218,32 @@ class Agent:
             if self.reading_output:
                 self.selector.unregister(fd)
             self._close(fd)
+            self._took(process, fd, None)
             self.send(protocol.frame(protocol.CLOSED, process.channel, str(stream).encode()))
             self._forget_if_finished(process)
             return False
         self._grow_if_full(process, fd, len(data))
         self.send(protocol.HEADER.pack(kind, process.channel, len(data)), data)
+        self._took(process, fd, len(data))
         return True
+
+    def _took(self, process: Process, fd: int, count: int | None) -> None:
+        """Note that ``count`` more bytes of the output ``fd`` (None: all it holds) are on their way to the
+        server, ahead of anything sent after; once all the process's outputs held at its exit are, send
+        the exit."""
+        if process.exit_report is None or fd not in process.owed:
+            return
+        left = 0 if count is None else process.owed[fd] - count
+        if left > 0:
+            process.owed[fd] = left
+            return
+        del process.owed[fd]
+        self._exit_if_owed_nothing(process)
+
+    def _exit_if_owed_nothing(self, process: Process) -> None:
+        if process.exit_report is not None and not process.owed:
+            report, process.exit_report = process.exit_report, None
+            self.send(protocol.message(protocol.EXITED, process.channel, **report))
 
     @staticmethod
     def _grow_if_full(process: Process, fd: int, waiting: int) -> None:
@@ -1251,13 +1287,28 @@ class Agent:
             process.reusable = False  # it exits
             self.send(protocol.message(protocol.STARTED, process.channel, **report))
         else:
-            # Send what the process wrote before exiting ahead of its exit, so the server's reply is complete.
-            for fd in list(process.outputs):
-                for _ in range(DRAIN_READS):
-                    if len(self.out) >= OUT_HIGH or not self._read_output(process, fd):
-                        break  # paused: the rest follows the exit, and the server waits for it
+            # The exit waits for every byte its outputs hold now: what it (and what it started that has
+            # ended) wrote. Bytes that a frame on the stream has promised are ahead of it already.
             process.exited = True
-            self.send(protocol.message(protocol.EXITED, process.channel, **report))
+            process.exit_report = report
+            for fd in process.outputs:
+                held = self._held(process, fd)
+                if held > 0:
+                    process.owed[fd] = held
+            # What there is room for goes now; the rest as the stream makes room, the exit after it.
+            for fd in list(process.owed):
+                while fd in process.owed and len(self.out) < OUT_HIGH and self._read_output(process, fd):
+                    pass
+            self._exit_if_owed_nothing(process)
+
+    def _held(self, process: Process, fd: int) -> int:
+        """Bytes the output ``fd`` holds that no frame on the stream has promised yet; for a terminal,
+        TERMINAL_HOLD unless it is empty (a poll pushes its flip buffers to its line discipline before
+        it says so), as it cannot say how much its flip buffers hold."""
+        if process.tty:
+            return TERMINAL_HOLD if select.select([fd], [], [], 0)[0] else 0
+        promised = self.splicing[1] if self.splicing is not None and self.splicing[0] == fd else 0
+        return available(fd) - promised
 
     def _end_orphans(self) -> None:
         """Kill what a supervisor that was killed left: its orphans fell to the agent (a subreaper; the

@@ -48,8 +48,9 @@ STDERR = 67
 CLOSED = 68
 """Payload b"1" or b"2": that output stream reached its end (every holder closed it)."""
 EXITED = 69
-"""{code} or {signal}: the process (not its descendants) ended, as the kernel reported it; {lost: true}: its
-supervisor was killed before the process's exit was known, and the agent ended what was left of its tree."""
+"""{code} or {signal}: the process (not its descendants) ended, as the kernel reported it, and every byte its
+outputs held then was sent before this frame; {lost: true}: its supervisor was killed before the process's
+exit was known, and the agent ended what was left of its tree."""
 WRITTEN = 70
 """{seq} once that input was written, or {seq, error}."""
 SIGNALLED = 71
