@@ -162,7 +162,7 @@ def test_a_principals_container_gets_a_network_of_its_own_instead_of_the_shared_
 def test_the_help_lists_every_variable_as_declared() -> None:
     """--help reads rows kept beside the CLI so it needs no pydantic; they must be the declaration's."""
     declared = tuple(environment_variables())
-    if environment_help.ROWS != declared:
+    if declared != environment_help.ROWS:
         rows = "".join(f"    {row!r},\n" for row in declared)
         pytest.fail(f"process_mcp/service/environment_help.py is stale; set ROWS to:\n(\n{rows})")
 
