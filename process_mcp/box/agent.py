@@ -1,9 +1,9 @@
 """The agent in the box: starts and drives processes for the server over one byte stream.
 
 The server starts it with the stream on its stdin and stdout (in Docker, one exec running
-``python3 -I -S -c <bootstrap>``, which reads this module and ``protocol`` from the stream) and then
-speaks ``protocol`` to it. It runs with whatever Python the box has: standard library only, and
-syntax Python 3.8 parses.
+``python3 -I -S -c <bootstrap> process-mcp-agent``, which reads this module and ``protocol`` from the
+stream) and then speaks ``protocol`` to it. It runs with whatever Python the box has: standard library
+only, and syntax Python 3.8 parses.
 
 Each process runs under a supervisor of its own that is a child subreaper (PR_SET_CHILD_SUBREAPER),
 so whatever the process starts stays in the supervisor's tree even when it double-forks, calls setsid
@@ -55,7 +55,7 @@ from typing import Any
 
 try:
     from . import protocol
-except ImportError:  # in the box: the bootstrap registered protocol under this name first
+except ImportError:  # in the box: the loader registered protocol under this name first
     import process_mcp_box_protocol as protocol  # type: ignore[import-not-found,no-redef]
 
 READ_CHUNK = 1024 * 1024
@@ -1342,8 +1342,9 @@ def start_time() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the agent; ``argv`` (default: the command line after the bootstrap) may name the user every
-    command runs as, which a root agent drops to (ignored unless the agent is root and the user is not)."""
+    """Run the agent; ``argv`` (the loader gives the command line after the bootstrap and the agent's name)
+    may name the user every command runs as, which a root agent drops to (ignored unless the agent is
+    root and the user is not)."""
     global RUN_AS
     args = sys.argv[1:] if argv is None else argv
     if args and os.geteuid() == 0:

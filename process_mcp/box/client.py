@@ -51,27 +51,34 @@ INPUT_CHUNK = 64 * 1024
 PROTOCOL_MODULE = "process_mcp_box_protocol"
 """The name the agent imports the protocol by inside the box (it is sent, not installed)."""
 
-# Run as `python3 -I -S -c BOOTSTRAP [USER]` with the stream on stdin and stdout. Reads two
-# length-prefixed modules from the stream (protocol, then the agent), and runs the agent (which, run as
-# root, drops to USER for each command). Python 2 and 3.0-3.7 parse it too, so they can say why they
+AGENT_NAME = "process-mcp-agent"
+"""The agent's first argument after the bootstrap, by which `ps` in the box names the agent, its zygote
+and its supervisors."""
+
+# Run as `python3 -I -S -c BOOTSTRAP process-mcp-agent [USER]` with the stream on stdin and stdout. Short,
+# since `ps` in the box shows it for the agent, its zygote and every supervisor: it runs one line it reads
+# from the stream, the loader (see ``bootstrap_payload``).
+BOOTSTRAP = "import sys;exec(sys.stdin.buffer.readline())"
+# Read from the stream by the bootstrap, as one line. First it makes itself not dumpable (before it reads
+# anything more: no process of its user may then trace it or open its descriptors). Then it reads two
+# length-prefixed modules (protocol, then the agent) through the same buffered reader (the line's read
+# may have taken the start of them; nothing follows them until the agent's HELLO), and runs the agent
+# (which, run as root, drops to USER for each command). Python 3.0-3.7 run it too, and say why they
 # cannot run the agent.
-BOOTSTRAP = f"""
-import os, sys, types
+_LOADER = f"""
+import sys, types
+try:
+    import ctypes
+    ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0
+except Exception:
+    pass
 if sys.version_info < (3, 8):
     sys.stderr.write("process-mcp agent: Python %d.%d is older than 3.8\\n" % sys.version_info[:2])
     sys.exit(3)
-try:  # PR_SET_DUMPABLE 0 before anything is read: no process of this user may trace it or open its fds
-    import ctypes
-    ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)
-except Exception:
-    pass
 def take(n):
-    data = b""
-    while len(data) < n:
-        chunk = os.read(0, n - len(data))
-        if not chunk:
-            sys.exit(4)
-        data += chunk
+    data = sys.stdin.buffer.read(n)
+    if len(data) < n:
+        sys.exit(4)
     return data
 def load(name):
     module = types.ModuleType(name)
@@ -79,13 +86,14 @@ def load(name):
     sys.modules[name] = module
     return module
 load("{PROTOCOL_MODULE}")
-sys.exit(load("process_mcp_box_agent").main())
+sys.exit(load("process_mcp_box_agent").main(sys.argv[2:]))
 """
 
 
 def bootstrap_payload() -> bytes:
-    """What the bootstrap reads from the stream: the protocol and agent modules, each with its length."""
-    payload = b""
+    """What the bootstrap reads from the stream: the loader as one line, then the protocol and agent
+    modules, each with its length."""
+    payload = f"exec(compile({_LOADER!r}, '<loader>', 'exec'))\n".encode()
     for name in ("protocol.py", "agent.py"):
         source = resources.files(__package__).joinpath(name).read_bytes()
         payload += b"%010d" % len(source) + source

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 import anyio.to_thread
 
-from ..box.client import BOOTSTRAP, AgentConnection, AgentUnavailable, bootstrap_payload
+from ..box.client import AGENT_NAME, BOOTSTRAP, AgentConnection, AgentUnavailable, bootstrap_payload
 from ..config import DOCKER_WORKDIR, ProcessMcpConfig
 from ..errors import BackendUnavailable, InvalidInput, KillFailed, SpawnFailed
 from ..executor import ProcessExecutor
@@ -240,7 +240,7 @@ class DockerExecutor(ProcessExecutor):
         assert self._container is not None
         api, container_id = self._client.api, self._container.id
 
-        command = ["/bin/sh", "-c", AGENT_SCRIPT, "sh", BOOTSTRAP]
+        command = ["/bin/sh", "-c", AGENT_SCRIPT, "sh", BOOTSTRAP, AGENT_NAME]
         if self.agent_user == "0":
             command.append(self.config.docker.user)  # the agent drops to it for each command
 
