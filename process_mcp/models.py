@@ -197,6 +197,12 @@ class ProcessList(_Wire):
     """The reply to ps."""
 
     processes: list[ProcessInfo]
+    sandboxed: bool | None = Field(
+        None, description="Whether the processes run confined, when they all do alike (the rows then leave it out)."
+    )
+    via: ProcessVia | None = Field(
+        None, description="How the processes were started, when they all were alike (the rows then leave it out)."
+    )
 
 
 class StdinResult(ExitState, _Progress):

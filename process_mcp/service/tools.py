@@ -12,7 +12,8 @@ import inspect
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
@@ -36,6 +37,7 @@ from ..models import (
     MAX_PATH_BYTES,
     ExitState,
     KillResult,
+    ProcessInfo,
     ProcessLimits,
     ProcessList,
     ProcessOutput,
@@ -340,13 +342,10 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
         arguments = {"stats": stats} if stats else {}
         async with space(ctx, _Call("ps", arguments), create=False) as executor:
             processes = [] if executor is None else await _call(executor.list_processes(stats=stats))
-        lines = [
-            f"{p.pid}  {_state(p)}  {'tty' if p.tty else 'pipe'}  {_confinement(p.sandboxed)}  {p.created_at}  "
-            f"{_usage(p.stats)}cwd={p.cwd}  $ {p.command}"
-            for p in processes
-        ]
-        text = "\n".join(lines) if lines else "No processes. Start one with spawn."
-        return _reply(ProcessList(processes=processes), text)
+        # What every row shares is said once: a ps of many processes stays as small as the original's.
+        shared = {name for name in ("sandboxed", "via") if len({getattr(p, name) for p in processes}) == 1}
+        listing = ProcessList(processes=processes, **{name: getattr(processes[0], name) for name in shared})
+        return _reply(listing, _ps_text(processes), exclude={"processes": {"__all__": shared}})
 
     @tool()
     async def stdin(
@@ -543,12 +542,12 @@ def _principal(ctx: Context | None) -> str | None:
     return principal_of(scope) if scope is not None else None
 
 
-def _reply(result: BaseModel, text: str) -> CallToolResult:
+def _reply(result: BaseModel, text: str, *, exclude: dict[str, Any] | None = None) -> CallToolResult:
     return CallToolResult(
         content=[TextContent(type="text", text=text)],
         # Fields without a value (exitCode while running, signal, limit, ...) are left out, as the
         # original left them out, rather than sent as null on every row of every reply.
-        structured_content=result.model_dump(mode="json", by_alias=True, exclude_none=True),
+        structured_content=result.model_dump(mode="json", by_alias=True, exclude_none=True, exclude=exclude),
     )
 
 
@@ -564,6 +563,33 @@ def _state(state: ExitState) -> str:
     if state.signal:
         return f"terminated by {state.signal} (exit code {code}{cause})"
     return f"terminated (exit code {code}{cause})"
+
+
+def _ps_text(processes: list[ProcessInfo]) -> str:
+    """One short line per process (what the structured rows say in full): a first line says what the rows
+    share (confinement, and the day and working directory of most of them), which a row repeats only
+    where it differs."""
+    if not processes:
+        return "No processes. Start one with spawn."
+    cwd = _most_common(p.cwd for p in processes)
+    day = _most_common(p.created_at[:10] for p in processes)
+    confined = {p.sandboxed for p in processes}
+    shared = f", {_confinement(confined.pop())}" if len(confined) == 1 else ""
+    count = f"{len(processes)} process{'es' if len(processes) > 1 else ''}"
+    lines = [f"{count}{shared}; started on {day} (UTC) in {cwd} unless a row says otherwise:"]
+    for p in processes:
+        started = p.created_at[11:19] if p.created_at.startswith(day) else p.created_at[:19]
+        row = f"{p.pid}  {_state(p)}  {'tty' if p.tty else 'pipe'}  {started}  {_usage(p.stats)}"
+        if not shared:
+            row += f"{_confinement(p.sandboxed)}  "
+        if p.cwd != cwd:
+            row += f"cwd={p.cwd}  "
+        lines.append(f"{row}$ {p.command}")
+    return "\n".join(lines)
+
+
+def _most_common(values: Iterable[str]) -> str:
+    return Counter(values).most_common(1)[0][0]
 
 
 def _usage(stats: ProcessStats | None) -> str:
