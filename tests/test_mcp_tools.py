@@ -127,6 +127,44 @@ async def test_ps_lists_processes_as_text_and_structure(client: Client, workdir:
     assert f"cwd={Path(workdir) / 'sub'}  $ sleep 30" in text_of(await client.call_tool("ps", {})).splitlines()[2]
 
 
+async def test_a_stopped_process_reads_running_stopped_and_a_wait_on_it_says_to_continue_it(client: Client) -> None:
+    # A job that stops itself: the wait for its output ends at its bound, saying why and what to do.
+    spawned = await client.call_tool(
+        "spawn", {"command": "echo started; kill -STOP $$; echo continued", "waitFor": "continued", "timeoutMs": 1000}
+    )
+    assert spawned.structured_content is not None
+    pid = spawned.structured_content["pid"]
+    assert (spawned.structured_content["status"], spawned.structured_content["waitResult"]) == ("running", "timeout")
+    assert spawned.structured_content["stopped"] is True
+    assert text_of(spawned).startswith(f"{pid}: running (stopped), ")
+    assert "send SIGCONT to continue it" in text_of(spawned)
+    assert "buffer" not in text_of(spawned)  # not the hint for a program that holds its output back
+    listed = await client.call_tool("ps", {})
+    assert listed.structured_content is not None
+    assert listed.structured_content["processes"][0]["stopped"] is True
+    assert f"{pid}  running (stopped)  pipe  " in text_of(listed)
+    waited = await client.call_tool("stdout", {"id": pid, "untilExit": True, "waitMs": 300})
+    assert waited.structured_content is not None
+    assert (waited.structured_content["waitResult"], waited.structured_content["stopped"]) == ("timeout", True)
+    assert "send SIGCONT to continue it" in text_of(waited)
+    # Continued, it runs to its end.
+    continued = await client.call_tool("kill", {"id": pid, "signal": "SIGCONT"})
+    assert text_of(continued) in (
+        f"Sent SIGCONT to {pid}: running.",
+        f"Sent SIGCONT to {pid}: terminated (exit code 0).",
+    )
+    finished = await call(client, "stdout", {"id": pid, "untilExit": True})
+    assert (finished["status"], finished["stdout"]) == ("terminated", "started\ncontinued\n")
+    assert "stopped" not in finished
+    # One stopped with kill reads so at once, and a plain one leaves the field out.
+    sleeper = await call(client, "spawn", {"command": "sleep 30", "background": True})
+    assert text_of(await client.call_tool("kill", {"id": sleeper["pid"], "signal": "STOP"})).endswith(
+        "running (stopped)."
+    )
+    assert text_of(await client.call_tool("kill", {"id": sleeper["pid"], "signal": "CONT"})).endswith("running.")
+    assert "stopped" not in (await call(client, "ps", {}))["processes"][1]
+
+
 PS_PROCESSES = 50
 PS_REPLY_MAX_BYTES = 11_980
 """Most bytes a plain ps of PS_PROCESSES processes may take as the client receives it: the original

@@ -248,6 +248,28 @@ def sample_tree(root: int, children: dict[int, list[int]]) -> dict[str, Any]:
     }
 
 
+def is_stopped(pid: int) -> bool:
+    """Whether ``pid`` is stopped (by a signal, or by its tracer), or waits in vfork on a child that is (a
+    shell starting a command when a stop reached the group: it goes on only once the child does)."""
+    state = process_state(pid)
+    if state == b"D":
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children", "rb") as children:
+                return any(process_state(int(child)) in (b"T", b"t") for child in children.read().split())
+        except OSError:
+            return False
+    return state in (b"T", b"t")
+
+
+def process_state(pid: int) -> bytes | None:
+    """The state letter /proc/PID/stat gives ``pid`` (R, S, D, T, t, Z, ...); None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
 def signal_tree(root: int, signum: int, group: int = 0) -> int:
     """Send ``signum`` to every process below ``root``; return how many it reached.
 
@@ -866,6 +888,10 @@ class Agent:
                 with as_processes_user():
                     sample = sample_tree(process.supervisor, self.children)
             self.send(protocol.message(protocol.SAMPLED, channel, seq=request["seq"], **sample))
+        elif kind == protocol.ASK_STOPPED:
+            running = [p for p in self.processes.values() if p.leader and not p.exited]
+            stopped = [process.channel for process in running if is_stopped(process.leader)]
+            self.send(protocol.message(protocol.STOPPED, 0, seq=protocol.fields(payload)["seq"], stopped=stopped))
         elif kind == protocol.RESIZE:
             process = self.processes.get(channel)
             if process is not None and process.tty and process.input_fd >= 0:

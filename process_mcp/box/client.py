@@ -32,7 +32,7 @@ from ..errors import InvalidInput, KillFailed, SpawnFailed, StdinFailed
 from ..handle import ProcessHandle
 from ..models import CPU_GRACE_S, TERMINAL_COLS, TERMINAL_ROWS, ProcessLimits
 from ..registry import ManagedProcess
-from ..stats import TreeSample
+from ..stats import StateReader, TreeSample
 from ..streams import STDIN_WRITE_TIMEOUT_S, wait_writable
 from . import protocol
 
@@ -163,6 +163,7 @@ class AgentConnection:
         self._tunnels: dict[int, _Tunnel] = {}
         self._lost: str | None = None
         self._shutdown_sent = False
+        self._stopped_query: asyncio.Future[frozenset[int] | None] | None = None  # shared by callers meanwhile
         self._said_bye = False
         self._closed = False
         self._reading = True
@@ -259,6 +260,27 @@ class AgentConnection:
         self._close_channel()
         self._end_all("the server closed the agent's stream", lost=False)
 
+    async def stopped_channels(self) -> frozenset[int] | None:
+        """The channels of the processes that are stopped, as the agent reads its box's /proc: one
+        question for them all, whose answer the callers meanwhile share (every row of one ps); None when
+        it cannot be told."""
+        if self._stopped_query is None:
+            query = asyncio.ensure_future(self._ask_stopped())
+            self._stopped_query = query
+            query.add_done_callback(lambda _: setattr(self, "_stopped_query", None))
+        return await asyncio.shield(self._stopped_query)
+
+    async def _ask_stopped(self) -> frozenset[int] | None:
+        seq = self.next_seq()
+        answer = self._expect(protocol.STOPPED, 0, seq)
+        try:
+            await self._send(protocol.message(protocol.ASK_STOPPED, 0, seq=seq))
+            fields = await self._answer(answer, REQUEST_TIMEOUT_S, "question")
+        except AgentUnavailable:
+            return None
+        channels = fields.get("stopped")
+        return frozenset(c for c in channels if type(c) is int) if isinstance(channels, list) else None
+
     def next_seq(self) -> int:
         """A sequence number for a request whose answer the agent numbers the same way."""
         self._seq_issued += 1
@@ -354,6 +376,9 @@ class AgentConnection:
             self._resolve(protocol.BYE, 0, 0, {})
         elif kind == protocol.BYE:
             raise protocol.ProtocolError("it said BYE, but the server had not asked it to shut down")
+        elif kind == protocol.STOPPED:
+            answer = protocol.fields(bytes(payload))
+            self._resolve(kind, 0, _number(answer, "seq", 1, self._seq_issued), answer)
         else:
             raise protocol.ProtocolError(f"a frame of kind {kind} for the agent itself")
 
@@ -528,6 +553,7 @@ class AgentProcess(ProcessHandle):
         self.open_streams = {1} if record.tty else {1, 2}
         """The output streams the agent has not closed yet (1 stdout, 2 stderr)."""
         self.has_exited = False
+        self._state: StateReader | None = None  # its /proc/PID/stat, where the box's pids are ours
         for _ in self.open_streams:
             record.stream_opened()
 
@@ -634,12 +660,29 @@ class AgentProcess(ProcessHandle):
             written_bytes=fields.get("written_bytes"),
         )
 
+    def read_stopped(self) -> bool | None:
+        if not self.connection.same_pids or not self.leader or self.has_exited:
+            return None
+        if self._state is None:
+            self._state = StateReader(self.leader)
+        return self._state.stopped()
+
+    async def stopped(self) -> bool | None:
+        """Whether it is stopped, as the agent in the box reads its /proc (for a box whose /proc is not ours)."""
+        connection = self.connection
+        if connection.same_pids or not connection.alive or not self.leader or self.has_exited:
+            return None
+        stopped = await connection.stopped_channels()
+        return None if stopped is None else self.number in stopped
+
     async def resize(self, cols: int, rows: int) -> None:
         """Resize the process's terminal (its foreground group gets SIGWINCH)."""
         await self.connection._send(protocol.message(protocol.RESIZE, self.number, cols=cols, rows=rows))
 
     def close(self) -> None:
         self.detach()
+        if self._state is not None:
+            self._state.close()
 
 
 class _Tunnel:

@@ -320,7 +320,8 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
             call.pid = result.pid
         label = "screen" if tty else "stdout"
         headline = f"{_headline(result.pid, result)}, {_confinement(result.sandboxed)}{_waited(result)}"
-        text = f"{headline}\n{_cursor_line(result)}{_held_back(result, tty)}\n{_section(label, result.stdout)}"
+        text = f"{headline}\n{_cursor_line(result)}{_held_back(result, tty)}{_stopped_note(result)}\n"
+        text += _section(label, result.stdout)
         if not tty:
             text += f"\n{_section('stderr', result.stderr)}"
         return _reply(result, text)
@@ -336,8 +337,8 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
         """List running processes and the most recently finished ones.
 
         Each entry has pid, command, status ("running" or "terminated"), exitCode and signal once
-        finished, cwd, tty, sandboxed, and createdAt; with stats: true also what each uses. Use it to find
-        ids for stdout, stdin and kill.
+        finished, stopped: true while a signal keeps a running one stopped, cwd, tty, sandboxed, and
+        createdAt; with stats: true also what each uses. Use it to find ids for stdout, stdin and kill.
         """
         arguments = {"stats": stats} if stats else {}
         async with space(ctx, _Call("ps", arguments), create=False) as executor:
@@ -384,6 +385,7 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
             if result.stderr:
                 text += f"\n{_section('stderr', result.stderr)}"
             text += f"\n{_cursor_line(result)}"
+        text += _stopped_note(result)
         return _reply(result, text)
 
     @tool(ToolAnnotations(read_only_hint=True))
@@ -439,6 +441,7 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
         text += f"\n{_section('stderr', result.stderr)}\n{_cursor_line(result)}{_held_back(result, False)}"
         if result.dropped:
             text += f" ({result.dropped} bytes after the cursor are no longer available)"
+        text += _stopped_note(result)
         return _reply(result, text)
 
     @tool(ToolAnnotations(destructive_hint=True))
@@ -453,7 +456,8 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
         """Send a signal to a process and everything it started (its whole process group).
 
         SIGTERM (default) asks it to stop; SIGKILL forces it; SIGINT is Ctrl-C. Waits up to a second
-        for the process to exit and reports its status, so you know whether it is gone.
+        for the process to exit and reports its status, so you know whether it is gone. SIGSTOP pauses
+        it (it stays "running", with stopped: true) until SIGCONT.
         """
         async with process_space(ctx, _Call("kill", {"id": id, "signal": signal}, id)) as executor:
             result = await _call(executor.kill(id, signal))
@@ -553,7 +557,7 @@ def _reply(result: BaseModel, text: str, *, exclude: dict[str, Any] | None = Non
 
 def _state(state: ExitState) -> str:
     if state.status == "running":
-        return "running"
+        return "running (stopped)" if state.stopped else "running"
     if state.ended_by == "lost":
         return "terminated (ended with the agent in its box, which was lost)"
     cause = f", ended by {state.ended_by}" if state.ended_by not in (None, "exit") else ""
@@ -620,12 +624,23 @@ def _waited(result: SpawnResult | StdinResult | ProcessOutput) -> str:
 
 def _held_back(result: SpawnResult | ProcessOutput, tty: bool) -> str:
     """Why a wait on a pipe may have seen nothing: programs buffer output that is not a terminal."""
-    if tty or result.wait_result != "timeout" or result.status != "running" or result.cursor or result.stderr_cursor:
+    quiet = result.wait_result == "timeout" and result.status == "running" and not result.stopped
+    if tty or not quiet or result.cursor or result.stderr_cursor:
         return ""
     return (
         "\nno output yet: a program writing to a pipe may hold its output in a buffer until it has a few KiB or "
         "exits (C stdio, Python without PYTHONUNBUFFERED, Node's pipes); spawn it with tty: true, or use its own "
         "flag to flush (python3 -u, stdbuf -oL, grep --line-buffered)"
+    )
+
+
+def _stopped_note(state: SpawnResult | StdinResult | ProcessOutput) -> str:
+    """What a stopped process needs, said where a wait on it would otherwise just time out."""
+    if not state.stopped:
+        return ""
+    return (
+        f"\n{state.pid} is stopped (by SIGSTOP, or SIGTSTP, SIGTTIN, SIGTTOU): it does nothing, and prints nothing, "
+        "until it is continued; send SIGCONT to continue it (kill with signal SIGCONT)"
     )
 
 
