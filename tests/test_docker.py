@@ -423,6 +423,30 @@ async def test_an_existing_container_is_started_used_and_left_alone(engine: Dock
     assert not await matching_pids(container, f"^{executor.marker()}")
 
 
+@pytest.mark.parametrize("image", [DEBIAN_IMAGE, BUSYBOX_IMAGE], ids=["agent", "exec per process"])
+async def test_the_environment_defaults_yield_to_the_containers_own_and_to_the_request(
+    engine: DockerClient, made: Made, image: str, started: StartExecutor
+) -> None:
+    """PYTHONUNBUFFERED=1 is a default: a container whose environment sets it keeps its value, and a
+    request's env wins over both."""
+    await anyio.to_thread.run_sync(
+        lambda: engine.containers.run(
+            image,
+            ["tail", "-f", "/dev/null"],
+            name=made.container,
+            labels=TEST_LABELS,
+            environment={"PYTHONUNBUFFERED": "the-operators"},
+            detach=True,
+        )
+    )
+    executor = await started(DockerExecutor(docker_config(made.container, workdir="/tmp", use_existing=True)))
+    assert executor.via == ("agent" if image == DEBIAN_IMAGE else "exec")
+    kept = await executor.spawn(SpawnOptions(command='echo "[$PYTHONUNBUFFERED]"'))
+    assert kept.stdout == "[the-operators]\n"
+    asked = await executor.spawn(SpawnOptions(command='echo "[$PYTHONUNBUFFERED]"', env={"PYTHONUNBUFFERED": "0"}))
+    assert asked.stdout == "[0]\n"
+
+
 @pytest.mark.parametrize(
     ("image", "working_dir", "expected"),
     [(DEBIAN_IMAGE, None, "/"), (DEBIAN_IMAGE, "/srv", "/srv"), (BUSYBOX_IMAGE, "/tmp", "/tmp")],
@@ -585,8 +609,8 @@ async def test_an_image_without_bash_runs_commands_terminals_and_kills(
 ) -> None:
     executor = await started(created_executor(made, image=BUSYBOX_IMAGE))
     assert executor.via == "exec"  # no Python for the agent: one exec per process, chosen by itself
-    hi = await executor.spawn(SpawnOptions(command="echo hi; ls /bin/bash 2>&1"))
-    assert (hi.via, hi.stdout.startswith("hi\n")) == ("exec", True)
+    hi = await executor.spawn(SpawnOptions(command='echo hi; echo "[$PYTHONUNBUFFERED]"; ls /bin/bash 2>&1'))
+    assert (hi.via, hi.stdout.startswith("hi\n[1]\n")) == ("exec", True)  # the environment's default too
     assert [p.via for p in await executor.list_processes()] == ["exec"]
     assert (await executor.spawn(SpawnOptions(command="stty size", tty=True))).stdout == "30 120"
     tree = await executor.spawn(SpawnOptions(command="sleep 300 & sleep 301 & echo started; wait", background=True))

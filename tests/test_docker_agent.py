@@ -456,7 +456,8 @@ async def test_the_root_agents_processes_run_as_docker_user_with_what_an_exec_as
             lambda: made_container.exec_run(["/bin/sh", "-c", "env | sort"], user="1000:1000", workdir="/home/agent")
         )
         assert isinstance(plain.output, bytes)
-        ours = {"PROCESS_MCP_ID", "LC_CTYPE"}  # the marker, and the C locale Python's agent coerces to UTF-8
+        # The marker, the C locale Python's agent coerces to UTF-8, and the environment's default.
+        ours = {"PROCESS_MCP_ID", "LC_CTYPE", "PYTHONUNBUFFERED"}
         assert {line.partition("=")[0] for line in environment.stdout.splitlines()} - ours == {
             line.partition("=")[0] for line in plain.output.decode().splitlines()
         }

@@ -47,6 +47,17 @@ async def test_env_is_set_over_the_inherited_environment(executor: ProcessExecut
     assert "/bin" in path
 
 
+async def test_pythons_output_in_a_pipe_reaches_wait_for_while_it_runs(executor: ProcessExecutor) -> None:
+    # Python block-buffers a pipe: without PYTHONUNBUFFERED (a default the request may change) "ready"
+    # would wait in its buffer for the whole sleep, and the wait would run out.
+    server = "python3 -c \"import time; print('ready'); time.sleep(30)\""
+    ready = await executor.spawn(SpawnOptions(command=server, wait_for="ready", timeout_ms=int(WAIT_S * 1000)))
+    assert (ready.wait_result, ready.status, ready.stdout) == ("matched", "running", "ready\n")
+    await executor.kill(ready.pid, "KILL")
+    told = await executor.spawn(SpawnOptions(command='echo "[$PYTHONUNBUFFERED]"', env={"PYTHONUNBUFFERED": ""}))
+    assert told.stdout == "[]\n"
+
+
 async def test_cwd_defaults_to_the_workdir_and_can_be_chosen(executor: ProcessExecutor, workdir: str) -> None:
     assert (await executor.spawn(SpawnOptions(command="mkdir sub"))).exit_code == 0
     assert (await executor.spawn(SpawnOptions(command="pwd"))).stdout.strip() == workdir

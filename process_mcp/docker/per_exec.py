@@ -79,7 +79,7 @@ class ExecLauncher:
         assert ex._client is not None
         api = ex._client.api
         handshake = f"process-mcp-{secrets.token_hex(6)}"
-        environment = {**env, MARKER_VAR: ex.marker(record.pid).partition("=")[2]}
+        environment = {**ex.env_defaults(), **env, MARKER_VAR: ex.marker(record.pid).partition("=")[2]}
         if record.tty and "TERM" not in env:
             environment["TERM"] = TTY_TERM
         script = _TTY_LAUNCH_SCRIPT if record.tty else _LAUNCH_SCRIPT
