@@ -551,6 +551,8 @@ async def repl_session(s: Settings, workdir: str) -> None:
 
 REPLY_OUTPUT_BYTES = 10_000_000
 """Output of the command whose spawn reply is measured: far more than a reply carries."""
+PS_REPLY_ORIGINAL_KIB = 11.7
+"""What the original server's ps reply took for 50 processes."""
 
 
 async def reply_sizes(s: Settings, workdir: str) -> None:
@@ -570,14 +572,16 @@ async def reply_sizes(s: Settings, workdir: str) -> None:
         ps_bytes = srv.bytes_received - before
     finally:
         await srv.close()
-    for figure, result, size in (
-        (f"spawn reply for {REPLY_OUTPUT_BYTES / 1e6:.0f} MB of output", big, spawn_bytes),
-        (f"ps reply with {s.live} live processes", listed, ps_bytes),
-    ):
+    ps_most = PS_REPLY_ORIGINAL_KIB * s.live / 50
+    for figure, result, size, target, passed in (
+        (f"spawn reply for {REPLY_OUTPUT_BYTES / 1e6:.0f} MB of output", big, spawn_bytes, "-", None),
+        (f"ps reply with {s.live} live processes", listed, ps_bytes, f"<= {ps_most:.1f} KiB (the original's)",
+         ps_bytes <= ps_most * 1024),
+    ):  # fmt: skip
         text = sum(len(block.get("text", "").encode()) for block in result["content"])
         structured = len(json.dumps(result.get("structuredContent"), separators=(",", ":")).encode())
         s.add(figure, f"{size / 1024:.1f} KiB (text {text / 1024:.1f}, structured {structured / 1024:.1f})",
-              "-", "-", None)  # fmt: skip
+              "-", target, passed)  # fmt: skip
 
 
 class HttpServer:

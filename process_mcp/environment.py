@@ -1,14 +1,15 @@
-"""The environment a host process starts with: a few basic variables, never the server's secrets.
+"""The environment a process starts with: a few basic variables, never the server's secrets.
 
 A server's environment holds whatever its MCP client put there (API keys, cloud credentials, tokens).
-Children get only the variables programs need to behave (``BASIC_VARIABLES`` and ``LC_*``), the ones an
-operator names in ``PROCESS_ENV_PASSTHROUGH``, ``DEFAULTS`` where neither set them, and then the
-request's own ``env`` on top.
+Host children get only the variables programs need to behave (``BASIC_VARIABLES`` and ``LC_*``), the
+ones an operator names in ``PROCESS_ENV_PASSTHROUGH``, ``DEFAULTS`` where neither set them, and then the
+request's own ``env`` on top. A container's processes get its own environment (the operator's image or
+container), ``DEFAULTS`` where it does not set them, and the request's ``env`` on top.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 BASIC_VARIABLES = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TERM", "TZ", "COLORTERM")
 """What every child gets from the server's environment when set, besides ``LC_*``."""
@@ -30,3 +31,9 @@ def child_environment(
     for name, value in DEFAULTS.items():
         env.setdefault(name, value)
     return {**env, **overrides, **request}
+
+
+def defaults_missing_from(names: Iterable[str]) -> dict[str, str]:
+    """``DEFAULTS`` that an environment setting ``names`` (e.g. a container's) does not set."""
+    present = set(names)
+    return {name: value for name, value in DEFAULTS.items() if name not in present}

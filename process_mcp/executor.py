@@ -15,6 +15,7 @@ import signal
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Coroutine
+from signal import SIGCONT, SIGSTOP
 from typing import Any, ClassVar
 
 import anyio
@@ -54,7 +55,10 @@ from .waiting import MATCH_THREADS, OUTPUT_SETTLE_S, Progress, Wait, text_since,
 logger = logging.getLogger(__name__)
 
 KILL_SETTLE_S = 1.0
-"""How long kill waits for the process to exit, so its reply can say whether it did."""
+"""How long kill waits for the process to exit (or, for SIGSTOP and SIGCONT, to stop or go on), so its
+reply can say whether it did."""
+STOP_POLL_S = 0.02
+"""Interval of asking whether a process that was sent SIGSTOP or SIGCONT has stopped or gone on."""
 SHUTDOWN_GRACE_S = 1.5
 """How long cleanup lets processes handle SIGTERM before SIGKILL; fits in the 2 s MCP clients give a
 server to exit once they close its stdin."""
@@ -149,6 +153,7 @@ class ProcessExecutor(ABC):
             wait_result = await wait_on(record, wait, (0, 0), progress, limiter=self._search_limiter())
         elif not options.background and await wait_exit(record, timeout_s, progress):
             await record.wait(OUTPUT_SETTLE_S, output=True)
+        await _refresh_stopped([record])
         return SpawnResult(
             pid=record.pid,
             sandboxed=record.sandboxed,
@@ -188,8 +193,10 @@ class ProcessExecutor(ABC):
         start = (record.stdout.total, record.stderr.total)
         await self._handle(record).write(data)
         if wait is None:
+            await _refresh_stopped([record])
             return StdinResult(pid=record.pid, bytes_sent=len(data), **_cursors(record), **record.state())
         wait_result = await wait_on(record, wait, start, progress, limiter=self._search_limiter())
+        await _refresh_stopped([record])
         complete = not record.lingering
         stdout, _ = text_since(record.stdout, start[0], record.tty, complete=complete)
         stderr, _ = text_since(record.stderr, start[1], False, complete=complete)
@@ -211,12 +218,14 @@ class ProcessExecutor(ABC):
         """What ps says about one process. Raises ProcessNotFound."""
         record = self._registry.get(pid)
         await _refresh_stats([record], 0.0)
+        await _refresh_stopped([record])
         return record.info()
 
     async def list_processes(self, *, stats: bool = False) -> list[ProcessInfo]:
         """Every running process and the most recently finished ones, oldest first; with ``stats``, each
         with the resources of its tree (sampled now where the last sample is older than STATS_MAX_AGE_S)."""
         records = list(self._registry)
+        await _refresh_stopped(records)
         if not stats:
             return [record.info(stats=False) for record in records]
         await _refresh_stats(records, STATS_MAX_AGE_S)
@@ -267,6 +276,7 @@ class ProcessExecutor(ABC):
         else:
             stderr = tail_lines(record.stderr, lines, complete=complete)
         await _refresh_stats([record], 0.0)
+        await _refresh_stopped([record])
         return ProcessOutput(
             pid=record.pid,
             stdout=stdout,
@@ -291,6 +301,10 @@ class ProcessExecutor(ABC):
         await self._handle(record).signal(signum)
         if signum not in NON_TERMINATING:
             await record.wait(KILL_SETTLE_S)
+        elif signum in (SIGSTOP, SIGCONT):  # `signal` is the parameter here
+            await _settle_stopped(record, signum == SIGSTOP)
+        else:
+            await _refresh_stopped([record])
         return KillResult(
             pid=record.pid,
             sent=signum.name,
@@ -585,6 +599,41 @@ async def _refresh_stats(records: list[ManagedProcess], max_age_s: float) -> Non
         )
         record.stats_at = taken
         record.peak_rss = max(sample.rss_bytes, record.peak_rss or 0)
+
+
+async def _refresh_stopped(records: list[ManagedProcess]) -> None:
+    """Note which running processes are stopped: those this machine's /proc shows read in one worker
+    thread, the others asked where they run, all at once."""
+    running = [(record, record.handle) for record in records if record.running and record.handle is not None]
+    if not running:
+        return
+    read = await anyio.to_thread.run_sync(lambda: [handle.read_stopped() for _, handle in running])
+    asked: list[bool | None] = [None] * len(running)
+
+    async def ask(i: int, handle: ProcessHandle) -> None:
+        asked[i] = await handle.stopped()
+
+    async with anyio.create_task_group() as tasks:
+        for i, ((_, handle), here) in enumerate(zip(running, read, strict=True)):
+            if here is None:
+                tasks.start_soon(ask, i, handle)
+    for (record, _), here, there in zip(running, read, asked, strict=True):
+        found = here if here is not None else there
+        if found is not None:
+            record.set_stopped(found)
+
+
+async def _settle_stopped(record: ManagedProcess, stopped: bool) -> None:
+    """After SIGSTOP (``stopped``) or SIGCONT, wait up to KILL_SETTLE_S for the process to have stopped
+    or gone on (the kernel acts on the signal when the process next runs), so the reply says so."""
+    with anyio.move_on_after(KILL_SETTLE_S):
+        while True:
+            changed = record.changed()
+            await _refresh_stopped([record])
+            if record.stopped == stopped or not record.running:
+                return
+            with anyio.move_on_after(STOP_POLL_S):
+                await changed.wait()
 
 
 def _cursors(record: ManagedProcess) -> dict[str, int]:

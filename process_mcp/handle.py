@@ -54,3 +54,13 @@ class ProcessHandle(ABC):
         """What the process's tree uses, measured where it runs, for a handle without a ``tree_root``;
         None where it cannot be measured."""
         return None
+
+    def read_stopped(self) -> bool | None:
+        """Whether the process itself (the root of its tree) is stopped by a signal, read from /proc on this
+        machine; called in a worker thread. None where /proc here cannot tell (then ``stopped`` asks)."""
+        return None
+
+    async def stopped(self) -> bool | None:
+        """Whether the process itself is stopped by a signal, asked where it runs, for a handle whose
+        ``read_stopped`` cannot tell; None where it cannot be told (the record keeps what was last seen)."""
+        return None

@@ -44,7 +44,7 @@ from .models import TERMINAL_COLS, TERMINAL_ROWS, TTY_TERM, LimitName, ProcessLi
 from .registry import ManagedProcess
 from .sandbox import Launch, Sandbox, Tools, env_resets_signals, find_bwrap, find_tool, probe
 from .signals import signal_from_exit_code
-from .stats import descendants
+from .stats import StateReader, descendants, is_stopped
 from .streams import READ_CHUNK, write_all
 
 if TYPE_CHECKING:
@@ -403,6 +403,7 @@ class _HostHandle(ProcessHandle):
         self._input = -1  # where stdin writes go: the pipe to the child, or the PTY itself
         self._signals_reset = False  # whether the sandbox's launch chain has passed its signal reset
         self._init_pid: int | None = None  # bwrap's init, once seen
+        self._command: StateReader | None = None  # the one child of bwrap's init, once seen
         try:
             self._pidfd = os.pidfd_open(pid)
         except (AttributeError, OSError):
@@ -416,6 +417,19 @@ class _HostHandle(ProcessHandle):
         if self._init_pid is None:
             self._init_pid = _only_child(self._pid)
         return (self._init_pid or self._pid), False
+
+    def read_stopped(self) -> bool | None:
+        # The launch chain below bwrap's init execs its way to the command's shell, keeping its pid. Until
+        # that process is there, the deepest one that is tells: stopped, it starts nothing below it.
+        if self._command is not None:
+            return self._command.stopped()
+        if self._init_pid is None:
+            self._init_pid = _only_child(self._pid)
+        command = None if self._init_pid is None else _only_child(self._init_pid)
+        if command is None:
+            return is_stopped(self._init_pid or self._pid)
+        self._command = StateReader(command)
+        return self._command.stopped()
 
     async def _await_signals_reset(self, signum: int) -> None:
         """Wait (until SIGNALS_RESET_S after the start) for a process in the sandbox that no longer
@@ -527,6 +541,8 @@ class _HostHandle(ProcessHandle):
         for fd in list(self._readers):
             self._stop_reading(fd)
         self._release_pidfd()
+        if self._command is not None:
+            self._command.close()
 
 
 def _accepts(root: int, signum: int) -> bool:

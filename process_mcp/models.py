@@ -114,6 +114,12 @@ class ExitState(_Wire):
         "running it in its box was lost, and the process was ended with it; spawn again to start anew).",
     )
     limit: LimitName | None = Field(None, description="The limit that ended it: memory, processes, cpu or output.")
+    stopped: bool | None = Field(
+        None,
+        description="True while the process runs but is stopped by a signal (SIGSTOP, or SIGTSTP, SIGTTIN, "
+        "SIGTTOU): it does nothing, and prints nothing, until it gets SIGCONT (kill with signal SIGCONT). "
+        "Absent otherwise.",
+    )
 
 
 class _Progress(_Wire):
@@ -197,6 +203,12 @@ class ProcessList(_Wire):
     """The reply to ps."""
 
     processes: list[ProcessInfo]
+    sandboxed: bool | None = Field(
+        None, description="Whether the processes run confined, when they all do alike (the rows then leave it out)."
+    )
+    via: ProcessVia | None = Field(
+        None, description="How the processes were started, when they all were alike (the rows then leave it out)."
+    )
 
 
 class StdinResult(ExitState, _Progress):

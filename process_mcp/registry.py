@@ -72,6 +72,8 @@ class ManagedProcess:
         """Most memory its tree was seen using: its sandbox's cgroup peak where there is one, else the
         highest sample taken."""
         self.stats_at = 0.0
+        self.stopped = False
+        """Whether the process itself is stopped by a signal, as last seen (see ``ProcessHandle.stopped``)."""
         self._changed: anyio.Event | None = None  # created only while someone waits for a change
         self.stdout.on_append = self.stderr.on_append = self._output_arrived
 
@@ -89,7 +91,7 @@ class ManagedProcess:
         return not self._done.is_set()
 
     def changed(self) -> anyio.Event:
-        """An event set at the next output or exit."""
+        """An event set at the next output, exit, stop or continue."""
         if self._changed is None:
             self._changed = anyio.Event()
         return self._changed
@@ -155,6 +157,7 @@ class ManagedProcess:
             self.signal = signal_name(signum)
             exit_code = 128 + signum
         self.exit_code = exit_code
+        self.stopped = False
         self._exited.set()
         self._wake()
         self._check_done()
@@ -173,14 +176,22 @@ class ManagedProcess:
             await event.wait()
         return event.is_set()
 
+    def set_stopped(self, stopped: bool) -> None:
+        """Note that the process itself was stopped by a signal, or continued."""
+        if stopped != self.stopped and self.running:
+            self.stopped = stopped
+            self._wake()
+
     def state(self) -> dict[str, Any]:
-        """The fields every reply shares: status, exit_code, signal, ended_by."""
+        """The fields every reply shares: status, exit_code, signal, ended_by, limit, and stopped (only
+        while it is)."""
         return {
             "status": self.status,
             "exit_code": self.exit_code,
             "signal": self.signal,
             "ended_by": self.ended_by,
             "limit": self.limit,
+            "stopped": True if self.running and self.stopped else None,
         }
 
     def info(self, *, stats: bool = True) -> ProcessInfo:

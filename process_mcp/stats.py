@@ -6,6 +6,7 @@ A tree is found by walking ``/proc/<pid>/task/<tid>/children`` from a root, in a
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -60,6 +61,72 @@ def sample_tree(root: int, *, include_root: bool = True) -> TreeSample | None:
     if not processes:
         return None
     return TreeSample(processes, threads, ticks / CLOCK_TICKS, pages * PAGE_BYTES, read, written)
+
+
+STOPPED_STATES = (b"T", b"t")
+"""The states /proc/PID/stat gives a process stopped by a signal, or by its tracer."""
+
+
+def is_stopped(pid: int) -> bool | None:
+    """Whether ``pid`` is stopped (see ``StateReader``); None if it is gone."""
+    return _stopped(pid, _state(pid))
+
+
+class StateReader:
+    """Tells whether one process is stopped, from its /proc/PID/stat held open: a read then costs only
+    the kernel's formatting (a ps reads one for each process). Its descriptor stays the process's after
+    the pid is reused. Read in worker threads; ``close`` from anywhere."""
+
+    def __init__(self, pid: int) -> None:
+        self._pid = pid
+        self._fd = -1
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def stopped(self) -> bool | None:
+        """Whether the process is stopped (by a signal, or by its tracer), or waits in vfork on a child
+        that is (a shell starting a command when a stop reached its group: it goes on only once the
+        child does); None once it is gone."""
+        with self._lock:
+            if self._closed:
+                return None
+            try:
+                if self._fd < 0:
+                    self._fd = os.open(f"/proc/{self._pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+                data = os.pread(self._fd, 1024, 0)
+            except OSError:
+                return None
+        return _stopped(self._pid, _parse_state(data))
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+
+def _stopped(pid: int, state: bytes | None) -> bool | None:
+    if state == b"D":
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children", "rb") as file:
+                return any(_state(int(child)) in STOPPED_STATES for child in file.read().split())
+        except (OSError, ValueError):
+            return False
+    return None if state is None else state in STOPPED_STATES
+
+
+def _state(pid: int) -> bytes | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            return _parse_state(file.read())
+    except OSError:
+        return None
+
+
+def _parse_state(stat: bytes) -> bytes | None:
+    fields = stat.rsplit(b")", 1)
+    return fields[1].split()[0] if len(fields) == 2 and fields[1].split() else None
 
 
 def descendants(root: int) -> list[int]:

@@ -29,6 +29,7 @@ from process_mcp import BackendUnavailable, ProcessMcpConfig, SpawnOptions, crea
 from process_mcp.config import Defaults, DockerConfig, SandboxConfig
 from process_mcp.docker import DockerExecutor
 from process_mcp.docker.engine import KEPT_CAPABILITIES, MANAGED_LABEL
+from process_mcp.docker.per_exec import stopped_ids
 
 from .conftest import BULLSEYE_IMAGE, BUSYBOX_IMAGE, DEBIAN_IMAGE, TEST_LABELS, docker_config, unique_name
 from .helpers import POLL_S, WAIT_S, sleep_argument, wait_for_output
@@ -422,6 +423,30 @@ async def test_an_existing_container_is_started_used_and_left_alone(engine: Dock
     assert not await matching_pids(container, f"^{executor.marker()}")
 
 
+@pytest.mark.parametrize("image", [DEBIAN_IMAGE, BUSYBOX_IMAGE], ids=["agent", "exec per process"])
+async def test_the_environment_defaults_yield_to_the_containers_own_and_to_the_request(
+    engine: DockerClient, made: Made, image: str, started: StartExecutor
+) -> None:
+    """PYTHONUNBUFFERED=1 is a default: a container whose environment sets it keeps its value, and a
+    request's env wins over both."""
+    await anyio.to_thread.run_sync(
+        lambda: engine.containers.run(
+            image,
+            ["tail", "-f", "/dev/null"],
+            name=made.container,
+            labels=TEST_LABELS,
+            environment={"PYTHONUNBUFFERED": "the-operators"},
+            detach=True,
+        )
+    )
+    executor = await started(DockerExecutor(docker_config(made.container, workdir="/tmp", use_existing=True)))
+    assert executor.via == ("agent" if image == DEBIAN_IMAGE else "exec")
+    kept = await executor.spawn(SpawnOptions(command='echo "[$PYTHONUNBUFFERED]"'))
+    assert kept.stdout == "[the-operators]\n"
+    asked = await executor.spawn(SpawnOptions(command='echo "[$PYTHONUNBUFFERED]"', env={"PYTHONUNBUFFERED": "0"}))
+    assert asked.stdout == "[0]\n"
+
+
 @pytest.mark.parametrize(
     ("image", "working_dir", "expected"),
     [(DEBIAN_IMAGE, None, "/"), (DEBIAN_IMAGE, "/srv", "/srv"), (BUSYBOX_IMAGE, "/tmp", "/tmp")],
@@ -584,8 +609,8 @@ async def test_an_image_without_bash_runs_commands_terminals_and_kills(
 ) -> None:
     executor = await started(created_executor(made, image=BUSYBOX_IMAGE))
     assert executor.via == "exec"  # no Python for the agent: one exec per process, chosen by itself
-    hi = await executor.spawn(SpawnOptions(command="echo hi; ls /bin/bash 2>&1"))
-    assert (hi.via, hi.stdout.startswith("hi\n")) == ("exec", True)
+    hi = await executor.spawn(SpawnOptions(command='echo hi; echo "[$PYTHONUNBUFFERED]"; ls /bin/bash 2>&1'))
+    assert (hi.via, hi.stdout.startswith("hi\n[1]\n")) == ("exec", True)  # the environment's default too
     assert [p.via for p in await executor.list_processes()] == ["exec"]
     assert (await executor.spawn(SpawnOptions(command="stty size", tty=True))).stdout == "30 120"
     tree = await executor.spawn(SpawnOptions(command="sleep 300 & sleep 301 & echo started; wait", background=True))
@@ -593,9 +618,28 @@ async def test_an_image_without_bash_runs_commands_terminals_and_kills(
     container = await anyio.to_thread.run_sync(engine.containers.get, made.container)
     tree_pattern = f"^{executor.marker(tree.pid)}$"
     assert len(await matching_pids(container, tree_pattern, executor.exec_user)) == 3  # sh, both sleeps
+    assert (await executor.kill(tree.pid, "STOP")).stopped is True  # busybox's sh and tools tell it too
+    assert (await executor.kill(tree.pid, "CONT")).stopped is None
     killed = await executor.kill(tree.pid, "KILL")
     assert (killed.status, killed.signal, killed.exit_code) == ("terminated", "SIGKILL", 137)
     await wait_until_none_match(container, tree_pattern, executor.exec_user)
+
+
+def test_a_process_of_its_own_exec_reads_stopped_when_it_or_the_child_it_waits_on_in_vfork_is() -> None:
+    """What the exec-per-process path makes of the walk of /proc in the container (pid, ppid, state, id)."""
+    listing = "\n".join(
+        [
+            "10 0 T docker-1",  # stopped
+            "20 0 D docker-2",  # in vfork, on a stopped child
+            "21 20 T docker-2",
+            "30 0 D docker-3",  # in uninterruptible sleep, its child running
+            "40 0 S docker-4",
+            "41 40 T docker-4",  # a stopped child of a running process: the process runs
+            "50 7 T docker-5",  # a stopped orphan under the container's init
+            "garbage",
+        ]
+    )
+    assert stopped_ids(listing) == {"docker-1", "docker-2"}
 
 
 async def test_the_agent_runs_on_an_old_python_without_splice(

@@ -456,7 +456,8 @@ async def test_the_root_agents_processes_run_as_docker_user_with_what_an_exec_as
             lambda: made_container.exec_run(["/bin/sh", "-c", "env | sort"], user="1000:1000", workdir="/home/agent")
         )
         assert isinstance(plain.output, bytes)
-        ours = {"PROCESS_MCP_ID", "LC_CTYPE"}  # the marker, and the C locale Python's agent coerces to UTF-8
+        # The marker, the C locale Python's agent coerces to UTF-8, and the environment's default.
+        ours = {"PROCESS_MCP_ID", "LC_CTYPE", "PYTHONUNBUFFERED"}
         assert {line.partition("=")[0] for line in environment.stdout.splitlines()} - ours == {
             line.partition("=")[0] for line in plain.output.decode().splitlines()
         }
@@ -472,6 +473,31 @@ async def test_the_root_agents_processes_run_as_docker_user_with_what_an_exec_as
                 await anyio.sleep(POLL_S)
     finally:
         await executor.cleanup()
+
+
+AGENT_ARGV_MAX = 256
+"""Most bytes of the command line `ps` in the box may show for each of the agent's processes (its
+bootstrap was 600 bytes, shown once for the agent, the zygote and every supervisor)."""
+
+# Prints the command line of every process in the box, one a line, its arguments and lines joined by spaces
+# (busybox too).
+_COMMAND_LINES = "for d in /proc/[0-9]*; do tr '\\0\\n' '  ' < \"$d/cmdline\" 2>/dev/null && echo; done; true"
+
+
+async def test_ps_in_the_box_shows_the_agents_processes_by_name_in_a_short_command_line(
+    boxed: DockerExecutor,
+) -> None:
+    """`ps` in the box lists the agent, its zygote and a supervisor per process: each reads as
+    process-mcp-agent, without the code that loads it, so the processes the user started stand out."""
+    for _ in range(3):
+        await boxed.spawn(SpawnOptions(command="sleep 600", background=True))
+    listing = await boxed.spawn(SpawnOptions(command=_COMMAND_LINES))
+    lines = listing.stdout.splitlines()
+    agents = [line for line in lines if client.AGENT_NAME in line.split()]
+    assert len(agents) >= 5, lines  # the agent, the zygote, and the supervisors of three sleeps and of this one
+    assert all(len(line) <= AGENT_ARGV_MAX for line in agents), agents
+    assert not [line for line in lines if "process_mcp_box_agent" in line or "def take" in line], lines
+    assert sum(line.strip() == "sleep 600" for line in lines) == 3
 
 
 # A stream that breaks the protocol: each frame below is played into the client as if the agent had

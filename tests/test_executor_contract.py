@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anyio
 import pytest
 
 from process_mcp import (
@@ -14,7 +15,7 @@ from process_mcp import (
     SpawnOptions,
 )
 
-from .helpers import sleep_argument, sleepers, wait_for_exit, wait_for_output, wait_until_gone
+from .helpers import POLL_S, WAIT_S, sleep_argument, sleepers, wait_for_exit, wait_for_output, wait_until_gone
 
 pytestmark = pytest.mark.anyio
 
@@ -44,6 +45,17 @@ async def test_env_is_set_over_the_inherited_environment(executor: ProcessExecut
     greeting, path = result.stdout.strip().split(":", 1)
     assert greeting == "hi"
     assert "/bin" in path
+
+
+async def test_pythons_output_in_a_pipe_reaches_wait_for_while_it_runs(executor: ProcessExecutor) -> None:
+    # Python block-buffers a pipe: without PYTHONUNBUFFERED (a default the request may change) "ready"
+    # would wait in its buffer for the whole sleep, and the wait would run out.
+    server = "python3 -c \"import time; print('ready'); time.sleep(30)\""
+    ready = await executor.spawn(SpawnOptions(command=server, wait_for="ready", timeout_ms=int(WAIT_S * 1000)))
+    assert (ready.wait_result, ready.status, ready.stdout) == ("matched", "running", "ready\n")
+    await executor.kill(ready.pid, "KILL")
+    told = await executor.spawn(SpawnOptions(command='echo "[$PYTHONUNBUFFERED]"', env={"PYTHONUNBUFFERED": ""}))
+    assert told.stdout == "[]\n"
 
 
 async def test_cwd_defaults_to_the_workdir_and_can_be_chosen(executor: ProcessExecutor, workdir: str) -> None:
@@ -206,6 +218,49 @@ async def test_stop_halts_the_process_and_continue_resumes_it(executor: ProcessE
     assert halted.wait_result == "timeout"
     assert (await executor.kill(result.pid, "SIGCONT")).status == "running"
     await wait_for_output(executor, result.pid, "while stopped")
+
+
+@pytest.mark.parametrize("attempt", range(STOP_ATTEMPTS))
+async def test_a_stopped_process_reads_as_stopped_until_it_is_continued(
+    executor: ProcessExecutor, attempt: int
+) -> None:
+    # Stopped at once: the shell may be starting sleep right then, waiting in vfork on a child that stopped.
+    result = await executor.spawn(SpawnOptions(command="sleep 600", background=True))
+    stopped = await executor.kill(result.pid, "SIGSTOP")
+    assert (stopped.status, stopped.stopped) == ("running", True)
+    rows = {p.pid: p for p in await executor.list_processes()}
+    assert (rows[result.pid].status, rows[result.pid].stopped) == ("running", True)
+    assert (await executor.get_process(result.pid)).stopped is True
+    # A wait on it ends at its bound, and says why nothing came.
+    waited = await executor.get_output(result.pid, until_exit=True, wait_ms=STOPPED_WAIT_MS)
+    assert (waited.wait_result, waited.status, waited.stopped) == ("timeout", "running", True)
+    resumed = await executor.kill(result.pid, "SIGCONT")
+    assert (resumed.status, resumed.stopped) == ("running", None)
+    assert (await executor.get_process(result.pid)).stopped is None
+    assert (await executor.kill(result.pid, "KILL")).stopped is None
+
+
+async def test_a_process_that_stops_itself_reads_as_stopped(executor: ProcessExecutor) -> None:
+    result = await executor.spawn(SpawnOptions(command="echo before; kill -STOP $$; echo after", background=True))
+    with anyio.fail_after(WAIT_S):  # it stops when the shell gets there
+        while True:
+            if (await executor.get_process(result.pid)).stopped:
+                break
+            await anyio.sleep(POLL_S)
+    listed = {p.pid: p for p in await executor.list_processes()}[result.pid]
+    assert (listed.status, listed.stopped, (await executor.get_output(result.pid)).stdout) == (
+        "running",
+        True,
+        "before\n",
+    )
+    await executor.kill(result.pid, "CONT")
+    await wait_for_exit(executor, result.pid)
+    finished = await executor.get_process(result.pid)
+    assert (finished.exit_code, finished.stopped, (await executor.get_output(result.pid)).stdout) == (
+        0,
+        None,
+        "before\nafter\n",
+    )
 
 
 async def test_signals_reach_a_trap_in_the_shell(executor: ProcessExecutor) -> None:

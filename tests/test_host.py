@@ -329,3 +329,28 @@ async def test_a_local_agent_that_breaks_the_protocol_is_dropped_with_its_proces
         for child in children:
             kill_if_alive(child)
         await executor.cleanup()
+
+
+AGENT_ARGV_MAX = 256
+"""Most bytes of the command line `ps` may show for each of the local agent's processes (its bootstrap was
+600 bytes, shown once for the agent, the zygote and every supervisor)."""
+
+
+async def test_ps_shows_the_local_agents_processes_by_name_in_a_short_command_line(workdir: Path) -> None:
+    """Unsandboxed, the agent and a supervisor per process run here: `ps` names each process-mcp-agent,
+    without the code that loads it."""
+    executor = HostExecutor(host_config(workdir, sandbox=SandboxConfig(enabled=False)))
+    try:
+        spawned = await executor.spawn(SpawnOptions(command="echo $$; sleep 600", wait_for=r"^\d+$"))
+        assert spawned.wait_result == "matched"
+        shell = int(spawned.stdout)
+        local = executor._local
+        assert local is not None
+        stat = await anyio.Path(f"/proc/{shell}/stat").read_bytes()
+        supervisor = int(stat.rsplit(b")", 1)[1].split()[1])
+        for pid in (local.process.pid, supervisor):
+            argv = await anyio.Path(f"/proc/{pid}/cmdline").read_bytes()
+            assert b"process-mcp-agent" in argv.split(b"\0"), argv
+            assert len(argv) <= AGENT_ARGV_MAX, argv
+    finally:
+        await executor.cleanup()

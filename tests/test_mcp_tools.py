@@ -1,8 +1,12 @@
-"""The five tools as an MCP client sees them, in memory, against a real host executor."""
+"""The five tools as an MCP client sees them, in memory, against a real host executor (and a Docker one for
+the size of ps)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +14,9 @@ import pytest
 from mcp import Client
 
 from process_mcp import ProcessMcpServer, create_process_mcp
+from process_mcp.config import default_host_workspace
 
-from .conftest import host_config
+from .conftest import backend_config, host_config
 from .helpers import WAIT_S, call, error, machine_can_sandbox, text_of
 
 pytestmark = pytest.mark.anyio
@@ -98,16 +103,102 @@ async def test_a_tty_session_driven_through_the_tools(client: Client) -> None:
     }
 
 
-async def test_ps_lists_processes_as_text_and_structure(client: Client) -> None:
+async def test_ps_lists_processes_as_text_and_structure(client: Client, workdir: Path) -> None:
     assert text_of(await client.call_tool("ps", {})) == "No processes. Start one with spawn."
     await call(client, "spawn", {"command": "sleep 30", "background": True})
     result = await client.call_tool("ps", {})
     assert result.structured_content is not None
     processes = result.structured_content["processes"]
     assert [(p["pid"], p["status"], p["command"]) for p in processes] == [("host-1", "running", "sleep 30")]
-    assert {"pid", "command", "status", "cwd", "tty", "createdAt", "sandboxed", "via"} <= set(processes[0])
+    assert {"pid", "command", "status", "cwd", "tty", "createdAt"} <= set(processes[0])
     assert not {"exitCode", "signal", "endedBy", "limit"} & set(processes[0])  # none of them while it runs
-    assert f"host-1  running  pipe  {CONFINEMENT}" in text_of(result)
+    # What every row shares is said once, for the list.
+    assert (result.structured_content["sandboxed"], result.structured_content["via"]) == (machine_can_sandbox(), "host")
+    assert not {"sandboxed", "via"} & set(processes[0])
+    lines = text_of(result).splitlines()
+    day = processes[0]["createdAt"][:10]
+    assert (
+        lines[0]
+        == f"1 process, {CONFINEMENT}; started on {day} (UTC) in {processes[0]['cwd']} unless a row says otherwise:"
+    )
+    assert lines[1] == f"host-1  running  pipe  {processes[0]['createdAt'][11:19]}  $ sleep 30"
+    (Path(workdir) / "sub").mkdir()
+    await call(client, "spawn", {"command": "sleep 30", "background": True, "cwd": "sub"})
+    assert f"cwd={Path(workdir) / 'sub'}  $ sleep 30" in text_of(await client.call_tool("ps", {})).splitlines()[2]
+
+
+async def test_a_stopped_process_reads_running_stopped_and_a_wait_on_it_says_to_continue_it(client: Client) -> None:
+    # A job that stops itself: the wait for its output ends at its bound, saying why and what to do.
+    spawned = await client.call_tool(
+        "spawn", {"command": "echo started; kill -STOP $$; echo continued", "waitFor": "continued", "timeoutMs": 1000}
+    )
+    assert spawned.structured_content is not None
+    pid = spawned.structured_content["pid"]
+    assert (spawned.structured_content["status"], spawned.structured_content["waitResult"]) == ("running", "timeout")
+    assert spawned.structured_content["stopped"] is True
+    assert text_of(spawned).startswith(f"{pid}: running (stopped), ")
+    assert "send SIGCONT to continue it" in text_of(spawned)
+    assert "buffer" not in text_of(spawned)  # not the hint for a program that holds its output back
+    listed = await client.call_tool("ps", {})
+    assert listed.structured_content is not None
+    assert listed.structured_content["processes"][0]["stopped"] is True
+    assert f"{pid}  running (stopped)  pipe  " in text_of(listed)
+    waited = await client.call_tool("stdout", {"id": pid, "untilExit": True, "waitMs": 300})
+    assert waited.structured_content is not None
+    assert (waited.structured_content["waitResult"], waited.structured_content["stopped"]) == ("timeout", True)
+    assert "send SIGCONT to continue it" in text_of(waited)
+    # Continued, it runs to its end.
+    continued = await client.call_tool("kill", {"id": pid, "signal": "SIGCONT"})
+    assert text_of(continued) in (
+        f"Sent SIGCONT to {pid}: running.",
+        f"Sent SIGCONT to {pid}: terminated (exit code 0).",
+    )
+    finished = await call(client, "stdout", {"id": pid, "untilExit": True})
+    assert (finished["status"], finished["stdout"]) == ("terminated", "started\ncontinued\n")
+    assert "stopped" not in finished
+    # One stopped with kill reads so at once, and a plain one leaves the field out.
+    sleeper = await call(client, "spawn", {"command": "sleep 30", "background": True})
+    assert text_of(await client.call_tool("kill", {"id": sleeper["pid"], "signal": "STOP"})).endswith(
+        "running (stopped)."
+    )
+    assert text_of(await client.call_tool("kill", {"id": sleeper["pid"], "signal": "CONT"})).endswith("running.")
+    assert "stopped" not in (await call(client, "ps", {}))["processes"][1]
+
+
+PS_PROCESSES = 50
+PS_REPLY_MAX_BYTES = 11_980
+"""Most bytes a plain ps of PS_PROCESSES processes may take as the client receives it: the original
+server's ~11.7 KiB."""
+
+
+@pytest.fixture
+def default_length_workspace() -> Iterator[str]:
+    """A workspace whose path is as long as the host's default workspace (what each row's cwd repeats)."""
+    base = tempfile.mkdtemp(prefix="process-mcp-test-")
+    path = os.path.join(base, "w" * max(1, len(default_host_workspace()) - len(base) - 1))
+    os.mkdir(path)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(base)
+
+
+@pytest.mark.parametrize("backend", ["host", "docker"], indirect=True)
+async def test_a_plain_ps_of_fifty_processes_is_no_larger_than_the_originals(
+    request: pytest.FixtureRequest, backend: str, workdir: str
+) -> None:
+    if backend == "host":
+        config = host_config(request.getfixturevalue("default_length_workspace"))
+    else:
+        config = backend_config(request, backend, workdir)
+    async with await create_process_mcp(config) as mcp, Client(mcp.server, read_timeout_seconds=WAIT_S) as client:
+        for _ in range(PS_PROCESSES):
+            await call(client, "spawn", {"command": "sleep 1000", "background": True})
+        result = await client.call_tool("ps", {})
+        assert result.structured_content is not None
+        assert len(result.structured_content["processes"]) == PS_PROCESSES
+        size = len(result.model_dump_json(by_alias=True, exclude_none=True).encode())
+        assert size <= PS_REPLY_MAX_BYTES, text_of(result)
 
 
 @pytest.mark.parametrize(

@@ -1,9 +1,9 @@
 """The agent in the box: starts and drives processes for the server over one byte stream.
 
 The server starts it with the stream on its stdin and stdout (in Docker, one exec running
-``python3 -I -S -c <bootstrap>``, which reads this module and ``protocol`` from the stream) and then
-speaks ``protocol`` to it. It runs with whatever Python the box has: standard library only, and
-syntax Python 3.8 parses.
+``python3 -I -S -c <bootstrap> process-mcp-agent``, which reads this module and ``protocol`` from the
+stream) and then speaks ``protocol`` to it. It runs with whatever Python the box has: standard library
+only, and syntax Python 3.8 parses.
 
 Each process runs under a supervisor of its own that is a child subreaper (PR_SET_CHILD_SUBREAPER),
 so whatever the process starts stays in the supervisor's tree even when it double-forks, calls setsid
@@ -60,7 +60,7 @@ from typing import Any
 
 try:
     from . import protocol
-except ImportError:  # in the box: the bootstrap registered protocol under this name first
+except ImportError:  # in the box: the loader registered protocol under this name first
     import process_mcp_box_protocol as protocol  # type: ignore[import-not-found,no-redef]
 
 READ_CHUNK = 1024 * 1024
@@ -252,6 +252,28 @@ def sample_tree(root: int, children: dict[int, list[int]]) -> dict[str, Any]:
         "read_bytes": read if io_known else None,
         "written_bytes": written if io_known else None,
     }
+
+
+def is_stopped(pid: int) -> bool:
+    """Whether ``pid`` is stopped (by a signal, or by its tracer), or waits in vfork on a child that is (a
+    shell starting a command when a stop reached the group: it goes on only once the child does)."""
+    state = process_state(pid)
+    if state == b"D":
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children", "rb") as children:
+                return any(process_state(int(child)) in (b"T", b"t") for child in children.read().split())
+        except OSError:
+            return False
+    return state in (b"T", b"t")
+
+
+def process_state(pid: int) -> bytes | None:
+    """The state letter /proc/PID/stat gives ``pid`` (R, S, D, T, t, Z, ...); None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
 
 
 def signal_tree(root: int, signum: int, group: int = 0) -> int:
@@ -877,6 +899,10 @@ class Agent:
                 with as_processes_user():
                     sample = sample_tree(process.supervisor, self.children)
             self.send(protocol.message(protocol.SAMPLED, channel, seq=request["seq"], **sample))
+        elif kind == protocol.ASK_STOPPED:
+            running = [p for p in self.processes.values() if p.leader and not p.exited]
+            stopped = [process.channel for process in running if is_stopped(process.leader)]
+            self.send(protocol.message(protocol.STOPPED, 0, seq=protocol.fields(payload)["seq"], stopped=stopped))
         elif kind == protocol.RESIZE:
             process = self.processes.get(channel)
             if process is not None and process.tty and process.input_fd >= 0:
@@ -1393,8 +1419,9 @@ def start_time() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the agent; ``argv`` (default: the command line after the bootstrap) may name the user every
-    command runs as, which a root agent drops to (ignored unless the agent is root and the user is not)."""
+    """Run the agent; ``argv`` (the loader gives the command line after the bootstrap and the agent's name)
+    may name the user every command runs as, which a root agent drops to (ignored unless the agent is
+    root and the user is not)."""
     global RUN_AS
     args = sys.argv[1:] if argv is None else argv
     if args and os.geteuid() == 0:

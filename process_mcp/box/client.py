@@ -32,7 +32,7 @@ from ..errors import InvalidInput, KillFailed, SpawnFailed, StdinFailed
 from ..handle import ProcessHandle
 from ..models import CPU_GRACE_S, TERMINAL_COLS, TERMINAL_ROWS, ProcessLimits
 from ..registry import ManagedProcess
-from ..stats import TreeSample
+from ..stats import StateReader, TreeSample
 from ..streams import STDIN_WRITE_TIMEOUT_S, wait_writable
 from . import protocol
 
@@ -51,27 +51,34 @@ INPUT_CHUNK = 64 * 1024
 PROTOCOL_MODULE = "process_mcp_box_protocol"
 """The name the agent imports the protocol by inside the box (it is sent, not installed)."""
 
-# Run as `python3 -I -S -c BOOTSTRAP [USER]` with the stream on stdin and stdout. Reads two
-# length-prefixed modules from the stream (protocol, then the agent), and runs the agent (which, run as
-# root, drops to USER for each command). Python 2 and 3.0-3.7 parse it too, so they can say why they
+AGENT_NAME = "process-mcp-agent"
+"""The agent's first argument after the bootstrap, by which `ps` in the box names the agent, its zygote
+and its supervisors."""
+
+# Run as `python3 -I -S -c BOOTSTRAP process-mcp-agent [USER]` with the stream on stdin and stdout. Short,
+# since `ps` in the box shows it for the agent, its zygote and every supervisor: it runs one line it reads
+# from the stream, the loader (see ``bootstrap_payload``).
+BOOTSTRAP = "import sys;exec(sys.stdin.buffer.readline())"
+# Read from the stream by the bootstrap, as one line. First it makes itself not dumpable (before it reads
+# anything more: no process of its user may then trace it or open its descriptors). Then it reads two
+# length-prefixed modules (protocol, then the agent) through the same buffered reader (the line's read
+# may have taken the start of them; nothing follows them until the agent's HELLO), and runs the agent
+# (which, run as root, drops to USER for each command). Python 3.0-3.7 run it too, and say why they
 # cannot run the agent.
-BOOTSTRAP = f"""
-import os, sys, types
+_LOADER = f"""
+import sys, types
+try:
+    import ctypes
+    ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0
+except Exception:
+    pass
 if sys.version_info < (3, 8):
     sys.stderr.write("process-mcp agent: Python %d.%d is older than 3.8\\n" % sys.version_info[:2])
     sys.exit(3)
-try:  # PR_SET_DUMPABLE 0 before anything is read: no process of this user may trace it or open its fds
-    import ctypes
-    ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)
-except Exception:
-    pass
 def take(n):
-    data = b""
-    while len(data) < n:
-        chunk = os.read(0, n - len(data))
-        if not chunk:
-            sys.exit(4)
-        data += chunk
+    data = sys.stdin.buffer.read(n)
+    if len(data) < n:
+        sys.exit(4)
     return data
 def load(name):
     module = types.ModuleType(name)
@@ -79,13 +86,14 @@ def load(name):
     sys.modules[name] = module
     return module
 load("{PROTOCOL_MODULE}")
-sys.exit(load("process_mcp_box_agent").main())
+sys.exit(load("process_mcp_box_agent").main(sys.argv[2:]))
 """
 
 
 def bootstrap_payload() -> bytes:
-    """What the bootstrap reads from the stream: the protocol and agent modules, each with its length."""
-    payload = b""
+    """What the bootstrap reads from the stream: the loader as one line, then the protocol and agent
+    modules, each with its length."""
+    payload = f"exec(compile({_LOADER!r}, '<loader>', 'exec'))\n".encode()
     for name in ("protocol.py", "agent.py"):
         source = resources.files(__package__).joinpath(name).read_bytes()
         payload += b"%010d" % len(source) + source
@@ -155,6 +163,7 @@ class AgentConnection:
         self._tunnels: dict[int, _Tunnel] = {}
         self._lost: str | None = None
         self._shutdown_sent = False
+        self._stopped_query: asyncio.Future[frozenset[int] | None] | None = None  # shared by callers meanwhile
         self._said_bye = False
         self._closed = False
         self._reading = True
@@ -251,6 +260,27 @@ class AgentConnection:
         self._close_channel()
         self._end_all("the server closed the agent's stream", lost=False)
 
+    async def stopped_channels(self) -> frozenset[int] | None:
+        """The channels of the processes that are stopped, as the agent reads its box's /proc: one
+        question for them all, whose answer the callers meanwhile share (every row of one ps); None when
+        it cannot be told."""
+        if self._stopped_query is None:
+            query = asyncio.ensure_future(self._ask_stopped())
+            self._stopped_query = query
+            query.add_done_callback(lambda _: setattr(self, "_stopped_query", None))
+        return await asyncio.shield(self._stopped_query)
+
+    async def _ask_stopped(self) -> frozenset[int] | None:
+        seq = self.next_seq()
+        answer = self._expect(protocol.STOPPED, 0, seq)
+        try:
+            await self._send(protocol.message(protocol.ASK_STOPPED, 0, seq=seq))
+            fields = await self._answer(answer, REQUEST_TIMEOUT_S, "question")
+        except AgentUnavailable:
+            return None
+        channels = fields.get("stopped")
+        return frozenset(c for c in channels if type(c) is int) if isinstance(channels, list) else None
+
     def next_seq(self) -> int:
         """A sequence number for a request whose answer the agent numbers the same way."""
         self._seq_issued += 1
@@ -346,6 +376,9 @@ class AgentConnection:
             self._resolve(protocol.BYE, 0, 0, {})
         elif kind == protocol.BYE:
             raise protocol.ProtocolError("it said BYE, but the server had not asked it to shut down")
+        elif kind == protocol.STOPPED:
+            answer = protocol.fields(bytes(payload))
+            self._resolve(kind, 0, _number(answer, "seq", 1, self._seq_issued), answer)
         else:
             raise protocol.ProtocolError(f"a frame of kind {kind} for the agent itself")
 
@@ -520,6 +553,7 @@ class AgentProcess(ProcessHandle):
         self.open_streams = {1} if record.tty else {1, 2}
         """The output streams the agent has not closed yet (1 stdout, 2 stderr)."""
         self.has_exited = False
+        self._state: StateReader | None = None  # its /proc/PID/stat, where the box's pids are ours
         for _ in self.open_streams:
             record.stream_opened()
 
@@ -626,12 +660,29 @@ class AgentProcess(ProcessHandle):
             written_bytes=fields.get("written_bytes"),
         )
 
+    def read_stopped(self) -> bool | None:
+        if not self.connection.same_pids or not self.leader or self.has_exited:
+            return None
+        if self._state is None:
+            self._state = StateReader(self.leader)
+        return self._state.stopped()
+
+    async def stopped(self) -> bool | None:
+        """Whether it is stopped, as the agent in the box reads its /proc (for a box whose /proc is not ours)."""
+        connection = self.connection
+        if connection.same_pids or not connection.alive or not self.leader or self.has_exited:
+            return None
+        stopped = await connection.stopped_channels()
+        return None if stopped is None else self.number in stopped
+
     async def resize(self, cols: int, rows: int) -> None:
         """Resize the process's terminal (its foreground group gets SIGWINCH)."""
         await self.connection._send(protocol.message(protocol.RESIZE, self.number, cols=cols, rows=rows))
 
     def close(self) -> None:
         self.detach()
+        if self._state is not None:
+            self._state.close()
 
 
 class _Tunnel:

@@ -15,7 +15,7 @@ import sys
 
 import anyio.to_thread
 
-from .client import BOOTSTRAP, AgentConnection, AgentUnavailable, Channel, bootstrap_payload
+from .client import AGENT_NAME, BOOTSTRAP, AgentConnection, AgentUnavailable, Channel, bootstrap_payload
 
 AGENT_EXIT_S = 5.0
 """Bound on waiting for the local agent to exit once its stream is closed."""
@@ -70,7 +70,7 @@ class LocalAgent:
         server does not reach it: the server ends its processes in order). Raises AgentUnavailable."""
         try:
             process = subprocess.Popen(  # noqa: ASYNC220 - starting does not wait; stop waits in a thread
-                [sys.executable, "-I", "-S", "-c", BOOTSTRAP],
+                [sys.executable, "-I", "-S", "-c", BOOTSTRAP, AGENT_NAME],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 env={},

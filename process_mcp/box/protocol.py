@@ -35,6 +35,8 @@ PROXY = 6
 """Channel 0, {port}: listen on 127.0.0.1:port in the box and tunnel each connection to the server."""
 SAMPLE = 7
 """{seq}: add up what the process's tree uses; answered with SAMPLED."""
+ASK_STOPPED = 8
+"""Channel 0, {seq}: which processes are stopped by a signal; answered with STOPPED."""
 
 # Agent to server.
 HELLO = 64
@@ -59,6 +61,9 @@ BYE = 72
 """Channel 0: every process is gone; the agent exits."""
 SAMPLED = 73
 """{seq, processes, threads, cpu_seconds, rss_bytes, read_bytes, written_bytes}, or {seq} if it is gone."""
+STOPPED = 74
+"""Channel 0, {seq, stopped}: the channels of the processes that are stopped by a signal (the process
+itself, not its descendants, or a child it waits on in vfork)."""
 
 # Tunnels, on channels from TUNNEL_BASE up, which the agent numbers.
 TUNNEL_OPEN = 80

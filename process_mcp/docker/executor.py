@@ -30,8 +30,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 import anyio.to_thread
 
-from ..box.client import BOOTSTRAP, AgentConnection, AgentUnavailable, bootstrap_payload
+from ..box.client import AGENT_NAME, BOOTSTRAP, AgentConnection, AgentUnavailable, bootstrap_payload
 from ..config import DOCKER_WORKDIR, ProcessMcpConfig
+from ..environment import defaults_missing_from
 from ..errors import BackendUnavailable, InvalidInput, KillFailed, SpawnFailed
 from ..executor import ProcessExecutor
 from ..handle import ProcessHandle
@@ -240,7 +241,7 @@ class DockerExecutor(ProcessExecutor):
         assert self._container is not None
         api, container_id = self._client.api, self._container.id
 
-        command = ["/bin/sh", "-c", AGENT_SCRIPT, "sh", BOOTSTRAP]
+        command = ["/bin/sh", "-c", AGENT_SCRIPT, "sh", BOOTSTRAP, AGENT_NAME]
         if self.agent_user == "0":
             command.append(self.config.docker.user)  # the agent drops to it for each command
 
@@ -590,12 +591,18 @@ class DockerExecutor(ProcessExecutor):
         if agent is None:
             raise SpawnFailed(f"could not start {record.command!r}: the agent cannot run in the container")
         proxied = proxy_environment() if self._proxy is not None else {}
-        environment = {**proxied, **env, MARKER_VAR: self.marker(record.pid).partition("=")[2]}
+        environment = {**self.env_defaults(), **proxied, **env, MARKER_VAR: self.marker(record.pid).partition("=")[2]}
         if record.tty and "TERM" not in env:
             environment["TERM"] = TTY_TERM
         handle = await agent.spawn(record, environment, inherit=True, workdir=self.workdir, where=" in the container")
         record.sandboxed = True  # confined by the container
         return handle
+
+    def env_defaults(self) -> dict[str, str]:
+        """What processes get over the container's environment unless their request sets it:
+        ``environment.DEFAULTS`` that the container (its image, or whoever made it) does not set."""
+        config: dict[str, Any] = {} if self._container is None else self._container.attrs.get("Config") or {}
+        return defaults_missing_from(line.partition("=")[0] for line in config.get("Env") or [])
 
     async def _recover_container(self) -> bool:
         """After a failed exec: whether to try again. A container stopped or removed behind our back is

@@ -54,6 +54,17 @@ _SIGNAL_SCRIPT = (
     'tr \'\\0\' \'\\n\' < "$d/environ" 2>/dev/null | grep -q -e "$1" && m="$p $m"; '
     'done; [ -z "$m" ] || kill -"$2" $m 2>/dev/null; exit 0'
 )
+# $1 the start of a marker line (PROCESS_MCP_ID=<token>:). Prints "pid ppid state id" (the id is the rest
+# of the marker, e.g. docker-3) for every marked process that is stopped (T, t) or in uninterruptible
+# sleep (D: a shell in vfork waits so on its child). See ``stopped_ids``.
+_STOPPED_SCRIPT = (
+    'for d in /proc/[0-9]*; do s=$(cat "$d/stat" 2>/dev/null) || continue; set -- "$1" ${s##*)}; '
+    'case "$2" in T|t|D) ;; *) continue;; esac; '
+    'm=$(tr \'\\0\' \'\\n\' < "$d/environ" 2>/dev/null | grep -e "^$1") && echo "${d#/proc/} $3 $2 ${m#"$1"}"; '
+    "done; exit 0"
+)
+STOPPED_TIMEOUT_S = 10.0
+"""Bound on asking which processes are stopped (an exec walking /proc); past it they read as before."""
 
 
 class ExecLauncher:
@@ -61,13 +72,14 @@ class ExecLauncher:
 
     def __init__(self, executor: DockerExecutor) -> None:
         self._executor = executor
+        self._stopped_query: asyncio.Future[frozenset[str] | None] | None = None  # shared by callers meanwhile
 
     async def launch(self, record: ManagedProcess, env: dict[str, str]) -> ProcessHandle:
         ex = self._executor
         assert ex._client is not None
         api = ex._client.api
         handshake = f"process-mcp-{secrets.token_hex(6)}"
-        environment = {**env, MARKER_VAR: ex.marker(record.pid).partition("=")[2]}
+        environment = {**ex.env_defaults(), **env, MARKER_VAR: ex.marker(record.pid).partition("=")[2]}
         if record.tty and "TERM" not in env:
             environment["TERM"] = TTY_TERM
         script = _TTY_LAUNCH_SCRIPT if record.tty else _LAUNCH_SCRIPT
@@ -148,10 +160,53 @@ class ExecLauncher:
                 reason = f"exit code {result.exit_code}: {output.decode(errors='replace').strip()}"
         raise KillFailed(f"could not deliver signal {signum} in the container ({reason})")
 
+    async def stopped(self) -> frozenset[str] | None:
+        """The ids of this executor's processes that are stopped, by one exec walking /proc in the
+        container (shared by the callers that ask while it runs, e.g. for every row of one ps); None
+        when it cannot be told."""
+        if self._stopped_query is None:
+            query = asyncio.ensure_future(self._find_stopped())
+            self._stopped_query = query
+            query.add_done_callback(lambda _: setattr(self, "_stopped_query", None))
+        return await asyncio.shield(self._stopped_query)
+
+    async def _find_stopped(self) -> frozenset[str] | None:
+        container = self._executor._container
+        if container is None:
+            return None
+        command = ["/bin/sh", "-c", _STOPPED_SCRIPT, "sh", self._executor.marker()]
+        with anyio.move_on_after(STOPPED_TIMEOUT_S):
+            try:
+                result = await anyio.to_thread.run_sync(
+                    lambda: container.exec_run(command, stdin=False, tty=False, user=self._executor.exec_user),
+                    abandon_on_cancel=True,
+                )
+            except engine.docker_errors() as exc:
+                logger.debug("could not ask which processes are stopped: %s", engine.reason(exc))
+                return None
+            if result.exit_code != 0 or not isinstance(result.output, bytes):
+                return None
+            return stopped_ids(result.output.decode(errors="replace"))
+        return None
+
     def marker_pattern(self, pid: str | None) -> str:
         """A regular expression for the marker line of process ``pid``, or of every process with None."""
         # Token and ids are [0-9a-z:-]: no regular-expression metacharacters to escape.
         return f"^{self._executor.marker()}" + ("" if pid is None else f"{pid}$")
+
+
+def stopped_ids(listing: str) -> frozenset[str]:
+    """The ids of the processes that are stopped, from _STOPPED_SCRIPT's lines. A process is what its exec
+    started (the launch script execs it): the marked process whose parent is outside the container (ppid
+    0). It is stopped when it is, or when it waits in vfork (D) on a child that is."""
+    rows = [line.split() for line in listing.splitlines()]
+    rows = [row for row in rows if len(row) == 4 and row[0].isdigit() and row[1].isdigit()]
+    stopped_children = {(row[1], row[3]) for row in rows if row[2] in ("T", "t")}
+    return frozenset(
+        pid
+        for process, parent, state, pid in rows
+        if parent == "0" and (state in ("T", "t") or (state == "D" and (process, pid) in stopped_children))
+    )
 
 
 class _ExecHandle(ProcessHandle):
@@ -287,6 +342,10 @@ class _ExecHandle(ProcessHandle):
         if self._closed:
             raise StdinFailed(f"{self._record.pid}'s input is closed")
         await write_all(self._fd, self._sock.send, data, self._record.pid)
+
+    async def stopped(self) -> bool | None:
+        stopped = await self._launcher.stopped()
+        return None if stopped is None else self._record.pid in stopped
 
     async def signal(self, signum: int) -> None:
         if signum not in NON_TERMINATING:

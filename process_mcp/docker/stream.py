@@ -13,9 +13,9 @@ from .engine import Demuxer
 
 logger = logging.getLogger(__name__)
 
-# Starts the agent with the first python3 on PATH; $1 is the bootstrap, $2 (if given) the user the agent,
-# run as root, drops to for each command. Without python3, it says so and the backend falls back to one
-# exec per process.
+# Starts the agent with the first python3 on PATH; $1 is the bootstrap, $2 the agent's name, $3 (if given)
+# the user the agent, run as root, drops to for each command. Without python3, it says so and the backend
+# falls back to one exec per process.
 AGENT_SCRIPT = (
     'command -v python3 >/dev/null 2>&1 || { echo "no python3 in the image" >&2; exit 127; }; '
     'exec python3 -I -S -c "$@"'

@@ -12,7 +12,8 @@ import inspect
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
@@ -36,6 +37,7 @@ from ..models import (
     MAX_PATH_BYTES,
     ExitState,
     KillResult,
+    ProcessInfo,
     ProcessLimits,
     ProcessList,
     ProcessOutput,
@@ -318,7 +320,8 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
             call.pid = result.pid
         label = "screen" if tty else "stdout"
         headline = f"{_headline(result.pid, result)}, {_confinement(result.sandboxed)}{_waited(result)}"
-        text = f"{headline}\n{_cursor_line(result)}{_held_back(result, tty)}\n{_section(label, result.stdout)}"
+        text = f"{headline}\n{_cursor_line(result)}{_held_back(result, tty)}{_stopped_note(result)}\n"
+        text += _section(label, result.stdout)
         if not tty:
             text += f"\n{_section('stderr', result.stderr)}"
         return _reply(result, text)
@@ -334,19 +337,16 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
         """List running processes and the most recently finished ones.
 
         Each entry has pid, command, status ("running" or "terminated"), exitCode and signal once
-        finished, cwd, tty, sandboxed, and createdAt; with stats: true also what each uses. Use it to find
-        ids for stdout, stdin and kill.
+        finished, stopped: true while a signal keeps a running one stopped, cwd, tty, sandboxed, and
+        createdAt; with stats: true also what each uses. Use it to find ids for stdout, stdin and kill.
         """
         arguments = {"stats": stats} if stats else {}
         async with space(ctx, _Call("ps", arguments), create=False) as executor:
             processes = [] if executor is None else await _call(executor.list_processes(stats=stats))
-        lines = [
-            f"{p.pid}  {_state(p)}  {'tty' if p.tty else 'pipe'}  {_confinement(p.sandboxed)}  {p.created_at}  "
-            f"{_usage(p.stats)}cwd={p.cwd}  $ {p.command}"
-            for p in processes
-        ]
-        text = "\n".join(lines) if lines else "No processes. Start one with spawn."
-        return _reply(ProcessList(processes=processes), text)
+        # What every row shares is said once: a ps of many processes stays as small as the original's.
+        shared = {name for name in ("sandboxed", "via") if len({getattr(p, name) for p in processes}) == 1}
+        listing = ProcessList(processes=processes, **{name: getattr(processes[0], name) for name in shared})
+        return _reply(listing, _ps_text(processes), exclude={"processes": {"__all__": shared}})
 
     @tool()
     async def stdin(
@@ -385,6 +385,7 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
             if result.stderr:
                 text += f"\n{_section('stderr', result.stderr)}"
             text += f"\n{_cursor_line(result)}"
+        text += _stopped_note(result)
         return _reply(result, text)
 
     @tool(ToolAnnotations(read_only_hint=True))
@@ -440,6 +441,7 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
         text += f"\n{_section('stderr', result.stderr)}\n{_cursor_line(result)}{_held_back(result, False)}"
         if result.dropped:
             text += f" ({result.dropped} bytes after the cursor are no longer available)"
+        text += _stopped_note(result)
         return _reply(result, text)
 
     @tool(ToolAnnotations(destructive_hint=True))
@@ -454,7 +456,8 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
         """Send a signal to a process and everything it started (its whole process group).
 
         SIGTERM (default) asks it to stop; SIGKILL forces it; SIGINT is Ctrl-C. Waits up to a second
-        for the process to exit and reports its status, so you know whether it is gone.
+        for the process to exit and reports its status, so you know whether it is gone. SIGSTOP pauses
+        it (it stays "running", with stopped: true) until SIGCONT.
         """
         async with process_space(ctx, _Call("kill", {"id": id, "signal": signal}, id)) as executor:
             result = await _call(executor.kill(id, signal))
@@ -543,18 +546,18 @@ def _principal(ctx: Context | None) -> str | None:
     return principal_of(scope) if scope is not None else None
 
 
-def _reply(result: BaseModel, text: str) -> CallToolResult:
+def _reply(result: BaseModel, text: str, *, exclude: dict[str, Any] | None = None) -> CallToolResult:
     return CallToolResult(
         content=[TextContent(type="text", text=text)],
         # Fields without a value (exitCode while running, signal, limit, ...) are left out, as the
         # original left them out, rather than sent as null on every row of every reply.
-        structured_content=result.model_dump(mode="json", by_alias=True, exclude_none=True),
+        structured_content=result.model_dump(mode="json", by_alias=True, exclude_none=True, exclude=exclude),
     )
 
 
 def _state(state: ExitState) -> str:
     if state.status == "running":
-        return "running"
+        return "running (stopped)" if state.stopped else "running"
     if state.ended_by == "lost":
         return "terminated (ended with the agent in its box, which was lost)"
     cause = f", ended by {state.ended_by}" if state.ended_by not in (None, "exit") else ""
@@ -564,6 +567,33 @@ def _state(state: ExitState) -> str:
     if state.signal:
         return f"terminated by {state.signal} (exit code {code}{cause})"
     return f"terminated (exit code {code}{cause})"
+
+
+def _ps_text(processes: list[ProcessInfo]) -> str:
+    """One short line per process (what the structured rows say in full): a first line says what the rows
+    share (confinement, and the day and working directory of most of them), which a row repeats only
+    where it differs."""
+    if not processes:
+        return "No processes. Start one with spawn."
+    cwd = _most_common(p.cwd for p in processes)
+    day = _most_common(p.created_at[:10] for p in processes)
+    confined = {p.sandboxed for p in processes}
+    shared = f", {_confinement(confined.pop())}" if len(confined) == 1 else ""
+    count = f"{len(processes)} process{'es' if len(processes) > 1 else ''}"
+    lines = [f"{count}{shared}; started on {day} (UTC) in {cwd} unless a row says otherwise:"]
+    for p in processes:
+        started = p.created_at[11:19] if p.created_at.startswith(day) else p.created_at[:19]
+        row = f"{p.pid}  {_state(p)}  {'tty' if p.tty else 'pipe'}  {started}  {_usage(p.stats)}"
+        if not shared:
+            row += f"{_confinement(p.sandboxed)}  "
+        if p.cwd != cwd:
+            row += f"cwd={p.cwd}  "
+        lines.append(f"{row}$ {p.command}")
+    return "\n".join(lines)
+
+
+def _most_common(values: Iterable[str]) -> str:
+    return Counter(values).most_common(1)[0][0]
 
 
 def _usage(stats: ProcessStats | None) -> str:
@@ -594,12 +624,23 @@ def _waited(result: SpawnResult | StdinResult | ProcessOutput) -> str:
 
 def _held_back(result: SpawnResult | ProcessOutput, tty: bool) -> str:
     """Why a wait on a pipe may have seen nothing: programs buffer output that is not a terminal."""
-    if tty or result.wait_result != "timeout" or result.status != "running" or result.cursor or result.stderr_cursor:
+    quiet = result.wait_result == "timeout" and result.status == "running" and not result.stopped
+    if tty or not quiet or result.cursor or result.stderr_cursor:
         return ""
     return (
         "\nno output yet: a program writing to a pipe may hold its output in a buffer until it has a few KiB or "
         "exits (C stdio, Python without PYTHONUNBUFFERED, Node's pipes); spawn it with tty: true, or use its own "
         "flag to flush (python3 -u, stdbuf -oL, grep --line-buffered)"
+    )
+
+
+def _stopped_note(state: SpawnResult | StdinResult | ProcessOutput) -> str:
+    """What a stopped process needs, said where a wait on it would otherwise just time out."""
+    if not state.stopped:
+        return ""
+    return (
+        f"\n{state.pid} is stopped (by SIGSTOP, or SIGTSTP, SIGTTIN, SIGTTOU): it does nothing, and prints nothing, "
+        "until it is continued; send SIGCONT to continue it (kill with signal SIGCONT)"
     )
 
 
