@@ -18,6 +18,24 @@ if TYPE_CHECKING:
         ServiceConfig,
         load_config,
     )
+    from .core.executor import ProcessExecutor
+    from .core.handle import ProcessHandle
+    from .core.models import (
+        DEFAULT_TIMEOUT_MS,
+        MAX_TIMEOUT_MS,
+        OUTPUT_TRUNCATE,
+        TERMINAL_COLS,
+        TERMINAL_ROWS,
+        KillResult,
+        ProcessInfo,
+        ProcessLimits,
+        ProcessList,
+        ProcessOutput,
+        ProcessStats,
+        SpawnOptions,
+        SpawnResult,
+        StdinResult,
+    )
     from .docker import DockerExecutor
     from .errors import (
         BackendUnavailable,
@@ -35,25 +53,7 @@ if TYPE_CHECKING:
         TooManyProcesses,
         TooManyRequests,
     )
-    from .executor import ProcessExecutor
-    from .handle import ProcessHandle
-    from .host import HostExecutor
-    from .models import (
-        DEFAULT_TIMEOUT_MS,
-        MAX_TIMEOUT_MS,
-        OUTPUT_TRUNCATE,
-        TERMINAL_COLS,
-        TERMINAL_ROWS,
-        KillResult,
-        ProcessInfo,
-        ProcessLimits,
-        ProcessList,
-        ProcessOutput,
-        ProcessStats,
-        SpawnOptions,
-        SpawnResult,
-        StdinResult,
-    )
+    from .host.executor import HostExecutor
     from .service.server import ProcessMcpServer, create_executor, create_process_mcp
 
     __version__: str
@@ -74,11 +74,11 @@ _WHERE = {
         ("DEFAULT_TIMEOUT_MS", "MAX_TIMEOUT_MS", "OUTPUT_TRUNCATE", "TERMINAL_COLS", "TERMINAL_ROWS", "KillResult",
          "ProcessInfo", "ProcessLimits", "ProcessList", "ProcessOutput", "ProcessStats", "SpawnOptions", "SpawnResult",
          "StdinResult"),
-        ".models",
+        ".core.models",
     ),
-    "ProcessExecutor": ".executor",
-    "ProcessHandle": ".handle",
-    "HostExecutor": ".host",
+    "ProcessExecutor": ".core.executor",
+    "ProcessHandle": ".core.handle",
+    "HostExecutor": ".host.executor",
     "DockerExecutor": ".docker",
     **dict.fromkeys(("ProcessMcpServer", "create_executor", "create_process_mcp"), ".service.server"),
 }  # fmt: skip

@@ -23,8 +23,8 @@ from pydantic import BaseModel, Field, ValidationError, create_model, field_vali
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from .core.models import DEFAULT_TIMEOUT_MS, MAX_TIMEOUT_MS
 from .errors import InvalidConfig
-from .models import DEFAULT_TIMEOUT_MS, MAX_TIMEOUT_MS
 
 DOMAIN_PATTERN = re.compile(
     r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", re.IGNORECASE

@@ -17,7 +17,7 @@ from mcp import Client
 from mcp_types import CallToolResult, TextContent
 
 from process_mcp import ProcessExecutor
-from process_mcp.sandbox import Sandbox, find_bwrap
+from process_mcp.host.sandbox import Sandbox, find_bwrap
 
 WAIT_S = 10.0
 """Bound on every wait for a condition in the tests; generous, since CI machines are shared."""

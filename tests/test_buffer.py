@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from process_mcp.buffer import OutputBuffer, decode_utf8, tail_lines, tail_text
+from process_mcp.core.buffer import OutputBuffer, decode_utf8, tail_lines, tail_text
 
 
 def filled(capacity: int, *chunks: bytes) -> OutputBuffer:

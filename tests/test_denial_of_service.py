@@ -18,7 +18,7 @@ from mcp import Client
 
 from process_mcp import ProcessMcpServer, create_process_mcp
 from process_mcp.config import PolicyConfig, ProcessMcpConfig
-from process_mcp.models import (
+from process_mcp.core.models import (
     MAX_COMMAND_BYTES,
     MAX_ENV_BYTES,
     MAX_ENV_VARS,

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from process_mcp import InvalidInput
-from process_mcp.escapes import decode_input
+from process_mcp.core.escapes import decode_input
 
 
 @pytest.mark.parametrize(

@@ -35,7 +35,7 @@ SERVE_ONE_FLOOD = """
 import json, sys, time
 import anyio
 from process_mcp import DockerExecutor, HostExecutor, ProcessMcpConfig, SpawnOptions
-from process_mcp.registry import ManagedProcess
+from process_mcp.core.registry import ManagedProcess
 
 held_at_exit = {}
 def finish(record, *args, _finish=ManagedProcess.finish, **kwargs):

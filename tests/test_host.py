@@ -20,8 +20,8 @@ import pytest
 from process_mcp import HostExecutor, ProcessNotFound, SpawnOptions, StdinFailed, TooManyProcesses
 from process_mcp.box import protocol
 from process_mcp.config import SandboxConfig
-from process_mcp.host import STATE_DIR_PREFIX, _HostHandle
-from process_mcp.models import MAX_INPUT_CHARS
+from process_mcp.core.models import MAX_INPUT_CHARS
+from process_mcp.host.executor import STATE_DIR_PREFIX, _HostHandle
 
 from .conftest import host_config
 from .helpers import (

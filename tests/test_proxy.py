@@ -17,9 +17,9 @@ import anyio
 import anyio.to_thread
 import pytest
 
-from process_mcp import proxy as proxy_module
-from process_mcp.addresses import is_loopback, special
-from process_mcp.proxy import HEADER_LIMIT_BYTES, DomainProxy, domain_allowed
+from process_mcp.policy import egress as proxy_module
+from process_mcp.policy.addresses import is_loopback, special
+from process_mcp.policy.egress import HEADER_LIMIT_BYTES, DomainProxy, domain_allowed
 
 from .helpers import WAIT_S
 
@@ -287,7 +287,7 @@ async def test_connect_and_socks5_to_a_non_public_address_are_refused_naming_why
 ) -> None:
     # Were the filter to let one through, the proxy would try the network: a short bound keeps the test short.
     monkeypatch.setattr(proxy_module, "CONNECT_TIMEOUT_S", 1.0)
-    caplog.set_level(logging.INFO, logger="process_mcp.proxy")
+    caplog.set_level(logging.INFO, logger="process_mcp.policy.egress")
     with anyio.fail_after(WAIT_S):
         async with serving(socket_path, ["*"], allow_private=False):
             literal = f"[{address}]" if ":" in address else address
@@ -316,7 +316,7 @@ async def test_http_connect_to_an_allowed_host_relays_bytes_both_ways(socket_pat
 async def test_http_connect_to_a_refused_host_gets_403_naming_the_host(
     socket_path: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="process_mcp.proxy")
+    caplog.set_level(logging.INFO, logger="process_mcp.policy.egress")
     with anyio.fail_after(WAIT_S):
         async with serving(socket_path, ["github.com", "*.npmjs.org"]):
             response = await exchange(socket_path, b"CONNECT refused.example:443 HTTP/1.1\r\n\r\n")

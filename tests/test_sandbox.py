@@ -15,10 +15,10 @@ import anyio
 import pytest
 
 from process_mcp import BackendUnavailable, HostExecutor, SpawnFailed, SpawnOptions
-from process_mcp import sandbox as sandbox_module
-from process_mcp.bounds import ServerBounds
 from process_mcp.config import SandboxConfig
-from process_mcp.models import ProcessLimits
+from process_mcp.core.models import ProcessLimits
+from process_mcp.host import sandbox as sandbox_module
+from process_mcp.host.bounds import ServerBounds
 
 from .conftest import host_config
 from .helpers import WAIT_S, cannot_run_here, run_wrapped, sleep_argument, wait_for_output, without
@@ -259,7 +259,7 @@ async def test_ctrl_c_interrupts_a_sandboxed_tty_program_and_it_keeps_running(sa
 async def test_a_required_sandbox_that_cannot_run_fails_spawn_clearly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("process_mcp.host.find_bwrap", lambda: str(tmp_path / "no-such-bwrap"))
+    monkeypatch.setattr("process_mcp.host.executor.find_bwrap", lambda: str(tmp_path / "no-such-bwrap"))
     executor = HostExecutor(host_config(tmp_path, sandbox=SandboxConfig(required=True)))
     try:
         await executor.start()
@@ -272,7 +272,7 @@ async def test_a_required_sandbox_that_cannot_run_fails_spawn_clearly(
 async def test_an_unavailable_sandbox_warns_and_runs_unsandboxed_unless_required(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr("process_mcp.host.find_bwrap", lambda: str(tmp_path / "no-such-bwrap"))
+    monkeypatch.setattr("process_mcp.host.executor.find_bwrap", lambda: str(tmp_path / "no-such-bwrap"))
     executor = HostExecutor(host_config(tmp_path))
     try:
         await executor.start()

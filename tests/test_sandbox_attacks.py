@@ -31,7 +31,7 @@ import anyio
 import pytest
 from mcp import Client, StdioServerParameters
 
-from process_mcp import seccomp
+from process_mcp.host import seccomp
 
 from .helpers import WAIT_S, cannot_run_here, sleep_argument, sleepers
 

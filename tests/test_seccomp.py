@@ -1,4 +1,4 @@
-"""The sandbox's seccomp filter, held to a list written down here, not read from ``process_mcp.seccomp``.
+"""The sandbox's seccomp filter, held to a list written down here, not read from ``process_mcp.host.seccomp``.
 
 Every call the filter must refuse is named below with its number on each architecture the filter has
 a table for, and what the filter must answer. Three proofs:

@@ -5,7 +5,7 @@ import signal
 import pytest
 
 from process_mcp import InvalidSignal
-from process_mcp.signals import parse_signal, signal_name
+from process_mcp.core.signals import parse_signal, signal_name
 
 
 @pytest.mark.parametrize(

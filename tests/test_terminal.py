@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from process_mcp.buffer import OutputBuffer
-from process_mcp.terminal import RENDER_BUDGET_S, RENDER_TAIL_BYTES, SAVED_CURSORS, Terminal, strip_escapes
+from process_mcp.core.buffer import OutputBuffer
+from process_mcp.core.terminal import RENDER_BUDGET_S, RENDER_TAIL_BYTES, SAVED_CURSORS, Terminal, strip_escapes
 
 pytestmark = pytest.mark.anyio
 

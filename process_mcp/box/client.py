@@ -28,12 +28,12 @@ from typing import Any
 
 import anyio
 
+from ..core.handle import ProcessHandle
+from ..core.models import CPU_GRACE_S, TERMINAL_COLS, TERMINAL_ROWS, ProcessLimits
+from ..core.registry import ManagedProcess
+from ..core.stats import StateReader, TreeSample
+from ..core.streams import STDIN_WRITE_TIMEOUT_S, wait_writable
 from ..errors import InvalidInput, KillFailed, SpawnFailed, StdinFailed
-from ..handle import ProcessHandle
-from ..models import CPU_GRACE_S, TERMINAL_COLS, TERMINAL_ROWS, ProcessLimits
-from ..registry import ManagedProcess
-from ..stats import StateReader, TreeSample
-from ..streams import STDIN_WRITE_TIMEOUT_S, wait_writable
 from . import protocol
 
 logger = logging.getLogger(__name__)

@@ -32,13 +32,13 @@ import anyio.to_thread
 
 from ..box.client import AGENT_NAME, BOOTSTRAP, AgentConnection, AgentUnavailable, bootstrap_payload
 from ..config import DOCKER_WORKDIR, ProcessMcpConfig
-from ..environment import defaults_missing_from
+from ..core.environment import defaults_missing_from
+from ..core.executor import ProcessExecutor
+from ..core.handle import ProcessHandle
+from ..core.models import TTY_TERM
+from ..core.registry import ManagedProcess
 from ..errors import BackendUnavailable, InvalidInput, KillFailed, SpawnFailed
-from ..executor import ProcessExecutor
-from ..handle import ProcessHandle
-from ..models import TTY_TERM
-from ..proxy import PROXY_PORT, proxy_environment
-from ..registry import ManagedProcess
+from ..policy.egress import PROXY_PORT, proxy_environment
 from . import engine, network
 from .engine import MANAGED_LABEL, MARKER_VAR
 from .per_exec import LAUNCH_TIMEOUT_S, ExecLauncher
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from docker import APIClient, DockerClient
     from docker.models.containers import Container
 
-    from ..proxy import DomainProxy
+    from ..policy.egress import DomainProxy
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ class DockerExecutor(ProcessExecutor):
 
     async def _start_proxy(self) -> None:
         """Start the domain proxy on a private Unix socket; the agent carries processes' connections to it."""
-        from ..proxy import DomainProxy  # only a server with a domain list needs it
+        from ..policy.egress import DomainProxy  # only a server with a domain list needs it
 
         self._proxy_dir = tempfile.mkdtemp(prefix="process-mcp-docker-proxy-")
         sandbox = self.config.sandbox

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 import anyio.to_thread
 
+from ..core.handle import ProcessHandle
+from ..core.models import TERMINAL_COLS, TERMINAL_ROWS, TTY_TERM
+from ..core.registry import ManagedProcess
+from ..core.signals import NON_TERMINATING, signal_from_exit_code
+from ..core.streams import READ_CHUNK, write_all
 from ..errors import InvalidInput, KillFailed, SpawnFailed, StdinFailed
-from ..handle import ProcessHandle
-from ..models import TERMINAL_COLS, TERMINAL_ROWS, TTY_TERM
-from ..registry import ManagedProcess
-from ..signals import NON_TERMINATING, signal_from_exit_code
-from ..streams import READ_CHUNK, write_all
 from . import engine
 from .engine import MARKER_VAR, Demuxer
 

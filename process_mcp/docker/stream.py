@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from ..box.client import Channel
-from ..streams import READ_CHUNK
+from ..core.streams import READ_CHUNK
 from .engine import Demuxer
 
 logger = logging.getLogger(__name__)

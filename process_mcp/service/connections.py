@@ -31,7 +31,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
-from ..addresses import parse
+from ..policy.addresses import parse
 
 HEADER_TIMEOUT_S = 10.0
 """How long a connection may take to send a request head after it opens or after its last response;

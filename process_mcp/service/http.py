@@ -30,9 +30,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..addresses import is_loopback
 from ..config import ProcessMcpConfig
 from ..errors import BackendUnavailable, InvalidConfig
+from ..policy.addresses import is_loopback
 from .auth import JwtVerifier, RefusalLog, TokenFileVerifier, make_verifier
 from .connections import ConnectionGuard
 from .sessions import SessionQuota

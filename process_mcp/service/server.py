@@ -11,9 +11,9 @@ import anyio
 from mcp.server import MCPServer
 
 from ..config import ProcessMcpConfig, load_config
+from ..core.executor import ProcessExecutor
 from ..errors import BackendUnavailable
-from ..executor import ProcessExecutor
-from ..host import HostExecutor
+from ..host.executor import HostExecutor
 from ..policy.audit import AuditLog
 from ..version import version_string
 from .metrics import Metrics

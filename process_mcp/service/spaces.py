@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING
 import anyio
 
 from ..config import ProcessMcpConfig
+from ..core.executor import ProcessExecutor
+from ..core.registry import ManagedProcess
 from ..errors import RateLimited, TooManyRequests
-from ..executor import ProcessExecutor
 from ..policy.audit import AuditLog
-from ..registry import ManagedProcess
 
 if TYPE_CHECKING:
     from .metrics import Metrics

@@ -26,9 +26,8 @@ from mcp.server.stdio import stdio_server
 from mcp_types import CallToolResult, InputRequiredResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, Field, ValidationError
 
-from ..errors import InvalidInput, ProcessMcpError
-from ..executor import ProcessExecutor
-from ..models import (
+from ..core.executor import ProcessExecutor
+from ..core.models import (
     DEFAULT_LINES,
     MAX_COMMAND_BYTES,
     MAX_ENV_VARS,
@@ -46,10 +45,11 @@ from ..models import (
     SpawnResult,
     StdinResult,
 )
+from ..core.registry import unknown_process
+from ..core.waiting import MATCH_TIMEOUT_S, MAX_PATTERN_CHARS, Progress
+from ..errors import InvalidInput, ProcessMcpError
 from ..policy.audit import monotonic_ms
 from ..policy.command import MAX_CHECKED_BYTES
-from ..registry import unknown_process
-from ..waiting import MATCH_TIMEOUT_S, MAX_PATTERN_CHARS, Progress
 from .arguments import check_arguments, close_schema
 from .auth import principal_of
 from .spaces import Spaces

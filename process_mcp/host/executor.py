@@ -29,26 +29,26 @@ from typing import TYPE_CHECKING, TypeVar
 import anyio
 from ptyprocess import PtyProcess
 
+from ..box.client import AgentUnavailable
+from ..box.local import LocalAgent
+from ..config import ProcessMcpConfig, default_host_workspace, user_home
+from ..core.buffer import OutputBuffer
+from ..core.environment import child_environment
+from ..core.executor import ProcessExecutor
+from ..core.handle import ProcessHandle
+from ..core.models import TERMINAL_COLS, TERMINAL_ROWS, TTY_TERM, LimitName, ProcessLimits
+from ..core.registry import ManagedProcess
+from ..core.signals import signal_from_exit_code
+from ..core.stats import StateReader, descendants, is_stopped
+from ..core.streams import READ_CHUNK, write_all
+from ..errors import BackendUnavailable, InvalidConfig, InvalidInput, KillFailed, SpawnFailed, StdinFailed, excerpt
 from . import landlock, seccomp
 from .bounds import ServerBounds
-from .box.client import AgentUnavailable
-from .box.local import LocalAgent
-from .buffer import OutputBuffer
 from .cgroups import SandboxCgroups
-from .config import ProcessMcpConfig, default_host_workspace, user_home
-from .environment import child_environment
-from .errors import BackendUnavailable, InvalidConfig, InvalidInput, KillFailed, SpawnFailed, StdinFailed, excerpt
-from .executor import ProcessExecutor
-from .handle import ProcessHandle
-from .models import TERMINAL_COLS, TERMINAL_ROWS, TTY_TERM, LimitName, ProcessLimits
-from .registry import ManagedProcess
 from .sandbox import Launch, Sandbox, Tools, env_resets_signals, find_bwrap, find_tool, probe
-from .signals import signal_from_exit_code
-from .stats import StateReader, descendants, is_stopped
-from .streams import READ_CHUNK, write_all
 
 if TYPE_CHECKING:
-    from .proxy import DomainProxy
+    from ..policy.egress import DomainProxy
 
 logger = logging.getLogger(__name__)
 _Started = TypeVar("_Started")
@@ -163,7 +163,7 @@ class HostExecutor(ProcessExecutor):
         await anyio.Path(seccomp_file).write_bytes(program)
         socket_path = None
         if config.network_restricted and config.allowed_domains:
-            from .proxy import DomainProxy  # only a server with a domain list needs it
+            from ..policy.egress import DomainProxy  # only a server with a domain list needs it
 
             socket_path = os.path.join(self._state_dir, "proxy.sock")
             self._proxy = DomainProxy(config.allowed_domains, allow_private=config.allow_private_addresses)

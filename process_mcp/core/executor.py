@@ -20,9 +20,10 @@ from typing import Any, ClassVar
 
 import anyio
 
+from ..config import ProcessMcpConfig
+from ..errors import InvalidInput, ProcessMcpError, ProcessTerminated, TooManyProcesses, excerpt
+from ..policy import CommandPolicy
 from .buffer import tail_lines, tail_text
-from .config import ProcessMcpConfig
-from .errors import InvalidInput, ProcessMcpError, ProcessTerminated, TooManyProcesses, excerpt
 from .escapes import decode_input
 from .handle import ProcessHandle
 from .models import (
@@ -45,7 +46,6 @@ from .models import (
     SpawnResult,
     StdinResult,
 )
-from .policy import CommandPolicy
 from .registry import ManagedProcess, ProcessRegistry
 from .signals import NON_TERMINATING, parse_signal
 from .stats import STATS_MAX_AGE_S, TreeSample, sample_tree

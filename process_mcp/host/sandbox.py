@@ -47,13 +47,13 @@ from dataclasses import dataclass, field
 
 import anyio.to_thread
 
+from ..config import SandboxConfig
+from ..core.models import CPU_GRACE_S, ProcessLimits
+from ..errors import InvalidConfig, InvalidInput, SpawnFailed, excerpt
+from ..policy.egress import PROXY_PORT, proxy_environment
 from .bounds import HEADROOM_PROCESSES, MIN_SANDBOX_PROCESSES, ServerBounds
 from .cgroups import SandboxCgroups, join_command
-from .config import SandboxConfig
-from .errors import InvalidConfig, InvalidInput, SpawnFailed, excerpt
-from .models import CPU_GRACE_S, ProcessLimits
 from .mounts import LinkInPath, MountArgs, PathOpener
-from .proxy import PROXY_PORT, proxy_environment
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 
-from .errors import InvalidSignal, excerpt
+from ..errors import InvalidSignal, excerpt
 
 COMMON = ("TERM", "KILL", "INT", "HUP", "QUIT", "USR1", "USR2", "STOP", "CONT")
 

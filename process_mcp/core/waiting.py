@@ -20,8 +20,8 @@ import anyio
 import anyio.to_thread
 import regex
 
+from ..errors import InvalidInput, excerpt
 from .buffer import OutputBuffer, decode_utf8
-from .errors import InvalidInput, excerpt
 from .models import SINCE_MAX_BYTES, WaitResult
 from .registry import ManagedProcess
 from .terminal import strip_escapes

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import InvalidInput
+from ..errors import InvalidInput
 
 _SIMPLE = {"n": b"\n", "r": b"\r", "t": b"\t", "\\": b"\\"}
 _ESCAPE = re.compile(r"\\(x[0-9A-Fa-f]{2}|u[0-9A-Fa-f]{4}|.|$)", re.DOTALL)

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from ..errors import ProcessNotFound, excerpt
 from .buffer import OutputBuffer
-from .errors import ProcessNotFound, excerpt
 from .models import EndedBy, LimitName, ProcessInfo, ProcessLimits, ProcessStats, ProcessStatus, ProcessVia
 from .signals import signal_name
 from .terminal import Terminal

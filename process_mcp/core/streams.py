@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import anyio
 
-from .errors import StdinFailed
+from ..errors import StdinFailed
 
 READ_CHUNK = 256 * 1024
 """Bytes read per wake-up: large enough to keep up with a flood, small enough to stay fair."""

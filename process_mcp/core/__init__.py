@@ -1,0 +1,1 @@
+"""Shared by every backend: the executor, records, buffers, waits and the contract."""

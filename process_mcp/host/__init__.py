@@ -1,0 +1,1 @@
+"""The host backend: processes in a bubblewrap sandbox on this machine."""
