@@ -11,11 +11,12 @@ import hashlib
 import hmac
 import logging
 from collections.abc import Awaitable, Callable, Generator
-from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from contextlib import AbstractAsyncContextManager, contextmanager
+from typing import Protocol
 
 import anyio
 import uvicorn
+from mcp.server import MCPServer
 from mcp.server.auth.middleware.auth_context import AuthContextMiddleware
 from mcp.server.auth.middleware.bearer_auth import BearerAuthBackend, RequireAuthMiddleware
 from mcp.server.auth.provider import TokenVerifier
@@ -35,13 +36,31 @@ from ..errors import BackendUnavailable, InvalidConfig
 from ..policy.addresses import is_loopback
 from .auth import JwtVerifier, RefusalLog, TokenFileVerifier, make_verifier
 from .connections import ConnectionGuard
+from .metrics import Metrics
 from .sessions import SessionQuota
+from .spaces import Spaces
 from .tools import DISCONNECTED, Disconnect
 
-if TYPE_CHECKING:
-    from .server import ProcessMcpServer
-
 logger = logging.getLogger(__name__)
+
+
+class Served(Protocol):
+    """What HTTP serves, as far as it needs to know: a ``ProcessMcpServer`` (``service.server``)."""
+
+    @property
+    def server(self) -> MCPServer: ...
+
+    @property
+    def spaces(self) -> Spaces: ...
+
+    @property
+    def config(self) -> ProcessMcpConfig: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    def serving(self) -> AbstractAsyncContextManager[None]: ...
+
 
 MCP_PATH = "/mcp"
 """Where the MCP endpoint is served."""
@@ -128,7 +147,7 @@ def shared_loopback(config: ProcessMcpConfig, principals: bool) -> str | None:
     return None
 
 
-def build_app(mcp: ProcessMcpServer, *, authenticate: bool = True, host: str | None = None) -> ASGIApp:
+def build_app(mcp: Served, *, authenticate: bool = True, host: str | None = None) -> ASGIApp:
     """The HTTP application of ``mcp`` (see ``ProcessMcpServer.http_app``): with ``authenticate``, behind the
     configured authentication (none only if PROCESS_AUTH=none); without, behind the application's own.
     ``host`` (default: the configured one) is where it listens, which decides the Host names it accepts.
@@ -337,7 +356,7 @@ class _Server(uvicorn.Server):
         yield
 
 
-def prepare(mcp: ProcessMcpServer, host: str | None = None, port: int | None = None) -> uvicorn.Config:
+def prepare(mcp: Served, host: str | None = None, port: int | None = None) -> uvicorn.Config:
     """Check the setup and build the application: what ``serve`` runs. Raises InvalidConfig for an unsafe
     setup (no authentication off loopback, a tokens file others can read, ...), before anything runs."""
     service = mcp.config.service
@@ -370,7 +389,7 @@ def prepare(mcp: ProcessMcpServer, host: str | None = None, port: int | None = N
     )
 
 
-async def serve(mcp: ProcessMcpServer, config: uvicorn.Config, *, stop: anyio.Event | None) -> None:
+async def serve(mcp: Served, config: uvicorn.Config, *, stop: anyio.Event | None) -> None:
     """Serve ``config`` (from ``prepare``) until ``stop`` is set or the task is cancelled."""
     host, port = config.host, config.port
     server = _Server(config)

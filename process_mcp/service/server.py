@@ -38,7 +38,6 @@ class ProcessMcpServer:
     @property
     def metrics(self) -> Metrics:
         """What the server counts (Prometheus), served at /metrics over HTTP."""
-        assert self.spaces.metrics is not None
         return self.spaces.metrics
 
     @property
@@ -125,7 +124,6 @@ async def create_process_mcp(config: ProcessMcpConfig | None = None) -> ProcessM
         audit = AuditLog(config.audit)
         audit.start()
     spaces = Spaces(config, create_executor, audit)
-    spaces.metrics = Metrics(spaces)
     if config.service.transport == "stdio":
         try:
             await spaces.start_local()

@@ -18,7 +18,6 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
 
 import anyio
 
@@ -27,10 +26,8 @@ from ..core.executor import ProcessExecutor
 from ..core.registry import ManagedProcess
 from ..errors import RateLimited, TooManyRequests
 from ..policy.audit import AuditLog
-
-if TYPE_CHECKING:
-    from .metrics import Metrics
 from .auth import PRINCIPAL_NAME, principal_for_subject
+from .metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -70,14 +67,14 @@ class Spaces:
         self.config = config
         self.audit = audit
         """Where calls and process ends are recorded, if anywhere."""
-        self.metrics: Metrics | None = None
-        """What is counted, once the server has made it."""
         self._factory = factory
         self.local = Space(None, self._make(None, config))
         self._spaces: dict[str, Space] = {}
         self._closing: dict[str, anyio.Event] = {}
         self._lock = anyio.Lock()
         self._cleanup_lock = anyio.Lock()
+        self.metrics = Metrics(self._live_counts, audit)
+        """What is counted (served at /metrics over HTTP); it reads the spaces, so it is made last."""
 
     @property
     def prefix(self) -> str:
@@ -186,17 +183,18 @@ class Spaces:
         """Every space there is now, the local caller's first."""
         return [self.local, *self._spaces.values()]
 
+    def _live_counts(self) -> list[tuple[str, int]]:
+        return [(space.principal or "", space.executor.live_count()) for space in self.all()]
+
     def _make(self, principal: str | None, config: ProcessMcpConfig) -> ProcessExecutor:
         executor = self._factory(config)
 
         def launched(seconds: float) -> None:
-            if self.metrics is not None:
-                self.metrics.spawn_seconds.observe(seconds)
+            self.metrics.spawn_seconds.observe(seconds)
 
         def ended(record: ManagedProcess) -> None:
             output = record.stdout.total + record.stderr.total
-            if self.metrics is not None:
-                self.metrics.output_bytes.inc(output)
+            self.metrics.output_bytes.inc(output)
             if self.audit is not None:
                 self.audit.write(
                     {

@@ -225,8 +225,7 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
             outcome = "cancelled"
             raise
         finally:
-            if spaces.metrics is not None:
-                spaces.metrics.calls.labels(call.tool, outcome).inc()
+            spaces.metrics.calls.labels(call.tool, outcome).inc()
             if audit is not None:
                 audit.write(
                     {

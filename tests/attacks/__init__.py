@@ -1,0 +1,1 @@
+"""Attacks on the sandbox and the server, as the agent or a caller would make them."""

@@ -1,0 +1,1 @@
+"""The in-box agent and its protocol, both ends, without Docker."""

@@ -1,0 +1,1 @@
+"""The executor contract, parametrized over every backend (see ``BACKENDS`` in conftest)."""

@@ -1,0 +1,1 @@
+"""Docker mode against a real engine and the local test images (marked ``docker``)."""

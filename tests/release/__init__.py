@@ -1,0 +1,1 @@
+"""What ships: the package, the image and deployments, the examples, benchmarks, soak."""

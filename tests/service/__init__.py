@@ -1,0 +1,1 @@
+"""The MCP service: tools, stdio and HTTP transports, authentication, principals."""

@@ -1,0 +1,1 @@
+"""Single modules, no processes beyond what a module itself starts: fast, run anywhere."""
