@@ -17,6 +17,9 @@ UNIX_POOL_CONNECTIONS = 64
 """Idle connections kept per pool: more than the worker threads that can call the engine at once."""
 DOCKER_API_TIMEOUT_S = 30
 """HTTP timeout of each engine call made by the default client; a healthy engine answers in ms."""
+LAUNCH_TIMEOUT_S = 10.0
+"""How long an exec may take to report that it runs: a spawn's (it changed directory and is about to run),
+the lease's."""
 MANAGED_LABEL = "process-mcp.managed"
 MARKER_VAR = "PROCESS_MCP_ID"
 """Environment variable tagging each process of a server: ``<server token>:<docker-N>``; children inherit it."""

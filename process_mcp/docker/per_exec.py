@@ -25,15 +25,13 @@ from ..core.signals import NON_TERMINATING, signal_from_exit_code
 from ..core.streams import READ_CHUNK, write_all
 from ..errors import InvalidInput, KillFailed, SpawnFailed, StdinFailed
 from . import engine
-from .engine import MARKER_VAR, Demuxer
+from .engine import LAUNCH_TIMEOUT_S, MARKER_VAR, Demuxer
 
 if TYPE_CHECKING:
-    from .executor import DockerExecutor
+    from .session import ContainerSession
 
 logger = logging.getLogger(__name__)
 
-LAUNCH_TIMEOUT_S = 10.0
-"""How long a spawn waits for the exec to report that it changed directory and is about to run."""
 EXIT_POLL_S = 0.02
 """Interval for asking the engine for an exit code it has not recorded yet (it lags the stream's EOF)."""
 EXIT_SETTLE_S = 5.0
@@ -68,16 +66,17 @@ STOPPED_TIMEOUT_S = 10.0
 
 
 class ExecLauncher:
-    """Starts and signals processes as execs of their own, for ``executor``'s container."""
+    """Starts and signals processes as execs of their own, in ``session``'s container."""
 
-    def __init__(self, executor: DockerExecutor) -> None:
-        self._executor = executor
+    def __init__(self, session: ContainerSession) -> None:
+        self._session = session
         self._stopped_query: asyncio.Future[frozenset[str] | None] | None = None  # shared by callers meanwhile
 
-    async def launch(self, record: ManagedProcess, env: dict[str, str]) -> ProcessHandle:
-        ex = self._executor
-        assert ex._client is not None
-        api = ex._client.api
+    async def launch(self, record: ManagedProcess, env: dict[str, str], workdir: str) -> ProcessHandle:
+        """Start ``record``'s process as an exec; ``workdir`` is named when its cwd is missing."""
+        ex = self._session
+        assert ex.client is not None
+        api = ex.client.api
         handshake = f"process-mcp-{secrets.token_hex(6)}"
         environment = {**ex.env_defaults(), **env, MARKER_VAR: ex.marker(record.pid).partition("=")[2]}
         if record.tty and "TERM" not in env:
@@ -86,9 +85,9 @@ class ExecLauncher:
         command = ["/bin/sh", "-c", script, "sh", record.cwd, handshake, record.command]
 
         def create_and_start() -> tuple[str, Any]:
-            assert ex._container is not None
+            assert ex.container is not None
             exec_id: str = api.exec_create(
-                ex._container.id, command, stdin=True, tty=record.tty, environment=environment, user=ex.exec_user
+                ex.container.id, command, stdin=True, tty=record.tty, environment=environment, user=ex.exec_user
             )["Id"]
             # docker-py's stubs type this as bytes; with socket=True it is the hijacked socket's wrapper.
             sock: Any = api.exec_start(exec_id, socket=True, tty=record.tty)
@@ -98,7 +97,7 @@ class ExecLauncher:
             exec_id, sock = await anyio.to_thread.run_sync(create_and_start)
         except engine.docker_errors() as exc:
             reason = engine.reason(exc)
-            if not await ex._recover_container():
+            if not await ex.recover():
                 raise SpawnFailed(f"could not start {record.command!r} in the container: {reason}") from None
             try:
                 exec_id, sock = await anyio.to_thread.run_sync(create_and_start)
@@ -120,27 +119,27 @@ class ExecLauncher:
         if outcome == "nocwd":
             raise InvalidInput(
                 f"cwd {record.cwd!r} does not exist or is not a directory in the container; pass an existing "
-                f"directory or omit cwd to use {ex.workdir}"
+                f"directory or omit cwd to use {workdir}"
             )
         detail = handle.launch_output.strip() or f"exit code {handle.exit_code}"
         raise SpawnFailed(f"could not start {record.command!r} in the container (it needs /bin/sh): {detail}")
 
     async def _resize(self, exec_id: str) -> None:
         # stty already sized the terminal; this tells the engine too, so later attaches agree.
-        assert self._executor._client is not None
-        api = self._executor._client.api
+        assert self._session.client is not None
+        api = self._session.client.api
         try:
             await anyio.to_thread.run_sync(lambda: api.exec_resize(exec_id, height=TERMINAL_ROWS, width=TERMINAL_COLS))
         except engine.docker_errors() as exc:
             logger.debug("exec_resize of %s failed (it may have exited): %s", exec_id, exc)
 
     async def inspect(self, exec_id: str) -> dict[str, Any]:
-        assert self._executor._client is not None
-        return await anyio.to_thread.run_sync(self._executor._client.api.exec_inspect, exec_id)
+        assert self._session.client is not None
+        return await anyio.to_thread.run_sync(self._session.client.api.exec_inspect, exec_id)
 
     async def signal_matching(self, pattern: str, signum: int) -> None:
         """Send ``signum`` to every process in the container whose environment matches ``pattern``."""
-        container = self._executor._container
+        container = self._session.container
         if container is None:
             return
         command = ["/bin/sh", "-c", _SIGNAL_SCRIPT, "sh", pattern, str(int(signum))]
@@ -148,7 +147,7 @@ class ExecLauncher:
         with anyio.move_on_after(SIGNAL_TIMEOUT_S):
             try:
                 result = await anyio.to_thread.run_sync(
-                    lambda: container.exec_run(command, stdin=False, tty=False, user=self._executor.exec_user),
+                    lambda: container.exec_run(command, stdin=False, tty=False, user=self._session.exec_user),
                     abandon_on_cancel=True,
                 )
             except engine.docker_errors() as exc:
@@ -171,14 +170,14 @@ class ExecLauncher:
         return await asyncio.shield(self._stopped_query)
 
     async def _find_stopped(self) -> frozenset[str] | None:
-        container = self._executor._container
+        container = self._session.container
         if container is None:
             return None
-        command = ["/bin/sh", "-c", _STOPPED_SCRIPT, "sh", self._executor.marker()]
+        command = ["/bin/sh", "-c", _STOPPED_SCRIPT, "sh", self._session.marker()]
         with anyio.move_on_after(STOPPED_TIMEOUT_S):
             try:
                 result = await anyio.to_thread.run_sync(
-                    lambda: container.exec_run(command, stdin=False, tty=False, user=self._executor.exec_user),
+                    lambda: container.exec_run(command, stdin=False, tty=False, user=self._session.exec_user),
                     abandon_on_cancel=True,
                 )
             except engine.docker_errors() as exc:
@@ -192,7 +191,7 @@ class ExecLauncher:
     def marker_pattern(self, pid: str | None) -> str:
         """A regular expression for the marker line of process ``pid``, or of every process with None."""
         # Token and ids are [0-9a-z:-]: no regular-expression metacharacters to escape.
-        return f"^{self._executor.marker()}" + ("" if pid is None else f"{pid}$")
+        return f"^{self._session.marker()}" + ("" if pid is None else f"{pid}$")
 
 
 def stopped_ids(listing: str) -> frozenset[str]:

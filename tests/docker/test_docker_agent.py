@@ -519,8 +519,8 @@ FORGED: dict[str, Callable[[AgentConnection], bytes]] = {
 
 
 async def agent_exec_running(executor: DockerExecutor, exec_id: str) -> bool:
-    assert executor._client is not None
-    api = executor._client.api
+    assert executor.session.client is not None
+    api = executor.session.client.api
     return bool((await anyio.to_thread.run_sync(api.exec_inspect, exec_id))["Running"])
 
 
