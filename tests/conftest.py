@@ -1,4 +1,4 @@
-"""Shared fixtures: a real executor per backend, and bounded waits on real conditions.
+"""Shared fixtures: a real executor per backend, a Docker engine and its shared container.
 
 Docker tests use a real engine and the local test images (scripts/docker-engine.sh,
 scripts/build-test-images.sh). Without them the tests skip loudly, or fail when CI=true.
@@ -15,19 +15,26 @@ from typing import TYPE_CHECKING
 import anyio.to_thread
 import pytest
 
-from process_mcp import DockerExecutor, HostExecutor, ProcessExecutor, ProcessMcpConfig
-from process_mcp.config import Defaults, DockerConfig, Limits, SandboxConfig
+from process_mcp import DockerExecutor, ProcessExecutor
+from process_mcp.config import DockerConfig
 
-from .helpers import cannot_run_here
+from .helpers import (
+    BACKENDS,
+    BULLSEYE_IMAGE,
+    BUSYBOX_IMAGE,
+    DEBIAN_IMAGE,
+    TEST_LABELS,
+    TESTS,
+    backend_config,
+    backends,
+    cannot_run_here,
+    executor_for,
+    unique_name,
+)
 
 if TYPE_CHECKING:
     from docker import DockerClient
     from docker.models.containers import Container
-
-DEBIAN_IMAGE = "process-mcp-test/debian:bookworm-r2"
-BULLSEYE_IMAGE = "process-mcp-test/debian:bullseye"
-BUSYBOX_IMAGE = "process-mcp-test/busybox:latest"
-TEST_LABELS = {"process-mcp.test": "true"}
 
 
 @pytest.fixture
@@ -35,12 +42,29 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(params=["host", "host-unsandboxed", "docker", "docker-exec"])
+@pytest.fixture(params=backends())
 def backend(request: pytest.FixtureRequest) -> str:
-    """The backend a contract test runs against: host mode as configured by default (sandboxed), host
-    mode with the sandbox off (what users get where bwrap cannot run), docker mode through the agent in
-    the container, and docker mode with one exec per process (its path for images without Python)."""
+    """The backend a contract test runs against (see ``helpers.BACKENDS``); a test module that needs a
+    capability narrows it with ``backends(...)``."""
     return str(request.param)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``docker`` every test that needs an engine, so ``-m "not docker"`` runs none of them: the
+    tests under tests/docker/, those of a Docker backend, and those using an engine fixture."""
+    for item in items:
+        if _needs_docker(item):
+            item.add_marker(pytest.mark.docker)
+
+
+def _needs_docker(item: pytest.Item) -> bool:
+    if Path(str(item.path)).resolve().parent == TESTS / "docker":
+        return True
+    if {"docker_client", "engine", "shared_container"} & set(getattr(item, "fixturenames", ())):
+        return True
+    callspec = getattr(item, "callspec", None)
+    backend = None if callspec is None else callspec.params.get("backend")
+    return isinstance(backend, str) and backend in BACKENDS and BACKENDS[backend].mode == "docker"
 
 
 @pytest.fixture
@@ -53,27 +77,6 @@ def workdir(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     result = container.exec_run(["mkdir", "-p", path])
     assert result.exit_code == 0, result.output
     return path
-
-
-def host_config(workdir: str | Path, *, sandbox: SandboxConfig | None = None, **limits: int) -> ProcessMcpConfig:
-    return ProcessMcpConfig(
-        mode="host",
-        defaults=Defaults(workdir=str(workdir)),
-        limits=Limits(**limits),
-        sandbox=sandbox or SandboxConfig(),
-    )
-
-
-def docker_config(container: str, workdir: str = "/home/agent", **docker: object) -> ProcessMcpConfig:
-    return ProcessMcpConfig(
-        mode="docker",
-        defaults=Defaults(workdir=workdir),
-        docker=DockerConfig(container_name=container, **docker),
-    )
-
-
-def unique_name(what: str) -> str:
-    return f"process-mcp-test-{what}-{secrets.token_hex(4)}"
 
 
 @pytest.fixture(scope="session")
@@ -143,18 +146,6 @@ def shared_container(docker_client: DockerClient) -> Iterator[Container]:
         if container is not None:
             container.remove(force=True)
         volume.remove(force=True)
-
-
-def backend_config(request: pytest.FixtureRequest, backend: str, workdir: str) -> ProcessMcpConfig:
-    """The configuration a test of ``backend`` runs with (see ``backend``), to adjust before starting."""
-    if backend.startswith("host"):
-        return host_config(workdir, sandbox=SandboxConfig(enabled=backend == "host", required=True))
-    container: Container = request.getfixturevalue("shared_container")
-    return docker_config(str(container.name), workdir, use_existing=True, agent=backend == "docker")
-
-
-def executor_for(config: ProcessMcpConfig) -> ProcessExecutor:
-    return HostExecutor(config) if config.mode == "host" else DockerExecutor(config)
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Bounded waits on real conditions, and process checks, for the tests."""
+"""What the tests share besides fixtures: the backends and their configurations, bounded waits on real
+conditions, and process checks."""
 
 from __future__ import annotations
 
@@ -8,20 +9,98 @@ import re
 import secrets
 import subprocess
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 import anyio
 import pytest
 from mcp import Client
 from mcp_types import CallToolResult, TextContent
 
-from process_mcp import ProcessExecutor
+from process_mcp import DockerExecutor, HostExecutor, ProcessExecutor, ProcessMcpConfig
+from process_mcp.config import Defaults, DockerConfig, Limits, SandboxConfig
 from process_mcp.host.sandbox import Sandbox, find_bwrap
+
+DEBIAN_IMAGE = "process-mcp-test/debian:bookworm-r2"
+BULLSEYE_IMAGE = "process-mcp-test/debian:bullseye"
+BUSYBOX_IMAGE = "process-mcp-test/busybox:latest"
+TEST_LABELS = {"process-mcp.test": "true"}
+TESTS = Path(__file__).resolve().parent
+"""This folder; the repository is its parent."""
+ROOT = TESTS.parent
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A backend the contract suite runs against, and what it can do (declared once, here)."""
+
+    mode: Literal["host", "docker"]
+    sandboxed: bool
+    """Host mode with the sandbox on; Docker mode is always confined by its container."""
+    agent: bool
+    """Docker mode through the agent in the container (else one exec per process)."""
+    limits: bool
+    """Applies per-process limits and reports what a process's tree uses."""
+    exact_exits: bool
+    """Reports how a process ended as the kernel did (one exec per process has only the engine's exit code)."""
+
+
+BACKENDS = {
+    "host": Backend("host", sandboxed=True, agent=False, limits=True, exact_exits=True),
+    "host-unsandboxed": Backend("host", sandboxed=False, agent=False, limits=True, exact_exits=True),
+    "docker": Backend("docker", sandboxed=True, agent=True, limits=True, exact_exits=True),
+    "docker-exec": Backend("docker", sandboxed=True, agent=False, limits=False, exact_exits=False),
+}
+"""Host mode sandboxed (the default) and not (where bwrap cannot run), Docker mode through the agent and with
+one exec per process (images without Python)."""
+
+
+def backends(*needs: str) -> list[str]:
+    """The backends that have every capability in ``needs`` (fields of ``Backend``), for a fixture's params."""
+    return [name for name, backend in BACKENDS.items() if all(getattr(backend, need) for need in needs)]
+
+
+if TYPE_CHECKING:
+    from docker.models.containers import Container
 
 WAIT_S = 10.0
 """Bound on every wait for a condition in the tests; generous, since CI machines are shared."""
 POLL_S = 0.02
+
+
+def host_config(workdir: str | Path, *, sandbox: SandboxConfig | None = None, **limits: int) -> ProcessMcpConfig:
+    return ProcessMcpConfig(
+        mode="host",
+        defaults=Defaults(workdir=str(workdir)),
+        limits=Limits(**limits),
+        sandbox=sandbox or SandboxConfig(),
+    )
+
+
+def docker_config(container: str, workdir: str = "/home/agent", **docker: object) -> ProcessMcpConfig:
+    return ProcessMcpConfig(
+        mode="docker",
+        defaults=Defaults(workdir=workdir),
+        docker=DockerConfig(container_name=container, **docker),
+    )
+
+
+def unique_name(what: str) -> str:
+    return f"process-mcp-test-{what}-{secrets.token_hex(4)}"
+
+
+def backend_config(request: pytest.FixtureRequest, backend: str, workdir: str) -> ProcessMcpConfig:
+    """The configuration a test of ``backend`` runs with (see ``backend``), to adjust before starting."""
+    declared = BACKENDS[backend]
+    if declared.mode == "host":
+        return host_config(workdir, sandbox=SandboxConfig(enabled=declared.sandboxed, required=True))
+    container: Container = request.getfixturevalue("shared_container")
+    return docker_config(str(container.name), workdir, use_existing=True, agent=declared.agent)
+
+
+def executor_for(config: ProcessMcpConfig) -> ProcessExecutor:
+    return HostExecutor(config) if config.mode == "host" else DockerExecutor(config)
 
 
 def cannot_run_here(why: str) -> NoReturn:

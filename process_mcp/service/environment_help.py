@@ -1,7 +1,7 @@
 """The environment variables ``--help`` lists: (name, default, description), one row per setting.
 
 Derived from the settings' declarations in ``config.py`` and kept here so ``--help`` answers without
-loading pydantic; ``tests/test_config.py`` checks the two agree and prints the rows to paste when not.
+loading pydantic; ``tests/unit/test_config.py`` checks the two agree and prints the rows to paste when not.
 """
 
 from __future__ import annotations

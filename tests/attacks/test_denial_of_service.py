@@ -28,9 +28,8 @@ from process_mcp.core.models import (
 )
 from process_mcp.policy.command import MAX_CHECKED_BYTES
 
-from .conftest import host_config
-from .helpers import call, error
-from .http_server import http_server, mcp_client, write_tokens
+from ..helpers import call, error, host_config
+from ..http_server import http_server, mcp_client, write_tokens
 
 pytestmark = pytest.mark.anyio
 

@@ -33,13 +33,13 @@ from mcp import Client, StdioServerParameters
 
 from process_mcp.host import seccomp
 
-from .helpers import WAIT_S, cannot_run_here, sleep_argument, sleepers
+from ..helpers import WAIT_S, cannot_run_here, sleep_argument, sleepers
 
 pytestmark = pytest.mark.anyio
 
 NOBODY = 65534
 SECRET = f"server-secret-{secrets.token_hex(8)}"
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass

@@ -24,7 +24,7 @@ import pytest
 from process_mcp.box import protocol
 from process_mcp.box.client import BOOTSTRAP, bootstrap_payload
 
-from .helpers import POLL_S, WAIT_S, cannot_run_here, kill_if_alive, running_sleepers, sleep_argument, started
+from ..helpers import POLL_S, WAIT_S, cannot_run_here, kill_if_alive, running_sleepers, sleep_argument, started
 
 
 def test_frames_split_anywhere_across_reads_come_out_whole_and_in_order() -> None:

@@ -15,7 +15,7 @@ from process_mcp import (
     SpawnOptions,
 )
 
-from .helpers import POLL_S, WAIT_S, sleep_argument, sleepers, wait_for_exit, wait_for_output, wait_until_gone
+from ..helpers import POLL_S, WAIT_S, sleep_argument, sleepers, wait_for_exit, wait_for_output, wait_until_gone
 
 pytestmark = pytest.mark.anyio
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import anyio
 import pytest
 
-from .conftest import backend_config
+from ..helpers import backend_config
 
 pytestmark = pytest.mark.anyio
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MEMORY_BOUND_BYTES = 64 * 1024 * 1024
 """Growth allowed while flooding: two 1 MiB stream buffers, the terminal and reads in flight fit many times over."""
 FLOOD_BOUND_S = 120.0

@@ -8,15 +8,23 @@ import pytest
 
 from process_mcp import ProcessExecutor, SpawnOptions
 
-from .conftest import backend_config, executor_for
-from .helpers import pid_alive, sleep_argument, sleepers, wait_for_exit, wait_for_output
+from ..helpers import (
+    backend_config,
+    backends,
+    executor_for,
+    pid_alive,
+    sleep_argument,
+    sleepers,
+    wait_for_exit,
+    wait_for_output,
+)
 
 pytestmark = pytest.mark.anyio
 
 LIFETIME_S = 1.0
 
 
-@pytest.fixture(params=["host", "host-unsandboxed", "docker"])
+@pytest.fixture(params=backends("exact_exits"))
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 

@@ -16,14 +16,14 @@ from process_mcp import (
     SpawnOptions,
 )
 
-from .conftest import docker_config, host_config
+from ..helpers import backends, docker_config, host_config
 
 pytestmark = pytest.mark.anyio
 
 CPU_BURNER = "python3 -c 'while True: pass'"
 
 
-@pytest.fixture(params=["host", "host-unsandboxed", "docker"])
+@pytest.fixture(params=backends("limits"))
 def backend(request: pytest.FixtureRequest) -> str:
     """The backends that can apply limits (the exec-per-process one refuses them: see the last test)."""
     return str(request.param)

@@ -8,7 +8,7 @@ import pytest
 
 from process_mcp import ProcessExecutor, SpawnOptions
 
-from .helpers import WAIT_S, wait_for_output
+from ..helpers import WAIT_S, backends, wait_for_output
 
 pytestmark = pytest.mark.anyio
 
@@ -18,7 +18,7 @@ ALLOCATE_100_MB = (
 )
 
 
-@pytest.fixture(params=["host", "host-unsandboxed", "docker"])
+@pytest.fixture(params=backends("limits"))
 def backend(request: pytest.FixtureRequest) -> str:
     """The backends that report stats (the exec-per-process one cannot)."""
     return str(request.param)

@@ -6,7 +6,7 @@ import pytest
 
 from process_mcp import InvalidInput, ProcessExecutor, SpawnOptions, SpawnResult, StdinResult
 
-from .helpers import wait_for_output
+from ..helpers import wait_for_output
 
 pytestmark = pytest.mark.anyio
 

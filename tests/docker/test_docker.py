@@ -31,8 +31,18 @@ from process_mcp.docker import DockerExecutor
 from process_mcp.docker.engine import KEPT_CAPABILITIES, MANAGED_LABEL
 from process_mcp.docker.per_exec import stopped_ids
 
-from .conftest import BULLSEYE_IMAGE, BUSYBOX_IMAGE, DEBIAN_IMAGE, TEST_LABELS, docker_config, unique_name
-from .helpers import POLL_S, WAIT_S, sleep_argument, wait_for_output
+from ..helpers import (
+    BULLSEYE_IMAGE,
+    BUSYBOX_IMAGE,
+    DEBIAN_IMAGE,
+    POLL_S,
+    TEST_LABELS,
+    WAIT_S,
+    docker_config,
+    sleep_argument,
+    unique_name,
+    wait_for_output,
+)
 
 if TYPE_CHECKING:
     from docker import DockerClient

@@ -27,8 +27,17 @@ from process_mcp.config import Defaults, DockerConfig, SandboxConfig
 from process_mcp.docker import stream
 from process_mcp.docker.stream import ExecStream
 
-from .conftest import DEBIAN_IMAGE, TEST_LABELS, docker_config, unique_name
-from .helpers import POLL_S, WAIT_S, sleep_argument, wait_for_exit, wait_for_output
+from ..helpers import (
+    DEBIAN_IMAGE,
+    POLL_S,
+    TEST_LABELS,
+    WAIT_S,
+    docker_config,
+    sleep_argument,
+    unique_name,
+    wait_for_exit,
+    wait_for_output,
+)
 
 if TYPE_CHECKING:
     from docker import DockerClient

@@ -19,8 +19,7 @@ import pytest
 from process_mcp import SpawnOptions
 from process_mcp.docker import DockerExecutor
 
-from .conftest import BUSYBOX_IMAGE, TEST_LABELS, docker_config, unique_name
-from .helpers import WAIT_S, wait_for_output
+from ..helpers import BUSYBOX_IMAGE, TEST_LABELS, WAIT_S, docker_config, unique_name, wait_for_output
 
 if TYPE_CHECKING:
     from docker import DockerClient

@@ -18,14 +18,13 @@ from docker import errors as docker_errors
 from docker.client import DockerClient
 from docker.models.containers import Container
 
-from .conftest import unique_name
-from .helpers import WAIT_S, call, cannot_run_here
-from .http_server import mcp_client
-from .test_http import JS_CLIENTS, node_command
+from ..helpers import WAIT_S, call, cannot_run_here, unique_name
+from ..http_server import mcp_client
+from ..service.test_http import JS_CLIENTS, node_command
 
 pytestmark = [pytest.mark.anyio, pytest.mark.docker]
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 SERVER_UID = 10001
 TOKEN = secrets.token_hex(16)
 

@@ -23,10 +23,10 @@ from process_mcp.config import SandboxConfig
 from process_mcp.core.models import MAX_INPUT_CHARS
 from process_mcp.host.executor import STATE_DIR_PREFIX, _HostHandle
 
-from .conftest import host_config
-from .helpers import (
+from ..helpers import (
     POLL_S,
     WAIT_S,
+    host_config,
     kill_if_alive,
     pid_alive,
     sleep_argument,

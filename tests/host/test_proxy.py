@@ -21,7 +21,7 @@ from process_mcp.policy import egress as proxy_module
 from process_mcp.policy.addresses import is_loopback, special
 from process_mcp.policy.egress import HEADER_LIMIT_BYTES, DomainProxy, domain_allowed
 
-from .helpers import WAIT_S
+from ..helpers import WAIT_S
 
 pytestmark = pytest.mark.anyio
 

@@ -20,8 +20,7 @@ from process_mcp.core.models import ProcessLimits
 from process_mcp.host import sandbox as sandbox_module
 from process_mcp.host.bounds import ServerBounds
 
-from .conftest import host_config
-from .helpers import WAIT_S, cannot_run_here, run_wrapped, sleep_argument, wait_for_output, without
+from ..helpers import WAIT_S, cannot_run_here, host_config, run_wrapped, sleep_argument, wait_for_output, without
 
 pytestmark = pytest.mark.anyio
 

@@ -31,8 +31,7 @@ import pytest
 from process_mcp import HostExecutor, SpawnOptions, seccomp
 from process_mcp.config import SandboxConfig
 
-from .conftest import host_config
-from .helpers import WAIT_S, cannot_run_here, replaced, run_wrapped
+from ..helpers import WAIT_S, cannot_run_here, host_config, replaced, run_wrapped
 
 pytestmark = pytest.mark.anyio
 

@@ -9,14 +9,14 @@ from typing import TYPE_CHECKING
 import anyio
 import pytest
 
-from .conftest import DEBIAN_IMAGE
+from ..helpers import DEBIAN_IMAGE
 
 if TYPE_CHECKING:
     from docker import DockerClient
 
 pytestmark = pytest.mark.anyio
 
-RUN = Path(__file__).parent.parent / "bench" / "run.py"
+RUN = Path(__file__).parents[2] / "bench" / "run.py"
 FIGURES = [
     "spawn true round trip (host, sandbox off)",
     "spawn true round trip (host, sandboxed)",

@@ -15,7 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-DEPLOY = Path(__file__).parent.parent / "deploy" / "kubernetes"
+DEPLOY = Path(__file__).parents[2] / "deploy" / "kubernetes"
 KUBERNETES = "1.37.0"
 AGENT_SANDBOX = "extensions.agents.x-k8s.io/v1alpha1"
 SCHEMAS = json.loads((DEPLOY / "schemas" / "agent-sandbox.json").read_text())

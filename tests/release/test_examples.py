@@ -8,11 +8,11 @@ from pathlib import Path
 import anyio
 import pytest
 
-from .helpers import WAIT_S
+from ..helpers import WAIT_S
 
 pytestmark = pytest.mark.anyio
 
-EXAMPLES = Path(__file__).parent.parent / "examples"
+EXAMPLES = Path(__file__).parents[2] / "examples"
 
 
 async def run_example(name: str) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NEEDED = [
     "LICENSE",
     "README.md",
@@ -28,7 +28,9 @@ NEEDED = [
     "process_mcp/box/agent.py",
 ]
 """What the README refers to, what the tests import, and what the package needs at run time."""
-TESTS_FROM_THE_SDIST = [f"tests/test_{name}.py" for name in ("escapes", "buffer", "config", "examples")]
+TESTS_FROM_THE_SDIST = [
+    f"tests/{name}.py" for name in ("unit/test_escapes", "unit/test_buffer", "unit/test_config", "release/test_examples")
+]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 
 pytestmark = pytest.mark.anyio
 
-SOAK = Path(__file__).parent.parent / "bench" / "soak.py"
+SOAK = Path(__file__).parents[2] / "bench" / "soak.py"
 
 
 @pytest.mark.parametrize("mode", ["host", "host-unsandboxed"])

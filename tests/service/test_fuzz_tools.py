@@ -21,7 +21,7 @@ from mcp_types import CallToolResult, TextContent
 from process_mcp import ProcessMcpServer, create_process_mcp
 from process_mcp.config import Defaults, Limits, ProcessMcpConfig
 
-from .helpers import WAIT_S
+from ..helpers import WAIT_S
 
 TOOLS = ["spawn", "ps", "stdin", "stdout", "kill"]
 PARAMETERS = [

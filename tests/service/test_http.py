@@ -44,9 +44,19 @@ from process_mcp import create_process_mcp
 from process_mcp.config import SandboxConfig, environment_variables
 from process_mcp.service import auth, connections
 
-from .conftest import DEBIAN_IMAGE, host_config, unique_name
-from .helpers import WAIT_S, call, error, pid_alive, sleep_argument, sleepers, text_of
-from .http_server import TEST_DOMAINS, HttpServer, http_server, mcp_client, run_server_to_exit, write_tokens
+from ..helpers import (
+    DEBIAN_IMAGE,
+    WAIT_S,
+    call,
+    error,
+    host_config,
+    pid_alive,
+    sleep_argument,
+    sleepers,
+    text_of,
+    unique_name,
+)
+from ..http_server import TEST_DOMAINS, HttpServer, http_server, mcp_client, run_server_to_exit, write_tokens
 
 pytestmark = pytest.mark.anyio
 
@@ -624,7 +634,7 @@ async def test_a_hundred_concurrent_calls_from_four_principals_are_all_answered_
 
 # Other clients: the TypeScript SDK (both protocol generations) and the Inspector CLI.
 
-JS_CLIENTS = Path(__file__).parent / "js"
+JS_CLIENTS = Path(__file__).parents[1] / "js"
 
 
 def node_command(*arguments: str) -> list[str]:

@@ -16,8 +16,7 @@ from mcp import Client
 from process_mcp import ProcessMcpServer, create_process_mcp
 from process_mcp.config import default_host_workspace
 
-from .conftest import backend_config, host_config
-from .helpers import WAIT_S, call, error, machine_can_sandbox, text_of
+from ..helpers import WAIT_S, backend_config, call, error, host_config, machine_can_sandbox, text_of
 
 pytestmark = pytest.mark.anyio
 

@@ -15,7 +15,7 @@ from mcp import Client, StdioServerParameters
 
 from process_mcp.service.stdio import LINE_LIMIT
 
-from .helpers import WAIT_S, kill_if_alive, machine_can_sandbox, sleep_argument, sleepers, wait_until_gone
+from ..helpers import WAIT_S, kill_if_alive, machine_can_sandbox, sleep_argument, sleepers, wait_until_gone
 
 pytestmark = pytest.mark.anyio
 

@@ -17,8 +17,7 @@ from mcp import Client
 from process_mcp import ProcessMcpServer, create_process_mcp
 from process_mcp.config import AuditConfig
 
-from .conftest import host_config
-from .helpers import WAIT_S, call, cannot_run_here, error
+from ..helpers import WAIT_S, call, cannot_run_here, error, host_config
 
 pytestmark = pytest.mark.anyio
 

@@ -169,7 +169,7 @@ def test_the_help_lists_every_variable_as_declared() -> None:
 
 def test_the_readme_configuration_table_lists_every_variable_with_its_declared_default() -> None:
     """The environment variables are declared once (config.py); the README's table must agree with it."""
-    text = (Path(__file__).parent.parent / "README.md").read_text()
+    text = (Path(__file__).parents[2] / "README.md").read_text()
     section = text.split("\n## Configuration\n")[1].split("\n## ")[0]
     documented: dict[str, str | None] = {}
     for row in (line for line in section.splitlines() if line.startswith("| `")):

@@ -15,7 +15,7 @@ import pytest
 from process_mcp import HostExecutor, PolicyConfig, PolicyDenied, SpawnOptions, load_config
 from process_mcp.policy import CommandPolicy
 
-from .conftest import host_config
+from ..helpers import host_config
 
 pytestmark = pytest.mark.anyio
 
