@@ -28,9 +28,9 @@ from typing import Any
 
 import anyio
 
-from ..core.handle import ProcessHandle
+from ..core.contract import LaunchSpec, ProcessSink
+from ..core.handle import ProcessHandle, TreeRoot
 from ..core.models import CPU_GRACE_S, TERMINAL_COLS, TERMINAL_ROWS, ProcessLimits
-from ..core.registry import ManagedProcess
 from ..core.stats import StateReader, TreeSample
 from ..core.streams import STDIN_WRITE_TIMEOUT_S, wait_writable
 from ..errors import InvalidInput, KillFailed, SpawnFailed, StdinFailed
@@ -189,47 +189,54 @@ class AgentConnection:
         return self.hello
 
     async def spawn(
-        self, record: ManagedProcess, env: dict[str, str], *, inherit: bool, workdir: str, where: str = ""
+        self,
+        spec: LaunchSpec,
+        sink: ProcessSink,
+        env: dict[str, str],
+        *,
+        inherit: bool,
+        workdir: str,
+        where: str = "",
     ) -> AgentProcess:
-        """Start ``record.command`` in ``record.cwd`` as the record's process, feeding the record. With
+        """Start ``spec.command`` in ``spec.cwd`` as ``spec``'s process, reporting into ``sink``. With
         ``inherit``, ``env`` is set over the agent's own environment, else it is the whole environment.
         Raises InvalidInput for a missing cwd (naming ``workdir``), SpawnFailed otherwise; ``where``
         (e.g. " in the container") goes into both messages."""
-        number = int(record.pid.rpartition("-")[2])
-        process = AgentProcess(self, number, record)
+        number = int(spec.pid.rpartition("-")[2])
+        process = AgentProcess(self, number, sink)
         self._processes[number] = process
         self._first_channel = min(self._first_channel or number, number)
         self._last_channel = max(self._last_channel, number)
         started = self._expect(protocol.STARTED, number, 0)
-        spec = {
-            "command": record.command,
-            "cwd": record.cwd,
+        request = {
+            "command": spec.command,
+            "cwd": spec.cwd,
             "env": env,
             "inherit": inherit,
-            "tty": record.tty,
+            "tty": spec.tty,
             "cols": TERMINAL_COLS,
             "rows": TERMINAL_ROWS,
         }
-        if record.limits is not None:
-            spec["rlimits"] = rlimits(record.limits)
+        if spec.limits is not None:
+            request["rlimits"] = rlimits(spec.limits)
         try:
-            await self._send(protocol.message(protocol.SPAWN, number, **spec))
+            await self._send(protocol.message(protocol.SPAWN, number, **request))
             answer = await self._answer(started, REQUEST_TIMEOUT_S, "spawn")
         except AgentUnavailable as exc:
             process.detach()
-            raise SpawnFailed(f"could not start {record.command!r}{where}: {exc.reason}") from None
+            raise SpawnFailed(f"could not start {spec.command!r}{where}: {exc.reason}") from None
         except BaseException:
             process.detach()
             raise
         if answer.get("error") == "nocwd":
             process.detach()
             raise InvalidInput(
-                f"cwd {record.cwd!r} does not exist or is not a directory{where}; pass an existing directory "
+                f"cwd {spec.cwd!r} does not exist or is not a directory{where}; pass an existing directory "
                 f"or omit cwd to use {workdir}"
             )
         if "error" in answer:
             process.detach()
-            raise SpawnFailed(f"could not start {record.command!r}{where}: {answer.get('message') or answer['error']}")
+            raise SpawnFailed(f"could not start {spec.command!r}{where}: {answer.get('message') or answer['error']}")
         return process
 
     async def serve_proxy(self, port: int, connect: ProxyConnector) -> None:
@@ -545,7 +552,7 @@ def rlimits(limits: ProcessLimits) -> dict[str, list[int]]:
 class AgentProcess(ProcessHandle):
     """One process run by the agent."""
 
-    def __init__(self, connection: AgentConnection, number: int, record: ManagedProcess) -> None:
+    def __init__(self, connection: AgentConnection, number: int, record: ProcessSink) -> None:
         self.connection = connection
         self.number = number
         self.record = record
@@ -557,7 +564,7 @@ class AgentProcess(ProcessHandle):
         for _ in self.open_streams:
             record.stream_opened()
 
-    def tree_root(self) -> tuple[int, bool] | None:
+    def tree_root(self) -> TreeRoot | None:
         if not self.connection.same_pids or not self.leader:
             return None
         # Its supervisor, a subreaper, holds the leader and whatever escaped from it; itself not counted.
@@ -566,7 +573,7 @@ class AgentProcess(ProcessHandle):
                 parent = int(file.read().rsplit(b")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             return None
-        return parent, False
+        return TreeRoot(parent, included=False)
 
     def stream_closed(self, stream: int) -> None:
         if stream in self.open_streams:

@@ -1,8 +1,8 @@
-"""The executor contract, and the behaviour both backends share.
+"""The executor: the five operations, over any backend (``contract.Backend``).
 
-A backend only knows how to start a process and drive it (``ProcessHandle``); everything that does
-not touch the OS or Docker (validation, ids, waiting, output tails, signal names, shutdown order)
-lives here, so host and Docker mode cannot drift apart.
+A backend only knows how to start a process in its box and drive it (``ProcessHandle``); everything that
+does not touch the OS or Docker (validation, ids, waiting, output tails, signal names, limits, shutdown
+order) lives here, so host and Docker mode cannot drift apart.
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ import posixpath
 import re
 import signal
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Coroutine
 from signal import SIGCONT, SIGSTOP
-from typing import Any, ClassVar
+from typing import Any
 
 import anyio
 
@@ -24,8 +23,9 @@ from ..config import ProcessMcpConfig
 from ..errors import InvalidInput, ProcessMcpError, ProcessTerminated, TooManyProcesses, excerpt
 from ..policy import CommandPolicy
 from .buffer import tail_lines, tail_text
+from .contract import Backend, LaunchSpec
 from .escapes import decode_input
-from .handle import ProcessHandle
+from .handle import ProcessHandle, TreeRoot
 from .models import (
     DEFAULT_LINES,
     MAX_COMMAND_BYTES,
@@ -71,20 +71,16 @@ can be past a limit for about this long, within the kernel's per-process bounds 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-class ProcessExecutor(ABC):
-    """Runs processes and keeps track of them; the five MCP tools map onto its methods.
+class ProcessExecutor:
+    """Runs processes through ``backend`` and keeps track of them; the five MCP tools map onto its methods.
 
     Every method raises only ``ProcessMcpError`` subclasses, whose ``code`` is stable. A non-zero
     exit code is a result, not an error.
     """
 
-    prefix: ClassVar[str]
-    """Start of every process id this executor hands out, e.g. ``host`` for ``host-1``."""
-
-    def __init__(self, config: ProcessMcpConfig) -> None:
+    def __init__(self, config: ProcessMcpConfig, backend: Backend) -> None:
         self.config = config
-        self.workdir = config.workdir
-        """Where processes run when a spawn gives no cwd, and what a relative cwd is taken from."""
+        self.backend = backend
         self._registry = ProcessRegistry(self.prefix, config.limits.keep_terminated)
         self._starting = 0  # spawns between the limit check and the registry, so concurrent ones count
         self._policy = CommandPolicy(config.policy.command_allow, config.policy.command_deny)
@@ -96,13 +92,23 @@ class ProcessExecutor(ABC):
         self._expiring: set[asyncio.Task[None]] = set()
         self._searches: anyio.CapacityLimiter | None = None  # made on the event loop, at the first wait
 
+    @property
+    def prefix(self) -> str:
+        """Start of every process id this executor hands out, e.g. ``host`` for ``host-1``."""
+        return self.backend.prefix
+
+    @property
+    def workdir(self) -> str:
+        """Where processes run when a spawn gives no cwd, and what a relative cwd is taken from."""
+        return self.backend.workdir
+
     async def start(self) -> None:
         """Prepare the backend (e.g. the container); called once before the first spawn."""
-        return None
+        await self.backend.start()
 
     async def ready(self) -> bool:
         """Whether a spawn could start now (for a readiness probe); never raises."""
-        return True
+        return await self.backend.ready()
 
     async def spawn(self, options: SpawnOptions, progress: Progress | None = None) -> SpawnResult:
         """Start ``options.command`` under /bin/sh and wait for it to exit, up to the timeout.
@@ -135,7 +141,8 @@ class ProcessExecutor(ABC):
         launched = time.monotonic()
         with anyio.CancelScope(shield=True):
             try:
-                record.handle = await self._launch(record, env)
+                spec = LaunchSpec(record.pid, command, cwd, env, options.tty, options.limits)
+                record.handle = await self.backend.launch(spec, record)
             finally:
                 self._starting -= 1
             self._registry.add(record)
@@ -327,24 +334,14 @@ class ProcessExecutor(ABC):
         for record in self._registry:
             if record.handle is not None:
                 record.handle.close()
-        await self._close_backend()
+        await self.backend.close()
 
-    # Backend hooks.
-
-    @abstractmethod
-    async def _launch(self, record: ManagedProcess, env: dict[str, str]) -> ProcessHandle:
-        """Start ``record.command`` in ``record.cwd`` with ``env`` set over the base environment.
-
-        Feed output to the record as ``ManagedProcess`` describes, until the streams close, and call
-        ``record.finish`` once the process exits. Raises InvalidInput (e.g. a missing cwd) or SpawnFailed.
-        """
-
-    async def _close_backend(self) -> None:
-        """Release backend resources after every process is gone."""
-        return None
+    # What the executor does for every backend.
 
     def _finished(self, record: ManagedProcess) -> None:
-        """A process has exited and its output is closed: forget the oldest finished ones."""
+        """A process has exited and its output is closed: the backend releases what it held, then the
+        oldest finished records are forgotten."""
+        self.backend.finished(record)
         timer = self._lifetimes.pop(record.pid, None)
         if timer is not None:
             timer.cancel()
@@ -399,7 +396,11 @@ class ProcessExecutor(ABC):
                 return
 
     def _limit_reached(self, record: ManagedProcess, limits: ProcessLimits) -> LimitName | None:
-        """The limit the process's tree is over (memory) or at (processes), from its latest sample."""
+        """The limit the box's kernel says the process hit, else the one its tree is over (memory) or at
+        (processes) in its latest sample."""
+        reached = self.backend.limit_reached(record, limits)
+        if reached is not None:
+            return reached
         stats = record.stats
         if stats is None:
             return None
@@ -553,7 +554,7 @@ async def _refresh_stats(records: list[ManagedProcess], max_age_s: float) -> Non
     machine's /proc shows in one worker thread, the others by asking where they run, all at once. A
     finished process keeps its last sample (``ManagedProcess.finish`` sets its final wall time)."""
     now = time.monotonic()
-    local: list[tuple[ManagedProcess, tuple[int, bool]]] = []
+    local: list[tuple[ManagedProcess, TreeRoot]] = []
     remote: list[tuple[ManagedProcess, ProcessHandle]] = []
     for record in records:
         if record.handle is None or not record.running or now - record.stats_at < max_age_s:
@@ -568,7 +569,7 @@ async def _refresh_stats(records: list[ManagedProcess], max_age_s: float) -> Non
     samples: list[TreeSample | None] = []
     if local:
         samples = await anyio.to_thread.run_sync(
-            lambda: [sample_tree(pid, include_root=own) for _, (pid, own) in local]
+            lambda: [sample_tree(root.pid, include_root=root.included) for _, root in local]
         )
     measured: list[TreeSample | None] = [None] * len(remote)
 

@@ -1,8 +1,8 @@
 """The contract between the executor and a backend, for each process the backend starts.
 
-A backend's ``ProcessExecutor._launch`` starts one process for a ``ManagedProcess`` record and returns
-a ``ProcessHandle`` to drive it. From then on the backend keeps the record current, always on the
-event loop, in this order:
+A backend's ``Backend.launch`` (``contract``) starts one process for a ``LaunchSpec`` and returns a
+``ProcessHandle`` to drive it. From then on the backend keeps the process's record (a ``ProcessSink``)
+current, always on the event loop, in this order:
 
 1. Before it returns the handle: ``record.sandboxed`` (whether the process is confined) and
    ``record.via`` (how it was started), and ``record.stream_opened()`` once for each output stream it
@@ -23,8 +23,18 @@ executor's ``on_done`` runs and, once the record is dropped, ``close`` releases 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import NamedTuple
 
 from .stats import TreeSample
+
+
+class TreeRoot(NamedTuple):
+    """Where a process's tree can be measured on this machine (``ProcessHandle.tree_root``)."""
+
+    pid: int
+    """A pid whose descendants are the process's tree."""
+    included: bool
+    """Whether that pid is itself part of the tree (else only its descendants are)."""
 
 
 class ProcessHandle(ABC):
@@ -45,9 +55,9 @@ class ProcessHandle(ABC):
     def close(self) -> None:
         """Release what the handle holds (descriptors, sockets); the process must be gone already."""
 
-    def tree_root(self) -> tuple[int, bool] | None:
-        """A pid on this machine whose tree is the process and its descendants, and whether that pid is
-        itself part of it; None where /proc here cannot see them (a container's agent)."""
+    def tree_root(self) -> TreeRoot | None:
+        """Where the process's tree (the process and its descendants) can be measured on this machine;
+        None where /proc here cannot see them (a container's agent)."""
         return None
 
     async def sample(self) -> TreeSample | None:

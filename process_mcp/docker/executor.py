@@ -30,10 +30,10 @@ import anyio.to_thread
 
 from ..box.client import AGENT_NAME, BOOTSTRAP, AgentConnection, AgentUnavailable, bootstrap_payload
 from ..config import ProcessMcpConfig
+from ..core.contract import Backend, LaunchSpec, ProcessSink
 from ..core.executor import ProcessExecutor
 from ..core.handle import ProcessHandle
 from ..core.models import TTY_TERM
-from ..core.registry import ManagedProcess
 from ..errors import BackendUnavailable, InvalidInput, KillFailed, SpawnFailed
 from ..policy.egress import PROXY_PORT, proxy_environment
 from . import engine
@@ -80,11 +80,56 @@ _SWEEP_LOST_SCRIPT = (
 
 
 class DockerExecutor(ProcessExecutor):
-    """Runs processes as execs in one long-lived container (see ``config.docker``).
+    """Runs processes in one long-lived container (see ``config.docker``).
 
     ``client_factory`` builds the docker-py client (default: ``engine_client`` for ``config.docker.engine``);
     ``labels`` are added to the container and volume it creates.
     """
+
+    backend: DockerBackend
+
+    def __init__(
+        self,
+        config: ProcessMcpConfig,
+        *,
+        client_factory: ClientFactory | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(config, DockerBackend(config, client_factory=client_factory, labels=labels))
+
+    @property
+    def session(self) -> ContainerSession:
+        """The container processes run in, and the engine client."""
+        return self.backend.session
+
+    @property
+    def via(self) -> Literal["agent", "exec"]:
+        """How processes start: through the agent in the container, or one exec each (no Python in it)."""
+        return self.backend.via
+
+    @property
+    def container_id(self) -> str | None:
+        """The id of the container processes run in, once started."""
+        return None if self.session.container is None else self.session.container.id
+
+    def marker(self, pid: str = "") -> str:
+        """The environment line that tags process ``pid`` and its descendants in the container; with
+        no ``pid``, the start shared by every process of this executor."""
+        return self.session.marker(pid)
+
+    @property
+    def agent_user(self) -> str:
+        """Who the agent's exec runs as (see ``ContainerSession.agent_user``)."""
+        return self.session.agent_user
+
+    @property
+    def exec_user(self) -> str:
+        """Who the execs other than the agent's run as (see ``ContainerSession.exec_user``)."""
+        return self.session.exec_user
+
+
+class DockerBackend(Backend):
+    """The container's box: processes started through the agent in it, or one exec each."""
 
     prefix = "docker"
 
@@ -107,31 +152,6 @@ class DockerExecutor(ProcessExecutor):
         self.via: Literal["agent", "exec"] = "agent" if config.docker.agent else "exec"
         """How processes start: through the agent in the container, or one exec each (no Python in it)."""
 
-    @property
-    def container_id(self) -> str | None:
-        """The id of the container processes run in, once started."""
-        return None if self.session.container is None else self.session.container.id
-
-    def marker(self, pid: str = "") -> str:
-        """The environment line that tags process ``pid`` and its descendants in the container; with
-        no ``pid``, the start shared by every process of this executor."""
-        return self.session.marker(pid)
-
-    @property
-    def agent_user(self) -> str:
-        """Who the agent's exec runs as (see ``ContainerSession.agent_user``)."""
-        return self.session.agent_user
-
-    @property
-    def exec_user(self) -> str:
-        """Who the execs other than the agent's run as (see ``ContainerSession.exec_user``)."""
-        return self.session.exec_user
-
-    def env_defaults(self) -> dict[str, str]:
-        """What processes get over the container's environment unless their request sets it (see
-        ``ContainerSession.env_defaults``)."""
-        return self.session.env_defaults()
-
     async def start(self) -> None:
         """Connect to the engine and make sure the container runs. Raises BackendUnavailable."""
         if self.session.container is not None:
@@ -150,7 +170,7 @@ class DockerExecutor(ProcessExecutor):
                 await self._start_agent()
             self._report_network()
         except BaseException:
-            await self._close_backend()
+            await self.close()
             raise
 
     async def _start_proxy(self) -> None:
@@ -191,7 +211,7 @@ class DockerExecutor(ProcessExecutor):
         api, container_id = client.api, container.id
 
         command = ["/bin/sh", "-c", AGENT_SCRIPT, "sh", BOOTSTRAP, AGENT_NAME]
-        if self.agent_user == "0":
+        if self.session.agent_user == "0":
             command.append(self.config.docker.user)  # the agent drops to it for each command
 
         def start_exec() -> tuple[str, Any, socket.socket]:
@@ -200,7 +220,7 @@ class DockerExecutor(ProcessExecutor):
                 command,
                 stdin=True,
                 environment={MARKER_VAR: f"{self.session.token}:agent"},
-                user=self.agent_user,
+                user=self.session.agent_user,
             )["Id"]
             wrapper: Any = api.exec_start(exec_id, socket=True)
             return exec_id, wrapper, getattr(wrapper, "_sock", wrapper)
@@ -253,7 +273,7 @@ class DockerExecutor(ProcessExecutor):
         client, container = self.session.client, self.session.container
         if exec_id is not None and client is not None and container is not None:
             # The engine's client and the container as they are now: a shutdown may release them meanwhile.
-            self._in_background(self._end_lost_agent(agent, exec_id, client.api, container))
+            self.in_background(self._end_lost_agent(agent, exec_id, client.api, container))
 
     async def _end_lost_agent(self, agent: AgentConnection, exec_id: str, api: APIClient, container: Container) -> None:
         """Give a lost agent AGENT_EXIT_S to end its processes and exit as its closed stream tells it to,
@@ -270,8 +290,8 @@ class DockerExecutor(ProcessExecutor):
             pid, started = agent.hello.get("pid"), agent.hello.get("started")
             if pid is not None and started is not None:
                 script = [_END_AGENT_SCRIPT, "sh", str(pid), str(started), str(AGENT_GROUP_WAIT)]
-                await self.session.run_bounded(container, script, self.agent_user)
-            marker = f"{self.marker()}{self.prefix}-"
+                await self.session.run_bounded(container, script, self.session.agent_user)
+            marker = f"{self.session.marker()}{self.prefix}-"
             await self.session.run_bounded(container, [_SWEEP_LOST_SCRIPT, "sh", marker, str(agent.last_channel)])
         except failures as exc:
             import docker.errors
@@ -284,38 +304,45 @@ class DockerExecutor(ProcessExecutor):
                 engine.reason(exc),
             )
 
-    async def _launch(self, record: ManagedProcess, env: dict[str, str]) -> ProcessHandle:
+    async def launch(self, spec: LaunchSpec, sink: ProcessSink) -> ProcessHandle:
         if self.session.client is None or self.session.container is None:
             raise SpawnFailed("the Docker backend is not started; call start() first")
-        record.via = self.via
+        sink.via = self.via
         if self.via == "agent":
-            return await self._launch_with_agent(record, env)
-        if record.limits is not None:
+            return await self._launch_with_agent(spec, sink)
+        if spec.limits is not None:
             raise InvalidInput(
                 "limits need the agent in the container (python3 >= 3.8 in the image); this container starts "
                 "each process with an exec of its own, which cannot bound it: spawn without limits"
             )
-        return await self._per_exec.launch(record, env, self.workdir)
+        return await self._per_exec.launch(spec, sink, self.workdir)
 
-    async def _launch_with_agent(self, record: ManagedProcess, env: dict[str, str]) -> ProcessHandle:
+    async def _launch_with_agent(self, spec: LaunchSpec, sink: ProcessSink) -> ProcessHandle:
         if self._agent is None:  # lost with its exec or the container: bring both back
             if not await self.session.recover():
-                raise SpawnFailed(f"could not start {record.command!r}: the Docker engine does not answer")
+                raise SpawnFailed(f"could not start {spec.command!r}: the Docker engine does not answer")
             async with self.session.recovery_lock:
                 if self._agent is None:
                     await self._start_agent()
         agent = self._agent
         if agent is None:
-            raise SpawnFailed(f"could not start {record.command!r}: the agent cannot run in the container")
+            raise SpawnFailed(f"could not start {spec.command!r}: the agent cannot run in the container")
         proxied = proxy_environment() if self._proxy is not None else {}
-        environment = {**self.env_defaults(), **proxied, **env, MARKER_VAR: self.marker(record.pid).partition("=")[2]}
-        if record.tty and "TERM" not in env:
+        environment = {
+            **self.session.env_defaults(),
+            **proxied,
+            **spec.env,
+            MARKER_VAR: self.session.marker(spec.pid).partition("=")[2],
+        }
+        if spec.tty and "TERM" not in spec.env:
             environment["TERM"] = TTY_TERM
-        handle = await agent.spawn(record, environment, inherit=True, workdir=self.workdir, where=" in the container")
-        record.sandboxed = True  # confined by the container
+        handle = await agent.spawn(
+            spec, sink, environment, inherit=True, workdir=self.workdir, where=" in the container"
+        )
+        sink.sandboxed = True  # confined by the container
         return handle
 
-    async def _close_backend(self) -> None:
+    async def close(self) -> None:
         """End this executor's stray processes (a child that outlived its parent's record), then
         remove the container if this executor created it; the volume stays."""
         if self.session.client is None:

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 import anyio.to_thread
 
+from ..core.contract import LaunchSpec, ProcessSink
 from ..core.handle import ProcessHandle
 from ..core.models import TERMINAL_COLS, TERMINAL_ROWS, TTY_TERM
-from ..core.registry import ManagedProcess
 from ..core.signals import NON_TERMINATING, signal_from_exit_code
 from ..core.streams import READ_CHUNK, write_all
 from ..errors import InvalidInput, KillFailed, SpawnFailed, StdinFailed
@@ -72,25 +72,26 @@ class ExecLauncher:
         self._session = session
         self._stopped_query: asyncio.Future[frozenset[str] | None] | None = None  # shared by callers meanwhile
 
-    async def launch(self, record: ManagedProcess, env: dict[str, str], workdir: str) -> ProcessHandle:
-        """Start ``record``'s process as an exec; ``workdir`` is named when its cwd is missing."""
+    async def launch(self, spec: LaunchSpec, sink: ProcessSink, workdir: str) -> ProcessHandle:
+        """Start ``spec``'s process as an exec, reporting into ``sink``; a missing cwd's error names
+        ``workdir``."""
         ex = self._session
         assert ex.client is not None
         api = ex.client.api
         handshake = f"process-mcp-{secrets.token_hex(6)}"
-        environment = {**ex.env_defaults(), **env, MARKER_VAR: ex.marker(record.pid).partition("=")[2]}
-        if record.tty and "TERM" not in env:
+        environment = {**ex.env_defaults(), **spec.env, MARKER_VAR: ex.marker(spec.pid).partition("=")[2]}
+        if spec.tty and "TERM" not in spec.env:
             environment["TERM"] = TTY_TERM
-        script = _TTY_LAUNCH_SCRIPT if record.tty else _LAUNCH_SCRIPT
-        command = ["/bin/sh", "-c", script, "sh", record.cwd, handshake, record.command]
+        script = _TTY_LAUNCH_SCRIPT if spec.tty else _LAUNCH_SCRIPT
+        command = ["/bin/sh", "-c", script, "sh", spec.cwd, handshake, spec.command]
 
         def create_and_start() -> tuple[str, Any]:
             assert ex.container is not None
             exec_id: str = api.exec_create(
-                ex.container.id, command, stdin=True, tty=record.tty, environment=environment, user=ex.exec_user
+                ex.container.id, command, stdin=True, tty=spec.tty, environment=environment, user=ex.exec_user
             )["Id"]
             # docker-py's stubs type this as bytes; with socket=True it is the hijacked socket's wrapper.
-            sock: Any = api.exec_start(exec_id, socket=True, tty=record.tty)
+            sock: Any = api.exec_start(exec_id, socket=True, tty=spec.tty)
             return exec_id, sock
 
         try:
@@ -98,31 +99,31 @@ class ExecLauncher:
         except engine.docker_errors() as exc:
             reason = engine.reason(exc)
             if not await ex.recover():
-                raise SpawnFailed(f"could not start {record.command!r} in the container: {reason}") from None
+                raise SpawnFailed(f"could not start {spec.command!r} in the container: {reason}") from None
             try:
                 exec_id, sock = await anyio.to_thread.run_sync(create_and_start)
             except engine.docker_errors() as retry:
                 raise SpawnFailed(
-                    f"could not start {record.command!r} in the container: {engine.reason(retry)}"
+                    f"could not start {spec.command!r} in the container: {engine.reason(retry)}"
                 ) from None
         # The SocketIO wrapper owns the raw socket (`_sock`); unix and plain TCP engines give one.
         raw: socket.socket = getattr(sock, "_sock", sock)
-        handle = _ExecHandle(self, record, exec_id, sock, raw, handshake)
-        record.sandboxed = True  # confined by the container
+        handle = _ExecHandle(self, sink, exec_id, sock, raw, handshake)
+        sink.sandboxed = True  # confined by the container
         outcome = await handle.launched()
         if outcome == "ok":
-            if record.tty:
+            if spec.tty:
                 await self._resize(exec_id)
             return handle
         await handle.wait_exited()
         handle.close()
         if outcome == "nocwd":
             raise InvalidInput(
-                f"cwd {record.cwd!r} does not exist or is not a directory in the container; pass an existing "
+                f"cwd {spec.cwd!r} does not exist or is not a directory in the container; pass an existing "
                 f"directory or omit cwd to use {workdir}"
             )
         detail = handle.launch_output.strip() or f"exit code {handle.exit_code}"
-        raise SpawnFailed(f"could not start {record.command!r} in the container (it needs /bin/sh): {detail}")
+        raise SpawnFailed(f"could not start {spec.command!r} in the container (it needs /bin/sh): {detail}")
 
     async def _resize(self, exec_id: str) -> None:
         # stty already sized the terminal; this tells the engine too, so later attaches agree.
@@ -214,7 +215,7 @@ class _ExecHandle(ProcessHandle):
     def __init__(
         self,
         launcher: ExecLauncher,
-        record: ManagedProcess,
+        record: ProcessSink,
         exec_id: str,
         wrapper: Any,
         sock: socket.socket,

@@ -33,11 +33,11 @@ from ..box.client import AgentUnavailable
 from ..box.local import LocalAgent
 from ..config import ProcessMcpConfig, default_host_workspace, user_home
 from ..core.buffer import OutputBuffer
+from ..core.contract import Backend, LaunchSpec, ProcessSink
 from ..core.environment import child_environment
 from ..core.executor import ProcessExecutor
-from ..core.handle import ProcessHandle
+from ..core.handle import ProcessHandle, TreeRoot
 from ..core.models import TERMINAL_COLS, TERMINAL_ROWS, TTY_TERM, LimitName, ProcessLimits
-from ..core.registry import ManagedProcess
 from ..core.signals import signal_from_exit_code
 from ..core.stats import StateReader, descendants, is_stopped
 from ..core.streams import READ_CHUNK, write_all
@@ -67,6 +67,20 @@ SIGNALS_RESET_POLL_S = 0.002
 
 class HostExecutor(ProcessExecutor):
     """Runs processes on the host, each in its own process group, in the sandbox when it is on."""
+
+    backend: HostBackend
+
+    def __init__(self, config: ProcessMcpConfig) -> None:
+        super().__init__(config, HostBackend(config))
+
+    @property
+    def sandboxed(self) -> bool:
+        """Whether processes run in the sandbox (known once ``start`` ran)."""
+        return self.backend.sandboxed
+
+
+class HostBackend(Backend):
+    """The host's box: a bwrap sandbox per process when it is on, else the local agent's processes."""
 
     prefix = "host"
 
@@ -114,11 +128,11 @@ class HostExecutor(ProcessExecutor):
                 # A setting that would open the host is never a reason to run with less: every spawn fails.
                 self._sandbox_problem = exc.message
                 self._sandbox_misconfigured = True
-                await self._close_backend()
+                await self.close()
                 logger.error("%s; every spawn will fail until that is fixed", exc.message)
             except BackendUnavailable as exc:
                 self._sandbox_problem = exc.message
-                await self._close_backend()
+                await self.close()
                 if config.required:
                     logger.error("%s; SANDBOX_REQUIRED=true, so every spawn will fail", exc.message)
                 else:
@@ -215,7 +229,7 @@ class HostExecutor(ProcessExecutor):
             raise BackendUnavailable(problem)
         logger.warning("sandbox: %s; running without that protection (SANDBOX_REQUIRED=true refuses)", problem)
 
-    async def _close_backend(self) -> None:
+    async def close(self) -> None:
         if self._local is not None:
             await self._local.stop()
             self._local = None
@@ -232,7 +246,7 @@ class HostExecutor(ProcessExecutor):
             shutil.rmtree(self._state_dir, ignore_errors=True)
             self._state_dir = None
 
-    async def _launch(self, record: ManagedProcess, env: dict[str, str]) -> ProcessHandle:
+    async def launch(self, spec: LaunchSpec, sink: ProcessSink) -> ProcessHandle:
         await self._prepare_sandbox()  # also creates the default workspace
         if self._sandbox_misconfigured:
             raise BackendUnavailable(f"the sandbox is misconfigured: {self._sandbox_problem}")
@@ -241,25 +255,25 @@ class HostExecutor(ProcessExecutor):
                 f"the sandbox is required (SANDBOX_REQUIRED=true) but {self._sandbox_problem}; "
                 "fix that, or set SANDBOX_REQUIRED=false to run unsandboxed"
             )
-        overrides = {"TERM": TTY_TERM} if record.tty else {}
+        overrides = {"TERM": TTY_TERM} if spec.tty else {}
         if self._sandbox is not None:
             overrides.update(HOME=self._sandbox.workspace, TMPDIR="/tmp")
-        child_env = child_environment(os.environ, self.config.env_passthrough, env, **overrides)
+        child_env = child_environment(os.environ, self.config.env_passthrough, spec.env, **overrides)
         if self._sandbox is None:
-            return await self._launch_unsandboxed(record, child_env)  # the agent reports a missing cwd
-        if not await anyio.Path(record.cwd).is_dir():
+            return await self._launch_unsandboxed(spec, sink, child_env)  # the agent reports a missing cwd
+        if not await anyio.Path(spec.cwd).is_dir():
             raise InvalidInput(
-                f"cwd {excerpt(record.cwd)} does not exist or is not a directory; pass an existing directory "
+                f"cwd {excerpt(spec.cwd)} does not exist or is not a directory; pass an existing directory "
                 f"or omit cwd to use {self.workdir}"
             )
         try:
-            if record.tty:
-                return _PtyHandle(record, await self._start(_start_pty, record, child_env))
-            return _PipeHandle(record, await self._start(_start_pipe, record, child_env))
+            if spec.tty:
+                return _PtyHandle(sink, await self._start(_start_pty, spec, sink, child_env))
+            return _PipeHandle(sink, await self._start(_start_pipe, spec, sink, child_env))
         except OSError as exc:
-            raise SpawnFailed(f"could not start {excerpt(record.command)}: {exc.strerror or exc}") from None
+            raise SpawnFailed(f"could not start {excerpt(spec.command)}: {exc.strerror or exc}") from None
 
-    async def _launch_unsandboxed(self, record: ManagedProcess, env: dict[str, str]) -> ProcessHandle:
+    async def _launch_unsandboxed(self, spec: LaunchSpec, sink: ProcessSink, env: dict[str, str]) -> ProcessHandle:
         async with self._local_lock:  # started with the first spawn, again after it was lost
             if self._local is None or not self._local.connection.alive:
                 if self._local is not None:
@@ -268,13 +282,13 @@ class HostExecutor(ProcessExecutor):
                 try:
                     self._local = await LocalAgent.start("local")
                 except AgentUnavailable as exc:
-                    raise SpawnFailed(f"could not start {excerpt(record.command)}: {exc.reason}") from None
-        return await self._local.connection.spawn(record, env, inherit=False, workdir=self.workdir)
+                    raise SpawnFailed(f"could not start {excerpt(spec.command)}: {exc.reason}") from None
+        return await self._local.connection.spawn(spec, sink, env, inherit=False, workdir=self.workdir)
 
     async def _start(
-        self, starter: Callable[[Launch, str], _Started], record: ManagedProcess, env: dict[str, str]
+        self, starter: Callable[[Launch, str], _Started], spec: LaunchSpec, sink: ProcessSink, env: dict[str, str]
     ) -> _Started:
-        """Start ``record``'s process in its sandbox: build the sandbox (which looks for protected paths
+        """Start ``spec``'s process in its sandbox: build the sandbox (which looks for protected paths
         in the writable roots, so never on the event loop) and start it in one trip to the
         Landlock-scoped spawner thread (a domain is inherited at fork, so Python can still vfork), or
         to a worker thread where there is none."""
@@ -282,9 +296,9 @@ class HostExecutor(ProcessExecutor):
         assert sandbox is not None
 
         def wrap_and_start() -> tuple[_Started, str | None]:
-            launch = sandbox.wrap(record.command, record.cwd, env, record.limits)
+            launch = sandbox.wrap(spec.command, spec.cwd, env, spec.limits)
             try:
-                return starter(launch, "/"), launch.cgroup  # the sandbox changes into record.cwd itself
+                return starter(launch, "/"), launch.cgroup  # the sandbox changes into spec.cwd itself
             except BaseException:
                 if launch.cgroup is not None and sandbox.cgroups is not None:
                     sandbox.cgroups.release(launch.cgroup)
@@ -302,33 +316,32 @@ class HostExecutor(ProcessExecutor):
                 except BrokenExecutor as exc:
                     raise SpawnFailed(f"the sandbox's Landlock-scoped spawner thread failed: {exc}") from None
         if cgroup is not None:
-            self._cgroup_of[record.pid] = cgroup
-        record.sandboxed = True
+            self._cgroup_of[spec.pid] = cgroup
+        sink.sandboxed = True
         return started
 
-    def _limit_reached(self, record: ManagedProcess, limits: ProcessLimits) -> LimitName | None:
+    def limit_reached(self, sink: ProcessSink, limits: ProcessLimits) -> LimitName | None:
         # Where the sandbox has cgroups the kernel says exactly when a limit was hit: it ends a process
         # of a group past its memory before any sample could see it, and counts refused forks.
-        oom_kills, forks_refused = self._limits_hit(record)
+        oom_kills, forks_refused = self._limits_hit(sink)
         if limits.memory_mb is not None and oom_kills:
             return "memory"
         if limits.processes is not None and forks_refused:
             return "processes"
-        return super()._limit_reached(record, limits)
+        return None
 
-    def _finished(self, record: ManagedProcess) -> None:
-        if record.limits is not None and record.limits.memory_mb is not None and self._limits_hit(record)[0]:
-            record.ended_for("memory")  # the kernel ended (part of) it before the next sample did
-        self._release_cgroup(record)
-        super()._finished(record)
+    def finished(self, sink: ProcessSink) -> None:
+        if sink.limits is not None and sink.limits.memory_mb is not None and self._limits_hit(sink)[0]:
+            sink.ended_for("memory")  # the kernel ended (part of) it before the next sample did
+        self._release_cgroup(sink)
 
-    def _limits_hit(self, record: ManagedProcess) -> tuple[int, int]:
+    def _limits_hit(self, record: ProcessSink) -> tuple[int, int]:
         name = self._cgroup_of.get(record.pid)
         if name is None or self._sandbox is None or self._sandbox.cgroups is None:
             return 0, 0
         return self._sandbox.cgroups.limits_hit(name)
 
-    def _release_cgroup(self, record: ManagedProcess) -> None:
+    def _release_cgroup(self, record: ProcessSink) -> None:
         name = self._cgroup_of.pop(record.pid, None)
         if name is not None and self._sandbox is not None and self._sandbox.cgroups is not None:
             peak = self._sandbox.cgroups.peak_memory(name)
@@ -394,7 +407,7 @@ def _only_child(pid: int) -> int | None:
 class _HostHandle(ProcessHandle):
     """What pipe and PTY processes share: output readers, exit watching, group signals."""
 
-    def __init__(self, record: ManagedProcess, pid: int) -> None:
+    def __init__(self, record: ProcessSink, pid: int) -> None:
         self._record = record
         self._pid = pid
         self._loop = asyncio.get_running_loop()
@@ -411,12 +424,12 @@ class _HostHandle(ProcessHandle):
         else:
             self._loop.add_reader(self._pidfd, self._on_exit)
 
-    def tree_root(self) -> tuple[int, bool] | None:
+    def tree_root(self) -> TreeRoot | None:
         # Below bwrap (the server's helper) is bwrap's init in the sandbox's PID namespace, and below
         # that the command: only the command's tree counts against its limits.
         if self._init_pid is None:
             self._init_pid = _only_child(self._pid)
-        return (self._init_pid or self._pid), False
+        return TreeRoot(self._init_pid or self._pid, included=False)
 
     def read_stopped(self) -> bool | None:
         # The launch chain below bwrap's init execs its way to the command's shell, keeping its pid. Until
@@ -598,7 +611,7 @@ def _start_pipe(launch: Launch, cwd: str) -> _StartedPipe:
 
 
 class _PipeHandle(_HostHandle):
-    def __init__(self, record: ManagedProcess, started: _StartedPipe) -> None:
+    def __init__(self, record: ProcessSink, started: _StartedPipe) -> None:
         self._popen = started.popen
         super().__init__(record, self._popen.pid)
         os.set_blocking(started.stdin, False)
@@ -640,7 +653,7 @@ def _start_pty(launch: Launch, cwd: str) -> PtyProcess:
 
 
 class _PtyHandle(_HostHandle):
-    def __init__(self, record: ManagedProcess, started: PtyProcess) -> None:
+    def __init__(self, record: ProcessSink, started: PtyProcess) -> None:
         self._pty = started
         self._pty.delayafterclose = 0  # its close() would otherwise sleep
         super().__init__(record, self._pty.pid)

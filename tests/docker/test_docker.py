@@ -659,8 +659,8 @@ async def test_the_agent_runs_on_an_old_python_without_splice(
     written by the agent; exits exact, terminals sized, escapes killed, floods whole."""
     executor = await started(created_executor(made, image=BULLSEYE_IMAGE))
     assert executor.via == "agent"
-    assert executor._agent is not None
-    assert executor._agent.hello["python"].startswith("3.9.")
+    assert executor.backend._agent is not None
+    assert executor.backend._agent.hello["python"].startswith("3.9.")
     exited = await executor.spawn(SpawnOptions(command="exit 130"))
     assert (exited.via, exited.exit_code, exited.signal) == ("agent", 130, None)
     assert (await executor.spawn(SpawnOptions(command="stty size", tty=True))).stdout == "30 120"

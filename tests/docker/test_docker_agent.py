@@ -159,7 +159,7 @@ async def test_the_agent_killed_from_outside_ends_its_processes_and_the_next_spa
     flood = await agent.spawn(SpawnOptions(command="yes flood", background=True))
     sleeper = await agent.spawn(SpawnOptions(command=f"setsid sleep {argument} & sleep 600", background=True))
     await wait_for_top(shared_container, argument, 1)
-    connection = agent._agent
+    connection = agent.backend._agent
     assert connection is not None
     kill = ["kill", "-9", str(connection.hello["pid"])]
     result = await anyio.to_thread.run_sync(lambda: shared_container.exec_run(kill))
@@ -171,8 +171,8 @@ async def test_the_agent_killed_from_outside_ends_its_processes_and_the_next_spa
     await wait_for_top(shared_container, argument, 0)  # each supervisor ended its tree
     again = await agent.spawn(SpawnOptions(command="echo back"))
     assert (again.stdout, again.via, again.exit_code) == ("back\n", "agent", 0)
-    assert agent._agent is not None
-    assert agent._agent is not connection
+    assert agent.backend._agent is not None
+    assert agent.backend._agent is not connection
 
 
 async def test_input_and_ps_stay_prompt_while_another_process_floods(agent: DockerExecutor) -> None:
@@ -188,7 +188,7 @@ async def test_input_and_ps_stay_prompt_while_another_process_floods(agent: Dock
 async def test_output_is_whole_when_a_process_exits_in_the_middle_of_a_flood(agent: DockerExecutor) -> None:
     """A process that ends while its output is still being moved to the server: every byte arrives, in
     order, and the stream to the agent stays intact for the next one."""
-    connection = agent._agent
+    connection = agent.backend._agent
     for n in range(12):
         size = 2_000_000 + n * 250_000
         result = await agent.spawn(SpawnOptions(command=f"head -c {size} /dev/zero | tr '\\0' x; echo; echo END-{n}"))
@@ -196,7 +196,7 @@ async def test_output_is_whole_when_a_process_exits_in_the_middle_of_a_flood(age
         assert await record.wait(WAIT_S, output=True)
         assert (result.exit_code, record.stdout.total) == (0, size + len(f"\nEND-{n}\n"))
         assert record.stdout.tail(8).endswith(f"END-{n}\n".encode())
-    assert agent._agent is connection
+    assert agent.backend._agent is connection
 
 
 # The agent nothing in its box can reach.
@@ -268,7 +268,7 @@ async def boxed(box: Container, mode: str) -> AsyncIterator[DockerExecutor]:
 
 
 def live_agent(executor: DockerExecutor) -> AgentConnection:
-    connection = executor._agent
+    connection = executor.backend._agent
     assert connection is not None
     assert connection.alive
     return connection
@@ -364,7 +364,7 @@ async def test_a_process_can_neither_write_into_its_agents_stream_nor_trace_it(
     pid = await attacked(boxed, what)
     process = await boxed.get_process(pid)
     assert process.status == "running", process
-    assert boxed._agent is connection
+    assert boxed.backend._agent is connection
     assert connection.alive
     assert "FORGED" not in caplog.text
     killed = await boxed.kill(pid)
@@ -381,7 +381,7 @@ async def test_a_process_can_neither_stop_nor_kill_the_agent_the_zygote_or_its_s
         connection = live_agent(executor)
         pid = await attacked(executor, what)
         assert (await executor.get_process(pid)).status == "running"
-        assert executor._agent is connection
+        assert executor.backend._agent is connection
         assert connection.alive
         killed = await executor.kill(pid, "KILL")
         assert (killed.status, killed.signal) == ("terminated", "SIGKILL")
@@ -547,8 +547,8 @@ async def assert_lost_with_everything(
             await anyio.sleep(POLL_S)
     again = await executor.spawn(SpawnOptions(command="echo back"))
     assert (again.stdout, again.via, again.exit_code) == ("back\n", "agent", 0)
-    assert executor._agent is not None
-    assert executor._agent is not connection
+    assert executor.backend._agent is not None
+    assert executor.backend._agent is not connection
 
 
 @pytest.mark.parametrize("forged", list(FORGED), ids=list(FORGED))
@@ -556,7 +556,7 @@ async def test_a_frame_the_agent_may_not_send_ends_it_and_its_processes_and_the_
     boxed: DockerExecutor, box: Container, forged: str
 ) -> None:
     connection = live_agent(boxed)
-    exec_id = boxed._agent_execs[connection]
+    exec_id = boxed.backend._agent_execs[connection]
     argument = sleep_argument()
     started = await boxed.spawn(
         SpawnOptions(command=f"setsid sleep {argument} & exec sleep {argument}", background=True)
@@ -575,7 +575,7 @@ async def test_five_thousand_tunnels_opened_at_once_end_the_agent_not_the_server
     await executor.start()
     try:
         connection = live_agent(executor)
-        exec_id = executor._agent_execs[connection]
+        exec_id = executor.backend._agent_execs[connection]
         argument = sleep_argument()
         started = await executor.spawn(SpawnOptions(command=f"exec sleep {argument}", background=True))
         await wait_for_top(box, argument, 1)

@@ -314,7 +314,7 @@ async def test_a_local_agent_that_breaks_the_protocol_is_dropped_with_its_proces
             SpawnOptions(command=f"setsid sleep {arg} & {started(arg)}; sleep 600", background=True)
         )
         children = await sleepers(arg, 1)
-        local = executor._local
+        local = executor.backend._local
         assert local is not None
         local.connection.feed([protocol.frame(protocol.BYE, 0)])
         assert not local.connection.alive
@@ -324,7 +324,7 @@ async def test_a_local_agent_that_breaks_the_protocol_is_dropped_with_its_proces
             await wait_until_gone(child)
         again = await executor.spawn(SpawnOptions(command="echo back"))
         assert (again.stdout, again.exit_code) == ("back\n", 0)
-        assert executor._local is not local
+        assert executor.backend._local is not local
     finally:
         for child in children:
             kill_if_alive(child)
@@ -344,7 +344,7 @@ async def test_ps_shows_the_local_agents_processes_by_name_in_a_short_command_li
         spawned = await executor.spawn(SpawnOptions(command="echo $$; sleep 600", wait_for=r"^\d+$"))
         assert spawned.wait_result == "matched"
         shell = int(spawned.stdout)
-        local = executor._local
+        local = executor.backend._local
         assert local is not None
         stat = await anyio.Path(f"/proc/{shell}/stat").read_bytes()
         supervisor = int(stat.rsplit(b")", 1)[1].split()[1])

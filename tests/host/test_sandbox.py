@@ -188,7 +188,7 @@ async def test_bwrap_and_seccomp_each_refuse_a_nested_user_namespace_alone(
     # ENOSPC) and the seccomp filter's CLONE_NEWUSER rule (EPERM). With both on, the filter answers
     # first and hides whether the other holds, so each runs without the other; without either, the
     # same probe makes a namespace, which shows it can tell.
-    sandbox_ = (await sandbox())._sandbox
+    sandbox_ = (await sandbox()).backend._sandbox
     assert sandbox_ is not None
     probe = "unshare --user true && echo made-a-user-namespace"
     layers = {  # what is taken off the command line, and how the probe is then refused
@@ -367,7 +367,7 @@ async def test_a_directory_swapped_for_a_link_after_the_checks_is_not_what_gets_
     # agent can swap a directory for a link after that and before bwrap mounts it. bwrap must mount
     # what was checked (or refuse), never what the name leads to by then: here the host's /usr, writable.
     executor = await sandbox(deny_write=["share"])  # a name at any depth, and one /usr has
-    sandbox_ = executor._sandbox
+    sandbox_ = executor.backend._sandbox
     assert sandbox_ is not None
     work = tmp_path / "work"
     (work / "d" / "share").mkdir(parents=True)  # read-only, so its parent d is mounted onto itself

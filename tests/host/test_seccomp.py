@@ -298,7 +298,7 @@ def _marked(program: bytes) -> bytes:
 async def test_each_refusal_comes_from_the_filter_not_from_missing_privileges(
     host: HostExecutor, column: int, work: Path, tmp_path: Path
 ) -> None:
-    sandbox = host._sandbox
+    sandbox = host.backend._sandbox
     assert sandbox is not None
     marked = tmp_path / "marked.bpf"
     marked.write_bytes(_marked(seccomp.build_filter()))

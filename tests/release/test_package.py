@@ -29,7 +29,8 @@ NEEDED = [
 ]
 """What the README refers to, what the tests import, and what the package needs at run time."""
 TESTS_FROM_THE_SDIST = [
-    f"tests/{name}.py" for name in ("unit/test_escapes", "unit/test_buffer", "unit/test_config", "release/test_examples")
+    f"tests/{name}.py"
+    for name in ("unit/test_escapes", "unit/test_buffer", "unit/test_config", "release/test_examples")
 ]
 
 
