@@ -1,0 +1,106 @@
+"""The package's shape: no import cycles, and dependencies that run one way.
+
+service -> core <- {host, docker} -> box -> core; policy depends on neither backend; core knows no backend,
+no service and no box; the in-box agent imports nothing of the package but its protocol. Every import
+counts, also one made inside a function or for type checking only.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import process_mcp
+
+PACKAGE = Path(process_mcp.__file__).resolve().parent
+
+ALLOWED = {
+    "core": {"core", "config", "errors", "version", "policy"},
+    "policy": {"policy", "config", "errors"},
+    "box": {"box", "core", "config", "errors"},
+    "host": {"host", "core", "box", "policy", "config", "errors"},
+    "docker": {"docker", "core", "box", "policy", "config", "errors"},
+    "service": {"service", "core", "policy", "config", "errors", "version", "host", "docker"},
+}
+"""What each part may import (its first level under the package); the root modules are the library's front."""
+
+SERVICE_MAY_USE = {"process_mcp.host", "process_mcp.host.executor", "process_mcp.docker", "process_mcp.docker.executor"}
+"""Of the backends, the service knows only their executors, to make one for the configured mode."""
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found[name] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """The package's modules that ``name`` imports, anywhere in it."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join([*base, *([node.module] if node.module else [])])
+            else:
+                target = node.module or ""
+            named = {f"{target}.{alias.name}" for alias in node.names} & MODULES.keys()
+            found |= named or ({target} & MODULES.keys())
+        elif isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names} & MODULES.keys()
+    return found - {name}
+
+
+GRAPH = {name: _imports(name, path) for name, path in MODULES.items()}
+
+
+def _part(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and (PACKAGE / parts[1]).is_dir()) else parts[-1]
+
+
+def test_no_module_of_the_package_imports_itself_through_others() -> None:
+    cycles = []
+    state: dict[str, int] = {}  # 1 on the current path, 2 done
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for imported in sorted(GRAPH[module]):
+            if state.get(imported) == 1:
+                cycles.append([*path[path.index(imported) :], imported])
+            elif imported not in state:
+                visit(imported, [*path, imported])
+        state[module] = 2
+
+    for module in sorted(GRAPH):
+        if module not in state:
+            visit(module, [module])
+    assert cycles == []
+
+
+@pytest.mark.parametrize("part", sorted(ALLOWED))
+def test_each_part_imports_only_what_it_may(part: str) -> None:
+    wrong = []
+    for module, imported in sorted(GRAPH.items()):
+        if _part(module) != part or module == "process_mcp":
+            continue
+        for target in sorted(imported):
+            if _part(target) not in ALLOWED[part] and target != "process_mcp":
+                wrong.append(f"{module} -> {target}")
+            elif part == "service" and _part(target) in ("host", "docker") and target not in SERVICE_MAY_USE:
+                wrong.append(f"{module} -> {target} (a backend's internals)")
+    assert wrong == []
+
+
+def test_what_is_shipped_into_a_box_needs_only_the_standard_library_and_its_protocol() -> None:
+    for name in ("process_mcp.box.agent", "process_mcp.box.protocol"):
+        assert GRAPH[name] <= {"process_mcp.box.protocol", "process_mcp.box"}, name
