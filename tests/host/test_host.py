@@ -21,7 +21,8 @@ from process_mcp import HostExecutor, ProcessNotFound, SpawnOptions, StdinFailed
 from process_mcp.box import protocol
 from process_mcp.config import SandboxConfig
 from process_mcp.core.models import MAX_INPUT_CHARS
-from process_mcp.host.executor import STATE_DIR_PREFIX, _HostHandle
+from process_mcp.host.executor import STATE_DIR_PREFIX
+from process_mcp.host.launch import HostHandle
 
 from ..helpers import (
     POLL_S,
@@ -213,7 +214,7 @@ async def test_what_a_process_wrote_before_exiting_is_in_its_output_when_its_exi
         os.mkfifo(tmp_path / "go")
         spawned = await host.spawn(SpawnOptions(command=f"exec python3 -c {shlex.quote(BURST)}", background=True))
         record = host._registry.get(spawned.pid)
-        assert isinstance(record.handle, _HostHandle)
+        assert isinstance(record.handle, HostHandle)
         exited = os.pidfd_open(record.handle.pid)
         try:
             # From here until the process has exited, this coroutine holds the loop: nothing reads.
