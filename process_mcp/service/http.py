@@ -35,11 +35,11 @@ from ..config import ProcessMcpConfig
 from ..errors import BackendUnavailable, InvalidConfig
 from ..policy.addresses import is_loopback
 from .auth import JwtVerifier, RefusalLog, TokenFileVerifier, make_verifier
+from .calls import DISCONNECTED, Disconnect
 from .connections import ConnectionGuard
 from .metrics import Metrics
 from .sessions import SessionQuota
 from .spaces import Spaces
-from .tools import DISCONNECTED, Disconnect
 
 logger = logging.getLogger(__name__)
 

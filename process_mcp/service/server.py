@@ -18,7 +18,8 @@ from ..policy.audit import AuditLog
 from ..version import version_string
 from .metrics import Metrics
 from .spaces import Spaces
-from .tools import INSTRUCTIONS, ToolServer, register_tools
+from .tools import INSTRUCTIONS, register_tools
+from .toolserver import ToolServer
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp

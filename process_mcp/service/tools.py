@@ -1,32 +1,22 @@
 """The five MCP tools: thin wrappers that validate, call the executor once, and render the result.
 
-Each tool returns structured content (with an output schema) and a plain-text rendering, which is
-what most clients show the model. Every failed call (a library error, arguments that fail the input
-schema, an unknown tool) is an ``isError`` result whose text starts with the error code and says what
-to do next; the code is also in its ``_meta`` under ERROR_META.
+Each tool returns structured content (with an output schema) and a plain-text rendering (``render``),
+which is what most clients show the model. What every call goes through (the caller's space, audit,
+metrics, a client that went away) is in ``calls``; how a failed call reads, in ``toolserver``.
 """
 
 # No `from __future__ import annotations`: the SDK evaluates the tool signatures, whose descriptions
 # are built from the configuration at registration time.
 import inspect
 import logging
-import re
-import time
-from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
-import anyio
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
-from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
-from mcp.server.stdio import stdio_server
-from mcp_types import CallToolResult, InputRequiredResult, TextContent, ToolAnnotations
-from pydantic import BaseModel, Field, ValidationError
+from mcp_types import CallToolResult, ToolAnnotations
+from pydantic import Field
 
-from ..core.executor import ProcessExecutor
 from ..core.models import (
     DEFAULT_LINES,
     MAX_COMMAND_BYTES,
@@ -34,26 +24,19 @@ from ..core.models import (
     MAX_ID_CHARS,
     MAX_INPUT_CHARS,
     MAX_PATH_BYTES,
-    ExitState,
     KillResult,
-    ProcessInfo,
     ProcessLimits,
     ProcessList,
     ProcessOutput,
-    ProcessStats,
     SpawnOptions,
     SpawnResult,
     StdinResult,
 )
-from ..core.registry import unknown_process
-from ..core.waiting import MATCH_TIMEOUT_S, MAX_PATTERN_CHARS, Progress
-from ..errors import InvalidInput, ProcessMcpError
-from ..policy.audit import monotonic_ms
+from ..core.waiting import MATCH_TIMEOUT_S, MAX_PATTERN_CHARS
 from ..policy.command import MAX_CHECKED_BYTES
-from .arguments import check_arguments, close_schema
-from .auth import principal_of
+from . import render
+from .calls import Call, Calls, progress, run
 from .spaces import Spaces
-from .stdio import loop_stdio
 
 MAX_LINES = 10_000
 """Most lines one stdout call returns; more would not fit a model's context anyway."""
@@ -62,74 +45,6 @@ _T = TypeVar("_T")
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 logger = logging.getLogger(__name__)
-
-ERROR_META = "process-mcp/error"
-"""Where a failed call's ``_meta`` holds its error, ``{"code": ...}``, for a client that acts on the code."""
-TOOL_NAMES = ("spawn", "ps", "stdin", "stdout", "kill")
-_CODED = re.compile(r"([a-z_]+): (.*)", re.DOTALL)
-"""An error's text: its code, then what to do next."""
-
-
-class ToolServer(MCPServer):
-    """An MCP server whose failed tool calls read ``<code>: <what to do next>`` (the SDK would start
-    them "Error executing tool <name>: "), with the code also in ``_meta``."""
-
-    async def run_stdio_async(self) -> None:
-        """Serve on stdin and stdout, read and written on the event loop where they are pipes (see
-        ``stdio``), else through the SDK's transport alone."""
-        async with loop_stdio() as streams:
-            stdin, stdout = streams or (None, None)
-            async with stdio_server(stdin, stdout) as (read_stream, write_stream):  # type: ignore[arg-type]
-                await self._lowlevel_server.run(
-                    read_stream, write_stream, self._lowlevel_server.create_initialization_options()
-                )
-
-    def close_schemas(self) -> None:
-        """Publish every tool's input schema with ``additionalProperties: false`` (see ``arguments``)."""
-        for tool in self._tool_manager.list_tools():
-            close_schema(tool.parameters)
-
-    async def call_tool(
-        self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None
-    ) -> CallToolResult | InputRequiredResult:
-        tool = self._tool_manager.get_tool(name)
-        if tool is not None:
-            try:
-                check_arguments(name, tool.parameters, arguments or {})
-            except InvalidInput as exc:
-                logger.info("tool %r failed: %s", name, exc.code)
-                return _failure(exc.code, exc.message)
-        try:
-            return await super().call_tool(name, arguments, context)
-        except UnexpectedToolError:
-            raise  # a crash: the SDK logs it and tells the caller nothing of it
-        except ToolError as exc:
-            code, message = _error_of(name, exc)
-            logger.info("tool %r failed: %s", name, code)
-            return _failure(code, message)
-
-
-def _failure(code: str, message: str) -> CallToolResult:
-    return CallToolResult(
-        content=[TextContent(type="text", text=f"{code}: {message}")], is_error=True, _meta={ERROR_META: {"code": code}}
-    )
-
-
-def _error_of(tool: str, exc: ToolError) -> tuple[str, str]:
-    """The code and the message of a failed call, from what the SDK raised (around what the tool raised)."""
-    cause = exc.__cause__
-    if isinstance(cause, ValidationError):
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in error['loc']) or 'arguments'}: {error['msg']}" for error in cause.errors()
-        )
-        return "invalid_input", f"{problems}; see the {tool} tool's input schema"
-    text = str(cause if isinstance(cause, ToolError) else exc)
-    found = _CODED.match(text)
-    if found:
-        return found.group(1), found.group(2)
-    if tool not in TOOL_NAMES:
-        return "invalid_input", f"there is no tool {tool!r}; the tools are {', '.join(TOOL_NAMES)}"
-    return "error", text
 
 
 INSTRUCTIONS = """\
@@ -175,7 +90,6 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
     # Over HTTP each principal has a workspace of its own, so no single path can be named.
     default_cwd = spaces.local.executor.workdir if config.service.transport == "stdio" else "your workspace"
 
-    audit = spaces.audit
     policy_note = (
         f"; with the operator's command policy, at most {MAX_CHECKED_BYTES} bytes"
         if config.policy.command_allow or config.policy.command_deny
@@ -192,61 +106,7 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
 
         return register
 
-    @asynccontextmanager
-    async def space(ctx: Context | None, call: _Call, *, create: bool = True) -> AsyncIterator[ProcessExecutor | None]:
-        """The caller's executor, for one call, which is audited; the call is cancelled if its HTTP client
-        disconnects (its processes keep running), so a wait nobody will read costs nothing."""
-        if audit is not None and audit.refusing:
-            raise ToolError(
-                "audit_unavailable: the audit log cannot be written and the operator requires it; try again later"
-            )
-        principal = _principal(ctx)
-        began = time.monotonic()
-        outcome = "ok"
-        disconnect = _disconnect(ctx)
-        try:
-            with anyio.CancelScope() as scope:
-                if disconnect is not None:
-                    disconnect.watch(scope)
-                try:
-                    async with spaces.use(principal, create=create, spawning=call.tool == "spawn") as executor:
-                        yield executor
-                except ProcessMcpError as exc:
-                    raise ToolError(str(exc)) from exc
-                finally:
-                    if disconnect is not None:
-                        disconnect.unwatch(scope)
-            if scope.cancelled_caught:
-                raise ToolError("client_disconnected: the call was abandoned (its processes keep running)")
-        except ToolError as exc:
-            outcome = _code(exc)
-            raise
-        except anyio.get_cancelled_exc_class():
-            outcome = "cancelled"
-            raise
-        finally:
-            spaces.metrics.calls.labels(call.tool, outcome).inc()
-            if audit is not None:
-                audit.write(
-                    {
-                        "event": "call",
-                        "principal": principal,
-                        "tool": call.tool,
-                        "arguments": _audited_arguments(call.arguments, config.audit.redact),
-                        "outcome": outcome,
-                        "pid": call.pid,
-                        "durationMs": monotonic_ms(began),
-                    }
-                )
-
-    @asynccontextmanager
-    async def process_space(ctx: Context | None, call: _Call) -> AsyncIterator[ProcessExecutor]:
-        """The caller's executor for a call on a process; a caller without a space has no processes, and
-        another caller's id is unknown here exactly as one that never existed."""
-        async with space(ctx, call, create=False) as executor:
-            if executor is None:
-                raise ToolError(str(unknown_process(call.pid or "", spaces.prefix)))
-            yield executor
+    calls = Calls(spaces)
 
     @tool(ToolAnnotations(destructive_hint=True, open_world_hint=True))
     async def spawn(
@@ -312,18 +172,20 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
             idle_ms=idleMs,
             limits=limits,
         )
-        call = _Call("spawn", options.model_dump(exclude_defaults=True))
-        async with space(ctx, call) as executor:
+        call = Call("spawn", options.model_dump(exclude_defaults=True))
+        async with calls.space(ctx, call) as executor:
             assert executor is not None
-            result = await _call(executor.spawn(options, _progress(ctx, "spawn")))
+            result = await run(executor.spawn(options, progress(ctx, "spawn")))
             call.pid = result.pid
         label = "screen" if tty else "stdout"
-        headline = f"{_headline(result.pid, result)}, {_confinement(result.sandboxed)}{_waited(result)}"
-        text = f"{headline}\n{_cursor_line(result)}{_held_back(result, tty)}{_stopped_note(result)}\n"
-        text += _section(label, result.stdout)
+        headline = (
+            f"{render.headline(result.pid, result)}, {render.confinement(result.sandboxed)}{render.waited(result)}"
+        )
+        text = f"{headline}\n{render.cursor_line(result)}{render.held_back(result, tty)}{render.stopped_note(result)}\n"
+        text += render.section(label, result.stdout)
         if not tty:
-            text += f"\n{_section('stderr', result.stderr)}"
-        return _reply(result, text)
+            text += f"\n{render.section('stderr', result.stderr)}"
+        return render.reply(result, text)
 
     @tool(ToolAnnotations(read_only_hint=True))
     async def ps(
@@ -340,12 +202,12 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
         createdAt; with stats: true also what each uses. Use it to find ids for stdout, stdin and kill.
         """
         arguments = {"stats": stats} if stats else {}
-        async with space(ctx, _Call("ps", arguments), create=False) as executor:
-            processes = [] if executor is None else await _call(executor.list_processes(stats=stats))
+        async with calls.space(ctx, Call("ps", arguments), create=False) as executor:
+            processes = [] if executor is None else await run(executor.list_processes(stats=stats))
         # What every row shares is said once: a ps of many processes stays as small as the original's.
         shared = {name for name in ("sandboxed", "via") if len({getattr(p, name) for p in processes}) == 1}
         listing = ProcessList(processes=processes, **{name: getattr(processes[0], name) for name in shared})
-        return _reply(listing, _ps_text(processes), exclude={"processes": {"__all__": shared}})
+        return render.reply(listing, render.ps_text(processes), exclude={"processes": {"__all__": shared}})
 
     @tool()
     async def stdin(
@@ -374,18 +236,18 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
         Without a wait, call stdout to read the response.
         """
         arguments = {"id": id, "input": input, "waitFor": waitFor, "idleMs": idleMs, "waitMs": waitMs}
-        async with process_space(ctx, _Call("stdin", arguments, id)) as executor:
-            result = await _call(
-                executor.stdin(id, input, wait_for=waitFor, idle_ms=idleMs, wait_ms=waitMs, progress=_progress(ctx, id))
+        async with calls.process_space(ctx, Call("stdin", arguments, id)) as executor:
+            result = await run(
+                executor.stdin(id, input, wait_for=waitFor, idle_ms=idleMs, wait_ms=waitMs, progress=progress(ctx, id))
             )
-        text = f"Sent {result.bytes_sent} bytes to {result.pid} ({_state(result)}){_waited(result)}."
+        text = f"Sent {result.bytes_sent} bytes to {result.pid} ({render.status_text(result)}){render.waited(result)}."
         if result.stdout is not None:
-            text += f"\n{_section('output', result.stdout)}"
+            text += f"\n{render.section('output', result.stdout)}"
             if result.stderr:
-                text += f"\n{_section('stderr', result.stderr)}"
-            text += f"\n{_cursor_line(result)}"
-        text += _stopped_note(result)
-        return _reply(result, text)
+                text += f"\n{render.section('stderr', result.stderr)}"
+            text += f"\n{render.cursor_line(result)}"
+        text += render.stopped_note(result)
+        return render.reply(result, text)
 
     @tool(ToolAnnotations(read_only_hint=True))
     async def stdout(
@@ -420,8 +282,8 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
         """
         arguments = {"id": id, "lines": lines, "since": since, "stderrSince": stderrSince, "raw": raw,
                      "waitFor": waitFor, "idleMs": idleMs, "untilExit": untilExit, "waitMs": waitMs}  # fmt: skip
-        async with process_space(ctx, _Call("stdout", arguments, id)) as executor:
-            result = await _call(
+        async with calls.process_space(ctx, Call("stdout", arguments, id)) as executor:
+            result = await run(
                 executor.get_output(
                     id,
                     lines,
@@ -432,16 +294,17 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
                     idle_ms=idleMs,
                     wait_ms=waitMs,
                     until_exit=untilExit,
-                    progress=_progress(ctx, id),
+                    progress=progress(ctx, id),
                 )
             )
-        usage = f" ({_usage(result.stats).strip()})" if result.stats is not None else ""
-        text = f"{_headline(result.pid, result)}{usage}{_waited(result)}\n{_section('stdout', result.stdout)}"
-        text += f"\n{_section('stderr', result.stderr)}\n{_cursor_line(result)}{_held_back(result, False)}"
+        usage = f" ({render.usage(result.stats).strip()})" if result.stats is not None else ""
+        text = f"{render.headline(result.pid, result)}{usage}{render.waited(result)}\n"
+        text += f"{render.section('stdout', result.stdout)}\n{render.section('stderr', result.stderr)}\n"
+        text += f"{render.cursor_line(result)}{render.held_back(result, False)}"
         if result.dropped:
             text += f" ({result.dropped} bytes after the cursor are no longer available)"
-        text += _stopped_note(result)
-        return _reply(result, text)
+        text += render.stopped_note(result)
+        return render.reply(result, text)
 
     @tool(ToolAnnotations(destructive_hint=True))
     async def kill(
@@ -458,198 +321,6 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
         for the process to exit and reports its status, so you know whether it is gone. SIGSTOP pauses
         it (it stays "running", with stopped: true) until SIGCONT.
         """
-        async with process_space(ctx, _Call("kill", {"id": id, "signal": signal}, id)) as executor:
-            result = await _call(executor.kill(id, signal))
-        return _reply(result, f"Sent {result.sent} to {result.pid}: {_state(result)}.")
-
-
-async def _call(operation: Awaitable[_T]) -> _T:
-    try:
-        return await operation
-    except ProcessMcpError as exc:
-        raise ToolError(str(exc)) from exc
-
-
-@dataclass
-class _Call:
-    """One tool call, as the audit log records it."""
-
-    tool: str
-    arguments: dict[str, Any]
-    pid: str | None = None
-
-
-def _code(exc: ToolError) -> str:
-    """The error code a tool's error text starts with."""
-    found = _CODED.match(str(exc))
-    return found.group(1) if found else "error"
-
-
-def _audited_arguments(arguments: dict[str, Any], redact: bool) -> dict[str, Any]:
-    """The arguments as recorded: without the unset ones and, when redacting, env values and stdin input
-    replaced by their sizes."""
-    kept = {name: value for name, value in arguments.items() if value is not None}
-    if redact:
-        if isinstance(kept.get("env"), dict):
-            kept["env"] = {name: f"<{len(str(value))} chars>" for name, value in kept["env"].items()}
-        if isinstance(kept.get("input"), str):
-            kept["input"] = f"<{len(kept['input'])} chars>"
-    return kept
-
-
-DISCONNECTED = "process_mcp.disconnected"
-"""Key of the ``Disconnect`` the HTTP transport puts in each request's scope."""
-
-
-class Disconnect:
-    """Whether an HTTP request's client went away; calls made for it watch it and are cancelled then."""
-
-    def __init__(self) -> None:
-        self.gone = False
-        self._watching: set[anyio.CancelScope] = set()
-
-    def watch(self, scope: anyio.CancelScope) -> None:
-        self._watching.add(scope)
-        if self.gone:
-            scope.cancel()
-
-    def unwatch(self, scope: anyio.CancelScope) -> None:
-        self._watching.discard(scope)
-
-    def set(self) -> None:
-        self.gone = True
-        for scope in list(self._watching):
-            scope.cancel()
-
-
-def _request_scope(ctx: Context | None) -> dict[str, object] | None:
-    if ctx is None:
-        return None
-    try:
-        request = ctx.request_context.request
-    except ValueError:  # not within a request
-        return None
-    scope = getattr(request, "scope", None)
-    return scope if isinstance(scope, dict) else None
-
-
-def _disconnect(ctx: Context | None) -> Disconnect | None:
-    scope = _request_scope(ctx)
-    found = scope.get(DISCONNECTED) if scope is not None else None
-    return found if isinstance(found, Disconnect) else None
-
-
-def _principal(ctx: Context | None) -> str | None:
-    """Who is calling (``principal_of`` the request); None for the local caller (stdio, in-process)."""
-    scope = _request_scope(ctx)
-    return principal_of(scope) if scope is not None else None
-
-
-def _reply(result: BaseModel, text: str, *, exclude: dict[str, Any] | None = None) -> CallToolResult:
-    return CallToolResult(
-        content=[TextContent(type="text", text=text)],
-        # Fields without a value (exitCode while running, signal, limit, ...) are left out, as the
-        # original left them out, rather than sent as null on every row of every reply.
-        structured_content=result.model_dump(mode="json", by_alias=True, exclude_none=True, exclude=exclude),
-    )
-
-
-def _state(state: ExitState) -> str:
-    if state.status == "running":
-        return "running (stopped)" if state.stopped else "running"
-    if state.ended_by == "lost":
-        return "terminated (ended with the agent in its box, which was lost)"
-    cause = f", ended by {state.ended_by}" if state.ended_by not in (None, "exit") else ""
-    if state.limit is not None:
-        cause += f" ({state.limit})"
-    code = "unknown: the process's end could not be observed" if state.exit_code is None else state.exit_code
-    if state.signal:
-        return f"terminated by {state.signal} (exit code {code}{cause})"
-    return f"terminated (exit code {code}{cause})"
-
-
-def _ps_text(processes: list[ProcessInfo]) -> str:
-    """One short line per process (what the structured rows say in full): a first line says what the rows
-    share (confinement, and the day and working directory of most of them), which a row repeats only
-    where it differs."""
-    if not processes:
-        return "No processes. Start one with spawn."
-    cwd = _most_common(p.cwd for p in processes)
-    day = _most_common(p.created_at[:10] for p in processes)
-    confined = {p.sandboxed for p in processes}
-    shared = f", {_confinement(confined.pop())}" if len(confined) == 1 else ""
-    count = f"{len(processes)} process{'es' if len(processes) > 1 else ''}"
-    lines = [f"{count}{shared}; started on {day} (UTC) in {cwd} unless a row says otherwise:"]
-    for p in processes:
-        started = p.created_at[11:19] if p.created_at.startswith(day) else p.created_at[:19]
-        row = f"{p.pid}  {_state(p)}  {'tty' if p.tty else 'pipe'}  {started}  {_usage(p.stats)}"
-        if not shared:
-            row += f"{_confinement(p.sandboxed)}  "
-        if p.cwd != cwd:
-            row += f"cwd={p.cwd}  "
-        lines.append(f"{row}$ {p.command}")
-    return "\n".join(lines)
-
-
-def _most_common(values: Iterable[str]) -> str:
-    return Counter(values).most_common(1)[0][0]
-
-
-def _usage(stats: ProcessStats | None) -> str:
-    if stats is None:
-        return ""
-    return f"cpu={stats.cpu_seconds:g}s ({stats.cpu_percent:g}%) rss={stats.rss_bytes / 1048576:.1f}MiB  "
-
-
-def _headline(pid: str, state: ExitState) -> str:
-    return f"{pid}: {_state(state)}"
-
-
-def _progress(ctx: Context | None, what: str) -> Progress | None:
-    """Progress notifications for a wait, when the client asked for them (the SDK drops them otherwise)."""
-    if ctx is None:
-        return None
-    context = ctx
-
-    async def report(elapsed_s: float, total_s: float) -> None:
-        await context.report_progress(elapsed_s, total_s, f"waiting on {what}: {elapsed_s:.0f} of {total_s:g} s")
-
-    return report
-
-
-def _waited(result: SpawnResult | StdinResult | ProcessOutput) -> str:
-    return "" if result.wait_result is None else f"; wait ended: {result.wait_result}"
-
-
-def _held_back(result: SpawnResult | ProcessOutput, tty: bool) -> str:
-    """Why a wait on a pipe may have seen nothing: programs buffer output that is not a terminal."""
-    quiet = result.wait_result == "timeout" and result.status == "running" and not result.stopped
-    if tty or not quiet or result.cursor or result.stderr_cursor:
-        return ""
-    return (
-        "\nno output yet: a program writing to a pipe may hold its output in a buffer until it has a few KiB or "
-        "exits (C stdio, Python without PYTHONUNBUFFERED, Node's pipes); spawn it with tty: true, or use its own "
-        "flag to flush (python3 -u, stdbuf -oL, grep --line-buffered)"
-    )
-
-
-def _stopped_note(state: SpawnResult | StdinResult | ProcessOutput) -> str:
-    """What a stopped process needs, said where a wait on it would otherwise just time out."""
-    if not state.stopped:
-        return ""
-    return (
-        f"\n{state.pid} is stopped (by SIGSTOP, or SIGTSTP, SIGTTIN, SIGTTOU): it does nothing, and prints nothing, "
-        "until it is continued; send SIGCONT to continue it (kill with signal SIGCONT)"
-    )
-
-
-def _cursor_line(result: SpawnResult | StdinResult | ProcessOutput) -> str:
-    return f"cursor: {result.cursor}, stderrCursor: {result.stderr_cursor}"
-
-
-def _confinement(sandboxed: bool) -> str:
-    return "sandboxed" if sandboxed else "not sandboxed"
-
-
-def _section(label: str, body: str) -> str:
-    return f"--- {label} ---\n{body}" if body else f"--- {label} (empty) ---"
+        async with calls.process_space(ctx, Call("kill", {"id": id, "signal": signal}, id)) as executor:
+            result = await run(executor.kill(id, signal))
+        return render.reply(result, f"Sent {result.sent} to {result.pid}: {render.status_text(result)}.")

@@ -374,7 +374,7 @@ async def test_ps_reports_resources_only_when_asked(client: Client) -> None:
 
 def test_an_end_that_could_not_be_observed_never_reads_exit_code_none() -> None:
     from process_mcp.core.models import ExitState
-    from process_mcp.service.tools import _state
+    from process_mcp.service.render import status_text as _state
 
     unobserved = _state(ExitState(status="terminated", exit_code=None, ended_by="exit"))
     assert "None" not in unobserved

@@ -189,7 +189,7 @@ async def test_a_process_end_records_its_peak_memory(
     client: tuple[Client, Path, ProcessMcpServer],
 ) -> None:
     connected, log, mcp = client
-    sandbox = mcp.executor._sandbox  # type: ignore[attr-defined]
+    sandbox = mcp.executor.backend._sandbox  # type: ignore[attr-defined]
     if sandbox is None or sandbox.cgroups is None:
         cannot_run_here("the exact peak needs per-sandbox cgroups (a root server where the kernel allows them)")
     grab = "python3 -c \"b = bytearray(100 * 1024 * 1024); b[::4096] = b'x' * len(b[::4096])\""
