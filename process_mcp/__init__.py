@@ -8,6 +8,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .backends import create_executor
     from .config import (
         Defaults,
         DockerConfig,
@@ -54,7 +55,7 @@ if TYPE_CHECKING:
         TooManyRequests,
     )
     from .host.executor import HostExecutor
-    from .service.server import ProcessMcpServer, create_executor, create_process_mcp
+    from .service.server import ProcessMcpServer, create_process_mcp
 
     __version__: str
 
@@ -80,7 +81,8 @@ _WHERE = {
     "ProcessHandle": ".core.handle",
     "HostExecutor": ".host.executor",
     "DockerExecutor": ".docker",
-    **dict.fromkeys(("ProcessMcpServer", "create_executor", "create_process_mcp"), ".service.server"),
+    **dict.fromkeys(("ProcessMcpServer", "create_process_mcp"), ".service.server"),
+    "create_executor": ".backends",
 }  # fmt: skip
 """Where each public name lives, imported when it is first asked for."""
 

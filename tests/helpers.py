@@ -18,7 +18,7 @@ import pytest
 from mcp import Client
 from mcp_types import CallToolResult, TextContent
 
-from process_mcp import DockerExecutor, HostExecutor, ProcessExecutor, ProcessMcpConfig
+from process_mcp import ProcessExecutor, ProcessMcpConfig, create_executor
 from process_mcp.config import Defaults, DockerConfig, Limits, SandboxConfig
 from process_mcp.host.sandbox import Sandbox, find_bwrap
 
@@ -100,7 +100,7 @@ def backend_config(request: pytest.FixtureRequest, backend: str, workdir: str) -
 
 
 def executor_for(config: ProcessMcpConfig) -> ProcessExecutor:
-    return HostExecutor(config) if config.mode == "host" else DockerExecutor(config)
+    return create_executor(config)
 
 
 def cannot_run_here(why: str) -> NoReturn:

@@ -10,10 +10,9 @@ from typing import TYPE_CHECKING
 import anyio
 from mcp.server import MCPServer
 
+from ..backends import create_executor
 from ..config import ProcessMcpConfig, load_config
 from ..core.executor import ProcessExecutor
-from ..errors import BackendUnavailable
-from ..host.executor import HostExecutor
 from ..policy.audit import AuditLog
 from ..version import version_string
 from .metrics import Metrics
@@ -98,18 +97,6 @@ class ProcessMcpServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.cleanup()
-
-
-def create_executor(config: ProcessMcpConfig) -> ProcessExecutor:
-    """The executor for ``config.mode``, not yet started."""
-    if config.mode == "host":
-        return HostExecutor(config)
-    if config.mode == "docker":
-        # Imported here so that host mode never loads the Docker backend (and docker-py with it).
-        from ..docker import DockerExecutor
-
-        return DockerExecutor(config)
-    raise BackendUnavailable(f"unknown PROCESS_MODE {config.mode!r}; use host or docker")
 
 
 async def create_process_mcp(config: ProcessMcpConfig | None = None) -> ProcessMcpServer:

@@ -22,12 +22,18 @@ ALLOWED = {
     "box": {"box", "core", "config", "errors"},
     "host": {"host", "core", "box", "policy", "config", "errors"},
     "docker": {"docker", "core", "box", "policy", "config", "errors"},
-    "service": {"service", "core", "policy", "config", "errors", "version", "host", "docker"},
+    "service": {"service", "core", "policy", "config", "errors", "version", "backends"},
 }
 """What each part may import (its first level under the package); the root modules are the library's front."""
 
-SERVICE_MAY_USE = {"process_mcp.host", "process_mcp.host.executor", "process_mcp.docker", "process_mcp.docker.executor"}
-"""Of the backends, the service knows only their executors, to make one for the configured mode."""
+ROOT_MODULES = {
+    "process_mcp.errors": set(),
+    "process_mcp.version": set(),
+    "process_mcp.config": {"errors", "core"},
+    "process_mcp.backends": {"errors", "config", "core"},
+}
+"""The library's front, at the package's root, and what each may import: the backend map names each mode's
+executor as a string and imports it only when asked for one."""
 
 
 def _modules() -> dict[str, Path]:
@@ -96,9 +102,12 @@ def test_each_part_imports_only_what_it_may(part: str) -> None:
         for target in sorted(imported):
             if _part(target) not in ALLOWED[part] and target != "process_mcp":
                 wrong.append(f"{module} -> {target}")
-            elif part == "service" and _part(target) in ("host", "docker") and target not in SERVICE_MAY_USE:
-                wrong.append(f"{module} -> {target} (a backend's internals)")
     assert wrong == []
+
+
+@pytest.mark.parametrize("module", sorted(ROOT_MODULES))
+def test_the_root_modules_import_only_the_front_and_core(module: str) -> None:
+    assert {_part(target) for target in GRAPH[module]} <= ROOT_MODULES[module]
 
 
 def test_what_is_shipped_into_a_box_needs_only_the_standard_library_and_its_protocol() -> None:
