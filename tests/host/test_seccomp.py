@@ -28,8 +28,9 @@ from pathlib import Path
 import anyio.to_thread
 import pytest
 
-from process_mcp import HostExecutor, SpawnOptions, seccomp
+from process_mcp import HostExecutor, SpawnOptions
 from process_mcp.config import SandboxConfig
+from process_mcp.host import seccomp
 
 from ..helpers import WAIT_S, cannot_run_here, host_config, replaced, run_wrapped
 
