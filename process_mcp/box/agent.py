@@ -59,8 +59,9 @@ import time
 from typing import Any
 
 try:
-    from . import protocol
-except ImportError:  # in the box: the loader registered protocol under this name first
+    from . import proc, protocol
+except ImportError:  # in the box: the loader registered these under these names first
+    import process_mcp_box_proc as proc  # type: ignore[import-not-found,no-redef]
     import process_mcp_box_protocol as protocol  # type: ignore[import-not-found,no-redef]
 
 READ_CHUNK = 1024 * 1024
@@ -189,93 +190,6 @@ def as_processes_user() -> Any:
         set_undumpable()
 
 
-def descendants(root: int, children: dict[int, list[int]] | None = None) -> list[int]:
-    """Live (not zombie) processes below ``root``, by parent links in /proc (or in ``children``)."""
-    if children is None:
-        children = process_children()
-    found: list[int] = []
-    todo = [root]
-    while todo:
-        for child in children.get(todo.pop(), ()):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def process_children() -> dict[int, list[int]]:
-    """Every live process's children, read from /proc."""
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as stat:
-                fields = stat.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # gone mid-walk
-        if fields[0] != b"Z":
-            children.setdefault(int(fields[1]), []).append(int(name))
-    return children
-
-
-def sample_tree(root: int, children: dict[int, list[int]]) -> dict[str, Any]:
-    """What the processes below ``root`` use: CPU, resident memory, threads, bytes read and written.
-    ``children`` is one read of every process's children, shared by the samples of one ps."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    page = os.sysconf("SC_PAGE_SIZE")
-    processes = threads = cpu_ticks = pages = read = written = 0
-    io_known = True
-    for pid in descendants(root, children):
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as stat:
-                fields = stat.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        processes += 1
-        cpu_ticks += int(fields[11]) + int(fields[12])
-        threads += int(fields[17])
-        pages += int(fields[21])
-        try:
-            with open(f"/proc/{pid}/io", "rb") as io:
-                values = dict(line.split(b":", 1) for line in io.read().splitlines() if b":" in line)
-            read += int(values[b"rchar"])
-            written += int(values[b"wchar"])
-        except (OSError, KeyError, ValueError):
-            io_known = False
-    if not processes:
-        return {}
-    return {
-        "processes": processes,
-        "threads": threads,
-        "cpu_seconds": cpu_ticks / ticks,
-        "rss_bytes": pages * page,
-        "read_bytes": read if io_known else None,
-        "written_bytes": written if io_known else None,
-    }
-
-
-def is_stopped(pid: int) -> bool:
-    """Whether ``pid`` is stopped (by a signal, or by its tracer), or waits in vfork on a child that is (a
-    shell starting a command when a stop reached the group: it goes on only once the child does)."""
-    state = process_state(pid)
-    if state == b"D":
-        try:
-            with open(f"/proc/{pid}/task/{pid}/children", "rb") as children:
-                return any(process_state(int(child)) in (b"T", b"t") for child in children.read().split())
-        except OSError:
-            return False
-    return state in (b"T", b"t")
-
-
-def process_state(pid: int) -> bytes | None:
-    """The state letter /proc/PID/stat gives ``pid`` (R, S, D, T, t, Z, ...); None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rsplit(b")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
-
-
 def signal_tree(root: int, signum: int, group: int = 0) -> int:
     """Send ``signum`` to every process below ``root``; return how many it reached.
 
@@ -291,7 +205,7 @@ def signal_tree(root: int, signum: int, group: int = 0) -> int:
             sent += 1
         except OSError:
             group = 0  # the group is gone: whatever is left is reached one by one
-    for pid in descendants(root):
+    for pid in proc.descendants(root):
         try:
             if group and os.getpgid(pid) == group:
                 continue
@@ -893,15 +807,15 @@ class Agent:
             request = protocol.fields(payload)
             process = self.processes.get(channel)
             if process is not None and self.children is None:
-                self.children = process_children()
+                self.children = proc.process_children()
             sample: dict[str, Any] = {}
             if process is not None and process.status >= 0 and self.children is not None:
                 with as_processes_user():
-                    sample = sample_tree(process.supervisor, self.children)
+                    sample = proc.sample_tree(process.supervisor, self.children) or {}
             self.send(protocol.message(protocol.SAMPLED, channel, seq=request["seq"], **sample))
         elif kind == protocol.ASK_STOPPED:
             running = [p for p in self.processes.values() if p.leader and not p.exited]
-            stopped = [process.channel for process in running if is_stopped(process.leader)]
+            stopped = [process.channel for process in running if proc.is_stopped(process.leader)]
             self.send(protocol.message(protocol.STOPPED, 0, seq=protocol.fields(payload)["seq"], stopped=stopped))
         elif kind == protocol.RESIZE:
             process = self.processes.get(channel)
@@ -1343,13 +1257,13 @@ class Agent:
         orphan, and is killed with everything below it, in rounds that catch what forks meanwhile."""
         me = os.getpid()
         for _ in range(KILL_ROUNDS):
-            children = process_children()
+            children = proc.process_children()
             keep = {self.zygote_pid, *(p.supervisor for p in self.processes.values()), *(s[0] for s in self.spares)}
             orphans = [pid for pid in children.get(me, ()) if pid not in keep]
             if not orphans:
                 return
             for orphan in orphans:
-                for pid in [orphan, *descendants(orphan, children)]:
+                for pid in [orphan, *proc.descendants(orphan, children)]:
                     with contextlib.suppress(OSError):
                         os.kill(pid, signal.SIGKILL)
             reap_children()

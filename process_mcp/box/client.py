@@ -31,10 +31,10 @@ import anyio
 from ..core.contract import LaunchSpec, ProcessSink
 from ..core.handle import ProcessHandle, TreeRoot
 from ..core.models import CPU_GRACE_S, TERMINAL_COLS, TERMINAL_ROWS, ProcessLimits
-from ..core.stats import StateReader, TreeSample
+from ..core.stats import TreeSample
 from ..core.streams import STDIN_WRITE_TIMEOUT_S, wait_writable
 from ..errors import InvalidInput, KillFailed, SpawnFailed, StdinFailed
-from . import protocol
+from . import proc, protocol
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +48,9 @@ SHUTDOWN_TIMEOUT_S = 5.0
 """How long shutdown waits for the agent to end its processes and say BYE."""
 INPUT_CHUNK = 64 * 1024
 """Largest input frame; longer input goes in several, each acknowledged."""
-PROTOCOL_MODULE = "process_mcp_box_protocol"
-"""The name the agent imports the protocol by inside the box (it is sent, not installed)."""
+SHIPPED = (("protocol.py", "process_mcp_box_protocol"), ("proc.py", "process_mcp_box_proc"), ("agent.py", ""))
+"""What is sent into a box, in order, and the name each module is imported by there (they are sent, not
+installed): the protocol, the /proc reading the agent shares with this side, and the agent itself."""
 
 AGENT_NAME = "process-mcp-agent"
 """The agent's first argument after the bootstrap, by which `ps` in the box names the agent, its zygote
@@ -61,7 +62,7 @@ and its supervisors."""
 BOOTSTRAP = "import sys;exec(sys.stdin.buffer.readline())"
 # Read from the stream by the bootstrap, as one line. First it makes itself not dumpable (before it reads
 # anything more: no process of its user may then trace it or open its descriptors). Then it reads two
-# length-prefixed modules (protocol, then the agent) through the same buffered reader (the line's read
+# length-prefixed modules (protocol, proc, then the agent) through the same buffered reader (the line's read
 # may have taken the start of them; nothing follows them until the agent's HELLO), and runs the agent
 # (which, run as root, drops to USER for each command). Python 3.0-3.7 run it too, and say why they
 # cannot run the agent.
@@ -85,16 +86,17 @@ def load(name):
     exec(compile(take(int(take(10))), "<" + name + ">", "exec"), module.__dict__)
     sys.modules[name] = module
     return module
-load("{PROTOCOL_MODULE}")
+load("{SHIPPED[0][1]}")
+load("{SHIPPED[1][1]}")
 sys.exit(load("process_mcp_box_agent").main(sys.argv[2:]))
 """
 
 
 def bootstrap_payload() -> bytes:
-    """What the bootstrap reads from the stream: the loader as one line, then the protocol and agent
-    modules, each with its length."""
+    """What the bootstrap reads from the stream: the loader as one line, then the modules ``SHIPPED``
+    names, each with its length."""
     payload = f"exec(compile({_LOADER!r}, '<loader>', 'exec'))\n".encode()
-    for name in ("protocol.py", "agent.py"):
+    for name, _ in SHIPPED:
         source = resources.files(__package__).joinpath(name).read_bytes()
         payload += b"%010d" % len(source) + source
     return payload
@@ -560,7 +562,7 @@ class AgentProcess(ProcessHandle):
         self.open_streams = {1} if record.tty else {1, 2}
         """The output streams the agent has not closed yet (1 stdout, 2 stderr)."""
         self.has_exited = False
-        self._state: StateReader | None = None  # its /proc/PID/stat, where the box's pids are ours
+        self._state: proc.StateReader | None = None  # its /proc/PID/stat, where the box's pids are ours
         for _ in self.open_streams:
             record.stream_opened()
 
@@ -656,22 +658,17 @@ class AgentProcess(ProcessHandle):
             fields = await connection._answer(answer, REQUEST_TIMEOUT_S, "sample")
         except AgentUnavailable:
             return None
-        if not fields.get("processes"):
-            return None
-        return TreeSample(
-            processes=int(fields["processes"]),
-            threads=int(fields["threads"]),
-            cpu_seconds=float(fields["cpu_seconds"]),
-            rss_bytes=int(fields["rss_bytes"]),
-            read_bytes=fields.get("read_bytes"),
-            written_bytes=fields.get("written_bytes"),
-        )
+        return TreeSample.of(fields)
+
+    def read_sample(self) -> TreeSample | None:
+        root = self.tree_root()
+        return None if root is None else TreeSample.of(proc.sample_tree(root.pid, include_root=root.included))
 
     def read_stopped(self) -> bool | None:
         if not self.connection.same_pids or not self.leader or self.has_exited:
             return None
         if self._state is None:
-            self._state = StateReader(self.leader)
+            self._state = proc.StateReader(self.leader)
         return self._state.stopped()
 
     async def stopped(self) -> bool | None:

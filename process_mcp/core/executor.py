@@ -25,7 +25,7 @@ from ..policy import CommandPolicy
 from .buffer import tail_lines, tail_text
 from .contract import Backend, LaunchSpec
 from .escapes import decode_input
-from .handle import ProcessHandle, TreeRoot
+from .handle import ProcessHandle
 from .models import (
     DEFAULT_LINES,
     MAX_COMMAND_BYTES,
@@ -48,7 +48,7 @@ from .models import (
 )
 from .registry import ManagedProcess, ProcessRegistry
 from .signals import NON_TERMINATING, parse_signal
-from .stats import STATS_MAX_AGE_S, TreeSample, sample_tree
+from .stats import STATS_MAX_AGE_S, TreeSample
 from .terminal import strip_escapes
 from .waiting import MATCH_THREADS, OUTPUT_SETTLE_S, Progress, Wait, text_since, wait_exit, wait_on
 
@@ -554,34 +554,27 @@ async def _refresh_stats(records: list[ManagedProcess], max_age_s: float) -> Non
     machine's /proc shows in one worker thread, the others by asking where they run, all at once. A
     finished process keeps its last sample (``ManagedProcess.finish`` sets its final wall time)."""
     now = time.monotonic()
-    local: list[tuple[ManagedProcess, TreeRoot]] = []
-    remote: list[tuple[ManagedProcess, ProcessHandle]] = []
-    for record in records:
-        if record.handle is None or not record.running or now - record.stats_at < max_age_s:
-            continue
-        root = record.handle.tree_root()
-        if root is None:
-            remote.append((record, record.handle))
-        else:
-            local.append((record, root))
-    if not local and not remote:
+    due = [
+        (record, record.handle)
+        for record in records
+        if record.handle is not None and record.running and now - record.stats_at >= max_age_s
+    ]
+    if not due:
         return
-    samples: list[TreeSample | None] = []
-    if local:
-        samples = await anyio.to_thread.run_sync(
-            lambda: [sample_tree(root.pid, include_root=root.included) for _, root in local]
-        )
-    measured: list[TreeSample | None] = [None] * len(remote)
+    read = await anyio.to_thread.run_sync(lambda: [handle.read_sample() for _, handle in due])
+    asked: list[TreeSample | None] = [None] * len(due)
 
-    async def measure(i: int, handle: ProcessHandle) -> None:
-        measured[i] = await handle.sample()
+    async def ask(i: int, handle: ProcessHandle) -> None:
+        asked[i] = await handle.sample()
 
     async with anyio.create_task_group() as tasks:
-        for i, (_, handle) in enumerate(remote):
-            tasks.start_soon(measure, i, handle)
+        for i, ((_, handle), here) in enumerate(zip(due, read, strict=True)):
+            if here is None:
+                tasks.start_soon(ask, i, handle)
     taken = time.monotonic()
-    pairs = [(record, sample) for (record, _), sample in zip(local, samples, strict=True)]
-    pairs += [(record, sample) for (record, _), sample in zip(remote, measured, strict=True)]
+    pairs = [
+        (record, here if here is not None else there) for (record, _), here, there in zip(due, read, asked, strict=True)
+    ]
     for record, sample in pairs:
         if sample is None:
             continue

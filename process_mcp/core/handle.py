@@ -60,9 +60,14 @@ class ProcessHandle(ABC):
         None where /proc here cannot see them (a container's agent)."""
         return None
 
+    def read_sample(self) -> TreeSample | None:
+        """What the process's tree uses, read from /proc on this machine (at its ``tree_root``); called in
+        a worker thread. None where /proc here cannot tell (then ``sample`` asks)."""
+        return None
+
     async def sample(self) -> TreeSample | None:
-        """What the process's tree uses, measured where it runs, for a handle without a ``tree_root``;
-        None where it cannot be measured."""
+        """What the process's tree uses, measured where it runs, for a handle whose ``read_sample`` cannot
+        tell; None where it cannot be measured."""
         return None
 
     def read_stopped(self) -> bool | None:

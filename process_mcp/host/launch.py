@@ -19,12 +19,13 @@ from dataclasses import dataclass
 import anyio
 from ptyprocess import PtyProcess
 
+from ..box import proc
 from ..core.buffer import OutputBuffer
 from ..core.contract import ProcessSink
 from ..core.handle import ProcessHandle, TreeRoot
 from ..core.models import TERMINAL_COLS, TERMINAL_ROWS
 from ..core.signals import signal_from_exit_code
-from ..core.stats import StateReader, descendants, is_stopped
+from ..core.stats import TreeSample
 from ..core.streams import READ_CHUNK, write_all
 from ..errors import KillFailed, StdinFailed
 from .sandbox import Launch
@@ -63,7 +64,7 @@ class HostHandle(ProcessHandle):
         self._input = -1  # where stdin writes go: the pipe to the child, or the PTY itself
         self._signals_reset = False  # whether the sandbox's launch chain has passed its signal reset
         self._init_pid: int | None = None  # bwrap's init, once seen
-        self._command: StateReader | None = None  # the one child of bwrap's init, once seen
+        self._command: proc.StateReader | None = None  # the one child of bwrap's init, once seen
         try:
             self._pidfd = os.pidfd_open(pid)
         except (AttributeError, OSError):
@@ -78,6 +79,10 @@ class HostHandle(ProcessHandle):
             self._init_pid = only_child(self._pid)
         return TreeRoot(self._init_pid or self._pid, included=False)
 
+    def read_sample(self) -> TreeSample | None:
+        root = self.tree_root()
+        return None if root is None else TreeSample.of(proc.sample_tree(root.pid, include_root=root.included))
+
     def read_stopped(self) -> bool | None:
         # The launch chain below bwrap's init execs its way to the command's shell, keeping its pid. Until
         # that process is there, the deepest one that is tells: stopped, it starts nothing below it.
@@ -87,8 +92,8 @@ class HostHandle(ProcessHandle):
             self._init_pid = only_child(self._pid)
         command = None if self._init_pid is None else only_child(self._init_pid)
         if command is None:
-            return is_stopped(self._init_pid or self._pid)
-        self._command = StateReader(command)
+            return proc.is_stopped(self._init_pid or self._pid)
+        self._command = proc.StateReader(command)
         return self._command.stopped()
 
     async def _await_signals_reset(self, signum: int) -> None:
@@ -208,7 +213,7 @@ class HostHandle(ProcessHandle):
 def _accepts(root: int, signum: int) -> bool:
     """Whether a process below ``root`` does not ignore ``signum`` (by its SigIgn mask in /proc)."""
     bit = 1 << (signum - 1)
-    for pid in descendants(root):
+    for pid in proc.task_descendants(root):
         try:
             with open(f"/proc/{pid}/status", "rb") as file:
                 for line in file:

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from process_mcp.box import protocol
-from process_mcp.box.client import BOOTSTRAP, bootstrap_payload
+from process_mcp.box.client import BOOTSTRAP, SHIPPED, bootstrap_payload
 
 from ..helpers import POLL_S, WAIT_S, cannot_run_here, kill_if_alive, running_sleepers, sleep_argument, started
 
@@ -99,7 +99,7 @@ def test_a_control_frame_that_is_not_a_json_object_is_refused() -> None:
         protocol.fields(b"{not json")
 
 
-@pytest.mark.parametrize("module", ["protocol.py", "agent.py"])
+@pytest.mark.parametrize("module", [name for name, _ in SHIPPED])
 def test_what_runs_in_the_box_parses_as_python_3_8(module: str) -> None:
     """The agent runs with the box's Python, 3.8 or newer: no syntax from later versions."""
     source = resources.files("process_mcp.box").joinpath(module).read_text()
@@ -110,7 +110,7 @@ def test_what_runs_in_the_box_parses_as_python_3_8(module: str) -> None:
         if isinstance(node, ast.Import | ast.ImportFrom) and not getattr(node, "level", 0)
         for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])
     }
-    outside = imported - set(sys.stdlib_module_names) - {"process_mcp_box_protocol"}
+    outside = imported - set(sys.stdlib_module_names) - {name for _, name in SHIPPED}
     assert not outside, f"the agent may use the standard library only, not {outside}"
 
 

@@ -1,0 +1,176 @@
+"""Reading process trees from /proc: who is below a process, what the tree uses, whether it is stopped.
+
+The one copy of this, for both ends: shipped into a box with the agent (so standard library only, and
+Python 3.8 syntax), and used by the server for the trees it can see on this machine (the host's
+sandboxes, the local agent's processes). Two walks: by one read of every process's parent (``children``,
+shared by the samples of one ps in a box, and by kill rounds), or by the kernel's list of each task's
+children (``task_descendants``: only the tree is read, which is what a busy host needs).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+MAX_TREE = 10_000
+"""Most processes a walk by task children visits, so a fork bomb cannot make a ps call walk forever."""
+STOPPED_STATES = (b"T", b"t")
+"""The states /proc/PID/stat gives a process stopped by a signal, or by its tracer."""
+
+
+def process_children() -> dict[int, list[int]]:
+    """Every live (not zombie) process's children, from one read of every process's stat."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone mid-walk
+        if fields[0] != b"Z":
+            children.setdefault(int(fields[1]), []).append(int(name))
+    return children
+
+
+def descendants(root: int, children: dict[int, list[int]] | None = None) -> list[int]:
+    """Live (not zombie) processes below ``root``, by parent links (``children``, read now if not given)."""
+    if children is None:
+        children = process_children()
+    found: list[int] = []
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def task_descendants(root: int) -> list[int]:
+    """The pids below ``root`` (at most MAX_TREE), by the kernel's lists of each task's children."""
+    found: list[int] = []
+    stack = [root]
+    while stack and len(found) < MAX_TREE:
+        pid = stack.pop()
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{pid}/task/{task}/children", "rb") as file:
+                    below = [int(child) for child in file.read().split()]
+            except OSError:
+                continue
+            found.extend(below)
+            stack.extend(below)
+    return found
+
+
+def sample_tree(
+    root: int, children: dict[int, list[int]] | None = None, include_root: bool = False
+) -> dict[str, Any] | None:
+    """What ``root``'s tree uses: processes, threads, CPU seconds, resident bytes, bytes read and written
+    (None where /proc/PID/io cannot be read). The tree is below ``root`` (and ``root`` too with
+    ``include_root``), found through ``children`` when given, else by task children. None if it is empty."""
+    pids = descendants(root, children) if children is not None else task_descendants(root)
+    if include_root:
+        pids.insert(0, root)
+    ticks = os.sysconf("SC_CLK_TCK")
+    page = os.sysconf("SC_PAGE_SIZE")
+    processes = threads = cpu_ticks = pages = read = written = 0
+    io_known = True
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # ended meanwhile
+        processes += 1
+        cpu_ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        threads += int(fields[17])
+        pages += int(fields[21])
+        try:
+            with open(f"/proc/{pid}/io", "rb") as io:
+                values = dict(line.split(b":", 1) for line in io.read().splitlines() if b":" in line)
+            read += int(values[b"rchar"])
+            written += int(values[b"wchar"])
+        except (OSError, KeyError, ValueError):
+            io_known = False
+    if not processes:
+        return None
+    return {
+        "processes": processes,
+        "threads": threads,
+        "cpu_seconds": cpu_ticks / ticks,
+        "rss_bytes": pages * page,
+        "read_bytes": read if io_known else None,
+        "written_bytes": written if io_known else None,
+    }
+
+
+def process_state(pid: int) -> bytes | None:
+    """The state letter /proc/PID/stat gives ``pid`` (R, S, D, T, t, Z, ...); None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            return parse_state(file.read())
+    except OSError:
+        return None
+
+
+def parse_state(stat: bytes) -> bytes | None:
+    """The state letter in the text of a /proc/PID/stat."""
+    fields = stat.rsplit(b")", 1)
+    return fields[1].split()[0] if len(fields) == 2 and fields[1].split() else None
+
+
+def stopped_in(pid: int, state: bytes | None) -> bool | None:
+    """Whether ``pid``, in ``state``, is stopped (by a signal, or by its tracer), or waits in vfork on a
+    child that is (a shell starting a command when a stop reached its group: it goes on only once the
+    child does); None once it is gone."""
+    if state == b"D":
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children", "rb") as file:
+                return any(process_state(int(child)) in STOPPED_STATES for child in file.read().split())
+        except (OSError, ValueError):
+            return False
+    return None if state is None else state in STOPPED_STATES
+
+
+def is_stopped(pid: int) -> bool | None:
+    """Whether ``pid`` is stopped (see ``stopped_in``); None if it is gone."""
+    return stopped_in(pid, process_state(pid))
+
+
+class StateReader:
+    """Tells whether one process is stopped, from its /proc/PID/stat held open: a read then costs only
+    the kernel's formatting (a ps reads one for each process). Its descriptor stays the process's after
+    the pid is reused. Read in worker threads; ``close`` from anywhere."""
+
+    def __init__(self, pid: int) -> None:
+        self._pid = pid
+        self._fd = -1
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def stopped(self) -> bool | None:
+        """Whether the process is stopped (see ``stopped_in``); None once it is gone."""
+        with self._lock:
+            if self._closed:
+                return None
+            try:
+                if self._fd < 0:
+                    self._fd = os.open(f"/proc/{self._pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+                data = os.pread(self._fd, 1024, 0)
+            except OSError:
+                return None
+        return stopped_in(self._pid, parse_state(data))
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
