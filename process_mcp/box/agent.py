@@ -1,20 +1,15 @@
 """The agent in the box: starts and drives processes for the server over one byte stream.
 
 The server starts it with the stream on its stdin and stdout (in Docker, one exec running
-``python3 -I -S -c <bootstrap> process-mcp-agent``, which reads this module and ``protocol`` from the
-stream) and then speaks ``protocol`` to it. It runs with whatever Python the box has: standard library
-only, and syntax Python 3.8 parses.
+``python3 -I -S -c <bootstrap> process-mcp-agent``, which reads this module, ``protocol``, ``proc`` and
+``supervisor`` from the stream) and then speaks ``protocol`` to it. It runs with whatever Python the box
+has: standard library only, and syntax Python 3.8 parses.
 
-Each process runs under a supervisor of its own that is a child subreaper (PR_SET_CHILD_SUBREAPER),
-so whatever the process starts stays in the supervisor's tree even when it double-forks, calls setsid
-or clears its environment. Supervisors are forked ahead of need by a small zygote (so the agent
-itself never forks mid-spawn) and start their command with posix_spawn. Once a process's whole tree
-is gone, its supervisor may run the next process (unless it set limits on itself): a start then
-costs no fork at all. Signals go to every process in that tree, found by walking /proc. Every
-supervisor holds the read end of a lifeline pipe whose write end only the agent holds: when the agent
-dies, however it dies, each supervisor kills its tree and exits. The agent is a subreaper too, so the
-tree of a supervisor that was killed falls to the agent, which kills what is left when its stream
-ends or the server asks it to shut down.
+Each process runs under a supervisor of its own, forked ahead of need by a zygote (``supervisor``):
+once a process's whole tree is gone, its supervisor may run the next process (unless it set limits on
+itself), so a start then costs no fork at all. The agent is a subreaper too, so the tree of a supervisor
+that was killed falls to the agent, which kills what is left when its stream ends or the server asks it
+to shut down. Trees are read from /proc by ``proc``, the same code the server uses on its own machine.
 
 A process's exit goes to the server only after every byte its outputs held when its supervisor reported
 the exit (all it wrote, and all its children that ended before it wrote): the server takes an exit to mean
@@ -29,8 +24,8 @@ per ready process, so a chatty process cannot starve another, and the agent read
 server whatever its processes do.
 
 Nothing a process does may reach the agent, its zygote or its supervisors, which are what keep the
-server's view of every process true. They are not dumpable (PR_SET_DUMPABLE 0, set by the bootstrap
-before it reads anything): a process of the same user can neither trace them nor open their
+server's view of every process true. They are not dumpable (PR_SET_DUMPABLE 0, set by the bootstrap before it
+reads anything): a process of the same user can neither trace them nor open their
 descriptors through /proc (their stream to the server, their stderr). Where the agent runs as root and
 is told a user (the container the server made), each command runs as that user, dropped to it in a
 child of its supervisor just before the command starts: its processes cannot signal them either. Where
@@ -46,7 +41,6 @@ import errno
 import fcntl
 import json
 import os
-import resource
 import select
 import selectors
 import signal
@@ -59,10 +53,11 @@ import time
 from typing import Any
 
 try:
-    from . import proc, protocol
+    from . import proc, protocol, supervisor
 except ImportError:  # in the box: the loader registered these under these names first
     import process_mcp_box_proc as proc  # type: ignore[import-not-found,no-redef]
     import process_mcp_box_protocol as protocol  # type: ignore[import-not-found,no-redef]
+    import process_mcp_box_supervisor as supervisor  # type: ignore[import-not-found,no-redef]
 
 READ_CHUNK = 1024 * 1024
 """Bytes read from one process per wake-up (a whole output pipe, see PIPE_SIZE)."""
@@ -86,14 +81,8 @@ TERMINAL_HOLD = 256 * 1024
 """Bytes of a terminal read after its process's exit, ahead of the exit, when no read finds it empty first
 (something the process left keeps writing to it): many times what a terminal holds (about 20 KiB, in its
 line discipline and the pseudo-terminal's buffers), which a terminal cannot count as a pipe can."""
-KILL_ROUNDS = 100
-"""Rounds of walking /proc and killing, each catching what forked during the one before."""
 FLUSH_TIMEOUT_S = 5.0
 """How long the agent tries to write its last frames before exiting."""
-PR_SET_CHILD_SUBREAPER = 36
-PR_GET_DUMPABLE = 3
-PR_SET_DUMPABLE = 4
-MSG_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 SPARES = 2
 """Supervisors kept forked ahead of need, so a spawn does not wait for a fork."""
 REPLACE_SPARE_S = 0.02
@@ -105,153 +94,6 @@ spare is left."""
 SPARE_WAIT_S = 1.0
 """How long a spawn that finds no spare ready waits for the one the zygote is forking, before forking
 one in the agent itself."""
-SHELL = "/bin/sh"
-
-
-_prctl: Any = None
-
-RUN_AS: tuple[int, int] | None = None
-"""The uid and gid every command runs as, when the agent is root and drops to them (None: commands run
-as the agent does). Set once at the start; the zygote and supervisors inherit it."""
-
-
-def prctl(option: int, value: int) -> int | None:
-    """prctl(2) through the C library, or None where it cannot be called. The agent finds it once; its
-    zygote and supervisors inherit it (finding it costs a supervisor 0.3 ms of CPU)."""
-    global _prctl
-    try:
-        if _prctl is None:
-            import ctypes
-
-            _prctl = ctypes.CDLL(None, use_errno=True).prctl
-        return int(_prctl(option, value, 0, 0, 0))
-    except (ImportError, OSError, AttributeError):
-        return None
-
-
-def set_subreaper() -> bool:
-    """Make orphaned descendants of this process its children instead of init's; say whether it worked."""
-    return prctl(PR_SET_CHILD_SUBREAPER, 1) == 0
-
-
-def set_undumpable() -> bool:
-    """Make this process (and what it forks, until an exec) not dumpable, so that processes of its
-    user cannot ptrace it or open its descriptors through /proc; say whether it is. A credential
-    change (see as_processes_user) sets the flag back to the system's default, so it is set again
-    after each."""
-    prctl(PR_SET_DUMPABLE, 0)
-    return prctl(PR_GET_DUMPABLE, 0) == 0
-
-
-def resolve_user(spec: str) -> tuple[int, int]:
-    """The uid and gid ``spec`` names as Docker reads a user: ``uid``, ``uid:gid``, ``name`` or
-    ``name:group``; a user's gid, when not given, is its primary group (0 for a uid the box's passwd
-    does not list). Raises KeyError for a name the box does not know."""
-    import grp
-    import pwd
-
-    user, _, group = spec.partition(":")
-    if user.isdigit():
-        uid = int(user)
-        try:
-            gid = pwd.getpwuid(uid).pw_gid
-        except KeyError:
-            gid = 0
-    else:
-        entry = pwd.getpwnam(user)
-        uid, gid = entry.pw_uid, entry.pw_gid
-    if group:
-        gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
-    return uid, gid
-
-
-@contextlib.contextmanager
-def as_processes_user() -> Any:
-    """Read /proc with the effective uid and gid of the processes (a root agent without
-    CAP_SYS_PTRACE may not read another user's /proc/PID/io); the real and saved ids stay root, so
-    nothing the processes do reaches the agent meanwhile."""
-    if RUN_AS is None:
-        yield
-        return
-    euid, egid = os.geteuid(), os.getegid()
-    try:
-        os.setegid(RUN_AS[1])
-        os.seteuid(RUN_AS[0])
-    except OSError:  # cannot (no CAP_SETGID): read as root, without what /proc/PID/io says
-        with contextlib.suppress(OSError):
-            os.setegid(egid)
-        yield
-        return
-    try:
-        yield
-    finally:
-        os.seteuid(euid)
-        os.setegid(egid)
-        set_undumpable()
-
-
-def signal_tree(root: int, signum: int, group: int = 0) -> int:
-    """Send ``signum`` to every process below ``root``; return how many it reached.
-
-    With ``group`` (the leader's process group), the group gets it first with one killpg, which the
-    kernel makes atomic against forks in progress: a child forked while the tree is being listed would
-    otherwise miss it (and a stopped shell's child would go on running). The walk then reaches only
-    what left the group (setsid, setpgid), so nothing gets the signal twice.
-    """
-    sent = 0
-    if group:
-        try:
-            os.killpg(group, signum)
-            sent += 1
-        except OSError:
-            group = 0  # the group is gone: whatever is left is reached one by one
-    for pid in proc.descendants(root):
-        try:
-            if group and os.getpgid(pid) == group:
-                continue
-            os.kill(pid, signum)
-            sent += 1
-        except OSError:
-            pass
-    return sent
-
-
-def kill_tree(root: int, reap: bool = False) -> None:
-    """SIGKILL everything below ``root`` until nothing is left (bounded); with ``reap``, reap the
-    children that die, so a subreaper's orphans do not linger as zombies."""
-    for _ in range(KILL_ROUNDS):
-        if reap:
-            reap_children()
-        if not signal_tree(root, signal.SIGKILL):
-            return
-        select.select([], [], [], 0.005)  # let the kernel finish the deaths before the next walk
-
-
-def reap_children() -> tuple[list[tuple[int, int]], bool]:
-    """Reap every child that has exited; return their (pid, status), and whether children remain."""
-    reaped: list[tuple[int, int]] = []
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return reaped, False
-        if pid == 0:
-            return reaped, True
-        reaped.append((pid, status))
-
-
-def exit_fields(status: int) -> dict[str, int]:
-    if os.WIFSIGNALED(status):
-        return {"signal": os.WTERMSIG(status)}
-    return {"code": os.WEXITSTATUS(status)}
-
-
-def close_all_but(keep: set[int]) -> None:
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd not in keep:
-            with contextlib.suppress(OSError):  # the descriptor listdir itself used is closed already
-                os.close(fd)
 
 
 def available(fd: int) -> int:
@@ -266,297 +108,6 @@ def grow_pipe(fd: int) -> None:
     """Ask for a PIPE_SIZE pipe; where that is refused (not a pipe, a lower limit) keep what there is."""
     with contextlib.suppress(OSError):
         fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
-
-
-def _noop(signum: int, frame: Any) -> None:
-    """A SIGCHLD handler: set so the wake-up descriptor is written (SIG_IGN would reap for us)."""
-
-
-def _wake_on_sigchld() -> int:
-    """A descriptor that becomes readable at every SIGCHLD."""
-    wake_r, wake_w = os.pipe()
-    os.set_blocking(wake_r, False)
-    os.set_blocking(wake_w, False)
-    signal.set_wakeup_fd(wake_w)
-    signal.signal(signal.SIGCHLD, _noop)
-    return wake_r
-
-
-def _drain(fd: int) -> None:
-    try:
-        while os.read(fd, 4096):
-            pass
-    except BlockingIOError:
-        pass
-
-
-def rehearse(wake: int) -> None:
-    """Run, in a spare, the Python a start takes (an order decoded, the reports, a reap), before the
-    order comes. A forked process copies each page it first writes to, and Python writes to every
-    object it touches (reference counts): these faults are then taken while the spare waits, not while
-    a process starts (0.3-0.5 ms of a spawn on two cores)."""
-    spec = {"command": "true", "cwd": "/", "env": {}, "inherit": True, "tty": False, "rlimits": {}}
-    order = json.loads(json.dumps({"spec": spec, "env": {"PATH": SHELL}}))
-    for name, (soft, hard) in (order["spec"].get("rlimits") or {"cpu": (0, 0)}).items():
-        LIMITS.get(name, (soft, hard))
-    struct.unpack(">I", struct.pack(">I", 0))
-    array.array("i").frombytes(bytes(8))
-    (json.dumps({"started": 0}) + "\n").encode()
-    (json.dumps(exit_fields(0)) + "\n").encode()
-    reap_children()
-    select.select([wake], [], [], 0)
-    _drain(wake)
-
-
-def spare(order: socket.socket, lifeline: int) -> None:
-    """In a supervisor forked ahead of need: get ready (no descriptors of the agent's, a subreaper),
-    wait for the order to start a process (its spec, environment and descriptors), supervise it, and
-    once its whole tree is gone wait for the next order: the agent keeps a few of them, which start a
-    process without a fork. Ends when the agent closes the order socket or dies. Never returns."""
-    try:
-        devnull = os.open(os.devnull, os.O_RDWR)
-        os.dup2(devnull, 0)  # 0 and 1 were the agent's stream: never touch them here
-        os.dup2(devnull, 1)
-        close_all_but({0, 1, 2, order.fileno(), lifeline})
-        set_subreaper()
-        wake = _wake_on_sigchld()
-        rehearse(wake)
-        while True:
-            if lifeline in select.select([order.fileno(), lifeline], [], [])[0] and not os.read(lifeline, 1):
-                os._exit(0)  # the agent is gone
-            received = receive_order(order)
-            if received is None:
-                os._exit(0)  # the agent keeps enough supervisors
-            spec, env, fds = received
-            if not supervise(spec, env, (fds[0], fds[1], fds[2]), fds[3], lifeline, wake):
-                os._exit(0)
-    finally:
-        os._exit(1)
-
-
-def zygote(control: socket.socket, lifeline: int) -> None:
-    """In a small process forked once at the agent's start: fork spare supervisors when the agent asks
-    (one byte each) and hand each back (its pid, and the agent's end of its order socket). Forking
-    here, not in the agent, keeps the agent's loop free of the fork and of the copy-on-write faults
-    that follow one. Not a subreaper: what a supervisor that was killed leaves falls to the agent,
-    which tells it from its own children and ends it. Never returns."""
-    try:
-        devnull = os.open(os.devnull, os.O_RDWR)
-        os.dup2(devnull, 0)
-        os.dup2(devnull, 1)
-        close_all_but({0, 1, 2, control.fileno(), lifeline})
-        wake = _wake_on_sigchld()
-        while True:
-            ready = select.select([control.fileno(), lifeline, wake], [], [])[0]
-            if lifeline in ready and not os.read(lifeline, 1):
-                os._exit(0)  # the agent is gone; each supervisor sees that too and ends its tree
-            if wake in ready:
-                _drain(wake)
-                reap_children()  # supervisors that finished
-            if control.fileno() in ready:
-                wanted = control.recv(64)
-                if not wanted:
-                    os._exit(0)
-                for _ in wanted:
-                    pid, order = fork_spare(lifeline, control)
-                    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [order.fileno()]).tobytes())]
-                    control.sendmsg([struct.pack(">I", pid)], rights)
-                    order.close()
-    finally:
-        os._exit(1)
-
-
-def fork_spare(lifeline: int, *close: socket.socket) -> tuple[int, socket.socket]:
-    """Fork a spare supervisor; return its pid and the end of its order socket."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        pid = os.fork()
-    except OSError:
-        ours.close()
-        theirs.close()
-        raise
-    if pid == 0:
-        ours.close()
-        for sock in close:
-            sock.close()
-        spare(theirs, lifeline)
-    theirs.close()
-    return pid, ours
-
-
-def send_order(order: socket.socket, spec: dict[str, Any], env: dict[str, str], fds: list[int]) -> None:
-    body = json.dumps({"spec": spec, "env": env}).encode()
-    rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-    order.sendmsg([struct.pack(">I", len(body))], rights)
-    order.sendall(body)
-
-
-def receive_order(order: socket.socket) -> tuple[dict[str, Any], dict[str, str], list[int]] | None:
-    """The next order on ``order``: the spec, the environment and the descriptors; None once the agent
-    has closed it."""
-    item = array.array("i")
-    header, ancillary, _, _ = order.recvmsg(4, socket.CMSG_SPACE(8 * item.itemsize), MSG_CMSG_CLOEXEC)
-    if not header:
-        return None
-    for level, kind, data in ancillary:
-        if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
-            item.frombytes(data[: len(data) - len(data) % item.itemsize])
-    fds = list(item)
-    for fd in fds:
-        os.set_inheritable(fd, False)  # only what posix_spawn dup2s reaches the command
-    while len(header) < 4:
-        chunk = order.recv(4 - len(header))
-        if not chunk:
-            os._exit(1)
-        header += chunk
-    size = struct.unpack(">I", header)[0]
-    body = b""
-    while len(body) < size:
-        chunk = order.recv(size - len(body))
-        if not chunk:
-            os._exit(1)
-        body += chunk
-    order_fields = json.loads(body)
-    return order_fields["spec"], order_fields["env"], fds
-
-
-LIMITS = {"cpu": resource.RLIMIT_CPU, "data": resource.RLIMIT_DATA}
-
-
-def supervise(
-    spec: dict[str, Any], env: dict[str, str], stdio: tuple[int, int, int], status: int, lifeline: int, wake: int
-) -> bool:
-    """Start the command, report its start and its exit on ``status`` (JSON lines), reap whatever its
-    tree leaves, and kill the tree if ``lifeline`` ends. Return once the tree is gone, with ``status``
-    closed (which tells the agent so): True if this supervisor may start another process (it set no
-    limits on itself)."""
-
-    def report(**fields: Any) -> None:
-        os.write(status, (json.dumps(fields) + "\n").encode())
-
-    if RUN_AS is None:
-        try:
-            os.chdir(spec["cwd"])  # the supervisor's own directory is what the command starts in
-        except OSError as exc:
-            report(error="nocwd", message=str(exc))
-            os._exit(0)
-    try:
-        for name, (soft, hard) in (spec.get("rlimits") or {}).items():
-            # Set on the supervisor, inherited by the command: posix_spawn offers no rlimit of its own.
-            resource.setrlimit(LIMITS[name], (soft, hard))
-        leader = _start_leader(spec, env, stdio) if RUN_AS is None else _start_as_user(spec, env, stdio, RUN_AS)
-    except StartFailed as exc:
-        report(error=exc.error, message=exc.message)
-        os._exit(0)
-    except OSError as exc:
-        report(error="exec", message=f"{SHELL}: {exc.strerror or exc}")
-        os._exit(0)
-    for fd in set(stdio):
-        os.close(fd)
-    report(started=leader)
-    while True:
-        reaped, children_left = reap_children()
-        for pid, code in reaped:
-            if pid == leader:
-                report(**exit_fields(code))
-        if not children_left:  # a subreaper with no children has no descendants left
-            os.chdir("/")  # hold no directory of the process's
-            report(done=True)  # a status that ends without it: the supervisor was killed
-            os.close(status)
-            return not spec.get("rlimits")
-        ready = select.select([lifeline, wake], [], [])[0]
-        if lifeline in ready and not os.read(lifeline, 1):
-            kill_tree(os.getpid(), reap=True)  # the agent is gone: nobody can drive this tree
-            os._exit(0)
-        _drain(wake)
-
-
-def _start_leader(spec: dict[str, Any], env: dict[str, str], stdio: tuple[int, int, int]) -> int:
-    """Start ``/bin/sh -c command`` in a session of its own on ``stdio`` (posix_spawn: no second fork of
-    Python). A terminal is opened by name after setsid, which makes it the controlling terminal."""
-    if spec.get("tty"):
-        actions = [
-            (os.POSIX_SPAWN_OPEN, 0, os.ttyname(stdio[0]), os.O_RDWR, 0),
-            (os.POSIX_SPAWN_DUP2, 0, 1),
-            (os.POSIX_SPAWN_DUP2, 0, 2),
-        ]
-    else:
-        actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(stdio)]
-    return os.posix_spawn(
-        SHELL,
-        [SHELL, "-c", spec["command"]],
-        env,
-        file_actions=actions,
-        setsid=True,
-        setsigmask=(),
-        setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),  # Python ignores them, and exec keeps ignored signals
-    )
-
-
-class StartFailed(Exception):
-    """A command could not be started as its user: ``error`` is "nocwd" or "exec", as STARTED says."""
-
-    def __init__(self, error: str, message: str) -> None:
-        super().__init__(message)
-        self.error = error
-        self.message = message
-
-
-def _start_as_user(
-    spec: dict[str, Any], env: dict[str, str], stdio: tuple[int, int, int], user: tuple[int, int]
-) -> int:
-    """Start ``/bin/sh -c command`` as ``user`` (uid, gid; no supplementary groups) in a session of its
-    own on ``stdio``, from a root supervisor: a fork that drops to the user for good and execs. The
-    supervisor stays root, so nothing the command does can signal or trace it. The directory is
-    entered as the user, so one the user may not enter is "nocwd" as it would be without the agent.
-    Raises StartFailed once the child has said why it could not exec."""
-    uid, gid = user
-    errors_r, errors_w = os.pipe()  # close-on-exec: an exec that works closes it, and says nothing
-    pid = os.fork()
-    if pid == 0:
-        step = "exec"
-        try:
-            os.close(errors_r)
-            os.setsid()
-            if spec.get("tty"):
-                terminal = os.open(os.ttyname(stdio[0]), os.O_RDWR)  # after setsid: the controlling terminal
-                os.fchown(terminal, uid, -1)  # the user's, as a login gives it
-                for target in (0, 1, 2):
-                    os.dup2(terminal, target)
-            else:
-                for target, fd in enumerate(stdio):
-                    os.dup2(fd, target)
-            os.setgroups([])
-            os.setresgid(gid, gid, gid)
-            os.setresuid(uid, uid, uid)
-            step = "nocwd"
-            os.chdir(spec["cwd"])
-            step = "exec"
-            for signum in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores them, and exec keeps ignored signals
-                signal.signal(signum, signal.SIG_DFL)
-            signal.pthread_sigmask(signal.SIG_SETMASK, [])
-            os.execve(SHELL, [SHELL, "-c", spec["command"]], env)
-        except OSError as exc:
-            message = str(exc) if step == "nocwd" else f"{SHELL}: {exc.strerror or exc}"
-            with contextlib.suppress(OSError):
-                os.write(errors_w, json.dumps({"error": step, "message": message}).encode())
-        finally:
-            os._exit(127)
-    os.close(errors_w)
-    said = b""
-    try:
-        while True:
-            chunk = os.read(errors_r, 4096)
-            if not chunk:
-                break
-            said += chunk
-    finally:
-        os.close(errors_r)
-    if said:
-        os.waitpid(pid, 0)
-        failure = json.loads(said)
-        raise StartFailed(failure["error"], failure["message"])
-    return pid
 
 
 class Process:
@@ -634,13 +185,13 @@ class Agent:
         self.replace_at: float | None = None  # when to ask for the spares taken, if nothing asks sooner
         self.zygote: socket.socket | None = None
         self.zygote_pid = 0
-        self.subreaper = set_subreaper()
-        self.undumpable = set_undumpable()  # before the zygote: it and every supervisor inherit it
+        self.subreaper = supervisor.set_subreaper()
+        self.undumpable = supervisor.set_undumpable()  # before the zygote: it and every supervisor inherit it
         for fd in (stream_in, stream_out):
             os.set_blocking(fd, False)
         grow_pipe(stream_out)
         self.selector.register(stream_in, selectors.EVENT_READ, self._on_stream)
-        self.selector.register(_wake_on_sigchld(), selectors.EVENT_READ, self._on_sigchld)
+        self.selector.register(supervisor.wake_on_sigchld(), selectors.EVENT_READ, self._on_sigchld)
         self._start_zygote()
 
     def run(self) -> int:
@@ -654,7 +205,7 @@ class Agent:
                 python="%d.%d.%d" % sys.version_info[:3],  # noqa: UP031
                 subreaper=self.subreaper,
                 undumpable=self.undumpable,
-                user=list(RUN_AS) if RUN_AS is not None else None,
+                user=list(supervisor.RUN_AS) if supervisor.RUN_AS is not None else None,
             )
         )
         while self.running:
@@ -801,7 +352,11 @@ class Agent:
             # Its group by id only while the leader lives: after that, the id could be another's.
             group = 0 if process is None or process.exited else process.leader
             # Once its tree is gone, its supervisor may be running another process's.
-            sent = 0 if process is None or process.status < 0 else signal_tree(process.supervisor, signum, group)
+            sent = (
+                0
+                if process is None or process.status < 0
+                else supervisor.signal_tree(process.supervisor, signum, group)
+            )
             self.send(protocol.message(protocol.SIGNALLED, channel, seq=request["seq"], sent=sent))
         elif kind == protocol.SAMPLE:
             request = protocol.fields(payload)
@@ -810,7 +365,7 @@ class Agent:
                 self.children = proc.process_children()
             sample: dict[str, Any] = {}
             if process is not None and process.status >= 0 and self.children is not None:
-                with as_processes_user():
+                with supervisor.as_processes_user():
                     sample = proc.sample_tree(process.supervisor, self.children) or {}
             self.send(protocol.message(protocol.SAMPLED, channel, seq=request["seq"], **sample))
         elif kind == protocol.ASK_STOPPED:
@@ -853,7 +408,7 @@ class Agent:
             return
         self.running = False
         os.close(self.lifeline_w)
-        kill_tree(os.getpid(), reap=True)
+        supervisor.kill_tree(os.getpid(), reap=True)
         if self.splicing is not None:  # the frame on the stream still owes bytes: they go first
             fd, left = self.splicing
             self.splicing = None
@@ -1036,7 +591,7 @@ class Agent:
         pid = os.fork()
         if pid == 0:
             ours.close()
-            zygote(theirs, self.lifeline_r)
+            supervisor.zygote(theirs, self.lifeline_r)
         self.zygote_pid = pid
         theirs.close()
         ours.setblocking(False)
@@ -1055,7 +610,9 @@ class Agent:
         assert self.zygote is not None
         item = array.array("i")
         try:
-            data, ancillary, _, _ = self.zygote.recvmsg(4, socket.CMSG_SPACE(item.itemsize), MSG_CMSG_CLOEXEC)
+            data, ancillary, _, _ = self.zygote.recvmsg(
+                4, socket.CMSG_SPACE(item.itemsize), supervisor.MSG_CMSG_CLOEXEC
+            )
         except BlockingIOError:
             return
         except OSError:
@@ -1085,7 +642,7 @@ class Agent:
                     break
                 self._on_zygote(self.zygote.fileno(), selectors.EVENT_READ)
         if not self.spares:
-            return fork_spare(self.lifeline_r)
+            return supervisor.fork_spare(self.lifeline_r)
         taken = self.spares.pop()  # the one freed last: its pages are the warmest
         if not self.spares:
             self._ask_for_spares()
@@ -1099,7 +656,7 @@ class Agent:
             pid, order = self._next_spare()
             try:
                 order.setblocking(True)
-                send_order(order, spec, env, fds)
+                supervisor.send_order(order, spec, env, fds)
                 return pid, order
             except OSError:
                 order.close()
@@ -1256,7 +813,7 @@ class Agent:
         supervisors it knows (their orphans fall to it too when the zygote is killed); any other is such an
         orphan, and is killed with everything below it, in rounds that catch what forks meanwhile."""
         me = os.getpid()
-        for _ in range(KILL_ROUNDS):
+        for _ in range(supervisor.KILL_ROUNDS):
             children = proc.process_children()
             keep = {self.zygote_pid, *(p.supervisor for p in self.processes.values()), *(s[0] for s in self.spares)}
             orphans = [pid for pid in children.get(me, ()) if pid not in keep]
@@ -1266,7 +823,7 @@ class Agent:
                 for pid in [orphan, *proc.descendants(orphan, children)]:
                     with contextlib.suppress(OSError):
                         os.kill(pid, signal.SIGKILL)
-            reap_children()
+            supervisor.reap_children()
             select.select([], [], [], 0.005)  # let the kernel finish the deaths before the next walk
 
     def _forget_if_finished(self, process: Process) -> None:
@@ -1322,8 +879,8 @@ class Agent:
             self.send(protocol.message(protocol.WRITTEN, process.channel, seq=process.acks.popleft()[0], error=error))
 
     def _on_sigchld(self, fd: int, events: int) -> None:
-        _drain(fd)
-        reap_children()  # supervisors, and orphans of killed supervisors; exits come from the supervisors
+        supervisor.drain(fd)
+        supervisor.reap_children()  # supervisors, and orphans of killed supervisors; exits come from the supervisors
 
 
 def start_time() -> int:
@@ -1336,15 +893,14 @@ def main(argv: list[str] | None = None) -> int:
     """Run the agent; ``argv`` (the loader gives the command line after the bootstrap and the agent's name)
     may name the user every command runs as, which a root agent drops to (ignored unless the agent is
     root and the user is not)."""
-    global RUN_AS
     args = sys.argv[1:] if argv is None else argv
     if args and os.geteuid() == 0:
         try:
-            user = resolve_user(args[0])
+            user = supervisor.resolve_user(args[0])
         except (KeyError, ValueError):
             sys.stderr.write(f"process-mcp agent: no user {args[0]!r} in this box's passwd and group files\n")
             return 5
-        RUN_AS = user if user[0] != 0 else None
+        supervisor.RUN_AS = user if user[0] != 0 else None
     return Agent().run()
 
 

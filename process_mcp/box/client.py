@@ -48,9 +48,15 @@ SHUTDOWN_TIMEOUT_S = 5.0
 """How long shutdown waits for the agent to end its processes and say BYE."""
 INPUT_CHUNK = 64 * 1024
 """Largest input frame; longer input goes in several, each acknowledged."""
-SHIPPED = (("protocol.py", "process_mcp_box_protocol"), ("proc.py", "process_mcp_box_proc"), ("agent.py", ""))
+SHIPPED = (
+    ("protocol.py", "process_mcp_box_protocol"),
+    ("proc.py", "process_mcp_box_proc"),
+    ("supervisor.py", "process_mcp_box_supervisor"),
+    ("agent.py", "process_mcp_box_agent"),
+)
 """What is sent into a box, in order, and the name each module is imported by there (they are sent, not
-installed): the protocol, the /proc reading the agent shares with this side, and the agent itself."""
+installed): the protocol, the /proc reading the agent shares with this side, the zygote and supervisors,
+and the agent itself, whose ``main`` the loader runs."""
 
 AGENT_NAME = "process-mcp-agent"
 """The agent's first argument after the bootstrap, by which `ps` in the box names the agent, its zygote
@@ -62,7 +68,7 @@ and its supervisors."""
 BOOTSTRAP = "import sys;exec(sys.stdin.buffer.readline())"
 # Read from the stream by the bootstrap, as one line. First it makes itself not dumpable (before it reads
 # anything more: no process of its user may then trace it or open its descriptors). Then it reads two
-# length-prefixed modules (protocol, proc, then the agent) through the same buffered reader (the line's read
+# length-prefixed modules (``SHIPPED``: the agent last) through the same buffered reader (the line's read
 # may have taken the start of them; nothing follows them until the agent's HELLO), and runs the agent
 # (which, run as root, drops to USER for each command). Python 3.0-3.7 run it too, and say why they
 # cannot run the agent.
@@ -86,9 +92,9 @@ def load(name):
     exec(compile(take(int(take(10))), "<" + name + ">", "exec"), module.__dict__)
     sys.modules[name] = module
     return module
-load("{SHIPPED[0][1]}")
-load("{SHIPPED[1][1]}")
-sys.exit(load("process_mcp_box_agent").main(sys.argv[2:]))
+for name in {[name for _, name in SHIPPED]!r}[:-1]:
+    load(name)
+sys.exit(load("{SHIPPED[-1][1]}").main(sys.argv[2:]))
 """
 
 
