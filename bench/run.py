@@ -212,7 +212,7 @@ async def sandboxed_true(workdir: str) -> Callable[[], Awaitable[None]]:
 
     executor = HostExecutor(ProcessMcpConfig(defaults=Defaults(workdir=workdir)))
     await executor.start()
-    sandbox = executor._sandbox
+    sandbox = executor.backend._sandbox
     assert sandbox is not None, "the sandbox cannot run here"
     launch = sandbox.wrap("true", workdir, {"PATH": "/usr/bin:/bin"})
     for fd in launch.close_after_start:
