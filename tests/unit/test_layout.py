@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import process_mcp
+from process_mcp.box.client import SHIPPED
 
 PACKAGE = Path(process_mcp.__file__).resolve().parent
 
@@ -111,6 +112,6 @@ def test_the_root_modules_import_only_the_front_and_core(module: str) -> None:
 
 
 def test_what_is_shipped_into_a_box_needs_only_the_standard_library_and_each_other() -> None:
-    shipped = {"process_mcp.box.agent", "process_mcp.box.protocol", "process_mcp.box.proc"}
+    shipped = {f"process_mcp.box.{name.removesuffix('.py')}" for name, _ in SHIPPED}
     for name in shipped:
         assert GRAPH[name] <= shipped | {"process_mcp.box"}, name
