@@ -500,13 +500,17 @@ async def test_ps_in_the_box_shows_the_agents_processes_by_name_in_a_short_comma
     process-mcp-agent, without the code that loads it, so the processes the user started stand out."""
     for _ in range(3):
         await boxed.spawn(SpawnOptions(command="sleep 600", background=True))
-    listing = await boxed.spawn(SpawnOptions(command=_COMMAND_LINES))
-    lines = listing.stdout.splitlines()
+    # A background spawn returns once its shell started; under load the shell may not have exec'd sleep yet.
+    with anyio.fail_after(WAIT_S):
+        while True:
+            lines = (await boxed.spawn(SpawnOptions(command=_COMMAND_LINES))).stdout.splitlines()
+            if sum(line.strip() == "sleep 600" for line in lines) == 3:
+                break
+            await anyio.sleep(POLL_S)
     agents = [line for line in lines if client.AGENT_NAME in line.split()]
     assert len(agents) >= 5, lines  # the agent, the zygote, and the supervisors of three sleeps and of this one
     assert all(len(line) <= AGENT_ARGV_MAX for line in agents), agents
     assert not [line for line in lines if "process_mcp_box_agent" in line or "def take" in line], lines
-    assert sum(line.strip() == "sleep 600" for line in lines) == 3
 
 
 # A stream that breaks the protocol: each frame below is played into the client as if the agent had
