@@ -91,6 +91,9 @@ the zygote while a spawn is under way takes a core from it (on two cores, 0.5-1 
 `spawn true`), so the replacement is asked for once that process's tree is gone (when its supervisor,
 freed, usually comes back instead), at the latest this long after it was taken, or at once when no
 spare is left."""
+ORPHANS_WAIT_S = 1.0
+"""How long the agent waits for a killed supervisor's children to become its own before it ends them (the
+kernel hands them over just after the supervisor's descriptors close, which is how the agent learns of it)."""
 SPARE_WAIT_S = 1.0
 """How long a spawn that finds no spare ready waits for the one the zygote is forking, before forking
 one in the agent itself."""
@@ -764,7 +767,7 @@ class Agent:
             process.status = -1
             if not process.done:  # killed (by the process's own user, or the kernel's OOM killer)
                 process.reusable = False
-                self._end_orphans()
+                self._end_orphans(process.supervisor)
             if not process.exited:  # nothing reports the command's exit: it was ended with its supervisor
                 process.exited = True
                 self.send(protocol.message(protocol.EXITED, process.channel, lost=True))
@@ -807,11 +810,18 @@ class Agent:
         promised = self.splicing[1] if self.splicing is not None and self.splicing[0] == fd else 0
         return available(fd) - promised
 
-    def _end_orphans(self) -> None:
-        """Kill what a supervisor that was killed left: its orphans fell to the agent (a subreaper; the
+    def _end_orphans(self, killed: int) -> None:
+        """Kill what the supervisor ``killed`` left: its orphans fall to the agent (a subreaper; the
         zygote is not one), out of every supervisor's tree. The agent's own children are the zygote and the
         supervisors it knows (their orphans fall to it too when the zygote is killed); any other is such an
-        orphan, and is killed with everything below it, in rounds that catch what forks meanwhile."""
+        orphan, and is killed with everything below it, in rounds that catch what forks meanwhile.
+
+        A dying process closes its descriptors (the status pipe's end that told the agent) before the
+        kernel hands its children to the agent, so the walk waits, at most ORPHANS_WAIT_S, until the
+        supervisor is a zombie or gone: then its children are the agent's."""
+        deadline = time.monotonic() + ORPHANS_WAIT_S
+        while proc.process_state(killed) not in (None, b"Z", b"X") and time.monotonic() < deadline:
+            select.select([], [], [], 0.001)
         me = os.getpid()
         for _ in range(supervisor.KILL_ROUNDS):
             children = proc.process_children()
