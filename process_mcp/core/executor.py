@@ -86,6 +86,9 @@ class ProcessExecutor:
         self._policy = CommandPolicy(config.policy.command_allow, config.policy.command_deny)
         self.on_launch: Callable[[float], None] | None = None
         """Called with the seconds each process took to start (e.g. for metrics)."""
+        self.on_live: Callable[[int], None] | None = None
+        """Called with 1 when a process is running once started, and with -1 when it exits (e.g. for a
+        gauge of the processes running now)."""
         self.on_end: Callable[[ManagedProcess], None] | None = None
         """Called once for each process that has exited and whose output is closed (e.g. to audit it)."""
         self._lifetimes: dict[str, asyncio.TimerHandle] = {}  # ends each process at the maximum lifetime
@@ -148,6 +151,10 @@ class ProcessExecutor:
             self._registry.add(record)
         if self.on_launch is not None:
             self.on_launch(time.monotonic() - launched)
+        on_live = self.on_live
+        if on_live is not None and record.running:
+            on_live(1)
+            record.on_exit = lambda: on_live(-1)
         if not record.lingering:  # it ended before it was registered (the agent can say so in one read)
             self._drop_oldest()
         else:

@@ -54,6 +54,7 @@ class ManagedProcess:
         self.limit: LimitName | None = None
         self.limits: ProcessLimits | None = None
         self.on_output_limit: Callable[[ManagedProcess], None] | None = None  # called once, past output_mb
+        self.on_exit: Callable[[], None] | None = None  # called once, when it exits
         self._cause: EndedBy | None = None  # who moved to end it, if anyone did before it exited
         self.sandboxed = False  # set by the backend when it confines the process
         self.via: ProcessVia = "host"  # set by the backend: how the process was started
@@ -160,6 +161,9 @@ class ManagedProcess:
         self.stopped = False
         self._exited.set()
         self._wake()
+        on_exit, self.on_exit = self.on_exit, None
+        if on_exit is not None:
+            on_exit()
         self._check_done()
 
     def _check_done(self) -> None:

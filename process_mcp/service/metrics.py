@@ -1,26 +1,23 @@
 """Prometheus metrics of one server, served at ``/metrics`` over HTTP.
 
-Counters and the spawn histogram are updated where the events happen (cheap increments); live
-processes per principal and the audit queue are read when scraped, through the callables its owner (the
-spaces) hands it, so this module knows nothing of what it counts. Each server has a registry of its own,
-so several servers in one process (an application, the tests) do not mix.
+Every figure is fed by the events that change it, where they happen (cheap increments): calls as they
+return, launches and ends of processes, and the processes running now, up at each start and down at
+each exit. Only the audit queue, which is not the server's to count, is read when scraped. This module
+knows nothing of what it counts. Each server has a registry of its own, so several servers in one
+process (an application, the tests) do not mix.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 SPAWN_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 """Bounds of the spawn launch histogram: a bare spawn takes milliseconds, a first Docker spawn seconds."""
-
-
-LiveCounts = Callable[[], Iterable[tuple[str, int]]]
-"""(principal, processes running now) for each principal; '' is the local caller."""
 
 
 class Queue(Protocol):
@@ -34,10 +31,9 @@ class Queue(Protocol):
 
 
 class Metrics:
-    """What the server counts; ``registry`` is what ``/metrics`` serves. ``live`` and ``audit`` are read
-    at each scrape."""
+    """What the server counts; ``registry`` is what ``/metrics`` serves. ``audit`` is read at each scrape."""
 
-    def __init__(self, live: LiveCounts, audit: Queue | None = None) -> None:
+    def __init__(self, audit: Queue | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.calls = Counter(
             "process_mcp_tool_calls", "Tool calls by tool and outcome (ok or the error code).",
@@ -52,27 +48,23 @@ class Metrics:
             "Output bytes processes produced, counted when each ends.",
             registry=self.registry,
         )
-        self.registry.register(_ScrapeCollector(live, audit))
+        self.live = Gauge(
+            "process_mcp_live_processes", "Processes running now, by principal ('' is the local caller).",
+            ["principal"], registry=self.registry,
+        )  # fmt: skip
+        if audit is not None:
+            self.registry.register(_AuditCollector(audit))
 
 
-class _ScrapeCollector(Collector):
-    def __init__(self, live: LiveCounts, audit: Queue | None) -> None:
-        self._live = live
+class _AuditCollector(Collector):
+    def __init__(self, audit: Queue) -> None:
         self._audit = audit
 
     def collect(self) -> Iterator[Metric]:
-        live = GaugeMetricFamily(
-            "process_mcp_live_processes", "Processes running now, by principal ('' is the local caller).",
-            labels=["principal"],
-        )  # fmt: skip
-        for principal, count in self._live():
-            live.add_metric([principal], count)
-        yield live
         audit = self._audit
-        if audit is not None:
-            yield GaugeMetricFamily(
-                "process_mcp_audit_queue_depth", "Audit records waiting to be written.", value=audit.depth
-            )
-            yield GaugeMetricFamily(
-                "process_mcp_audit_records_lost", "Audit records that could not be written.", value=audit.lost
-            )
+        yield GaugeMetricFamily(
+            "process_mcp_audit_queue_depth", "Audit records waiting to be written.", value=audit.depth
+        )
+        yield GaugeMetricFamily(
+            "process_mcp_audit_records_lost", "Audit records that could not be written.", value=audit.lost
+        )

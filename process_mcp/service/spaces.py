@@ -68,13 +68,13 @@ class Spaces:
         self.audit = audit
         """Where calls and process ends are recorded, if anywhere."""
         self._factory = factory
+        self.metrics = Metrics(audit)
+        """What is counted (served at /metrics over HTTP), fed by each space's executor."""
         self.local = Space(None, self._make(None, config))
         self._spaces: dict[str, Space] = {}
         self._closing: dict[str, anyio.Event] = {}
         self._lock = anyio.Lock()
         self._cleanup_lock = anyio.Lock()
-        self.metrics = Metrics(self._live_counts, audit)
-        """What is counted (served at /metrics over HTTP); it reads the spaces, so it is made last."""
 
     @property
     def prefix(self) -> str:
@@ -183,11 +183,10 @@ class Spaces:
         """Every space there is now, the local caller's first."""
         return [self.local, *self._spaces.values()]
 
-    def _live_counts(self) -> list[tuple[str, int]]:
-        return [(space.principal or "", space.executor.live_count()) for space in self.all()]
-
     def _make(self, principal: str | None, config: ProcessMcpConfig) -> ProcessExecutor:
         executor = self._factory(config)
+        live = self.metrics.live.labels(principal or "")  # shown (as 0) from the space's start
+        executor.on_live = live.inc
 
         def launched(seconds: float) -> None:
             self.metrics.spawn_seconds.observe(seconds)
@@ -247,6 +246,8 @@ class Spaces:
                     await space.executor.cleanup()
                 logger.info("principal %s: space reclaimed after %g s idle", space.principal, timeout)
             finally:
+                with contextlib.suppress(KeyError):  # a reclaimed space has no processes to count
+                    self.metrics.live.remove(space.principal)
                 async with self._lock:
                     self._closing.pop(space.principal).set()
         return [space.name for space in idle]
