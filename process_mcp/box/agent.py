@@ -1,11 +1,14 @@
 """The agent in the box: starts and drives processes for the server over one byte stream.
 
 The server starts it with the stream on its stdin and stdout (in Docker, one exec running
-``python3 -I -S -c <bootstrap> process-mcp-agent``, which reads this module, ``protocol``, ``proc`` and
-``supervisor`` from the stream) and then speaks ``protocol`` to it. It runs with whatever Python the box
-has: standard library only, and syntax Python 3.8 parses.
+``python3 -I -S -c <bootstrap> process-mcp-agent``, which reads this module and those it imports from
+the stream) and then speaks ``protocol`` to it. It runs with whatever Python the box has: standard
+library only, and syntax Python 3.8 parses. This module is the loop, the stream to the server and the
+processes' input and output; the rest is split by job: ``supervisor`` (what runs in a supervisor),
+``spares`` (supervisors kept ready), ``tunnels`` (connections to the server's egress proxy) and ``proc``
+(the /proc walk).
 
-Each process runs under a supervisor of its own, forked ahead of need by a zygote (``supervisor``):
+Each process runs under a supervisor of its own, forked ahead of need by a zygote (``spares``):
 once a process's whole tree is gone, its supervisor may run the next process (unless it set limits on
 itself), so a start then costs no fork at all. The agent is a subreaper too, so the tree of a supervisor
 that was killed falls to the agent, which kills what is left when its stream ends or the server asks it
@@ -34,7 +37,6 @@ the agent runs as the processes' own user, they can (see SECURITY.md).
 
 from __future__ import annotations
 
-import array
 import collections
 import contextlib
 import errno
@@ -53,11 +55,13 @@ import time
 from typing import Any
 
 try:
-    from . import proc, protocol, supervisor
+    from . import proc, protocol, spares, supervisor, tunnels
 except ImportError:  # in the box: the loader registered these under these names first
     import process_mcp_box_proc as proc  # type: ignore[import-not-found,no-redef]
     import process_mcp_box_protocol as protocol  # type: ignore[import-not-found,no-redef]
+    import process_mcp_box_spares as spares  # type: ignore[import-not-found,no-redef]
     import process_mcp_box_supervisor as supervisor  # type: ignore[import-not-found,no-redef]
+    import process_mcp_box_tunnels as tunnels  # type: ignore[import-not-found,no-redef]
 
 READ_CHUNK = 1024 * 1024
 """Bytes read from one process per wake-up (a whole output pipe, see PIPE_SIZE)."""
@@ -83,20 +87,9 @@ TERMINAL_HOLD = 256 * 1024
 line discipline and the pseudo-terminal's buffers), which a terminal cannot count as a pipe can."""
 FLUSH_TIMEOUT_S = 5.0
 """How long the agent tries to write its last frames before exiting."""
-SPARES = 2
-"""Supervisors kept forked ahead of need, so a spawn does not wait for a fork."""
-REPLACE_SPARE_S = 0.02
-"""How long a taken spare may wait to be replaced while the process that took it still runs. A fork in
-the zygote while a spawn is under way takes a core from it (on two cores, 0.5-1 ms of a 2.5 ms
-`spawn true`), so the replacement is asked for once that process's tree is gone (when its supervisor,
-freed, usually comes back instead), at the latest this long after it was taken, or at once when no
-spare is left."""
 ORPHANS_WAIT_S = 1.0
 """How long the agent waits for a killed supervisor's children to become its own before it ends them (the
 kernel hands them over just after the supervisor's descriptors close, which is how the agent learns of it)."""
-SPARE_WAIT_S = 1.0
-"""How long a spawn that finds no spare ready waits for the one the zygote is forking, before forking
-one in the agent itself."""
 
 
 def available(fd: int) -> int:
@@ -144,21 +137,6 @@ class Process:
         return self.status < 0 and not self.outputs
 
 
-class Tunnel:
-    """One connection a process made to the proxy port, carried to the server over the stream."""
-
-    def __init__(self, channel: int, sock: socket.socket) -> None:
-        self.channel = channel
-        self.sock = sock
-        self.window = protocol.TUNNEL_WINDOW  # bytes we may still send the server before it acknowledges
-        self.out = bytearray()  # from the server, not yet written to the process
-        self.reading = True  # the process may still send
-        self.peer_done = False  # the server sends no more
-        self.broken = False  # the process's end failed: what the server sends is dropped
-        self.shut = False
-        self.events = 0
-
-
 class Agent:
     """The agent's loop: frames from the server, output from processes, exits from supervisors."""
 
@@ -175,19 +153,12 @@ class Agent:
         self.reading_output = True
         self.processes: dict[int, Process] = {}
         self.owner: dict[int, Process] = {}  # each process's descriptors
-        self.tunnels: dict[int, Tunnel] = {}  # by socket descriptor
-        self.next_tunnel = protocol.TUNNEL_BASE
-        self.listener: socket.socket | None = None
-        self.accepting = False  # the listener is watched (fewer than MAX_TUNNELS are open)
+        self.tunnels = tunnels.Tunnels(self.selector, self.send, lambda: self.reading_output)
         self.running = True
         self.lifeline_r, self.lifeline_w = os.pipe()
         self.splicing: tuple[int, int] | None = None  # (pipe, bytes it still owes the frame on the stream)
         self.can_splice = hasattr(os, "splice") and stat.S_ISFIFO(os.fstat(stream_out).st_mode)
-        self.spares: list[tuple[int, socket.socket]] = []  # supervisors forked ahead of the next spawns
-        self.spares_asked = 0
-        self.replace_at: float | None = None  # when to ask for the spares taken, if nothing asks sooner
-        self.zygote: socket.socket | None = None
-        self.zygote_pid = 0
+        self.spares = spares.Spares(self.selector, self.lifeline_r)
         self.subreaper = supervisor.set_subreaper()
         self.undumpable = supervisor.set_undumpable()  # before the zygote: it and every supervisor inherit it
         for fd in (stream_in, stream_out):
@@ -195,7 +166,7 @@ class Agent:
         grow_pipe(stream_out)
         self.selector.register(stream_in, selectors.EVENT_READ, self._on_stream)
         self.selector.register(supervisor.wake_on_sigchld(), selectors.EVENT_READ, self._on_sigchld)
-        self._start_zygote()
+        self.spares.start()
 
     def run(self) -> int:
         self.send(
@@ -212,7 +183,7 @@ class Agent:
             )
         )
         while self.running:
-            timers = [at for at in (self.replace_at, self.write_at) if at is not None]
+            timers = [at for at in (self.spares.replace_at, self.write_at) if at is not None]
             events = self.selector.select(max(0.0, min(timers) - time.monotonic()) if timers else None)
             for key, mask in events:
                 # Handling one event can close a descriptor that is later in the same batch.
@@ -222,8 +193,8 @@ class Agent:
             now = time.monotonic()
             if self.write_at is not None and now >= self.write_at and self.running:
                 self._write_out()
-            if self.replace_at is not None and now >= self.replace_at:
-                self._ask_for_spares()
+            if self.spares.replace_at is not None and now >= self.spares.replace_at:
+                self.spares.ask()
         return 0
 
     # The stream to the server.
@@ -320,8 +291,7 @@ class Agent:
 
     def _pause_output(self, pause: bool) -> None:
         self.reading_output = not pause
-        for tunnel in list(self.tunnels.values()):
-            self._tunnel_watch(tunnel)
+        self.tunnels.rewatch()
         for process in self.processes.values():
             for fd in process.outputs:
                 if pause:
@@ -385,23 +355,9 @@ class Agent:
         elif kind == protocol.SHUTDOWN:
             self._stop()
         elif kind == protocol.PROXY:
-            self._listen(int(protocol.fields(payload)["port"]))
+            self.tunnels.listen(int(protocol.fields(payload)["port"]))
         elif kind in (protocol.TUNNEL_DATA, protocol.TUNNEL_ACK, protocol.TUNNEL_CLOSE):
-            tunnel = next((t for t in self.tunnels.values() if t.channel == channel), None)
-            if tunnel is None:
-                return  # already closed here
-            if kind == protocol.TUNNEL_DATA:
-                if len(tunnel.out) + len(payload) > protocol.TUNNEL_WINDOW:
-                    raise protocol.ProtocolError(f"tunnel {channel} overran its window")
-                if tunnel.broken:  # nothing can be delivered: acknowledged, so the server's side drains
-                    self.send(protocol.frame(protocol.TUNNEL_ACK, channel, protocol.COUNT.pack(len(payload))))
-                    return
-                tunnel.out += payload
-            elif kind == protocol.TUNNEL_ACK:
-                tunnel.window += protocol.COUNT.unpack(payload)[0]
-            else:
-                tunnel.peer_done = True
-            self._tunnel_io(tunnel)
+            self.tunnels.handle(kind, channel, payload)
         else:
             raise protocol.ProtocolError(f"unknown frame kind {kind}")
 
@@ -433,116 +389,6 @@ class Agent:
             except OSError:
                 break
 
-    # Tunnels to the server's proxy.
-
-    def _listen(self, port: int) -> None:
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind(("127.0.0.1", port))
-            listener.listen(64)
-        except OSError as exc:
-            listener.close()
-            sys.stderr.write(f"process-mcp agent: cannot listen on 127.0.0.1:{port} for the proxy: {exc}\n")
-            return
-        listener.setblocking(False)
-        self.listener = listener
-        self._accept_while_room()
-
-    def _accept_while_room(self) -> None:
-        """Accept connections while fewer than MAX_TUNNELS are open; beyond, they wait in the backlog."""
-        if self.listener is None:
-            return
-        room = len(self.tunnels) < protocol.MAX_TUNNELS
-        if room != self.accepting:
-            if room:
-                self.selector.register(self.listener, selectors.EVENT_READ, self._on_connection)
-            else:
-                self.selector.unregister(self.listener)
-            self.accepting = room
-
-    def _on_connection(self, fd: int, events: int) -> None:
-        assert self.listener is not None
-        try:
-            sock, _ = self.listener.accept()
-        except OSError:
-            return
-        sock.setblocking(False)
-        tunnel = Tunnel(self.next_tunnel, sock)
-        self.next_tunnel += 1
-        self.tunnels[sock.fileno()] = tunnel
-        self.send(protocol.frame(protocol.TUNNEL_OPEN, tunnel.channel))
-        self._tunnel_watch(tunnel)
-        self._accept_while_room()
-
-    def _tunnel_watch(self, tunnel: Tunnel) -> None:
-        """Watch for what the tunnel can do now: read while the server has room, write while data waits."""
-        wanted = selectors.EVENT_READ if tunnel.reading and tunnel.window > 0 and self.reading_output else 0
-        if tunnel.out:
-            wanted |= selectors.EVENT_WRITE
-        if wanted == tunnel.events:
-            return
-        if not tunnel.events:
-            self.selector.register(tunnel.sock, wanted, self._on_tunnel)
-        elif not wanted:
-            self.selector.unregister(tunnel.sock)
-        else:
-            self.selector.modify(tunnel.sock, wanted, self._on_tunnel)
-        tunnel.events = wanted
-
-    def _on_tunnel(self, fd: int, events: int) -> None:
-        tunnel = self.tunnels.get(fd)
-        if tunnel is None:
-            return
-        if events & selectors.EVENT_READ and tunnel.reading:
-            try:
-                data = tunnel.sock.recv(min(tunnel.window, 64 * 1024))
-            except BlockingIOError:
-                data = None
-            except OSError:
-                data = b""
-            if data:
-                tunnel.window -= len(data)
-                self.send(protocol.HEADER.pack(protocol.TUNNEL_DATA, tunnel.channel, len(data)), data)
-            elif data is not None:
-                tunnel.reading = False
-                self.send(protocol.frame(protocol.TUNNEL_CLOSE, tunnel.channel))
-        self._tunnel_io(tunnel)
-
-    def _tunnel_io(self, tunnel: Tunnel) -> None:
-        """Write what the server sent, acknowledge it, pass its end on, and close when both ends are done."""
-        written = 0
-        try:
-            while tunnel.out:
-                sent = tunnel.sock.send(tunnel.out[: 64 * 1024])
-                del tunnel.out[:sent]
-                written += sent
-        except BlockingIOError:
-            pass
-        except OSError:  # the process closed its end: nothing more can be delivered
-            written += len(tunnel.out)  # acknowledged all the same, so the server's side drains
-            tunnel.out.clear()
-            tunnel.broken = True
-            if tunnel.reading:
-                tunnel.reading = False
-                self.send(protocol.frame(protocol.TUNNEL_CLOSE, tunnel.channel))
-        if written:
-            self.send(protocol.frame(protocol.TUNNEL_ACK, tunnel.channel, protocol.COUNT.pack(written)))
-        if tunnel.peer_done and not tunnel.out and not tunnel.shut:
-            tunnel.shut = True
-            with contextlib.suppress(OSError):
-                tunnel.sock.shutdown(socket.SHUT_WR)
-        # Open until both sides have closed and each has seen the other's close: the server counts it the
-        # same way, so the two never disagree on how many are open (see protocol.MAX_TUNNELS).
-        if tunnel.shut and not tunnel.reading:
-            if tunnel.events:
-                self.selector.unregister(tunnel.sock)
-            del self.tunnels[tunnel.sock.fileno()]
-            tunnel.sock.close()
-            self._accept_while_room()
-            return
-        self._tunnel_watch(tunnel)
-
     # Processes.
 
     def _spawn(self, channel: int, spec: dict[str, Any]) -> None:
@@ -568,7 +414,7 @@ class Agent:
                 outputs = {out_r: 1, err_r: 2}
             status_r, status_w = os.pipe()
             opened += [status_r, status_w]
-            supervisor, order = self._order(spec, env, [*stdio, status_w])
+            supervisor_pid, order = self.spares.order(spec, env, [*stdio, status_w])
         except OSError as exc:
             for fd in opened:
                 os.close(fd)
@@ -576,7 +422,7 @@ class Agent:
             return
         for fd in {*stdio, status_w}:
             os.close(fd)
-        process = Process(channel, supervisor, status_r, outputs, input_fd, bool(spec.get("tty")))
+        process = Process(channel, supervisor_pid, status_r, outputs, input_fd, bool(spec.get("tty")))
         process.order = order
         process.reusable = not spec.get("rlimits")  # a supervisor cannot raise its limits again
         self.processes[channel] = process
@@ -589,86 +435,6 @@ class Agent:
             for fd in outputs:
                 self.selector.register(fd, selectors.EVENT_READ, self._on_output)
 
-    def _start_zygote(self) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = os.fork()
-        if pid == 0:
-            ours.close()
-            supervisor.zygote(theirs, self.lifeline_r)
-        self.zygote_pid = pid
-        theirs.close()
-        ours.setblocking(False)
-        self.zygote = ours
-        self.selector.register(ours, selectors.EVENT_READ, self._on_zygote)
-        self._ask_for_spares()
-
-    def _ask_for_spares(self) -> None:
-        self.replace_at = None
-        missing = SPARES - len(self.spares) - self.spares_asked
-        if missing > 0 and self.zygote is not None:
-            with contextlib.suppress(OSError):  # full or gone: asked again at the next spawn
-                self.spares_asked += self.zygote.send(b"s" * missing)
-
-    def _on_zygote(self, fd: int, events: int) -> None:
-        assert self.zygote is not None
-        item = array.array("i")
-        try:
-            data, ancillary, _, _ = self.zygote.recvmsg(
-                4, socket.CMSG_SPACE(item.itemsize), supervisor.MSG_CMSG_CLOEXEC
-            )
-        except BlockingIOError:
-            return
-        except OSError:
-            data, ancillary = b"", []
-        if not data:  # gone: spares are forked here from now on
-            self.selector.unregister(self.zygote)
-            self.zygote.close()
-            self.zygote = None
-            return
-        for level, kind, payload in ancillary:
-            if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
-                item.frombytes(payload[: len(payload) - len(payload) % item.itemsize])
-        self.spares_asked -= 1
-        # Fresh spares go first in line, so the supervisors freed last (whose pages are the warmest) are
-        # taken first and the fresh ones are the ones let go when too many wait.
-        self.spares.insert(0, (struct.unpack(">I", data)[0], socket.socket(fileno=item[0])))
-
-    def _next_spare(self) -> tuple[int, socket.socket]:
-        """A spare supervisor: a ready one, else the next the zygote forks (a burst of spawns, or the
-        first spawn right after the start), else, with the zygote gone, one forked here."""
-        if not self.spares:
-            self._ask_for_spares()
-            deadline = time.monotonic() + SPARE_WAIT_S
-            while not self.spares and self.zygote is not None and self.spares_asked:
-                left = deadline - time.monotonic()
-                if left <= 0 or not select.select([self.zygote], [], [], left)[0]:
-                    break
-                self._on_zygote(self.zygote.fileno(), selectors.EVENT_READ)
-        if not self.spares:
-            return supervisor.fork_spare(self.lifeline_r)
-        taken = self.spares.pop()  # the one freed last: its pages are the warmest
-        if not self.spares:
-            self._ask_for_spares()
-        elif self.replace_at is None:
-            self.replace_at = time.monotonic() + REPLACE_SPARE_S
-        return taken
-
-    def _order(self, spec: dict[str, Any], env: dict[str, str], fds: list[int]) -> tuple[int, socket.socket]:
-        """Hand a process to a spare supervisor; return its pid and its order socket."""
-        for attempt in (1, 2):
-            pid, order = self._next_spare()
-            try:
-                order.setblocking(True)
-                supervisor.send_order(order, spec, env, fds)
-                return pid, order
-            except OSError:
-                order.close()
-                if attempt == 2:
-                    raise
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGKILL)  # it died or went astray: use another
-        raise AssertionError("unreachable")
-
     def _release(self, process: Process) -> None:
         """The supervisor of ``process`` has closed its status, its tree gone: keep it for a next
         process if it may start one (in place of the spare waiting longest, when SPARES wait), else
@@ -679,9 +445,7 @@ class Agent:
         if not (process.reusable and self.running):
             order.close()
             return
-        self.spares.append((process.supervisor, order))
-        if len(self.spares) > SPARES:
-            self.spares.pop(0)[1].close()
+        self.spares.keep(process.supervisor, order)
 
     def _close(self, fd: int) -> None:
         del self.owner[fd]
@@ -772,7 +536,7 @@ class Agent:
                 process.exited = True
                 self.send(protocol.message(protocol.EXITED, process.channel, lost=True))
             self._release(process)
-            self._ask_for_spares()  # the spawn is over: a fork now takes a core from nothing of it
+            self.spares.ask()  # the spawn is over: a fork now takes a core from nothing of it
             self._forget_if_finished(process)
 
     def _on_supervisor_report(self, process: Process, report: dict[str, Any]) -> None:
@@ -825,7 +589,7 @@ class Agent:
         me = os.getpid()
         for _ in range(supervisor.KILL_ROUNDS):
             children = proc.process_children()
-            keep = {self.zygote_pid, *(p.supervisor for p in self.processes.values()), *(s[0] for s in self.spares)}
+            keep = {*self.spares.pids(), *(p.supervisor for p in self.processes.values())}
             orphans = [pid for pid in children.get(me, ()) if pid not in keep]
             if not orphans:
                 return

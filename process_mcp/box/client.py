@@ -52,11 +52,14 @@ SHIPPED = (
     ("protocol.py", "process_mcp_box_protocol"),
     ("proc.py", "process_mcp_box_proc"),
     ("supervisor.py", "process_mcp_box_supervisor"),
+    ("spares.py", "process_mcp_box_spares"),
+    ("tunnels.py", "process_mcp_box_tunnels"),
     ("agent.py", "process_mcp_box_agent"),
 )
 """What is sent into a box, in order, and the name each module is imported by there (they are sent, not
 installed): the protocol, the /proc reading the agent shares with this side, the zygote and supervisors,
-and the agent itself, whose ``main`` the loader runs."""
+the spare supervisors, the tunnels to the egress proxy, and the agent itself, whose ``main`` the loader
+runs. Each is imported only after those it imports."""
 
 AGENT_NAME = "process-mcp-agent"
 """The agent's first argument after the bootstrap, by which `ps` in the box names the agent, its zygote
@@ -67,7 +70,7 @@ and its supervisors."""
 # from the stream, the loader (see ``bootstrap_payload``).
 BOOTSTRAP = "import sys;exec(sys.stdin.buffer.readline())"
 # Read from the stream by the bootstrap, as one line. First it makes itself not dumpable (before it reads
-# anything more: no process of its user may then trace it or open its descriptors). Then it reads two
+# anything more: no process of its user may then trace it or open its descriptors). Then it reads the
 # length-prefixed modules (``SHIPPED``: the agent last) through the same buffered reader (the line's read
 # may have taken the start of them; nothing follows them until the agent's HELLO), and runs the agent
 # (which, run as root, drops to USER for each command). Python 3.0-3.7 run it too, and say why they
