@@ -12,7 +12,8 @@ supervisors, which stay outside that domain), and the sandbox's seccomp filter (
 namespaces).
 
 The plan comes from the server with the spawn (``SPAWN``'s ``confine`` field): ``readonly`` paths,
-``hidden`` paths each with the empty file or directory that covers it, ``seccomp`` (the filter's BPF
+``hidden`` paths each with the empty file or directory that covers it, ``pinned`` directories (bound
+onto themselves so they cannot be renamed), ``seccomp`` (the filter's BPF
 program, base64) and ``scopes`` (whether to take the Landlock domain). A path the box shows as a
 symbolic link is refused, not followed: a mount follows links, and a protection must hold the name it
 names. Shipped into the box with the agent: standard library only, and syntax Python 3.8 parses.
@@ -75,17 +76,19 @@ def _check(result: int, what: str) -> int:
 def own_mounts(plan: dict[str, Any]) -> None:
     """The first half of ``plan``, which needs the capabilities the second gives up: a mount namespace of
     its own (its mounts reach no other process of the box), with each ``readonly`` path bound read-only
-    onto itself and each ``hidden`` one covered by its stand-in. Raises ConfineError."""
-    readonly, hidden = plan.get("readonly") or [], plan.get("hidden") or []
-    if not readonly and not hidden:
+    onto itself, each ``hidden`` one ([path, stand-in]) covered by its stand-in, and each ``pinned``
+    directory bound onto itself (a mount point cannot be renamed), outermost first so no mount covers
+    another. Raises ConfineError."""
+    mounts = [(path, path, True) for path in plan.get("readonly") or []]
+    mounts += [(stand_in, path, True) for path, stand_in in plan.get("hidden") or []]
+    mounts += [(path, path, False) for path in plan.get("pinned") or []]
+    if not mounts:
         return
     libc = _c()
     _check(libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     _check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "making the mounts private")
-    for path in readonly:
-        _bind(path, path, read_only=True)
-    for path, stand_in in hidden:
-        _bind(stand_in, path, read_only=True)
+    for source, target, read_only in sorted(mounts, key=lambda mount: (mount[1].count("/"), mount[1])):
+        _bind(source, target, read_only=read_only)
 
 
 def give_up(plan: dict[str, Any]) -> None:

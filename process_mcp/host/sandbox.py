@@ -33,6 +33,7 @@ handling of all signals is restored just before the command runs.
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import shutil
@@ -44,6 +45,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio.to_thread
 
@@ -350,7 +352,46 @@ class Sandbox:
 
     def _protections(self, mounts: MountArgs) -> None:
         """Per-spawn mounts inside the writable roots, from the paths as they are now."""
-        opener = mounts.opener
+        read_only, hidden, pinned = self.protected(mounts.opener)
+        for path in sorted(pinned | read_only | hidden, key=lambda p: (p.count("/"), p)):
+            try:
+                if path in hidden:
+                    self._hide(mounts, path)
+                else:
+                    mounts.bind(path, writable=path not in read_only)
+            except LinkInPath as exc:
+                raise SpawnFailed(
+                    f"the sandbox could not protect {path}: {exc.link} was replaced by a symbolic link while the "
+                    "sandbox was being set up; spawn again"
+                ) from None
+            except OSError as exc:
+                raise _changed(path, exc) from None
+
+    def confine_plan(self, seccomp_program: bytes, *, scopes: bool) -> dict[str, Any]:
+        """What a process of a long-lived box is confined to as it starts (``box.confine``): the paths
+        ``protected`` finds now, the stand-ins of hidden ones, the seccomp program, and whether to take a
+        Landlock domain that scopes signals. Raises SpawnFailed as ``protected`` does."""
+        opener = PathOpener()
+        try:
+            read_only, hidden, pinned = self.protected(opener)
+            stand_ins = [
+                [path, self._empty_dir if opener.is_dir(path) else self._empty_file] for path in sorted(hidden)
+            ]
+        finally:
+            opener.close()
+        return {
+            "readonly": sorted(read_only),
+            "hidden": stand_ins,
+            "pinned": sorted(pinned - read_only - hidden),
+            "seccomp": base64.b64encode(seccomp_program).decode(),
+            "scopes": scopes,
+        }
+
+    def protected(self, opener: PathOpener) -> tuple[set[str], set[str], set[str]]:
+        """What must be protected inside the writable roots now: the paths to make read-only, those to
+        hide, and the directories between a writable root and either, which are bound onto themselves
+        (mount points cannot be renamed). Every path was opened with ``opener``, never through a link.
+        Raises SpawnFailed when a protection cannot be applied."""
         read_only: set[str] = set()
         hidden: set[str] = set()
         for root in self.writable:
@@ -383,19 +424,7 @@ class Sandbox:
             while parent != inside and _within(parent, inside):
                 pinned.add(parent)
                 parent = os.path.dirname(parent)
-        for path in sorted(pinned | read_only | hidden, key=lambda p: (p.count("/"), p)):
-            try:
-                if path in hidden:
-                    self._hide(mounts, path)
-                else:
-                    mounts.bind(path, writable=path not in read_only)
-            except LinkInPath as exc:
-                raise SpawnFailed(
-                    f"the sandbox could not protect {path}: {exc.link} was replaced by a symbolic link while the "
-                    "sandbox was being set up; spawn again"
-                ) from None
-            except OSError as exc:
-                raise _changed(path, exc) from None
+        return read_only, hidden, pinned
 
     def _git_dirs_pointed_to(self, found: set[str]) -> set[str]:
         """The git directories that ``.git`` pointer files among ``found`` name, where they are inside a

@@ -11,6 +11,7 @@ import base64
 import os
 import platform
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,12 +20,15 @@ from typing import Any
 import pytest
 
 from process_mcp.box import protocol
+from process_mcp.config import SandboxConfig
+from process_mcp.host.sandbox import Sandbox, Tools
 from process_mcp.host.seccomp import build_filter
 
 from ..helpers import cannot_run_here
 from .test_box import RawAgent, spawn_frame
 
 NOBODY = 65534
+TOOLS = Tools(bwrap="/usr/bin/bwrap", env="/usr/bin/env", prlimit="/usr/bin/prlimit")
 SECCOMP = base64.b64encode(build_filter()).decode()
 
 
@@ -54,6 +58,10 @@ def place(uid: int) -> Iterator[Path]:
         workspace = top / "ws"
         workspace.mkdir(mode=0o700)
         os.chown(workspace, uid, uid)
+        state = top / "state"  # the server's: the stand-ins of hidden paths
+        (state / "empty-dir").mkdir(parents=True)
+        (state / "empty").touch()
+        subprocess.run(["chmod", "-R", "a+rX", str(state)], check=True)
         yield top
     finally:
         shutil.rmtree(top, ignore_errors=True)
@@ -71,6 +79,7 @@ class Box(RawAgent):
             "--ro-bind", "/usr", "/usr", "--ro-bind", "/etc", "/etc",
             "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
             "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+            "--ro-bind", str(place / "state"), str(place / "state"),
             "--bind", str(self.workspace), str(self.workspace), "--chdir", str(self.workspace), "--",
         ]  # fmt: skip
         if uid != os.getuid():
@@ -80,13 +89,15 @@ class Box(RawAgent):
         super().__init__(wrap=box, python="/usr/bin/python3")
         self.channel = 0
 
-    def run(self, command: str, **plan: Any) -> tuple[str, dict[str, Any]]:
+    def run(self, command: str, plan: dict[str, Any] | None = None, **parts: Any) -> tuple[str, dict[str, Any]]:
         """Run ``command`` in the workspace, confined by ``plan`` (seccomp, scopes, readonly, hidden) when
         one is given: its output (stdout and stderr) and its exit."""
         self.channel += 1
         spec: dict[str, Any] = {"cwd": str(self.workspace)}
-        if plan:
-            spec["confine"] = {"seccomp": SECCOMP, "scopes": True, **plan}
+        if plan is not None:
+            spec["confine"] = plan
+        elif parts:
+            spec["confine"] = {"seccomp": SECCOMP, "scopes": True, **parts}
         self.send(spawn_frame(self.channel, "{ " + command + "\n} 2>&1", **spec))
         started = self.next_of(protocol.STARTED)[0]
         assert "error" not in started, started
@@ -183,3 +194,33 @@ def test_a_confined_process_runs_under_the_sandboxs_seccomp_filter(box: Box) -> 
     assert output.startswith("-1 Operation not permitted"), output
     open_box, _ = box.run(f"/usr/bin/python3 -I -c '{probe}'")
     assert not open_box.startswith("-1"), f"keyctl fails without the filter too, so this proves nothing: {open_box}"
+
+
+def test_what_the_sandbox_finds_at_each_spawn_holds_what_earlier_processes_made(box: Box, place: Path) -> None:
+    """The server's own finder (the one the per-spawn sandbox uses) names what the next process of the box
+    must not write or read, as the workspace is at that spawn."""
+    config = SandboxConfig(deny_read=["secrets.txt"], deny_write=["notes"])
+    state = place / "state"
+    sandbox = Sandbox(config, TOOLS, workspace=str(box.workspace), home=str(place / "home"),
+                      state_dir=str(state), seccomp_file=str(state / "seccomp.bpf"))  # fmt: skip
+    plan = sandbox.confine_plan(build_filter(), scopes=True)
+    assert plan["readonly"] == []  # an empty workspace: nothing to protect yet
+    assert plan["hidden"] == []
+    box.run("git init -q repo && mkdir -p deep/er && echo token > deep/er/secrets.txt && echo x > notes")
+    plan = sandbox.confine_plan(build_filter(), scopes=True)
+    ws = str(box.workspace)
+    assert plan["readonly"] == [f"{ws}/notes", f"{ws}/repo/.git"]
+    assert plan["hidden"] == [[f"{ws}/deep/er/secrets.txt", str(state / "empty")]]
+    assert plan["pinned"] == [f"{ws}/deep", f"{ws}/deep/er", f"{ws}/repo"]
+    attempt = (
+        "git -C repo config core.hooksPath /tmp; echo evil > repo/.git/hooks/pre-commit; "
+        "cat deep/er/secrets.txt; echo y >> notes; mv deep moved; echo end"
+    )
+    output, _ = box.run(attempt, plan)
+    assert "token" not in output
+    assert output.count("Read-only file system") + output.count("could not lock config file") >= 3, output
+    assert "mv: cannot move" in output, output
+    assert output.endswith("end\n")
+    assert not (box.workspace / "repo" / ".git" / "hooks" / "pre-commit").exists()
+    assert (box.workspace / "notes").read_text() == "x\n"
+    assert "hooksPath" not in (box.workspace / "repo" / ".git" / "config").read_text()
