@@ -210,9 +210,11 @@ class AgentConnection:
         inherit: bool,
         workdir: str,
         where: str = "",
+        confine: dict[str, Any] | None = None,
     ) -> AgentProcess:
         """Start ``spec.command`` in ``spec.cwd`` as ``spec``'s process, reporting into ``sink``. With
         ``inherit``, ``env`` is set over the agent's own environment, else it is the whole environment.
+        ``confine`` is the plan the process is confined by as it starts, in a box (``confine``).
         Raises InvalidInput for a missing cwd (naming ``workdir``), SpawnFailed otherwise; ``where``
         (e.g. " in the container") goes into both messages."""
         number = int(spec.pid.rpartition("-")[2])
@@ -232,6 +234,8 @@ class AgentConnection:
         }
         if spec.limits is not None:
             request["rlimits"] = rlimits(spec.limits)
+        if confine is not None:
+            request["confine"] = confine
         try:
             await self._send(protocol.message(protocol.SPAWN, number, **request))
             answer = await self._answer(started, REQUEST_TIMEOUT_S, "spawn")
@@ -246,6 +250,11 @@ class AgentConnection:
             raise InvalidInput(
                 f"cwd {spec.cwd!r} does not exist or is not a directory{where}; pass an existing directory "
                 f"or omit cwd to use {workdir}"
+            )
+        if answer.get("error") == "confine":
+            process.detach()
+            raise SpawnFailed(
+                f"the sandbox could not protect what it must before {spec.command!r} ran: {answer.get('message')}"
             )
         if "error" in answer:
             process.detach()

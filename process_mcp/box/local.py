@@ -12,10 +12,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 
 import anyio.to_thread
 
 from .client import AGENT_NAME, BOOTSTRAP, AgentConnection, AgentUnavailable, Channel, bootstrap_payload
+
+Boxing = Callable[[list[str]], tuple[list[str], list[int]]]
+"""Turns the agent's command line into one that starts it in a box: that line, and the descriptors it
+must inherit (closed here once it started)."""
 
 AGENT_EXIT_S = 5.0
 """Bound on waiting for the local agent to exit once its stream is closed."""
@@ -65,22 +70,32 @@ class LocalAgent:
         self.connection = connection
 
     @classmethod
-    async def start(cls, name: str) -> LocalAgent:
+    async def start(cls, name: str, box: Boxing | None = None) -> LocalAgent:
         """Start the agent as a child of this process, in a session of its own (a Ctrl-C meant for the
-        server does not reach it: the server ends its processes in order). Raises AgentUnavailable."""
+        server does not reach it: the server ends its processes in order); in the box ``box`` makes for
+        its command line, if given (its processes then have pids of the box's own). Raises
+        AgentUnavailable."""
+        argv = [sys.executable, "-I", "-S", "-c", BOOTSTRAP, AGENT_NAME]
+        fds: list[int] = []
+        if box is not None:
+            argv, fds = box(argv)
         try:
             process = subprocess.Popen(  # noqa: ASYNC220 - starting does not wait; stop waits in a thread
-                [sys.executable, "-I", "-S", "-c", BOOTSTRAP, AGENT_NAME],
+                argv,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 env={},
                 cwd="/",
                 start_new_session=True,
+                pass_fds=fds,
             )
         except OSError as exc:
-            raise AgentUnavailable(f"cannot start {sys.executable}: {exc.strerror or exc}") from None
+            raise AgentUnavailable(f"cannot start {argv[0]}: {exc.strerror or exc}") from None
+        finally:
+            for fd in fds:
+                os.close(fd)
         connection = AgentConnection(_Pipes(process), name)
-        connection.same_pids = True
+        connection.same_pids = box is None
         agent = cls(process, connection)
         try:
             await agent.connection.connect(bootstrap_payload())

@@ -288,6 +288,63 @@ class Sandbox:
         fds = (seccomp, *mounts.fds)
         return Launch(args, {}, fds, self._prepare(), list(fds), cgroup)
 
+    def box(self, home: str, agent: Sequence[str]) -> Launch:
+        """How to start a long-lived box over the workspace that runs ``agent`` (the agent's command line,
+        its interpreter shown read-only where the system view does not hold it), with ``home`` (a host
+        directory, writable) as HOME: the static view every process gets, the protections as they are at
+        its start, and the namespaces of a per-spawn sandbox. Its processes share its /tmp, loopback and
+        IPC. The agent keeps CAP_SYS_ADMIN and CAP_SETPCAP over the box's own namespaces, which it needs
+        to confine each process as it starts (``box.confine``, with ``confine_plan``); no process keeps
+        them. Raises SpawnFailed when a protection cannot be applied."""
+        opener = PathOpener()
+        mounts = MountArgs(opener)
+        try:
+            args = [
+                self.tools.bwrap,
+                "--die-with-parent",
+                "--unshare-user",
+                "--unshare-pid",
+                "--unshare-ipc",
+                "--unshare-cgroup-try",
+                "--disable-userns",
+                "--cap-drop",
+                "ALL",
+                "--cap-add",
+                "CAP_SYS_ADMIN",
+                "--cap-add",
+                "CAP_SETPCAP",
+                "--clearenv",
+                "--setenv",
+                "PATH",
+                SANDBOX_PATH,
+                "--setenv",
+                "HOME",
+                home,
+            ]
+            if self.config.network_restricted:
+                args.append("--unshare-net")
+            self._static_mounts(mounts)
+            interpreter = os.path.realpath(agent[0])
+            if not any(_within(interpreter, root) for root in self._readable):
+                self._mount_configured(
+                    mounts, os.path.dirname(os.path.dirname(interpreter)), "the agent's interpreter", writable=False
+                )
+            prefix = os.path.realpath(sys.base_prefix)
+            if not any(_within(prefix, root) for root in self._readable):
+                self._mount_configured(mounts, prefix, "the agent's standard library", writable=False)
+            for stand_in in (self._empty_file, self._empty_dir):
+                self._mount_configured(mounts, stand_in, "the server's state directory", writable=False)
+            self._mount_configured(mounts, home, "the box's home", writable=True)
+            self._protections(mounts)
+            args += mounts.args
+            args += ["--remount-ro", "/", "--chdir", self.workspace, "--", interpreter, *agent[1:]]
+        except BaseException:
+            mounts.close()
+            raise
+        finally:
+            opener.close()
+        return Launch(args, {}, tuple(mounts.fds), None, list(mounts.fds))
+
     def _static_mounts(self, mounts: MountArgs) -> None:
         """The mounts every process gets: private /dev, /proc and temporary directories, the read-only
         view (over them, so a SANDBOX_ALLOW_READ path in /tmp is shown), the writable roots."""

@@ -1,0 +1,112 @@
+"""A long-lived box over a workspace, started from the sandbox's own configuration, with the agent
+inside: what its processes share across spawns, and what each is still confined by."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from process_mcp.box.local import LocalAgent
+from process_mcp.config import SandboxConfig
+from process_mcp.core.contract import LaunchSpec
+from process_mcp.core.registry import ManagedProcess
+from process_mcp.host.sandbox import Sandbox, Tools, find_bwrap, find_tool
+from process_mcp.host.seccomp import build_filter
+
+from ..helpers import WAIT_S, cannot_run_here, machine_can_sandbox
+
+pytestmark = pytest.mark.anyio
+
+
+@dataclass
+class HostBox:
+    agent: LocalAgent
+    sandbox: Sandbox
+    workspace: Path
+    home: Path
+    count: int = 0
+
+    async def run(self, command: str, *, confined: bool = True) -> str:
+        """Run ``command`` in the workspace to its end (confined as a process of the box is); its output."""
+        self.count += 1
+        pid = f"host-{self.count}"
+        record = ManagedProcess(pid, command, str(self.workspace), tty=False, buffer_bytes=1 << 20, cols=80, rows=24)
+        plan = self.sandbox.confine_plan(build_filter(), scopes=True) if confined else None
+        spec = LaunchSpec(pid, f"{{ {command}\n}} 2>&1", str(self.workspace), {}, False, None)
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(self.home)}
+        record.handle = await self.agent.connection.spawn(
+            spec, record, env, inherit=False, workdir=str(self.workspace), confine=plan
+        )
+        assert await record.wait(WAIT_S, output=True), f"{command!r} did not end"
+        return record.stdout.tail().decode()
+
+
+@pytest.fixture
+async def host_box(tmp_path: Path) -> AsyncIterator[HostBox]:
+    if not machine_can_sandbox():
+        cannot_run_here("bwrap cannot make its namespaces on this machine")
+    bwrap, env, prlimit = find_bwrap(), find_tool("env"), find_tool("prlimit")
+    assert bwrap
+    assert env
+    assert prlimit
+    workspace, state, home = tmp_path / "workspace", tmp_path / "state", tmp_path / "home"
+    for directory in (workspace, state / "empty-dir", home):
+        directory.mkdir(parents=True)
+    (state / "empty").touch()
+    (state / "seccomp.bpf").write_bytes(build_filter())
+    sandbox = Sandbox(
+        SandboxConfig(),
+        Tools(bwrap=bwrap, env=env, prlimit=prlimit),
+        workspace=str(workspace),
+        home=str(home),
+        state_dir=str(state),
+        seccomp_file=str(state / "seccomp.bpf"),
+    )
+
+    def boxing(argv: list[str]) -> tuple[list[str], list[int]]:
+        launch = sandbox.box(str(home), argv)
+        return launch.argv, list(launch.pass_fds)
+
+    agent = await LocalAgent.start("box", boxing)
+    try:
+        yield HostBox(agent, sandbox, workspace, home)
+    finally:
+        await agent.stop()
+
+
+async def test_tmp_loopback_and_home_last_across_the_spawns_of_one_box(host_box: HostBox) -> None:
+    await host_box.run("echo kept > /tmp/note")
+    assert await host_box.run("cat /tmp/note") == "kept\n"
+    # A server started in the background by one spawn, reached on loopback by the next.
+    listen = "s=socket.socket();s.bind(('127.0.0.1',0));s.listen();print(s.getsockname()[1],flush=True)"
+    await host_box.run(
+        f"python3 -c \"import socket;{listen};s.accept()[0].sendall(b'hello')\" > /tmp/port 2>/dev/null & sleep 0.5"
+    )
+    port = (await host_box.run("cat /tmp/port")).strip()
+    reply = await host_box.run(
+        f"python3 -c 'import socket;s=socket.create_connection((\"127.0.0.1\",{port}));print(s.recv(5).decode())'"
+    )
+    assert reply == "hello\n"
+    await host_box.run("git config --global user.name Agent")
+    assert "Agent" in (host_box.home / ".gitconfig").read_text()
+    assert await host_box.run("echo $HOME") == f"{host_box.home}\n"
+
+
+async def test_a_repository_an_earlier_spawn_made_is_protected_in_the_next(host_box: HostBox) -> None:
+    await host_box.run("git init -q repo && echo hi > repo/file")
+    output = await host_box.run("echo evil > repo/.git/hooks/pre-commit; git -C repo add file && echo added")
+    assert "Read-only file system" in output
+    assert not (host_box.workspace / "repo" / ".git" / "hooks" / "pre-commit").exists()
+    # The box's own view (made before the repository was) does not hold it: the plan does.
+    await host_box.run("echo evil > repo/.git/hooks/pre-commit", confined=False)
+    assert (host_box.workspace / "repo" / ".git" / "hooks" / "pre-commit").exists()
+
+
+async def test_the_box_shows_nothing_of_the_host_but_its_view(host_box: HostBox) -> None:
+    output = await host_box.run("ls /root /home; id -u")
+    assert "No such file or directory" in output
+    assert output.splitlines()[-1] == str(os.getuid())
