@@ -114,7 +114,9 @@ def _bind(source: str, target: str, *, read_only: bool) -> None:
                 raise ConfineError(0, f"{path} is a symbolic link, which a protection cannot hold")
         names = [f"/proc/self/fd/{fd}".encode() for fd in fds]
         libc = _c()
-        _check(libc.mount(names[0], names[1], None, MS_BIND, None), f"binding {target}")
+        # Recursive: a mount with mounts of the box below (locked, in its nested user namespace) may be
+        # bound only with them, and they stay as they are.
+        _check(libc.mount(names[0], names[1], None, MS_BIND | MS_REC, None), f"binding {target}")
         if read_only:
             # The descriptor opened before the bind is of what lies under it: the name is opened again
             # (the new mount), and must still be what was bound.

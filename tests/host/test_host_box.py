@@ -58,6 +58,7 @@ async def host_box(tmp_path: Path) -> AsyncIterator[HostBox]:
         directory.mkdir(parents=True)
     (state / "empty").touch()
     (state / "seccomp.bpf").write_bytes(build_filter())
+    (workspace / "early" / ".git" / "hooks").mkdir(parents=True)  # protected by the box's own view too
     sandbox = Sandbox(
         SandboxConfig(),
         Tools(bwrap=bwrap, env=env, prlimit=prlimit),
@@ -97,6 +98,10 @@ async def test_tmp_loopback_and_home_last_across_the_spawns_of_one_box(host_box:
 
 
 async def test_a_repository_an_earlier_spawn_made_is_protected_in_the_next(host_box: HostBox) -> None:
+    # One there when the box started (its protection is the box's, locked: bound again only with it).
+    output = await host_box.run("echo evil > early/.git/hooks/pre-commit; echo ok > early/file; cat early/file")
+    assert "Read-only file system" in output
+    assert output.endswith("ok\n")
     await host_box.run("git init -q repo && echo hi > repo/file")
     output = await host_box.run("echo evil > repo/.git/hooks/pre-commit; git -C repo add file && echo added")
     assert "Read-only file system" in output
