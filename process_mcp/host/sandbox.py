@@ -294,8 +294,9 @@ class Sandbox:
         directory, writable) as HOME: the static view every process gets, the protections as they are at
         its start, and the namespaces of a per-spawn sandbox. Its processes share its /tmp, loopback and
         IPC. The agent keeps CAP_SYS_ADMIN and CAP_SETPCAP over the box's own namespaces, which it needs
-        to confine each process as it starts (``box.confine``, with ``confine_plan``); no process keeps
-        them. Raises SpawnFailed when a protection cannot be applied."""
+        to confine each process as it starts (``box.confine``, with ``confine_plan``): every spawn in it
+        must carry a plan, since a process started without one keeps them too. Raises SpawnFailed when a
+        protection cannot be applied."""
         opener = PathOpener()
         mounts = MountArgs(opener)
         try:
@@ -481,6 +482,9 @@ class Sandbox:
             while parent != inside and _within(parent, inside):
                 pinned.add(parent)
                 parent = os.path.dirname(parent)
+        # Inside a read-only path nothing can be renamed anyway, and a pin there, bound writable from the
+        # host, would open what that path holds for writing.
+        pinned = {path for path in pinned if not any(_within(path, other) for other in read_only)}
         return read_only, hidden, pinned
 
     def _git_dirs_pointed_to(self, found: set[str]) -> set[str]:

@@ -145,6 +145,29 @@ async def test_deny_write_also_protects_a_path_inside_the_working_directory(
     assert await run(executor, "echo fine > notes && cat notes") == (0, "fine\n")
 
 
+async def test_a_denied_file_deep_in_a_read_only_directory_leaves_its_parents_read_only(
+    sandbox: MakeSandbox, tmp_path: Path
+) -> None:
+    """The directories between a writable root and a hidden path are bound onto themselves so they cannot
+    be renamed; inside a read-only path they must stay read-only (a protected name, a deny_write path)."""
+    work = tmp_path / "work"
+    (work / "config" / "prod").mkdir(parents=True)
+    (work / "config" / "prod" / "app.yaml").write_text("original\n")
+    (work / "config" / "prod" / "secrets.env").write_text("TOKEN\n")
+    (work / ".devcontainer" / "docker").mkdir(parents=True)
+    (work / ".devcontainer" / "docker" / ".env").write_text("TOKEN\n")
+    executor = await sandbox(deny_write=[str(work / "config")], deny_read=["secrets.env", ".env"])
+    _, output = await run(
+        executor,
+        "echo pwned >> config/prod/app.yaml; echo pwned > .devcontainer/docker/Dockerfile; "
+        "cat config/prod/secrets.env .devcontainer/docker/.env",
+    )
+    assert output.count("Read-only file system") == 2, output
+    assert "TOKEN" not in output
+    assert (work / "config" / "prod" / "app.yaml").read_text() == "original\n"
+    assert not (work / ".devcontainer" / "docker" / "Dockerfile").exists()
+
+
 async def test_deny_read_hides_files_and_directories(sandbox: MakeSandbox, tmp_path: Path) -> None:
     secrets_dir = tmp_path / "work" / "keys"
     secrets_dir.mkdir()
