@@ -325,14 +325,18 @@ class Sandbox:
             if self.config.network_restricted:
                 args.append("--unshare-net")
             self._static_mounts(mounts)
+            # Exactly what the agent runs on, read-only: the standard library's prefix and the interpreter
+            # (a venv, pyenv or uv under a home the box does not show), never more of that home.
             interpreter = os.path.realpath(agent[0])
-            if not any(_within(interpreter, root) for root in self._readable):
-                self._mount_configured(
-                    mounts, os.path.dirname(os.path.dirname(interpreter)), "the agent's interpreter", writable=False
-                )
             prefix = os.path.realpath(sys.base_prefix)
-            if not any(_within(prefix, root) for root in self._readable):
+            if prefix in _FORBIDDEN_ROOTS:
+                raise SpawnFailed(f"the box will not show {prefix} (the agent's Python prefix) whole")
+            shown = list(self._readable)
+            if not any(_within(prefix, root) for root in shown):
                 self._mount_configured(mounts, prefix, "the agent's standard library", writable=False)
+                shown.append(prefix)
+            if not any(_within(interpreter, root) for root in shown):
+                self._mount_configured(mounts, interpreter, "the agent's interpreter", writable=False)
             for stand_in in (self._empty_file, self._empty_dir):
                 self._mount_configured(mounts, stand_in, "the server's state directory", writable=False)
             self._mount_configured(mounts, home, "the box's home", writable=True)

@@ -4,6 +4,7 @@ inside: what its processes share across spawns, and what each is still confined 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from process_mcp.host.seccomp import build_filter
 from ..helpers import WAIT_S, cannot_run_here, machine_can_sandbox
 
 pytestmark = pytest.mark.anyio
+PREFIX = os.path.realpath(sys.base_prefix)
 
 
 @dataclass
@@ -115,3 +117,10 @@ async def test_the_box_shows_nothing_of_the_host_but_its_view(host_box: HostBox)
     output = await host_box.run("ls /root /home; id -u")
     assert "No such file or directory" in output
     assert output.splitlines()[-1] == str(os.getuid())
+
+
+async def test_the_agents_python_is_shown_and_nothing_beside_it(host_box: HostBox) -> None:
+    listing = (await host_box.run(f"ls {PREFIX}/lib | grep -c python3; ls -A {os.path.dirname(PREFIX)}")).splitlines()
+    assert int(listing[0]) >= 1  # the standard library is there
+    if not PREFIX.startswith(("/usr/", "/opt/")):  # a Python outside the system view: only its prefix is shown
+        assert listing[1:] == [os.path.basename(PREFIX)]
