@@ -243,24 +243,7 @@ class Sandbox:
         mounts = MountArgs(opener)
         seccomp = os.open(self._seccomp_file, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            args = [
-                *self._ignoring_signals(),
-                self.tools.bwrap,
-                "--die-with-parent",
-                "--unshare-user",
-                "--unshare-pid",
-                "--unshare-ipc",
-                "--unshare-cgroup-try",
-                "--disable-userns",
-                "--cap-drop",
-                "ALL",
-                "--clearenv",
-                "--setenv",
-                "PATH",
-                SANDBOX_PATH,
-                "--seccomp",
-                str(seccomp),
-            ]
+            args = [*self._ignoring_signals(), *self._bwrap(), "--seccomp", str(seccomp)]
             if self.config.network_restricted:
                 args.append("--unshare-net")
             self._static_mounts(mounts)
@@ -300,28 +283,7 @@ class Sandbox:
         opener = PathOpener()
         mounts = MountArgs(opener)
         try:
-            args = [
-                self.tools.bwrap,
-                "--die-with-parent",
-                "--unshare-user",
-                "--unshare-pid",
-                "--unshare-ipc",
-                "--unshare-cgroup-try",
-                "--disable-userns",
-                "--cap-drop",
-                "ALL",
-                "--cap-add",
-                "CAP_SYS_ADMIN",
-                "--cap-add",
-                "CAP_SETPCAP",
-                "--clearenv",
-                "--setenv",
-                "PATH",
-                SANDBOX_PATH,
-                "--setenv",
-                "HOME",
-                home,
-            ]
+            args = [*self._bwrap(keep=("CAP_SYS_ADMIN", "CAP_SETPCAP")), "--setenv", "HOME", home]
             if self.config.network_restricted:
                 args.append("--unshare-net")
             self._static_mounts(mounts)
@@ -349,6 +311,24 @@ class Sandbox:
         finally:
             opener.close()
         return Launch(args, {}, tuple(mounts.fds), None, list(mounts.fds))
+
+    def _bwrap(self, keep: Sequence[str] = ()) -> list[str]:
+        """bwrap with the namespaces every sandbox and box has (user, PID, IPC, cgroup; no nested user
+        namespaces), every capability dropped but ``keep``, and an empty environment but PATH."""
+        args = [
+            self.tools.bwrap,
+            "--die-with-parent",
+            "--unshare-user",
+            "--unshare-pid",
+            "--unshare-ipc",
+            "--unshare-cgroup-try",
+            "--disable-userns",
+            "--cap-drop",
+            "ALL",
+        ]
+        for capability in keep:
+            args += ["--cap-add", capability]
+        return [*args, "--clearenv", "--setenv", "PATH", SANDBOX_PATH]
 
     def _static_mounts(self, mounts: MountArgs) -> None:
         """The mounts every process gets: private /dev, /proc and temporary directories, the read-only
@@ -436,9 +416,7 @@ class Sandbox:
         opener = PathOpener()
         try:
             read_only, hidden, pinned = self.protected(opener)
-            stand_ins = [
-                [path, self._empty_dir if opener.is_dir(path) else self._empty_file] for path in sorted(hidden)
-            ]
+            stand_ins = [[path, self._stand_in(opener, path)] for path in sorted(hidden)]
         finally:
             opener.close()
         return {
@@ -517,8 +495,11 @@ class Sandbox:
 
     def _hide(self, mounts: MountArgs, path: str) -> None:
         """Mount the empty directory or file over ``path``: a bind, cheaper than a tmpfs remounted read-only."""
-        empty = self._empty_dir if mounts.opener.is_dir(path) else self._empty_file
-        mounts.bind(empty, dest=path)
+        mounts.bind(self._stand_in(mounts.opener, path), dest=path)
+
+    def _stand_in(self, opener: PathOpener, path: str) -> str:
+        """What covers the hidden ``path``: the empty directory or the empty file, as ``path`` is."""
+        return self._empty_dir if opener.is_dir(path) else self._empty_file
 
     def _resolve_denied(self, path: str, read_only: set[str], opener: PathOpener, setting: str) -> str | None:
         """``path`` when it exists and the sandbox shows it (else there is nothing to mount). A path that
