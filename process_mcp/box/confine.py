@@ -55,11 +55,28 @@ O_PATH = getattr(os, "O_PATH", 0o10000000)
 _libc: Any = None
 
 
+class _RulesetAttr(ctypes.Structure):
+    """struct landlock_ruleset_attr."""
+
+    _fields_ = (
+        ("handled_access_fs", ctypes.c_uint64),
+        ("handled_access_net", ctypes.c_uint64),
+        ("scoped", ctypes.c_uint64),
+    )
+
+
+class _SockFprog(ctypes.Structure):
+    """struct sock_fprog: a classic BPF program's length in instructions, and where it is."""
+
+    _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
+
+
 class ConfineError(OSError):
     """A protection could not be applied: the command must not run."""
 
 
-def _c() -> Any:
+def c_library() -> Any:
+    """The C library, loaded at its first use in each process."""
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
@@ -84,7 +101,7 @@ def own_mounts(plan: dict[str, Any]) -> None:
     mounts += [(path, path, False) for path in plan.get("pinned") or []]
     if not mounts:
         return
-    libc = _c()
+    libc = c_library()
     _check(libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     _check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "making the mounts private")
     for source, target, read_only in sorted(mounts, key=lambda mount: (mount[1].count("/"), mount[1])):
@@ -95,7 +112,7 @@ def give_up(plan: dict[str, Any]) -> None:
     """The second half of ``plan``, in order: every capability, new privileges, a Landlock domain of its
     own with ``scopes``, the ``seccomp`` filter. Raises ConfineError at the first that cannot be applied."""
     drop_capabilities()
-    _check(_c().prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+    no_new_privileges()
     if plan.get("scopes"):
         scope_signals_and_sockets()
     if plan.get("seccomp"):
@@ -113,7 +130,7 @@ def _bind(source: str, target: str, *, read_only: bool) -> None:
             if stat.S_ISLNK(os.fstat(fd).st_mode):
                 raise ConfineError(0, f"{path} is a symbolic link, which a protection cannot hold")
         names = [f"/proc/self/fd/{fd}".encode() for fd in fds]
-        libc = _c()
+        libc = c_library()
         # Recursive: a mount with mounts of the box below (locked, in its nested user namespace) may be
         # bound only with them, and they stay as they are.
         _check(libc.mount(names[0], names[1], None, MS_BIND | MS_REC, None), f"binding {target}")
@@ -153,7 +170,7 @@ def _bind(source: str, target: str, *, read_only: bool) -> None:
 def drop_capabilities() -> None:
     """Give up every capability for good: out of the bounding and ambient sets first, then out of the
     effective, permitted and inheritable ones (so no exec can bring one back)."""
-    libc = _c()
+    libc = c_library()
     with open("/proc/sys/kernel/cap_last_cap") as last:
         top = int(last.read())
     _check(libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "clearing the ambient capabilities")
@@ -165,19 +182,17 @@ def drop_capabilities() -> None:
     _check(libc.capset(header, data), "capset")
 
 
+def no_new_privileges() -> None:
+    """Set no_new_privs: no exec may grant privileges again (set-user-ID, file capabilities)."""
+    _check(c_library().prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+
+
 def scope_signals_and_sockets() -> None:
     """Take a Landlock domain of its own that scopes signals and abstract Unix sockets: what runs in it
     can signal only processes in it (or nested in it), so not the agent or its supervisors."""
-    libc = _c()
+    libc = c_library()
 
-    class Attr(ctypes.Structure):
-        _fields_ = (
-            ("handled_access_fs", ctypes.c_uint64),
-            ("handled_access_net", ctypes.c_uint64),
-            ("scoped", ctypes.c_uint64),
-        )
-
-    attr = Attr(0, 0, LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET | LANDLOCK_SCOPE_SIGNAL)
+    attr = _RulesetAttr(0, 0, LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET | LANDLOCK_SCOPE_SIGNAL)
     fd = _check(
         libc.syscall(SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)), 0),
         "landlock_create_ruleset",
@@ -194,8 +209,5 @@ def load_seccomp(program: bytes) -> None:
         raise ConfineError(0, "the seccomp program is empty or not whole instructions")
     buffer = ctypes.create_string_buffer(program, len(program))
 
-    class Program(ctypes.Structure):
-        _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
-
-    fprog = Program(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p))
-    _check(_c().prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0), "prctl(PR_SET_SECCOMP)")
+    fprog = _SockFprog(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p))
+    _check(c_library().prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0), "prctl(PR_SET_SECCOMP)")
