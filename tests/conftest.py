@@ -7,6 +7,7 @@ Everything they create is labelled ``process-mcp.test=true`` and removed by name
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from .helpers import (
     BULLSEYE_IMAGE,
     BUSYBOX_IMAGE,
     DEBIAN_IMAGE,
+    NOBODY,
     TEST_LABELS,
     TESTS,
     backend_config,
@@ -159,3 +161,14 @@ async def executor(request: pytest.FixtureRequest, backend: str, workdir: str) -
         yield ex
     finally:
         await ex.cleanup()
+
+
+@pytest.fixture(params=["root", "unprivileged"])
+def user(request: pytest.FixtureRequest) -> int:
+    """Whom a server or box runs as: root (as CI runs) or an unprivileged user (nobody, through setpriv,
+    when the tests run as root; else the tests' own user)."""
+    if request.param == "root":
+        if os.getuid() != 0:
+            cannot_run_here("the root variant; run the tests as root to play it as root")
+        return 0
+    return NOBODY if os.getuid() == 0 else os.getuid()

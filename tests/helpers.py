@@ -103,6 +103,17 @@ def executor_for(config: ProcessMcpConfig) -> ProcessExecutor:
     return create_executor(config)
 
 
+NOBODY = 65534
+"""The unprivileged user the tests run servers and boxes as, when they run as root."""
+
+
+def as_user(uid: int) -> list[str]:
+    """The command prefix that runs what follows as ``uid`` (nothing when that is this process's user)."""
+    if uid == os.getuid():
+        return []
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"]
+
+
 def cannot_run_here(why: str) -> NoReturn:
     """Skip a test this machine cannot run, loudly; in CI (CI=true), which can run every test, fail it."""
     if os.environ.get("CI", "").lower() == "true":

@@ -33,11 +33,10 @@ from mcp import Client, StdioServerParameters
 
 from process_mcp.host import seccomp
 
-from ..helpers import WAIT_S, cannot_run_here, sleep_argument, sleepers
+from ..helpers import NOBODY, WAIT_S, as_user, cannot_run_here, sleep_argument, sleepers
 
 pytestmark = pytest.mark.anyio
 
-NOBODY = 65534
 SECRET = f"server-secret-{secrets.token_hex(8)}"
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -69,16 +68,6 @@ class Box:
         return " ".join(getattr(block, "text", "") for block in result.content)
 
 
-@pytest.fixture(params=["root", "unprivileged"])
-def user(request: pytest.FixtureRequest) -> int:
-    """Whom the server runs as: the CI user (root) or nobody, through setpriv."""
-    if request.param == "root":
-        if os.getuid() != 0:
-            cannot_run_here("the root variant of the attack suite; run the tests as root to play the attacks as root")
-        return 0
-    return NOBODY if os.getuid() == 0 else os.getuid()
-
-
 @pytest.fixture(scope="session")
 def readable_python_path() -> Iterator[str]:
     """A PYTHONPATH with this checkout and its dependencies that any user can read (the virtualenv may
@@ -86,7 +75,7 @@ def readable_python_path() -> Iterator[str]:
     else a copy."""
     site = next(p for p in sys.path if p.endswith("site-packages") and Path(p, "mcp").is_dir())
     paths = f"{ROOT}:{site}"
-    probe = [*_as(NOBODY), "/usr/bin/python3", "-c", "import process_mcp, mcp, pydantic_core"]
+    probe = [*as_user(NOBODY), "/usr/bin/python3", "-c", "import process_mcp, mcp, pydantic_core"]
     if os.getuid() != 0 or subprocess.run(probe, env={"PYTHONPATH": paths}, check=False).returncode == 0:
         yield paths
         return
@@ -138,7 +127,7 @@ class Servers:
             "PYTHONPATH": self._python_path,
             **env,
         }
-        command = [*(_as(self.uid) if self.uid != os.getuid() else []), "/usr/bin/python3", "-m", "process_mcp"]
+        command = [*as_user(self.uid), "/usr/bin/python3", "-m", "process_mcp"]
         if cgroup_procs is not None:
             command = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', cgroup_procs, *command]
         params = StdioServerParameters(command=command[0], args=command[1:], env=settings, cwd="/")
@@ -150,10 +139,6 @@ class Servers:
 async def box(user: int, dirs: tuple[Path, Path], readable_python_path: str) -> AsyncIterator[Servers]:
     async with AsyncExitStack() as stack:
         yield Servers(stack, user, *dirs, readable_python_path)
-
-
-def _as(uid: int) -> list[str]:
-    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"]
 
 
 def _write_as(box: Box, path: Path, text: str) -> None:
@@ -423,7 +408,7 @@ async def test_files_in_etc_that_other_users_cannot_read_stay_hidden_even_from_t
 
 
 def _as_user_reads(uid: int, path: Path) -> str:
-    command = [*(_as(uid) if uid != os.getuid() else []), "cat", str(path)]
+    command = [*as_user(uid), "cat", str(path)]
     return subprocess.run(command, capture_output=True, text=True, timeout=WAIT_S, check=True).stdout
 
 
@@ -549,7 +534,7 @@ async def test_a_protected_path_inside_a_hidden_directory_does_not_fail_later_sp
 def _git(repo: Path, uid: int, *args: str) -> subprocess.CompletedProcess[str]:
     """The user's git on the host, in ``repo``: what the agent's plants are aimed at."""
     env = {"PATH": "/usr/bin:/bin", "HOME": str(repo.parent.parent), "GIT_CONFIG_NOSYSTEM": "1"}
-    command = [*(_as(uid) if uid != os.getuid() else []), "git", "-c", "safe.directory=*", *args]
+    command = [*as_user(uid), "git", "-c", "safe.directory=*", *args]
     return subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=WAIT_S, check=False)
 
 

@@ -232,6 +232,8 @@ def test_the_agent_sleeps_while_the_server_reads_nothing_of_a_flood() -> None:
 def run(agent: RawAgent, channel: int, command: str, **spec: Any) -> tuple[bytes, dict[str, Any]]:
     """Run ``command`` through the agent to its end: its output, and its exit as the agent reports it."""
     agent.send(spawn_frame(channel, command, **spec))
+    started = agent.next_of(protocol.STARTED)[0]
+    assert "error" not in started, started  # else no exit would come
     exited = agent.next_of(protocol.EXITED)[0]
     agent.next_of(protocol.CLOSED, 2)
     output = b"".join(bytes(f[2]) for f in agent.backlog if f[:2] == (protocol.STDOUT, channel))

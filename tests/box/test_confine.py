@@ -24,25 +24,15 @@ from process_mcp.config import SandboxConfig
 from process_mcp.host.sandbox import Sandbox, Tools
 from process_mcp.host.seccomp import build_filter
 
-from ..helpers import cannot_run_here
-from .test_box import RawAgent, spawn_frame
+from ..helpers import as_user, cannot_run_here
+from .test_box import RawAgent, run
 
-NOBODY = 65534
 TOOLS = Tools(bwrap="/usr/bin/bwrap", env="/usr/bin/env", prlimit="/usr/bin/prlimit")
 SECCOMP = base64.b64encode(build_filter()).decode()
 
 
-@pytest.fixture(params=["root", "unprivileged"])
-def uid(request: pytest.FixtureRequest) -> int:
-    if request.param == "root":
-        if os.getuid() != 0:
-            cannot_run_here("the root variant of the box attacks; run the tests as root")
-        return 0
-    return NOBODY if os.getuid() == 0 else os.getuid()
-
-
 @pytest.fixture
-def place(uid: int) -> Iterator[Path]:
+def place(user: int) -> Iterator[Path]:
     """A directory any user can reach, holding the workspace (the box's user's) and a bwrap that user may
     run (the one installed with the package may sit where other users cannot look)."""
     top = Path(tempfile.mkdtemp(prefix="process-mcp-test-confine-"))
@@ -57,7 +47,7 @@ def place(uid: int) -> Iterator[Path]:
         os.system(f"chmod -R a+rX {top / 'site'}")
         workspace = top / "ws"
         workspace.mkdir(mode=0o700)
-        os.chown(workspace, uid, uid)
+        os.chown(workspace, user, user)
         state = top / "state"  # the server's: the stand-ins of hidden paths
         (state / "empty-dir").mkdir(parents=True)
         (state / "empty").touch()
@@ -82,8 +72,7 @@ class Box(RawAgent):
             "--ro-bind", str(place / "state"), str(place / "state"),
             "--bind", str(self.workspace), str(self.workspace), "--chdir", str(self.workspace), "--",
         ]  # fmt: skip
-        if uid != os.getuid():
-            box = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", *box]
+        box = [*as_user(uid), *box]
         if not shutil.which("python3", path="/usr/bin"):
             cannot_run_here("no /usr/bin/python3 to run the agent in the box")
         super().__init__(wrap=box, python="/usr/bin/python3")
@@ -98,13 +87,7 @@ class Box(RawAgent):
             spec["confine"] = plan
         elif parts:
             spec["confine"] = {"seccomp": SECCOMP, "scopes": True, **parts}
-        self.send(spawn_frame(self.channel, "{ " + command + "\n} 2>&1", **spec))
-        started = self.next_of(protocol.STARTED)[0]
-        assert "error" not in started, started
-        exited = self.next_of(protocol.EXITED)[0]
-        self.next_of(protocol.CLOSED, 2)
-        output = b"".join(bytes(f[2]) for f in self.backlog if f[:2] == (protocol.STDOUT, self.channel))
-        self.backlog = [f for f in self.backlog if f[1] != self.channel]
+        output, exited = run(self, self.channel, "{ " + command + "\n} 2>&1", **spec)
         return output.decode(), exited
 
     def refused(self, command: str, **plan: Any) -> str:
@@ -120,8 +103,8 @@ class Box(RawAgent):
 
 
 @pytest.fixture
-def box(place: Path, uid: int) -> Iterator[Box]:
-    agent = Box(place, uid)
+def box(place: Path, user: int) -> Iterator[Box]:
+    agent = Box(place, user)
     try:
         yield agent
     finally:
