@@ -9,6 +9,7 @@ whose names and defaults are those of the original TypeScript server.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pwd
 import re
@@ -356,6 +357,18 @@ def default_host_workspace() -> str:
     if home.is_dir() and str(home) != "/":
         return str(home / ".local" / "share" / "process-mcp" / "workspace")
     return str(Path(tempfile.gettempdir()) / f"process-mcp-workspace-{os.getuid()}")
+
+
+def default_box_home(workspace: str) -> str:
+    """The HOME of the sandbox's boxes over ``workspace``, kept across its boxes and the server's runs (a
+    shell's history, caches, ``pip --user``, ``git config --global``), neither in the workspace nor the
+    user's home itself: ``~/.local/state/process-mcp/homes/<name>-<hash>``, else under the temp dir."""
+    real = os.path.realpath(workspace)
+    name = f"{os.path.basename(real) or 'root'}-{hashlib.sha256(real.encode()).hexdigest()[:12]}"
+    home = Path(user_home())
+    if home.is_dir() and str(home) != "/":
+        return str(home / ".local" / "state" / "process-mcp" / "homes" / name)
+    return str(Path(tempfile.gettempdir()) / f"process-mcp-homes-{os.getuid()}" / name)
 
 
 def user_home() -> str:

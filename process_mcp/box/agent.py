@@ -55,8 +55,9 @@ import time
 from typing import Any
 
 try:
-    from . import proc, protocol, spares, supervisor, tunnels
+    from . import confine, proc, protocol, spares, supervisor, tunnels
 except ImportError:  # in the box: the loader registered these under these names first
+    import process_mcp_box_confine as confine  # type: ignore[import-not-found,no-redef]
     import process_mcp_box_proc as proc  # type: ignore[import-not-found,no-redef]
     import process_mcp_box_protocol as protocol  # type: ignore[import-not-found,no-redef]
     import process_mcp_box_spares as spares  # type: ignore[import-not-found,no-redef]
@@ -140,7 +141,8 @@ class Process:
 class Agent:
     """The agent's loop: frames from the server, output from processes, exits from supervisors."""
 
-    def __init__(self, stream_in: int = 0, stream_out: int = 1) -> None:
+    def __init__(self, stream_in: int = 0, stream_out: int = 1, *, box: bool = False) -> None:
+        """``box``: the agent of a long-lived box (``confine``), which confines every process it starts."""
         self.stream_in = stream_in
         self.stream_out = stream_out
         self.selector = selectors.DefaultSelector()
@@ -166,6 +168,10 @@ class Agent:
         grow_pipe(stream_out)
         self.selector.register(stream_in, selectors.EVENT_READ, self._on_stream)
         self.selector.register(supervisor.wake_on_sigchld(), selectors.EVENT_READ, self._on_sigchld)
+        self.box = box
+        self.made: dict[str, str] = {}  # the mounts the agent made for the plans so far (``confine.protect``)
+        if box:
+            confine.own_namespace()  # before the zygote: it and every process share this namespace
         self.spares.start()
 
     def run(self) -> int:
@@ -392,6 +398,16 @@ class Agent:
     # Processes.
 
     def _spawn(self, channel: int, spec: dict[str, Any]) -> None:
+        if self.box:
+            # A process started without a plan would keep the agent's capabilities over the box.
+            plan = spec.get("confine")
+            try:
+                if not plan:
+                    raise confine.ConfineError(0, "a process of a box must come with a plan to confine it")
+                confine.protect(plan, self.made)
+            except OSError as exc:
+                self.send(protocol.message(protocol.STARTED, channel, error="confine", message=str(exc)))
+                return
         env = dict(os.environ) if spec.get("inherit", True) else {}
         env.update(spec.get("env") or {})
         opened: list[int] = []
@@ -666,8 +682,13 @@ def start_time() -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the agent; ``argv`` (the loader gives the command line after the bootstrap and the agent's name)
     may name the user every command runs as, which a root agent drops to (ignored unless the agent is
-    root and the user is not)."""
+    root and the user is not), or be ``--box``: the agent of a long-lived box (``confine``)."""
     args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["--box"]:
+        if len(args) > 1:
+            sys.stderr.write("process-mcp agent: the agent of a box runs its processes as its own user\n")
+            return 5
+        return Agent(box=True).run()
     if args and os.geteuid() == 0:
         try:
             user = supervisor.resolve_user(args[0])

@@ -1,29 +1,33 @@
-"""What a process in a long-lived box is confined to, applied in its own child just before it runs.
+"""What confines the processes of a long-lived box: the mounts its agent makes for all of them, and what
+each gives up in its own child just before it runs.
 
 A box lives across many spawns, so what must be read-only in it can change while it lives: ``git init
 repo`` in one call makes ``repo/.git`` that the next call must not be able to write. The box's agent
-keeps CAP_SYS_ADMIN over the box's own mount namespace (and nothing else: the box's user namespace
-is its own, nested, and its mounts from bwrap are locked), and each process is started in a child that
-takes a mount namespace of its own, makes the paths the server names read-only (or hides them) as they
-are at that moment, and then gives up everything before the command runs: every capability (bounding,
-ambient, effective, permitted, inheritable), new privileges, a Landlock domain of its own that scopes
-signals and abstract Unix sockets (so nothing it starts can signal the agent, its zygote or its
-supervisors, which stay outside that domain), and the sandbox's seccomp filter (no mounts, no new
-namespaces).
+keeps CAP_SYS_ADMIN over the box's own namespaces (and nothing else: the box's user namespace is its
+own, nested, and its mounts from bwrap are locked). It takes a mount namespace of its own at start,
+which every process of the box shares, and before each spawn makes the paths the server names
+read-only (or hides them) there, as they are at that moment (``protect``): a protection added for a
+later spawn holds for the processes that run already, so none of them keeps a weaker view that a later
+one could drive it to use. Each process then gives up everything before its command runs
+(``give_up``): every capability (bounding, ambient, effective, permitted, inheritable), new
+privileges, a Landlock domain of its own (so it cannot trace or reach through /proc the agent, its
+zygote, its supervisors, the box's init or another process's tree; and, with scopes, cannot signal
+them), and the sandbox's seccomp filter (no mounts, no new namespaces).
 
 The plan comes from the server with the spawn (``SPAWN``'s ``confine`` field): ``readonly`` paths,
 ``hidden`` paths each with the empty file or directory that covers it, ``pinned`` directories (bound
-onto themselves so they cannot be renamed), ``seccomp`` (the filter's BPF
-program, base64) and ``scopes`` (whether to take the Landlock domain). A path the box shows as a
+onto themselves so they cannot be renamed), ``seccomp`` (the filter's BPF program, base64) and
+``scopes`` (whether the Landlock domain scopes signals and abstract sockets). A path the box shows as a
 symbolic link is refused, not followed: a mount follows links, and a protection must hold the name it
-names. Shipped into the box with the agent: standard library only, and syntax Python 3.8 parses.
-"""
+names. Shipped into the box with the agent: standard library only, and syntax Python 3.8 parses."""
 
 from __future__ import annotations
 
 import base64
 import ctypes
+import errno
 import os
+import re
 import stat
 import struct
 from typing import Any
@@ -48,8 +52,13 @@ LINUX_CAPABILITY_VERSION_3 = 0x20080522
 # landlock_create_ruleset, landlock_restrict_self: the same numbers on every architecture.
 SYS_LANDLOCK_CREATE_RULESET = 444
 SYS_LANDLOCK_RESTRICT_SELF = 446
+SYS_MOUNT_SETATTR = 442
+MOUNT_ATTR_RDONLY = 1
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
 LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET = 1
 LANDLOCK_SCOPE_SIGNAL = 2
+LANDLOCK_ACCESS_FS_MAKE_BLOCK = 1 << 11
 O_PATH = getattr(os, "O_PATH", 0o10000000)
 
 _libc: Any = None
@@ -90,31 +99,76 @@ def _check(result: int, what: str) -> int:
     return result
 
 
-def own_mounts(plan: dict[str, Any]) -> None:
-    """The first half of ``plan``, which needs the capabilities the second gives up: a mount namespace of
-    its own (its mounts reach no other process of the box), with each ``readonly`` path bound read-only
-    onto itself, each ``hidden`` one ([path, stand-in]) covered by its stand-in, and each ``pinned``
-    directory bound onto itself (a mount point cannot be renamed), outermost first so no mount covers
-    another. Raises ConfineError."""
-    mounts = [(path, path, True) for path in plan.get("readonly") or []]
-    mounts += [(stand_in, path, True) for path, stand_in in plan.get("hidden") or []]
-    mounts += [(path, path, False) for path in plan.get("pinned") or []]
-    if not mounts:
-        return
+def own_namespace() -> None:
+    """Take a mount namespace of the agent's own, with its mounts private: the box's mounts from bwrap
+    belong to the user namespace outside, so this one is where the agent may mount, and every process it
+    starts shares it (see ``protect``)."""
     libc = c_library()
     _check(libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     _check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "making the mounts private")
-    for source, target, read_only in sorted(mounts, key=lambda mount: (mount[1].count("/"), mount[1])):
+
+
+def protect(plan: dict[str, Any], made: dict[str, str]) -> None:
+    """Make the box's mounts what ``plan`` says now, in the agent's namespace (``own_namespace``), which
+    every process of the box shares, so a protection holds for the processes that run already too: each
+    ``readonly`` path bound read-only onto itself with all below it, each ``hidden`` one ([path,
+    stand-in]) covered by its stand-in, each ``pinned`` directory bound onto itself (a mount point cannot
+    be renamed), outermost first. ``made`` (path -> "readonly", "hidden" or "pinned") is what the agent
+    made for earlier plans, kept up to date here: a path of it that this plan no longer makes read-only
+    (the nearest existing ancestor of a denied path, once that path exists; a directory that can be
+    listed again) is made writable again, after the new protections are in place and without unmounting
+    anything, so nothing below it is exposed on the way. Hidden paths stay hidden. Raises ConfineError;
+    a protection made before the one that failed stays."""
+    wanted = {path: ("readonly", path) for path in plan.get("readonly") or []}
+    wanted.update({path: ("hidden", stand_in) for path, stand_in in plan.get("hidden") or []})
+    for path in plan.get("pinned") or []:
+        wanted.setdefault(path, ("pinned", path))
+    if not wanted and not made:
+        return
+    mounted = mount_points()
+    for target in sorted(wanted, key=lambda path: (path.count("/"), path)):
+        kind, source = wanted[target]
+        read_only = kind != "pinned"
+        earlier = made.get(target)
+        if target in mounted and earlier is not None and (earlier == kind or "hidden" not in (earlier, kind)):
+            if mounted[target] != read_only:
+                set_read_only(target, read_only)  # an earlier pin now read-only, or the other way round
+            made[target] = kind
+            continue
+        if target in mounted and kind != "hidden" and mounted[target] >= read_only and target not in made:
+            continue  # the box's own mount (a read-only path of the view), as strict as needed
         _bind(source, target, read_only=read_only)
+        made[target] = kind
+    held = [path for path, (kind, _) in wanted.items() if kind != "pinned"]
+    for target, kind in list(made.items()):
+        if target in wanted:
+            continue
+        if target not in mounted:
+            del made[target]  # gone (the directory was removed or moved on the host): so is its mount
+        elif kind != "hidden" and not any(target == path or target.startswith(path + "/") for path in held):
+            if mounted[target]:
+                set_read_only(target, False)
+            made[target] = "pinned"
+
+
+def mount_points() -> dict[str, bool]:
+    """Each mount point this process sees, and whether that mount is read-only."""
+    found = {}
+    with open("/proc/self/mountinfo", "rb") as table:
+        for line in table:
+            fields = line.split(b" ")
+            point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4])
+            found[os.fsdecode(point)] = b"ro" in fields[5].split(b",")
+    return found
 
 
 def give_up(plan: dict[str, Any]) -> None:
-    """The second half of ``plan``, in order: every capability, new privileges, a Landlock domain of its
-    own with ``scopes``, the ``seccomp`` filter. Raises ConfineError at the first that cannot be applied."""
+    """What a process gives up before it runs, in order: every capability, new privileges, a Landlock
+    domain of its own (which scopes signals and abstract Unix sockets with ``scopes``), the ``seccomp``
+    filter. Raises ConfineError at the first that cannot be applied."""
     drop_capabilities()
     no_new_privileges()
-    if plan.get("scopes"):
-        scope_signals_and_sockets()
+    landlock_domain(scoped=bool(plan.get("scopes")))
     if plan.get("seccomp"):
         load_seccomp(base64.b64decode(plan["seccomp"]))
 
@@ -142,20 +196,7 @@ def _bind(source: str, target: str, *, read_only: bool) -> None:
             was, now = os.fstat(fds[0]), os.fstat(bound)
             if (was.st_dev, was.st_ino) != (now.st_dev, now.st_ino):
                 raise ConfineError(0, f"{target} changed while it was being protected")
-            # A remount must keep the flags the mount below has (nosuid, nodev, noexec): where the box's
-            # user namespace is nested, they are locked, and a remount that drops one is refused.
-            flags = os.fstatvfs(bound).f_flag
-            kept = (
-                (MS_NOSUID if flags & os.ST_NOSUID else 0)
-                | (MS_NODEV if flags & os.ST_NODEV else 0)
-                | (MS_NOEXEC if flags & os.ST_NOEXEC else 0)
-            )
-            _check(
-                libc.mount(
-                    None, f"/proc/self/fd/{bound}".encode(), None, MS_BIND | MS_REMOUNT | MS_RDONLY | kept, None
-                ),
-                f"making {target} read-only",
-            )
+            read_only_all(bound, target)
     except FileNotFoundError:
         pass  # gone since the server looked: nothing there to protect (its parent still holds)
     except OSError as exc:
@@ -165,6 +206,43 @@ def _bind(source: str, target: str, *, read_only: bool) -> None:
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def read_only_all(fd: int, target: str) -> None:
+    """Make the mount at ``fd`` read-only with every mount below it (an earlier pin inside it too)."""
+    _set_attributes(fd, target, read_only=True, recursive=True)
+
+
+def set_read_only(target: str, read_only: bool) -> None:
+    """Make the mount at ``target`` read-only with every mount below it, or that mount alone writable."""
+    fd = os.open(target, O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        _set_attributes(fd, target, read_only=read_only, recursive=read_only)
+    finally:
+        os.close(fd)
+
+
+def _set_attributes(fd: int, target: str, *, read_only: bool, recursive: bool) -> None:
+    """mount_setattr, or where the kernel has none (before Linux 5.12), a remount of that mount alone that
+    keeps the flags it has (nosuid, nodev, noexec: where the box's user namespace is nested they are
+    locked, and a remount that drops one is refused)."""
+    libc = c_library()
+    attr = struct.pack("QQQQ", MOUNT_ATTR_RDONLY if read_only else 0, 0 if read_only else MOUNT_ATTR_RDONLY, 0, 0)
+    flags = AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
+    result = libc.syscall(SYS_MOUNT_SETATTR, fd, b"", flags, attr, ctypes.c_size_t(len(attr)))
+    what = f"making {target} {'read-only' if read_only else 'writable'}"
+    if result == 0:
+        return
+    if ctypes.get_errno() != errno.ENOSYS:
+        _check(result, what)
+    held = os.fstatvfs(fd).f_flag
+    kept = (
+        (MS_NOSUID if held & os.ST_NOSUID else 0)
+        | (MS_NODEV if held & os.ST_NODEV else 0)
+        | (MS_NOEXEC if held & os.ST_NOEXEC else 0)
+        | (MS_RDONLY if read_only else 0)
+    )
+    _check(libc.mount(None, f"/proc/self/fd/{fd}".encode(), None, MS_BIND | MS_REMOUNT | kept, None), what)
 
 
 def drop_capabilities() -> None:
@@ -190,9 +268,20 @@ def no_new_privileges() -> None:
 def scope_signals_and_sockets() -> None:
     """Take a Landlock domain of its own that scopes signals and abstract Unix sockets: what runs in it
     can signal only processes in it (or nested in it), so not the agent or its supervisors."""
-    libc = c_library()
+    landlock_domain(scoped=True)
 
-    attr = _RulesetAttr(0, 0, LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET | LANDLOCK_SCOPE_SIGNAL)
+
+def landlock_domain(*, scoped: bool) -> None:
+    """Take a Landlock domain of its own. Any domain keeps what runs in it from tracing, or opening through
+    /proc (``/proc/PID/root``, ``/proc/PID/fd``), a process outside it: the agent, the box's init, every
+    other process of the box, each in a domain of its own. ``scoped`` adds signals and abstract Unix
+    sockets (Linux 6.12); without it the domain handles making block devices alone, which nothing in a
+    box may do anyway."""
+    libc = c_library()
+    if scoped:
+        attr = _RulesetAttr(0, 0, LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET | LANDLOCK_SCOPE_SIGNAL)
+    else:
+        attr = _RulesetAttr(LANDLOCK_ACCESS_FS_MAKE_BLOCK, 0, 0)
     fd = _check(
         libc.syscall(SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr)), 0),
         "landlock_create_ruleset",

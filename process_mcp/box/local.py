@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import anyio.to_thread
 
@@ -21,6 +21,9 @@ from .client import AGENT_NAME, BOOTSTRAP, AgentConnection, AgentUnavailable, Ch
 Boxing = Callable[[list[str]], tuple[list[str], list[int]]]
 """Turns the agent's command line into one that starts it in a box: that line, and the descriptors it
 must inherit (closed here once it started)."""
+
+Starter = Callable[[Callable[[], "subprocess.Popen[bytes]"]], Awaitable["subprocess.Popen[bytes]"]]
+"""Runs the agent's start (a call that starts it and returns its process) where it must run."""
 
 AGENT_EXIT_S = 5.0
 """Bound on waiting for the local agent to exit once its stream is closed."""
@@ -70,30 +73,34 @@ class LocalAgent:
         self.connection = connection
 
     @classmethod
-    async def start(cls, name: str, box: Boxing | None = None) -> LocalAgent:
+    async def start(cls, name: str, box: Boxing | None = None, start_in: Starter | None = None) -> LocalAgent:
         """Start the agent as a child of this process, in a session of its own (a Ctrl-C meant for the
         server does not reach it: the server ends its processes in order); in the box ``box`` makes for
-        its command line, if given (its processes then have pids of the box's own). Raises
+        its command line, if given, as the box's agent (``--box``: every process it starts must come
+        with a plan to confine it; its processes have pids of the box's own). ``start_in`` runs the
+        start (default: here), for a thread whose restrictions the agent must inherit. Raises
         AgentUnavailable."""
         argv = [sys.executable, "-I", "-S", "-c", BOOTSTRAP, AGENT_NAME]
-        fds: list[int] = []
-        if box is not None:
-            argv, fds = box(argv)
-        try:
-            process = subprocess.Popen(  # noqa: ASYNC220 - starting does not wait; stop waits in a thread
-                argv,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                env={},
-                cwd="/",
-                start_new_session=True,
-                pass_fds=fds,
-            )
-        except OSError as exc:
-            raise AgentUnavailable(f"cannot start {argv[0]}: {exc.strerror or exc}") from None
-        finally:
-            for fd in fds:
-                os.close(fd)
+
+        def popen() -> subprocess.Popen[bytes]:
+            line, fds = (argv, []) if box is None else box([*argv, "--box"])
+            try:
+                return subprocess.Popen(
+                    line,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    env={},
+                    cwd="/",
+                    start_new_session=True,
+                    pass_fds=fds,
+                )
+            except OSError as exc:
+                raise AgentUnavailable(f"cannot start {line[0]}: {exc.strerror or exc}") from None
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+        process = popen() if start_in is None else await start_in(popen)
         connection = AgentConnection(_Pipes(process), name)
         connection.same_pids = box is None
         agent = cls(process, connection)

@@ -422,8 +422,8 @@ def _start_in_child(
     spec: dict[str, Any], env: dict[str, str], stdio: tuple[int, int, int], user: tuple[int, int] | None
 ) -> int:
     """Start ``/bin/sh -c command`` in a session of its own on ``stdio`` from a fork that, before it
-    execs, applies the spec's ``confine`` plan (``confine``: a mount namespace of its own, no
-    capabilities, seccomp, a Landlock domain) and drops to ``user`` (uid, gid; no supplementary groups)
+    execs, gives up what the spec's ``confine`` plan says (``confine.give_up``: every capability,
+    seccomp, a Landlock domain; the agent made its mounts) and drops to ``user`` (uid, gid; no supplementary groups)
     for good, from a root supervisor. The supervisor keeps what the command gives up, so nothing the
     command does can signal or trace it. The directory is entered last, so one the user may not enter
     is "nocwd" as it would be without the agent. Raises StartFailed once the child has said why it could
@@ -445,9 +445,6 @@ def _start_in_child(
                 for target, fd in enumerate(stdio):
                     os.dup2(fd, target)
             plan = spec.get("confine")
-            if plan:
-                step = "confine"
-                confine.own_mounts(plan)  # needs the capabilities the next steps give up
             if user is not None:
                 step = "exec"
                 uid, gid = user

@@ -25,18 +25,19 @@ import anyio
 
 from ..box.client import AgentUnavailable
 from ..box.local import LocalAgent
-from ..config import ProcessMcpConfig, default_host_workspace, user_home
+from ..config import ProcessMcpConfig, default_box_home, default_host_workspace, user_home
 from ..core.contract import Backend, LaunchSpec, ProcessSink
 from ..core.environment import child_environment
 from ..core.executor import ProcessExecutor
 from ..core.handle import ProcessHandle
-from ..core.models import TTY_TERM, LimitName, ProcessLimits
+from ..core.models import TTY_TERM
 from ..errors import BackendUnavailable, InvalidConfig, InvalidInput, SpawnFailed, excerpt
+from ..policy.egress import proxy_environment
 from . import landlock, seccomp
 from .bounds import ServerBounds
+from .box import HostBox
 from .cgroups import SandboxCgroups
-from .launch import PipeHandle, PtyHandle, start_pipe, start_pty
-from .sandbox import Launch, Sandbox, Tools, env_resets_signals, find_bwrap, find_tool, probe
+from .sandbox import Sandbox, Tools, env_resets_signals, find_bwrap, find_tool, probe
 
 if TYPE_CHECKING:
     from ..policy.egress import DomainProxy
@@ -73,7 +74,7 @@ class HostBackend(Backend):
         self._sandbox_problem: str | None = None  # why the sandbox cannot run, once checked
         self._sandbox_checked = False
         self._sandbox_misconfigured = False
-        self._cgroup_of: dict[str, str] = {}  # process id -> its sandbox's cgroup name
+        self._box: HostBox | None = None  # the workspace's box, when the sandbox is on
         self._spawner: ThreadPoolExecutor | None = None  # a thread in a Landlock domain, see _start
         self._sandbox_lock = anyio.Lock()
         self._proxy: DomainProxy | None = None
@@ -139,14 +140,18 @@ class HostBackend(Backend):
         problem = await probe(bwrap, network=config.network_restricted)
         if problem:
             raise BackendUnavailable(f"bwrap cannot create a sandbox here: {problem}")
-        scope_ipc = True
-        if not config.network_restricted and landlock.abi_version() < landlock.LANDLOCK_SCOPE_ABI:
+        if landlock.abi_version() < 1:
+            raise BackendUnavailable(
+                "the kernel offers no Landlock (Linux 5.13, with landlock in its lsm= list), which keeps each "
+                "process of the box from reaching the others and the box's agent through /proc"
+            )
+        scope_ipc = landlock.abi_version() >= landlock.LANDLOCK_SCOPE_ABI
+        if not config.network_restricted and not scope_ipc:
             self._missing_layer(
                 "this kernel has no Landlock scopes (Linux 6.12), so with SANDBOX_ALLOWED_DOMAINS=* the host's "
                 "abstract Unix sockets stay reachable; set a domain list (or empty) to give processes their own "
                 "network namespace"
             )
-            scope_ipc = False
         try:
             program = seccomp.build_filter()
         except seccomp.SeccompUnsupported as exc:
@@ -201,11 +206,34 @@ class HostBackend(Backend):
         try:
             if scope_ipc:
                 self._spawner = await _scoped_spawner()
-            return await anyio.to_thread.run_sync(make)
+            sandbox = await anyio.to_thread.run_sync(make)
         except BaseException:
             if cgroups is not None:
                 cgroups.close()
             raise
+        home = default_box_home(self.config.workdir)
+        try:
+            await anyio.to_thread.run_sync(_make_box_home, home)
+        except BackendUnavailable:
+            if cgroups is not None:
+                cgroups.close()
+            raise
+        self._box = HostBox(
+            sandbox,
+            home,
+            functools.partial(sandbox.confine_plan, program, scopes=scope_ipc),
+            start_in=None if self._spawner is None else self._in_spawner,
+            proxy_socket=socket_path,
+        )
+        return sandbox
+
+    async def _in_spawner(self, start: Callable[[], _Started]) -> _Started:
+        """Run ``start`` in the Landlock-scoped spawner thread: what it starts inherits the domain."""
+        assert self._spawner is not None
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._spawner, start)
+        except BrokenExecutor as exc:
+            raise SpawnFailed(f"the sandbox's Landlock-scoped spawner thread failed: {exc}") from None
 
     def _missing_layer(self, problem: str) -> None:
         if self.config.sandbox.required:
@@ -213,6 +241,9 @@ class HostBackend(Backend):
         logger.warning("sandbox: %s; running without that protection (SANDBOX_REQUIRED=true refuses)", problem)
 
     async def close(self) -> None:
+        if self._box is not None:
+            await self._box.close()
+            self._box = None
         if self._local is not None:
             await self._local.stop()
             self._local = None
@@ -239,22 +270,22 @@ class HostBackend(Backend):
                 "fix that, or set SANDBOX_REQUIRED=false to run unsandboxed"
             )
         overrides = {"TERM": TTY_TERM} if spec.tty else {}
-        if self._sandbox is not None:
-            overrides.update(HOME=self._sandbox.workspace, TMPDIR="/tmp")
+        if self._box is not None:
+            overrides.update(HOME=self._box.sandbox.home_in_box(self._box.home), TMPDIR="/tmp")
+            if self._proxy is not None:
+                overrides.update(proxy_environment())
         child_env = child_environment(os.environ, self.config.env_passthrough, spec.env, **overrides)
-        if self._sandbox is None:
+        if self._box is None:
             return await self._launch_unsandboxed(spec, sink, child_env)  # the agent reports a missing cwd
-        if not await anyio.Path(spec.cwd).is_dir():
+        assert self._sandbox is not None
+        if not self._sandbox.visible(spec.cwd):
             raise InvalidInput(
-                f"cwd {excerpt(spec.cwd)} does not exist or is not a directory; pass an existing directory "
-                f"or omit cwd to use {self.workdir}"
+                f"cwd {excerpt(spec.cwd)} is outside what the sandbox shows; use a directory in the workspace "
+                f"({self._sandbox.workspace}), or add it to SANDBOX_ALLOW_READ (read-only) or SANDBOX_ALLOW_WRITE"
             )
-        try:
-            if spec.tty:
-                return PtyHandle(sink, await self._start(start_pty, spec, sink, child_env))
-            return PipeHandle(sink, await self._start(start_pipe, spec, sink, child_env))
-        except OSError as exc:
-            raise SpawnFailed(f"could not start {excerpt(spec.command)}: {exc.strerror or exc}") from None
+        handle = await self._box.spawn(spec, sink, child_env, self.workdir)
+        sink.sandboxed = True
+        return handle
 
     async def _launch_unsandboxed(self, spec: LaunchSpec, sink: ProcessSink, env: dict[str, str]) -> ProcessHandle:
         async with self._local_lock:  # started with the first spawn, again after it was lost
@@ -268,69 +299,9 @@ class HostBackend(Backend):
                     raise SpawnFailed(f"could not start {excerpt(spec.command)}: {exc.reason}") from None
         return await self._local.connection.spawn(spec, sink, env, inherit=False, workdir=self.workdir)
 
-    async def _start(
-        self, starter: Callable[[Launch, str], _Started], spec: LaunchSpec, sink: ProcessSink, env: dict[str, str]
-    ) -> _Started:
-        """Start ``spec``'s process in its sandbox: build the sandbox (which looks for protected paths
-        in the writable roots, so never on the event loop) and start it in one trip to the
-        Landlock-scoped spawner thread (a domain is inherited at fork, so Python can still vfork), or
-        to a worker thread where there is none."""
-        sandbox = self._sandbox
-        assert sandbox is not None
-
-        def wrap_and_start() -> tuple[_Started, str | None]:
-            launch = sandbox.wrap(spec.command, spec.cwd, env, spec.limits)
-            try:
-                return starter(launch, "/"), launch.cgroup  # the sandbox changes into spec.cwd itself
-            except BaseException:
-                if launch.cgroup is not None and sandbox.cgroups is not None:
-                    sandbox.cgroups.release(launch.cgroup)
-                raise
-            finally:
-                for fd in launch.close_after_start:
-                    os.close(fd)
-
-        with anyio.CancelScope(shield=True):  # once started, the process must get its record
-            if self._spawner is None:
-                started, cgroup = await anyio.to_thread.run_sync(wrap_and_start)
-            else:
-                try:
-                    started, cgroup = await asyncio.get_running_loop().run_in_executor(self._spawner, wrap_and_start)
-                except BrokenExecutor as exc:
-                    raise SpawnFailed(f"the sandbox's Landlock-scoped spawner thread failed: {exc}") from None
-        if cgroup is not None:
-            self._cgroup_of[spec.pid] = cgroup
-        sink.sandboxed = True
-        return started
-
-    def limit_reached(self, sink: ProcessSink, limits: ProcessLimits) -> LimitName | None:
-        # Where the sandbox has cgroups the kernel says exactly when a limit was hit: it ends a process
-        # of a group past its memory before any sample could see it, and counts refused forks.
-        oom_kills, forks_refused = self._limits_hit(sink)
-        if limits.memory_mb is not None and oom_kills:
-            return "memory"
-        if limits.processes is not None and forks_refused:
-            return "processes"
-        return None
-
     def finished(self, sink: ProcessSink) -> None:
-        if sink.limits is not None and sink.limits.memory_mb is not None and self._limits_hit(sink)[0]:
-            sink.ended_for("memory")  # the kernel ended (part of) it before the next sample did
-        self._release_cgroup(sink)
-
-    def _limits_hit(self, record: ProcessSink) -> tuple[int, int]:
-        name = self._cgroup_of.get(record.pid)
-        if name is None or self._sandbox is None or self._sandbox.cgroups is None:
-            return 0, 0
-        return self._sandbox.cgroups.limits_hit(name)
-
-    def _release_cgroup(self, record: ProcessSink) -> None:
-        name = self._cgroup_of.pop(record.pid, None)
-        if name is not None and self._sandbox is not None and self._sandbox.cgroups is not None:
-            peak = self._sandbox.cgroups.peak_memory(name)
-            if peak is not None:
-                record.peak_rss = max(peak, record.peak_rss or 0)
-            self._sandbox.cgroups.release(name)
+        if self._box is not None:
+            self._box.finished(sink.pid)
 
 
 async def _scoped_spawner() -> ThreadPoolExecutor:
@@ -345,7 +316,7 @@ async def _scoped_spawner() -> ThreadPoolExecutor:
     return spawner
 
 
-def _make_private_dir(path: str) -> None:
+def _make_private_dir(path: str, what: str = "the workspace") -> None:
     """Create ``path`` (mode 0700) unless it exists; refuse one that is not a directory of ours alone,
     since under a shared temp dir another user could have made it first."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -354,9 +325,17 @@ def _make_private_dir(path: str) -> None:
     info = os.lstat(path)
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
         raise BackendUnavailable(
-            f"the workspace {path} is not a directory owned by this user and writable only by it; remove it, "
+            f"{what} {path} is not a directory owned by this user and writable only by it; remove it, "
             "or set DEFAULT_WORKDIR to a directory of your own"
         )
+
+
+def _make_box_home(home: str) -> None:
+    """Create the box's home; under the shared temp dir, its parent (this user's) must be private too."""
+    parent = os.path.dirname(home)
+    if os.path.dirname(parent) == tempfile.gettempdir():
+        _make_private_dir(parent, "the directory of the boxes' homes")
+    _make_private_dir(home, "the box's home")
 
 
 def _remove_stale_state_dirs() -> None:

@@ -126,6 +126,11 @@ HIDDEN_SEARCH_TIMEOUT_S = 60.0
 """Bound on that search (about a second for a Debian /usr)."""
 GITDIR_FILE_MAX = 4096
 """Bytes read of a ``.git`` pointer file (``gitdir: <path>``) to find the git directory it names."""
+BOX_HOME = "/home/agent"
+"""Where a box shows its HOME (a directory of the server's, kept across boxes): the path a container's has."""
+BOX_OWN_PROCESSES = 8
+"""Processes of a box beside those it runs for the caller: bwrap's init, the agent, its zygote and spare
+supervisors (each running process's own supervisor counts against SANDBOX_MAX_PROCESSES)."""
 _PRIVATE_DIRS = ("/", "/tmp", "/var/tmp")
 _FORBIDDEN_ROOTS = ("/", "/proc", "/sys", "/dev", "/run", "/var", "/boot", "/tmp", "/var/tmp", "/home")
 
@@ -274,16 +279,18 @@ class Sandbox:
     def box(self, home: str, agent: Sequence[str]) -> Launch:
         """How to start a long-lived box over the workspace that runs ``agent`` (the agent's command line,
         its interpreter shown read-only where the system view does not hold it), with ``home`` (a host
-        directory, writable) as HOME: the static view every process gets, the protections as they are at
-        its start, and the namespaces of a per-spawn sandbox. Its processes share its /tmp, loopback and
-        IPC. The agent keeps CAP_SYS_ADMIN and CAP_SETPCAP over the box's own namespaces, which it needs
-        to confine each process as it starts (``box.confine``, with ``confine_plan``): every spawn in it
-        must carry a plan, since a process started without one keeps them too. Raises SpawnFailed when a
-        protection cannot be applied."""
+        directory, writable) as HOME (``home_in_box``): the static view every process gets, the
+        namespaces of a per-spawn sandbox, and the box's bounds. Its processes share its /tmp, loopback
+        and IPC. The protections inside the writable roots are the agent's to make, from the plan each
+        spawn carries (``confine_plan``), so they follow the workspace as it changes; the agent keeps
+        CAP_SYS_ADMIN and CAP_SETPCAP over the box's own namespaces for that, and for confining each
+        process as it starts (``box.confine``), so it refuses a spawn without a plan. ``Launch.cgroup``
+        names the box's cgroups, to give back once it has ended. Raises SpawnFailed when the view
+        cannot be mounted or the bounds set."""
         opener = PathOpener()
         mounts = MountArgs(opener)
         try:
-            args = [*self._bwrap(keep=("CAP_SYS_ADMIN", "CAP_SETPCAP")), "--setenv", "HOME", home]
+            args = [*self._bwrap(keep=("CAP_SYS_ADMIN", "CAP_SETPCAP")), "--setenv", "HOME", self.home_in_box(home)]
             if self.config.network_restricted:
                 args.append("--unshare-net")
             self._static_mounts(mounts)
@@ -301,16 +308,38 @@ class Sandbox:
                 self._mount_configured(mounts, interpreter, "the agent's interpreter", writable=False)
             for stand_in in (self._empty_file, self._empty_dir):
                 self._mount_configured(mounts, stand_in, "the server's state directory", writable=False)
-            self._mount_configured(mounts, home, "the box's home", writable=True)
-            self._protections(mounts)
+            try:
+                mounts.bind(home, self.home_in_box(home), writable=True)
+            except OSError as exc:
+                raise SpawnFailed(f"the sandbox cannot mount its home {home}: {exc.strerror or exc}") from None
             args += mounts.args
             args += ["--remount-ro", "/", "--chdir", self.workspace, "--", interpreter, *agent[1:]]
+            # The box's bounds: SANDBOX_MAX_PROCESSES and SANDBOX_MAX_MEMORY_MB for all its processes
+            # together (its agent and supervisors included), fitted under what bounds the server.
+            processes, memory = self._bounds(None)
+            args = [self.tools.prlimit, f"--nproc={processes + BOX_OWN_PROCESSES}", f"--data={memory}", "--", *args]
+            cgroup = None
+            if self.cgroups is not None:
+                try:
+                    cgroup, procs = self.cgroups.acquire(
+                        max_processes=processes + BOX_OWN_PROCESSES + 1, max_memory_bytes=memory
+                    )
+                except OSError as exc:
+                    raise SpawnFailed(f"the sandbox's cgroups could not be set up: {exc}") from None
+                args = join_command(procs, args)
         except BaseException:
             mounts.close()
             raise
         finally:
             opener.close()
-        return Launch(args, {}, tuple(mounts.fds), None, list(mounts.fds))
+        return Launch(args, {}, tuple(mounts.fds), None, list(mounts.fds), cgroup)
+
+    def home_in_box(self, home: str) -> str:
+        """Where a box shows ``home`` (its HOME): at BOX_HOME, as a container's, unless the view has a path
+        there; then at its own path."""
+        if any(_within(BOX_HOME, root) or _within(root, BOX_HOME) for root in (*self._readable, *self.writable)):
+            return os.path.realpath(home)
+        return BOX_HOME
 
     def _bwrap(self, keep: Sequence[str] = ()) -> list[str]:
         """bwrap with the namespaces every sandbox and box has (user, PID, IPC, cgroup; no nested user

@@ -416,9 +416,11 @@ async def test_the_users_home_is_not_shown_at_all(box: Servers) -> None:
     b: Box = await box()
     home = Path(pwd.getpwuid(os.getuid()).pw_dir)  # the test runner's home, which has files
     assert any(home.iterdir())
-    output = await b.output(f"ls -A {home}; echo x >> {home}/.bashrc; echo HOME=$HOME")
-    assert f"HOME={b.workspace}" in output
+    output = await b.output(f"ls -A {home}; echo x >> {home}/.bashrc; echo HOME=$HOME; echo kept > ~/note")
+    assert "HOME=/home/agent" in output  # the box's own, neither the user's home nor the workspace
     assert f"ls: cannot access '{home}': No such file or directory" in output
+    assert not (b.workspace / "note").exists()
+    assert await b.output("cat ~/note") == "kept\n"
 
 
 # 4b. Links: nothing the sandbox mounts follows a symbolic link a process could have made.

@@ -123,13 +123,16 @@ def spawn_frame(channel: int, command: str, **spec: Any) -> bytes:
 class RawAgent:
     """The agent started as the server starts it (as ``user``, default this process's), spoken to frame by frame."""
 
-    def __init__(self, user: int | None = None, *, wrap: Sequence[str] = (), python: str | None = None) -> None:
-        """``wrap`` is what the agent's command line runs under (a box), ``python`` its interpreter."""
+    def __init__(
+        self, user: int | None = None, *, wrap: Sequence[str] = (), python: str | None = None, args: Sequence[str] = ()
+    ) -> None:
+        """``wrap`` is what the agent's command line runs under (a box), ``python`` its interpreter, ``args``
+        what follows the bootstrap."""
         python = python or sys.executable
         if user is not None:  # another user may not run this one: the system's, as a box has its own
             python = shutil.which("python3", path="/usr/bin:/bin") or cannot_run_here("no /usr/bin/python3")
         self.process = subprocess.Popen(
-            [*wrap, python, "-I", "-S", "-c", BOOTSTRAP],
+            [*wrap, python, "-I", "-S", "-c", BOOTSTRAP, *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from process_mcp.box import protocol
+from process_mcp.box.client import AGENT_NAME
 from process_mcp.config import SandboxConfig
 from process_mcp.host.sandbox import Sandbox, Tools
 from process_mcp.host.seccomp import build_filter
@@ -75,18 +76,15 @@ class Box(RawAgent):
         box = [*as_user(uid), *box]
         if not shutil.which("python3", path="/usr/bin"):
             cannot_run_here("no /usr/bin/python3 to run the agent in the box")
-        super().__init__(wrap=box, python="/usr/bin/python3")
+        super().__init__(wrap=box, python="/usr/bin/python3", args=(AGENT_NAME, "--box"))
         self.channel = 0
 
     def run(self, command: str, plan: dict[str, Any] | None = None, **parts: Any) -> tuple[str, dict[str, Any]]:
-        """Run ``command`` in the workspace, confined by ``plan`` (seccomp, scopes, readonly, hidden) when
-        one is given: its output (stdout and stderr) and its exit."""
+        """Run ``command`` in the workspace, confined by ``plan``, else by the seccomp filter and scopes
+        with ``parts`` over them (``readonly``, ``hidden``; ``seccomp=None`` for none): its output
+        (stdout and stderr) and its exit. Protections last for the box's life."""
         self.channel += 1
-        spec: dict[str, Any] = {"cwd": str(self.workspace)}
-        if plan is not None:
-            spec["confine"] = plan
-        elif parts:
-            spec["confine"] = {"seccomp": SECCOMP, "scopes": True, **parts}
+        spec = {"cwd": str(self.workspace), "confine": plan or {"seccomp": SECCOMP, "scopes": True, **parts}}
         output, exited = run(self, self.channel, "{ " + command + "\n} 2>&1", **spec)
         return output.decode(), exited
 
@@ -113,26 +111,28 @@ def box(place: Path, user: int) -> Iterator[Box]:
 
 def test_a_protected_name_an_earlier_process_made_is_read_only_for_the_next(box: Box) -> None:
     box.run("mkdir -p repo/.git/hooks")  # made while the box lives: no mount of the box's start covers it
+    hook = box.workspace / "repo" / ".git" / "hooks" / "pre-commit"
+    # Without the protection the write reaches the host: the box alone does not hold it.
+    box.run("echo evil > repo/.git/hooks/pre-commit")
+    assert hook.exists()
+    hook.unlink()
     git = str(box.workspace / "repo" / ".git")
     output, _ = box.run("echo evil > repo/.git/hooks/pre-commit; echo fine > repo/notes", readonly=[git])
     assert "Read-only file system" in output
-    assert not (box.workspace / "repo" / ".git" / "hooks" / "pre-commit").exists()
+    assert not hook.exists()
     assert (box.workspace / "repo" / "notes").read_text() == "fine\n"
-    # The same write without the protection reaches the host: the box alone does not hold it.
-    box.run("echo evil > repo/.git/hooks/pre-commit")
-    assert (box.workspace / "repo" / ".git" / "hooks" / "pre-commit").exists()
 
 
-def test_a_confined_process_has_no_capability_and_cannot_undo_its_mounts(box: Box) -> None:
+def test_a_confined_process_has_no_capability_and_cannot_undo_the_boxs_mounts(box: Box) -> None:
     box.run("mkdir -p repo/.git")
     git = str(box.workspace / "repo" / ".git")
-    capabilities = "grep -E '^Cap(Inh|Prm|Eff|Bnd|Amb)' /proc/self/status"
-    output, _ = box.run(capabilities, readonly=[git])
+    capabilities = "grep -E '^Cap(Inh|Prm|Eff|Bnd|Amb)' /proc/{}/status"
+    output, _ = box.run(capabilities.format("self"), readonly=[git])
     assert [line.split()[1] for line in output.splitlines()] == ["0" * 16] * 5, output
-    open_box, _ = box.run(capabilities)
-    effective = int(open_box.split("CapEff:")[1].split()[0], 16)
+    agent, _ = box.run(capabilities.format(box.hello["pid"]), readonly=[git])
+    effective = int(agent.split("CapEff:")[1].split()[0], 16)
     assert effective & (1 << 21), "the box's agent should hold CAP_SYS_ADMIN for this test to mean anything"
-    output, _ = box.run(f"umount {git}; unshare -m true; echo x > {git}/config", readonly=[git])
+    output, _ = box.run(f"umount {git}; umount -l {git}; unshare -m true; echo x > {git}/config", readonly=[git])
     assert "unshare: " in output  # no new namespace to mount in
     assert "Read-only file system" in output  # and the umount did not take the protection away
     assert not Path(git, "config").exists()
@@ -140,11 +140,32 @@ def test_a_confined_process_has_no_capability_and_cannot_undo_its_mounts(box: Bo
 
 def test_a_confined_process_cannot_signal_the_agent_of_its_box(box: Box) -> None:
     agent = box.hello["pid"]
+    unscoped, _ = box.run(f"kill -CONT {agent} && echo reached", scopes=False)
+    assert "reached" in unscoped, "without the scope the agent's own user reaches it: the test would prove nothing"
     output, _ = box.run(f"kill -CONT {agent} && echo reached", scopes=True)
     assert "reached" not in output
     assert "ermitted" in output
-    unscoped, _ = box.run(f"kill -CONT {agent} && echo reached")
-    assert "reached" in unscoped, "without the scope the agent's own user reaches it: the test would prove nothing"
+
+
+def test_a_confined_process_cannot_reach_through_proc_into_the_box_init_the_agent_or_another_process(
+    box: Box,
+) -> None:
+    """/proc/PID/root of a process outside its Landlock domain (bwrap's init, whose mounts are the box's
+    start; the agent; an older process) would be a view without the protections, or another's tree."""
+    box.run("mkdir -p repo/.git/hooks")
+    git = str(box.workspace / "repo" / ".git")
+    box.run("true", readonly=[git])
+    box.send(protocol.message(protocol.SPAWN, 900, command="sleep 30", cwd=str(box.workspace), env={},
+                              inherit=True, tty=False, confine={"seccomp": SECCOMP, "scopes": True}))  # fmt: skip
+    other = box.next_of(protocol.STARTED)[0]["pid"]
+    for pid in (1, box.hello["pid"], other):
+        output, _ = box.run(
+            f"echo evil > /proc/{pid}/root{git}/hooks/pre-commit; head -c0 /proc/{pid}/fd/0; "
+            f"cat /proc/{pid}/environ >/dev/null; echo end"
+        )
+        assert output.count("Permission denied") == 3, (pid, output)
+    assert not Path(git, "hooks", "pre-commit").exists()
+    box.send(protocol.message(protocol.SIGNAL, 900, seq=1, signal=9))
 
 
 def test_a_protected_name_that_is_a_symbolic_link_refuses_the_spawn(box: Box) -> None:
@@ -156,10 +177,10 @@ def test_a_protected_name_that_is_a_symbolic_link_refuses_the_spawn(box: Box) ->
 
 def test_a_hidden_path_shows_its_stand_in(box: Box) -> None:
     box.run("echo token > secret && : > empty")
+    assert box.run("cat secret")[0] == "token\n"
     secret, empty = str(box.workspace / "secret"), str(box.workspace / "empty")
     output, _ = box.run("cat secret; echo end", hidden=[[secret, empty]])
     assert output == "end\n"
-    assert box.run("cat secret")[0] == "token\n"
 
 
 KEYCTL = {"x86_64": 250, "aarch64": 219}
@@ -173,9 +194,9 @@ def test_a_confined_process_runs_under_the_sandboxs_seccomp_filter(box: Box) -> 
         "import ctypes, os; libc = ctypes.CDLL(None, use_errno=True); "
         f"print(libc.syscall({number}, 0, -4, 1), os.strerror(ctypes.get_errno()))"
     )
-    output, _ = box.run(f"/usr/bin/python3 -I -c '{probe}'", scopes=False)
+    output, _ = box.run(f"/usr/bin/python3 -I -c '{probe}'")
     assert output.startswith("-1 Operation not permitted"), output
-    open_box, _ = box.run(f"/usr/bin/python3 -I -c '{probe}'")
+    open_box, _ = box.run(f"/usr/bin/python3 -I -c '{probe}'", seccomp=None)
     assert not open_box.startswith("-1"), f"keyctl fails without the filter too, so this proves nothing: {open_box}"
 
 
@@ -207,3 +228,23 @@ def test_what_the_sandbox_finds_at_each_spawn_holds_what_earlier_processes_made(
     assert not (box.workspace / "repo" / ".git" / "hooks" / "pre-commit").exists()
     assert (box.workspace / "notes").read_text() == "x\n"
     assert "hooksPath" not in (box.workspace / "repo" / ".git" / "config").read_text()
+
+
+def test_a_protection_a_later_plan_drops_is_lifted_without_opening_what_lies_below_it(box: Box) -> None:
+    """A path held read-only whole for a while (a directory that could not be listed, the nearest
+    ancestor of a denied path) is writable again once a plan no longer names it, while what is protected
+    inside it stays so, also across several spawns that hold it whole."""
+    box.run("mkdir -p repo/.git/hooks")
+    repo = str(box.workspace / "repo")
+    git = f"{repo}/.git"
+    attempt = "echo evil > repo/.git/hooks/pre-commit; echo note > repo/notes; echo end"
+    assert box.run(attempt, readonly=[git], pinned=[repo])[0].count("Read-only file system") == 1
+    for _ in range(2):  # the repository held whole, its .git no longer named: twice, as later spawns would
+        assert box.run(attempt, readonly=[repo])[0].count("Read-only file system") == 2
+    output, _ = box.run(attempt, readonly=[git], pinned=[repo])
+    assert output.count("Read-only file system") == 1
+    assert (box.workspace / "repo" / "notes").read_text() == "note\n"
+    # The workspace itself held whole (a denied path in it does not exist yet), then named no more.
+    assert "Read-only file system" in box.run("echo top > top", readonly=[str(box.workspace)])[0]
+    assert box.run("echo top > top; cat top")[0] == "top\n"
+    assert not (box.workspace / "repo" / ".git" / "hooks" / "pre-commit").exists()

@@ -8,6 +8,7 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +16,7 @@ from process_mcp.box.local import LocalAgent
 from process_mcp.config import SandboxConfig
 from process_mcp.core.contract import LaunchSpec
 from process_mcp.core.registry import ManagedProcess
+from process_mcp.errors import SpawnFailed
 from process_mcp.host.sandbox import Sandbox, Tools, find_bwrap, find_tool
 from process_mcp.host.seccomp import build_filter
 
@@ -32,17 +34,25 @@ class HostBox:
     home: Path
     count: int = 0
 
-    async def run(self, command: str, *, confined: bool = True) -> str:
-        """Run ``command`` in the workspace to its end (confined as a process of the box is); its output."""
+    def plan(self) -> dict[str, Any]:
+        """The plan the server would send with a spawn now."""
+        return self.sandbox.confine_plan(build_filter(), scopes=True)
+
+    async def start(self, command: str, plan: dict[str, Any] | None = None) -> ManagedProcess:
+        """Start ``command`` in the workspace, confined by ``plan`` (default: the plan for now)."""
         self.count += 1
         pid = f"host-{self.count}"
         record = ManagedProcess(pid, command, str(self.workspace), tty=False, buffer_bytes=1 << 20, cols=80, rows=24)
-        plan = self.sandbox.confine_plan(build_filter(), scopes=True) if confined else None
         spec = LaunchSpec(pid, f"{{ {command}\n}} 2>&1", str(self.workspace), {}, False, None)
-        env = {"PATH": "/usr/bin:/bin", "HOME": str(self.home)}
+        env = {"PATH": "/usr/bin:/bin", "HOME": self.sandbox.home_in_box(str(self.home))}
         record.handle = await self.agent.connection.spawn(
-            spec, record, env, inherit=False, workdir=str(self.workspace), confine=plan
+            spec, record, env, inherit=False, workdir=str(self.workspace), confine=plan or self.plan()
         )
+        return record
+
+    async def run(self, command: str, plan: dict[str, Any] | None = None) -> str:
+        """Run ``command`` as ``start`` does, to its end; its output."""
+        record = await self.start(command, plan)
         assert await record.wait(WAIT_S, output=True), f"{command!r} did not end"
         return record.stdout.tail().decode()
 
@@ -96,7 +106,7 @@ async def test_tmp_loopback_and_home_last_across_the_spawns_of_one_box(host_box:
     assert reply == "hello\n"
     await host_box.run("git config --global user.name Agent")
     assert "Agent" in (host_box.home / ".gitconfig").read_text()
-    assert await host_box.run("echo $HOME") == f"{host_box.home}\n"
+    assert await host_box.run("echo $HOME") == "/home/agent\n"
 
 
 async def test_a_repository_an_earlier_spawn_made_is_protected_in_the_next(host_box: HostBox) -> None:
@@ -104,19 +114,46 @@ async def test_a_repository_an_earlier_spawn_made_is_protected_in_the_next(host_
     output = await host_box.run("echo evil > early/.git/hooks/pre-commit; echo ok > early/file; cat early/file")
     assert "Read-only file system" in output
     assert output.endswith("ok\n")
+    before = host_box.plan()  # made before the repository: it names nothing in it
     await host_box.run("git init -q repo && echo hi > repo/file")
+    hook = host_box.workspace / "repo" / ".git" / "hooks" / "pre-commit"
+    # The box's own view (made before the repository was) does not hold it: the plan does.
+    await host_box.run("echo evil > repo/.git/hooks/pre-commit", before)
+    assert hook.exists()
+    hook.unlink()
     output = await host_box.run("echo evil > repo/.git/hooks/pre-commit; git -C repo add file && echo added")
     assert "Read-only file system" in output
+    assert not hook.exists()
+
+
+async def test_a_process_that_ran_before_a_protection_is_held_by_it_too(host_box: HostBox) -> None:
+    """A process started before ``repo/.git`` existed (a shell, a tmux server another process drives)
+    must not keep a view in which it is writable once a later spawn protects it."""
+    (host_box.workspace / "go").mkdir()
+    older = await host_box.start("while [ ! -e go/now ]; do sleep 0.05; done; echo evil > repo/.git/hooks/pre-commit")
+    await host_box.run("git init -q repo")
+    await host_box.run("touch go/now")  # the plan of this spawn names repo/.git
+    assert await older.wait(WAIT_S, output=True)
+    assert "Read-only file system" in older.stdout.tail().decode()
     assert not (host_box.workspace / "repo" / ".git" / "hooks" / "pre-commit").exists()
-    # The box's own view (made before the repository was) does not hold it: the plan does.
-    await host_box.run("echo evil > repo/.git/hooks/pre-commit", confined=False)
-    assert (host_box.workspace / "repo" / ".git" / "hooks" / "pre-commit").exists()
+
+
+async def test_a_spawn_without_a_plan_is_refused_by_the_boxs_agent(host_box: HostBox) -> None:
+    """A process started without a plan would keep the agent's capabilities over the box."""
+    spec = LaunchSpec("host-99", "true", str(host_box.workspace), {}, False, None)
+    record = ManagedProcess("host-99", "true", str(host_box.workspace), tty=False, buffer_bytes=1024, cols=80, rows=24)
+    with pytest.raises(SpawnFailed, match="must come with a plan"):
+        await host_box.agent.connection.spawn(spec, record, {}, inherit=False, workdir=str(host_box.workspace))
 
 
 async def test_the_box_shows_nothing_of_the_host_but_its_view(host_box: HostBox) -> None:
-    output = await host_box.run("ls /root /home; id -u")
-    assert "No such file or directory" in output
-    assert output.splitlines()[-1] == str(os.getuid())
+    output = await host_box.run("ls -A /root; ls /home; echo $HOME; id -u")
+    lines = output.splitlines()
+    assert lines[-3:] == ["agent", "/home/agent", str(os.getuid())]
+    if PREFIX.startswith("/root/"):  # /root is there only on the way to the agent's Python
+        assert lines[:-3] == [PREFIX.split("/")[2]]
+    else:
+        assert "No such file or directory" in lines[0]
 
 
 async def test_the_agents_python_is_shown_and_nothing_beside_it(host_box: HostBox) -> None:

@@ -1,0 +1,170 @@
+"""The host's box: one long-lived bwrap sandbox over a workspace, with the agent inside, through which
+every process of that workspace starts (the same shape as a container with its agent).
+
+The box is started with the first spawn (``Sandbox.box``: the sandbox's view and namespaces, a HOME of
+its own, its bounds), from the server's Landlock-scoped thread where there is one, so neither the box
+nor anything in it can signal the server or reach the host's abstract sockets. Its processes share its
+/tmp, loopback and IPC; another workspace (another principal's) has a box of its own. Each spawn
+carries a plan (``Sandbox.confine_plan``: what is protected in the workspace now, the seccomp filter,
+the Landlock scopes) that the agent applies for the whole box before the process starts, and each
+process gives up everything before its command runs (``box.confine``). The box ends with the server,
+when the agent is lost (the next spawn starts another), and once no process of it has run for
+BOX_IDLE_S.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from ..box.client import AgentUnavailable
+from ..box.local import LocalAgent, Starter
+from ..core.contract import LaunchSpec, ProcessSink
+from ..core.handle import ProcessHandle
+from ..errors import SpawnFailed, excerpt
+from ..policy.egress import PROXY_PORT
+from .sandbox import Sandbox
+
+logger = logging.getLogger(__name__)
+
+BOX_IDLE_S = 300.0
+"""How long a box lives on with no process; the next spawn starts a new one (its HOME stays)."""
+
+
+class HostBox:
+    """One workspace's box and the agent in it, started when first needed.
+
+    ``plan`` gives the confinement plan for the next spawn (it searches the workspace: run in a worker
+    thread); ``start_in`` runs the box's start where it must run; ``proxy_socket`` is the domain proxy's
+    socket, which the agent serves on the box's loopback at PROXY_PORT.
+    """
+
+    def __init__(
+        self,
+        sandbox: Sandbox,
+        home: str,
+        plan: Callable[[], dict[str, Any]],
+        *,
+        start_in: Starter | None = None,
+        proxy_socket: str | None = None,
+    ) -> None:
+        self.sandbox = sandbox
+        self.home = home
+        self._plan = plan
+        self._start_in = start_in
+        self._proxy_socket = proxy_socket
+        self._agent: LocalAgent | None = None
+        self._cgroup: str | None = None
+        self._lock = anyio.Lock()
+        self._planning = anyio.Lock()
+        self._running: set[str] = set()  # ids of the processes of this box that have not finished
+        self._idle: asyncio.TimerHandle | None = None
+        self._stopping: asyncio.Task[None] | None = None
+
+    @property
+    def agent_pid(self) -> int | None:
+        """The agent's pid in the box, while a box runs."""
+        if self._agent is None or self._agent.connection.hello is None:
+            return None
+        return int(self._agent.connection.hello["pid"])
+
+    async def spawn(self, spec: LaunchSpec, sink: ProcessSink, env: dict[str, str], workdir: str) -> ProcessHandle:
+        """Start ``spec``'s process in the box (started first if none runs), confined by the plan for the
+        workspace as it is now. Raises SpawnFailed, or InvalidInput for a missing cwd."""
+        self._cancel_idle()
+        agent = await self._ready(spec.command)
+        # A plan makes the box's protections what the workspace needs when it was made: plans reach the
+        # agent in the order they were made, so an older one never undoes what a newer one added.
+        async with self._planning:
+            plan = await anyio.to_thread.run_sync(self._plan)
+            handle = await agent.connection.spawn(
+                spec, sink, env, inherit=False, workdir=workdir, where=" in the sandbox", confine=plan
+            )
+        self._running.add(spec.pid)
+        return handle
+
+    def finished(self, pid: str) -> None:
+        """Process ``pid`` has finished; with none left, the box ends after BOX_IDLE_S."""
+        self._running.discard(pid)
+        if not self._running and self._agent is not None and self._idle is None:
+            self._idle = asyncio.get_running_loop().call_later(BOX_IDLE_S, self._stop_if_idle)
+
+    async def close(self) -> None:
+        """End every process of the box, and the box."""
+        self._cancel_idle()
+        async with self._lock:
+            await self._stop()
+
+    def _cancel_idle(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
+
+    def _stop_if_idle(self) -> None:
+        self._idle = None
+        if not self._running and self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop_idle())
+
+    async def _stop_idle(self) -> None:
+        try:
+            async with self._lock:
+                if not self._running:
+                    logger.info("sandbox: the box over %s ran nothing for %g s", self.sandbox.workspace, BOX_IDLE_S)
+                    await self._stop()
+        finally:
+            self._stopping = None
+
+    async def _ready(self, command: str) -> LocalAgent:
+        async with self._lock:
+            if self._agent is not None and self._agent.connection.alive:
+                return self._agent
+            if self._agent is not None:
+                logger.warning("sandbox: the box over %s was lost; a new one starts", self.sandbox.workspace)
+                await self._stop()
+            cgroups: list[str | None] = []
+
+            def boxing(argv: list[str]) -> tuple[list[str], list[int]]:
+                launch = self.sandbox.box(self.home, argv)
+                cgroups.append(launch.cgroup)
+                return launch.argv, list(launch.pass_fds)
+
+            try:
+                agent = await LocalAgent.start("box", boxing, self._start_in or _in_worker)
+            except AgentUnavailable as exc:
+                self._release_cgroup(cgroups)
+                reason = f"the sandbox did not start: {exc.reason}"
+                raise SpawnFailed(f"could not start {excerpt(command)}: {reason}") from None
+            except BaseException:
+                self._release_cgroup(cgroups)
+                raise
+            self._agent, self._cgroup = agent, cgroups[0] if cgroups else None
+            if self._proxy_socket is not None:
+                socket_path = self._proxy_socket
+                try:
+                    await agent.connection.serve_proxy(PROXY_PORT, lambda: asyncio.open_unix_connection(socket_path))
+                except AgentUnavailable as exc:
+                    await self._stop()
+                    raise SpawnFailed(f"the sandbox cannot carry the domain proxy: {exc.reason}") from None
+            return agent
+
+    async def _stop(self) -> None:
+        agent, self._agent = self._agent, None
+        if agent is not None:
+            await agent.stop()
+        self._release_cgroup([self._cgroup])
+        self._cgroup = None
+        self._running.clear()
+
+    def _release_cgroup(self, names: list[str | None]) -> None:
+        for name in names:
+            if name is not None and self.sandbox.cgroups is not None:
+                self.sandbox.cgroups.release(name)
+
+
+async def _in_worker(start: Callable[[], Any]) -> Any:
+    return await anyio.to_thread.run_sync(start)
