@@ -233,33 +233,55 @@ async def error(client: Client, tool: str, arguments: dict[str, Any]) -> str:
     return text_of(result)
 
 
-def run_wrapped(
+@dataclass
+class Boxed:
+    """How a command ran in a box: its exit code (128 + the signal where one ended it), and its output."""
+
+    code: int | None
+    stdout: str
+    stderr: str
+
+
+async def run_boxed(
     sandbox: Sandbox,
     command: str,
     cwd: str,
+    home: str,
     *,
     edit: Callable[[list[str]], list[str]] | None = None,
-    pass_fds: tuple[int, ...] = (),
-) -> subprocess.CompletedProcess[str]:
-    """Run ``command`` with the command line ``sandbox`` builds for it, changed by ``edit`` first: the
-    seam for proving one protection layer with another taken away. Blocking; call it from a thread."""
-    launch = sandbox.wrap(command, cwd, {"PATH": "/usr/bin:/bin"}, None)
+    program: bytes | None = None,
+) -> Boxed:
+    """Run ``command`` in a box of its own that ``sandbox`` makes, its command line changed by ``edit``,
+    confined by the plan the server would send with ``program`` as the seccomp filter (an empty one:
+    none): the seam for proving one protection layer with another taken away."""
+    from process_mcp.box.local import LocalAgent
+    from process_mcp.core.contract import LaunchSpec
+    from process_mcp.core.registry import ManagedProcess
+    from process_mcp.host.seccomp import build_filter
+
+    groups: list[str | None] = []
+
+    def boxing(argv: list[str]) -> tuple[list[str], list[int]]:
+        launch = sandbox.box(home, argv, sandbox.box_bounds())
+        groups.append(launch.cgroup)
+        return (edit(launch.argv) if edit is not None else launch.argv), list(launch.pass_fds)
+
+    agent = await LocalAgent.start("test", boxing)
     try:
-        return subprocess.run(
-            edit(list(launch.argv)) if edit is not None else launch.argv,
-            env=launch.env,
-            pass_fds=(*launch.pass_fds, *pass_fds),
-            preexec_fn=launch.prepare,
-            capture_output=True,
-            text=True,
-            timeout=WAIT_S,
-            check=False,
-        )
+        plan = sandbox.confine_plan(build_filter() if program is None else program, scopes=True)
+        if not plan["seccomp"]:
+            del plan["seccomp"]
+        record = ManagedProcess("host-1", command, cwd, tty=False, buffer_bytes=1 << 20, cols=80, rows=24)
+        spec = LaunchSpec("host-1", command, cwd, {}, False, None)
+        env = {"PATH": "/usr/bin:/bin", "HOME": sandbox.home_in_box(home)}
+        record.handle = await agent.connection.spawn(spec, record, env, inherit=False, workdir=cwd, confine=plan)
+        assert await record.wait(WAIT_S, output=True), f"{command!r} did not end"
+        return Boxed(record.exit_code, record.stdout.tail().decode(), record.stderr.tail().decode())
     finally:
-        for fd in launch.close_after_start:
-            os.close(fd)
-        if launch.cgroup is not None and sandbox.cgroups is not None:
-            sandbox.cgroups.release(launch.cgroup)
+        await agent.stop()
+        for group in groups:
+            if group is not None and sandbox.cgroups is not None:
+                sandbox.cgroups.release(group)
 
 
 def without(argv: list[str], option: str, values: int = 0) -> list[str]:

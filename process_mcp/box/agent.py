@@ -440,7 +440,8 @@ class Agent:
             os.close(fd)
         process = Process(channel, supervisor_pid, status_r, outputs, input_fd, bool(spec.get("tty")))
         process.order = order
-        process.reusable = not spec.get("rlimits")  # a supervisor cannot raise its limits again
+        # A supervisor can neither raise its limits again nor leave the confinement it took for its process.
+        process.reusable = not spec.get("rlimits") and not spec.get("confine")
         self.processes[channel] = process
         for fd in (*outputs, input_fd, status_r):
             self.owner[fd] = process
@@ -682,12 +683,17 @@ def start_time() -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the agent; ``argv`` (the loader gives the command line after the bootstrap and the agent's name)
     may name the user every command runs as, which a root agent drops to (ignored unless the agent is
-    root and the user is not), or be ``--box``: the agent of a long-lived box (``confine``)."""
+    root and the user is not), or be ``--box``: the agent of a long-lived box (``confine``), followed
+    by ``cgroups=FD,...`` where the box has cgroups (``supervisor.CGROUPS``)."""
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["--box"]:
-        if len(args) > 1:
-            sys.stderr.write("process-mcp agent: the agent of a box runs its processes as its own user\n")
-            return 5
+        for arg in args[1:]:
+            if not arg.startswith("cgroups="):
+                sys.stderr.write("process-mcp agent: the agent of a box runs its processes as its own user\n")
+                return 5
+            supervisor.CGROUPS = [int(fd) for fd in arg[8:].split(",")]
+            for fd in supervisor.CGROUPS:
+                os.set_inheritable(fd, False)  # forks keep them; no command's exec does
         return Agent(box=True).run()
     if args and os.geteuid() == 0:
         try:

@@ -1,5 +1,5 @@
 """What confines the processes of a long-lived box: the mounts its agent makes for all of them, and what
-each gives up in its own child just before it runs.
+each takes on (its supervisor, just before it starts it).
 
 A box lives across many spawns, so what must be read-only in it can change while it lives: ``git init
 repo`` in one call makes ``repo/.git`` that the next call must not be able to write. The box's agent
@@ -8,17 +8,23 @@ own, nested, and its mounts from bwrap are locked). It takes a mount namespace o
 which every process of the box shares, and before each spawn makes the paths the server names
 read-only (or hides them) there, as they are at that moment (``protect``): a protection added for a
 later spawn holds for the processes that run already, so none of them keeps a weaker view that a later
-one could drive it to use. Each process then gives up everything before its command runs
-(``give_up``): every capability (bounding, ambient, effective, permitted, inheritable), new
-privileges, a Landlock domain of its own (so it cannot trace or reach through /proc the agent, its
-zygote, its supervisors, the box's init or another process's tree; and, with scopes, cannot signal
-them), and the sandbox's seccomp filter (no mounts, no new namespaces).
+one could drive it to use. Each process's supervisor then joins the process's cgroup and gives up
+everything before it starts the command (``apply``): every capability (bounding, ambient, effective,
+permitted, inheritable), new privileges, a Landlock domain of its own (so neither it nor its process
+can trace or reach through /proc the agent, its zygote, the box's init or another process's tree;
+and, with scopes, cannot signal them), and the sandbox's seccomp filter (no mounts, no new
+namespaces). A process can so reach at most its own supervisor (by a signal: it is not dumpable), and
+end its own supervision with it.
 
 The plan comes from the server with the spawn (``SPAWN``'s ``confine`` field): ``readonly`` paths,
 ``hidden`` paths each with the empty file or directory that covers it, ``pinned`` directories (bound
 onto themselves so they cannot be renamed), ``seccomp`` (the filter's BPF program, base64) and
-``scopes`` (whether the Landlock domain scopes signals and abstract sockets). A path the box shows as a
-symbolic link is refused, not followed: a mount follows links, and a protection must hold the name it
+``scopes`` (whether the Landlock domain scopes signals and abstract sockets), and the process's
+bounds: ``cgroup`` (the group below the box's own it joins first, where the box has cgroups) and
+``nproc`` (the processes of its user in the box past which it cannot fork, where the kernel counts
+them: the rest is kept for other spawns; set by ``prlimit`` as the command starts, so its supervisor
+can still start it). A path the box shows as a symbolic link is refused, not followed: a mount follows links,
+and a protection must hold the name it
 names. Shipped into the box with the agent: standard library only, and syntax Python 3.8 parses."""
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ MS_REMOUNT = 32
 MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
+PR_SET_DUMPABLE = 4
 PR_CAPBSET_READ = 23
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
@@ -53,6 +60,9 @@ LINUX_CAPABILITY_VERSION_3 = 0x20080522
 SYS_LANDLOCK_CREATE_RULESET = 444
 SYS_LANDLOCK_RESTRICT_SELF = 446
 SYS_MOUNT_SETATTR = 442
+SYS_OPENAT2 = 437
+RESOLVE_NO_SYMLINKS = 0x04
+AT_FDCWD = -100
 MOUNT_ATTR_RDONLY = 1
 AT_EMPTY_PATH = 0x1000
 AT_RECURSIVE = 0x8000
@@ -60,6 +70,10 @@ LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET = 1
 LANDLOCK_SCOPE_SIGNAL = 2
 LANDLOCK_ACCESS_FS_MAKE_BLOCK = 1 << 11
 O_PATH = getattr(os, "O_PATH", 0o10000000)
+OOM_SCORE_ADJ = 500
+"""A box's processes are what the OOM killer ends first, before the agent and supervisors that report
+them (a process whose memory is not its own, a memfd or /dev/shm, would otherwise leave the agent the
+largest in its box)."""
 
 _libc: Any = None
 
@@ -162,6 +176,50 @@ def mount_points() -> dict[str, bool]:
     return found
 
 
+def apply(plan: dict[str, Any], groups: list[int]) -> int:
+    """All of ``plan`` that a process's supervisor takes on itself before it starts the process, in order:
+    the process's ``cgroup`` (below ``groups``), then what it gives up (``give_up``). Returns a
+    descriptor of its ``oom_score_adj`` (see ``oom_standing``). Raises ConfineError."""
+    if plan.get("cgroup"):
+        join_cgroup(plan["cgroup"], groups)
+    standing = oom_standing()
+    try:
+        give_up(plan)
+    except BaseException:
+        os.close(standing)
+        raise
+    return standing
+
+
+def oom_standing() -> int:
+    """A descriptor of this process's ``oom_score_adj``, through which it raises it to OOM_SCORE_ADJ while
+    it starts its process (which keeps that) and takes 0 again (no lower than it had: no privilege
+    needed), so the OOM killer ends the box's processes before the agent and supervisors that report
+    them. Its /proc files are root's while it is not dumpable (the agent's supervisors are not): it is
+    so only for the open, before it takes a Landlock domain, when no confined process may trace it."""
+    libc = c_library()
+    _check(libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
+    try:
+        return os.open("/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
+    finally:
+        _check(libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
+
+
+def join_cgroup(name: str, groups: list[int]) -> None:
+    """Move this process into the group ``name`` below each of ``groups`` (descriptors of the box's own
+    groups): the server made it, with this process's bounds. Raises ConfineError."""
+    if not groups:
+        raise ConfineError(0, f"the box holds no cgroups to put the process in {name}")
+    if not name.isalnum():
+        raise ConfineError(0, f"{name!r} is not the name of a group of this box")
+    for group in groups:
+        fd = os.open(name + "/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC, dir_fd=group)
+        try:
+            os.write(fd, b"0")  # 0: the writer
+        finally:
+            os.close(fd)
+
+
 def give_up(plan: dict[str, Any]) -> None:
     """What a process gives up before it runs, in order: every capability, new privileges, a Landlock
     domain of its own (which scopes signals and abstract Unix sockets with ``scopes``), the ``seccomp``
@@ -174,15 +232,12 @@ def give_up(plan: dict[str, Any]) -> None:
 
 
 def _bind(source: str, target: str, *, read_only: bool) -> None:
-    """Bind ``source`` onto ``target``, both opened without following a symbolic link and mounted by
-    descriptor, so neither name can be swapped for a link between the look and the mount."""
+    """Bind ``source`` onto ``target``, both opened without following a symbolic link anywhere on the way
+    and mounted by descriptor, so neither name can be swapped for a link between the look and the mount."""
     fds = []
     try:
         for path in (source, target):
-            fd = os.open(path, O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-            fds.append(fd)
-            if stat.S_ISLNK(os.fstat(fd).st_mode):
-                raise ConfineError(0, f"{path} is a symbolic link, which a protection cannot hold")
+            fds.append(open_without_links(path))
         names = [f"/proc/self/fd/{fd}".encode() for fd in fds]
         libc = c_library()
         # Recursive: a mount with mounts of the box below (locked, in its nested user namespace) may be
@@ -191,7 +246,7 @@ def _bind(source: str, target: str, *, read_only: bool) -> None:
         if read_only:
             # The descriptor opened before the bind is of what lies under it: the name is opened again
             # (the new mount), and must still be what was bound.
-            bound = os.open(target, O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+            bound = open_without_links(target)
             fds.append(bound)
             was, now = os.fstat(fds[0]), os.fstat(bound)
             if (was.st_dev, was.st_ino) != (now.st_dev, now.st_ino):
@@ -208,6 +263,25 @@ def _bind(source: str, target: str, *, read_only: bool) -> None:
             os.close(fd)
 
 
+def open_without_links(path: str) -> int:
+    """An O_PATH descriptor of ``path``, opened through no symbolic link on the way (openat2 with
+    RESOLVE_NO_SYMLINKS; before Linux 5.6, the last component alone is checked). Raises ConfineError
+    for a link, OSError otherwise (FileNotFoundError for a name that is gone)."""
+    how = struct.pack("QQQ", O_PATH | os.O_CLOEXEC, 0, RESOLVE_NO_SYMLINKS)
+    fd = c_library().syscall(SYS_OPENAT2, AT_FDCWD, os.fsencode(path), how, ctypes.c_size_t(len(how)))
+    if fd < 0:
+        number = ctypes.get_errno()
+        if number == errno.ELOOP:
+            raise ConfineError(number, f"{path} is or passes through a symbolic link, which a protection cannot hold")
+        if number != errno.ENOSYS:
+            raise OSError(number, os.strerror(number), path)
+        fd = os.open(path, O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    if stat.S_ISLNK(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfineError(0, f"{path} is a symbolic link, which a protection cannot hold")
+    return int(fd)
+
+
 def read_only_all(fd: int, target: str) -> None:
     """Make the mount at ``fd`` read-only with every mount below it (an earlier pin inside it too)."""
     _set_attributes(fd, target, read_only=True, recursive=True)
@@ -215,7 +289,7 @@ def read_only_all(fd: int, target: str) -> None:
 
 def set_read_only(target: str, read_only: bool) -> None:
     """Make the mount at ``target`` read-only with every mount below it, or that mount alone writable."""
-    fd = os.open(target, O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = open_without_links(target)
     try:
         _set_attributes(fd, target, read_only=read_only, recursive=read_only)
     finally:

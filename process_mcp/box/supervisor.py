@@ -40,6 +40,11 @@ _prctl: Any = None
 RUN_AS: tuple[int, int] | None = None
 """The uid and gid every command runs as, when the agent is root and drops to them (None: commands run
 as the agent does). Set once at the start; the zygote and supervisors inherit it."""
+PRLIMIT = "/usr/bin/prlimit"
+"""Sets a confined process's RLIMIT_NPROC as it starts (util-linux; the host sandbox shows /usr)."""
+CGROUPS: list[int] = []
+"""In a box with cgroups, a descriptor of the box's own group in each cgroup hierarchy (the server's):
+each process joins the group the server made for it below them (``confine.join_cgroup``)."""
 
 
 def prctl(option: int, value: int) -> int | None:
@@ -230,7 +235,7 @@ def spare(order: socket.socket, lifeline: int) -> None:
         devnull = os.open(os.devnull, os.O_RDWR)
         os.dup2(devnull, 0)  # 0 and 1 were the agent's stream: never touch them here
         os.dup2(devnull, 1)
-        close_all_but({0, 1, 2, order.fileno(), lifeline})
+        close_all_but({0, 1, 2, order.fileno(), lifeline, *CGROUPS})
         set_subreaper()
         wake = wake_on_sigchld()
         rehearse(wake)
@@ -257,7 +262,7 @@ def zygote(control: socket.socket, lifeline: int) -> None:
         devnull = os.open(os.devnull, os.O_RDWR)
         os.dup2(devnull, 0)
         os.dup2(devnull, 1)
-        close_all_but({0, 1, 2, control.fileno(), lifeline})
+        close_all_but({0, 1, 2, control.fileno(), lifeline, *CGROUPS})
         wake = wake_on_sigchld()
         while True:
             ready = select.select([control.fileno(), lifeline, wake], [], [])[0]
@@ -357,7 +362,26 @@ def supervise(
         for name, (soft, hard) in (spec.get("rlimits") or {}).items():
             # Set on the supervisor, inherited by the command: posix_spawn offers no rlimit of its own.
             resource.setrlimit(LIMITS[name], (soft, hard))
-        if RUN_AS is None and not spec.get("confine"):
+        plan = spec.get("confine")
+        if plan and RUN_AS is None:
+            # In a box this supervisor takes the process's confinement itself, first (a fork of Python
+            # costs milliseconds in copied pages; posix_spawn does not): it is then as far from the
+            # agent and the rest of the box as its process, which can at most end its own supervisor.
+            try:
+                standing = confine.apply(plan, CGROUPS)
+                prefix = [PRLIMIT, f"--nproc={int(plan['nproc'])}", "--"] if plan.get("nproc") else []
+                if prefix and not os.path.exists(PRLIMIT):
+                    raise confine.ConfineError(0, f"the box has no {PRLIMIT} to bound the process's processes")
+            except OSError as exc:
+                report(error="confine", message=str(exc))
+                os._exit(0)
+            os.write(standing, str(confine.OOM_SCORE_ADJ).encode())  # what the process starts with
+            try:
+                leader = _start_leader(spec, env, stdio, prefix)
+            finally:
+                os.write(standing, b"0")
+                os.close(standing)
+        elif RUN_AS is None:
             leader = _start_leader(spec, env, stdio)
         else:
             leader = _start_in_child(spec, env, stdio, RUN_AS)
@@ -379,7 +403,7 @@ def supervise(
             os.chdir("/")  # hold no directory of the process's
             report(done=True)  # a status that ends without it: the supervisor was killed
             os.close(status)
-            return not spec.get("rlimits")
+            return not spec.get("rlimits") and not spec.get("confine")
         ready = select.select([lifeline, wake], [], [])[0]
         if lifeline in ready and not os.read(lifeline, 1):
             kill_tree(os.getpid(), reap=True)  # the agent is gone: nobody can drive this tree
@@ -387,9 +411,12 @@ def supervise(
         drain(wake)
 
 
-def _start_leader(spec: dict[str, Any], env: dict[str, str], stdio: tuple[int, int, int]) -> int:
+def _start_leader(
+    spec: dict[str, Any], env: dict[str, str], stdio: tuple[int, int, int], prefix: list[str] | None = None
+) -> int:
     """Start ``/bin/sh -c command`` in a session of its own on ``stdio`` (posix_spawn: no second fork of
-    Python). A terminal is opened by name after setsid, which makes it the controlling terminal."""
+    Python), through ``prefix`` (a program that execs the rest) if given. A terminal is opened by name
+    after setsid, which makes it the controlling terminal."""
     if spec.get("tty"):
         actions = [
             (os.POSIX_SPAWN_OPEN, 0, os.ttyname(stdio[0]), os.O_RDWR, 0),
@@ -398,9 +425,10 @@ def _start_leader(spec: dict[str, Any], env: dict[str, str], stdio: tuple[int, i
         ]
     else:
         actions = [(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(stdio)]
+    argv = [*(prefix or []), SHELL, "-c", spec["command"]]
     return os.posix_spawn(
-        SHELL,
-        [SHELL, "-c", spec["command"]],
+        argv[0],
+        argv,
         env,
         file_actions=actions,
         setsid=True,
@@ -422,12 +450,10 @@ def _start_in_child(
     spec: dict[str, Any], env: dict[str, str], stdio: tuple[int, int, int], user: tuple[int, int] | None
 ) -> int:
     """Start ``/bin/sh -c command`` in a session of its own on ``stdio`` from a fork that, before it
-    execs, gives up what the spec's ``confine`` plan says (``confine.give_up``: every capability,
-    seccomp, a Landlock domain; the agent made its mounts) and drops to ``user`` (uid, gid; no supplementary groups)
-    for good, from a root supervisor. The supervisor keeps what the command gives up, so nothing the
-    command does can signal or trace it. The directory is entered last, so one the user may not enter
-    is "nocwd" as it would be without the agent. Raises StartFailed once the child has said why it could
-    not exec ("confine": a protection could not be applied)."""
+    execs, drops to ``user`` (uid, gid; no supplementary groups) for good, from a root supervisor. The
+    supervisor keeps what the command gives up, so nothing the command does can signal or trace it. The
+    directory is entered last, so one the user may not enter is "nocwd" as it would be without the
+    agent. Raises StartFailed once the child has said why it could not exec."""
     errors_r, errors_w = os.pipe()  # close-on-exec: an exec that works closes it, and says nothing
     pid = os.fork()
     if pid == 0:
@@ -444,16 +470,12 @@ def _start_in_child(
             else:
                 for target, fd in enumerate(stdio):
                     os.dup2(fd, target)
-            plan = spec.get("confine")
             if user is not None:
                 step = "exec"
                 uid, gid = user
                 os.setgroups([])
                 os.setresgid(gid, gid, gid)
                 os.setresuid(uid, uid, uid)
-            if plan:
-                step = "confine"
-                confine.give_up(plan)
             step = "nocwd"
             os.chdir(spec["cwd"])
             step = "exec"

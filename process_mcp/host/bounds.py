@@ -24,7 +24,7 @@ HEADROOM_PROCESSES = 64
 HEADROOM_MEMORY_BYTES = 256 * 1024 * 1024
 """Memory of an enclosing bound kept for the server and its buffers."""
 MIN_SANDBOX_PROCESSES = 8
-"""Fewest processes a sandbox can start with (its launch chain takes several at once)."""
+"""Fewest processes a box can start with (its agent, zygote and supervisors take several at once)."""
 _UNLIMITED = 1 << 62  # cgroup v1 writes "no limit" as a page-rounded 2**63 - 1
 
 

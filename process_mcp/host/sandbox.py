@@ -1,34 +1,32 @@
-"""Host sandbox: every host process runs under bubblewrap (``bwrap``). SECURITY.md is the threat model;
-this module is where each of its promises is made.
+"""Host sandbox: every host process runs in a long-lived bubblewrap (``bwrap``) box over its workspace
+(``box``), started through the agent inside it. SECURITY.md is the threat model; this module is where
+each of its promises is made, with ``box.confine`` for what is applied per process.
 
 Filesystem: a minimal view, not the host's root. The system directories (``SYSTEM_PATHS``) and
 ``allow_read`` are read-only, with the files in /etc that are not world-readable hidden; the workspace
 (the default working directory) and ``allow_write`` are the only writable roots, decided by
-configuration, never by a request; /tmp, /var/tmp and /dev/shm are private, sized tmpfs. Inside the
-writable roots the paths that run code later (``PROTECTED_PATHS``, at any depth) and ``deny_write`` are
-read-only, and ``deny_read`` is hidden. Every directory between a writable root and a protected or
-denied path is bound onto itself, so it is a mount point that cannot be renamed: a deny rule cannot be
-moved out from under. A denied path that does not exist is protected by making its nearest existing
-ancestor read-only, so it cannot be created, and nothing is created on the host. Every host path is
-mounted by descriptor, opened without following symbolic links (``mounts``): a link a process made
-is refused, never followed into the host.
+configuration, never by a request; /tmp, /var/tmp and /dev/shm are the box's own, sized tmpfs; HOME is
+the box's own too (``home_in_box``). Inside the writable roots the paths that run code later
+(``PROTECTED_PATHS``, at any depth) and ``deny_write`` are read-only, and ``deny_read`` is hidden, as
+the workspace is at each spawn (``protected``, sent with the spawn as its plan, ``confine_plan``).
+Every directory between a writable root and a protected or denied path is bound onto itself, so it is
+a mount point that cannot be renamed: a deny rule cannot be moved out from under. A denied path that
+does not exist is protected by making its nearest existing ancestor read-only, so it cannot be
+created, and nothing is created on the host. Every host path is mounted by descriptor, opened without
+following symbolic links (``mounts``): a link a process made is refused, never followed into the host.
 
-Privileges: a new user, PID, IPC and cgroup namespace, every capability dropped (also when the server
-is root), no new privileges, no nested user namespaces, and a seccomp filter (``seccomp``). With an open
-network, Landlock scopes (``landlock``) keep the host's abstract Unix sockets and processes out of reach;
-otherwise the sandbox has its own network namespace with only loopback (and the proxy bridge). The
-Landlock domain is that of the server thread that starts the process (see ``host``), so Python can
-still start it with vfork.
+Privileges: a new user, PID, IPC and cgroup namespace, no nested user namespaces; the box's agent keeps
+CAP_SYS_ADMIN and CAP_SETPCAP over the box's own namespaces, and every process gives up every
+capability, new privileges, takes a Landlock domain of its own and the seccomp filter (``seccomp``)
+as it starts. With an open network, Landlock scopes (``landlock``) keep the host's abstract Unix
+sockets and processes out of reach; otherwise the box has its own network namespace with only loopback
+(where the agent serves the domain proxy). The box starts from the server's Landlock-scoped thread
+(see ``executor``), so it is in that domain too.
 
-Launch chain: ``env`` and bwrap run by absolute path with a fixed, empty environment; inside, the chain
-(``env --default-signal``, ``prlimit``) runs with none either; the request's environment is applied by
-the last link, ``env -i``, for the command alone. Resources: ``prlimit`` bounds processes (counted per
-sandbox, in its own user namespace) and memory per process; the tmpfs mounts have a size.
-
-bwrap's outer process stays in the process group it starts in, so Ctrl-C on the terminal, a group
-SIGTERM or SIGUSR1 would end it (and, through ``--die-with-parent``, the sandbox) before the command
-could react. It is therefore started with every catchable signal but SIGCHLD ignored, and the default
-handling of all signals is restored just before the command runs.
+Resources: the box as a whole has SANDBOX_MAX_PROCESSES and SANDBOX_MAX_MEMORY_MB (cgroups where the
+server may make them, else ``prlimit``), fitted under what bounds the server; each process tree has
+``process_bounds`` of it (a cgroup of its own below the box's, and RLIMIT_NPROC); the tmpfs mounts have
+a size.
 """
 
 from __future__ import annotations
@@ -37,22 +35,20 @@ import base64
 import logging
 import os
 import shutil
-import signal
 import stat
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import anyio.to_thread
 
 from ..config import SandboxConfig
-from ..core.models import CPU_GRACE_S, ProcessLimits
-from ..errors import InvalidConfig, InvalidInput, SpawnFailed, excerpt
-from ..policy.egress import PROXY_PORT, proxy_environment
+from ..core.models import ProcessLimits
+from ..errors import InvalidConfig, SpawnFailed
 from .bounds import HEADROOM_PROCESSES, MIN_SANDBOX_PROCESSES, ServerBounds
 from .cgroups import SandboxCgroups, join_command
 from .mounts import LinkInPath, MountArgs, PathOpener
@@ -61,14 +57,10 @@ logger = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 10.0
 """Bound on the start-up check that bwrap can create its namespaces here."""
-IGNORED_IN_BWRAP = tuple(
-    sorted(signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, signal.SIGCONT})
-)
-"""Signals the bwrap process ignores (see the module docstring); SIGCHLD stays, bwrap waits for its child."""
 SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt")
 """What every sandbox sees read-only (those that exist): programs, libraries, configuration."""
 TRUSTED_DIRS = ("/usr/bin", "/bin")
-"""Where the launch chain's tools (env, prlimit, sh) are looked up; never the server's PATH."""
+"""Where the tools a box starts with (prlimit) are looked up; never the server's PATH."""
 PROTECTED_PATHS = (
     ".git",
     ".git/hooks",
@@ -114,7 +106,7 @@ whole. A protected name that is a symbolic link cannot be held (a mount follows 
 that finds one is refused."""
 
 SANDBOX_PATH = "/usr/bin:/bin"
-"""PATH of the launch chain inside the sandbox, which uses absolute paths anyway."""
+"""PATH of the box's agent, which uses absolute paths anyway."""
 UNLISTABLE = "(a directory that cannot be listed)"
 """The pattern ``_NameIndex.find`` reports a directory under, when it could not look into it."""
 NOT_SEARCHED = frozenset({"node_modules", "__pycache__", ".venv", ".tox", ".mypy_cache", ".pytest_cache", ".cache"})
@@ -157,33 +149,28 @@ def find_tool(name: str) -> str | None:
 
 @dataclass
 class Launch:
-    """How to start one sandboxed process: argv and environment for the outermost program, descriptors
-    it must inherit, and what the child runs between fork and exec (None: nothing, so Python can vfork)."""
+    """How to start a box: the command line (run with an empty environment), the descriptors it must
+    inherit (closed here once it started), and the box's cgroup, to give back once it has ended."""
 
     argv: list[str]
-    env: dict[str, str]
     pass_fds: tuple[int, ...] = ()
-    prepare: Callable[[], None] | None = None
-    close_after_start: list[int] = field(default_factory=list)
-    cgroup: str | None = None  # the sandbox's cgroups, to remove once it has exited
+    cgroup: str | None = None
 
 
 @dataclass(frozen=True)
 class Tools:
-    """The absolute paths the launch chain runs, found once at start."""
+    """The absolute paths a box is started with, found once at start."""
 
     bwrap: str
-    env: str
     prlimit: str
-    shell: str = "/bin/sh"
 
 
 class Sandbox:
     """Builds the bwrap command line for each process from the configuration.
 
     ``state_dir`` is the server's private directory: it holds an empty file and an empty directory that
-    stand in for hidden ones, the seccomp program, and the DomainProxy's socket (``proxy_socket``) when a
-    domain list is configured; with network restricted and no socket there is no network at all.
+    stand in for hidden ones. With the network restricted a box has only its own loopback, where its
+    agent serves the domain proxy when there is a domain list.
     """
 
     def __init__(
@@ -194,23 +181,16 @@ class Sandbox:
         workspace: str,
         home: str,
         state_dir: str,
-        seccomp_file: str,
-        proxy_socket: str | None = None,
-        env_resets_signals: bool = True,
         cgroups: SandboxCgroups | None = None,
         server_bounds: ServerBounds | None = None,
     ) -> None:
         self.config = config
         self.tools = tools
         self.workspace = os.path.realpath(workspace)
-        self.proxy_socket = proxy_socket
         self._empty_file = os.path.join(state_dir, "empty")
         self._empty_dir = os.path.join(state_dir, "empty-dir")
-        self._seccomp_file = seccomp_file
-        self._env_resets_signals = env_resets_signals
         self.cgroups = cgroups
         self.server_bounds = server_bounds or ServerBounds()
-        self._python = os.path.realpath(sys.executable)
         self.writable = _writable_roots([workspace, *config.allow_write], home)
         self._readable = [p for p in (*SYSTEM_PATHS, *_existing(config.allow_read)) if os.path.lexists(p)]
         self._hidden = _unreadable_by_others("/etc") if os.path.isdir("/etc") else []
@@ -232,55 +212,11 @@ class Sandbox:
         real = os.path.realpath(path)
         return real in _PRIVATE_DIRS or any(_within(real, root) for root in (*self._readable, *self.writable))
 
-    def wrap(self, command: str, cwd: str, env: dict[str, str], limits: ProcessLimits | None = None) -> Launch:
-        """How to run ``command`` in the sandbox in ``cwd`` with exactly ``env``; ``Launch.cgroup`` names
-        the cgroups it takes, to give back once the process has ended.
-
-        Raises InvalidInput for a cwd the sandbox cannot see, SpawnFailed when a protection cannot be
-        applied (the process is then not started).
-        """
-        if not self.visible(cwd):
-            raise InvalidInput(
-                f"cwd {excerpt(cwd)} is outside what the sandbox shows; use a directory in the workspace "
-                f"({self.workspace}), or add it to SANDBOX_ALLOW_READ (read-only) or SANDBOX_ALLOW_WRITE"
-            )
-        opener = PathOpener()
-        mounts = MountArgs(opener)
-        seccomp = os.open(self._seccomp_file, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            args = [*self._ignoring_signals(), *self._bwrap(), "--seccomp", str(seccomp)]
-            if self.config.network_restricted:
-                args.append("--unshare-net")
-            self._static_mounts(mounts)
-            self._protections(mounts)
-            args += mounts.args
-            args += ["--remount-ro", "/"]  # the root is bwrap's own tmpfs: unsized, so never writable
-            processes, memory = self._bounds(limits)
-            inner = self._inner(command, env, limits, processes=processes, memory=memory)
-            args += ["--chdir", os.path.realpath(cwd), "--", *inner]
-            cgroup = None
-            if self.cgroups is not None:
-                try:
-                    cgroup, procs = self.cgroups.acquire(
-                        max_processes=processes + self._chain_processes(in_cgroup=True), max_memory_bytes=memory
-                    )
-                except OSError as exc:
-                    raise SpawnFailed(f"the sandbox's cgroups could not be set up: {exc}") from None
-                args = join_command(procs, args)
-        except BaseException:
-            os.close(seccomp)
-            mounts.close()
-            raise
-        finally:
-            opener.close()
-        fds = (seccomp, *mounts.fds)
-        return Launch(args, {}, fds, self._prepare(), list(fds), cgroup)
-
-    def box(self, home: str, agent: Sequence[str]) -> Launch:
+    def box(self, home: str, agent: Sequence[str], bounds: tuple[int, int]) -> Launch:
         """How to start a long-lived box over the workspace that runs ``agent`` (the agent's command line,
         its interpreter shown read-only where the system view does not hold it), with ``home`` (a host
         directory, writable) as HOME (``home_in_box``): the static view every process gets, the
-        namespaces of a per-spawn sandbox, and the box's bounds. Its processes share its /tmp, loopback
+        namespaces of a per-spawn sandbox, and ``bounds`` (``box_bounds``). Its processes share its /tmp, loopback
         and IPC. The protections inside the writable roots are the agent's to make, from the plan each
         spawn carries (``confine_plan``), so they follow the workspace as it changes; the agent keeps
         CAP_SYS_ADMIN and CAP_SETPCAP over the box's own namespaces for that, and for confining each
@@ -313,26 +249,47 @@ class Sandbox:
             except OSError as exc:
                 raise SpawnFailed(f"the sandbox cannot mount its home {home}: {exc.strerror or exc}") from None
             args += mounts.args
-            args += ["--remount-ro", "/", "--chdir", self.workspace, "--", interpreter, *agent[1:]]
             # The box's bounds: SANDBOX_MAX_PROCESSES and SANDBOX_MAX_MEMORY_MB for all its processes
             # together (its agent and supervisors included), fitted under what bounds the server.
-            processes, memory = self._bounds(None)
-            args = [self.tools.prlimit, f"--nproc={processes + BOX_OWN_PROCESSES}", f"--data={memory}", "--", *args]
-            cgroup = None
+            processes, memory = bounds
+            cgroup, groups = None, []
             if self.cgroups is not None:
                 try:
                     cgroup, procs = self.cgroups.acquire(
                         max_processes=processes + BOX_OWN_PROCESSES + 1, max_memory_bytes=memory
                     )
+                    # The agent puts each process in a group of its own below the box's (``confine``).
+                    for directory in self.cgroups.directories(cgroup):
+                        groups.append(os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
                 except OSError as exc:
+                    if cgroup is not None:
+                        self.cgroups.release(cgroup)
                     raise SpawnFailed(f"the sandbox's cgroups could not be set up: {exc}") from None
+                mounts.fds.extend(groups)
+            line = [*agent[1:], f"cgroups={','.join(map(str, groups))}"] if groups else agent[1:]
+            args += ["--remount-ro", "/", "--chdir", self.workspace, "--", interpreter, *line]
+            args = [self.tools.prlimit, f"--nproc={processes + BOX_OWN_PROCESSES}", f"--data={memory}", "--", *args]
+            if cgroup is not None:
                 args = join_command(procs, args)
         except BaseException:
             mounts.close()
             raise
         finally:
             opener.close()
-        return Launch(args, {}, tuple(mounts.fds), None, list(mounts.fds), cgroup)
+        return Launch(args, tuple(mounts.fds), cgroup)
+
+    @staticmethod
+    def process_bounds(box: tuple[int, int], limits: ProcessLimits | None) -> tuple[int, int]:
+        """Processes and memory bytes for one process tree of a box with ``box`` bounds: the spawn's
+        limits, else all but a quarter of the box's processes (so one runaway tree leaves room for the
+        next spawn, and for ps and kill) and all of its memory."""
+        processes, memory = box
+        share = processes - max(processes // 4, MIN_SANDBOX_PROCESSES)
+        if limits is not None and limits.processes is not None:
+            share = min(share, limits.processes)
+        if limits is not None and limits.memory_mb is not None:
+            memory = min(memory, limits.memory_mb * 1024 * 1024)
+        return max(share, 1), memory
 
     def home_in_box(self, home: str) -> str:
         """Where a box shows ``home`` (its HOME): at BOX_HOME, as a container's, unless the view has a path
@@ -380,15 +337,6 @@ class Sandbox:
                 self._hide(mounts, path)
             except (FileNotFoundError, NotADirectoryError):
                 continue  # removed since the server looked (a package uninstalled): nothing to hide
-        shown = set()
-        if self.proxy_socket is not None:
-            shown.add(os.path.dirname(self.proxy_socket))
-        if self.proxy_socket is not None or not self._env_resets_signals:
-            prefix = os.path.realpath(sys.base_prefix)  # the launcher's interpreter
-            if not any(_within(prefix, root) for root in self._readable):
-                shown.add(prefix)
-        for directory in sorted(shown):
-            self._mount_configured(mounts, directory, "the server's interpreter", writable=False)
         for root in self.writable:
             self._mount_configured(mounts, root, "DEFAULT_WORKDIR or SANDBOX_ALLOW_WRITE", writable=True)
         for path in inside:
@@ -420,23 +368,6 @@ class Sandbox:
             raise SpawnFailed(
                 f"the sandbox cannot mount {path} ({setting}): {exc.strerror or exc}; check that it exists"
             ) from None
-
-    def _protections(self, mounts: MountArgs) -> None:
-        """Per-spawn mounts inside the writable roots, from the paths as they are now."""
-        read_only, hidden, pinned = self.protected(mounts.opener)
-        for path in sorted(pinned | read_only | hidden, key=lambda p: (p.count("/"), p)):
-            try:
-                if path in hidden:
-                    self._hide(mounts, path)
-                else:
-                    mounts.bind(path, writable=path not in read_only)
-            except LinkInPath as exc:
-                raise SpawnFailed(
-                    f"the sandbox could not protect {path}: {exc.link} was replaced by a symbolic link while the "
-                    "sandbox was being set up; spawn again"
-                ) from None
-            except OSError as exc:
-                raise _changed(path, exc) from None
 
     def confine_plan(self, seccomp_program: bytes, *, scopes: bool) -> dict[str, Any]:
         """What a process of a long-lived box is confined to as it starts (``box.confine``): the paths
@@ -568,12 +499,12 @@ class Sandbox:
             )
         return True
 
-    def _bounds(self, limits: ProcessLimits | None) -> tuple[int, int]:
-        """Processes and memory bytes for one sandbox: the spawn's limits, else the configured ones, and never
-        more than half the processes the bounds the server lives in leave now, or their memory (``bounds``).
-        Raises SpawnFailed when too few processes are left to start one."""
-        processes = (limits.processes if limits else None) or self.config.max_processes
-        memory = ((limits.memory_mb if limits else None) or self.config.max_memory_mb) * 1024 * 1024
+    def box_bounds(self) -> tuple[int, int]:
+        """Processes and memory bytes for a box starting now: SANDBOX_MAX_PROCESSES and SANDBOX_MAX_MEMORY_MB,
+        and never more than half the processes the bounds the server lives in leave now, or their memory
+        (``bounds``). Raises SpawnFailed when too few processes are left to start one."""
+        processes = self.config.max_processes
+        memory = self.config.max_memory_mb * 1024 * 1024
         if (left := self.server_bounds.processes_left(enough=2 * processes)) is not None:
             available, bound = left
             if available < MIN_SANDBOX_PROCESSES:
@@ -583,46 +514,11 @@ class Sandbox:
                     f"{HEADROOM_PROCESSES} are kept for the server itself; end processes that are not needed "
                     "(ps, then kill), or raise that bound"
                 )
-            # Half of what is left, so a fork bomb in one sandbox leaves room for the next spawn too.
+            # Half of what is left, so a fork bomb in one box leaves room for the next box too.
             processes = min(processes, max(available // 2, MIN_SANDBOX_PROCESSES))
         if (total := self.server_bounds.memory_total()) is not None:
             memory = min(memory, total)
         return processes, memory
-
-    def _inner(
-        self, command: str, env: dict[str, str], bounds: ProcessLimits | None, *, processes: int, memory: int
-    ) -> list[str]:
-        """The chain inside the sandbox: signal defaults, limits, then the command with ``env`` alone."""
-        nproc = processes + self._chain_processes(in_cgroup=False)
-        limits = [self.tools.prlimit, f"--nproc={nproc}", f"--data={memory}"]
-        if bounds is not None and bounds.cpu_seconds is not None:
-            limits.append(f"--cpu={bounds.cpu_seconds}:{bounds.cpu_seconds + CPU_GRACE_S}")
-        assignments = [f"{name}={value}" for name, value in {**self._proxy_env(), **env}.items()]
-        chain = [*limits, "--", self.tools.env, "-i", *assignments, self.tools.shell, "-c", command]
-        if self.proxy_socket is not None:
-            return [self._python, "-I", "-S", "-c", _LAUNCHER, self.proxy_socket, str(PROXY_PORT), *chain]
-        if self._env_resets_signals:
-            return [self.tools.env, "--default-signal", *chain]
-        return [self._python, "-I", "-S", "-c", _LAUNCHER, "", "0", *chain]
-
-    def _chain_processes(self, *, in_cgroup: bool) -> int:
-        """Processes of the launch chain that live beside the command, which a bound must not count against
-        the caller's ``processes``: bwrap's init in the sandbox's user namespace, the outer bwrap too in its
-        cgroup, and the proxy bridge where there is one."""
-        return 1 + (1 if in_cgroup else 0) + (1 if self.proxy_socket is not None else 0)
-
-    def _prepare(self) -> Callable[[], None] | None:
-        """Only where ``env`` cannot ignore signals: a preexec_fn makes Python fork instead of vfork,
-        which costs several milliseconds a spawn."""
-        return None if self._env_resets_signals else ignore_bwrap_signals
-
-    def _ignoring_signals(self) -> list[str]:
-        if not self._env_resets_signals:
-            return []
-        return [self.tools.env, "--ignore-signal=" + ",".join(str(int(s)) for s in IGNORED_IN_BWRAP)]
-
-    def _proxy_env(self) -> dict[str, str]:
-        return {} if self.proxy_socket is None else proxy_environment()
 
 
 class _NameIndex:
@@ -815,12 +711,6 @@ def _unreadable_by_others_fast(tops: Sequence[str]) -> list[str]:
     return [os.fsdecode(p) for p in done.stdout.split(b"\0") if p]
 
 
-def ignore_bwrap_signals() -> None:
-    """preexec_fn for the bwrap process: see the module docstring."""
-    for signum in IGNORED_IN_BWRAP:
-        signal.signal(signum, signal.SIG_IGN)
-
-
 async def probe(bwrap: str, *, network: bool) -> str | None:
     """Check that bwrap can build a sandbox like the real ones here; return why not, or None when it can."""
     args = [
@@ -845,12 +735,6 @@ async def probe(bwrap: str, *, network: bool) -> str | None:
     return await _run_check([*args, "--", "/bin/true"])
 
 
-async def env_resets_signals(env: str) -> bool:
-    """Whether this system's ``env`` has ``--default-signal`` and ``--ignore-signal`` (GNU coreutils 8.31
-    and later)."""
-    return await _run_check([env, "--ignore-signal=INT", env, "--default-signal", "/bin/true"]) is None
-
-
 async def _run_check(argv: list[str]) -> str | None:
     def run() -> str | None:
         try:
@@ -862,50 +746,3 @@ async def _run_check(argv: list[str]) -> str | None:
         return None
 
     return await anyio.to_thread.run_sync(run)
-
-
-# Run inside the sandbox with the server's interpreter (-I -S: no site, nothing from the environment).
-# argv: bridge-socket-or-empty, port, command... . With a socket it forks a bridge from 127.0.0.1:port
-# to it (one thread pair per connection; the proxy bounds connections), then restores the ignored
-# signals and execs the command, which keeps this process's pid.
-_LAUNCHER = r"""
-import os, signal, socket, sys, threading
-sock_path, port, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-if sock_path:
-    listener = socket.create_server(("127.0.0.1", port), backlog=64)
-    if os.fork() == 0:
-        for s in (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGHUP):
-            signal.signal(s, signal.SIG_IGN)
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        def pipe(src, dst):
-            try:
-                while data := src.recv(65536):
-                    dst.sendall(data)
-                dst.shutdown(socket.SHUT_WR)
-            except OSError:
-                src.close(); dst.close()
-        def serve(client):
-            upstream = socket.socket(socket.AF_UNIX)
-            try:
-                upstream.connect(sock_path)
-            except OSError:
-                client.close(); return
-            threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
-            pipe(client, upstream)
-        while True:
-            client, _ = listener.accept()
-            threading.Thread(target=serve, args=(client,), daemon=True).start()
-    listener.close()
-for s in signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}:
-    try:
-        signal.signal(s, signal.SIG_DFL)
-    except (OSError, ValueError):
-        pass
-try:
-    os.execv(argv[0], argv)
-except OSError as exc:
-    print(f"process-mcp sandbox: cannot run {argv[0]}: {exc.strerror}", file=sys.stderr)
-    sys.exit(127)
-"""

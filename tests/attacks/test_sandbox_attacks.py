@@ -856,11 +856,12 @@ async def test_a_fork_bomb_in_a_bounded_server_leaves_room_to_spawn_and_kill(box
         b: Box = await box.start(str(group / "cgroup.procs"))
         retrying = "import os, time\nwhile True:\n    try: os.fork()\n    except OSError: time.sleep(0.01)\n"
         bomb = await b.run(f"python3 -c {shlex.quote(retrying)}", background=True)
-        # Until the bomb has taken all a sandbox may (half of what the bound leaves the server's sandboxes,
-        # about 160 here), or the whole bound where nothing keeps it from that: no change for a second.
+        # Until the bomb has taken all its tree may (three quarters of its box's, which is half of what the
+        # bound leaves the server's boxes: about 120 here), or the whole bound where nothing keeps it from
+        # that: no change for a second.
         readings: list[int] = []
         with anyio.fail_after(WAIT_S * 2):
-            while len(readings) < 4 or readings[-1] < 150 or len(set(readings[-4:])) > 1:
+            while len(readings) < 4 or readings[-1] < 100 or len(set(readings[-4:])) > 1:
                 readings.append(int((group / "pids.current").read_text()))
                 await anyio.sleep(0.3)
         assert readings[-1] < 400, readings  # never the whole bound
@@ -896,8 +897,8 @@ async def test_shared_memory_is_bounded_where_the_sandbox_has_cgroups_and_by_its
         result = await b.client.call_tool("spawn", {"command": f"python3 -c {shlex.quote(memfd)}", "timeoutMs": 20000})
         content = result.structured_content
         assert content is not None
-        assert "held" not in content["stdout"]
-        assert content["exitCode"] == 137 or content.get("signal") == "SIGKILL", content
+        assert "held" not in content["stdout"], content
+        assert content.get("exitCode") == 137 or content.get("signal") == "SIGKILL", content
     # Without cgroups (an unprivileged server on cgroup v1) a memfd is outside RLIMIT_DATA: SECURITY.md
     # says so, and this is not asserted as a bound.
     assert "ok" in await b.output("echo ok")

@@ -28,7 +28,7 @@ from process_mcp.host.seccomp import build_filter
 from ..helpers import as_user, cannot_run_here
 from .test_box import RawAgent, run
 
-TOOLS = Tools(bwrap="/usr/bin/bwrap", env="/usr/bin/env", prlimit="/usr/bin/prlimit")
+TOOLS = Tools(bwrap="/usr/bin/bwrap", prlimit="/usr/bin/prlimit")
 SECCOMP = base64.b64encode(build_filter()).decode()
 
 
@@ -206,7 +206,7 @@ def test_what_the_sandbox_finds_at_each_spawn_holds_what_earlier_processes_made(
     config = SandboxConfig(deny_read=["secrets.txt"], deny_write=["notes"])
     state = place / "state"
     sandbox = Sandbox(config, TOOLS, workspace=str(box.workspace), home=str(place / "home"),
-                      state_dir=str(state), seccomp_file=str(state / "seccomp.bpf"))  # fmt: skip
+                      state_dir=str(state))  # fmt: skip
     plan = sandbox.confine_plan(build_filter(), scopes=True)
     assert plan["readonly"] == []  # an empty workspace: nothing to protect yet
     assert plan["hidden"] == []

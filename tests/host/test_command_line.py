@@ -1,7 +1,7 @@
-"""The sandbox's command line, compared with the one written down (golden/sandbox_command_lines.txt).
+"""The box's command line, compared with the one written down (golden/sandbox_command_lines.txt).
 
-These run anywhere, also where bwrap cannot make a namespace: they build the command line a spawn would
-run and never run it. The view of the machine's own system directories (which differ from machine to
+These run anywhere, also where bwrap cannot make a namespace: they build the command line that starts a
+box and never run it. The view of the machine's own system directories (which differ from machine to
 machine) is shown as one placeholder; everything the configuration and the request decide is compared
 argument by argument. After an intended change, rewrite the file with UPDATE_GOLDEN=1 and read the diff.
 """
@@ -15,47 +15,44 @@ from pathlib import Path
 import pytest
 
 from process_mcp.config import SandboxConfig
-from process_mcp.core.models import ProcessLimits
-from process_mcp.host.sandbox import Sandbox, Tools
+from process_mcp.host.sandbox import BOX_HOME, Sandbox, Tools
 
 GOLDEN = Path(__file__).parent / "golden" / "sandbox_command_lines.txt"
-TOOLS = Tools(bwrap="/usr/bin/bwrap", env="/usr/bin/env", prlimit="/usr/bin/prlimit")
+TOOLS = Tools(bwrap="/usr/bin/bwrap", prlimit="/usr/bin/prlimit")
 
-CASES: dict[str, tuple[dict[str, object], ProcessLimits | None]] = {
-    "default: no network, protected names held read-only": ({}, None),
-    "a domain list: its own network namespace, the proxy outside": ({"allowed_domains": ["example.com"]}, None),
-    "the host's network (*)": ({"allowed_domains": ["*"]}, None),
-    "limits of the request": ({}, ProcessLimits(memory_mb=100, processes=5, cpu_seconds=7, output_mb=1)),
+CASES: dict[str, tuple[dict[str, object], tuple[int, int]]] = {
+    "default: no network, protected names left to each spawn's plan": ({}, (1024, 4096 << 20)),
+    "a domain list: its own network namespace, the proxy served by the agent": (
+        {"allowed_domains": ["example.com"]},
+        (1024, 4096 << 20),
+    ),
+    "the host's network (*)": ({"allowed_domains": ["*"]}, (1024, 4096 << 20)),
+    "bounds fitted under the server's": ({}, (64, 128 << 20)),
     "deny rules and .git allowed": (
         {"deny_read": ["secrets.txt"], "deny_write": ["notes"], "allow_protected": [".git"]},
-        None,
+        (1024, 4096 << 20),
     ),
 }
 
 
-def command_line(tmp_path: Path, settings: dict[str, object], limits: ProcessLimits | None) -> str:
-    workspace, state = tmp_path / "workspace", tmp_path / "state"
-    for directory in (workspace / ".git", workspace / "notes", state / "empty-dir"):
+def command_line(tmp_path: Path, settings: dict[str, object], bounds: tuple[int, int]) -> str:
+    workspace, state, home = tmp_path / "workspace", tmp_path / "state", tmp_path / "home"
+    for directory in (workspace / ".git", workspace / "notes", state / "empty-dir", home):
         directory.mkdir(parents=True)
-    for file in (workspace / ".bashrc", workspace / "secrets.txt", state / "empty", state / "seccomp.bpf"):
+    for file in (workspace / ".bashrc", workspace / "secrets.txt", state / "empty"):
         file.touch()
     sandbox = Sandbox(
-        SandboxConfig(**settings),
-        TOOLS,
-        workspace=str(workspace),
-        home=str(tmp_path / "home"),
-        state_dir=str(state),
-        seccomp_file=str(state / "seccomp.bpf"),
-        proxy_socket=str(state / "proxy.sock") if settings.get("allowed_domains") == ["example.com"] else None,
+        SandboxConfig(**settings), TOOLS, workspace=str(workspace), home=str(tmp_path / "user"), state_dir=str(state)
     )
-    launch = sandbox.wrap("echo hi", str(workspace), {"GREETING": "hi"}, limits)
+    launch = sandbox.box(str(home), [sys.executable, "-I", "-S", "-c", "BOOTSTRAP", "process-mcp-agent"], bounds)
     try:
         shown = [_named(arg, launch.pass_fds) for arg in launch.argv]
     finally:
-        for fd in launch.close_after_start:
+        for fd in launch.pass_fds:
             os.close(fd)
     text = _without_the_machines_view(shown, str(tmp_path))
-    text = text.replace(str(workspace), "$WORKSPACE").replace(str(state), "$STATE").replace(str(tmp_path), "$TMP")
+    text = text.replace(str(workspace), "$WORKSPACE").replace(str(state), "$STATE").replace(str(home), "$HOME")
+    text = text.replace(str(tmp_path), "$TMP")
     return text.replace(os.path.realpath(sys.executable), "$PYTHON")
 
 
@@ -76,7 +73,7 @@ def _without_the_machines_view(args: list[str], ours: str) -> str:
     while i < len(args):
         arg = args[i]
         if arg in ("--ro-bind-fd", "--bind-fd", "--symlink") and i + 2 < len(args):
-            if ours not in args[i + 2]:
+            if ours not in args[i + 2] and args[i + 2] != BOX_HOME:
                 if not view_shown:
                     lines.append("<the machine's system directories, read-only, and what root alone may read hidden>")
                     view_shown = True
@@ -108,11 +105,11 @@ def _golden() -> dict[str, str]:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_the_sandboxs_command_line_is_the_one_written_down(case: str, tmp_path: Path) -> None:
-    settings, limits = CASES[case]
-    got = command_line(tmp_path, settings, limits)
+    settings, bounds = CASES[case]
+    got = command_line(tmp_path, settings, bounds)
     if os.environ.get("UPDATE_GOLDEN") == "1":
         sections = {**_golden(), case: got}
         GOLDEN.parent.mkdir(exist_ok=True)
         body = "".join(f"\n\n## {title}\n{text}" for title, text in sorted(sections.items()))
-        GOLDEN.write_text("# The sandbox's command lines (tests/host/test_command_line.py writes them)" + body + "\n")
+        GOLDEN.write_text("# The box's command lines (tests/host/test_command_line.py writes them)" + body + "\n")
     assert got == _golden().get(case), f"the command line of {case!r} changed; see {GOLDEN.name}"

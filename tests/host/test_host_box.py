@@ -61,27 +61,24 @@ class HostBox:
 async def host_box(tmp_path: Path) -> AsyncIterator[HostBox]:
     if not machine_can_sandbox():
         cannot_run_here("bwrap cannot make its namespaces on this machine")
-    bwrap, env, prlimit = find_bwrap(), find_tool("env"), find_tool("prlimit")
+    bwrap, prlimit = find_bwrap(), find_tool("prlimit")
     assert bwrap
-    assert env
     assert prlimit
     workspace, state, home = tmp_path / "workspace", tmp_path / "state", tmp_path / "home"
     for directory in (workspace, state / "empty-dir", home):
         directory.mkdir(parents=True)
     (state / "empty").touch()
-    (state / "seccomp.bpf").write_bytes(build_filter())
     (workspace / "early" / ".git" / "hooks").mkdir(parents=True)  # protected by the box's own view too
     sandbox = Sandbox(
         SandboxConfig(),
-        Tools(bwrap=bwrap, env=env, prlimit=prlimit),
+        Tools(bwrap=bwrap, prlimit=prlimit),
         workspace=str(workspace),
         home=str(home),
         state_dir=str(state),
-        seccomp_file=str(state / "seccomp.bpf"),
     )
 
     def boxing(argv: list[str]) -> tuple[list[str], list[int]]:
-        launch = sandbox.box(str(home), argv)
+        launch = sandbox.box(str(home), argv, sandbox.box_bounds())
         return launch.argv, list(launch.pass_fds)
 
     agent = await LocalAgent.start("box", boxing)
@@ -161,3 +158,18 @@ async def test_the_agents_python_is_shown_and_nothing_beside_it(host_box: HostBo
     assert int(listing[0]) >= 1  # the standard library is there
     if not PREFIX.startswith(("/usr/", "/opt/")):  # a Python outside the system view: only its prefix is shown
         assert listing[1:] == [os.path.basename(PREFIX)]
+
+
+async def test_a_directory_swapped_for_a_link_after_the_plan_is_not_what_gets_mounted(host_box: HostBox) -> None:
+    """The server looks for protected paths when it makes a spawn's plan; a process of the box can swap a
+    directory on the way for a link (here to /usr, relative, so the same from inside) before the agent
+    mounts. The agent must mount what the plan names (or refuse), never what the name leads to by then:
+    a pin, bound writable, would be the host's /usr."""
+    (host_box.workspace / "d" / ".git").mkdir(parents=True)  # read-only, so its parent d is pinned
+    plan = host_box.plan()
+    assert str(host_box.workspace / "d") in plan["pinned"]
+    (host_box.workspace / "d").rename(host_box.workspace / "d.real")
+    (host_box.workspace / "d").symlink_to("../" * (len(host_box.workspace.parts) - 1) + "usr")
+    with pytest.raises(SpawnFailed, match="symbolic link"):
+        await host_box.run("echo ran", plan)
+    assert "Read-only file system" in await host_box.run(f"touch {host_box.workspace}/d/canary")

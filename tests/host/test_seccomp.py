@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import os
 import platform
 import shutil
 import signal
@@ -32,7 +31,7 @@ from process_mcp import HostExecutor, SpawnOptions
 from process_mcp.config import SandboxConfig
 from process_mcp.host import seccomp
 
-from ..helpers import WAIT_S, cannot_run_here, host_config, replaced, run_wrapped
+from ..helpers import WAIT_S, cannot_run_here, host_config, run_boxed
 
 pytestmark = pytest.mark.anyio
 
@@ -301,24 +300,17 @@ async def test_each_refusal_comes_from_the_filter_not_from_missing_privileges(
 ) -> None:
     sandbox = host.backend._sandbox
     assert sandbox is not None
-    marked = tmp_path / "marked.bpf"
-    marked.write_bytes(_marked(seccomp.build_filter()))
     probes = [*_probes(column), *_allowed(column)]
-    program = os.open(marked, os.O_RDONLY)
-    try:
-        done = await anyio.to_thread.run_sync(
-            functools.partial(
-                run_wrapped,
-                sandbox,
-                f"ulimit -c 0; ./probe {' '.join(probes)}",
-                str(work),
-                edit=lambda argv: replaced(argv, "--seccomp", str(program)),
-                pass_fds=(program,),
-            )
-        )
-    finally:
-        os.close(program)
-    assert done.returncode == 0, done.stderr
+    home = tmp_path / "home"
+    home.mkdir()
+    done = await run_boxed(
+        sandbox,
+        f"ulimit -c 0; ./probe {' '.join(probes)}",
+        str(work),
+        str(home),
+        program=_marked(seccomp.build_filter()),
+    )
+    assert done.code == 0, done.stderr
     answers = _answers(done.stdout)
     refused = {label.split(":")[0] for label in _probes(column)}
     assert {label: answers.get(label) for label in refused if answers.get(label) != (-1, FILTER_MARK)} == {}
