@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,7 +19,7 @@ import anyio.to_thread
 import pytest
 
 from process_mcp import DockerExecutor, ProcessExecutor
-from process_mcp.config import DockerConfig
+from process_mcp.config import DockerConfig, default_box_home
 
 from .helpers import (
     BACKENDS,
@@ -37,6 +39,21 @@ from .helpers import (
 if TYPE_CHECKING:
     from docker import DockerClient
     from docker.models.containers import Container
+
+
+@pytest.fixture(autouse=True)
+def _no_box_homes_left() -> Iterator[None]:
+    """Remove the boxes' homes a test's servers made (one per workspace, kept under the server user's
+    state directory, which outlives a test's workspace), and only those."""
+    roots = [Path(os.path.dirname(default_box_home("/x"))), Path(tempfile.gettempdir()) / f"process-mcp-homes-{NOBODY}"]
+    before = {root: set(root.iterdir()) if root.is_dir() else None for root in roots}
+    yield
+    for root, existing in before.items():
+        if existing is None:
+            shutil.rmtree(root, ignore_errors=True)  # the directory of the homes too, when the test made it
+            continue
+        for home in (set(root.iterdir()) if root.is_dir() else set()) - existing:
+            shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture

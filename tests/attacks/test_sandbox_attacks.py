@@ -33,7 +33,7 @@ from mcp import Client, StdioServerParameters
 
 from process_mcp.host import seccomp
 
-from ..helpers import NOBODY, WAIT_S, as_user, cannot_run_here, sleep_argument, sleepers
+from ..helpers import NOBODY, POLL_S, WAIT_S, as_user, cannot_run_here, sleep_argument, sleepers
 
 pytestmark = pytest.mark.anyio
 
@@ -421,6 +421,46 @@ async def test_the_users_home_is_not_shown_at_all(box: Servers) -> None:
     assert f"ls: cannot access '{home}': No such file or directory" in output
     assert not (b.workspace / "note").exists()
     assert await b.output("cat ~/note") == "kept\n"
+
+
+async def test_a_repository_an_earlier_call_made_is_protected_from_every_later_one(box: Servers) -> None:
+    """The box lives across calls: what one call makes (a repository) must be protected in the next as
+    if it had been there when the box started, and ordinary reading git works."""
+    b: Box = await box()
+    assert "created" in await b.output("git init -q repo && git -C repo config user.email a@b && echo created")
+    attempt = (
+        "echo evil > repo/.git/hooks/pre-commit; git -C repo config core.fsmonitor 'touch /tmp/x'; "
+        "git -C repo config core.hooksPath /tmp; git -C repo status --short; echo end"
+    )
+    reply = await b.run(attempt)
+    assert reply["stdout"] == "end\n", reply
+    assert str(reply["stderr"]).count("Read-only file system") == 3, reply
+    assert not (b.workspace / "repo/.git/hooks/pre-commit").exists()
+    config = (b.workspace / "repo/.git/config").read_text()
+    assert "fsmonitor" not in config
+    assert "hooksPath" not in config
+    assert "a@b" in config  # what the first call wrote, before it was protected
+
+
+async def test_a_process_started_before_a_repository_cannot_write_it_once_a_later_call_protects_it(
+    box: Servers,
+) -> None:
+    """An older process (a shell, a tmux server another call drives) must not keep a view of the box in
+    which a repository made since is writable."""
+    b: Box = await box()
+    older = await b.run(
+        "mkdir -p go; while [ ! -e go/now ]; do sleep 0.05; done; echo evil > repo/.git/hooks/pre-commit; echo done",
+        background=True,
+    )
+    await b.output("git init -q repo")
+    await b.output("touch go/now")  # this call's plan protects repo/.git, for every process of the box
+    for _ in range(int(WAIT_S / POLL_S)):  # its output, polled through the tool
+        reply = await b.client.call_tool("stdout", {"id": older["pid"]})
+        if "done" in str(reply.structured_content):
+            break
+        await anyio.sleep(POLL_S)
+    assert "Read-only file system" in str(reply.structured_content), reply
+    assert not (b.workspace / "repo/.git/hooks/pre-commit").exists()
 
 
 # 4b. Links: nothing the sandbox mounts follows a symbolic link a process could have made.

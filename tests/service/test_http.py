@@ -406,6 +406,13 @@ async def test_several_principals_sharing_the_hosts_network_are_refused_and_a_do
         assert "ConnectionRefusedError" in peek["stderr"], peek
         # Each principal still reaches what its own process serves (in the same sandbox).
         assert (await call(alice, "spawn", {"command": "python3 own.py"}))["stdout"] == "alice-secret\n\n"
+        # And, its box being one, what a process of an earlier call serves, and what one left in /tmp,
+        # which another principal's box shows nothing of.
+        reach = await call(alice, "spawn", {"command": f'python3 -c "{connect}"'})
+        assert reach["stdout"] == "reached\n", reach
+        await call(alice, "spawn", {"command": "echo alice-note > /tmp/note"})
+        assert (await call(alice, "spawn", {"command": "cat /tmp/note"}))["stdout"] == "alice-note\n"
+        assert (await call(bob, "spawn", {"command": "cat /tmp/note"}))["exitCode"] != 0
         await call(alice, "kill", {"id": served["pid"]})
 
 
