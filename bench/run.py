@@ -203,9 +203,10 @@ async def spawn_round_trip(s: Settings, workdir: str) -> None:
 async def box_start(s: Settings, workdir: str) -> None:
     """The first spawn of a new box: the box (bwrap, the agent and its zygote) started, then ``true`` in it."""
     from process_mcp import HostExecutor, ProcessMcpConfig, SpawnOptions
-    from process_mcp.config import Defaults
+    from process_mcp.config import Defaults, SandboxConfig
 
-    executor = HostExecutor(ProcessMcpConfig(defaults=Defaults(workdir=workdir)))
+    sandbox = SandboxConfig(homes_dir=os.environ.get("SANDBOX_HOMES_DIR"))
+    executor = HostExecutor(ProcessMcpConfig(defaults=Defaults(workdir=workdir), sandbox=sandbox))
     await executor.start()
     try:
         box = executor.backend._box
@@ -967,7 +968,11 @@ FIGURE_GROUPS = (
 
 
 async def main(s: Settings, only: list[str]) -> None:
-    with tempfile.TemporaryDirectory(prefix="process-mcp-bench-") as workdir:
+    with (
+        tempfile.TemporaryDirectory(prefix="process-mcp-bench-") as workdir,
+        tempfile.TemporaryDirectory(prefix="process-mcp-bench-homes-") as homes,
+    ):
+        os.environ["SANDBOX_HOMES_DIR"] = homes  # the boxes' homes go with the run, servers take it
         for figure in FIGURE_GROUPS:
             if only and figure.__name__ not in only:
                 continue

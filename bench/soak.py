@@ -39,13 +39,17 @@ def make_executor(mode: str, container: str | None, workdir: str) -> ProcessExec
             sys.exit("--container is required in docker mode")
         docker = DockerConfig(container_name=container, use_existing=True)
         return DockerExecutor(ProcessMcpConfig(mode="docker", defaults=Defaults(workdir="/tmp"), docker=docker))
-    sandbox = SandboxConfig(enabled=mode == "host", required=mode == "host")
+    # The box's home beside the workspace, removed with it, not in the user's state directory.
+    homes = os.path.join(os.path.dirname(workdir), os.path.basename(workdir) + "-homes")
+    sandbox = SandboxConfig(enabled=mode == "host", required=mode == "host", homes_dir=homes)
     return HostExecutor(ProcessMcpConfig(defaults=Defaults(workdir=workdir), sandbox=sandbox))
 
 
 async def soak(spawns: int, mode: str, container: str | None) -> dict[str, float]:
     """Run the soak; return the growth of descriptors and memory, and spawns per second."""
-    with tempfile.TemporaryDirectory(prefix="process-mcp-soak-") as workdir:
+    with tempfile.TemporaryDirectory(prefix="process-mcp-soak-") as top:
+        workdir = os.path.join(top, "workspace")
+        os.mkdir(workdir)
         executor = make_executor(mode, container, workdir)
         await executor.start()
         samples: list[tuple[int, int, int]] = []

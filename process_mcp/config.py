@@ -166,6 +166,10 @@ class SandboxConfig(BaseModel):
     scan_limit: int = setting(
         "SANDBOX_SCAN_LIMIT", 20000, ge=1, description="directories searched per spawn for protected paths"
     )
+    homes_dir: str | None = setting(
+        "SANDBOX_HOMES_DIR",
+        description="where each workspace's box keeps its HOME (default ~/.local/state/process-mcp/homes)",
+    )
 
     @field_validator("allowed_domains")
     @classmethod
@@ -359,12 +363,15 @@ def default_host_workspace() -> str:
     return str(Path(tempfile.gettempdir()) / f"process-mcp-workspace-{os.getuid()}")
 
 
-def default_box_home(workspace: str) -> str:
+def default_box_home(workspace: str, homes_dir: str | None = None) -> str:
     """The HOME of the sandbox's boxes over ``workspace``, kept across its boxes and the server's runs (a
     shell's history, caches, ``pip --user``, ``git config --global``), neither in the workspace nor the
-    user's home itself: ``~/.local/state/process-mcp/homes/<name>-<hash>``, else under the temp dir."""
+    user's home itself: ``<homes_dir>/<name>-<hash>``, by default in ``~/.local/state/process-mcp/homes``
+    (under the temp dir for a user without a home)."""
     real = os.path.realpath(workspace)
     name = f"{os.path.basename(real) or 'root'}-{hashlib.sha256(real.encode()).hexdigest()[:12]}"
+    if homes_dir:
+        return os.path.join(os.path.realpath(homes_dir), name)
     home = Path(user_home())
     if home.is_dir() and str(home) != "/":
         return str(home / ".local" / "state" / "process-mcp" / "homes" / name)

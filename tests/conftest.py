@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,7 +17,7 @@ import anyio.to_thread
 import pytest
 
 from process_mcp import DockerExecutor, ProcessExecutor
-from process_mcp.config import DockerConfig, default_box_home
+from process_mcp.config import DockerConfig
 
 from .helpers import (
     BACKENDS,
@@ -42,18 +40,19 @@ if TYPE_CHECKING:
 
 
 @pytest.fixture(autouse=True)
-def _no_box_homes_left() -> Iterator[None]:
-    """Remove the boxes' homes a test's servers made (one per workspace, kept under the server user's
-    state directory, which outlives a test's workspace), and only those."""
-    roots = [Path(os.path.dirname(default_box_home("/x"))), Path(tempfile.gettempdir()) / f"process-mcp-homes-{NOBODY}"]
-    before = {root: set(root.iterdir()) if root.is_dir() else None for root in roots}
-    yield
-    for root, existing in before.items():
-        if existing is None:
-            shutil.rmtree(root, ignore_errors=True)  # the directory of the homes too, when the test made it
-            continue
-        for home in (set(root.iterdir()) if root.is_dir() else set()) - existing:
-            shutil.rmtree(home, ignore_errors=True)
+def _box_homes_in_the_tests_own_directory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The boxes' homes (one per workspace, kept by default in the user's state directory, which outlives
+    a test) go to a directory of the test's own: servers started from the environment take it."""
+    homes = tmp_path_factory.mktemp("homes")
+    before = os.environ.get("SANDBOX_HOMES_DIR")
+    os.environ["SANDBOX_HOMES_DIR"] = str(homes)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["SANDBOX_HOMES_DIR"]
+        else:
+            os.environ["SANDBOX_HOMES_DIR"] = before
 
 
 @pytest.fixture

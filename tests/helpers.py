@@ -70,11 +70,12 @@ POLL_S = 0.02
 
 
 def host_config(workdir: str | Path, *, sandbox: SandboxConfig | None = None, **limits: int) -> ProcessMcpConfig:
+    """Host mode over ``workdir``; the boxes' homes where the test keeps them (``SANDBOX_HOMES_DIR``)."""
+    sandbox = sandbox or SandboxConfig()
+    if sandbox.homes_dir is None:
+        sandbox = sandbox.model_copy(update={"homes_dir": os.environ.get("SANDBOX_HOMES_DIR")})
     return ProcessMcpConfig(
-        mode="host",
-        defaults=Defaults(workdir=str(workdir)),
-        limits=Limits(**limits),
-        sandbox=sandbox or SandboxConfig(),
+        mode="host", defaults=Defaults(workdir=str(workdir)), limits=Limits(**limits), sandbox=sandbox
     )
 
 

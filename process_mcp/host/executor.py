@@ -205,7 +205,7 @@ class HostBackend(Backend):
             if cgroups is not None:
                 cgroups.close()
             raise
-        home = default_box_home(self.config.workdir)
+        home = default_box_home(self.config.workdir, config.homes_dir)
         try:
             await anyio.to_thread.run_sync(_make_box_home, home)
         except BackendUnavailable:

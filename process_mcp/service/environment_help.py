@@ -46,6 +46,7 @@ ROWS: tuple[tuple[str, str, str], ...] = (
     ("SANDBOX_MAX_MEMORY_MB", "4096", "memory per sandbox"),
     ("SANDBOX_TMP_SIZE_MB", "512", "size of each sandbox's private /tmp"),
     ("SANDBOX_SCAN_LIMIT", "20000", "directories searched per spawn for protected paths"),
+    ("SANDBOX_HOMES_DIR", "", "where each workspace's box keeps its HOME (default ~/.local/state/process-mcp/homes)"),
     ("PROCESS_ENV_PASSTHROUGH", "", "server variables processes get besides the basic ones"),
     ("PROCESS_TRANSPORT", "stdio", "stdio, or http (streamable HTTP)"),
     ("PROCESS_HTTP_HOST", "127.0.0.1", "address the HTTP transport listens on"),

@@ -88,6 +88,26 @@ def held_back(result: SpawnResult | ProcessOutput, tty: bool) -> str:
     )
 
 
+def read_only_note(result: SpawnResult, sandboxed: bool) -> str:
+    """Which protection a "Read-only file system" in a sandboxed process's output most likely met, and
+    which setting opens it: the model otherwise guesses (and often retries the same write)."""
+    output = result.stdout + result.stderr
+    if not sandboxed or "Read-only file system" not in output:
+        return ""
+    if ".git/" in output or ".git:" in output or "lock config file" in output:
+        return (
+            "\nread-only: the sandbox holds each repository's .git read-only (a protected path: git runs hooks "
+            "and settings from it later, outside the sandbox), so git can read but not commit; "
+            "SANDBOX_ALLOW_PROTECTED=.git lets processes commit, with .git/hooks and .git/config still read-only"
+        )
+    return (
+        "\nread-only: the sandbox writes only in the workspace (DEFAULT_WORKDIR), SANDBOX_ALLOW_WRITE, /tmp and "
+        "HOME; inside them, paths that make other programs run code later (.git, shell rc files, .vscode, "
+        ".ssh, .local/bin...) and SANDBOX_DENY_WRITE are read-only; SANDBOX_ALLOW_PROTECTED names a "
+        "protected name to open"
+    )
+
+
 def stopped_note(state: SpawnResult | StdinResult | ProcessOutput) -> str:
     """What a stopped process needs, said where a wait on it would otherwise just time out."""
     if not state.stopped:

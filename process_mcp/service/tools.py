@@ -181,7 +181,8 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
         headline = (
             f"{render.headline(result.pid, result)}, {render.confinement(result.sandboxed)}{render.waited(result)}"
         )
-        text = f"{headline}\n{render.cursor_line(result)}{render.held_back(result, tty)}{render.stopped_note(result)}\n"
+        notes = f"{render.held_back(result, tty)}{render.read_only_note(result, result.sandboxed)}"
+        text = f"{headline}\n{render.cursor_line(result)}{notes}{render.stopped_note(result)}\n"
         text += render.section(label, result.stdout)
         if not tty:
             text += f"\n{render.section('stderr', result.stderr)}"

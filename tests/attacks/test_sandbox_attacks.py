@@ -92,11 +92,11 @@ def readable_python_path() -> Iterator[str]:
 @pytest.fixture
 def dirs(user: int) -> Iterator[tuple[Path, Path]]:
     """A workspace and an 'outside' directory, both owned by the server's user, under a directory any
-    user can reach (the test's own tmp_path may not be)."""
+    user can reach (the test's own tmp_path may not be), beside the server's directory of box homes."""
     top = Path(tempfile.mkdtemp(prefix="process-mcp-test-attacks-"))
     top.chmod(0o755)
-    workspace, outside = top / "workspace", top / "outside"
-    for path in (workspace, outside):
+    workspace, outside, homes = top / "workspace", top / "outside", top / "homes"
+    for path in (workspace, outside, homes):
         path.mkdir(mode=0o700)
         os.chown(path, user, user)
     try:
@@ -122,6 +122,7 @@ class Servers:
         """A server, first moved into the cgroup whose ``cgroup.procs`` is given (a bound it lives in)."""
         settings = {
             "DEFAULT_WORKDIR": str(self.workspace),
+            "SANDBOX_HOMES_DIR": str(self.workspace.parent / "homes"),  # the boxes' homes, removed with it
             "SANDBOX_REQUIRED": "true",
             "AWS_SECRET_ACCESS_KEY": SECRET,
             "PYTHONPATH": self._python_path,

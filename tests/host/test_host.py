@@ -19,6 +19,7 @@ from process_mcp.core.models import MAX_INPUT_CHARS
 from process_mcp.host.executor import STATE_DIR_PREFIX
 
 from ..helpers import (
+    POLL_S,
     WAIT_S,
     host_config,
     kill_if_alive,
@@ -219,12 +220,13 @@ async def test_processes_die_with_a_killed_server(tmp_path: Path, sandboxed: boo
 
 # A server process in miniature: an executor that spawns one command and waits forever.
 SERVE_ONE_SPAWN = """
-import sys, anyio
+import os, sys, anyio
 from process_mcp import HostExecutor, ProcessMcpConfig, SpawnOptions
 from process_mcp.config import Defaults, SandboxConfig
 
 async def main():
-    sandbox = SandboxConfig(enabled=sys.argv[3] == "True", required=True)
+    homes = os.environ["SANDBOX_HOMES_DIR"]
+    sandbox = SandboxConfig(enabled=sys.argv[3] == "True", required=True, homes_dir=homes)
     config = ProcessMcpConfig(defaults=Defaults(workdir=sys.argv[1]), sandbox=sandbox)
     executor = HostExecutor(config)
     await executor.start()
@@ -290,3 +292,48 @@ async def test_ps_shows_the_local_agents_processes_by_name_in_a_short_command_li
             assert len(argv) <= AGENT_ARGV_MAX, argv
     finally:
         await executor.cleanup()
+
+
+async def test_an_idle_box_ends_and_the_next_spawn_starts_another_with_the_same_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("process_mcp.host.box.BOX_IDLE_S", 0.5)
+    host = HostExecutor(host_config(tmp_path, sandbox=SandboxConfig(required=True)))
+    try:
+        await host.start()
+        await host.spawn(SpawnOptions(command="echo kept > ~/note; echo gone > /tmp/note"))
+        box = host.backend._box
+        assert box is not None
+        assert box._agent is not None
+        started = box._agent.process.pid
+        # A process that runs keeps its box, however long.
+        running = await host.spawn(SpawnOptions(command="sleep 1.5", background=True))
+        await anyio.sleep(1)
+        assert box._agent is not None
+        assert box._agent.process.pid == started
+        await wait_for_exit(host, running.pid)
+        with anyio.fail_after(WAIT_S):
+            while box._agent is not None:
+                await anyio.sleep(POLL_S)
+        await wait_until_gone(started)
+        reply = await host.spawn(SpawnOptions(command="cat ~/note; cat /tmp/note"))
+        assert reply.stdout == "kept\n"  # a new box: its HOME is the workspace's, its /tmp is new
+        assert "No such file" in reply.stderr
+    finally:
+        await host.cleanup()
+
+
+async def test_exit_codes_are_the_programs_own_not_a_launch_chains(host: HostExecutor) -> None:
+    """exit 130 is 130, not SIGINT; a TERM trap that exits 0 is 0, not SIGTERM (in the sandbox, the agent
+    reports the program's own status as it does unsandboxed)."""
+    exited = await host.spawn(SpawnOptions(command="exit 130"))
+    assert (exited.exit_code, exited.signal) == (130, None)
+    killed = await host.spawn(SpawnOptions(command="kill -INT $$"))
+    assert (killed.exit_code, killed.signal) == (130, "SIGINT")
+    trap = "trap 'exit 0' TERM; echo ready; while :; do sleep 0.05; done"
+    trapped = await host.spawn(SpawnOptions(command=trap, background=True))
+    await wait_for_output(host, trapped.pid, "ready")
+    await host.kill(trapped.pid, "TERM")
+    await wait_for_exit(host, trapped.pid)
+    ended = await host.get_process(trapped.pid)
+    assert (ended.exit_code, ended.signal) == (0, None)

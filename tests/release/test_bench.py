@@ -20,6 +20,7 @@ RUN = Path(__file__).parents[2] / "bench" / "run.py"
 FIGURES = [
     "spawn true round trip (host, sandbox off)",
     "spawn true round trip (host, sandboxed)",
+    "first spawn of a new box (host, sandboxed)",
     "non-TTY capture",
     "TTY capture",
     "reading the screen after the TTY flood",

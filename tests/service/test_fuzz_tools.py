@@ -19,7 +19,7 @@ from mcp import Client
 from mcp_types import CallToolResult, TextContent
 
 from process_mcp import ProcessMcpServer, create_process_mcp
-from process_mcp.config import Defaults, Limits, ProcessMcpConfig
+from process_mcp.config import Defaults, Limits, ProcessMcpConfig, SandboxConfig
 
 from ..helpers import WAIT_S
 
@@ -67,6 +67,7 @@ class Session:
         config = ProcessMcpConfig(
             defaults=Defaults(workdir=str(workdir), timeout_ms=300, max_timeout_ms=300),
             limits=Limits(max_live=20, keep_terminated=5),
+            sandbox=SandboxConfig(homes_dir=str(workdir.parent / f"{workdir.name}-homes")),
         )
         self.mcp: ProcessMcpServer = portal.call(create_process_mcp, config)
         self._mcp_context = portal.wrap_async_context_manager(self.mcp)

@@ -14,9 +14,18 @@ import pytest
 from mcp import Client
 
 from process_mcp import ProcessMcpServer, create_process_mcp
-from process_mcp.config import default_host_workspace
+from process_mcp.config import SandboxConfig, default_host_workspace
 
-from ..helpers import WAIT_S, backend_config, call, error, host_config, machine_can_sandbox, text_of
+from ..helpers import (
+    WAIT_S,
+    backend_config,
+    call,
+    cannot_run_here,
+    error,
+    host_config,
+    machine_can_sandbox,
+    text_of,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -380,3 +389,27 @@ def test_an_end_that_could_not_be_observed_never_reads_exit_code_none() -> None:
     assert "None" not in unobserved
     assert "could not be observed" in unobserved
     assert _state(ExitState(status="terminated", exit_code=3, ended_by="exit")) == "terminated (exit code 3)"
+
+
+async def test_git_across_calls_in_the_sandbox_and_a_refused_commit_names_the_protection_and_its_setting(
+    workdir: Path,
+) -> None:
+    """The box's HOME keeps the identity one call sets for the next; a commit that .git's protection
+    refuses says which protection that was and which setting opens it; with that setting, commits work
+    across calls."""
+    if not machine_can_sandbox():
+        cannot_run_here("bwrap cannot make its namespaces on this machine")
+    for allowed, committed in ((None, False), (".git", True)):
+        sandbox = SandboxConfig(allow_protected=[] if allowed is None else [allowed])
+        space = Path(workdir) / str(allowed)
+        space.mkdir()
+        mcp: ProcessMcpServer = await create_process_mcp(host_config(space, sandbox=sandbox))
+        async with mcp, Client(mcp.server, read_timeout_seconds=WAIT_S) as client:
+            setup = "git config --global user.name Agent && git config --global user.email agent@example.com"
+            await call(client, "spawn", {"command": f"{setup} && git init -q repo && echo one > repo/file"})
+            commit = "git add file && git commit -qm first && git log --format=%an"
+            result = await client.call_tool("spawn", {"command": commit, "cwd": "repo"})
+            reply = text_of(result)
+            assert result.structured_content is not None
+            assert ("Agent" in str(result.structured_content["stdout"])) is committed, reply
+            assert ("SANDBOX_ALLOW_PROTECTED=.git" in reply) is (not committed), reply

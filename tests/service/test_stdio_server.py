@@ -22,7 +22,9 @@ pytestmark = pytest.mark.anyio
 
 def server_params(workdir: Path, **env: str) -> StdioServerParameters:
     return StdioServerParameters(
-        command=sys.executable, args=["-m", "process_mcp"], env={"DEFAULT_WORKDIR": str(workdir), **env}
+        command=sys.executable,
+        args=["-m", "process_mcp"],
+        env={"DEFAULT_WORKDIR": str(workdir), "SANDBOX_HOMES_DIR": os.environ["SANDBOX_HOMES_DIR"], **env},
     )
 
 
