@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import struct
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from importlib import resources
@@ -29,7 +30,7 @@ from typing import Any
 import anyio
 
 from ..core.contract import LaunchSpec, ProcessSink
-from ..core.handle import ProcessHandle, TreeRoot
+from ..core.handle import STOPPED_FRESH_S, ProcessHandle, TreeRoot
 from ..core.models import CPU_GRACE_S, TERMINAL_COLS, TERMINAL_ROWS, ProcessLimits
 from ..core.stats import TreeSample
 from ..core.streams import STDIN_WRITE_TIMEOUT_S, wait_writable
@@ -177,6 +178,7 @@ class AgentConnection:
         self._lost: str | None = None
         self._shutdown_sent = False
         self._stopped_query: asyncio.Future[frozenset[int] | None] | None = None  # shared by callers meanwhile
+        self._stopped_answer: tuple[float, frozenset[int] | None] | None = None  # the last, and when it came
         self._said_bye = False
         self._closed = False
         self._reading = True
@@ -291,8 +293,10 @@ class AgentConnection:
 
     async def stopped_channels(self) -> frozenset[int] | None:
         """The channels of the processes that are stopped, as the agent reads its box's /proc: one
-        question for them all, whose answer the callers meanwhile share (every row of one ps); None when
-        it cannot be told."""
+        question for them all, whose answer the callers meanwhile and for STOPPED_FRESH_S after share
+        (the rows of one ps); None when it cannot be told."""
+        if self._stopped_answer is not None and time.monotonic() - self._stopped_answer[0] < STOPPED_FRESH_S:
+            return self._stopped_answer[1]
         if self._stopped_query is None:
             query = asyncio.ensure_future(self._ask_stopped())
             self._stopped_query = query
@@ -300,6 +304,11 @@ class AgentConnection:
         return await asyncio.shield(self._stopped_query)
 
     async def _ask_stopped(self) -> frozenset[int] | None:
+        answer = await self._question_stopped()
+        self._stopped_answer = (time.monotonic(), answer)
+        return answer
+
+    async def _question_stopped(self) -> frozenset[int] | None:
         seq = self.next_seq()
         answer = self._expect(protocol.STOPPED, 0, seq)
         try:

@@ -608,16 +608,17 @@ async def _refresh_stopped(records: list[ManagedProcess]) -> None:
     running = [(record, record.handle) for record in records if record.running and record.handle is not None]
     if not running:
         return
-    read = await anyio.to_thread.run_sync(lambda: [handle.read_stopped() for _, handle in running])
+    read: list[bool | None] = [None] * len(running)
+    if any(handle.tree_root() is not None for _, handle in running):  # else no trip to a thread for nothing
+        read = await anyio.to_thread.run_sync(lambda: [handle.read_stopped() for _, handle in running])
     asked: list[bool | None] = [None] * len(running)
+    remote = [(i, handle) for i, ((_, handle), here) in enumerate(zip(running, read, strict=True)) if here is None]
 
     async def ask(i: int, handle: ProcessHandle) -> None:
         asked[i] = await handle.stopped()
 
-    async with anyio.create_task_group() as tasks:
-        for i, ((_, handle), here) in enumerate(zip(running, read, strict=True)):
-            if here is None:
-                tasks.start_soon(ask, i, handle)
+    for i, handle in remote:  # one after another: where they run, one answer serves them all (a box's agent)
+        await ask(i, handle)
     for (record, _), here, there in zip(running, read, asked, strict=True):
         found = here if here is not None else there
         if found is not None:

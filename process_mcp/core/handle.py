@@ -27,6 +27,10 @@ from typing import NamedTuple
 
 from .stats import TreeSample
 
+STOPPED_FRESH_S = 0.01
+"""How long an answer to which processes are stopped, asked where they run, serves later askers: the
+rows of one ps ask one after another, and one question answers them all."""
+
 
 class TreeRoot(NamedTuple):
     """Where a process's tree can be measured on this machine (``ProcessHandle.tree_root``)."""

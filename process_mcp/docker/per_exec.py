@@ -13,13 +13,14 @@ import asyncio
 import logging
 import secrets
 import socket
+import time
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import anyio.to_thread
 
 from ..core.contract import LaunchSpec, ProcessSink
-from ..core.handle import ProcessHandle
+from ..core.handle import STOPPED_FRESH_S, ProcessHandle
 from ..core.models import TERMINAL_COLS, TERMINAL_ROWS, TTY_TERM
 from ..core.signals import NON_TERMINATING, signal_from_exit_code
 from ..core.streams import READ_CHUNK, write_all
@@ -71,6 +72,7 @@ class ExecLauncher:
     def __init__(self, session: ContainerSession) -> None:
         self._session = session
         self._stopped_query: asyncio.Future[frozenset[str] | None] | None = None  # shared by callers meanwhile
+        self._stopped_answer: tuple[float, frozenset[str] | None] | None = None  # the last, and when it came
 
     async def launch(self, spec: LaunchSpec, sink: ProcessSink, workdir: str) -> ProcessHandle:
         """Start ``spec``'s process as an exec, reporting into ``sink``; a missing cwd's error names
@@ -162,8 +164,10 @@ class ExecLauncher:
 
     async def stopped(self) -> frozenset[str] | None:
         """The ids of this executor's processes that are stopped, by one exec walking /proc in the
-        container (shared by the callers that ask while it runs, e.g. for every row of one ps); None
-        when it cannot be told."""
+        container (shared by the callers that ask while it runs and for STOPPED_FRESH_S after, e.g. the
+        rows of one ps); None when it cannot be told."""
+        if self._stopped_answer is not None and time.monotonic() - self._stopped_answer[0] < STOPPED_FRESH_S:
+            return self._stopped_answer[1]
         if self._stopped_query is None:
             query = asyncio.ensure_future(self._find_stopped())
             self._stopped_query = query
@@ -171,6 +175,11 @@ class ExecLauncher:
         return await asyncio.shield(self._stopped_query)
 
     async def _find_stopped(self) -> frozenset[str] | None:
+        answer = await self._exec_stopped()
+        self._stopped_answer = (time.monotonic(), answer)
+        return answer
+
+    async def _exec_stopped(self) -> frozenset[str] | None:
         container = self._session.container
         if container is None:
             return None
