@@ -169,7 +169,7 @@ class Agent:
         self.selector.register(stream_in, selectors.EVENT_READ, self._on_stream)
         self.selector.register(supervisor.wake_on_sigchld(), selectors.EVENT_READ, self._on_sigchld)
         self.box = box
-        self.made: dict[str, str] = {}  # the mounts the agent made for the plans so far (``confine.protect``)
+        self.made: dict[str, tuple[str, int]] = {}  # the mounts made for the plans so far (``confine.protect``)
         if box:
             confine.own_namespace()  # before the zygote: it and every process share this namespace
         self.spares.start()
@@ -336,6 +336,11 @@ class Agent:
                 if process is None or process.status < 0
                 else supervisor.signal_tree(process.supervisor, signum, group)
             )
+            if sent and process is not None:
+                # A process may stop its own supervisor (in a box they share a domain): it would then
+                # never reap what the signal ends, nor report it.
+                with contextlib.suppress(OSError):
+                    os.kill(process.supervisor, signal.SIGCONT)
             self.send(protocol.message(protocol.SIGNALLED, channel, seq=request["seq"], sent=sent))
         elif kind == protocol.SAMPLE:
             request = protocol.fields(payload)
@@ -349,8 +354,12 @@ class Agent:
             self.send(protocol.message(protocol.SAMPLED, channel, seq=request["seq"], **sample))
         elif kind == protocol.ASK_STOPPED:
             running = [p for p in self.processes.values() if p.leader and not p.exited]
-            stopped = [process.channel for process in running if proc.is_stopped(process.leader)]
-            self.send(protocol.message(protocol.STOPPED, 0, seq=protocol.fields(payload)["seq"], stopped=stopped))
+            stopped = [process for process in running if proc.is_stopped(process.leader)]
+            for process in stopped if self.reading_output else ():
+                for fd in list(process.outputs):  # what it wrote before it stopped goes ahead of the answer
+                    self._read_output(process, fd)
+            channels = [process.channel for process in stopped]
+            self.send(protocol.message(protocol.STOPPED, 0, seq=protocol.fields(payload)["seq"], stopped=channels))
         elif kind == protocol.RESIZE:
             process = self.processes.get(channel)
             if process is not None and process.tty and process.input_fd >= 0:

@@ -122,17 +122,19 @@ def own_namespace() -> None:
     _check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "making the mounts private")
 
 
-def protect(plan: dict[str, Any], made: dict[str, str]) -> None:
+def protect(plan: dict[str, Any], made: dict[str, tuple[str, int]]) -> None:
     """Make the box's mounts what ``plan`` says now, in the agent's namespace (``own_namespace``), which
     every process of the box shares, so a protection holds for the processes that run already too: each
     ``readonly`` path bound read-only onto itself with all below it, each ``hidden`` one ([path,
     stand-in]) covered by its stand-in, each ``pinned`` directory bound onto itself (a mount point cannot
-    be renamed), outermost first. ``made`` (path -> "readonly", "hidden" or "pinned") is what the agent
-    made for earlier plans, kept up to date here: a path of it that this plan no longer makes read-only
-    (the nearest existing ancestor of a denied path, once that path exists; a directory that can be
-    listed again) is made writable again, after the new protections are in place and without unmounting
-    anything, so nothing below it is exposed on the way. Hidden paths stay hidden. Raises ConfineError;
-    a protection made before the one that failed stays."""
+    be renamed), outermost first. ``made`` (path -> kind, "readonly", "hidden" or "pinned", and the
+    mount's id) is what the agent made for earlier plans, kept up to date here. A mount of it that this
+    plan no longer makes read-only (the nearest existing ancestor of a denied path, once that path
+    exists; a directory that can be listed again) is made writable again, after the new protections
+    are in place and without unmounting anything, so nothing below it is exposed on the way; hidden
+    paths stay hidden. A mount is the agent's to change only while its path shows the very mount the
+    agent made (its id): one moved there from elsewhere is never made writable. Raises ConfineError; a
+    protection made before the one that failed stays."""
     wanted = {path: ("readonly", path) for path in plan.get("readonly") or []}
     wanted.update({path: ("hidden", stand_in) for path, stand_in in plan.get("hidden") or []})
     for path in plan.get("pinned") or []:
@@ -140,40 +142,53 @@ def protect(plan: dict[str, Any], made: dict[str, str]) -> None:
     if not wanted and not made:
         return
     mounted = mount_points()
+
+    def ours(target: str) -> bool:
+        return target in made and target in mounted and mounted[target][0] == made[target][1]
+
     for target in sorted(wanted, key=lambda path: (path.count("/"), path)):
         kind, source = wanted[target]
         read_only = kind != "pinned"
-        earlier = made.get(target)
-        if target in mounted and earlier is not None and (earlier == kind or "hidden" not in (earlier, kind)):
-            if mounted[target] != read_only:
-                set_read_only(target, read_only)  # an earlier pin now read-only, or the other way round
-            made[target] = kind
+        if ours(target) and (made[target][0] == kind or "hidden" not in (made[target][0], kind)):
+            if mounted[target][1] != read_only:  # an earlier pin now read-only, or the other way round
+                set_read_only(target, read_only, made[target][1])
+            made[target] = (kind, made[target][1])
             continue
-        if target in mounted and kind != "hidden" and mounted[target] >= read_only and target not in made:
+        if target in mounted and target not in made and kind != "hidden" and mounted[target][1] >= read_only:
             continue  # the box's own mount (a read-only path of the view), as strict as needed
-        _bind(source, target, read_only=read_only)
-        made[target] = kind
+        mount_id = _bind(source, target, read_only=read_only)
+        if mount_id is not None:
+            made[target] = (kind, mount_id)
     held = [path for path, (kind, _) in wanted.items() if kind != "pinned"]
-    for target, kind in list(made.items()):
+    for target, (kind, mount_id) in list(made.items()):
         if target in wanted:
             continue
-        if target not in mounted:
-            del made[target]  # gone (the directory was removed or moved on the host): so is its mount
+        if not ours(target):
+            del made[target]  # gone, or moved: whatever that path shows now is not the agent's to change
         elif kind != "hidden" and not any(target == path or target.startswith(path + "/") for path in held):
-            if mounted[target]:
-                set_read_only(target, False)
-            made[target] = "pinned"
+            if mounted[target][1]:
+                set_read_only(target, False, mount_id)
+            made[target] = ("pinned", mount_id)
 
 
-def mount_points() -> dict[str, bool]:
-    """Each mount point this process sees, and whether that mount is read-only."""
+def mount_points() -> dict[str, tuple[int, bool]]:
+    """Each mount point this process sees: the id of the mount on top there, and whether it is read-only."""
     found = {}
     with open("/proc/self/mountinfo", "rb") as table:
         for line in table:
             fields = line.split(b" ")
             point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4])
-            found[os.fsdecode(point)] = b"ro" in fields[5].split(b",")
+            found[os.fsdecode(point)] = (int(fields[0]), b"ro" in fields[5].split(b","))
     return found
+
+
+def mount_id(fd: int) -> int:
+    """The id of the mount descriptor ``fd`` is on (as /proc/self/mountinfo numbers mounts)."""
+    with open(f"/proc/self/fdinfo/{fd}", "rb") as info:
+        for line in info:
+            if line.startswith(b"mnt_id:"):
+                return int(line.split()[1])
+    raise ConfineError(0, "the kernel does not say which mount a descriptor is on")
 
 
 def apply(plan: dict[str, Any], groups: list[int]) -> int:
@@ -231,9 +246,10 @@ def give_up(plan: dict[str, Any]) -> None:
         load_seccomp(base64.b64decode(plan["seccomp"]))
 
 
-def _bind(source: str, target: str, *, read_only: bool) -> None:
+def _bind(source: str, target: str, *, read_only: bool) -> int | None:
     """Bind ``source`` onto ``target``, both opened without following a symbolic link anywhere on the way
-    and mounted by descriptor, so neither name can be swapped for a link between the look and the mount."""
+    and mounted by descriptor, so neither name can be swapped for a link between the look and the mount;
+    the new mount's id, or None when ``target`` is gone."""
     fds = []
     try:
         for path in (source, target):
@@ -243,17 +259,18 @@ def _bind(source: str, target: str, *, read_only: bool) -> None:
         # Recursive: a mount with mounts of the box below (locked, in its nested user namespace) may be
         # bound only with them, and they stay as they are.
         _check(libc.mount(names[0], names[1], None, MS_BIND | MS_REC, None), f"binding {target}")
+        # The descriptor opened before the bind is of what lies under it: the name is opened again (the
+        # new mount), and must still be what was bound.
+        bound = open_without_links(target)
+        fds.append(bound)
+        was, now = os.fstat(fds[0]), os.fstat(bound)
+        if (was.st_dev, was.st_ino) != (now.st_dev, now.st_ino):
+            raise ConfineError(0, f"{target} changed while it was being protected")
         if read_only:
-            # The descriptor opened before the bind is of what lies under it: the name is opened again
-            # (the new mount), and must still be what was bound.
-            bound = open_without_links(target)
-            fds.append(bound)
-            was, now = os.fstat(fds[0]), os.fstat(bound)
-            if (was.st_dev, was.st_ino) != (now.st_dev, now.st_ino):
-                raise ConfineError(0, f"{target} changed while it was being protected")
             read_only_all(bound, target)
+        return mount_id(bound)
     except FileNotFoundError:
-        pass  # gone since the server looked: nothing there to protect (its parent still holds)
+        return None  # gone since the server looked: nothing there to protect (its parent still holds)
     except OSError as exc:
         if isinstance(exc, ConfineError):
             raise
@@ -287,10 +304,13 @@ def read_only_all(fd: int, target: str) -> None:
     _set_attributes(fd, target, read_only=True, recursive=True)
 
 
-def set_read_only(target: str, read_only: bool) -> None:
-    """Make the mount at ``target`` read-only with every mount below it, or that mount alone writable."""
+def set_read_only(target: str, read_only: bool, expected: int) -> None:
+    """Make the mount at ``target`` read-only with every mount below it, or that mount alone writable,
+    if it is still the mount ``expected`` (its id); raises ConfineError otherwise."""
     fd = open_without_links(target)
     try:
+        if mount_id(fd) != expected:
+            raise ConfineError(0, f"{target} is no longer the mount that protected it")
         _set_attributes(fd, target, read_only=read_only, recursive=read_only)
     finally:
         os.close(fd)

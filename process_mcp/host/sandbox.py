@@ -124,6 +124,8 @@ BOX_OWN_PROCESSES = 8
 """Processes of a box beside those it runs for the caller: bwrap's init, the agent, its zygote and spare
 supervisors (each running process's own supervisor counts against SANDBOX_MAX_PROCESSES)."""
 _PRIVATE_DIRS = ("/", "/tmp", "/var/tmp")
+BOX_TMPFS = ("/tmp", "/var/tmp", "/dev/shm")
+"""The writable tmpfs mounts of a box."""
 _FORBIDDEN_ROOTS = ("/", "/proc", "/sys", "/dev", "/run", "/var", "/boot", "/tmp", "/var/tmp", "/home")
 
 
@@ -321,7 +323,7 @@ class Sandbox:
         view (over them, so a SANDBOX_ALLOW_READ path in /tmp is shown), the writable roots."""
         mounts.add(["--dev", "/dev", "--proc", "/proc"])
         size = str(self.config.tmp_size_mb * 1024 * 1024)
-        for tmp in ("/tmp", "/var/tmp", "/dev/shm"):
+        for tmp in BOX_TMPFS:
             mounts.add(["--size", size, "--perms", "1777", "--tmpfs", tmp])
         # A read-only path inside a writable root is mounted after that root, or the root would cover it.
         inside = [p for p in self._readable if any(_within(p, root) and p != root for root in self.writable)]
@@ -382,10 +384,30 @@ class Sandbox:
         return {
             "readonly": sorted(read_only),
             "hidden": stand_ins,
-            "pinned": sorted(pinned - read_only - hidden),
+            "pinned": sorted((pinned - read_only - hidden) | self._on_the_way_in_tmp()),
             "seccomp": base64.b64encode(seccomp_program).decode(),
             "scopes": scopes,
         }
+
+    def _on_the_way_in_tmp(self) -> set[str]:
+        """The directories bwrap made in a box's own /tmp, /var/tmp or /dev/shm on the way to what it
+        mounts there (a workspace under /tmp, the server's state directory): they are the box's and
+        writable, so each is pinned too, or a process could move a writable root, and every protection
+        on it, to another path."""
+        found = set()
+        mounted = [
+            *self.writable,
+            *self._readable,
+            os.path.dirname(self._empty_file),
+            os.path.realpath(sys.base_prefix),
+        ]
+        for path in mounted:
+            for tmp in BOX_TMPFS:
+                parent = os.path.dirname(path)
+                while _within(parent, tmp) and parent != tmp:
+                    found.add(parent)
+                    parent = os.path.dirname(parent)
+        return found
 
     def protected(self, opener: PathOpener) -> tuple[set[str], set[str], set[str]]:
         """What must be protected inside the writable roots now: the paths to make read-only, those to

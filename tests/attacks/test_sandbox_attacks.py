@@ -464,6 +464,27 @@ async def test_a_process_started_before_a_repository_cannot_write_it_once_a_late
     assert not (b.workspace / "repo/.git/hooks/pre-commit").exists()
 
 
+async def test_the_workspace_cannot_be_moved_in_the_box_to_carry_its_protections_elsewhere(box: Servers) -> None:
+    """The directories above a workspace under /tmp are the box's own, in its writable /tmp: moved, they
+    would carry the workspace and every protection on it to paths the server's plans do not name, and a
+    later plan could lift the protection that shows at a path it names no more (a review's attack)."""
+    repo = box.workspace / "repo"
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    for part in [repo, *repo.rglob("*")]:
+        os.chown(part, box.uid, box.uid)
+    b: Box = await box()
+    top, name = str(box.workspace.parent), box.workspace.name
+    assert "Read-only file system" in await b.output("touch repo/.git/hooks/x")
+    moved = await b.run(f"cd / && mv {top} /tmp/T; mkdir -p {top}/{name}/d/{name}/repo/.git; echo end")
+    assert "busy" in str(moved["stderr"]), moved  # a mount point: it cannot be renamed
+    await b.output(f"cd / && mv {top} /tmp/F; mkdir -p {top}/{name} && mv /tmp/T {top}/{name}/d")
+    await b.output("true")
+    hook = f"{top}/{name}/d/{name}/repo/.git/hooks/pre-commit"
+    await b.output(f"echo evil > {hook}; echo evil > repo/.git/hooks/pre-commit; git -C repo config core.fsmonitor x")
+    assert not (repo / ".git/hooks/pre-commit").exists()
+    assert "fsmonitor" not in (repo / ".git/config").read_text()
+
+
 # 4b. Links: nothing the sandbox mounts follows a symbolic link a process could have made.
 
 

@@ -215,7 +215,8 @@ def test_what_the_sandbox_finds_at_each_spawn_holds_what_earlier_processes_made(
     ws = str(box.workspace)
     assert plan["readonly"] == [f"{ws}/notes", f"{ws}/repo/.git"]
     assert plan["hidden"] == [[f"{ws}/deep/er/secrets.txt", str(state / "empty")]]
-    assert plan["pinned"] == [f"{ws}/deep", f"{ws}/deep/er", f"{ws}/repo"]
+    # With the directory above the workspace, which the box makes in its own /tmp on the way to it.
+    assert plan["pinned"] == [str(place), f"{ws}/deep", f"{ws}/deep/er", f"{ws}/repo"]
     attempt = (
         "git -C repo config core.hooksPath /tmp; echo evil > repo/.git/hooks/pre-commit; "
         "cat deep/er/secrets.txt; echo y >> notes; mv deep moved; echo end"
@@ -247,4 +248,20 @@ def test_a_protection_a_later_plan_drops_is_lifted_without_opening_what_lies_bel
     # The workspace itself held whole (a denied path in it does not exist yet), then named no more.
     assert "Read-only file system" in box.run("echo top > top", readonly=[str(box.workspace)])[0]
     assert box.run("echo top > top; cat top")[0] == "top\n"
+    assert not (box.workspace / "repo" / ".git" / "hooks" / "pre-commit").exists()
+
+
+def test_a_protection_moved_to_another_path_is_never_made_writable_there(box: Box, place: Path) -> None:
+    """The directory above the workspace is the box's own, in its /tmp (the server pins it; this box's
+    plans do not): moved, it carries the workspace and its protections elsewhere. A later plan that no
+    longer names a path must not make writable the protection of another that now shows there."""
+    top, ws = str(place), str(box.workspace)
+    box.run("mkdir -p repo/.git/hooks")
+    git, decoy = f"{ws}/repo/.git", f"{ws}/d/ws/repo/.git"
+    assert "Read-only file system" in box.run("touch repo/.git/hooks/x", readonly=[git], pinned=[f"{ws}/repo"])[0]
+    box.run(f"cd / && mv {top} /tmp/T && mkdir -p {decoy}/hooks", readonly=[git], pinned=[f"{ws}/repo"])
+    # The decoy is protected at the path the real one will have; then the real one is moved there.
+    box.run(f"cd / && mv {top} /tmp/F && mkdir -p {ws} && mv /tmp/T {ws}/d", readonly=[decoy])
+    output, _ = box.run(f"echo evil > {decoy}/hooks/pre-commit; echo end")  # a plan that names it no more
+    assert "Read-only file system" in output
     assert not (box.workspace / "repo" / ".git" / "hooks" / "pre-commit").exists()

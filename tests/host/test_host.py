@@ -337,3 +337,16 @@ async def test_exit_codes_are_the_programs_own_not_a_launch_chains(host: HostExe
     await wait_for_exit(host, trapped.pid)
     ended = await host.get_process(trapped.pid)
     assert (ended.exit_code, ended.signal) == (0, None)
+
+
+async def test_a_process_that_stops_its_own_supervisor_still_ends_when_killed(host: HostExecutor) -> None:
+    """In the sandbox a process shares its supervisor's Landlock domain and may stop it; kill must still
+    end the process and have its end reported."""
+    started = await host.spawn(
+        SpawnOptions(command="read go; kill -STOP $PPID; echo stopped-it; sleep 300", background=True)
+    )
+    await host.stdin(started.pid, "go\n")  # once its start is reported
+    await wait_for_output(host, started.pid, "stopped-it")
+    await host.kill(started.pid, "KILL")
+    await wait_for_exit(host, started.pid)
+    assert (await host.get_process(started.pid)).signal == "SIGKILL"
