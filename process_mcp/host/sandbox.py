@@ -32,6 +32,7 @@ a size.
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import os
 import shutil
@@ -428,6 +429,8 @@ class Sandbox:
                 hidden.add(target)
         for path in sorted(read_only | hidden):
             _open_found(opener, path)
+        for path in sorted(read_only - hidden):
+            _check_unlinked(opener, path)
         hidden = {path for path in hidden if self._check_hideable(opener, path)}
         read_only -= hidden
         # Nothing inside a hidden path is mounted: it is an empty directory there, where bwrap could not
@@ -614,6 +617,49 @@ def _open_found(opener: PathOpener, path: str) -> None:
         ) from None
     except OSError as exc:
         raise _changed(path, exc) from None
+
+
+GIT_FILES_THAT_RUN_CODE = ("config", "config.worktree", "commondir", "info/attributes")
+"""Files of a git directory whose content makes git run a program (beside its hooks)."""
+
+
+def _check_unlinked(opener: PathOpener, path: str) -> None:
+    """Refuse a read-only path whose content could still be changed through another name: a regular file
+    with other hard links (a process may have linked it before it was protected, and a link outlives the
+    box), or such a file among what a git directory runs (its configuration, its hooks). Raises
+    SpawnFailed naming the file and what to do."""
+    fd = opener.open(path)
+    found = [(path, os.stat(fd))] if stat.S_ISREG(opener.mode(path)) else []
+    if opener.is_dir(path) and (os.path.basename(path) == ".git" or _exists_at(fd, "HEAD")):
+        names = list(GIT_FILES_THAT_RUN_CODE)
+        with contextlib.suppress(OSError):
+            hooks = os.open("hooks", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            try:
+                names += [f"hooks/{name}" for name in os.listdir(hooks)]
+            finally:
+                os.close(hooks)
+        for name in names:
+            try:
+                info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISREG(info.st_mode):
+                found.append((os.path.join(path, name), info))
+    for file, info in found:
+        if info.st_nlink > 1:
+            raise SpawnFailed(
+                f"the sandbox cannot protect {file}: it has {info.st_nlink} hard links, and through another name "
+                "a process could still change it (one may have made it before the file was protected); remove "
+                f"the other names (find <the workspace> -samefile {file}), then spawn again"
+            )
+
+
+def _exists_at(directory: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=directory, follow_symlinks=False)
+    except OSError:
+        return False
+    return True
 
 
 def _changed(path: str, exc: OSError) -> SpawnFailed:

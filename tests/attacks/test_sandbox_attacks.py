@@ -485,6 +485,30 @@ async def test_the_workspace_cannot_be_moved_in_the_box_to_carry_its_protections
     assert "fsmonitor" not in (repo / ".git/config").read_text()
 
 
+async def test_a_hard_link_made_before_a_repository_was_protected_fails_the_next_spawn(box: Servers) -> None:
+    """A repository that appears while the box lives (the user clones into the workspace) is protected
+    from the next spawn on; a process already running can link its config before then, and the link
+    outlives every box. The next spawn must refuse to run with it, naming the file."""
+    b: Box = await box()
+    poller = "while [ ! -e u/.git/config ]; do sleep 0.02; done; ln u/.git/config .cfg-link; echo linked"
+    await b.run(poller, background=True)
+    made = box.outside / "u"  # made whole elsewhere, then moved in: it appears at once, the user's
+    subprocess.run(["git", "init", "-q", str(made)], check=True)
+    for part in [made, *made.rglob("*")]:
+        os.chown(part, box.uid, box.uid)
+    made.rename(box.workspace / "u")
+    for _ in range(int(WAIT_S / POLL_S)):  # until the process has linked it
+        if (box.workspace / ".cfg-link").exists():
+            break
+        await anyio.sleep(POLL_S)
+    refused = await b.error("echo '[core] fsmonitor = touch /tmp/pwned' >> .cfg-link")
+    assert "hard links" in refused, refused
+    assert str(box.workspace / "u/.git/config") in refused
+    assert "fsmonitor" not in (box.workspace / "u/.git/config").read_text()
+    (box.workspace / ".cfg-link").unlink()  # as the message says: then the spawns go on
+    assert "ok" in await b.output("echo ok")
+
+
 # 4b. Links: nothing the sandbox mounts follows a symbolic link a process could have made.
 
 
