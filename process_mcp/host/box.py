@@ -69,13 +69,6 @@ class HostBox:
         self._idle: asyncio.TimerHandle | None = None
         self._stopping: asyncio.Task[None] | None = None
 
-    @property
-    def agent_pid(self) -> int | None:
-        """The agent's pid in the box, while a box runs."""
-        if self._agent is None or self._agent.connection.hello is None:
-            return None
-        return int(self._agent.connection.hello["pid"])
-
     async def spawn(self, spec: LaunchSpec, sink: ProcessSink, env: dict[str, str], workdir: str) -> ProcessHandle:
         """Start ``spec``'s process in the box (started first if none runs), confined by the plan for the
         workspace as it is now. Raises SpawnFailed, or InvalidInput for a missing cwd."""
@@ -84,32 +77,36 @@ class HostBox:
         # A plan makes the box's protections what the workspace needs when it was made: plans reach the
         # agent in the order they were made, so an older one never undoes what a newer one added.
         async with self._planning:
-            plan = await anyio.to_thread.run_sync(self._plan)
-            processes, memory = self.sandbox.process_bounds(self._bounds, spec.limits)
-            if os.geteuid() != 0:  # the kernel counts no processes for root (cgroups bound those)
-                # Past this many processes of the box, a fork in this tree fails: the rest is kept for others.
-                plan["nproc"] = self.sandbox.process_bounds(self._bounds, None)[0]
-            cgroups = self.sandbox.cgroups
-            group = None
-            if cgroups is not None and self._cgroup is not None:
+            box_group, cgroups = self._cgroup, self.sandbox.cgroups
+
+            def prepare() -> tuple[dict[str, Any], str | None]:  # the search and the cgroup: off the loop
+                plan = self._plan()
+                processes, memory = self.sandbox.process_bounds(self._bounds, spec.limits)
+                if os.geteuid() != 0:  # the kernel counts no processes for root (cgroups bound those)
+                    # Past this many processes of the box a fork in this tree fails: the rest is for others.
+                    plan["nproc"] = self.sandbox.process_bounds(self._bounds, None)[0]
+                if cgroups is None or box_group is None:
+                    return plan, None
                 try:
                     # Its supervisor joins first, and counts beside the caller's processes.
-                    inner = cgroups.acquire_inside(self._cgroup, max_processes=processes + 1, max_memory_bytes=memory)
+                    inner = cgroups.acquire_inside(box_group, max_processes=processes + 1, max_memory_bytes=memory)
                 except OSError as exc:
                     raise SpawnFailed(f"the sandbox's cgroups could not be set up: {exc}") from None
-                plan["cgroup"], group = inner, f"{self._cgroup}/{inner}"
+                plan["cgroup"] = inner
+                return plan, f"{box_group}/{inner}"
+
+            plan, group = await anyio.to_thread.run_sync(prepare)
+            # Noted before it starts: its end may be told (``finished``) before the start is answered.
+            self._running.add(spec.pid)
+            if group is not None:
+                self._group_of[spec.pid] = group
             try:
-                handle = await agent.connection.spawn(
+                return await agent.connection.spawn(
                     spec, sink, env, inherit=False, workdir=workdir, where=" in the sandbox", confine=plan
                 )
             except BaseException:
-                if group is not None and cgroups is not None:
-                    cgroups.release(group)
+                self.finished(spec.pid)
                 raise
-        if group is not None:
-            self._group_of[spec.pid] = group
-        self._running.add(spec.pid)
-        return handle
 
     def limits_hit(self, pid: str) -> tuple[int, int]:
         """How often process ``pid``'s tree hit its bounds where it has a cgroup of its own (processes the
@@ -168,10 +165,9 @@ class HostBox:
                 await self._stop()
             cgroups: list[str | None] = []
 
-            self._bounds = bounds = self.sandbox.box_bounds()
-
-            def boxing(argv: list[str]) -> tuple[list[str], list[int]]:
-                launch = self.sandbox.box(self.home, argv, bounds)
+            def boxing(argv: list[str]) -> tuple[list[str], list[int]]:  # in a thread: it reads the bounds
+                self._bounds = self.sandbox.box_bounds()
+                launch = self.sandbox.box(self.home, argv, self._bounds)
                 cgroups.append(launch.cgroup)
                 return launch.argv, list(launch.pass_fds)
 
