@@ -56,6 +56,8 @@ class HostBox:
     ) -> None:
         self.sandbox = sandbox
         self.home = home
+        self.home_inside = sandbox.home_in_box(home)
+        """Where the box shows ``home``: every process's HOME."""
         self._plan = plan
         self._start_in = start_in
         self._proxy_socket = proxy_socket

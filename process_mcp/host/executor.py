@@ -265,7 +265,7 @@ class HostBackend(Backend):
             )
         overrides = {"TERM": TTY_TERM} if spec.tty else {}
         if self._box is not None:
-            overrides.update(HOME=self._box.sandbox.home_in_box(self._box.home), TMPDIR="/tmp")
+            overrides.update(HOME=self._box.home_inside, TMPDIR="/tmp")
             if self._proxy is not None:
                 overrides.update(proxy_environment())
         child_env = child_environment(os.environ, self.config.env_passthrough, spec.env, **overrides)
