@@ -449,8 +449,9 @@ class Agent:
             os.close(fd)
         process = Process(channel, supervisor_pid, status_r, outputs, input_fd, bool(spec.get("tty")))
         process.order = order
-        # A supervisor can neither raise its limits again nor leave the confinement it took for its process.
-        process.reusable = not spec.get("rlimits") and not spec.get("confine")
+        # A supervisor cannot raise its limits again; the confinement it took for a process of the box
+        # is the same for the next (``confine.Taken``).
+        process.reusable = not spec.get("rlimits")
         self.processes[channel] = process
         for fd in (*outputs, input_fd, status_r):
             self.owner[fd] = process

@@ -171,7 +171,7 @@ class AgentConnection:
         self._first_channel = 0  # the process channels this agent was asked to start lie from here ...
         self._last_channel = 0  # ... to here (0: none yet)
         self._last_tunnel = protocol.TUNNEL_BASE - 1  # the agent numbers its tunnels upwards from TUNNEL_BASE
-        self._send_lock = anyio.Lock()
+        self._send_lock = anyio.Lock(fast_acquire=True)
         self._on_lost = on_lost
         self._proxy: ProxyConnector | None = None
         self._tunnels: dict[int, _Tunnel] = {}
@@ -344,22 +344,31 @@ class AgentConnection:
     async def _send(self, data: bytes) -> None:
         if self._lost is not None or self._closed:
             raise AgentUnavailable(self._lost or "the agent's stream is closed")
-        view = memoryview(data)
+        # The lock is taken without a yield when free (most sends), and most frames fit the pipe at once:
+        # the timeout's scope is made only for a frame that has to wait.
         async with self._send_lock:
+            view = self._write_some(memoryview(data))
+            if not view:
+                return
             with anyio.move_on_after(SEND_TIMEOUT_S):
                 while view:
-                    if not self._channel_open:
-                        raise AgentUnavailable(self._lost or "the agent's stream is closed")
-                    try:
-                        view = view[self._channel.send(view) :]
-                    except BlockingIOError:
-                        await wait_writable(self._channel.write_fd)
-                    except OSError as exc:
-                        self._lose(f"writing to the agent failed: {exc}")
-                        raise AgentUnavailable(self._lost or str(exc)) from None
+                    await wait_writable(self._channel.write_fd)
+                    view = self._write_some(view)
                 return
         self._lose(f"the agent did not read its stream for {SEND_TIMEOUT_S:g} s")
         raise AgentUnavailable(self._lost or "")
+
+    def _write_some(self, view: memoryview) -> memoryview:
+        """What is left of ``view`` once the stream took what it could without waiting."""
+        if not self._channel_open:
+            raise AgentUnavailable(self._lost or "the agent's stream is closed")
+        try:
+            return view[self._channel.send(view) :]
+        except BlockingIOError:
+            return view
+        except OSError as exc:
+            self._lose(f"writing to the agent failed: {exc}")
+            raise AgentUnavailable(self._lost or str(exc)) from None
 
     def _on_readable(self) -> None:
         try:

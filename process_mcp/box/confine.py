@@ -191,19 +191,44 @@ def mount_id(fd: int) -> int:
     raise ConfineError(0, "the kernel does not say which mount a descriptor is on")
 
 
-def apply(plan: dict[str, Any], groups: list[int]) -> int:
+class Taken:
+    """What a supervisor has taken on itself for good across the processes it starts: what it gave up
+    (the ``seccomp`` filter and ``scopes`` of the plan it gave up for) and the descriptor of its
+    ``oom_score_adj`` (see ``oom_standing``). A supervisor starts one process at a time, each once the
+    tree before it is gone, and what it gave up stays given up: a later plan of the same box finds it
+    done, and the supervisor needs no fork for its next process."""
+
+    def __init__(self) -> None:
+        self.given_up: tuple[str, bool] | None = None
+        self.standing: int | None = None
+
+
+def apply(plan: dict[str, Any], groups: list[int], taken: Taken) -> int:
     """All of ``plan`` that a process's supervisor takes on itself before it starts the process, in order:
-    the process's ``cgroup`` (below ``groups``), then what it gives up (``give_up``). Returns a
-    descriptor of its ``oom_score_adj`` (see ``oom_standing``). Raises ConfineError."""
+    the process's ``cgroup`` (below ``groups``), then what it gives up (``give_up``), unless ``taken``
+    says it gave that up already. Returns a descriptor of its ``oom_score_adj`` (see ``oom_standing``),
+    kept in ``taken``. Raises ConfineError."""
     if plan.get("cgroup"):
         join_cgroup(plan["cgroup"], groups)
-    standing = oom_standing()
-    try:
-        give_up(plan)
-    except BaseException:
-        os.close(standing)
-        raise
-    return standing
+    if taken.standing is None:
+        taken.standing = oom_standing()  # before any Landlock domain (see there)
+    wanted = (str(plan.get("seccomp") or ""), bool(plan.get("scopes")))
+    if taken.given_up != wanted:
+        give_up(plan)  # a different plan stacks (a filter and a domain more): never less than before
+        taken.given_up = wanted
+    return taken.standing
+
+
+def leave_cgroup(groups: list[int]) -> None:
+    """Move this process back into the box's own groups (``groups``), out of the group of the process it
+    started, so that group is empty once that process's tree is gone and can be removed. Raises
+    OSError."""
+    for group in groups:
+        fd = os.open("cgroup.procs", os.O_WRONLY | os.O_CLOEXEC, dir_fd=group)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
 
 
 def oom_standing() -> int:

@@ -45,6 +45,9 @@ PRLIMIT = "/usr/bin/prlimit"
 CGROUPS: list[int] = []
 """In a box with cgroups, a descriptor of the box's own group in each cgroup hierarchy (the server's):
 each process joins the group the server made for it below them (``confine.join_cgroup``)."""
+TAKEN = confine.Taken()
+"""What this supervisor has taken on itself for the processes of a box it started (forked spares start
+with nothing taken)."""
 
 
 def prctl(option: int, value: int) -> int | None:
@@ -368,7 +371,7 @@ def supervise(
             # costs milliseconds in copied pages; posix_spawn does not): it is then as far from the
             # agent and the rest of the box as its process, which can at most end its own supervisor.
             try:
-                standing = confine.apply(plan, CGROUPS)
+                standing = confine.apply(plan, CGROUPS, TAKEN)
                 prefix = [PRLIMIT, f"--nproc={int(plan['nproc'])}", "--"] if plan.get("nproc") else []
                 if prefix and not os.path.exists(PRLIMIT):
                     raise confine.ConfineError(0, f"the box has no {PRLIMIT} to bound the process's processes")
@@ -380,7 +383,6 @@ def supervise(
                 leader = _start_leader(spec, env, stdio, prefix)
             finally:
                 os.write(standing, b"0")
-                os.close(standing)
         elif RUN_AS is None:
             leader = _start_leader(spec, env, stdio)
         else:
@@ -401,9 +403,15 @@ def supervise(
                 report(**exit_fields(code))
         if not children_left:  # a subreaper with no children has no descendants left
             os.chdir("/")  # hold no directory of the process's
+            reusable = not spec.get("rlimits")
+            if plan and plan.get("cgroup"):
+                try:
+                    confine.leave_cgroup(CGROUPS)  # its group is then empty, to be removed
+                except OSError:
+                    reusable = False  # it ends, which empties the group as well
             report(done=True)  # a status that ends without it: the supervisor was killed
             os.close(status)
-            return not spec.get("rlimits") and not spec.get("confine")
+            return reusable
         ready = select.select([lifeline, wake], [], [])[0]
         if lifeline in ready and not os.read(lifeline, 1):
             kill_tree(os.getpid(), reap=True)  # the agent is gone: nobody can drive this tree

@@ -63,27 +63,36 @@ class HostBox:
         self._proxy_socket = proxy_socket
         self._agent: LocalAgent | None = None
         self._cgroup: str | None = None
-        self._lock = anyio.Lock()
-        self._planning = anyio.Lock()
+        self._lock = anyio.Lock(fast_acquire=True)  # taken at each spawn: no yield when free
+        self._planning = anyio.Lock(fast_acquire=True)
         self._running: set[str] = set()  # ids of the processes of this box that have not finished
         self._group_of: dict[str, str] = {}  # process id -> its cgroup, below the box's
         self._bounds = (0, 0)  # the box's processes and memory bytes, set as it starts
         self._idle: asyncio.TimerHandle | None = None
         self._stopping: asyncio.Task[None] | None = None
 
-    async def spawn(self, spec: LaunchSpec, sink: ProcessSink, env: dict[str, str], workdir: str) -> ProcessHandle:
+    async def spawn(
+        self,
+        spec: LaunchSpec,
+        sink: ProcessSink,
+        env: dict[str, str],
+        workdir: str,
+        check: Callable[[], None] = lambda: None,
+    ) -> ProcessHandle:
         """Start ``spec``'s process in the box (started first if none runs), confined by the plan for the
-        workspace as it is now. Raises SpawnFailed, or InvalidInput for a missing cwd."""
+        workspace as it is now. ``check`` runs first, in the worker thread that makes the plan (it may
+        raise InvalidInput). Raises SpawnFailed, or InvalidInput for a missing cwd."""
         self._cancel_idle()
         agent = await self._ready(spec.command)
         # A plan makes the box's protections what the workspace needs when it was made: plans reach the
         # agent in the order they were made, so an older one never undoes what a newer one added.
         async with self._planning:
             box_group, cgroups = self._cgroup, self.sandbox.cgroups
+            processes, memory = self.sandbox.process_bounds(self._bounds, spec.limits)
 
             def prepare() -> tuple[dict[str, Any], str | None]:  # the search and the cgroup: off the loop
+                check()
                 plan = self._plan()
-                processes, memory = self.sandbox.process_bounds(self._bounds, spec.limits)
                 if os.geteuid() != 0:  # the kernel counts no processes for root (cgroups bound those)
                     # Past this many processes of the box a fork in this tree fails: the rest is for others.
                     plan["nproc"] = self.sandbox.process_bounds(self._bounds, None)[0]

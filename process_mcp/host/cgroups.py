@@ -46,6 +46,7 @@ class SandboxCgroups:
         self._count = 0
         self._before: dict[str, tuple[int, int]] = {}  # each group's counts of _events before its sandbox
         self._nested: set[str] = set()  # groups of single processes inside a box's group
+        self._free_inside: dict[str, list[str]] = {}  # a box's group -> empty groups below it, kept for it
 
     @classmethod
     def create(cls, *, max_processes: int | None = None, max_memory_bytes: int | None = None) -> SandboxCgroups | None:
@@ -110,10 +111,24 @@ class SandboxCgroups:
 
     def acquire_inside(self, box: str, *, max_processes: int, max_memory_bytes: int) -> str:
         """A group for one process of the box whose group is ``box``, below it, with these limits: its
-        name there (the whole name is ``box/name``). Never pooled: removed once empty after release.
-        Raises OSError when the group or a limit cannot be set."""
+        name there (the whole name is ``box/name``). One that an earlier process of the box left empty is
+        taken again (making a memory group costs the kernel more than setting one). Raises OSError when
+        the group or a limit cannot be set."""
         with self._lock:
             self._collect()
+            free = self._free_inside.get(box)
+            if free:
+                name = free.pop()
+                try:
+                    if self._limits[name] != (max_processes, max_memory_bytes):
+                        self._set_limits(name, max_processes, max_memory_bytes)
+                    _write(self._parents["memory"] / name / "memory.max_usage_in_bytes", "0", optional=True)
+                    self._before[name] = self._events(name)
+                except OSError:
+                    self._broken.add(name)  # limits in an unknown state: removed, never taken again
+                    self._leaving.add(name)
+                    raise
+                return name.rpartition("/")[2]
             self._count += 1
             inner = f"p{self._count}"
             name = f"{box}/{inner}"
@@ -157,10 +172,13 @@ class SandboxCgroups:
         )
 
     def release(self, name: str) -> None:
-        """Give back the group of a sandbox that has ended."""
+        """Give back the group of a sandbox that has ended. A group of a single process of a box is only
+        noted here (the next ``acquire_inside`` collects it, off the server's loop); a box's own group,
+        with every group below it, is collected at once."""
         with self._lock:
             self._leaving.add(name)
-            self._collect()
+            if name not in self._nested:
+                self._collect()
 
     def _set_limits(self, name: str, max_processes: int, max_memory_bytes: int) -> None:
         _write(self._parents["pids"] / name / "pids.max", str(max_processes))
@@ -184,24 +202,38 @@ class SandboxCgroups:
 
     def _collect(self) -> None:
         """Move released groups that are empty now to the free list, or remove them past POOL_SIZE."""
-        for name in list(self._leaving):
+        # Groups below a box first: a box's group can be removed only once nothing is below it.
+        for name in sorted(self._leaving, key=lambda name: -name.count("/")):
             if any(_has_processes(parent / name) for parent in self._parents.values()):
                 continue
             self._leaving.discard(name)
             if name in self._nested:
-                if all(_rmdir(parent / name) for parent in self._parents.values()):
-                    self._nested.discard(name)
-                    self._limits.pop(name, None)
-                    self._before.pop(name, None)
-                else:
+                box = name.rpartition("/")[0]
+                if name not in self._broken and box not in self._leaving:
+                    self._free_inside.setdefault(box, []).append(name)  # for the box's next process
+                elif not self._remove_inside(name):
                     self._leaving.add(name)
-            elif name not in self._broken and len(self._free) < POOL_SIZE:
+                continue
+            for inner in self._free_inside.pop(name, []):
+                if not self._remove_inside(inner):
+                    self._broken.add(inner)
+                    self._leaving.add(inner)
+            if name not in self._broken and len(self._free) < POOL_SIZE:
                 self._free.append(name)
             elif all(_rmdir(parent / name) for parent in self._parents.values()):
                 del self._limits[name]
                 self._broken.discard(name)
             else:
                 self._leaving.add(name)
+
+    def _remove_inside(self, name: str) -> bool:
+        if not all(_rmdir(parent / name) for parent in self._parents.values()):
+            return False
+        self._nested.discard(name)
+        self._broken.discard(name)
+        self._limits.pop(name, None)
+        self._before.pop(name, None)
+        return True
 
     def close(self) -> None:
         """Remove every group this server made (their processes are gone by now)."""

@@ -76,11 +76,11 @@ class HostBackend(Backend):
         self._sandbox_misconfigured = False
         self._box: HostBox | None = None  # the workspace's box, when the sandbox is on
         self._spawner: ThreadPoolExecutor | None = None  # a thread in a Landlock domain, see _start
-        self._sandbox_lock = anyio.Lock()
+        self._sandbox_lock = anyio.Lock(fast_acquire=True)  # taken at each spawn: no yield when free
         self._proxy: DomainProxy | None = None
         self._state_dir: str | None = None  # private: the proxy's socket, an empty file for deny_read
         self._local: LocalAgent | None = None  # runs the unsandboxed processes, started with the first
-        self._local_lock = anyio.Lock()
+        self._local_lock = anyio.Lock(fast_acquire=True)
 
     @property
     def sandboxed(self) -> bool:
@@ -271,18 +271,23 @@ class HostBackend(Backend):
         child_env = child_environment(os.environ, self.config.env_passthrough, spec.env, **overrides)
         if self._box is None:
             return await self._launch_unsandboxed(spec, sink, child_env)  # the agent reports a missing cwd
-        assert self._sandbox is not None
-        if not await anyio.Path(spec.cwd).is_dir():
-            raise InvalidInput(
-                f"cwd {excerpt(spec.cwd)} does not exist or is not a directory; pass an existing directory "
-                f"or omit cwd to use {self.workdir}"
-            )
-        if not self._sandbox.visible(spec.cwd):
-            raise InvalidInput(
-                f"cwd {excerpt(spec.cwd)} is outside what the sandbox shows; use a directory in the workspace "
-                f"({self._sandbox.workspace}), or add it to SANDBOX_ALLOW_READ (read-only) or SANDBOX_ALLOW_WRITE"
-            )
-        handle = await self._box.spawn(spec, sink, child_env, self.workdir)
+        sandbox, workdir = self._sandbox, self.workdir
+        assert sandbox is not None
+
+        def check_cwd() -> None:  # in the thread that makes the spawn's plan: it may wait on the disk
+            if not os.path.isdir(spec.cwd):
+                raise InvalidInput(
+                    f"cwd {excerpt(spec.cwd)} does not exist or is not a directory; pass an existing directory "
+                    f"or omit cwd to use {workdir}"
+                )
+            if not sandbox.visible(spec.cwd):
+                raise InvalidInput(
+                    f"cwd {excerpt(spec.cwd)} is outside what the sandbox shows; use a directory in the "
+                    f"workspace ({sandbox.workspace}), or add it to SANDBOX_ALLOW_READ (read-only) or "
+                    "SANDBOX_ALLOW_WRITE"
+                )
+
+        handle = await self._box.spawn(spec, sink, child_env, self.workdir, check_cwd)
         sink.sandboxed = True
         return handle
 

@@ -194,10 +194,13 @@ def test_a_confined_process_runs_under_the_sandboxs_seccomp_filter(box: Box) -> 
         "import ctypes, os; libc = ctypes.CDLL(None, use_errno=True); "
         f"print(libc.syscall({number}, 0, -4, 1), os.strerror(ctypes.get_errno()))"
     )
-    output, _ = box.run(f"/usr/bin/python3 -I -c '{probe}'")
-    assert output.startswith("-1 Operation not permitted"), output
+    # Without the filter first: a supervisor that loaded it for one process keeps it for the next.
     open_box, _ = box.run(f"/usr/bin/python3 -I -c '{probe}'", seccomp=None)
     assert not open_box.startswith("-1"), f"keyctl fails without the filter too, so this proves nothing: {open_box}"
+    output, _ = box.run(f"/usr/bin/python3 -I -c '{probe}'")
+    assert output.startswith("-1 Operation not permitted"), output
+    again, _ = box.run(f"/usr/bin/python3 -I -c '{probe}'", seccomp=None)
+    assert again.startswith("-1 Operation not permitted"), again
 
 
 def test_what_the_sandbox_finds_at_each_spawn_holds_what_earlier_processes_made(box: Box, place: Path) -> None:
@@ -265,3 +268,23 @@ def test_a_protection_moved_to_another_path_is_never_made_writable_there(box: Bo
     output, _ = box.run(f"echo evil > {decoy}/hooks/pre-commit; echo end")  # a plan that names it no more
     assert "Read-only file system" in output
     assert not (box.workspace / "repo" / ".git" / "hooks" / "pre-commit").exists()
+
+
+def test_a_supervisor_starts_the_boxs_next_process_as_confined_as_its_first(box: Box) -> None:
+    # A supervisor whose process's tree is gone starts the next process of the box without a fork; what
+    # it gave up for the first it cannot take back, and the next process finds every bit of it.
+    confinement = "echo $PPID; grep -E '^(Cap(Inh|Prm|Eff|Bnd|Amb)|NoNewPrivs|Seccomp):' /proc/self/status"
+    first, _ = box.run(confinement)
+    second, _ = box.run(confinement)
+    assert first.split()[0] == second.split()[0], "the supervisor of a finished process was not used again"
+    assert first.split("\n", 1)[1] == second.split("\n", 1)[1]
+    assert "NoNewPrivs:\t1" in second
+    assert "Seccomp:\t2" in second
+    assert second.count("\t" + "0" * 16) == 5, second
+    agent = box.hello["pid"]
+    output, _ = box.run(f"kill -CONT {agent} && echo reached")
+    assert "reached" not in output  # and still in a Landlock domain that scopes signals
+    # A process that leaves a process behind keeps its supervisor: the next one gets another.
+    held, _ = box.run("echo $PPID; sleep 30 > /dev/null 2>&1 &")
+    after, _ = box.run("echo $PPID")
+    assert held.split()[0] != after.split()[0]

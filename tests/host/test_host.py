@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from process_mcp import HostExecutor, ProcessNotFound, SpawnOptions, StdinFailed, TooManyProcesses
+from process_mcp import HostExecutor, ProcessLimits, ProcessNotFound, SpawnOptions, StdinFailed, TooManyProcesses
 from process_mcp.box import protocol
 from process_mcp.config import SandboxConfig
 from process_mcp.core.models import MAX_INPUT_CHARS
@@ -21,6 +22,7 @@ from process_mcp.host.executor import STATE_DIR_PREFIX
 from ..helpers import (
     POLL_S,
     WAIT_S,
+    cannot_run_here,
     host_config,
     kill_if_alive,
     pid_alive,
@@ -350,3 +352,36 @@ async def test_a_process_that_stops_its_own_supervisor_still_ends_when_killed(ho
     await host.kill(started.pid, "KILL")
     await wait_for_exit(host, started.pid)
     assert (await host.get_process(started.pid)).signal == "SIGKILL"
+
+
+async def test_the_group_a_finished_tree_left_is_the_next_trees_and_counts_from_nothing(workdir: Path) -> None:
+    """As root each process tree of the box has a cgroup of its own, taken again by a later tree once its
+    supervisor has left it: the kernel's counts of limits hit start again from nothing."""
+    if os.geteuid() != 0:
+        cannot_run_here("only a root server makes a cgroup for each process tree of the box")
+    host = HostExecutor(host_config(workdir, sandbox=SandboxConfig(required=True)))
+    try:
+        sleepers = "grep pids /proc/self/cgroup; bash -c 'for i in $(seq {n}); do sleep {s} & done 2>/dev/null; wait'"
+        limits = ProcessLimits(processes=10)
+        bomb = await host.spawn(SpawnOptions(command=sleepers.format(n=40, s=60), limits=limits, timeout_ms=30000))
+        assert (bomb.status, bomb.ended_by, bomb.limit) == ("terminated", "limit", "processes"), bomb
+        groups = []  # the bomb's is taken again once its last process is reaped
+        while bomb.stdout not in groups and len(groups) < 20:
+            few = await host.spawn(SpawnOptions(command=sleepers.format(n=3, s=0.1), limits=limits, timeout_ms=30000))
+            assert (few.exit_code, few.ended_by, few.limit) == (0, "exit", None), few
+            groups.append(few.stdout)
+        assert bomb.stdout in groups, f"the group the bomb left ({bomb.stdout}) was not taken again: {groups}"
+        # Its supervisor, kept for the next process, has left the group: nothing holds it.
+        box = host.backend._box
+        assert box is not None
+        assert box._cgroup is not None
+        assert box.sandbox.cgroups is not None
+        procs = [
+            Path(d, groups[-1].split("/")[-1].strip(), "cgroup.procs")
+            for d in box.sandbox.cgroups.directories(box._cgroup)
+        ]
+        with anyio.fail_after(WAIT_S):
+            while any(path.read_text().strip() for path in procs):
+                await anyio.sleep(POLL_S)
+    finally:
+        await host.cleanup()
