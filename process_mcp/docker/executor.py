@@ -329,7 +329,7 @@ class DockerBackend(Backend):
             raise SpawnFailed(f"could not start {spec.command!r}: the agent cannot run in the container")
         proxied = proxy_environment() if self._proxy is not None else {}
         environment = {
-            **self.session.env_defaults(),
+            **self.session.env_defaults(spec.tty),
             **proxied,
             **spec.env,
             MARKER_VAR: self.session.marker(spec.pid).partition("=")[2],

@@ -81,7 +81,7 @@ class ExecLauncher:
         assert ex.client is not None
         api = ex.client.api
         handshake = f"process-mcp-{secrets.token_hex(6)}"
-        environment = {**ex.env_defaults(), **spec.env, MARKER_VAR: ex.marker(spec.pid).partition("=")[2]}
+        environment = {**ex.env_defaults(spec.tty), **spec.env, MARKER_VAR: ex.marker(spec.pid).partition("=")[2]}
         if spec.tty and "TERM" not in spec.env:
             environment["TERM"] = TTY_TERM
         script = _TTY_LAUNCH_SCRIPT if spec.tty else _LAUNCH_SCRIPT

@@ -386,11 +386,11 @@ class ContainerSession:
             "DOCKER_IMAGE=process-mcp:custom; or set DOCKER_IMAGE to an image you have"
         )
 
-    def env_defaults(self) -> dict[str, str]:
+    def env_defaults(self, tty: bool) -> dict[str, str]:
         """What processes get over the container's environment unless their request sets it:
-        ``environment.DEFAULTS`` that the container (its image, or whoever made it) does not set."""
+        ``environment.defaults`` that the container (its image, or whoever made it) does not set."""
         config: dict[str, Any] = {} if self.container is None else self.container.attrs.get("Config") or {}
-        return defaults_missing_from(line.partition("=")[0] for line in config.get("Env") or [])
+        return defaults_missing_from((line.partition("=")[0] for line in config.get("Env") or []), tty)
 
     async def recover(self) -> bool:
         """After a failed exec: whether to try again. A container stopped or removed behind our back is

@@ -268,7 +268,7 @@ class HostBackend(Backend):
             overrides.update(HOME=self._box.home_inside, TMPDIR="/tmp")
             if self._proxy is not None:
                 overrides.update(proxy_environment())
-        child_env = child_environment(os.environ, self.config.env_passthrough, spec.env, **overrides)
+        child_env = child_environment(os.environ, self.config.env_passthrough, spec.env, tty=spec.tty, **overrides)
         if self._box is None:
             return await self._launch_unsandboxed(spec, sink, child_env)  # the agent reports a missing cwd
         sandbox, workdir = self._sandbox, self.workdir

@@ -123,7 +123,13 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
         ] = None,
         env: Annotated[
             dict[str, str] | None,
-            Field(max_length=MAX_ENV_VARS, description="Environment variables to set for this command."),
+            Field(
+                max_length=MAX_ENV_VARS,
+                description="Environment variables to set for this command. By default nothing waits for a "
+                "human: PAGER=cat, GIT_PAGER=cat, MANPAGER=cat, SYSTEMD_PAGER=, GIT_TERMINAL_PROMPT=0, "
+                "DEBIAN_FRONTEND=noninteractive, PYTHONUNBUFFERED=1, and without tty TERM=dumb, NO_COLOR=1; set "
+                "one here to change it.",
+            ),
         ] = None,
         tty: Annotated[
             bool, Field(description="Run in a real 120x30 terminal: for REPLs, prompts, full-screen apps.")

@@ -14,6 +14,7 @@ from process_mcp import (
     ProcessTerminated,
     SpawnOptions,
 )
+from process_mcp.core.environment import DEFAULTS, PIPE_DEFAULTS
 
 from ..helpers import POLL_S, WAIT_S, sleep_argument, sleepers, wait_for_exit, wait_for_output, wait_until_gone
 
@@ -57,6 +58,20 @@ async def test_pythons_output_in_a_pipe_reaches_wait_for_while_it_runs(executor:
     await executor.kill(ready.pid, "KILL")
     told = await executor.spawn(SpawnOptions(command='echo "[$PYTHONUNBUFFERED]"', env={"PYTHONUNBUFFERED": ""}))
     assert told.stdout == "[]\n"
+
+
+async def test_nothing_waits_for_a_human_by_default_and_a_request_may_say_otherwise(executor: ProcessExecutor) -> None:
+    # Pagers would hold git log and man, git and apt would ask; pipes are read by a model, not a screen.
+    show = "; ".join(f'echo "{name}=${{{name}-unset}}"' for name in (*DEFAULTS, "TERM", "NO_COLOR"))
+    piped = await executor.spawn(SpawnOptions(command=show))
+    assert piped.stdout.splitlines() == [f"{name}={value}" for name, value in {**DEFAULTS, **PIPE_DEFAULTS}.items()]
+    terminal = await executor.spawn(SpawnOptions(command=show, tty=True))
+    lines = [line.strip() for line in terminal.stdout.splitlines() if "=" in line]
+    assert lines == [f"{name}={value}" for name, value in DEFAULTS.items()] + ["TERM=xterm-256color", "NO_COLOR=unset"]
+    asked = await executor.spawn(SpawnOptions(command=show, env={"PAGER": "less", "TERM": "vt100", "NO_COLOR": ""}))
+    assert "PAGER=less" in asked.stdout.splitlines()
+    assert "TERM=vt100" in asked.stdout.splitlines()
+    assert "NO_COLOR=" in asked.stdout.splitlines()
 
 
 async def test_cwd_defaults_to_the_workdir_and_can_be_chosen(executor: ProcessExecutor, workdir: str) -> None:

@@ -24,6 +24,7 @@ from process_mcp import DockerExecutor, ProcessMcpConfig, SpawnFailed, SpawnOpti
 from process_mcp.box import client, protocol
 from process_mcp.box.client import AgentConnection
 from process_mcp.config import Defaults, DockerConfig, SandboxConfig
+from process_mcp.core.environment import defaults
 from process_mcp.docker import stream
 from process_mcp.docker.stream import ExecStream
 
@@ -465,8 +466,8 @@ async def test_the_root_agents_processes_run_as_docker_user_with_what_an_exec_as
             lambda: made_container.exec_run(["/bin/sh", "-c", "env | sort"], user="1000:1000", workdir="/home/agent")
         )
         assert isinstance(plain.output, bytes)
-        # The marker, the C locale Python's agent coerces to UTF-8, and the environment's default.
-        ours = {"PROCESS_MCP_ID", "LC_CTYPE", "PYTHONUNBUFFERED"}
+        # The marker, the C locale Python's agent coerces to UTF-8, and the environment's defaults.
+        ours = {"PROCESS_MCP_ID", "LC_CTYPE", *defaults(tty=False)}
         assert {line.partition("=")[0] for line in environment.stdout.splitlines()} - ours == {
             line.partition("=")[0] for line in plain.output.decode().splitlines()
         }

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from mcp import Client
 
@@ -413,3 +414,17 @@ async def test_git_across_calls_in_the_sandbox_and_a_refused_commit_names_the_pr
             assert result.structured_content is not None
             assert ("Agent" in str(result.structured_content["stdout"])) is committed, reply
             assert ("SANDBOX_ALLOW_PROTECTED=.git" in reply) is (not committed), reply
+
+
+async def test_git_log_in_a_terminal_prints_the_log_and_exits_instead_of_waiting_in_a_pager(
+    client: Client, workdir: Path
+) -> None:
+    # More than a screen of log: less (git's pager, with -F) would wait for a key.
+    repo = Path(workdir) / "logged"
+    identity = ["-c", "user.name=T", "-c", "user.email=t@example.com"]
+    await anyio.run_process(["git", "init", "-q", str(repo)])
+    for number in range(20):
+        await anyio.run_process(["git", *identity, "commit", "-q", "--allow-empty", "-m", f"commit-{number}"], cwd=repo)
+    reply = await call(client, "spawn", {"command": "git log", "cwd": "logged", "tty": True, "timeoutMs": 10000})
+    assert (reply["status"], reply["exitCode"]) == ("terminated", 0), reply
+    assert "commit-0" in reply["stdout"]
