@@ -124,6 +124,8 @@ class Process:
         self.queued = 0  # bytes of input accepted so far
         self.written = 0  # bytes of input written so far
         self.acks: collections.deque[tuple[int, int]] = collections.deque()  # (seq, queued at its end)
+        self.last_input = b""  # the last byte of input taken (a terminal's EOF ends a partial line first)
+        self.ending_input = False  # its stdin pipe closes once what is queued is written
         self.exited = False  # its supervisor reported the command's exit
         self.exit_report: dict[str, Any] | None = None  # that exit, until the output ahead of it is sent
         self.owed: dict[int, int] = {}  # output descriptor -> bytes still to send ahead of the exit
@@ -324,6 +326,8 @@ class Agent:
             self._spawn(channel, protocol.fields(payload))
         elif kind == protocol.INPUT:
             self._input(channel, struct.unpack(">I", payload[:4])[0], payload[4:])
+        elif kind == protocol.END_INPUT:
+            self._end_input(channel, int(protocol.fields(payload)["seq"]))
         elif kind == protocol.SIGNAL:
             request = protocol.fields(payload)
             process = self.processes.get(channel)
@@ -630,11 +634,12 @@ class Agent:
     def _forget_if_finished(self, process: Process) -> None:
         if process.finished and self.processes.get(process.channel) is process:
             del self.processes[process.channel]
-            if process.pending:
-                self.selector.unregister(process.input_fd)
+            if process.input_fd >= 0:
+                if process.pending:
+                    self.selector.unregister(process.input_fd)
+                self._close(process.input_fd)
+                process.input_fd = -1
             self._fail_input(process, "the process has ended")
-            self._close(process.input_fd)
-            process.input_fd = -1
 
     def _input(self, channel: int, seq: int, data: bytes) -> None:
         process = self.processes.get(channel)
@@ -645,6 +650,8 @@ class Agent:
             error = f"it is not reading its input ({len(process.pending)} bytes still wait)"
             self.send(protocol.message(protocol.WRITTEN, channel, seq=seq, error=error))
             return
+        if data:
+            process.last_input = data[-1:]
         waiting = bool(process.pending)
         process.pending += data
         process.queued += len(data)
@@ -668,10 +675,35 @@ class Agent:
             return
         while process.acks and process.acks[0][1] <= process.written:
             self.send(protocol.message(protocol.WRITTEN, process.channel, seq=process.acks.popleft()[0]))
-        if process.pending and not registered:
+        if process.ending_input and not process.pending:
+            if registered:
+                self.selector.unregister(fd)
+            self._close(fd)  # the process reads the end of its input
+            process.input_fd = -1
+            process.ending_input = False
+        elif process.pending and not registered:
             self.selector.register(fd, selectors.EVENT_WRITE, self._write_input)
         elif not process.pending and registered:
             self.selector.unregister(fd)
+
+    def _end_input(self, channel: int, seq: int) -> None:
+        process = self.processes.get(channel)
+        if process is None or process.input_fd < 0 or process.ending_input:
+            self.send(protocol.message(protocol.WRITTEN, channel, seq=seq, error="its input is closed"))
+            return
+        if process.tty:  # a terminal stays open: its line discipline turns the character into an end of file
+            try:
+                eof = termios.tcgetattr(process.input_fd)[6][termios.VEOF]
+            except (OSError, termios.error):
+                eof = b"\x04"
+            eof = bytes([eof]) if isinstance(eof, int) else eof
+            self._input(channel, seq, eof * (1 if process.last_input in (b"", b"\n", b"\r") else 2))
+            process.last_input = b""
+            return
+        process.ending_input = True
+        process.acks.append((seq, process.queued))
+        if not process.pending:
+            self._write_input(process.input_fd, selectors.EVENT_WRITE, registered=False)
 
     def _fail_input(self, process: Process, error: str) -> None:
         process.pending.clear()

@@ -672,6 +672,24 @@ class AgentProcess(ProcessHandle):
             f"{STDIN_WRITE_TIMEOUT_S:g} s); call stdout to see what it is doing"
         )
 
+    async def end_input(self) -> None:
+        pid, connection = self.record.pid, self.connection
+        seq = connection.next_seq()
+        written = connection._expect(protocol.WRITTEN, self.number, seq)
+        with anyio.move_on_after(STDIN_WRITE_TIMEOUT_S):
+            try:
+                await connection._send(protocol.message(protocol.END_INPUT, self.number, seq=seq))
+                answer = await written
+            except AgentUnavailable as exc:
+                raise StdinFailed(f"{pid} no longer accepts input ({exc.reason})") from None
+            if "error" in answer:
+                raise StdinFailed(f"{pid}'s input is closed already ({answer['error']})")
+            return
+        raise StdinFailed(
+            f"{pid} is not reading its input (what was sent before its end was not taken after "
+            f"{STDIN_WRITE_TIMEOUT_S:g} s); call stdout to see what it is doing"
+        )
+
     async def signal(self, signum: int) -> None:
         connection = self.connection
         if not connection.alive:

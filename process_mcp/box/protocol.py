@@ -37,6 +37,9 @@ SAMPLE = 7
 """{seq}: add up what the process's tree uses; answered with SAMPLED."""
 ASK_STOPPED = 8
 """Channel 0, {seq}: which processes are stopped by a signal; answered with STOPPED."""
+END_INPUT = 9
+"""{seq}: once the input sent before is written, close the process's stdin pipe, or type its terminal's
+end-of-file character (twice after a partial line: the first ends the line); answered with WRITTEN."""
 
 # Agent to server.
 HELLO = 64

@@ -188,8 +188,10 @@ class ProcessExecutor:
         idle_ms: int | None = None,
         wait_ms: int | None = None,
         progress: Progress | None = None,
+        eof: bool = False,
     ) -> StdinResult:
-        """Send ``input`` (escapes decoded, see ``escapes``) to the process's terminal or stdin.
+        """Send ``input`` (escapes decoded, see ``escapes``) to the process's terminal or stdin; with
+        ``eof``, end its input after it (a pipe is closed; a terminal gets its end-of-file character).
 
         With a wait (``wait_for``, ``idle_ms``, or ``wait_ms`` alone for any output), wait after
         writing and return the output produced since the input was written. Raises ProcessNotFound,
@@ -205,7 +207,11 @@ class ProcessExecutor:
         wait = self._requested_wait(wait_for, idle_ms, wait_ms)
         self._require_running(record, "take input")
         start = (record.stdout.total, record.stderr.total)
-        await self._handle(record).write(data)
+        handle = self._handle(record)
+        if data:
+            await handle.write(data)
+        if eof:
+            await handle.end_input()
         if wait is None:
             await _refresh_stopped([record])
             return StdinResult(pid=record.pid, bytes_sent=len(data), **_cursors(record), **record.state())

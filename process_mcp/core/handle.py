@@ -49,6 +49,11 @@ class ProcessHandle(ABC):
         """Deliver ``data`` to the process's input (its terminal or stdin). Raises StdinFailed."""
 
     @abstractmethod
+    async def end_input(self) -> None:
+        """End the process's input after what was written: close its stdin pipe, or type its terminal's
+        end-of-file character (twice after a partial line, whose end the first makes). Raises StdinFailed."""
+
+    @abstractmethod
     async def signal(self, signum: int) -> None:
         """Send ``signum`` to the process and everything in its process group. Raises KillFailed.
 

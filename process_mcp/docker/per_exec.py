@@ -246,6 +246,8 @@ class _ExecHandle(ProcessHandle):
         self._exit_task: asyncio.Task[None] | None = None
         self._reading = True
         self._closed = False
+        self._input_ended = False  # a pipe's: its write side was shut
+        self._last_input = b""  # a terminal's end of file ends a partial line first
         self.exit_code: int | None = None
         self.launch_output = ""
         self._delivered: int | None = None  # the last terminating signal we sent
@@ -348,9 +350,24 @@ class _ExecHandle(ProcessHandle):
             self._record.finish(code)
 
     async def write(self, data: bytes) -> None:
-        if self._closed:
+        if self._closed or self._input_ended:
             raise StdinFailed(f"{self._record.pid}'s input is closed")
         await write_all(self._fd, self._sock.send, data, self._record.pid)
+        if data:
+            self._last_input = data[-1:]
+
+    async def end_input(self) -> None:
+        if self._record.tty:  # the engine's terminal: its end-of-file character, the default one
+            await self.write(b"\x04" * (1 if self._last_input in (b"", b"\n", b"\r") else 2))
+            self._last_input = b""
+            return
+        if self._closed or self._input_ended:
+            raise StdinFailed(f"{self._record.pid}'s input is closed already")
+        try:
+            self._sock.shutdown(socket.SHUT_WR)  # the engine closes the exec's stdin
+        except OSError as exc:
+            raise StdinFailed(f"{self._record.pid}'s input could not be closed: {exc.strerror or exc}") from None
+        self._input_ended = True
 
     async def stopped(self) -> bool | None:
         stopped = await self._launcher.stopped()

@@ -232,6 +232,13 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
         waitFor: WaitFor = None,
         idleMs: IdleMs = None,
         waitMs: WaitMs = None,
+        eof: Annotated[
+            bool,
+            Field(
+                description="End its input after this text, so wc, sort or cat > file finish: a pipe is closed, a "
+                "tty gets its end-of-file character (Ctrl-D)."
+            ),
+        ] = False,
         ctx: Context | None = None,
     ) -> Annotated[CallToolResult, StdinResult]:
         """Type into a running process: its terminal (tty) or its stdin pipe.
@@ -242,12 +249,16 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
         {id, input: "1+1\\r", waitFor: ">>> $"} in a Python REPL returns "1+1\\n2\\n>>> ".
         Without a wait, call stdout to read the response.
         """
-        arguments = {"id": id, "input": input, "waitFor": waitFor, "idleMs": idleMs, "waitMs": waitMs}
+        arguments = {"id": id, "input": input, "waitFor": waitFor, "idleMs": idleMs, "waitMs": waitMs, "eof": eof}
         async with calls.process_space(ctx, Call("stdin", arguments, id)) as executor:
             result = await run(
-                executor.stdin(id, input, wait_for=waitFor, idle_ms=idleMs, wait_ms=waitMs, progress=progress(ctx, id))
+                executor.stdin(
+                    id, input, wait_for=waitFor, idle_ms=idleMs, wait_ms=waitMs, progress=progress(ctx, id), eof=eof
+                )
             )
-        text = f"Sent {result.bytes_sent} bytes to {result.pid} ({render.status_text(result)}){render.waited(result)}."
+        ended = ", then ended its input" if eof else ""
+        status = render.status_text(result)
+        text = f"Sent {result.bytes_sent} bytes to {result.pid}{ended} ({status}){render.waited(result)}."
         if result.stdout is not None:
             text += f"\n{render.section('output', result.stdout)}"
             if result.stderr:

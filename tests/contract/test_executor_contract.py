@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import anyio
 import pytest
 
@@ -13,6 +15,7 @@ from process_mcp import (
     ProcessNotFound,
     ProcessTerminated,
     SpawnOptions,
+    StdinFailed,
 )
 from process_mcp.core.environment import DEFAULTS, PIPE_DEFAULTS
 
@@ -121,6 +124,37 @@ async def test_stdin_reaches_a_non_tty_process_through_its_pipe(executor: Proces
     assert sent.bytes_sent == 8
     await wait_for_exit(executor, result.pid)
     assert (await executor.get_output(result.pid)).stdout == "one\ntwo\n"
+
+
+async def test_eof_ends_a_pipes_input_so_the_reader_finishes_and_more_input_is_refused(
+    executor: ProcessExecutor,
+) -> None:
+    counted = await executor.spawn(SpawnOptions(command="wc -l; echo counted", background=True))
+    await executor.stdin(counted.pid, "a\\nb\\n")
+    ended = await executor.stdin(counted.pid, "c\\n", eof=True, wait_for="counted")
+    assert (ended.wait_result, ended.stdout.split()) == ("matched", ["3", "counted"]), ended
+    # Nothing but the end: a reader whose input is empty; and the end of a partial last line.
+    for text, expected in (("", "[]"), ("no newline", "[no newline]")):
+        saved = await executor.spawn(
+            SpawnOptions(command='cat > saved; echo "[$(cat saved)]"; sleep 30', background=True)
+        )
+        await executor.stdin(saved.pid, text, eof=True)
+        await wait_for_output(executor, saved.pid, re.escape(expected))
+        with pytest.raises(StdinFailed, match="input is closed"):
+            await executor.stdin(saved.pid, "more", eof=True)
+        await executor.kill(saved.pid, "KILL")
+
+
+async def test_eof_on_a_terminal_types_its_end_of_file_ending_a_partial_line_first(executor: ProcessExecutor) -> None:
+    for text, expected in (("whole\\r", "[whole]"), ("partial", "[partial]"), ("", "[]")):
+        saved = await executor.spawn(
+            SpawnOptions(command='cat > saved; echo "[$(cat saved)]"; sleep 30', tty=True, background=True)
+        )
+        await executor.stdin(saved.pid, text, eof=True)
+        await wait_for_output(executor, saved.pid, re.escape(expected))
+        again = await executor.stdin(saved.pid, "still a terminal\\r")  # a terminal stays open
+        assert again.bytes_sent == 17
+        await executor.kill(saved.pid, "KILL")
 
 
 async def test_a_literal_backslash_reaches_the_process(executor: ProcessExecutor) -> None:

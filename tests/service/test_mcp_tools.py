@@ -49,7 +49,7 @@ async def test_the_five_tools_keep_the_original_parameters_and_only_add_optional
     assert set(spawn["properties"]) == original | {"waitFor", "idleMs", "limits"}
     assert spawn["required"] == ["command"]
     stdin = tools["stdin"].input_schema
-    assert set(stdin["properties"]) == {"id", "input", "waitFor", "idleMs", "waitMs"}
+    assert set(stdin["properties"]) == {"id", "input", "waitFor", "idleMs", "waitMs", "eof"}
     assert stdin["required"] == ["id", "input"]
     stdout = tools["stdout"].input_schema
     waits = {"waitFor", "idleMs", "waitMs", "untilExit"}
@@ -428,3 +428,13 @@ async def test_git_log_in_a_terminal_prints_the_log_and_exits_instead_of_waiting
     reply = await call(client, "spawn", {"command": "git log", "cwd": "logged", "tty": True, "timeoutMs": 10000})
     assert (reply["status"], reply["exitCode"]) == ("terminated", 0), reply
     assert "commit-0" in reply["stdout"]
+
+
+async def test_stdin_with_eof_ends_the_input_and_sort_answers_in_the_same_call(client: Client) -> None:
+    started = await call(client, "spawn", {"command": "sort", "background": True})
+    result = await client.call_tool(
+        "stdin", {"id": started["pid"], "input": "pear\\napple\\n", "eof": True, "waitFor": "pear"}
+    )
+    assert result.structured_content is not None
+    assert result.structured_content["stdout"] == "apple\npear\n"
+    assert "then ended its input" in text_of(result)
