@@ -44,13 +44,15 @@ class Backend:
     """Applies per-process limits and reports what a process's tree uses."""
     exact_exits: bool
     """Reports how a process ended as the kernel did (one exec per process has only the engine's exit code)."""
+    input_wanted: bool
+    """Tells when a process waits for input (one exec per process cannot look into the container)."""
 
 
 BACKENDS = {
-    "host": Backend("host", sandboxed=True, agent=False, limits=True, exact_exits=True),
-    "host-unsandboxed": Backend("host", sandboxed=False, agent=False, limits=True, exact_exits=True),
-    "docker": Backend("docker", sandboxed=True, agent=True, limits=True, exact_exits=True),
-    "docker-exec": Backend("docker", sandboxed=True, agent=False, limits=False, exact_exits=False),
+    "host": Backend("host", sandboxed=True, agent=False, limits=True, exact_exits=True, input_wanted=True),
+    "host-unsandboxed": Backend("host", sandboxed=False, agent=False, limits=True, exact_exits=True, input_wanted=True),
+    "docker": Backend("docker", sandboxed=True, agent=True, limits=True, exact_exits=True, input_wanted=True),
+    "docker-exec": Backend("docker", sandboxed=True, agent=False, limits=False, exact_exits=False, input_wanted=False),
 }
 """Host mode sandboxed (the default) and not (where bwrap cannot run), Docker mode through the agent and with
 one exec per process (images without Python)."""

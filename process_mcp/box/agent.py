@@ -93,6 +93,11 @@ ORPHANS_WAIT_S = 1.0
 kernel hands them over just after the supervisor's descriptors close, which is how the agent learns of it)."""
 
 
+CONTROLLING_TERMINAL = os.makedev(5, 0)
+"""/dev/tty: a process's own terminal, whichever it is (a process of the terminal's foreground group
+reading it reads that terminal)."""
+
+
 def available(fd: int) -> int:
     """Bytes waiting in the pipe ``fd``."""
     try:
@@ -126,6 +131,7 @@ class Process:
         self.acks: collections.deque[tuple[int, int]] = collections.deque()  # (seq, queued at its end)
         self.last_input = b""  # the last byte of input taken (a terminal's EOF ends a partial line first)
         self.ending_input = False  # its stdin pipe closes once what is queued is written
+        self.input_id = 0  # its terminal's device number, or its stdin pipe's inode (``_wants_input``)
         self.exited = False  # its supervisor reported the command's exit
         self.exit_report: dict[str, Any] | None = None  # that exit, until the output ahead of it is sent
         self.owed: dict[int, int] = {}  # output descriptor -> bytes still to send ahead of the exit
@@ -328,6 +334,15 @@ class Agent:
             self._input(channel, struct.unpack(">I", payload[:4])[0], payload[4:])
         elif kind == protocol.END_INPUT:
             self._end_input(channel, int(protocol.fields(payload)["seq"]))
+        elif kind == protocol.ASK_INPUT:
+            process = self.processes.get(channel)
+            wanted = None
+            if process is not None and process.leader and not process.exited and not process.pending:
+                with supervisor.as_processes_user():
+                    wanted = self._wants_input(process)
+            self.send(
+                protocol.message(protocol.INPUT_STATE, channel, seq=protocol.fields(payload)["seq"], wanted=wanted)
+            )
         elif kind == protocol.SIGNAL:
             request = protocol.fields(payload)
             process = self.processes.get(channel)
@@ -441,6 +456,7 @@ class Agent:
                 opened += [in_r, input_fd, out_r, out_w, err_r, err_w]
                 stdio = (in_r, out_w, err_w)
                 outputs = {out_r: 1, err_r: 2}
+            input_id = os.fstat(stdio[0]).st_rdev if spec.get("tty") else os.fstat(stdio[0]).st_ino
             status_r, status_w = os.pipe()
             opened += [status_r, status_w]
             supervisor_pid, order = self.spares.order(spec, env, [*stdio, status_w])
@@ -452,6 +468,7 @@ class Agent:
         for fd in {*stdio, status_w}:
             os.close(fd)
         process = Process(channel, supervisor_pid, status_r, outputs, input_fd, bool(spec.get("tty")))
+        process.input_id = input_id
         process.order = order
         # A supervisor cannot raise its limits again; the confinement it took for a process of the box
         # is the same for the next (``confine.Taken``).
@@ -685,6 +702,42 @@ class Agent:
             self.selector.register(fd, selectors.EVENT_WRITE, self._write_input)
         elif not process.pending and registered:
             self.selector.unregister(fd)
+
+    def _wants_input(self, process: Process) -> str | None:
+        """ "input" if a process of its tree sleeps reading its input (on a terminal: a process of the
+        terminal's foreground group), "secret" if that terminal reads a line without echo; else None."""
+        if process.input_fd < 0:
+            return None  # its input has ended: a read returns at once
+        tree = proc.task_descendants(process.supervisor)
+        attributes = None
+        if process.tty:
+            try:
+                foreground = os.tcgetpgrp(process.input_fd)
+                attributes = termios.tcgetattr(process.input_fd)
+            except (OSError, termios.error):
+                return None
+            tree = [pid for pid in tree if proc.process_group(pid) == foreground]
+
+            def is_input(found: os.stat_result) -> bool:  # the terminal, or /dev/tty (getpass, ssh, sudo)
+                return stat.S_ISCHR(found.st_mode) and found.st_rdev in (process.input_id, CONTROLLING_TERMINAL)
+        else:
+
+            def is_input(found: os.stat_result) -> bool:
+                return stat.S_ISFIFO(found.st_mode) and found.st_ino == process.input_id
+
+        unreadable = False
+        reading = False
+        for pid in tree:
+            try:
+                if proc.reads_from(pid, is_input):
+                    reading = True
+                    break
+            except proc.Unreadable:
+                unreadable = True  # a set-user-ID program (sudo): only its terminal can tell
+        secret = attributes is not None and not attributes[3] & termios.ECHO and bool(attributes[3] & termios.ICANON)
+        if secret and (reading or unreadable):
+            return "secret"
+        return "input" if reading else None
 
     def _end_input(self, channel: int, seq: int) -> None:
         process = self.processes.get(channel)

@@ -30,7 +30,7 @@ from typing import Any
 import anyio
 
 from ..core.contract import LaunchSpec, ProcessSink
-from ..core.handle import STOPPED_FRESH_S, ProcessHandle, TreeRoot
+from ..core.handle import STOPPED_FRESH_S, InputWanted, ProcessHandle, TreeRoot
 from ..core.models import CPU_GRACE_S, TERMINAL_COLS, TERMINAL_ROWS, ProcessLimits
 from ..core.stats import TreeSample
 from ..core.streams import STDIN_WRITE_TIMEOUT_S, wait_writable
@@ -452,7 +452,7 @@ class AgentConnection:
             self._started(channel, process, answer)
         elif kind == protocol.EXITED:
             self._exited(channel, process, answer)
-        elif kind in (protocol.WRITTEN, protocol.SIGNALLED, protocol.SAMPLED):
+        elif kind in (protocol.WRITTEN, protocol.SIGNALLED, protocol.SAMPLED, protocol.INPUT_STATE):
             seq = _number(answer, "seq", 1, self._seq_issued)
             self._resolve(kind, channel, seq, answer)  # none waits: an answer that came too late
         else:
@@ -715,6 +715,20 @@ class AgentProcess(ProcessHandle):
         except AgentUnavailable:
             return None
         return TreeSample.of(fields)
+
+    async def wants_input(self) -> InputWanted | None:
+        connection = self.connection
+        if not connection.alive or not self.leader or self.has_exited:
+            return None
+        seq = connection.next_seq()
+        answer = connection._expect(protocol.INPUT_STATE, self.number, seq)
+        try:
+            await connection._send(protocol.message(protocol.ASK_INPUT, self.number, seq=seq))
+            fields = await connection._answer(answer, REQUEST_TIMEOUT_S, "say whether it waits for input")
+        except AgentUnavailable:
+            return None
+        wanted = fields.get("wanted")
+        return wanted if wanted in ("input", "secret") else None  # anything else the box says means nothing
 
     def read_sample(self) -> TreeSample | None:
         root = self.tree_root()

@@ -10,6 +10,7 @@ children (``task_descendants``: only the tree is read, which is what a busy host
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from typing import Any
 
@@ -113,8 +114,13 @@ def sample_tree(
 
 def process_state(pid: int) -> bytes | None:
     """The state letter /proc/PID/stat gives ``pid`` (R, S, D, T, t, Z, ...); None if it is gone."""
+    return process_state_at(f"/proc/{pid}/stat")
+
+
+def process_state_at(path: str) -> bytes | None:
+    """The state letter in the stat file at ``path`` (a process's or a task's); None if it is gone."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as file:
+        with open(path, "rb") as file:
             return parse_state(file.read())
     except OSError:
         return None
@@ -174,3 +180,120 @@ class StateReader:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
+
+
+# What a process waits on: the system call it sleeps in, from /proc/PID/task/TID/syscall.
+
+_READS = {
+    "x86_64": (0, 17, 19, 295, 327),  # read, pread64, readv, preadv, preadv2
+    "aarch64": (63, 67, 65, 69, 286),
+}
+_POLLS = {"x86_64": (7, 271), "aarch64": (73,)}  # poll, ppoll
+_SELECTS = {"x86_64": (23, 270), "aarch64": (72,)}  # select, pselect6
+_EPOLLS = {"x86_64": (232, 281, 441), "aarch64": (22, 441)}  # epoll_wait, epoll_pwait, epoll_pwait2
+MAX_WATCHED_FDS = 4096
+"""Most descriptors of a poll or select that are looked at."""
+
+
+class Unreadable(Exception):
+    """What a process waits on cannot be read here (another user's, or not dumpable: a set-user-ID program)."""
+
+
+def reads_from(pid: int, is_input: Any) -> bool:
+    """Whether a thread of ``pid`` sleeps waiting to read a descriptor ``is_input`` accepts (called with
+    the os.stat_result of what the descriptor is): in read, or in a poll, select or epoll that watches
+    it for reading. Raises Unreadable where the kernel will not say."""
+    machine = os.uname().machine
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    for task in tasks:
+        if process_state_at(f"/proc/{pid}/task/{task}/stat") != b"S":
+            continue  # running, stopped (a stopped reader reads nothing), or gone
+        try:
+            with open(f"/proc/{pid}/task/{task}/syscall", "rb") as file:
+                fields = file.read().split()
+        except PermissionError:
+            raise Unreadable(pid) from None
+        except OSError:
+            continue
+        if len(fields) < 7 or fields[0] in (b"running", b"-1"):
+            continue
+        number, args = int(fields[0]), [int(field, 16) for field in fields[1:7]]
+        if number in _READS.get(machine, ()):
+            watched = [args[0]]
+        elif number in _POLLS.get(machine, ()):
+            watched = _poll_fds(pid, args[0], args[1])
+        elif number in _SELECTS.get(machine, ()):
+            watched = _select_fds(pid, args[1], args[0])
+        elif number in _EPOLLS.get(machine, ()):
+            watched = _epoll_fds(pid, args[0])
+        else:
+            continue
+        for fd in watched:
+            try:
+                if is_input(os.stat(f"/proc/{pid}/fd/{fd}")):
+                    return True
+            except PermissionError:
+                raise Unreadable(pid) from None
+            except OSError:
+                continue
+    return False
+
+
+def _memory(pid: int, address: int, size: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/mem", "rb", buffering=0) as memory:
+            memory.seek(address)
+            return memory.read(size) or b""
+    except PermissionError:
+        raise Unreadable(pid) from None
+    except (OSError, OverflowError, ValueError):
+        return b""
+
+
+def _poll_fds(pid: int, address: int, count: int) -> list[int]:
+    """The descriptors a poll at ``address`` (``count`` struct pollfd) watches for reading."""
+    data = _memory(pid, address, min(count, MAX_WATCHED_FDS) * 8)
+    found = []
+    for offset in range(0, len(data) - 7, 8):
+        fd = int.from_bytes(data[offset : offset + 4], sys.byteorder, signed=True)
+        events = int.from_bytes(data[offset + 4 : offset + 6], sys.byteorder)
+        if fd >= 0 and events & 0x1:  # POLLIN
+            found.append(fd)
+    return found
+
+
+def _select_fds(pid: int, address: int, count: int) -> list[int]:
+    """The descriptors a select's read set at ``address`` (of ``count`` descriptors) holds."""
+    if not address:
+        return []
+    count = min(count, MAX_WATCHED_FDS)
+    data = _memory(pid, address, (count + 63) // 64 * 8)
+    return [fd for fd in range(min(count, len(data) * 8)) if data[fd // 8] >> (fd % 8) & 1]
+
+
+def _epoll_fds(pid: int, epoll: int) -> list[int]:
+    """The descriptors the epoll instance ``epoll`` of ``pid`` watches for reading."""
+    found = []
+    try:
+        with open(f"/proc/{pid}/fdinfo/{epoll}", "rb") as file:
+            for line in file:
+                fields = line.split()
+                if fields[:1] == [b"tfd:"] and len(fields) >= 4 and int(fields[3], 16) & 0x1:  # EPOLLIN
+                    found.append(int(fields[1]))
+    except PermissionError:
+        raise Unreadable(pid) from None
+    except (OSError, ValueError):
+        pass
+    return found[:MAX_WATCHED_FDS]
+
+
+def process_group(pid: int) -> int | None:
+    """The process group of ``pid``; None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            return int(file.read().rsplit(b")", 1)[1].split()[2])
+    except (OSError, IndexError, ValueError):
+        return None

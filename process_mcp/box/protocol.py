@@ -40,6 +40,8 @@ ASK_STOPPED = 8
 END_INPUT = 9
 """{seq}: once the input sent before is written, close the process's stdin pipe, or type its terminal's
 end-of-file character (twice after a partial line: the first ends the line); answered with WRITTEN."""
+ASK_INPUT = 10
+"""{seq}: whether the process waits for input; answered with INPUT_STATE."""
 
 # Agent to server.
 HELLO = 64
@@ -67,6 +69,11 @@ SAMPLED = 73
 STOPPED = 74
 """Channel 0, {seq, stopped}: the channels of the processes that are stopped by a signal (the process
 itself, not its descendants, or a child it waits on in vfork)."""
+
+INPUT_STATE = 75
+"""{seq, wanted}: wanted is "input" when a process of its tree (on a terminal, of the terminal's
+foreground group) sleeps reading its terminal or its stdin pipe, "secret" when that terminal reads
+a line without echo (a password prompt), null otherwise."""
 
 # Tunnels, on channels from TUNNEL_BASE up, which the agent numbers.
 TUNNEL_OPEN = 80

@@ -45,12 +45,22 @@ from .models import (
     SpawnOptions,
     SpawnResult,
     StdinResult,
+    WaitResult,
 )
 from .registry import ManagedProcess, ProcessRegistry
 from .signals import NON_TERMINATING, parse_signal
 from .stats import STATS_MAX_AGE_S, TreeSample
 from .terminal import strip_escapes
-from .waiting import MATCH_THREADS, OUTPUT_SETTLE_S, Progress, Wait, text_since, wait_exit, wait_on
+from .waiting import (
+    MATCH_THREADS,
+    OUTPUT_SETTLE_S,
+    InputProbe,
+    Progress,
+    Wait,
+    text_since,
+    wait_exit,
+    wait_on,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -162,17 +172,23 @@ class ProcessExecutor:
                 self._limit_lifetime(record, self.config.limits.max_lifetime_s)
             if options.limits is not None and (options.limits.memory_mb or options.limits.processes):
                 self._in_background(self._watch_limits(record, options.limits))
-        wait_result = None
+        wait_result: WaitResult | None = None
+        probe = self._input_probe(record)
         if wait is not None:
-            wait_result = await wait_on(record, wait, (0, 0), progress, limiter=self._search_limiter())
-        elif not options.background and await wait_exit(record, timeout_s, progress):
-            await record.wait(OUTPUT_SETTLE_S, output=True)
+            wait_result = await wait_on(record, wait, (0, 0), progress, limiter=self._search_limiter(), probe=probe)
+        elif not options.background:
+            waited = await wait_exit(record, timeout_s, progress, probe)
+            if waited == "exited":
+                await record.wait(OUTPUT_SETTLE_S, output=True)
+            elif waited == "input":
+                wait_result = "input"  # a plain spawn says why it returned early
         await _refresh_stopped([record])
         return SpawnResult(
             pid=record.pid,
             sandboxed=record.sandboxed,
             via=record.via,
             wait_result=wait_result,
+            secret=_secret(wait_result, probe),
             **_cursors(record),
             **record.state(),
             stdout=await self._screen_or_tail(record),
@@ -215,7 +231,8 @@ class ProcessExecutor:
         if wait is None:
             await _refresh_stopped([record])
             return StdinResult(pid=record.pid, bytes_sent=len(data), **_cursors(record), **record.state())
-        wait_result = await wait_on(record, wait, start, progress, limiter=self._search_limiter())
+        probe = self._input_probe(record)
+        wait_result = await wait_on(record, wait, start, progress, limiter=self._search_limiter(), probe=probe)
         await _refresh_stopped([record])
         complete = not record.lingering
         stdout, _ = text_since(record.stdout, start[0], record.tty, complete=complete)
@@ -226,6 +243,7 @@ class ProcessExecutor:
             stdout=stdout,
             stderr=stderr,
             wait_result=wait_result,
+            secret=_secret(wait_result, probe),
             **_cursors(record),
             **record.state(),
         )
@@ -277,9 +295,10 @@ class ProcessExecutor:
         record = self._registry.get(pid)
         wait = self._requested_wait(wait_for, idle_ms, wait_ms, until_exit=until_exit)
         wait_result = None
+        probe = self._input_probe(record)
         if wait is not None:
             start = (record.stdout.total, record.stderr.total)
-            wait_result = await wait_on(record, wait, start, progress, limiter=self._search_limiter())
+            wait_result = await wait_on(record, wait, start, progress, limiter=self._search_limiter(), probe=probe)
         complete = not record.lingering
         dropped = 0
         if since is not None:
@@ -304,6 +323,7 @@ class ProcessExecutor:
             dropped=dropped,
             stats=record.stats,
             wait_result=wait_result,
+            secret=_secret(wait_result, probe),
             **_cursors(record),
             **record.state(),
         )
@@ -549,6 +569,11 @@ class ProcessExecutor:
             )
 
     @staticmethod
+    def _input_probe(record: ManagedProcess) -> InputProbe | None:
+        """What asks whether ``record``'s process waits for input, while it runs."""
+        return InputProbe(record.handle.wants_input) if record.handle is not None and record.running else None
+
+    @staticmethod
     def _handle(record: ManagedProcess) -> ProcessHandle:
         assert record.handle is not None  # set before the record is registered
         return record.handle
@@ -663,3 +688,8 @@ def _at_most(what: str, value: str, limit: int, why: str) -> None:
 def _no_nul(what: str, value: str) -> None:
     if "\0" in value:
         raise InvalidInput(f"{what} contains a NUL byte, which no process can receive; remove it")
+
+
+def _secret(wait_result: WaitResult | None, probe: InputProbe | None) -> bool | None:
+    """``secret`` for a reply: True when the wait ended because a terminal reads a line without echo."""
+    return True if wait_result == "input" and probe is not None and probe.wanted == "secret" else None

@@ -23,7 +23,7 @@ executor's ``on_done`` runs and, once the record is dropped, ``close`` releases 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 from .stats import TreeSample
 
@@ -39,6 +39,10 @@ class TreeRoot(NamedTuple):
     """A pid whose descendants are the process's tree."""
     included: bool
     """Whether that pid is itself part of the tree (else only its descendants are)."""
+
+
+InputWanted = Literal["input", "secret"]
+"""What a process waiting for input waits for: any input, or a secret typed without echo."""
 
 
 class ProcessHandle(ABC):
@@ -77,6 +81,12 @@ class ProcessHandle(ABC):
     async def sample(self) -> TreeSample | None:
         """What the process's tree uses, measured where it runs, for a handle whose ``read_sample`` cannot
         tell; None where it cannot be measured."""
+        return None
+
+    async def wants_input(self) -> InputWanted | None:
+        """Whether the process waits for input now: "input" when a process of its tree (on a terminal, of
+        its foreground group) sleeps reading its terminal or stdin pipe, "secret" when that terminal reads
+        a line without echo (a password prompt); None when it does not, or where it cannot be told."""
         return None
 
     def read_stopped(self) -> bool | None:

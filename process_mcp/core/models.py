@@ -28,7 +28,7 @@ ProcessStatus = Literal["running", "terminated"]
 ProcessVia = Literal["host", "agent", "exec"]
 """How a process was started: on the host, through the agent in the container, or as a Docker exec."""
 _VIA = "How it was started: 'host', 'agent' (the agent in the container) or 'exec' (one Docker exec each)."
-WaitResult = Literal["matched", "output", "idle", "exited", "timeout"]
+WaitResult = Literal["matched", "output", "idle", "exited", "timeout", "input"]
 """Why a wait ended: the pattern matched, the output went quiet, the process exited, or time ran out."""
 SINCE_MAX_BYTES = 64 * 1024
 """Most bytes of each stream a ``since`` read returns (the newest); what it skips is counted."""
@@ -129,8 +129,14 @@ class _Progress(_Wire):
     stderr_cursor: int = Field(0, description="Bytes of stderr so far; pass it as `stderrSince`.")
     wait_result: WaitResult | None = Field(
         None,
-        description="Why the wait ended: matched (waitFor), output (new output, for waitMs alone), idle, exited or "
-        "timeout; absent when nothing was awaited.",
+        description="Why the wait ended: matched (waitFor), output (new output, for waitMs alone), idle, exited, "
+        "timeout, or input (it is waiting to read its terminal or stdin: answer with stdin); absent when nothing "
+        "was awaited.",
+    )
+    secret: bool | None = Field(
+        None,
+        description="True when it waits for input on a terminal that does not echo (a password prompt): ask the "
+        "user with stdin askUser rather than typing a secret yourself. Absent otherwise.",
     )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import anyio
 import anyio.to_thread
@@ -22,6 +23,7 @@ import regex
 
 from ..errors import InvalidInput, excerpt
 from .buffer import OutputBuffer, decode_utf8
+from .handle import InputWanted
 from .models import SINCE_MAX_BYTES, WaitResult
 from .registry import ManagedProcess
 from .terminal import strip_escapes
@@ -45,6 +47,31 @@ all taken by patterns."""
 
 Progress = Callable[[float, float], Awaitable[None]]
 """Called with (seconds waited, seconds allowed) while a wait runs."""
+INPUT_QUIET_S = 0.05
+"""How long output stays quiet before a wait asks whether the process waits for input."""
+INPUT_ASK_S = 0.1
+"""How often a wait asks again while output stays quiet: a read that blocks is told within about this
+(plus INPUT_QUIET_S); a process whose output flows is never asked."""
+
+
+class InputProbe:
+    """Asks a process's backend whether it waits for input (``ProcessHandle.wants_input``), at most every
+    INPUT_ASK_S once its output has been quiet INPUT_QUIET_S; ``wanted`` is the last answer."""
+
+    def __init__(self, ask: Callable[[], Awaitable[InputWanted | None]]) -> None:
+        self._ask = ask
+        self._asked = 0.0
+        self.wanted: InputWanted | None = None
+
+    def due(self, record: ManagedProcess, began: float) -> float:
+        """When to ask next."""
+        return max(max(record.last_output, began) + INPUT_QUIET_S, self._asked + INPUT_ASK_S)
+
+    async def asks(self) -> bool:
+        """Ask now; whether it waits for input."""
+        self._asked = time.monotonic()
+        self.wanted = await self._ask()
+        return self.wanted is not None
 
 
 @dataclass(frozen=True)
@@ -138,8 +165,10 @@ async def wait_on(
     progress: Progress | None = None,
     *,
     limiter: anyio.CapacityLimiter | None = None,
+    probe: InputProbe | None = None,
 ) -> WaitResult:
-    """Wait as ``wait`` says, for output after ``start`` (stdout and stderr cursors). Returns why it ended.
+    """Wait as ``wait`` says, for output after ``start`` (stdout and stderr cursors), or, with ``probe``,
+    until the process waits for input. Returns why it ended.
 
     Searches for the pattern run in worker threads under ``limiter`` (one of MATCH_THREADS tokens if not
     given). Raises InvalidInput when one search takes longer than MATCH_TIMEOUT_S; the process keeps running.
@@ -190,6 +219,13 @@ async def wait_on(
             wake = min(wake, quiet_since + wait.idle_s)
         if now >= deadline:
             return "timeout"
+        if probe is not None:
+            due = probe.due(record, began)
+            if now >= due:
+                if await probe.asks():
+                    return "input"
+                continue  # output may have come meanwhile
+            wake = min(wake, due)
         if progress is not None:
             if now >= next_report:
                 await progress(now - began, wait.timeout_s)
@@ -209,19 +245,28 @@ def too_costly(pattern: str, searched: int, pid: str) -> str:
     )
 
 
-async def wait_exit(record: ManagedProcess, timeout_s: float, progress: Progress | None = None) -> bool:
+async def wait_exit(
+    record: ManagedProcess, timeout_s: float, progress: Progress | None = None, probe: InputProbe | None = None
+) -> Literal["exited", "timeout", "input"]:
     """Wait up to ``timeout_s`` for the process to exit, reporting progress every PROGRESS_INTERVAL_S
-    to a client that asked for it; say whether it exited."""
+    to a client that asked for it, and, with ``probe``, until it waits for input; say which came first.
+    Output does not wake it (a flood costs nothing here)."""
     began = time.monotonic()
     deadline = began + timeout_s
+    next_report = began + PROGRESS_INTERVAL_S
     while True:
-        step = deadline - time.monotonic()
+        wake = deadline
         if progress is not None:
-            step = min(step, PROGRESS_INTERVAL_S)
-        if await record.wait(max(0.0, step)):
-            return True
+            wake = min(wake, next_report)
+        if probe is not None:
+            wake = min(wake, probe.due(record, began))
+        if await record.wait(max(0.0, wake - time.monotonic())):
+            return "exited"
         now = time.monotonic()
         if now >= deadline:
-            return False
-        assert progress is not None
-        await progress(now - began, timeout_s)
+            return "timeout"
+        if probe is not None and now >= probe.due(record, began) and await probe.asks():
+            return "input"
+        if progress is not None and now >= next_report:
+            await progress(now - began, timeout_s)
+            next_report = now + PROGRESS_INTERVAL_S

@@ -73,6 +73,13 @@ def headline(pid: str, state: ExitState) -> str:
 
 
 def waited(result: SpawnResult | StdinResult | ProcessOutput) -> str:
+    if result.wait_result == "input":
+        if result.secret:
+            return (
+                "; wait ended: input: it waits for a secret typed without echo (a password prompt); ask the user "
+                "with stdin askUser rather than typing one yourself"
+            )
+        return "; wait ended: input: it waits to read its input; answer with stdin"
     return "" if result.wait_result is None else f"; wait ended: {result.wait_result}"
 
 

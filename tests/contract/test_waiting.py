@@ -6,7 +6,7 @@ import pytest
 
 from process_mcp import InvalidInput, ProcessExecutor, SpawnOptions, SpawnResult, StdinResult
 
-from ..helpers import wait_for_output
+from ..helpers import BACKENDS, backends, wait_for_output
 
 pytestmark = pytest.mark.anyio
 
@@ -51,15 +51,17 @@ async def test_the_pattern_is_also_matched_on_stderr(executor: ProcessExecutor) 
     assert result.wait_result == "matched"
 
 
-async def test_idle_detects_a_repl_waiting_for_input(executor: ProcessExecutor) -> None:
+async def test_idle_detects_a_repl_waiting_for_input(executor: ProcessExecutor, backend: str) -> None:
     result = await executor.spawn(
         SpawnOptions(command="python3 -q", tty=True, idle_ms=IDLE_REPL_MS, timeout_ms=LONG_MS)
     )
-    assert (result.wait_result, result.status) == ("idle", "running")
+    # Where the backend can tell a read of the terminal, that ends the wait before the silence does.
+    expected = "input" if BACKENDS[backend].input_wanted else "idle"
+    assert (result.wait_result, result.status) == (expected, "running")
     assert result.stdout.endswith(">>>")
 
 
-async def test_stdin_with_a_wait_returns_the_answer_in_the_same_call(executor: ProcessExecutor) -> None:
+async def test_stdin_with_a_wait_returns_the_answer_in_the_same_call(executor: ProcessExecutor, backend: str) -> None:
     started = await executor.spawn(SpawnOptions(command="python3 -q", tty=True, wait_for=">>> ", timeout_ms=LONG_MS))
     assert started.wait_result == "matched"
     reply = await executor.stdin(started.pid, "6 * 7\r", wait_for=r">>> $", wait_ms=LONG_MS)
@@ -67,7 +69,9 @@ async def test_stdin_with_a_wait_returns_the_answer_in_the_same_call(executor: P
     assert reply.stdout == "6 * 7\n42\n>>> "
     pipe = await executor.spawn(SpawnOptions(command="while read x; do echo got:$x; done", background=True))
     answer = await executor.stdin(pipe.pid, "one\\n", idle_ms=300, wait_ms=LONG_MS)
-    assert (answer.wait_result, answer.stdout, answer.stderr) == ("idle", "got:one\n", "")
+    # It reads again once it answered: said at once where the backend can tell, else after the silence.
+    expected = "input" if BACKENDS[backend].input_wanted else "idle"
+    assert (answer.wait_result, answer.stdout, answer.stderr) == (expected, "got:one\n", "")
     plain = await executor.stdin(pipe.pid, "two\\n")
     assert (plain.stdout, plain.wait_result) == (None, None)
 
@@ -152,3 +156,46 @@ async def test_a_scripted_repl_session_takes_one_call_per_step(executor: Process
     assert steps[3].stdout == "print(y)\n42\n>>> "
     assert "ZeroDivisionError: division by zero" in (steps[4].stdout or "")
     assert (steps[-1].status, steps[-1].exit_code) == ("terminated", 0)
+
+
+@pytest.mark.parametrize("backend", backends("input_wanted"))
+async def test_a_read_of_stdin_ends_a_spawns_wait_at_once_and_the_answer_goes_on(executor: ProcessExecutor) -> None:
+    # Without it the spawn would wait its whole timeout: a prompt looks like any other quiet.
+    asked = await executor.spawn(SpawnOptions(command="echo 'name?'; read name; echo hello $name", timeout_ms=60_000))
+    assert (asked.wait_result, asked.status, asked.secret, asked.stdout) == ("input", "running", None, "name?\n")
+    answered = await executor.stdin(asked.pid, "ada\\n", wait_for="hello", wait_ms=LONG_MS)
+    assert (answered.wait_result, answered.stdout) == ("matched", "hello ada\n")
+    # Reading something else (a pipe of its own, a sleep) is not waiting for input.
+    busy = await executor.spawn(SpawnOptions(command="sleep 1 | cat; echo done", timeout_ms=LONG_MS))
+    assert (busy.wait_result, busy.status, busy.stdout) == (None, "terminated", "done\n")
+    # Input that ended: a read returns at once, so nothing waits.
+    ended = await executor.spawn(SpawnOptions(command="cat; echo ended", background=True))
+    await executor.stdin(ended.pid, "", eof=True)
+    finished = await executor.get_output(ended.pid, until_exit=True, wait_ms=int(LONG_MS))
+    assert (finished.wait_result, finished.stdout) == ("exited", "ended\n")
+
+
+@pytest.mark.parametrize("backend", backends("input_wanted"))
+async def test_a_prompt_on_a_terminal_is_input_and_one_without_echo_is_a_secret(executor: ProcessExecutor) -> None:
+    shown = await executor.spawn(SpawnOptions(command="python3 -c 'input(\"name? \")'", tty=True, timeout_ms=60_000))
+    assert (shown.wait_result, shown.secret) == ("input", None), shown
+    # getpass reads /dev/tty with echo off, as ssh and sudo do.
+    hidden = 'python3 -c \'import getpass; print("got", len(getpass.getpass("Password: ")))\''
+    prompted = await executor.spawn(SpawnOptions(command=hidden, tty=True, timeout_ms=60_000))
+    assert (prompted.wait_result, prompted.secret, prompted.status) == ("input", True, "running"), prompted
+    typed = await executor.stdin(prompted.pid, "hunter2\\r", wait_for="got", wait_ms=LONG_MS)
+    assert "got 7" in typed.stdout
+    assert "hunter2" not in typed.stdout
+    # A full-screen wait without a prompt line (echo off, not line by line) is input, not a secret.
+    keys = "python3 -c 'import tty, sys; tty.setraw(0); sys.stdin.read(1)'"
+    raw = await executor.spawn(SpawnOptions(command=keys, tty=True, timeout_ms=60_000))
+    assert (raw.wait_result, raw.secret) == ("input", None), raw
+
+
+@pytest.mark.parametrize("backend", backends("input_wanted"))
+async def test_stdout_waiting_on_a_process_ends_when_it_asks_for_input(executor: ProcessExecutor) -> None:
+    started = await executor.spawn(
+        SpawnOptions(command="sleep 0.5; echo 'continue? [y/N]'; read answer", background=True)
+    )
+    waited = await executor.get_output(started.pid, until_exit=True, wait_ms=60_000)
+    assert (waited.wait_result, waited.stdout) == ("input", "continue? [y/N]\n")

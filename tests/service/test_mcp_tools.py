@@ -438,3 +438,15 @@ async def test_stdin_with_eof_ends_the_input_and_sort_answers_in_the_same_call(c
     assert result.structured_content is not None
     assert result.structured_content["stdout"] == "apple\npear\n"
     assert "then ended its input" in text_of(result)
+
+
+async def test_a_prompt_ends_the_spawn_at_once_and_the_reply_says_it_waits_for_input(client: Client) -> None:
+    result = await client.call_tool("spawn", {"command": "echo 'Proceed? [y/N]'; read answer", "timeoutMs": 60000})
+    assert result.structured_content is not None
+    assert (result.structured_content["waitResult"], result.structured_content["status"]) == ("input", "running")
+    assert "waits to read its input; answer with stdin" in text_of(result)
+    asked = "python3 -c 'import getpass; getpass.getpass()'"
+    secret = await client.call_tool("spawn", {"command": asked, "tty": True, "timeoutMs": 60000})
+    assert secret.structured_content is not None
+    assert secret.structured_content["secret"] is True
+    assert "password prompt" in text_of(secret)
