@@ -593,6 +593,7 @@ class Agent:
             self.send(protocol.message(protocol.STARTED, process.channel, pid=report["started"]))
         elif "done" in report:
             process.done = True
+            process.reusable = process.reusable and bool(report.get("reusable"))  # else it exits now
         elif "error" in report:
             process.exited = True
             process.done = True  # nothing started

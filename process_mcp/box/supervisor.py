@@ -323,6 +323,8 @@ def receive_order(order: socket.socket) -> tuple[dict[str, Any], dict[str, str],
         if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
             item.frombytes(data[: len(data) - len(data) % item.itemsize])
     fds = list(item)
+    if len(fds) != 4:  # stdin, stdout, stderr and the status: fewer came (a limit on descriptors)
+        os._exit(1)  # its status never comes: the agent reports the process lost
     for fd in fds:
         os.set_inheritable(fd, False)  # only what posix_spawn dup2s reaches the command
     while len(header) < 4:
@@ -364,7 +366,10 @@ def supervise(
     try:
         for name, (soft, hard) in (spec.get("rlimits") or {}).items():
             # Set on the supervisor, inherited by the command: posix_spawn offers no rlimit of its own.
-            resource.setrlimit(LIMITS[name], (soft, hard))
+            try:
+                resource.setrlimit(LIMITS[name], (soft, hard))
+            except ValueError as exc:  # above the hard limit this supervisor has
+                raise StartFailed("limits", f"its {name} limit cannot be set: {exc}") from None
         plan = spec.get("confine")
         if plan and RUN_AS is None:
             # In a box this supervisor takes the process's confinement itself, first (a fork of Python
@@ -409,7 +414,7 @@ def supervise(
                     confine.leave_cgroup(CGROUPS)  # its group is then empty, to be removed
                 except OSError:
                     reusable = False  # it ends, which empties the group as well
-            report(done=True)  # a status that ends without it: the supervisor was killed
+            report(done=True, reusable=reusable)  # a status that ends without it: the supervisor was killed
             os.close(status)
             return reusable
         ready = select.select([lifeline, wake], [], [])[0]
@@ -446,7 +451,7 @@ def _start_leader(
 
 
 class StartFailed(Exception):
-    """A command could not be started as its user: ``error`` is "nocwd" or "exec", as STARTED says."""
+    """A command could not be started: ``error`` is "nocwd", "exec" or "limits", as STARTED says."""
 
     def __init__(self, error: str, message: str) -> None:
         super().__init__(message)

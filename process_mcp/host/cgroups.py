@@ -26,6 +26,8 @@ POOL_SIZE = 32
 PREFIX = "process-mcp-"
 """Start of each executor's parent group, followed by the server's pid and a random part."""
 _UNLIMITED = 1 << 63
+LEFT_BEHIND_BYTES = 1 << 20
+"""Memory a tree's group may still hold and be taken again by the box's next tree."""
 _JOIN = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
 
 
@@ -116,18 +118,23 @@ class SandboxCgroups:
         the group or a limit cannot be set."""
         with self._lock:
             self._collect()
-            free = self._free_inside.get(box)
-            if free:
+            free = self._free_inside.get(box) or []
+            while free:
                 name = free.pop()
                 try:
+                    # Memory the last tree left that cannot be reclaimed (a file in the box's /tmp, shared
+                    # memory) stays charged here: the group is removed, which leaves it to the box's.
+                    if _unreclaimable(self._parents["memory"] / name):
+                        raise OSError("memory of an earlier process tree is still charged to it")
                     if self._limits[name] != (max_processes, max_memory_bytes):
                         self._set_limits(name, max_processes, max_memory_bytes)
                     _write(self._parents["memory"] / name / "memory.max_usage_in_bytes", "0", optional=True)
                     self._before[name] = self._events(name)
                 except OSError:
-                    self._broken.add(name)  # limits in an unknown state: removed, never taken again
-                    self._leaving.add(name)
-                    raise
+                    if not self._remove_inside(name):  # limits in an unknown state: never taken again
+                        self._broken.add(name)
+                        self._leaving.add(name)
+                    continue
                 return name.rpartition("/")[2]
             self._count += 1
             inner = f"p{self._count}"
@@ -212,6 +219,7 @@ class SandboxCgroups:
                 if name not in self._broken and box not in self._leaving:
                     self._free_inside.setdefault(box, []).append(name)  # for the box's next process
                 elif not self._remove_inside(name):
+                    self._broken.add(name)  # never another box's, should its group be taken again
                     self._leaving.add(name)
                 continue
             for inner in self._free_inside.pop(name, []):
@@ -281,6 +289,18 @@ def _count(path: Path, key: str) -> int:
         return int(found[found.index(key) + 1])
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def _unreclaimable(group: Path) -> bool:
+    """Whether a memory group with no process holds memory that reclaim cannot free: files in a tmpfs,
+    shared memory, locked pages or swap beyond LEFT_BEHIND_BYTES. Anonymous memory is only the pages the
+    supervisor of its last tree touched while in it (charges stay where a page was first touched)."""
+    try:
+        fields = dict(line.split() for line in (group / "memory.stat").read_text().splitlines() if " " in line)
+        held = sum(int(fields.get(name, 0)) for name in ("total_shmem", "total_unevictable", "total_swap"))
+    except (OSError, ValueError):
+        return False
+    return held > LEFT_BEHIND_BYTES
 
 
 def _has_processes(group: Path) -> bool:

@@ -12,6 +12,11 @@ programs see an ordinary permission error:
 - new namespaces through ``clone``/``unshare`` flags and ``setns``; ``clone3`` gets ENOSYS, since
   its flags are behind a pointer, and C libraries then fall back to ``clone``;
 - io_uring, whose operations bypass syscall filtering;
+- changing another process's limits, priority, CPUs, scheduling or I/O priority (``prlimit64`` with a
+  pid and new limits, ``setpriority``, ``ioprio_set``, ``sched_setaffinity``, ``sched_setscheduler``,
+  ``sched_setparam``, ``sched_setattr`` for anything but the caller itself): a process shares its user
+  with the box's agent, zygote and supervisors and with the box's other processes, so the kernel's own
+  check (the same user) would let it lower their limits or starve them;
 - what only an administrator needs: modules, kexec, bpf, perf events, userfaultfd, swap, reboot,
   clocks, accounting, quotas, file handles (``open_by_handle_at``), port I/O.
 
@@ -36,7 +41,11 @@ _RET_ERRNO = 0x00050000
 _RET_ALLOW = 0x7FFF0000
 
 # Offsets in struct seccomp_data: int nr; u32 arch; u64 ip; u64 args[6] (little-endian low words).
-_NR, _ARCH, _ARG0, _ARG1 = 0, 4, 16, 24
+_NR, _ARCH, _ARG0, _ARG1, _ARG2, _ARG2_HIGH = 0, 4, 16, 24, 32, 36
+PRIO_PROCESS = 0
+IOPRIO_WHO_PROCESS = 1
+ONLY_ITSELF = ("sched_setaffinity", "sched_setscheduler", "sched_setparam", "sched_setattr")
+"""Calls allowed only with pid 0, the caller (a thread's own id is refused too: the filter cannot know it)."""
 
 _X32_BIT = 0x40000000
 TIOCSTI = 0x5412
@@ -124,6 +133,13 @@ _TABLES: dict[str, tuple[int, dict[str, int]]] = {
         {
             "ioctl": 16,
             "clone": 56,
+            "prlimit64": 302,
+            "setpriority": 141,
+            "ioprio_set": 251,
+            "sched_setaffinity": 203,
+            "sched_setscheduler": 144,
+            "sched_setparam": 142,
+            "sched_setattr": 314,
             "unshare": 272,
             "mount": 165,
             "umount2": 166,
@@ -165,6 +181,13 @@ _TABLES: dict[str, tuple[int, dict[str, int]]] = {
         {
             "ioctl": 29,
             "clone": 220,
+            "prlimit64": 261,
+            "setpriority": 140,
+            "ioprio_set": 30,
+            "sched_setaffinity": 122,
+            "sched_setscheduler": 119,
+            "sched_setparam": 118,
+            "sched_setattr": 274,
             "unshare": 97,
             "mount": 40,
             "umount2": 39,
@@ -225,6 +248,11 @@ def build_filter(machine: str | None = None) -> bytes:
     program.jump_if(_JEQ_K, numbers["clone"], to="namespaces")
     program.jump_if(_JEQ_K, numbers["unshare"], to="namespaces")
     program.jump_if(_JEQ_K, numbers["clone3"], to="enosys")
+    program.jump_if(_JEQ_K, numbers["prlimit64"], to="prlimit")
+    program.jump_if(_JEQ_K, numbers["setpriority"], to="priority")
+    program.jump_if(_JEQ_K, numbers["ioprio_set"], to="ioprio")
+    for name in ONLY_ITSELF:
+        program.jump_if(_JEQ_K, numbers[name], to="itself")
     for name in DENIED:
         if name in numbers:
             program.jump_if(_JEQ_K, numbers[name], to="eperm")
@@ -237,6 +265,36 @@ def build_filter(machine: str | None = None) -> bytes:
     program.label("namespaces")
     program.load(_ARG0)  # the flags of clone (x86_64, aarch64) and unshare
     program.jump_if(_JSET_K, _NEW_NAMESPACES, to="eperm")
+    program.ret(_RET_ALLOW)
+    program.label("prlimit")  # prlimit64(pid, resource, new, old): another's limits may only be read
+    program.load(_ARG0)
+    program.jump_if(_JEQ_K, 0, to="allow")
+    program.load(_ARG2)
+    program.jump_if(_JEQ_K, 0, skip=1)
+    program.ret(_RET_ERRNO | errno.EPERM)
+    program.load(_ARG2_HIGH)
+    program.jump_if(_JEQ_K, 0, to="allow")
+    program.ret(_RET_ERRNO | errno.EPERM)
+    program.label("priority")  # setpriority(which, who, prio): its own only
+    program.load(_ARG0)
+    program.jump_if(_JEQ_K, PRIO_PROCESS, to="itself")
+    program.ret(_RET_ERRNO | errno.EPERM)
+    program.label("ioprio")  # ioprio_set(which, who, prio): its own only
+    program.load(_ARG0)
+    program.jump_if(_JEQ_K, IOPRIO_WHO_PROCESS, to="itself")
+    program.ret(_RET_ERRNO | errno.EPERM)
+    program.label("itself")  # the call's pid (the first argument, or the second after ``which``) is 0
+    program.load(_NR)
+    program.jump_if(_JEQ_K, numbers["setpriority"], to="second")
+    program.jump_if(_JEQ_K, numbers["ioprio_set"], to="second")
+    program.load(_ARG0)
+    program.jump_if(_JEQ_K, 0, to="allow")
+    program.ret(_RET_ERRNO | errno.EPERM)
+    program.label("second")
+    program.load(_ARG1)
+    program.jump_if(_JEQ_K, 0, to="allow")
+    program.ret(_RET_ERRNO | errno.EPERM)
+    program.label("allow")
     program.ret(_RET_ALLOW)
     program.label("enosys")
     program.ret(_RET_ERRNO | errno.ENOSYS)

@@ -1088,3 +1088,33 @@ def _http_server() -> Iterator[_Http]:
 
     with _accepting(server, answer):
         yield state
+
+
+async def test_a_process_cannot_lower_the_limits_or_priority_of_the_boxs_agent_supervisors_or_other_processes(
+    box: Servers,
+) -> None:
+    """They all share the box's user, for which the kernel allows another's rlimits, nice value, CPUs,
+    scheduling and I/O priority to be changed; a supervisor starts the box's next process, so what it
+    took would reach that process too (a file size of 0 kills it at its first write)."""
+    b: Box = await box()
+    probe = "ulimit -f; ulimit -n; nice; taskset -p $$ | cut -d: -f2; ionice -p $$; echo written > f && cat f"
+    before = await b.output(probe)
+    await b.run("sleep 300", background=True)
+    others = (await b.output("pgrep -x sleep")).split()
+    assert others, "the other spawn's process should be visible in the box"
+    victims = " ".join(["$PPID", "1", "2", *others])  # its supervisor, bwrap's init, the agent, another spawn
+    attack = (
+        f'for pid in {victims}; do prlimit --pid "$pid" --fsize=0:0 --nofile=64:64 && echo "limited $pid"; '
+        'renice -n 19 -p "$pid" && echo "reniced $pid"; taskset -p 1 "$pid" && echo "pinned $pid"; '
+        'chrt -i -p 0 "$pid" && echo "idled $pid"; ionice -c3 -p "$pid" && echo "ioniced $pid"; done; '
+        "renice -n 19 -u \"$(id -u)\" && echo 'reniced every process of the user'"
+    )
+    output = await b.output(attack)
+    assert "Operation not permitted" in output
+    for word in ("limited", "reniced", "pinned", "idled", "ioniced"):
+        assert word not in output, output
+    # The next spawn (on the supervisor the attack ran under) starts with what any spawn gets.
+    assert await b.output(probe) == before
+    # A process may still change its own: ulimit, nice, taskset and ionice on itself.
+    own = await b.output("ulimit -n 100 && nice -n 5 true && taskset -c 0 true && ionice -c3 true && echo fine")
+    assert own.strip().endswith("fine"), own

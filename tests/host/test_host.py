@@ -385,3 +385,25 @@ async def test_the_group_a_finished_tree_left_is_the_next_trees_and_counts_from_
                 await anyio.sleep(POLL_S)
     finally:
         await host.cleanup()
+
+
+async def test_memory_an_earlier_tree_left_in_the_box_never_counts_against_the_next_trees_limit(
+    workdir: Path,
+) -> None:
+    """A file in the box's /tmp stays charged to the group of the tree that wrote it: that group is not
+    the next tree's, whose limit is then all its own."""
+    if os.geteuid() != 0:
+        cannot_run_here("only a root server makes a cgroup for each process tree of the box")
+    host = HostExecutor(host_config(workdir, sandbox=SandboxConfig(required=True)))
+    try:
+        limits = ProcessLimits(memory_mb=200)
+        wrote = await host.spawn(SpawnOptions(command="head -c 150000000 /dev/zero > /tmp/kept", limits=limits))
+        assert wrote.exit_code == 0, wrote
+        grab = "python3 -c 'b = bytearray(120 << 20); print(\"got\", len(b) >> 20)'"
+        for _ in range(3):
+            got = await host.spawn(SpawnOptions(command=grab, limits=limits, timeout_ms=30000))
+            assert (got.exit_code, got.ended_by, got.stdout) == (0, "exit", "got 120\n"), got
+        smaller = await host.spawn(SpawnOptions(command="echo fits", limits=ProcessLimits(memory_mb=100)))
+        assert smaller.stdout == "fits\n", smaller  # a limit below what an old group holds is a new group's
+    finally:
+        await host.cleanup()
