@@ -132,7 +132,7 @@ async def test_eof_ends_a_pipes_input_so_the_reader_finishes_and_more_input_is_r
     counted = await executor.spawn(SpawnOptions(command="wc -l; echo counted", background=True))
     await executor.stdin(counted.pid, "a\\nb\\n")
     ended = await executor.stdin(counted.pid, "c\\n", eof=True, wait_for="counted")
-    assert (ended.wait_result, ended.stdout.split()) == ("matched", ["3", "counted"]), ended
+    assert (ended.wait_result, (ended.stdout or "").split()) == ("matched", ["3", "counted"]), ended
     # Nothing but the end: a reader whose input is empty; and the end of a partial last line.
     for text, expected in (("", "[]"), ("no newline", "[no newline]")):
         saved = await executor.spawn(

@@ -365,7 +365,7 @@ async def test_the_group_a_finished_tree_left_is_the_next_trees_and_counts_from_
         limits = ProcessLimits(processes=10)
         bomb = await host.spawn(SpawnOptions(command=sleepers.format(n=40, s=60), limits=limits, timeout_ms=30000))
         assert (bomb.status, bomb.ended_by, bomb.limit) == ("terminated", "limit", "processes"), bomb
-        groups = []  # the bomb's is taken again once its last process is reaped
+        groups: list[str] = []  # the bomb's is taken again once its last process is reaped
         while bomb.stdout not in groups and len(groups) < 20:
             few = await host.spawn(SpawnOptions(command=sleepers.format(n=3, s=0.1), limits=limits, timeout_ms=30000))
             assert (few.exit_code, few.ended_by, few.limit) == (0, "exit", None), few
