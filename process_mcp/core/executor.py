@@ -205,9 +205,11 @@ class ProcessExecutor:
         wait_ms: int | None = None,
         progress: Progress | None = None,
         eof: bool = False,
+        literal: bool = False,
     ) -> StdinResult:
-        """Send ``input`` (escapes decoded, see ``escapes``) to the process's terminal or stdin; with
-        ``eof``, end its input after it (a pipe is closed; a terminal gets its end-of-file character).
+        """Send ``input`` (escapes decoded, see ``escapes``, unless ``literal``) to the process's terminal
+        or stdin; with ``eof``, end its input after it (a pipe is closed; a terminal gets its end-of-file
+        character).
 
         With a wait (``wait_for``, ``idle_ms``, or ``wait_ms`` alone for any output), wait after
         writing and return the output produced since the input was written. Raises ProcessNotFound,
@@ -219,7 +221,7 @@ class ProcessExecutor:
                 f"input is {len(input)} characters, more than the {MAX_INPUT_CHARS} one stdin call may send; "
                 "send it in several calls"
             )
-        data = decode_input(input)
+        data = input.encode() if literal else decode_input(input)
         wait = self._requested_wait(wait_for, idle_ms, wait_ms)
         self._require_running(record, "take input")
         start = (record.stdout.total, record.stderr.total)

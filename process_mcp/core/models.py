@@ -224,3 +224,8 @@ class StdinResult(ExitState, _Progress):
     bytes_sent: int = Field(description="Bytes written after decoding escapes.")
     stdout: str | None = Field(None, description="With a wait: the output produced since the input was written.")
     stderr: str | None = Field(None, description="With a wait: stderr produced since the input was written.")
+    asked: Literal["answered", "declined", "cancelled"] | None = Field(
+        None,
+        description="With askUser: the user answered (the answer was typed, and is never shown), or declined or "
+        "cancelled (nothing was typed).",
+    )

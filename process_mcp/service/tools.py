@@ -10,12 +10,13 @@ metrics, a client that went away) is in ``calls``; how a failed call reads, in `
 import inspect
 import logging
 from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 from mcp.server import MCPServer
-from mcp.server.mcpserver import Context
+from mcp.server.mcpserver import AcceptedElicitation, Context, Elicit, ElicitationResult, Resolve
+from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import CallToolResult, ToolAnnotations
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from ..core.models import (
     DEFAULT_LINES,
@@ -33,6 +34,7 @@ from ..core.models import (
     StdinResult,
 )
 from ..core.waiting import MATCH_TIMEOUT_S, MAX_PATTERN_CHARS
+from ..errors import InvalidInput
 from ..policy.command import MAX_CHECKED_BYTES
 from . import render
 from .calls import Call, Calls, progress, run
@@ -40,6 +42,27 @@ from .spaces import Spaces
 
 MAX_LINES = 10_000
 """Most lines one stdout call returns; more would not fit a model's context anyway."""
+MAX_QUESTION_CHARS = 500
+"""Longest askUser question: one line a person reads."""
+NO_ELICITATION = "the client cannot ask"
+
+
+class UserAnswer(BaseModel):
+    """The form askUser shows the user: one string."""
+
+    answer: str = Field(title="Answer", max_length=MAX_INPUT_CHARS, description="Typed into the process, then Enter.")
+
+
+def ask_user(askUser: str | None, ctx: Context) -> Elicit[UserAnswer] | str | None:
+    """The question for the user (a form through the client), when stdin asks one and the client can show it."""
+    if askUser is None:
+        return None
+    declared = ctx.client_capabilities
+    elicitation = declared.elicitation if declared is not None else None
+    if elicitation is None or (elicitation.form is None and elicitation.url is not None):
+        return NO_ELICITATION
+    return Elicit(askUser, UserAnswer)
+
 
 _T = TypeVar("_T")
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -239,6 +262,16 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
                 "tty gets its end-of-file character (Ctrl-D)."
             ),
         ] = False,
+        askUser: Annotated[
+            str | None,
+            Field(
+                max_length=MAX_QUESTION_CHARS,
+                description="Ask the user this question (a form in their client) and type the answer, then Enter, "
+                "into the process; the answer never reaches you. For passwords and other secrets (a reply with "
+                "secret: true). Send input apart, in a call of its own.",
+            ),
+        ] = None,
+        answered: Annotated[ElicitationResult[UserAnswer], Resolve(ask_user)] = None,  # type: ignore[assignment]
         ctx: Context | None = None,
     ) -> Annotated[CallToolResult, StdinResult]:
         """Type into a running process: its terminal (tty) or its stdin pipe.
@@ -250,15 +283,48 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
         Without a wait, call stdout to read the response.
         """
         arguments = {"id": id, "input": input, "waitFor": waitFor, "idleMs": idleMs, "waitMs": waitMs, "eof": eof}
+        if askUser is not None:
+            arguments["askUser"] = askUser
         async with calls.process_space(ctx, Call("stdin", arguments, id)) as executor:
-            result = await run(
-                executor.stdin(
-                    id, input, wait_for=waitFor, idle_ms=idleMs, wait_ms=waitMs, progress=progress(ctx, id), eof=eof
+            secret = None
+            if askUser is not None:
+                if input:
+                    _refuse("askUser types the user's answer: send input in a call of its own")
+                if isinstance(answered, AcceptedElicitation) and isinstance(answered.data, str):  # NO_ELICITATION
+                    _refuse(
+                        "askUser needs a client that can ask the user (MCP elicitation), and this one did not declare "
+                        "it; ask the user in the conversation instead, or have them type into the process themselves"
+                    )
+                if isinstance(answered, AcceptedElicitation) and isinstance(answered.data, UserAnswer):
+                    secret = answered.data.answer
+                    tty = (await run(executor.get_process(id))).tty
+                    input = secret + ("\r" if tty else "\n")
+            if askUser is not None and secret is None:  # declined or cancelled: nothing is typed
+                result = await run(executor.stdin(id, ""))
+                asked = "declined" if getattr(answered, "action", None) == "decline" else "cancelled"
+                result = result.model_copy(update={"asked": asked})
+            else:
+                result = await run(
+                    executor.stdin(
+                        id,
+                        input,
+                        wait_for=waitFor,
+                        idle_ms=idleMs,
+                        wait_ms=waitMs,
+                        progress=progress(ctx, id),
+                        eof=eof,
+                        literal=secret is not None,
+                    )
                 )
-            )
+                if secret is not None:
+                    result = _without(result, secret).model_copy(update={"asked": "answered"})
         ended = ", then ended its input" if eof else ""
         status = render.status_text(result)
-        text = f"Sent {result.bytes_sent} bytes to {result.pid}{ended} ({status}){render.waited(result)}."
+        if result.asked in ("declined", "cancelled"):
+            text = f"The user {result.asked} the question; nothing was sent to {result.pid} ({status})."
+        else:
+            typed = " (the user's answer, not shown)" if result.asked == "answered" else ""
+            text = f"Sent {result.bytes_sent} bytes{typed} to {result.pid}{ended} ({status}){render.waited(result)}."
         if result.stdout is not None:
             text += f"\n{render.section('output', result.stdout)}"
             if result.stderr:
@@ -342,3 +408,20 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
         async with calls.process_space(ctx, Call("kill", {"id": id, "signal": signal}, id)) as executor:
             result = await run(executor.kill(id, signal))
         return render.reply(result, f"Sent {result.sent} to {result.pid}: {render.status_text(result)}.")
+
+
+def _refuse(message: str) -> NoReturn:
+    """End the call with an invalid_input error saying ``message``."""
+    raise ToolError(str(InvalidInput(message)))
+
+
+def _without(result: StdinResult, secret: str) -> StdinResult:
+    """``result`` with ``secret`` cut out of the output it carries (a terminal that echoes would show it)."""
+    if not secret:
+        return result
+    changes = {
+        name: value.replace(secret, "[the user's answer]")
+        for name in ("stdout", "stderr")
+        if isinstance(value := getattr(result, name), str) and secret in value
+    }
+    return result.model_copy(update=changes)

@@ -674,6 +674,31 @@ async def test_the_typescript_sdk_drives_the_server_over_http(
     assert [status for _, status in seen["ps"]] == ["terminated"] * 3
 
 
+@pytest.mark.parametrize("flavour", ["sdk1", "sdk2"])
+async def test_a_typescript_client_answers_askuser_and_the_answer_is_in_no_reply_audit_record_or_log(
+    workspaces: Path, tokens_file: Path, tmp_path: Path, flavour: str
+) -> None:
+    secret = f"vault-{secrets.token_hex(8)}"
+    audit = tmp_path / "audit.jsonl"
+    settings = {"PROCESS_AUDIT_LOG": str(audit), "PROCESS_AUDIT_REDACT": "false", "PROCESS_LOG_LEVEL": "DEBUG"}
+    async with http_server(workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file), **settings) as server:
+        with anyio.fail_after(WAIT_S * 3):
+            result = await anyio.run_process(
+                node_command(str(JS_CLIENTS / "ask.mjs"), flavour, server.url, ALICE, secret), check=False
+            )
+        assert result.returncode == 0, result.stderr.decode()
+        seen = json.loads(result.stdout)
+    assert seen["questions"] == ["Password for the test vault?"]
+    assert seen["spawned"]["structuredContent"]["secret"] is True
+    assert seen["typed"]["structuredContent"]["asked"] == "answered"
+    assert f"length {len(secret)}" in seen["read"]["structuredContent"]["stdout"]  # it was typed
+    for where, text in (("a reply", result.stdout.decode()), ("the audit log", audit.read_text())):
+        assert secret not in text.replace(f"said {secret}", ""), f"the answer is in {where}"
+    assert "askUser" in audit.read_text()
+    assert any("DEBUG" in line for line in server.log), "the server did not log at DEBUG: the check means little"
+    assert not [line for line in server.log if secret in line], "the answer is in the server's log"
+
+
 async def test_the_inspector_cli_calls_tools_with_a_token_and_is_refused_without(
     workspaces: Path, tokens_file: Path
 ) -> None:

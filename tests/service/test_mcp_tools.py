@@ -49,7 +49,7 @@ async def test_the_five_tools_keep_the_original_parameters_and_only_add_optional
     assert set(spawn["properties"]) == original | {"waitFor", "idleMs", "limits"}
     assert spawn["required"] == ["command"]
     stdin = tools["stdin"].input_schema
-    assert set(stdin["properties"]) == {"id", "input", "waitFor", "idleMs", "waitMs", "eof"}
+    assert set(stdin["properties"]) == {"id", "input", "waitFor", "idleMs", "waitMs", "eof", "askUser"}
     assert stdin["required"] == ["id", "input"]
     stdout = tools["stdout"].input_schema
     waits = {"waitFor", "idleMs", "waitMs", "untilExit"}
