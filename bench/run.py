@@ -486,6 +486,54 @@ async def ps_latency(s: Settings, workdir: str) -> None:
         await srv.close()
 
 
+async def input_wanted(s: Settings, workdir: str) -> None:
+    """How soon a wait tells that the process reads its input, and what telling costs an idle server."""
+    prompt = "python3 -c 'import sys, time; print(time.monotonic(), flush=True); sys.stdin.readline()'"
+    for label, env in (("host, sandboxed", {}), ("host, sandbox off", {"SANDBOX_ENABLED": "false"})):
+        srv = server(workdir, **env)
+        await srv.start()
+        try:
+            delays = []
+            for _ in range(max(5, s.spawns // 10)):
+                reply = await srv.tool("spawn", {"command": prompt, "timeoutMs": 30000})
+                delays.append((time.monotonic() - float(reply["stdout"].split()[0])) * 1000)
+                assert reply["waitResult"] == "input", reply
+                await srv.tool("kill", {"id": reply["pid"], "signal": "KILL"})
+        finally:
+            await srv.close()
+        s.add(
+            f"a read of stdin told to a waiting spawn ({label}), median / p95",
+            f"{ms(statistics.median(delays))} / {ms(p(delays, 0.95))}",
+            "-",
+            "<= 200 ms",
+            statistics.median(delays) <= 200,
+        )
+    srv = server(workdir)
+    await srv.start()
+    try:
+        for _ in range(s.live):
+            await srv.tool("spawn", {"command": "cat", "background": True})
+        assert srv.proc is not None
+        before = cpu_seconds(srv.proc.pid)
+        await asyncio.sleep(5)
+        idle = (cpu_seconds(srv.proc.pid) - before) / 5 * 100
+    finally:
+        await srv.close()
+    s.add(
+        f"server CPU while idle, {s.live} processes waiting for input",
+        f"{idle:.2f} %",
+        "-",
+        "no wakeups (< 0.5 %)",
+        idle < 0.5,
+    )
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user and system) a process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def memory_and_startup(s: Settings, workdir: str) -> None:
     bare_startups, ours_startups = [], []
     for _ in range(s.startups):
@@ -956,6 +1004,7 @@ FIGURE_GROUPS = (
     box_start,
     capture,
     ps_latency,
+    input_wanted,
     memory_and_startup,
     repl_session,
     reply_sizes,

@@ -11,6 +11,9 @@ from collections.abc import Callable
 
 _CONTINUATION_MASK = 0xC0
 _CONTINUATION = 0x80
+HEAD_BYTES = 16 * 1024
+"""The first bytes of a stream, kept for its life however much follows: a long output's reply shows
+its beginning (the command's first lines, the first error) as well as its end."""
 
 
 class OutputBuffer:
@@ -23,16 +26,25 @@ class OutputBuffer:
         self._data = bytearray()
         self._start = 0  # bytes before this offset in _data are already dropped
         self._total = 0
+        self._lines = 0  # newlines ever appended
+        self.head = b""
+        """The first HEAD_BYTES bytes ever appended."""
         self.on_append: Callable[[], None] | None = None
         """Called after every append, e.g. to wake a caller waiting for output."""
 
     def append(self, data: bytes | bytearray | memoryview) -> None:
         """Add bytes at the end, dropping the oldest ones beyond capacity."""
+        if len(self.head) < HEAD_BYTES:
+            self.head += bytes(data[: HEAD_BYTES - len(self.head)])
         if len(data) >= self.capacity:
+            self._lines += bytes(data[: len(data) - self.capacity]).count(b"\n")
             self._data = bytearray(data[-self.capacity :])
+            self._lines += self._data.count(b"\n")
             self._start = 0
         else:
+            end = len(self._data)
             self._data += data
+            self._lines += self._data.count(b"\n", end)  # counted in place: no copy of the chunk
             excess = len(self._data) - self._start - self.capacity
             if excess > 0:
                 self._start += excess
@@ -48,6 +60,11 @@ class OutputBuffer:
     def total(self) -> int:
         """Bytes ever appended: a cursor that only grows."""
         return self._total
+
+    @property
+    def lines(self) -> int:
+        """Newlines ever appended."""
+        return self._lines
 
     @property
     def dropped(self) -> int:
@@ -82,11 +99,11 @@ def decode_utf8(data: bytes, *, cut_head: bool = False, complete: bool = True) -
     if cut_head:
         while start < min(3, len(data)) and data[start] & _CONTINUATION_MASK == _CONTINUATION:
             start += 1
-    end = len(data) if complete else _complete_prefix(data)
+    end = len(data) if complete else complete_prefix(data)
     return data[start:end].decode("utf-8", "replace")
 
 
-def _complete_prefix(data: bytes) -> int:
+def complete_prefix(data: bytes) -> int:
     """Length of ``data`` without a UTF-8 sequence that is still missing bytes at its end."""
     for back in range(1, min(4, len(data)) + 1):
         byte = data[-back]
@@ -107,6 +124,34 @@ def tail_text(buffer: OutputBuffer, limit: int, *, complete: bool) -> str:
         return text
     marker = f"[... truncated: the last {len(text)} characters of {buffer.total} bytes; call stdout for lines ...]"
     return f"{marker}\n{text}"
+
+
+def head_and_tail(
+    buffer: OutputBuffer, limit: int, *, complete: bool, clean: Callable[[str], str] | None = None
+) -> str:
+    """All the text of ``buffer`` if it has at most ``limit`` bytes; else its first lines and its last
+    ones (about a quarter and three quarters of ``limit``), each cut at a line boundary, with one marker
+    between them saying how many lines and bytes are left out. ``clean`` is applied to each part."""
+    finish = clean or (lambda text: text)
+    total = buffer.total
+    if total <= limit:
+        return finish(decode_utf8(buffer.tail(), cut_head=buffer.dropped > 0, complete=complete))
+    head = buffer.head[: limit // 4]
+    if b"\n" in head:
+        head = head[: head.rindex(b"\n") + 1]  # whole lines only
+    tail = buffer.tail(limit - len(head))
+    tail_start = total - len(tail)
+    if b"\n" in tail[:-1]:
+        cut = tail.index(b"\n") + 1
+        tail, tail_start = tail[cut:], tail_start + cut
+    left_lines = max(0, buffer.lines - head.count(b"\n") - tail.count(b"\n"))
+    marker = (
+        f"[... {left_lines} lines ({tail_start - len(head)} bytes) left out here; page through them with "
+        f"stdout since: {len(head)} and maxBytes ...]"
+    )
+    head_text = finish(decode_utf8(head))
+    tail_part = finish(decode_utf8(tail, cut_head=True, complete=complete))
+    return f"{head_text}{'' if head_text.endswith(chr(10)) else chr(10)}{marker}\n{tail_part}"
 
 
 def tail_lines(buffer: OutputBuffer, count: int, *, complete: bool) -> str:

@@ -22,7 +22,7 @@ import anyio
 from ..config import ProcessMcpConfig
 from ..errors import InvalidInput, ProcessMcpError, ProcessTerminated, TooManyProcesses, excerpt
 from ..policy import CommandPolicy
-from .buffer import tail_lines, tail_text
+from .buffer import head_and_tail, tail_lines
 from .contract import Backend, LaunchSpec
 from .escapes import decode_input
 from .handle import ProcessHandle
@@ -48,15 +48,17 @@ from .models import (
     WaitResult,
 )
 from .registry import ManagedProcess, ProcessRegistry
+from .shell import exec_form
 from .signals import NON_TERMINATING, parse_signal
 from .stats import STATS_MAX_AGE_S, TreeSample
-from .terminal import strip_escapes
+from .terminal import clean, strip_escapes
 from .waiting import (
     MATCH_THREADS,
     OUTPUT_SETTLE_S,
     InputProbe,
     Progress,
     Wait,
+    page_since,
     text_since,
     wait_exit,
     wait_on,
@@ -154,7 +156,7 @@ class ProcessExecutor:
         launched = time.monotonic()
         with anyio.CancelScope(shield=True):
             try:
-                spec = LaunchSpec(record.pid, command, cwd, env, options.tty, options.limits)
+                spec = LaunchSpec(record.pid, exec_form(command), cwd, env, options.tty, options.limits)
                 record.handle = await self.backend.launch(spec, record)
             finally:
                 self._starting -= 1
@@ -192,7 +194,7 @@ class ProcessExecutor:
             **_cursors(record),
             **record.state(),
             stdout=await self._screen_or_tail(record),
-            stderr=tail_text(record.stderr, OUTPUT_TRUNCATE, complete=not record.lingering),
+            stderr=head_and_tail(record.stderr, OUTPUT_TRUNCATE, complete=not record.lingering, clean=clean),
         )
 
     async def stdin(
@@ -284,9 +286,13 @@ class ProcessExecutor:
         wait_ms: int | None = None,
         until_exit: bool = False,
         progress: Progress | None = None,
+        max_bytes: int | None = None,
     ) -> ProcessOutput:
         """The last ``lines`` lines of stdout and stderr (TTY: scrollback and screen; with ``raw``, the
-        stream as text), or with ``since``/``stderr_since`` what followed those cursors.
+        stream as text), or with ``since``/``stderr_since`` what followed those cursors; with
+        ``max_bytes`` too, one page of at most that many bytes from the start of the cursor's line to a
+        line boundary, the reply's cursor being where it stopped. A pipe's output is cleaned
+        (``terminal.clean``) unless ``raw``.
 
         Waits first when asked: until output produced after the call matches ``wait_for``, goes
         quiet for ``idle_ms``, the process exits (``until_exit``), or, with ``wait_ms`` alone, any
@@ -303,19 +309,34 @@ class ProcessExecutor:
             wait_result = await wait_on(record, wait, start, progress, limiter=self._search_limiter(), probe=probe)
         complete = not record.lingering
         dropped = 0
-        if since is not None:
-            stdout, dropped = text_since(record.stdout, since, record.tty, complete=complete)
+        cursors = _cursors(record)
+        cleaned = not raw
+        if max_bytes is not None and since is None and stderr_since is None:
+            raise InvalidInput("maxBytes pages from a cursor: pass since (0 for the start) with it")
+        if since is not None and max_bytes is not None:
+            stdout, cursors["cursor"], dropped = page_since(
+                record.stdout, since, max_bytes, record.tty, complete=complete, cleaned=cleaned
+            )
+        elif since is not None:
+            stdout, dropped = text_since(record.stdout, since, record.tty, complete=complete, cleaned=cleaned)
         elif record.terminal is not None and not raw:
             stdout = "\n".join((await record.terminal.lines(scrollback=True))[-lines:])
         elif record.tty:
             stdout = "\n".join(strip_escapes(tail_lines(record.stdout, lines, complete=complete)).splitlines()[-lines:])
         else:
             stdout = tail_lines(record.stdout, lines, complete=complete)
-        if stderr_since is not None:
-            stderr, lost = text_since(record.stderr, stderr_since, False, complete=complete)
+            stdout = clean(stdout) if cleaned else stdout
+        if stderr_since is not None and max_bytes is not None:
+            stderr, cursors["stderr_cursor"], lost = page_since(
+                record.stderr, stderr_since, max_bytes, False, complete=complete, cleaned=cleaned
+            )
+            dropped += lost
+        elif stderr_since is not None:
+            stderr, lost = text_since(record.stderr, stderr_since, False, complete=complete, cleaned=cleaned)
             dropped += lost
         else:
             stderr = tail_lines(record.stderr, lines, complete=complete)
+            stderr = clean(stderr) if cleaned else stderr
         await _refresh_stats([record], 0.0)
         await _refresh_stopped([record])
         return ProcessOutput(
@@ -326,7 +347,7 @@ class ProcessExecutor:
             stats=record.stats,
             wait_result=wait_result,
             secret=_secret(wait_result, probe),
-            **_cursors(record),
+            **cursors,
             **record.state(),
         )
 
@@ -559,7 +580,7 @@ class ProcessExecutor:
         if record.terminal is not None:
             screen = "\n".join(await record.terminal.lines())
             return screen[-OUTPUT_TRUNCATE:]
-        return tail_text(record.stdout, OUTPUT_TRUNCATE, complete=not record.lingering)
+        return head_and_tail(record.stdout, OUTPUT_TRUNCATE, complete=not record.lingering, clean=clean)
 
     @staticmethod
     def _require_running(record: ManagedProcess, action: str) -> None:

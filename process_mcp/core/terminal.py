@@ -53,6 +53,23 @@ def strip_escapes(text: str) -> str:
     return _ESCAPES.sub("", text.replace("\r\n", "\n"))
 
 
+def clean(text: str) -> str:
+    """Output as a model should read it: each line as it was last drawn (a progress bar that redraws
+    itself after \r shows its last state), then without escape sequences or control characters."""
+    text = text.replace("\r\n", "\n")
+    if "\r" in text:
+        text = "\n".join(_last_drawn(line) if "\r" in line else line for line in text.split("\n"))
+    return _ESCAPES.sub("", text)
+
+
+def _last_drawn(line: str) -> str:
+    """The last part of a line redrawn after carriage returns that shows something."""
+    for part in reversed(line.split("\r")):
+        if _ESCAPES.sub("", part).strip():
+            return part
+    return ""
+
+
 class _Screen(pyte.Screen):
     """A pyte screen that remembers lines scrolled off the top, cheaply (HistoryScreen is ~4x slower),
     keeps text only, and whose every sequence costs at most a line or so of work per line of screen."""

@@ -22,11 +22,11 @@ import anyio.to_thread
 import regex
 
 from ..errors import InvalidInput, excerpt
-from .buffer import OutputBuffer, decode_utf8
+from .buffer import OutputBuffer, complete_prefix, decode_utf8
 from .handle import InputWanted
 from .models import SINCE_MAX_BYTES, WaitResult
 from .registry import ManagedProcess
-from .terminal import strip_escapes
+from .terminal import clean, strip_escapes
 
 PROGRESS_INTERVAL_S = 1.0
 """How often a wait reports progress to a client that asked for it."""
@@ -36,6 +36,8 @@ OUTPUT_SETTLE_S = 0.25
 """After an exit, how long a wait lets output still in flight arrive (a PTY delivers it a moment
 later); it only runs out when a leftover child keeps the output open."""
 
+LINE_LOOKBACK = 4096
+"""How far back a page looks for the start of the line its cursor is in."""
 MAX_PATTERN_CHARS = 1024
 """Longest waitFor pattern; a prompt or a log line needs a few dozen characters."""
 MATCH_TIMEOUT_S = 0.25
@@ -45,8 +47,10 @@ MATCH_THREADS = 2
 """Searches one executor runs at once, each in a worker thread: the threads ps and rendering use are never
 all taken by patterns."""
 
-Progress = Callable[[float, float], Awaitable[None]]
-"""Called with (seconds waited, seconds allowed) while a wait runs."""
+Progress = Callable[[float, float, str], Awaitable[None]]
+"""Called with (seconds waited, seconds allowed, the newest complete output lines) while a wait runs."""
+PROGRESS_LINE_CHARS = 200
+"""Most characters of output a progress notification carries."""
 INPUT_QUIET_S = 0.05
 """How long output stays quiet before a wait asks whether the process waits for input."""
 INPUT_ASK_S = 0.1
@@ -141,21 +145,59 @@ def _search(pattern: regex.Pattern[str], data: bytes, tty: bool, cut_head: bool)
         raise _TooCostly(len(text)) from None
 
 
-def stream_text(data: bytes, tty: bool, *, cut_head: bool = False, complete: bool = True) -> str:
-    """Output bytes as text; a terminal's escape sequences are removed."""
+def stream_text(data: bytes, tty: bool, *, cut_head: bool = False, complete: bool = True, cleaned: bool = False) -> str:
+    """Output bytes as text; a terminal's escape sequences are removed, and with ``cleaned`` a pipe's
+    too, with each line as it was last drawn (``terminal.clean``)."""
     text = decode_utf8(data, cut_head=cut_head, complete=complete)
-    return strip_escapes(text) if tty else text
+    if tty:
+        return strip_escapes(text)
+    return clean(text) if cleaned else text
 
 
-def text_since(buffer: OutputBuffer, cursor: int, tty: bool, *, complete: bool) -> tuple[str, int]:
+def text_since(
+    buffer: OutputBuffer, cursor: int, tty: bool, *, complete: bool, cleaned: bool = True
+) -> tuple[str, int]:
     """What ``buffer`` holds after ``cursor`` (its newest SINCE_MAX_BYTES), and how many bytes after
     the cursor are not shown."""
     if cursor < 0:
         raise InvalidInput(f"since must be 0 or more (a cursor from an earlier reply), got {cursor}")
     data, lost = buffer.since(cursor)
     skipped = max(0, len(data) - SINCE_MAX_BYTES)
-    text = stream_text(data[skipped:], tty, cut_head=bool(lost or skipped), complete=complete)
+    text = stream_text(data[skipped:], tty, cut_head=bool(lost or skipped), complete=complete, cleaned=cleaned)
     return text, lost + skipped
+
+
+def page_since(
+    buffer: OutputBuffer, cursor: int, max_bytes: int, tty: bool, *, complete: bool, cleaned: bool = True
+) -> tuple[str, int, int]:
+    """At most ``max_bytes`` of ``buffer`` from the start of the line ``cursor`` is in, ending at a line
+    boundary (unless one line is longer than a page): its text, the cursor where it stopped (the next
+    page's ``since``), and how many bytes after ``cursor`` are no longer held (so not shown)."""
+    if cursor < 0:
+        raise InvalidInput(f"since must be 0 or more (a cursor from an earlier reply), got {cursor}")
+    cursor = min(cursor, buffer.total)
+    look = max(0, cursor - LINE_LOOKBACK)
+    before, lost = buffer.since(look)
+    held = look + lost  # the first byte held at or after ``look``
+    if held >= cursor:
+        start = held  # the cursor's own bytes are gone: from the first one held
+    else:
+        newline = before[: cursor - held].rfind(b"\n")
+        start = held + newline + 1 if newline >= 0 else (0 if held == 0 else cursor)
+    data = before[start - held : start - held + max_bytes]
+    if start + len(data) < buffer.total:  # more follows: end at a line, or at a whole character
+        if b"\n" in data[:-1] or data.endswith(b"\n"):
+            data = data[: data.rindex(b"\n") + 1]
+        else:
+            data = data[: _whole_characters(data)]
+    end = start + len(data)
+    text = stream_text(data, tty, cut_head=start > cursor, complete=complete or end < buffer.total, cleaned=cleaned)
+    return text, end, max(0, start - cursor)
+
+
+def _whole_characters(data: bytes) -> int:
+    """Length of ``data`` without a UTF-8 character cut at its end."""
+    return complete_prefix(data)
 
 
 async def wait_on(
@@ -228,11 +270,30 @@ async def wait_on(
             wake = min(wake, due)
         if progress is not None:
             if now >= next_report:
-                await progress(now - began, wait.timeout_s)
+                await progress(now - began, wait.timeout_s, newest_lines(record))
                 next_report = now + PROGRESS_INTERVAL_S
             wake = min(wake, next_report)
         with anyio.move_on_after(max(0.0, wake - time.monotonic())):
             await changed.wait()
+
+
+def newest_lines(record: ManagedProcess, limit: int = PROGRESS_LINE_CHARS) -> str:
+    """The newest complete lines the process printed (stdout, else stderr), cleaned, at most ``limit``
+    characters (the newest kept), joined by " | "; empty when it has printed no whole line."""
+    for buffer in (record.stdout, record.stderr):
+        data = buffer.tail(4 * limit + 1024)
+        if b"\n" not in data:
+            continue
+        text = stream_text(data[: data.rindex(b"\n")], record.tty, cut_head=True, cleaned=True)
+        lines = [line.strip() for line in text.split("\n")[1 if len(data) < buffer.total else 0 :] if line.strip()]
+        shown: list[str] = []
+        for line in reversed(lines):
+            if shown and sum(len(each) + 3 for each in shown) + len(line) > limit:
+                break
+            shown.insert(0, line[-limit:])
+        if shown:
+            return " | ".join(shown)
+    return ""
 
 
 def too_costly(pattern: str, searched: int, pid: str) -> str:
@@ -268,5 +329,5 @@ async def wait_exit(
         if probe is not None and now >= probe.due(record, began) and await probe.asks():
             return "input"
         if progress is not None and now >= next_report:
-            await progress(now - began, timeout_s)
+            await progress(now - began, timeout_s, newest_lines(record))
             next_report = now + PROGRESS_INTERVAL_S

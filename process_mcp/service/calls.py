@@ -174,7 +174,8 @@ def progress(ctx: Context[Any, Any] | None, what: str) -> Progress | None:
         return None
     context = ctx
 
-    async def report(elapsed_s: float, total_s: float) -> None:
-        await context.report_progress(elapsed_s, total_s, f"waiting on {what}: {elapsed_s:.0f} of {total_s:g} s")
+    async def report(elapsed_s: float, total_s: float, latest: str) -> None:
+        said = f": {latest}" if latest else ""
+        await context.report_progress(elapsed_s, total_s, f"waiting on {what}: {elapsed_s:.0f} of {total_s:g} s{said}")
 
     return report

@@ -25,6 +25,7 @@ from ..core.models import (
     MAX_ID_CHARS,
     MAX_INPUT_CHARS,
     MAX_PATH_BYTES,
+    SINCE_MAX_BYTES,
     KillResult,
     ProcessLimits,
     ProcessList,
@@ -33,7 +34,7 @@ from ..core.models import (
     SpawnResult,
     StdinResult,
 )
-from ..core.waiting import MATCH_TIMEOUT_S, MAX_PATTERN_CHARS
+from ..core.waiting import MATCH_TIMEOUT_S, MAX_PATTERN_CHARS, Progress
 from ..errors import InvalidInput
 from ..policy.command import MAX_CHECKED_BYTES
 from . import render
@@ -179,8 +180,9 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
         """Run a shell command and wait for it to finish, up to timeoutMs.
 
         Returns the process id (e.g. "host-1"), status "terminated" with exitCode (and signal, if a
-        signal ended it), and the last 8196 characters of stdout and stderr. A command still running at
-        the timeout keeps running in the background and the reply says status "running": read it later
+        signal ended it), and stdout and stderr (past 8196 characters: the first lines, a marker, the
+        last lines). A command still running at the timeout keeps running in the background and the
+        reply says status "running"; waitResult "input" says it waits for input. Read it later
         with stdout, type into it with stdin, stop it with kill. For a tty process, stdout is the
         rendered terminal screen. A non-zero exit code is a normal result, not an error. sandboxed
         says whether the command runs confined (host sandbox or container): there, writes outside
@@ -311,7 +313,7 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
                         wait_for=waitFor,
                         idle_ms=idleMs,
                         wait_ms=waitMs,
-                        progress=progress(ctx, id),
+                        progress=_redacted(progress(ctx, id), secret),
                         eof=eof,
                         literal=secret is not None,
                     )
@@ -347,12 +349,25 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
             int | None, Field(ge=0, description="A stderrCursor from an earlier reply: only stderr after it.")
         ] = None,
         raw: Annotated[
-            bool, Field(description="For a tty: the output stream as text (escapes removed), not the screen.")
+            bool,
+            Field(
+                description="For a tty: the output stream as text (escapes removed), not the screen. For a pipe: "
+                "the output as printed, escape sequences and \\r redraws included (by default they are cleaned)."
+            ),
         ] = False,
         waitFor: WaitFor = None,
         idleMs: IdleMs = None,
         untilExit: Annotated[bool, Field(description="Wait until the process exits (bounded by waitMs).")] = False,
         waitMs: WaitMs = None,
+        maxBytes: Annotated[
+            int | None,
+            Field(
+                ge=1,
+                le=SINCE_MAX_BYTES,
+                description="With since: one page of at most this many bytes, from the start of the cursor's line "
+                "to a line end; the reply's cursor is where it stopped: pass it as since for the next page.",
+            ),
+        ] = None,
         ctx: Context | None = None,
     ) -> Annotated[CallToolResult, ProcessOutput]:
         """Read the last lines a process printed, running or finished.
@@ -365,7 +380,8 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
         code and final output, all bounded by waitMs.
         """
         arguments = {"id": id, "lines": lines, "since": since, "stderrSince": stderrSince, "raw": raw,
-                     "waitFor": waitFor, "idleMs": idleMs, "untilExit": untilExit, "waitMs": waitMs}  # fmt: skip
+                     "waitFor": waitFor, "idleMs": idleMs, "untilExit": untilExit, "waitMs": waitMs,
+                     "maxBytes": maxBytes}  # fmt: skip
         async with calls.process_space(ctx, Call("stdout", arguments, id)) as executor:
             result = await run(
                 executor.get_output(
@@ -379,6 +395,7 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
                     wait_ms=waitMs,
                     until_exit=untilExit,
                     progress=progress(ctx, id),
+                    max_bytes=maxBytes,
                 )
             )
         usage = f" ({render.usage(result.stats).strip()})" if result.stats is not None else ""
@@ -413,6 +430,18 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
 def _refuse(message: str) -> NoReturn:
     """End the call with an invalid_input error saying ``message``."""
     raise ToolError(str(InvalidInput(message)))
+
+
+def _redacted(report: Progress | None, secret: str | None) -> Progress | None:
+    """``report`` with ``secret`` cut out of the output lines it carries."""
+    if report is None or not secret:
+        return report
+    reporting = report
+
+    async def redacted(elapsed_s: float, total_s: float, latest: str) -> None:
+        await reporting(elapsed_s, total_s, latest.replace(secret, "[the user's answer]"))
+
+    return redacted
 
 
 def _without(result: StdinResult, secret: str) -> StdinResult:

@@ -19,7 +19,16 @@ from process_mcp import (
 )
 from process_mcp.core.environment import DEFAULTS, PIPE_DEFAULTS
 
-from ..helpers import POLL_S, WAIT_S, sleep_argument, sleepers, wait_for_exit, wait_for_output, wait_until_gone
+from ..helpers import (
+    POLL_S,
+    WAIT_S,
+    backends,
+    sleep_argument,
+    sleepers,
+    wait_for_exit,
+    wait_for_output,
+    wait_until_gone,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -75,6 +84,24 @@ async def test_nothing_waits_for_a_human_by_default_and_a_request_may_say_otherw
     assert "PAGER=less" in asked.stdout.splitlines()
     assert "TERM=vt100" in asked.stdout.splitlines()
     assert "NO_COLOR=" in asked.stdout.splitlines()
+
+
+@pytest.mark.parametrize("backend", backends("exact_exits"))
+async def test_a_simple_commands_signals_and_exit_are_its_own_not_a_wrapping_shells(executor: ProcessExecutor) -> None:
+    suicide = "python3 -c 'import os, signal; os.kill(os.getpid(), signal.SIGTERM)'"
+    own = await executor.spawn(SpawnOptions(command=suicide))
+    assert (own.signal, own.exit_code) == ("SIGTERM", 128 + 15), own
+    under_a_shell = await executor.spawn(SpawnOptions(command=f"true; {suicide}"))
+    assert (under_a_shell.signal, under_a_shell.exit_code) == (None, 128 + 15), under_a_shell  # the shell's exit
+    handler = (
+        "python3 -c 'import signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: sys.exit(0)); "
+        'print("ready", flush=True); time.sleep(60)\''
+    )
+    served = await executor.spawn(SpawnOptions(command=handler, wait_for="ready", timeout_ms=int(WAIT_S * 1000)))
+    await executor.kill(served.pid, "TERM")
+    await wait_for_exit(executor, served.pid)
+    ended = await executor.get_process(served.pid)
+    assert (ended.exit_code, ended.signal) == (0, None), ended  # its handler's exit, not a shell killed by TERM
 
 
 async def test_cwd_defaults_to_the_workdir_and_can_be_chosen(executor: ProcessExecutor, workdir: str) -> None:
@@ -210,12 +237,50 @@ async def test_a_tty_screen_shows_cursor_movement_not_escape_codes(executor: Pro
     assert result.stdout == "aabbX"
 
 
-async def test_spawn_truncates_long_output_keeping_the_tail(executor: ProcessExecutor) -> None:
+async def test_long_output_keeps_its_head_and_its_tail_whole_lines_and_says_what_is_left_out(
+    executor: ProcessExecutor,
+) -> None:
     result = await executor.spawn(SpawnOptions(command="seq 1 20000"))
-    marker, _, tail = result.stdout.partition("\n")
-    assert "truncated" in marker
-    assert len(tail) == OUTPUT_TRUNCATE
+    head, rest = result.stdout.split("\n[...", 1)
+    marker, tail = rest.split("\n", 1)
+    shown = head.split("\n") + tail.split("\n")[:-1]
+    assert head.split("\n")[0] == "1"  # the first line, whole
     assert tail.endswith("19999\n20000\n")
+    assert tail.split("\n")[0].isdigit()  # the tail starts at a line
+    assert len(result.stdout) <= OUTPUT_TRUNCATE + 200
+    left_out = 20000 - len(shown)
+    assert f"{left_out} lines" in marker, marker
+    first_left = int(head.split("\n")[-1]) + 1
+    assert f"since: {len(head) + 1}" in marker  # where the first line left out starts
+    page = await executor.get_output(result.pid, since=len(head) + 1, max_bytes=30)
+    assert page.stdout.split("\n")[0] == str(first_left)
+
+
+async def test_paging_with_max_bytes_walks_the_whole_output_in_whole_lines(executor: ProcessExecutor) -> None:
+    result = await executor.spawn(SpawnOptions(command="seq 1 3000"))
+    pages: list[str] = []
+    cursor = 0
+    while True:
+        page = await executor.get_output(result.pid, since=cursor, max_bytes=1000)
+        if not page.stdout:
+            break
+        assert page.stdout.endswith("\n"), page.stdout[-20:]
+        assert len(page.stdout) <= 1000
+        assert page.dropped == 0
+        pages.append(page.stdout)
+        cursor = page.cursor
+    assert "".join(pages) == "".join(f"{n}\n" for n in range(1, 3001))
+    middle = await executor.get_output(result.pid, since=5, max_bytes=6)  # inside "3\n": from its line
+    assert middle.stdout == "3\n4\n5\n"
+
+
+async def test_pipe_output_is_cleaned_of_escapes_and_redraws_unless_raw(executor: ProcessExecutor) -> None:
+    printed = r"printf '\033[31mred\033[0m\n10%%\r50%%\r100%%\ndone\n'"
+    result = await executor.spawn(SpawnOptions(command=printed))
+    assert result.stdout == "red\n100%\ndone\n"
+    assert (await executor.get_output(result.pid)).stdout == "red\n100%\ndone\n"
+    raw = await executor.get_output(result.pid, raw=True)
+    assert raw.stdout == "\x1b[31mred\x1b[0m\n10%\r50%\r100%\ndone\n"
 
 
 async def test_stdout_returns_exactly_the_last_n_lines(executor: ProcessExecutor) -> None:

@@ -53,7 +53,7 @@ async def test_the_five_tools_keep_the_original_parameters_and_only_add_optional
     assert stdin["required"] == ["id", "input"]
     stdout = tools["stdout"].input_schema
     waits = {"waitFor", "idleMs", "waitMs", "untilExit"}
-    assert set(stdout["properties"]) == {"id", "lines", "since", "stderrSince", "raw"} | waits
+    assert set(stdout["properties"]) == {"id", "lines", "since", "stderrSince", "raw", "maxBytes"} | waits
     assert stdout["required"] == ["id"]
     assert set(tools["kill"].input_schema["properties"]) == {"id", "signal"}
     assert tools["kill"].input_schema["properties"]["signal"]["default"] == "SIGTERM"
@@ -277,6 +277,25 @@ async def test_a_wait_sends_progress_notifications_when_the_client_asks(client: 
     assert all(total == 2.5 for _, total, _ in reports)
     assert [progress for progress, _, _ in reports] == sorted(progress for progress, _, _ in reports)
     assert "waiting on host-1" in (reports[0][2] or "")
+
+
+async def test_progress_carries_the_newest_whole_lines_cleaned_while_a_spawn_waits(client: Client) -> None:
+    messages: list[str] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        messages.append(message or "")
+
+    build = (
+        "for step in compiling linking; do printf '\\033[32m%s\\033[0m\\n' $step; sleep 1.2; done; "
+        "printf 'half a line'; sleep 1.2"
+    )
+    result = await client.call_tool("spawn", {"command": build, "timeoutMs": 20000}, progress_callback=on_progress)
+    assert result.structured_content is not None
+    assert result.structured_content["status"] == "terminated"
+    said = [message.partition(" s: ")[2] for message in messages]
+    assert "compiling" in said, messages
+    assert said[-1] == "compiling | linking", messages  # whole lines only, newest last, no escapes
+    assert all("half" not in line and "\x1b" not in line for line in said), messages
 
 
 async def test_one_call_per_step_of_a_repl_session_through_the_tools(client: Client) -> None:
