@@ -728,9 +728,12 @@ class Agent:
 
         unreadable = False
         reading = False
+        budget = [proc.INPUT_LOOKS]
         for pid in tree:
+            if budget[0] <= 0:
+                break
             try:
-                if proc.reads_from(pid, is_input):
+                if proc.reads_from(pid, is_input, budget):
                     reading = True
                     break
             except proc.Unreadable:

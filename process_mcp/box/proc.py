@@ -191,24 +191,31 @@ _READS = {
 _POLLS = {"x86_64": (7, 271), "aarch64": (73,)}  # poll, ppoll
 _SELECTS = {"x86_64": (23, 270), "aarch64": (72,)}  # select, pselect6
 _EPOLLS = {"x86_64": (232, 281, 441), "aarch64": (22, 441)}  # epoll_wait, epoll_pwait, epoll_pwait2
-MAX_WATCHED_FDS = 4096
+MAX_WATCHED_FDS = 1024
 """Most descriptors of a poll or select that are looked at."""
+INPUT_LOOKS = 2048
+"""Most threads and descriptors one question about input looks at, however many a tree has: a tree of
+thousands of threads each polling a thousand descriptors must not hold the agent's loop."""
 
 
 class Unreadable(Exception):
     """What a process waits on cannot be read here (another user's, or not dumpable: a set-user-ID program)."""
 
 
-def reads_from(pid: int, is_input: Any) -> bool:
+def reads_from(pid: int, is_input: Any, budget: list[int]) -> bool:
     """Whether a thread of ``pid`` sleeps waiting to read a descriptor ``is_input`` accepts (called with
     the os.stat_result of what the descriptor is): in read, or in a poll, select or epoll that watches
-    it for reading. Raises Unreadable where the kernel will not say."""
+    it for reading. Each thread and each descriptor looked at takes one from ``budget`` ([looks left]):
+    once it is spent, what is left is not looked at. Raises Unreadable where the kernel will not say."""
     machine = os.uname().machine
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return False
     for task in tasks:
+        budget[0] -= 1
+        if budget[0] < 0:
+            return False
         if process_state_at(f"/proc/{pid}/task/{task}/stat") != b"S":
             continue  # running, stopped (a stopped reader reads nothing), or gone
         try:
@@ -232,6 +239,9 @@ def reads_from(pid: int, is_input: Any) -> bool:
         else:
             continue
         for fd in watched:
+            budget[0] -= 1
+            if budget[0] < 0:
+                return False
             try:
                 if is_input(os.stat(f"/proc/{pid}/fd/{fd}")):
                     return True
