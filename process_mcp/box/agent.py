@@ -131,7 +131,7 @@ class Process:
         self.acks: collections.deque[tuple[int, int]] = collections.deque()  # (seq, queued at its end)
         self.last_input = b""  # the last byte of input taken (a terminal's EOF ends a partial line first)
         self.ending_input = False  # its stdin pipe closes once what is queued is written
-        self.input_id = 0  # its terminal's device number, or its stdin pipe's inode (``_wants_input``)
+        self.input_id = (0, 0)  # (0, its terminal's device number), or its stdin pipe's (device, inode)
         self.exited = False  # its supervisor reported the command's exit
         self.exit_report: dict[str, Any] | None = None  # that exit, until the output ahead of it is sent
         self.owed: dict[int, int] = {}  # output descriptor -> bytes still to send ahead of the exit
@@ -456,7 +456,8 @@ class Agent:
                 opened += [in_r, input_fd, out_r, out_w, err_r, err_w]
                 stdio = (in_r, out_w, err_w)
                 outputs = {out_r: 1, err_r: 2}
-            input_id = os.fstat(stdio[0]).st_rdev if spec.get("tty") else os.fstat(stdio[0]).st_ino
+            found = os.fstat(stdio[0])
+            input_id = (0, found.st_rdev) if spec.get("tty") else (found.st_dev, found.st_ino)
             status_r, status_w = os.pipe()
             opened += [status_r, status_w]
             supervisor_pid, order = self.spares.order(spec, env, [*stdio, status_w])
@@ -720,11 +721,11 @@ class Agent:
             tree = [pid for pid in tree if proc.process_group(pid) == foreground]
 
             def is_input(found: os.stat_result) -> bool:  # the terminal, or /dev/tty (getpass, ssh, sudo)
-                return stat.S_ISCHR(found.st_mode) and found.st_rdev in (process.input_id, CONTROLLING_TERMINAL)
+                return stat.S_ISCHR(found.st_mode) and found.st_rdev in (process.input_id[1], CONTROLLING_TERMINAL)
         else:
 
             def is_input(found: os.stat_result) -> bool:
-                return stat.S_ISFIFO(found.st_mode) and found.st_ino == process.input_id
+                return stat.S_ISFIFO(found.st_mode) and (found.st_dev, found.st_ino) == process.input_id
 
         unreadable = False
         reading = False

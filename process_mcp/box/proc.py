@@ -193,6 +193,8 @@ _SELECTS = {"x86_64": (23, 270), "aarch64": (72,)}  # select, pselect6
 _EPOLLS = {"x86_64": (232, 281, 441), "aarch64": (22, 441)}  # epoll_wait, epoll_pwait, epoll_pwait2
 MAX_WATCHED_FDS = 1024
 """Most descriptors of a poll or select that are looked at."""
+FDINFO_BYTES = 64 * 1024
+"""Most of an epoll's fdinfo read (about a thousand watched descriptors)."""
 INPUT_LOOKS = 2048
 """Most threads and descriptors one question about input looks at, however many a tree has: a tree of
 thousands of threads each polling a thousand descriptors must not hold the agent's loop."""
@@ -228,20 +230,20 @@ def reads_from(pid: int, is_input: Any, budget: list[int]) -> bool:
         if len(fields) < 7 or fields[0] in (b"running", b"-1"):
             continue
         number, args = int(fields[0]), [int(field, 16) for field in fields[1:7]]
+        most = min(MAX_WATCHED_FDS, max(0, budget[0]))  # entries parsed are charged, watched or not
         if number in _READS.get(machine, ()):
-            watched = [args[0]]
+            watched, cost = [args[0]], 1
         elif number in _POLLS.get(machine, ()):
-            watched = _poll_fds(pid, args[0], args[1])
+            watched, cost = _poll_fds(pid, args[0], min(args[1], most)), min(args[1], most)
         elif number in _SELECTS.get(machine, ()):
-            watched = _select_fds(pid, args[1], args[0])
+            watched, cost = _select_fds(pid, args[1], min(args[0], most)), min(args[0], most)
         elif number in _EPOLLS.get(machine, ()):
-            watched = _epoll_fds(pid, args[0])
+            watched = _epoll_fds(pid, args[0], most)
+            cost = len(watched) + 1
         else:
             continue
+        budget[0] -= cost
         for fd in watched:
-            budget[0] -= 1
-            if budget[0] < 0:
-                return False
             try:
                 if is_input(os.stat(f"/proc/{pid}/fd/{fd}")):
                     return True
@@ -284,20 +286,28 @@ def _select_fds(pid: int, address: int, count: int) -> list[int]:
     return [fd for fd in range(min(count, len(data) * 8)) if data[fd // 8] >> (fd % 8) & 1]
 
 
-def _epoll_fds(pid: int, epoll: int) -> list[int]:
-    """The descriptors the epoll instance ``epoll`` of ``pid`` watches for reading."""
-    found = []
+def _epoll_fds(pid: int, epoll: int, most: int) -> list[int]:
+    """The descriptors (at most ``most``, and MAX_WATCHED_FDS) the epoll instance ``epoll`` of ``pid``
+    watches for reading, from a bounded read of its fdinfo."""
+    found: list[int] = []
+    most = min(most, MAX_WATCHED_FDS)
     try:
-        with open(f"/proc/{pid}/fdinfo/{epoll}", "rb") as file:
-            for line in file:
-                fields = line.split()
-                if fields[:1] == [b"tfd:"] and len(fields) >= 4 and int(fields[3], 16) & 0x1:  # EPOLLIN
-                    found.append(int(fields[1]))
+        with open(f"/proc/{pid}/fdinfo/{epoll}", "rb", buffering=0) as file:
+            data = file.read(FDINFO_BYTES)
     except PermissionError:
         raise Unreadable(pid) from None
-    except (OSError, ValueError):
-        pass
-    return found[:MAX_WATCHED_FDS]
+    except OSError:
+        return found
+    for line in data.split(b"\n"):
+        fields = line.split()
+        try:
+            if fields[:1] == [b"tfd:"] and len(fields) >= 4 and int(fields[3], 16) & 0x1:  # EPOLLIN
+                found.append(int(fields[1]))
+        except ValueError:
+            continue
+        if len(found) >= most:
+            break
+    return found
 
 
 def process_group(pid: int) -> int | None:

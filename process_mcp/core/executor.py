@@ -25,7 +25,7 @@ from ..policy import CommandPolicy
 from .buffer import head_and_tail, tail_lines
 from .contract import Backend, LaunchSpec
 from .escapes import decode_input
-from .handle import ProcessHandle
+from .handle import InputWanted, ProcessHandle
 from .models import (
     DEFAULT_LINES,
     MAX_COMMAND_BYTES,
@@ -251,6 +251,14 @@ class ProcessExecutor:
             **_cursors(record),
             **record.state(),
         )
+
+    async def wants_input(self, pid: str) -> InputWanted | None:
+        """Whether process ``pid`` waits for input now ("secret" at a prompt without echo), where its
+        backend can tell. Raises ProcessNotFound."""
+        record = self._registry.get(pid)
+        if record.handle is None or not record.running:
+            return None
+        return await record.handle.wants_input()
 
     def live_count(self) -> int:
         """How many of its processes run now."""

@@ -20,14 +20,16 @@ _SHELL_WORDS = frozenset(
             ". : break continue eval exec exit export readonly return set shift times trap unset",
             "alias bg cd command false fc fg getopts hash jobs kill local read source true type ulimit umask",
             "unalias wait declare typeset let builtin caller complete compgen dirs disown enable help history",
-            "logout mapfile popd printf pushd readarray shopt suspend test echo pwd",
+            "logout mapfile popd printf pushd readarray shopt suspend test echo pwd coproc",
         )
     ).split(" ")
 )
 """Words whose meaning is the shell's; ``true``, ``echo``, ``test``, ``printf``, ``kill`` and ``pwd`` exist
 as programs too, but the shell's own may differ (``echo -e``), so they stay under the shell."""
-_OPERATORS = frozenset({";", "&", "|", "&&", "||", ";;", "(", ")", ";&", "|&", "&>", "&>>"})
-_PROGRAM = re.compile(r"[A-Za-z0-9_./+-][A-Za-z0-9_./+@%:,=-]*")
+_REDIRECTIONS = frozenset({"<", ">", ">>", "<<", "<&", ">&", ">|", "<>", "<<<"})
+"""The punctuation a simple command may hold; any other run of ``;&|()<>`` is an operator."""
+_PROGRAM = re.compile(r"[A-Za-z0-9_./][A-Za-z0-9_./+@%:,=-]*")
+"""A program's name: never an option (``exec -a name cmd`` would run ``cmd``)."""
 
 
 def exec_form(command: str) -> str:
@@ -41,9 +43,12 @@ def exec_form(command: str) -> str:
         tokens = list(lexer)
     except ValueError:  # an unclosed quote: the shell says so itself
         return command
-    if not tokens or any(token in _OPERATORS for token in tokens):
-        return command
-    first = command.lstrip().split(maxsplit=1)[0]
+    punctuation = [token for token in tokens if token and all(char in ";&|()<>" for char in token)]
+    if not tokens or any(token not in _REDIRECTIONS for token in punctuation):
+        return command  # an operator, also glued to a redirection (``make ;>done``)
+    if command[: len(command) - len(command.lstrip(" \t"))] != command[: len(command) - len(command.lstrip())]:
+        return command  # blanks the shell does not take as blanks (a form feed): as written
+    first = command.lstrip(" \t").split(maxsplit=1)[0]
     if "=" in first.split("/")[0] or not _PROGRAM.fullmatch(first) or first in _SHELL_WORDS:
         return command  # an assignment, a redirection or quoting first, or the shell's own word
-    return f"exec {command.lstrip()}"
+    return f"exec {command.lstrip(' ' + chr(9))}"

@@ -44,7 +44,7 @@ SAVED_CURSORS = 16
 # a final one: ``ESC 7``, ``ESC ( B``, ``ESC # 8``), and the control characters a screen would act on
 # rather than show (\r, backspace, bell, ...).
 _ESCAPES = re.compile(
-    r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[ -/]*[0-~]|[\x00-\x08\x0b-\x1f\x7f]"
+    r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b\n]{0,512}(?:\x07|\x1b\\)?|\x1b[ -/]*[0-~]|[\x00-\x08\x0b-\x1f\x7f]"
 )
 
 

@@ -53,6 +53,8 @@ PROGRESS_LINE_CHARS = 200
 """Most characters of output a progress notification carries."""
 INPUT_QUIET_S = 0.05
 """How long output stays quiet before a wait asks whether the process waits for input."""
+INPUT_ANSWER_S = 0.5
+"""Longest a wait waits for the answer to whether the process waits for input."""
 INPUT_ASK_S = 0.1
 """How often a wait asks again while output stays quiet: a read that blocks is told within about this
 (plus INPUT_QUIET_S); a process whose output flows is never asked."""
@@ -72,9 +74,12 @@ class InputProbe:
         return max(max(record.last_output, began) + INPUT_QUIET_S, self._asked + INPUT_ASK_S)
 
     async def asks(self) -> bool:
-        """Ask now; whether it waits for input."""
+        """Ask now; whether it waits for input. An answer that takes longer than INPUT_ANSWER_S counts as
+        no (the wait goes on, and its own deadline holds)."""
         self._asked = time.monotonic()
-        self.wanted = await self._ask()
+        self.wanted = None
+        with anyio.move_on_after(INPUT_ANSWER_S):
+            self.wanted = await self._ask()
         return self.wanted is not None
 
 
@@ -184,6 +189,9 @@ def page_since(
     else:
         newline = before[: cursor - held].rfind(b"\n")
         start = held + newline + 1 if newline >= 0 else (0 if held == 0 else cursor)
+        if start + max_bytes <= cursor:
+            start = cursor  # a line longer than a page: from the cursor on, or paging would never move
+    mid_line = start == cursor and start > held and before[start - held - 1 : start - held] != b"\n"
     data = before[start - held : start - held + max_bytes]
     if start + len(data) < buffer.total:  # more follows: end at a line, or at a whole character
         if b"\n" in data[:-1] or data.endswith(b"\n"):
@@ -191,7 +199,8 @@ def page_since(
         else:
             data = data[: _whole_characters(data)]
     end = start + len(data)
-    text = stream_text(data, tty, cut_head=start > cursor, complete=complete or end < buffer.total, cleaned=cleaned)
+    cut_head = start > cursor or mid_line
+    text = stream_text(data, tty, cut_head=cut_head, complete=complete or end < buffer.total, cleaned=cleaned)
     return text, end, max(0, start - cursor)
 
 
@@ -284,8 +293,10 @@ def newest_lines(record: ManagedProcess, limit: int = PROGRESS_LINE_CHARS) -> st
         data = buffer.tail(4 * limit + 1024)
         if b"\n" not in data:
             continue
-        text = stream_text(data[: data.rindex(b"\n")], record.tty, cut_head=True, cleaned=True)
-        lines = [line.strip() for line in text.split("\n")[1 if len(data) < buffer.total else 0 :] if line.strip()]
+        whole = data[: data.rindex(b"\n")]
+        text = clean(decode_utf8(whole, cut_head=len(data) < buffer.total))
+        cut = len(data) < buffer.total and buffer.tail(len(data) + 1)[:1] != b"\n"  # its first line is partial
+        lines = [line.strip() for line in text.split("\n")[1 if cut and "\n" in text else 0 :] if line.strip()]
         shown: list[str] = []
         for line in reversed(lines):
             if shown and sum(len(each) + 3 for each in shown) + len(line) > limit:

@@ -46,23 +46,29 @@ MAX_LINES = 10_000
 MAX_QUESTION_CHARS = 500
 """Longest askUser question: one line a person reads."""
 NO_ELICITATION = "the client cannot ask"
+REDACTED_MIN = 4
+"""Shortest answer cut out of output; a shorter one would be found by where the cuts fall."""
 
 
 class UserAnswer(BaseModel):
     """The form askUser shows the user: one string."""
 
-    answer: str = Field(title="Answer", max_length=MAX_INPUT_CHARS, description="Typed into the process, then Enter.")
+    answer: str = Field(
+        title="Answer", max_length=MAX_INPUT_CHARS - 1, description="Typed into the process, then Enter."
+    )
 
 
-def ask_user(askUser: str | None, ctx: Context) -> Elicit[UserAnswer] | str | None:
-    """The question for the user (a form through the client), when stdin asks one and the client can show it."""
-    if askUser is None:
-        return None
+def ask_user(id: str, input: str, askUser: str | None, ctx: Context) -> Elicit[UserAnswer] | str | None:
+    """The question for the user (a form through the client), when stdin asks one, sends nothing else,
+    and the client can show it. The form says which process asks: the question is the model's words."""
+    if askUser is None or input:
+        return None  # the call is refused before anyone is asked
     declared = ctx.client_capabilities
     elicitation = declared.elicitation if declared is not None else None
     if elicitation is None or (elicitation.form is None and elicitation.url is not None):
         return NO_ELICITATION
-    return Elicit(askUser, UserAnswer)
+    framed = f"Process {id} asks: {askUser}\n(Your answer is typed into {id} and is not shown to the AI model.)"
+    return Elicit(framed, UserAnswer)
 
 
 _T = TypeVar("_T")
@@ -298,9 +304,18 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
                         "it; ask the user in the conversation instead, or have them type into the process themselves"
                     )
                 if isinstance(answered, AcceptedElicitation) and isinstance(answered.data, UserAnswer):
+                    # Only into a prompt that does not echo: an echo would show the answer in later output.
+                    if await run(executor.wants_input(id)) != "secret":
+                        _refuse(
+                            f"askUser types only into a prompt that does not echo (a password prompt, which a reply "
+                            f"marks secret: true), and {id} is not waiting at one now; nothing was typed"
+                        )
                     secret = answered.data.answer
-                    tty = (await run(executor.get_process(id))).tty
-                    input = secret + ("\r" if tty else "\n")
+                    try:
+                        secret.encode()
+                    except UnicodeEncodeError:
+                        _refuse("the user's answer is not text that can be typed; nothing was typed")
+                    input = secret + "\r"
             if askUser is not None and secret is None:  # declined or cancelled: nothing is typed
                 result = await run(executor.stdin(id, ""))
                 asked = "declined" if getattr(answered, "action", None) == "decline" else "cancelled"
@@ -434,7 +449,7 @@ def _refuse(message: str) -> NoReturn:
 
 def _redacted(report: Progress | None, secret: str | None) -> Progress | None:
     """``report`` with ``secret`` cut out of the output lines it carries."""
-    if report is None or not secret:
+    if report is None or not secret or len(secret) < REDACTED_MIN:
         return report
     reporting = report
 
@@ -445,8 +460,9 @@ def _redacted(report: Progress | None, secret: str | None) -> Progress | None:
 
 
 def _without(result: StdinResult, secret: str) -> StdinResult:
-    """``result`` with ``secret`` cut out of the output it carries (a terminal that echoes would show it)."""
-    if not secret:
+    """``result`` with ``secret`` cut out of the output it carries (the program might print it); one of
+    fewer than REDACTED_MIN characters is left (cutting it out would say where it occurs)."""
+    if len(secret) < REDACTED_MIN:
         return result
     changes = {
         name: value.replace(secret, "[the user's answer]")

@@ -272,6 +272,21 @@ async def test_paging_with_max_bytes_walks_the_whole_output_in_whole_lines(execu
     assert "".join(pages) == "".join(f"{n}\n" for n in range(1, 3001))
     middle = await executor.get_output(result.pid, since=5, max_bytes=6)  # inside "3\n": from its line
     assert middle.stdout == "3\n4\n5\n"
+    # A line longer than a page is paged through from the cursor on: paging always moves forward.
+    long = await executor.spawn(
+        SpawnOptions(command="printf 'a\\n'; head -c 5000 /dev/zero | tr '\\0' x; echo; echo z")
+    )
+    walked: list[str] = []
+    cursor = 0
+    for _ in range(20):
+        page = await executor.get_output(long.pid, since=cursor, max_bytes=1000)
+        if page.cursor == cursor:
+            break
+        walked.append(page.stdout)
+        cursor = page.cursor
+    assert "".join(walked) == "a\n" + "x" * 5000 + "\nz\n"
+    later = await executor.get_output(long.pid, since=3000, max_bytes=500)
+    assert later.cursor == 3500
 
 
 async def test_pipe_output_is_cleaned_of_escapes_and_redraws_unless_raw(executor: ProcessExecutor) -> None:

@@ -56,7 +56,9 @@ async def test_the_users_answer_is_typed_into_a_password_prompt_and_never_shown_
             "stdin", {"id": prompted["pid"], "input": "", "askUser": question, "waitFor": "said"}
         )
         assert not result.is_error, text_of(result)
-        assert asked == [question]
+        assert len(asked) == 1
+        assert question in asked[0]
+        assert prompted["pid"] in asked[0]  # the form says which process asks, not only the model's words
         assert result.structured_content is not None
         assert result.structured_content["asked"] == "answered"
         assert f"length {len(SECRET)}" in result.structured_content["stdout"]
@@ -106,3 +108,17 @@ async def test_a_client_that_cannot_ask_gets_a_clear_error_and_input_goes_in_a_c
         both = await error(client, "stdin", {"id": reader["pid"], "input": "x", "askUser": "Your name?"})
         assert "invalid_input" in both
         assert "call of its own" in both
+
+
+async def test_an_answer_is_typed_only_at_a_prompt_that_does_not_echo(workdir: Path) -> None:
+    # Typed where the terminal echoes, the answer would show in every later read of the output.
+    mcp = await create_process_mcp(host_config(workdir))
+    asked: list[str] = []
+    async with mcp, asking(mcp, answering("accept", asked)) as client:
+        echoing = await call(client, "spawn", {"command": "python3 -c 'input(\"name: \")'", "tty": True})
+        assert (echoing["waitResult"], echoing.get("secret")) == ("input", None), echoing
+        refused = await error(client, "stdin", {"id": echoing["pid"], "input": "", "askUser": "Your name?"})
+        assert "does not echo" in refused
+        assert SECRET not in refused
+        output = await call(client, "stdout", {"id": echoing["pid"]})
+        assert SECRET not in str(output)

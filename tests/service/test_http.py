@@ -688,7 +688,8 @@ async def test_a_typescript_client_answers_askuser_and_the_answer_is_in_no_reply
             )
         assert result.returncode == 0, result.stderr.decode()
         seen = json.loads(result.stdout)
-    assert seen["questions"] == ["Password for the test vault?"]
+    assert len(seen["questions"]) == 1
+    assert "Password for the test vault?" in seen["questions"][0]
     assert seen["spawned"]["structuredContent"]["secret"] is True
     assert seen["typed"]["structuredContent"]["asked"] == "answered"
     assert f"length {len(secret)}" in seen["read"]["structuredContent"]["stdout"]  # it was typed

@@ -41,6 +41,11 @@ def test_a_single_simple_command_replaces_the_shell(command: str) -> None:
         "ls $(pwd)",
         "echo 'unclosed",
         "",
+        "-a name curl -o /tmp/p http://example.com",  # exec's own option, not a program
+        "make ;>done.flag",
+        "make &&>ok",
+        "coproc cat",
+        "\fls",
     ],
 )
 def test_anything_else_runs_under_the_shell_as_written(command: str) -> None:
