@@ -340,6 +340,13 @@ class Agent:
             if process is not None and process.leader and not process.exited and not process.pending:
                 with supervisor.as_processes_user():
                     wanted = self._wants_input(process)
+                if wanted is not None and self.reading_output:
+                    # What it printed before it came to wait (a prompt) goes ahead of the answer; a poll first
+                    # pushes a terminal's buffers to where a read finds them.
+                    for fd in list(process.outputs):
+                        select.select([fd], [], [], 0)
+                        while fd in process.outputs and len(self.out) < OUT_HIGH and self._read_output(process, fd):
+                            pass
             self.send(
                 protocol.message(protocol.INPUT_STATE, channel, seq=protocol.fields(payload)["seq"], wanted=wanted)
             )

@@ -228,6 +228,7 @@ class ProcessExecutor:
         self._require_running(record, "take input")
         start = (record.stdout.total, record.stderr.total)
         handle = self._handle(record)
+        record.typed_at = time.monotonic()
         if data:
             await handle.write(data)
         if eof:
@@ -602,7 +603,9 @@ class ProcessExecutor:
     @staticmethod
     def _input_probe(record: ManagedProcess) -> InputProbe | None:
         """What asks whether ``record``'s process waits for input, while it runs."""
-        return InputProbe(record.handle.wants_input) if record.handle is not None and record.running else None
+        if record.handle is None or not record.running:
+            return None
+        return InputProbe(record.handle.wants_input, record.typed_at)
 
     @staticmethod
     def _handle(record: ManagedProcess) -> ProcessHandle:

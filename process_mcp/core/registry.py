@@ -59,6 +59,7 @@ class ManagedProcess:
         self.sandboxed = False  # set by the backend when it confines the process
         self.via: ProcessVia = "host"  # set by the backend: how the process was started
         self.handle: ProcessHandle | None = None
+        self.typed_at: float | None = None  # when input was last written to it (monotonic)
         self._on_done = on_done
         self._open_streams = 0
         self._exited = anyio.Event()

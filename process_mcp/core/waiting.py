@@ -53,6 +53,8 @@ PROGRESS_LINE_CHARS = 200
 """Most characters of output a progress notification carries."""
 INPUT_QUIET_S = 0.05
 """How long output stays quiet before a wait asks whether the process waits for input."""
+INPUT_SETTLE_S = 1.0
+"""How long after input is written a yes must be said twice (see ``InputProbe``)."""
 INPUT_ANSWER_S = 0.5
 """Longest a wait waits for the answer to whether the process waits for input."""
 INPUT_ASK_S = 0.1
@@ -62,11 +64,18 @@ INPUT_ASK_S = 0.1
 
 class InputProbe:
     """Asks a process's backend whether it waits for input (``ProcessHandle.wants_input``), at most every
-    INPUT_ASK_S once its output has been quiet INPUT_QUIET_S; ``wanted`` is the last answer."""
+    INPUT_ASK_S once its output has been quiet INPUT_QUIET_S; ``wanted`` is the last answer.
 
-    def __init__(self, ask: Callable[[], Awaitable[InputWanted | None]]) -> None:
+    Input just written (``typed``, the time of a stdin call's write) may not have reached the reader yet:
+    a terminal hands it over from a kernel work queue, which a loaded machine can hold back longer than
+    INPUT_QUIET_S, and the reader still sleeps in its read meanwhile. Within INPUT_SETTLE_S of it, a yes
+    counts only once a second question, INPUT_ASK_S later, says it again."""
+
+    def __init__(self, ask: Callable[[], Awaitable[InputWanted | None]], typed: float | None = None) -> None:
         self._ask = ask
         self._asked = 0.0
+        self._typed = typed
+        self._seen = False  # the last answer was a yes not yet counted
         self.wanted: InputWanted | None = None
 
     def due(self, record: ManagedProcess, began: float) -> float:
@@ -80,7 +89,14 @@ class InputProbe:
         self.wanted = None
         with anyio.move_on_after(INPUT_ANSWER_S):
             self.wanted = await self._ask()
-        return self.wanted is not None
+        if self.wanted is None:
+            self._seen = False
+            return False
+        settling = self._typed is not None and self._asked - self._typed < INPUT_SETTLE_S
+        if settling and not self._seen:
+            self._seen = True  # asked again at the next turn
+            return False
+        return True
 
 
 @dataclass(frozen=True)
@@ -274,7 +290,11 @@ async def wait_on(
             due = probe.due(record, began)
             if now >= due:
                 if await probe.asks():
-                    return "input"
+                    # What it printed before it came to wait (the agent sends it ahead of its answer) counts
+                    # first: a prompt the pattern matches is a match.
+                    if any_output():
+                        return "output"
+                    return "matched" if await checked() else "input"
                 continue  # output may have come meanwhile
             wake = min(wake, due)
         if progress is not None:
