@@ -707,28 +707,27 @@ class AgentProcess(ProcessHandle):
         connection = self.connection
         if connection.same_pids or not connection.alive or not self.leader:
             return None
-        seq = connection.next_seq()
-        answer = connection._expect(protocol.SAMPLED, self.number, seq)
-        try:
-            await connection._send(protocol.message(protocol.SAMPLE, self.number, seq=seq))
-            fields = await connection._answer(answer, REQUEST_TIMEOUT_S, "sample")
-        except AgentUnavailable:
-            return None
-        return TreeSample.of(fields)
+        fields = await self._ask(protocol.SAMPLE, protocol.SAMPLED, "sample")
+        return None if fields is None else TreeSample.of(fields)
 
     async def wants_input(self) -> InputWanted | None:
-        connection = self.connection
-        if not connection.alive or not self.leader or self.has_exited:
+        if not self.connection.alive or not self.leader or self.has_exited:
             return None
+        fields = await self._ask(protocol.ASK_INPUT, protocol.INPUT_STATE, "say whether it waits for input")
+        wanted = None if fields is None else fields.get("wanted")
+        return wanted if wanted in ("input", "secret") else None  # anything else the box says means nothing
+
+    async def _ask(self, kind: int, answer_kind: int, what: str) -> dict[str, Any] | None:
+        """Ask the agent ``kind`` about this process and wait (bounded) for its ``answer_kind``: its
+        fields, or None once the agent is gone."""
+        connection = self.connection
         seq = connection.next_seq()
-        answer = connection._expect(protocol.INPUT_STATE, self.number, seq)
+        answer = connection._expect(answer_kind, self.number, seq)
         try:
-            await connection._send(protocol.message(protocol.ASK_INPUT, self.number, seq=seq))
-            fields = await connection._answer(answer, REQUEST_TIMEOUT_S, "say whether it waits for input")
+            await connection._send(protocol.message(kind, self.number, seq=seq))
+            return await connection._answer(answer, REQUEST_TIMEOUT_S, what)
         except AgentUnavailable:
             return None
-        wanted = fields.get("wanted")
-        return wanted if wanted in ("input", "secret") else None  # anything else the box says means nothing
 
     def read_sample(self) -> TreeSample | None:
         root = self.tree_root()

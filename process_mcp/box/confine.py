@@ -223,10 +223,15 @@ def leave_cgroup(groups: list[int]) -> None:
     """Move this process back into the box's own groups (``groups``), out of the group of the process it
     started, so that group is empty once that process's tree is gone and can be removed. Raises
     OSError."""
+    _move_into(groups, "cgroup.procs")
+
+
+def _move_into(groups: list[int], procs: str) -> None:
+    """Write this process into the ``procs`` file below each of ``groups`` (descriptors of directories)."""
     for group in groups:
-        fd = os.open("cgroup.procs", os.O_WRONLY | os.O_CLOEXEC, dir_fd=group)
+        fd = os.open(procs, os.O_WRONLY | os.O_CLOEXEC, dir_fd=group)
         try:
-            os.write(fd, b"0")
+            os.write(fd, b"0")  # 0: the writer
         finally:
             os.close(fd)
 
@@ -252,12 +257,7 @@ def join_cgroup(name: str, groups: list[int]) -> None:
         raise ConfineError(0, f"the box holds no cgroups to put the process in {name}")
     if not name.isalnum():
         raise ConfineError(0, f"{name!r} is not the name of a group of this box")
-    for group in groups:
-        fd = os.open(name + "/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC, dir_fd=group)
-        try:
-            os.write(fd, b"0")  # 0: the writer
-        finally:
-            os.close(fd)
+    _move_into(groups, name + "/cgroup.procs")
 
 
 def give_up(plan: dict[str, Any]) -> None:

@@ -131,9 +131,7 @@ class SandboxCgroups:
                     _write(self._parents["memory"] / name / "memory.max_usage_in_bytes", "0", optional=True)
                     self._before[name] = self._events(name)
                 except OSError:
-                    if not self._remove_inside(name):  # limits in an unknown state: never taken again
-                        self._broken.add(name)
-                        self._leaving.add(name)
+                    self._remove_inside(name)  # limits in an unknown state: never taken again
                     continue
                 return name.rpartition("/")[2]
             self._count += 1
@@ -218,14 +216,11 @@ class SandboxCgroups:
                 box = name.rpartition("/")[0]
                 if name not in self._broken and box not in self._leaving:
                     self._free_inside.setdefault(box, []).append(name)  # for the box's next process
-                elif not self._remove_inside(name):
-                    self._broken.add(name)  # never another box's, should its group be taken again
-                    self._leaving.add(name)
+                else:
+                    self._remove_inside(name)
                 continue
             for inner in self._free_inside.pop(name, []):
-                if not self._remove_inside(inner):
-                    self._broken.add(inner)
-                    self._leaving.add(inner)
+                self._remove_inside(inner)
             if name not in self._broken and len(self._free) < POOL_SIZE:
                 self._free.append(name)
             elif all(_rmdir(parent / name) for parent in self._parents.values()):
@@ -234,14 +229,17 @@ class SandboxCgroups:
             else:
                 self._leaving.add(name)
 
-    def _remove_inside(self, name: str) -> bool:
+    def _remove_inside(self, name: str) -> None:
+        """Remove a group below a box's; one that cannot be removed yet is marked broken (never taken
+        again, by this box or another that gets its box's group) and removed once it can be."""
         if not all(_rmdir(parent / name) for parent in self._parents.values()):
-            return False
+            self._broken.add(name)
+            self._leaving.add(name)
+            return
         self._nested.discard(name)
         self._broken.discard(name)
         self._limits.pop(name, None)
         self._before.pop(name, None)
-        return True
 
     def close(self) -> None:
         """Remove every group this server made (their processes are gone by now)."""
