@@ -113,19 +113,6 @@ def complete_prefix(data: bytes) -> int:
     return len(data)
 
 
-def tail_text(buffer: OutputBuffer, limit: int, *, complete: bool) -> str:
-    """The last ``limit`` characters held, behind a marker when anything before them is not shown."""
-    data = buffer.tail(limit * 4)  # a UTF-8 character is at most four bytes
-    cut = len(data) < buffer.total
-    text = decode_utf8(data, cut_head=cut, complete=complete)
-    if len(text) > limit:
-        text, cut = text[-limit:], True
-    if not cut:
-        return text
-    marker = f"[... truncated: the last {len(text)} characters of {buffer.total} bytes; call stdout for lines ...]"
-    return f"{marker}\n{text}"
-
-
 def head_and_tail(
     buffer: OutputBuffer, limit: int, *, complete: bool, clean: Callable[[str], str] | None = None
 ) -> str:
@@ -134,8 +121,10 @@ def head_and_tail(
     between them saying how many lines and bytes are left out. ``clean`` is applied to each part."""
     finish = clean or (lambda text: text)
     total = buffer.total
-    if total <= limit:
-        return finish(decode_utf8(buffer.tail(), cut_head=buffer.dropped > 0, complete=complete))
+    if total <= limit and len(buffer.head) == total:  # the head holds it all, whatever the buffer dropped
+        return finish(decode_utf8(buffer.head, complete=complete))
+    if total <= limit and not buffer.dropped:
+        return finish(decode_utf8(buffer.tail(), complete=complete))
     head = buffer.head[: limit // 4]
     if b"\n" in head:
         head = head[: head.rindex(b"\n") + 1]  # whole lines only
@@ -151,7 +140,8 @@ def head_and_tail(
     )
     head_text = finish(decode_utf8(head))
     tail_part = finish(decode_utf8(tail, cut_head=True, complete=complete))
-    return f"{head_text}{'' if head_text.endswith(chr(10)) else chr(10)}{marker}\n{tail_part}"
+    separator = "" if head_text.endswith("\n") else "\n"
+    return f"{head_text}{separator}{marker}\n{tail_part}"
 
 
 def tail_lines(buffer: OutputBuffer, count: int, *, complete: bool) -> str:

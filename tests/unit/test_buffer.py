@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from process_mcp.core.buffer import OutputBuffer, decode_utf8, tail_lines, tail_text
+from process_mcp.core.buffer import OutputBuffer, decode_utf8, head_and_tail, tail_lines
 
 
 def filled(capacity: int, *chunks: bytes) -> OutputBuffer:
@@ -52,19 +52,21 @@ def test_decoding_skips_a_character_cut_at_the_head_and_holds_back_one_open_at_t
     assert decode_utf8(b"\xff ok") == "\ufffd ok"
 
 
-def test_tail_text_marks_what_it_cut() -> None:
-    assert tail_text(filled(100, b"short"), 10, complete=True) == "short"
-    text = tail_text(filled(100, b"0123456789abcdef"), 4, complete=True)
-    marker, body = text.split("\n")
-    assert body == "cdef"
-    assert "truncated" in marker
-    assert "16 bytes" in marker
+def test_head_and_tail_keeps_both_ends_at_lines_and_marks_what_it_left_out() -> None:
+    assert head_and_tail(filled(100, b"short"), 10, complete=True) == "short"
+    lines = b"".join(b"%d\n" % n for n in range(100))
+    text = head_and_tail(filled(1000, lines), 40, complete=True)
+    head, rest = text.split("\n[...", 1)
+    marker, tail = rest.split("\n", 1)
+    assert head.startswith("0\n1\n")
+    assert tail.endswith("98\n99\n")
+    left = 100 - head.count("\n") - 1 - tail.count("\n")
+    assert f"{left} lines" in marker
 
 
-def test_tail_text_marks_bytes_dropped_by_the_buffer() -> None:
-    text = tail_text(filled(6, b"0123456789"), 100, complete=True)
-    assert text.endswith("\n456789")
-    assert "truncated" in text
+def test_head_and_tail_shows_what_the_head_kept_when_the_buffer_dropped_it() -> None:
+    # A buffer smaller than a reply: the stream's first bytes are still there, whole.
+    assert head_and_tail(filled(6, b"0123456789"), 100, complete=True) == "0123456789"
 
 
 @pytest.mark.parametrize(
