@@ -92,6 +92,12 @@ class Limits(BaseModel):
     max_output_mb: int = setting(
         "PROCESS_MAX_OUTPUT_MB", 1024, ge=1, description="most output MiB a spawn's limits may ask for"
     )
+    output_file_mb: int = setting(
+        "PROCESS_OUTPUT_FILE_MB",
+        64,
+        ge=0,
+        description="MiB of each output stream also kept in a file in the box (0: none)",
+    )
     max_lifetime_s: float | None = setting(
         "PROCESS_MAX_LIFETIME_S",
         gt=0,

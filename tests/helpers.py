@@ -46,13 +46,17 @@ class Backend:
     """Reports how a process ended as the kernel did (one exec per process has only the engine's exit code)."""
     input_wanted: bool
     """Tells when a process waits for input (one exec per process cannot look into the container)."""
+    output_files: bool = True
+    """Keeps each output stream whole in a file in the box (the agent does; one exec per process cannot)."""
 
 
 BACKENDS = {
     "host": Backend("host", sandboxed=True, agent=False, limits=True, exact_exits=True, input_wanted=True),
     "host-unsandboxed": Backend("host", sandboxed=False, agent=False, limits=True, exact_exits=True, input_wanted=True),
     "docker": Backend("docker", sandboxed=True, agent=True, limits=True, exact_exits=True, input_wanted=True),
-    "docker-exec": Backend("docker", sandboxed=True, agent=False, limits=False, exact_exits=False, input_wanted=False),
+    "docker-exec": Backend(
+        "docker", sandboxed=True, agent=False, limits=False, exact_exits=False, input_wanted=False, output_files=False
+    ),
 }
 """Host mode sandboxed (the default) and not (where bwrap cannot run), Docker mode through the agent and with
 one exec per process (images without Python)."""

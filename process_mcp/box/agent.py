@@ -55,9 +55,10 @@ import time
 from typing import Any
 
 try:
-    from . import confine, proc, protocol, spares, supervisor, tunnels
+    from . import confine, outfiles, proc, protocol, spares, supervisor, tunnels
 except ImportError:  # in the box: the loader registered these under these names first
     import process_mcp_box_confine as confine  # type: ignore[import-not-found,no-redef]
+    import process_mcp_box_outfiles as outfiles  # type: ignore[import-not-found,no-redef]
     import process_mcp_box_proc as proc  # type: ignore[import-not-found,no-redef]
     import process_mcp_box_protocol as protocol  # type: ignore[import-not-found,no-redef]
     import process_mcp_box_spares as spares  # type: ignore[import-not-found,no-redef]
@@ -166,7 +167,11 @@ class Agent:
         self.tunnels = tunnels.Tunnels(self.selector, self.send, lambda: self.reading_output)
         self.running = True
         self.lifeline_r, self.lifeline_w = os.pipe()
-        self.splicing: tuple[int, int] | None = None  # (pipe, bytes it still owes the frame on the stream)
+        # The frame on the stream still owes bytes: (pipe, count, -1) spliced from a pipe, or (file, count,
+        # offset) sent from an output file (what the pipe held went there first).
+        self.splicing: tuple[int, int, int] | None = None
+        self.files: dict[int, dict[int, outfiles.OutputFile]] = {}  # channel -> stream -> its output file
+        self.to_keep: dict[int, tuple[dict[int, str], int]] = {}  # channel -> the files still to make, their room
         self.can_splice = hasattr(os, "splice") and stat.S_ISFIFO(os.fstat(stream_out).st_mode)
         self.spares = spares.Spares(self.selector, self.lifeline_r)
         self.subreaper = supervisor.set_subreaper()
@@ -276,32 +281,63 @@ class Agent:
     def _splice_output(self, process: Process, fd: int, kind: int, size: int) -> None:
         """Send ``size`` bytes waiting in the pipe ``fd`` as one frame, moved by the kernel from that
         pipe to the stream (splice) without passing through the agent: a flood then costs the agent
-        almost nothing, which matters in a box with a CPU limit."""
+        almost nothing, which matters in a box with a CPU limit. With an output file that has room, they
+        are moved into it first and sent from there (sendfile)."""
+        kept = self._file(process.channel, 1 if kind == protocol.STDOUT else 2, make=False)
+        moved = kept.take(fd, size) if kept is not None else 0
+        size = moved or size
         header = protocol.HEADER.pack(kind, process.channel, size)
         try:
             written = os.write(self.stream_out, header)
         except BlockingIOError:
             written = 0
         if written < len(header):  # no room even for the header: read the payload the usual way
-            data = os.read(fd, size)  # the agent is this pipe's only reader: it holds ``size`` bytes
+            # The agent is this pipe's only reader: it holds ``size`` bytes, unless they went to the file.
+            data = kept.read(kept.size - moved, moved) if kept is not None and moved else os.read(fd, size)
             self.send(header[written:], data)
             self._took(process, fd, len(data))
             return
-        self.splicing = (fd, size)
+        self.splicing = (kept.fd, size, kept.size - moved) if kept is not None and moved else (fd, size, -1)
         self._write_out()
         self._took(process, fd, size)  # promised to the frame on the stream: whatever is sent next follows them
 
     def _continue_splice(self) -> None:
         assert self.splicing is not None
-        fd, left = self.splicing
+        fd, left, offset = self.splicing
         try:
             while left:
-                moved = os.splice(fd, self.stream_out, left, flags=SPLICE_FLAGS)
-                if not moved:
-                    raise OSError(f"output pipe {fd} ended inside a frame")  # cannot be: only the agent reads it
+                if offset >= 0:
+                    moved = os.sendfile(self.stream_out, fd, offset, left)
+                    offset += moved
+                    if not moved:  # a process of the box cut the file short: the frame still gets its bytes
+                        self.out[0:0] = bytes(left)
+                        left = 0
+                        break
+                else:
+                    moved = os.splice(fd, self.stream_out, left, flags=SPLICE_FLAGS)
+                    if not moved:
+                        raise OSError(f"output pipe {fd} ended inside a frame")  # cannot be: only the agent reads it
                 left -= moved
         finally:
-            self.splicing = (fd, left) if left else None
+            self.splicing = (fd, left, offset) if left else None
+
+    def _file(self, channel: int, stream: int, *, make: bool = True) -> outfiles.OutputFile | None:
+        """The output file of the process on ``channel``'s ``stream``, while it has room; with ``make``,
+        made (and told to the server, ahead of the output) at the stream's first output, so a process
+        that prints nothing costs no file."""
+        streams = self.files.get(channel)
+        kept = streams.get(stream) if streams is not None else None
+        if kept is None and make and channel in self.to_keep:
+            paths, room = self.to_keep[channel]
+            path = paths.pop(stream, None)
+            if not paths:
+                del self.to_keep[channel]
+            if path is not None:
+                kept = outfiles.make(path, room, supervisor.as_processes_user)
+            if kept is not None:
+                self.files.setdefault(channel, {})[stream] = kept
+                self.send(protocol.message(protocol.OUTPUT_FILE, channel, stream=stream, path=kept.path))
+        return kept if kept is not None and kept.room > 0 else None
 
     def _pause_output(self, pause: bool) -> None:
         self.reading_output = not pause
@@ -395,6 +431,10 @@ class Agent:
                     fcntl.ioctl(process.input_fd, termios.TIOCSWINSZ, winsize)
         elif kind == protocol.SHUTDOWN:
             self._stop()
+        elif kind == protocol.READ_FILE:
+            self._read_file(channel, protocol.fields(payload))
+        elif kind == protocol.FORGET_FILES:
+            self._forget_files(channel)
         elif kind == protocol.PROXY:
             self.tunnels.listen(int(protocol.fields(payload)["port"]))
         elif kind in (protocol.TUNNEL_DATA, protocol.TUNNEL_ACK, protocol.TUNNEL_CLOSE):
@@ -410,10 +450,15 @@ class Agent:
         os.close(self.lifeline_w)
         supervisor.kill_tree(os.getpid(), reap=True)
         if self.splicing is not None:  # the frame on the stream still owes bytes: they go first
-            fd, left = self.splicing
+            fd, left, offset = self.splicing
             self.splicing = None
             with contextlib.suppress(OSError):
-                self.out[0:0] = os.read(fd, left)
+                self.out[0:0] = os.read(fd, left) if offset < 0 else os.pread(fd, left, offset)
+        for kept in outfiles.each(self.files):
+            with supervisor.as_processes_user():
+                kept.remove()
+        self.files.clear()
+        self.to_keep.clear()
         for process in self.processes.values():  # exits still waiting for output that can no longer come
             process.owed.clear()
             if process.exit_report is not None:
@@ -476,6 +521,13 @@ class Agent:
         for fd in {*stdio, status_w}:
             os.close(fd)
         process = Process(channel, supervisor_pid, status_r, outputs, input_fd, bool(spec.get("tty")))
+        self._forget_files(channel)  # a channel the server reuses starts anew
+        room = int(spec.get("file_room") or 0)
+        paths = {
+            int(name): str(path) for name, path in (spec.get("files") or {}).items() if int(name) in outputs.values()
+        }
+        if paths and room > 0:
+            self.to_keep[channel] = (paths, room)
         process.input_id = input_id
         process.order = order
         # A supervisor cannot raise its limits again; the confinement it took for a process of the box
@@ -490,6 +542,25 @@ class Agent:
         if self.reading_output:
             for fd in outputs:
                 self.selector.register(fd, selectors.EVENT_READ, self._on_output)
+
+    def _forget_files(self, channel: int) -> None:
+        self.to_keep.pop(channel, None)
+        for kept in self.files.pop(channel, {}).values():
+            if self.splicing is not None and self.splicing[0] == kept.fd:  # the frame still owes its bytes
+                fd, left, offset = self.splicing
+                self.splicing = None
+                with contextlib.suppress(OSError):
+                    self.out[0:0] = os.pread(fd, left, offset)
+            with supervisor.as_processes_user():
+                kept.remove()
+
+    def _read_file(self, channel: int, request: dict[str, Any]) -> None:
+        streams = self.files.get(channel) or {}
+        kept = streams.get(int(request["stream"]))
+        size = min(int(request["size"]), protocol.MAX_PAYLOAD - protocol.COUNT.size)
+        data = kept.read(int(request["offset"]), size) if kept is not None else b""
+        header = protocol.HEADER.pack(protocol.FILE_BYTES, channel, protocol.COUNT.size + len(data))
+        self.send(header + protocol.COUNT.pack(request["seq"]), data)
 
     def _release(self, process: Process) -> None:
         """The supervisor of ``process`` has closed its status, its tree gone: keep it for a next
@@ -514,13 +585,15 @@ class Agent:
 
     def _read_output(self, process: Process, fd: int) -> bool:
         """Read one chunk and send it on; return False once nothing more is there right now."""
-        if self.splicing is not None and self.splicing[0] == fd:
+        if self.splicing is not None and self.splicing[0] == fd and self.splicing[2] < 0:
             return False  # its bytes are promised to the frame being spliced: nothing else may read them
         stream = process.outputs[fd]
         kind = protocol.STDOUT if stream == 1 else protocol.STDERR
         if self.can_splice and not process.tty and not self.out and not self.writing:
             waiting = available(fd)
             if waiting:
+                self._file(process.channel, stream)  # its first output makes its file
+            if waiting and not self.out:  # (else the file's announcement waits: what follows goes after it)
                 self._grow_if_full(process, fd, waiting)
                 self._splice_output(process, fd, kind, min(waiting, READ_CHUNK))
                 return True
@@ -543,6 +616,9 @@ class Agent:
             self._forget_if_finished(process)
             return False
         self._grow_if_full(process, fd, len(data))
+        kept = self._file(process.channel, stream)
+        if kept is not None:
+            kept.write(data)
         self.send(protocol.HEADER.pack(kind, process.channel, len(data)), data)
         self._took(process, fd, len(data))
         return True
@@ -628,7 +704,8 @@ class Agent:
         it says so), as it cannot say how much its flip buffers hold."""
         if process.tty:
             return TERMINAL_HOLD if select.select([fd], [], [], 0)[0] else 0
-        promised = self.splicing[1] if self.splicing is not None and self.splicing[0] == fd else 0
+        splicing = self.splicing
+        promised = splicing[1] if splicing is not None and splicing[0] == fd and splicing[2] < 0 else 0
         return available(fd) - promised
 
     def _end_orphans(self, killed: int) -> None:
@@ -660,6 +737,7 @@ class Agent:
     def _forget_if_finished(self, process: Process) -> None:
         if process.finished and self.processes.get(process.channel) is process:
             del self.processes[process.channel]
+            self.to_keep.pop(process.channel, None)  # a stream that printed nothing has no file to make
             if process.input_fd >= 0:
                 if process.pending:
                     self.selector.unregister(process.input_fd)

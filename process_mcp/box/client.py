@@ -47,6 +47,10 @@ SEND_TIMEOUT_S = 10.0
 """Bound on waiting for room in the stream; the agent reads it whatever its processes do."""
 SHUTDOWN_TIMEOUT_S = 5.0
 """How long shutdown waits for the agent to end its processes and say BYE."""
+OUTPUT_FILES = "/tmp/process-mcp-"
+"""Where in the box each process's output files are (``outfiles``): this, its id, and .out or .err."""
+FILE_READ_MAX = 1024 * 1024
+"""Most bytes of an output file one READ_FILE asks for."""
 INPUT_CHUNK = 64 * 1024
 """Largest input frame; longer input goes in several, each acknowledged."""
 SHIPPED = (
@@ -56,12 +60,13 @@ SHIPPED = (
     ("supervisor.py", "process_mcp_box_supervisor"),
     ("spares.py", "process_mcp_box_spares"),
     ("tunnels.py", "process_mcp_box_tunnels"),
+    ("outfiles.py", "process_mcp_box_outfiles"),
     ("agent.py", "process_mcp_box_agent"),
 )
 """What is sent into a box, in order, and the name each module is imported by there (they are sent, not
 installed): the protocol, the /proc reading the agent shares with this side, what confines a process
-in a long-lived box, the zygote and supervisors,
-the spare supervisors, the tunnels to the egress proxy, and the agent itself, whose ``main`` the loader
+in a long-lived box, the zygote and supervisors, the spare supervisors, the tunnels to the egress proxy,
+the files that keep each output whole, and the agent itself, whose ``main`` the loader
 runs. Each is imported only after those it imports."""
 
 AGENT_NAME = "process-mcp-agent"
@@ -181,6 +186,7 @@ class AgentConnection:
         self._stopped_answer: tuple[float, frozenset[int] | None] | None = None  # the last, and when it came
         self._said_bye = False
         self._closed = False
+        self._unanswered: set[asyncio.Task[None]] = set()  # frames sent without waiting (FORGET_FILES)
         self._reading = True
         self._channel_open = True
         self._loop.add_reader(self._fd, self._on_readable)
@@ -188,6 +194,17 @@ class AgentConnection:
     @property
     def alive(self) -> bool:
         return self._lost is None and not self._closed
+
+    def send_later(self, frame: bytes) -> None:
+        """Send ``frame`` from a task: for a frame that nothing answers, from code that cannot wait."""
+
+        async def send() -> None:
+            with contextlib.suppress(AgentUnavailable):
+                await self._send(frame)
+
+        task = asyncio.ensure_future(send())
+        self._unanswered.add(task)
+        task.add_done_callback(self._unanswered.discard)
 
     @property
     def last_channel(self) -> int:
@@ -236,6 +253,12 @@ class AgentConnection:
         }
         if spec.limits is not None:
             request["rlimits"] = rlimits(spec.limits)
+        if spec.file_room > 0:
+            files = {"1": f"{OUTPUT_FILES}{spec.pid}.out"}
+            if not spec.tty:
+                files["2"] = f"{OUTPUT_FILES}{spec.pid}.err"
+            request["files"] = files
+            request["file_room"] = spec.file_room
         if confine is not None:
             request["confine"] = confine
         try:
@@ -447,9 +470,21 @@ class AgentConnection:
                     raise protocol.ProtocolError(f"process {channel} closed stream {closed}, which is closed")
                 process.stream_closed(closed)
             return
+        if kind == protocol.FILE_BYTES:
+            if len(payload) < protocol.COUNT.size:
+                raise protocol.ProtocolError(f"file bytes for process {channel} without a sequence number")
+            seq = protocol.COUNT.unpack(payload[: protocol.COUNT.size])[0]
+            if not 1 <= seq <= self._seq_issued:
+                raise protocol.ProtocolError(f"file bytes for process {channel} answer {seq}, which was never asked")
+            self._resolve(kind, channel, seq, {"data": bytes(payload[protocol.COUNT.size :])})
+            return
         answer = protocol.fields(bytes(payload)) if payload else {}
         if kind == protocol.STARTED:
             self._started(channel, process, answer)
+        elif kind == protocol.OUTPUT_FILE:
+            if process is not None:
+                stream, path = _output_file(answer, process)
+                process.files[stream] = path
         elif kind == protocol.EXITED:
             self._exited(channel, process, answer)
         elif kind in (protocol.WRITTEN, protocol.SIGNALLED, protocol.SAMPLED, protocol.INPUT_STATE):
@@ -566,6 +601,25 @@ class AgentConnection:
             process.lost(override=lost)
 
 
+def _output_file(answer: dict[str, Any], process: AgentProcess) -> tuple[int, str]:
+    """The stream and path of an OUTPUT_FILE frame: a stream the process has and no file for yet, at the
+    path asked for or that path with a suffix (``outfiles.make``)."""
+    stream, path = answer.get("stream"), answer.get("path")
+    asked = f"{OUTPUT_FILES}{process.record.pid}"
+    if (
+        not isinstance(stream, int)
+        or isinstance(stream, bool)
+        or stream not in ((1,) if process.record.tty else (1, 2))
+        or stream in process.files
+        or not isinstance(path, str)
+        or not path.startswith(asked)
+        or len(path) > len(asked) + 16
+        or not path.replace("-", "").replace(".", "").replace("/", "").isalnum()
+    ):
+        raise protocol.ProtocolError(f"process {process.number} made an output file {str(answer)[:80]!r}")
+    return stream, path
+
+
 def _number(fields: dict[str, Any], name: str, low: int, high: int) -> int:
     """The integer ``fields[name]``, which must lie from ``low`` to ``high``; else a ProtocolError."""
     value = fields.get(name)
@@ -600,6 +654,8 @@ class AgentProcess(ProcessHandle):
         self.open_streams = {1} if record.tty else {1, 2}
         """The output streams the agent has not closed yet (1 stdout, 2 stderr)."""
         self.has_exited = False
+        self.files: dict[int, str] = {}
+        """The output files in the box (``outfiles``): stream number -> path."""
         self._state: proc.StateReader | None = None  # its /proc/PID/stat, where the box's pids are ours
         for _ in self.open_streams:
             record.stream_opened()
@@ -752,10 +808,32 @@ class AgentProcess(ProcessHandle):
         """Resize the process's terminal (its foreground group gets SIGWINCH)."""
         await self.connection._send(protocol.message(protocol.RESIZE, self.number, cols=cols, rows=rows))
 
+    def output_file(self, stream: int) -> str | None:
+        return self.files.get(stream)
+
+    async def read_file(self, stream: int, offset: int, size: int) -> bytes | None:
+        connection = self.connection
+        if stream not in self.files or not connection.alive:
+            return None
+        size = min(size, FILE_READ_MAX)
+        seq = connection.next_seq()
+        answer = connection._expect(protocol.FILE_BYTES, self.number, seq)
+        request = protocol.message(protocol.READ_FILE, self.number, seq=seq, stream=stream, offset=offset, size=size)
+        try:
+            await connection._send(request)
+            data: bytes = (await connection._answer(answer, REQUEST_TIMEOUT_S, "read an output file"))["data"]
+        except AgentUnavailable:
+            return None
+        return data[:size]
+
     def close(self) -> None:
         self.detach()
         if self._state is not None:
             self._state.close()
+        if self.files and self.connection.alive:  # the files go with the record
+            self.files = {}
+            forget = protocol.frame(protocol.FORGET_FILES, self.number)
+            self.connection.send_later(forget)
 
 
 class _Tunnel:

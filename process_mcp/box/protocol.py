@@ -42,6 +42,11 @@ END_INPUT = 9
 end-of-file character (twice after a partial line: the first ends the line); answered with WRITTEN."""
 ASK_INPUT = 10
 """{seq}: whether the process waits for input; answered with INPUT_STATE."""
+READ_FILE = 11
+"""{seq, stream, offset, size}: up to ``size`` bytes of the stream's output file from ``offset``; answered
+with FILE_BYTES."""
+FORGET_FILES = 12
+"""The server let go of the process: close and remove its output files. Not answered."""
 
 # Agent to server.
 HELLO = 64
@@ -74,6 +79,12 @@ INPUT_STATE = 75
 """{seq, wanted}: wanted is "input" when a process of its tree (on a terminal, of the terminal's
 foreground group) sleeps reading its terminal or its stdin pipe, "secret" when that terminal reads
 a line without echo (a password prompt), null otherwise."""
+FILE_BYTES = 76
+"""A 4-byte sequence number (READ_FILE's seq), then the bytes read (none past the end of the file)."""
+OUTPUT_FILE = 77
+"""{stream, path}: the stream's output file (``outfiles``) was made, at its first output, ahead of that
+output: where the SPAWN asked for it ({files: {"1": path, "2": path}, file_room}) and it could be made,
+at that path or, when the name was taken, that path with a suffix."""
 
 # Tunnels, on channels from TUNNEL_BASE up, which the agent numbers.
 TUNNEL_OPEN = 80

@@ -114,11 +114,19 @@ def complete_prefix(data: bytes) -> int:
 
 
 def head_and_tail(
-    buffer: OutputBuffer, limit: int, *, complete: bool, clean: Callable[[str], str] | None = None
+    buffer: OutputBuffer,
+    limit: int,
+    *,
+    complete: bool,
+    clean: Callable[[str], str] | None = None,
+    since: str = "stdout since",
+    kept_in: str | None = None,
 ) -> str:
     """All the text of ``buffer`` if it has at most ``limit`` bytes; else its first lines and its last
     ones (about a quarter and three quarters of ``limit``), each cut at a line boundary, with one marker
-    between them saying how many lines and bytes are left out. ``clean`` is applied to each part."""
+    between them saying how many lines and bytes are left out, and how to read them: with ``since``
+    (the call and its cursor parameter) and maxBytes, or in the file ``kept_in``. ``clean`` is applied
+    to each part."""
     finish = clean or (lambda text: text)
     total = buffer.total
     if total <= limit and len(buffer.head) == total:  # the head holds it all, whatever the buffer dropped
@@ -136,7 +144,7 @@ def head_and_tail(
     left_lines = max(0, buffer.lines - head.count(b"\n") - tail.count(b"\n"))
     marker = (
         f"[... {left_lines} lines ({tail_start - len(head)} bytes) left out here; page through them with "
-        f"stdout since: {len(head)} and maxBytes ...]"
+        f"{since}: {len(head)} and maxBytes{f', or read {kept_in}' if kept_in else ''} ...]"
     )
     head_text = finish(decode_utf8(head))
     tail_part = finish(decode_utf8(tail, cut_head=True, complete=complete))

@@ -44,6 +44,8 @@ class LaunchSpec:
     """Whether it runs on a terminal (one output stream) or with pipes (stdout and stderr)."""
     limits: ProcessLimits | None
     """What it may use, or None for the backend's defaults."""
+    file_room: int = 0
+    """Bytes each output stream's file in the box (``outfiles``) may hold; 0 for no files."""
 
 
 class ProcessSink(Protocol):

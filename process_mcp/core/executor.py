@@ -58,6 +58,7 @@ from .waiting import (
     InputProbe,
     Progress,
     Wait,
+    page_look,
     page_since,
     text_since,
     wait_exit,
@@ -156,7 +157,9 @@ class ProcessExecutor:
         launched = time.monotonic()
         with anyio.CancelScope(shield=True):
             try:
-                spec = LaunchSpec(record.pid, exec_form(command), cwd, env, options.tty, options.limits)
+                spec = LaunchSpec(
+                    record.pid, exec_form(command), cwd, env, options.tty, options.limits, self._file_room(options)
+                )
                 record.handle = await self.backend.launch(spec, record)
             finally:
                 self._starting -= 1
@@ -194,7 +197,14 @@ class ProcessExecutor:
             **_cursors(record),
             **record.state(),
             stdout=await self._screen_or_tail(record),
-            stderr=head_and_tail(record.stderr, OUTPUT_TRUNCATE, complete=not record.lingering, clean=clean),
+            stderr=head_and_tail(
+                record.stderr,
+                OUTPUT_TRUNCATE,
+                complete=not record.lingering,
+                clean=clean,
+                since="stdout stderrSince",
+                kept_in=_output_file(record, 2),
+            ),
         )
 
     async def stdin(
@@ -323,8 +333,9 @@ class ProcessExecutor:
         if max_bytes is not None and since is None and stderr_since is None:
             raise InvalidInput("maxBytes pages from a cursor: pass since (0 for the start) with it")
         if since is not None and max_bytes is not None:
+            kept = await _kept(record, 1, since, max_bytes)
             stdout, cursors["cursor"], dropped = page_since(
-                record.stdout, since, max_bytes, record.tty, complete=complete, cleaned=cleaned
+                record.stdout, since, max_bytes, record.tty, complete=complete, cleaned=cleaned, kept=kept
             )
         elif since is not None:
             stdout, dropped = text_since(record.stdout, since, record.tty, complete=complete, cleaned=cleaned)
@@ -336,8 +347,9 @@ class ProcessExecutor:
             stdout = tail_lines(record.stdout, lines, complete=complete)
             stdout = clean(stdout) if cleaned else stdout
         if stderr_since is not None and max_bytes is not None:
+            kept = await _kept(record, 2, stderr_since, max_bytes)
             stderr, cursors["stderr_cursor"], lost = page_since(
-                record.stderr, stderr_since, max_bytes, False, complete=complete, cleaned=cleaned
+                record.stderr, stderr_since, max_bytes, False, complete=complete, cleaned=cleaned, kept=kept
             )
             dropped += lost
         elif stderr_since is not None:
@@ -579,6 +591,14 @@ class ProcessExecutor:
             return None
         return Wait(timeout_s, pattern, idle_s, any_output=pattern is None and idle_s is None and not until_exit)
 
+    def _file_room(self, options: SpawnOptions) -> int:
+        """Bytes each of the process's output files may hold: PROCESS_OUTPUT_FILE_MB, or its outputMb when
+        that is less (it ends there)."""
+        mb = self.config.limits.output_file_mb
+        if options.limits is not None and options.limits.output_mb is not None:
+            mb = min(mb, options.limits.output_mb)
+        return mb * 1024 * 1024
+
     def _search_limiter(self) -> anyio.CapacityLimiter:
         """Bounds the pattern searches this executor's waits run at once (see ``waiting``)."""
         if self._searches is None:
@@ -589,7 +609,9 @@ class ProcessExecutor:
         if record.terminal is not None:
             screen = "\n".join(await record.terminal.lines())
             return screen[-OUTPUT_TRUNCATE:]
-        return head_and_tail(record.stdout, OUTPUT_TRUNCATE, complete=not record.lingering, clean=clean)
+        return head_and_tail(
+            record.stdout, OUTPUT_TRUNCATE, complete=not record.lingering, clean=clean, kept_in=_output_file(record, 1)
+        )
 
     @staticmethod
     def _require_running(record: ManagedProcess, action: str) -> None:
@@ -703,8 +725,34 @@ async def _settle_stopped(record: ManagedProcess, stopped: bool) -> None:
                 await changed.wait()
 
 
-def _cursors(record: ManagedProcess) -> dict[str, int]:
-    return {"cursor": record.stdout.total, "stderr_cursor": record.stderr.total}
+async def _kept(record: ManagedProcess, stream: int, cursor: int, max_bytes: int) -> bytes | None:
+    """For a page from ``cursor`` that the buffer of ``stream`` has dropped: the stream's bytes from
+    ``page_look(cursor)``, read back from its output file, when the file holds the cursor; else None."""
+    buffer = record.stdout if stream == 1 else record.stderr
+    cursor = min(max(cursor, 0), buffer.total)
+    look = page_look(cursor)
+    if look >= buffer.dropped or record.handle is None:
+        return None
+    asked = cursor - look + max_bytes
+    data = await record.handle.read_file(stream, look, asked)
+    if data is not None and len(data) < asked:  # where the file ends: a line cut there goes on in the buffer
+        data = data[: data.rfind(b"\n") + 1]
+    return data if data is not None and len(data) > cursor - look else None
+
+
+def _cursors(record: ManagedProcess) -> dict[str, Any]:
+    """Where each stream stands, and where it is kept whole."""
+    return {
+        "cursor": record.stdout.total,
+        "stderr_cursor": record.stderr.total,
+        "output_file": _output_file(record, 1),
+        "stderr_file": _output_file(record, 2),
+    }
+
+
+def _output_file(record: ManagedProcess, stream: int) -> str | None:
+    """Where in the box ``stream`` of ``record``'s process is kept whole (its handle's output file)."""
+    return record.handle.output_file(stream) if record.handle is not None else None
 
 
 async def _wait_all(records: list[ManagedProcess], timeout_s: float) -> None:

@@ -98,3 +98,13 @@ class ProcessHandle(ABC):
         """Whether the process itself is stopped by a signal, asked where it runs, for a handle whose
         ``read_stopped`` cannot tell; None where it cannot be told (the record keeps what was last seen)."""
         return None
+
+    def output_file(self, stream: int) -> str | None:
+        """Where in the box stream ``stream`` (1 stdout or the terminal, 2 stderr) is kept whole, up to the
+        spec's ``file_room`` (the agent's output files); None where it is not."""
+        return None
+
+    async def read_file(self, stream: int, offset: int, size: int) -> bytes | None:
+        """Up to ``size`` bytes of stream ``stream``'s output file from ``offset`` (fewer where the file
+        ends); None where there is no file or it cannot be read."""
+        return None

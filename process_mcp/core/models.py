@@ -127,6 +127,13 @@ class _Progress(_Wire):
 
     cursor: int = Field(0, description="Bytes of stdout so far; pass it as `since` to read only what follows.")
     stderr_cursor: int = Field(0, description="Bytes of stderr so far; pass it as `stderrSince`.")
+    output_file: str | None = Field(
+        None,
+        description="A file in the box holding the whole stdout (TTY: the terminal's output) as it was written, "
+        "up to its size limit: read it with your own commands (grep, tail, sed -n). Removed with the process's "
+        "record. Absent where it is not kept.",
+    )
+    stderr_file: str | None = Field(None, description="The same for stderr.")
     wait_result: WaitResult | None = Field(
         None,
         description="Why the wait ended: matched (waitFor), output (new output, for waitMs alone), idle, exited, "

@@ -188,17 +188,31 @@ def text_since(
     return text, lost + skipped
 
 
+def page_look(cursor: int) -> int:
+    """Where a page from ``cursor`` looks back from, for the start of the cursor's line."""
+    return max(0, cursor - LINE_LOOKBACK)
+
+
 def page_since(
-    buffer: OutputBuffer, cursor: int, max_bytes: int, tty: bool, *, complete: bool, cleaned: bool = True
+    buffer: OutputBuffer,
+    cursor: int,
+    max_bytes: int,
+    tty: bool,
+    *,
+    complete: bool,
+    cleaned: bool = True,
+    kept: bytes | None = None,
 ) -> tuple[str, int, int]:
     """At most ``max_bytes`` of ``buffer`` from the start of the line ``cursor`` is in, ending at a line
     boundary (unless one line is longer than a page): its text, the cursor where it stopped (the next
-    page's ``since``), and how many bytes after ``cursor`` are no longer held (so not shown)."""
+    page's ``since``), and how many bytes after ``cursor`` are no longer held (so not shown). ``kept``:
+    the stream's bytes from ``page_look(cursor)`` on, read back from where it is kept whole (its output
+    file), for a cursor the buffer has dropped."""
     if cursor < 0:
         raise InvalidInput(f"since must be 0 or more (a cursor from an earlier reply), got {cursor}")
     cursor = min(cursor, buffer.total)
-    look = max(0, cursor - LINE_LOOKBACK)
-    before, lost = buffer.since(look)
+    look = page_look(cursor)
+    before, lost = (kept, 0) if kept is not None else buffer.since(look)
     held = look + lost  # the first byte held at or after ``look``
     if held >= cursor:
         start = held  # the cursor's own bytes are gone: from the first one held

@@ -16,6 +16,7 @@ ROWS: tuple[tuple[str, str, str], ...] = (
     ("PROCESS_MAX_LIVE", "128", "processes that may run at once (per principal)"),
     ("PROCESS_MAX_CPU_SECONDS", "3600", "most CPU seconds a spawn's limits may ask for"),
     ("PROCESS_MAX_OUTPUT_MB", "1024", "most output MiB a spawn's limits may ask for"),
+    ("PROCESS_OUTPUT_FILE_MB", "64", "MiB of each output stream also kept in a file in the box (0: none)"),
     ("PROCESS_MAX_LIFETIME_S", "", "seconds a process may run before SIGTERM, a grace, SIGKILL (unset: no limit)"),
     ("DOCKER_IMAGE", "ubuntu:22.04", "image of the created container"),
     ("DOCKER_CONTAINER", "process-mcp-main", "container name (per principal: name-principal)"),

@@ -126,7 +126,11 @@ def stopped_note(state: SpawnResult | StdinResult | ProcessOutput) -> str:
 
 
 def cursor_line(result: SpawnResult | StdinResult | ProcessOutput) -> str:
-    return f"cursor: {result.cursor}, stderrCursor: {result.stderr_cursor}"
+    """The cursors, and where the whole output is kept in the box."""
+    line = f"cursor: {result.cursor}, stderrCursor: {result.stderr_cursor}"
+    files = (("outputFile", result.output_file), ("stderrFile", result.stderr_file))
+    kept = [f"{name} {path}" for name, path in files if path]
+    return f"{line}; whole output in the box: {', '.join(kept)}" if kept else line
 
 
 def confinement(sandboxed: bool) -> str:

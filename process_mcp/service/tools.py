@@ -187,8 +187,9 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
 
         Returns the process id (e.g. "host-1"), status "terminated" with exitCode (and signal, if a
         signal ended it), and stdout and stderr (past 8196 characters: the first lines, a marker, the
-        last lines). A command still running at the timeout keeps running in the background and the
-        reply says status "running"; waitResult "input" says it waits for input. Read it later
+        last lines; outputFile and stderrFile hold the whole output, for grep or sed -n). A command
+        still running at the timeout keeps running in the background and the reply says status
+        "running"; waitResult "input" says it waits for input. Read it later
         with stdout, type into it with stdin, stop it with kill. For a tty process, stdout is the
         rendered terminal screen. A non-zero exit code is a normal result, not an error. sandboxed
         says whether the command runs confined (host sandbox or container): there, writes outside

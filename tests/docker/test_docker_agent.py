@@ -529,6 +529,15 @@ FORGED: dict[str, Callable[[AgentConnection], bytes]] = {
     "a BYE the server did not ask for": lambda agent: protocol.frame(protocol.BYE, 0),
     "a second HELLO": lambda agent: protocol.message(protocol.HELLO, 0, **agent.hello),
     "a second start of its process": lambda agent: protocol.message(protocol.STARTED, agent.last_channel, pid=1),
+    "file bytes for a read never asked": lambda agent: protocol.frame(
+        protocol.FILE_BYTES, agent.last_channel, protocol.COUNT.pack(10**9) + b"forged"
+    ),
+    "file bytes without a sequence number": lambda agent: protocol.frame(
+        protocol.FILE_BYTES, agent.last_channel, b"ab"
+    ),
+    "an output file outside the box's /tmp": lambda agent: protocol.message(
+        protocol.OUTPUT_FILE, agent.last_channel, stream=1, path="/etc/passwd"
+    ),
 }
 
 

@@ -82,9 +82,12 @@ async def test_spawn_replies_with_structured_content_and_readable_text(client: C
         "via": "host",
         "cursor": 4,
         "stderrCursor": 4,
+        "outputFile": "/tmp/process-mcp-host-1.out",
+        "stderrFile": "/tmp/process-mcp-host-1.err",
     }  # fields without a value (signal, limit, waitResult) are left out
     expected = (
-        f"host-1: terminated (exit code 3), {CONFINEMENT}\ncursor: 4, stderrCursor: 4\n"
+        f"host-1: terminated (exit code 3), {CONFINEMENT}\ncursor: 4, stderrCursor: 4; whole output in the box: "
+        "outputFile /tmp/process-mcp-host-1.out, stderrFile /tmp/process-mcp-host-1.err\n"
         "--- stdout ---\nout\n\n--- stderr ---\nerr\n"
     )
     assert text_of(result) == expected
