@@ -172,6 +172,7 @@ class Agent:
         self.splicing: tuple[int, int, int] | None = None
         self.files: dict[int, dict[int, outfiles.OutputFile]] = {}  # channel -> stream -> its output file
         self.to_keep: dict[int, tuple[dict[int, str], int]] = {}  # channel -> the files still to make, their room
+        self.outfiles = outfiles.Files(f"{os.getpid()}-{start_time()}", supervisor.as_processes_user)
         self.can_splice = hasattr(os, "splice") and stat.S_ISFIFO(os.fstat(stream_out).st_mode)
         self.spares = spares.Spares(self.selector, self.lifeline_r)
         self.subreaper = supervisor.set_subreaper()
@@ -293,7 +294,7 @@ class Agent:
             written = 0
         if written < len(header):  # no room even for the header: read the payload the usual way
             # The agent is this pipe's only reader: it holds ``size`` bytes, unless they went to the file.
-            data = kept.read(kept.size - moved, moved) if kept is not None and moved else os.read(fd, size)
+            data = kept.read_exactly(kept.size - moved, moved) if kept is not None and moved else os.read(fd, size)
             self.send(header[written:], data)
             self._took(process, fd, len(data))
             return
@@ -307,10 +308,15 @@ class Agent:
         try:
             while left:
                 if offset >= 0:
-                    moved = os.sendfile(self.stream_out, fd, offset, left)
+                    try:
+                        moved = os.sendfile(self.stream_out, fd, offset, left)
+                    except (BlockingIOError, BrokenPipeError, ConnectionError):
+                        raise  # the stream is full, or the server is gone
+                    except OSError:  # the file failed (not the stream): what it owes goes from memory
+                        moved = 0
                     offset += moved
-                    if not moved:  # a process of the box cut the file short: the frame still gets its bytes
-                        self.out[0:0] = bytes(left)
+                    if not moved:  # or a process of the box cut the file short: the frame still gets its bytes
+                        self.out[0:0] = self._owed_by_file(fd, left, offset)
                         left = 0
                         break
                 else:
@@ -320,6 +326,13 @@ class Agent:
                 left -= moved
         finally:
             self.splicing = (fd, left, offset) if left else None
+
+    def _owed_by_file(self, fd: int, left: int, offset: int) -> bytes:
+        """The ``left`` bytes from ``offset`` of the output file ``fd`` that a frame on the stream owes."""
+        for kept in outfiles.each(self.files):
+            if kept.fd == fd:
+                return kept.read_exactly(offset, left)
+        return bytes(left)
 
     def _file(self, channel: int, stream: int, *, make: bool = True) -> outfiles.OutputFile | None:
         """The output file of the process on ``channel``'s ``stream``, while it has room; with ``make``,
@@ -333,7 +346,7 @@ class Agent:
             if not paths:
                 del self.to_keep[channel]
             if path is not None:
-                kept = outfiles.make(path, room, supervisor.as_processes_user)
+                kept = self.outfiles.make(path, room)
             if kept is not None:
                 self.files.setdefault(channel, {})[stream] = kept
                 self.send(protocol.message(protocol.OUTPUT_FILE, channel, stream=stream, path=kept.path))
@@ -453,12 +466,13 @@ class Agent:
             fd, left, offset = self.splicing
             self.splicing = None
             with contextlib.suppress(OSError):
-                self.out[0:0] = os.read(fd, left) if offset < 0 else os.pread(fd, left, offset)
+                self.out[0:0] = os.read(fd, left) if offset < 0 else self._owed_by_file(fd, left, offset)
         for kept in outfiles.each(self.files):
             with supervisor.as_processes_user():
                 kept.remove()
         self.files.clear()
         self.to_keep.clear()
+        self.outfiles.close()
         for process in self.processes.values():  # exits still waiting for output that can no longer come
             process.owed.clear()
             if process.exit_report is not None:
@@ -547,10 +561,9 @@ class Agent:
         self.to_keep.pop(channel, None)
         for kept in self.files.pop(channel, {}).values():
             if self.splicing is not None and self.splicing[0] == kept.fd:  # the frame still owes its bytes
-                fd, left, offset = self.splicing
+                _, left, offset = self.splicing
                 self.splicing = None
-                with contextlib.suppress(OSError):
-                    self.out[0:0] = os.pread(fd, left, offset)
+                self.out[0:0] = kept.read_exactly(offset, left)
             with supervisor.as_processes_user():
                 kept.remove()
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import struct
 import time
 from abc import ABC, abstractmethod
@@ -47,8 +48,9 @@ SEND_TIMEOUT_S = 10.0
 """Bound on waiting for room in the stream; the agent reads it whatever its processes do."""
 SHUTDOWN_TIMEOUT_S = 5.0
 """How long shutdown waits for the agent to end its processes and say BYE."""
-OUTPUT_FILES = "/tmp/process-mcp-"
-"""Where in the box each process's output files are (``outfiles``): this, its id, and .out or .err."""
+OUTPUT_FILE = re.compile(r"/tmp/process-mcp-[0-9]+-[0-9]+(?:-[0-9a-f]{8})?/(?P<name>[a-z0-9-]+?)(?:-[0-9a-f]{8})?")
+"""An output file's path in the box (``outfiles``): the agent's directory, the process id (suffixed when the
+name was taken), and .out or .err."""
 FILE_READ_MAX = 1024 * 1024
 """Most bytes of an output file one READ_FILE asks for."""
 INPUT_CHUNK = 64 * 1024
@@ -254,9 +256,9 @@ class AgentConnection:
         if spec.limits is not None:
             request["rlimits"] = rlimits(spec.limits)
         if spec.file_room > 0:
-            files = {"1": f"{OUTPUT_FILES}{spec.pid}.out"}
+            files = {"1": f"{spec.pid}.out"}
             if not spec.tty:
-                files["2"] = f"{OUTPUT_FILES}{spec.pid}.err"
+                files["2"] = f"{spec.pid}.err"
             request["files"] = files
             request["file_room"] = spec.file_room
         if confine is not None:
@@ -604,17 +606,16 @@ class AgentConnection:
 def _output_file(answer: dict[str, Any], process: AgentProcess) -> tuple[int, str]:
     """The stream and path of an OUTPUT_FILE frame: a stream the process has and no file for yet, at the
     path asked for or that path with a suffix (``outfiles.make``)."""
-    stream, path = answer.get("stream"), answer.get("path")
-    asked = f"{OUTPUT_FILES}{process.record.pid}"
+    stream, path = answer.get("stream"), str(answer.get("path"))
+    found = OUTPUT_FILE.fullmatch(path[:-4]) if len(path) < 256 else None
     if (
         not isinstance(stream, int)
         or isinstance(stream, bool)
         or stream not in ((1,) if process.record.tty else (1, 2))
         or stream in process.files
-        or not isinstance(path, str)
-        or not path.startswith(asked)
-        or len(path) > len(asked) + 16
-        or not path.replace("-", "").replace(".", "").replace("/", "").isalnum()
+        or found is None
+        or found.group("name") != process.record.pid
+        or not path.endswith(".out" if stream == 1 else ".err")
     ):
         raise protocol.ProtocolError(f"process {process.number} made an output file {str(answer)[:80]!r}")
     return stream, path
@@ -815,16 +816,23 @@ class AgentProcess(ProcessHandle):
         connection = self.connection
         if stream not in self.files or not connection.alive:
             return None
-        size = min(size, FILE_READ_MAX)
-        seq = connection.next_seq()
-        answer = connection._expect(protocol.FILE_BYTES, self.number, seq)
-        request = protocol.message(protocol.READ_FILE, self.number, seq=seq, stream=stream, offset=offset, size=size)
-        try:
-            await connection._send(request)
-            data: bytes = (await connection._answer(answer, REQUEST_TIMEOUT_S, "read an output file"))["data"]
-        except AgentUnavailable:
-            return None
-        return data[:size]
+        data = b""
+        while len(data) < size:  # in reads of at most FILE_READ_MAX, until the file ends
+            asked = min(size - len(data), FILE_READ_MAX)
+            seq = connection.next_seq()
+            answer = connection._expect(protocol.FILE_BYTES, self.number, seq)
+            request = protocol.message(
+                protocol.READ_FILE, self.number, seq=seq, stream=stream, offset=offset + len(data), size=asked
+            )
+            try:
+                await connection._send(request)
+                got: bytes = (await connection._answer(answer, REQUEST_TIMEOUT_S, "read an output file"))["data"]
+            except AgentUnavailable:
+                return None
+            data += got[:asked]
+            if len(got) < asked:
+                break
+        return data
 
     def close(self) -> None:
         self.detach()

@@ -508,3 +508,33 @@ def test_an_exit_waits_for_what_the_process_wrote_but_not_for_a_child_left_holdi
         assert b"TAIL-OK" in ahead
     finally:
         agent.close()
+
+
+CUT_FLOOD_BYTES = 8 << 20
+
+
+def test_an_output_file_cut_short_under_a_frame_still_gives_the_frame_every_byte_it_promised() -> None:
+    """The agent moves a pipe's output into the process's output file and sends the frame from there. A
+    process of the box may cut that file short (it is its user's) while the frame waits for room in the
+    stream: the frame must still carry the bytes its header promised, or the server would read what
+    follows as part of it (and then a process could write frames of its own into the stream)."""
+    if os.getuid() != 0:
+        cannot_run_here("the agent is not dumpable: only root can watch its stream fill")
+    agent = RawAgent()
+    try:
+        command = f"head -c {CUT_FLOOD_BYTES} /dev/zero | tr '\\0' x"
+        agent.send(spawn_frame(1, command, files={"1": "cut.out"}, file_room=CUT_FLOOD_BYTES))
+        wait_until(lambda: stream_full(agent), "filling the stream")
+        kept = list(Path("/tmp").glob(f"process-mcp-{agent.hello['pid']}-*/cut.out"))
+        assert len(kept) == 1, kept
+        while not any(frame[:2] == (protocol.EXITED, 1) for frame in agent.backlog):
+            os.truncate(kept[0], 0)  # whatever waits for the stream, from the file, finds it cut
+            agent.read("output")
+        frames = agent.frames_until(protocol.EXITED, 1)
+        output = b"".join(payload for kind, channel, payload in frames if (kind, channel) == (protocol.STDOUT, 1))
+        assert len(output) == CUT_FLOOD_BYTES  # every frame whole: nothing read as part of another
+        assert set(output) <= {ord("x"), 0}  # the bytes cut from under a frame read as zeros
+        announced = [protocol.fields(payload) for kind, _, payload in frames if kind == protocol.OUTPUT_FILE]
+        assert announced == [{"stream": 1, "path": str(kept[0])}]
+    finally:
+        agent.close()

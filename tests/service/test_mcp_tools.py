@@ -4,6 +4,8 @@ the size of ps)."""
 from __future__ import annotations
 
 import os
+import posixpath
+import re
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -71,6 +73,9 @@ async def test_the_five_tools_keep_the_original_parameters_and_only_add_optional
 async def test_spawn_replies_with_structured_content_and_readable_text(client: Client) -> None:
     result = await client.call_tool("spawn", {"command": "echo out; echo err >&2; exit 3"})
     assert not result.is_error
+    assert result.structured_content is not None
+    kept = posixpath.dirname(result.structured_content["outputFile"])  # the agent's directory in the box
+    assert re.fullmatch(r"/tmp/process-mcp-[0-9]+-[0-9]+", kept), kept
     assert result.structured_content == {
         "pid": "host-1",
         "status": "terminated",
@@ -82,12 +87,12 @@ async def test_spawn_replies_with_structured_content_and_readable_text(client: C
         "via": "host",
         "cursor": 4,
         "stderrCursor": 4,
-        "outputFile": "/tmp/process-mcp-host-1.out",
-        "stderrFile": "/tmp/process-mcp-host-1.err",
+        "outputFile": f"{kept}/host-1.out",
+        "stderrFile": f"{kept}/host-1.err",
     }  # fields without a value (signal, limit, waitResult) are left out
     expected = (
         f"host-1: terminated (exit code 3), {CONFINEMENT}\ncursor: 4, stderrCursor: 4; whole output in the box: "
-        "outputFile /tmp/process-mcp-host-1.out, stderrFile /tmp/process-mcp-host-1.err\n"
+        f"outputFile {kept}/host-1.out, stderrFile {kept}/host-1.err\n"
         "--- stdout ---\nout\n\n--- stderr ---\nerr\n"
     )
     assert text_of(result) == expected
