@@ -55,10 +55,11 @@ import time
 from typing import Any
 
 try:
-    from . import confine, outfiles, proc, protocol, spares, supervisor, tunnels
+    from . import confine, outfiles, probes, proc, protocol, spares, supervisor, tunnels
 except ImportError:  # in the box: the loader registered these under these names first
     import process_mcp_box_confine as confine  # type: ignore[import-not-found,no-redef]
     import process_mcp_box_outfiles as outfiles  # type: ignore[import-not-found,no-redef]
+    import process_mcp_box_probes as probes  # type: ignore[import-not-found,no-redef]
     import process_mcp_box_proc as proc  # type: ignore[import-not-found,no-redef]
     import process_mcp_box_protocol as protocol  # type: ignore[import-not-found,no-redef]
     import process_mcp_box_spares as spares  # type: ignore[import-not-found,no-redef]
@@ -165,6 +166,10 @@ class Agent:
         self.processes: dict[int, Process] = {}
         self.owner: dict[int, Process] = {}  # each process's descriptors
         self.tunnels = tunnels.Tunnels(self.selector, self.send, lambda: self.reading_output)
+        self.probes = probes.Probes(
+            self.selector,
+            lambda channel, seq, fields: self.send(protocol.message(protocol.PROBED, channel, seq=seq, **fields)),
+        )
         self.running = True
         self.lifeline_r, self.lifeline_w = os.pipe()
         # The frame on the stream still owes bytes: (pipe, count, -1) spliced from a pipe, or (file, count,
@@ -203,7 +208,7 @@ class Agent:
             )
         )
         while self.running:
-            timers = [at for at in (self.spares.replace_at, self.write_at) if at is not None]
+            timers = [at for at in (self.spares.replace_at, self.write_at, self.probes.next_deadline) if at is not None]
             events = self.selector.select(max(0.0, min(timers) - time.monotonic()) if timers else None)
             for key, mask in events:
                 # Handling one event can close a descriptor that is later in the same batch.
@@ -215,6 +220,8 @@ class Agent:
                 self._write_out()
             if self.spares.replace_at is not None and now >= self.spares.replace_at:
                 self.spares.ask()
+            if self.probes.running:
+                self.probes.expire(now)
         return 0
 
     # The stream to the server.
@@ -448,6 +455,11 @@ class Agent:
             self._read_file(channel, protocol.fields(payload))
         elif kind == protocol.FORGET_FILES:
             self._forget_files(channel)
+        elif kind == protocol.PROBE:
+            request = protocol.fields(payload)
+            path = request.get("path")
+            timeout_s = min(float(request.get("timeout_s") or 1.0), 30.0)
+            self.probes.start(channel, int(request["seq"]), int(request["port"]), path and str(path), timeout_s)
         elif kind == protocol.PROXY:
             self.tunnels.listen(int(protocol.fields(payload)["port"]))
         elif kind in (protocol.TUNNEL_DATA, protocol.TUNNEL_ACK, protocol.TUNNEL_CLOSE):
@@ -473,6 +485,7 @@ class Agent:
         self.files.clear()
         self.to_keep.clear()
         self.outfiles.close()
+        self.probes.close()
         for process in self.processes.values():  # exits still waiting for output that can no longer come
             process.owed.clear()
             if process.exit_report is not None:

@@ -63,12 +63,13 @@ SHIPPED = (
     ("spares.py", "process_mcp_box_spares"),
     ("tunnels.py", "process_mcp_box_tunnels"),
     ("outfiles.py", "process_mcp_box_outfiles"),
+    ("probes.py", "process_mcp_box_probes"),
     ("agent.py", "process_mcp_box_agent"),
 )
 """What is sent into a box, in order, and the name each module is imported by there (they are sent, not
 installed): the protocol, the /proc reading the agent shares with this side, what confines a process
 in a long-lived box, the zygote and supervisors, the spare supervisors, the tunnels to the egress proxy,
-the files that keep each output whole, and the agent itself, whose ``main`` the loader
+the files that keep each output whole, the probes of the box's ports, and the agent itself, whose ``main`` the loader
 runs. Each is imported only after those it imports."""
 
 AGENT_NAME = "process-mcp-agent"
@@ -489,7 +490,7 @@ class AgentConnection:
                 process.files[stream] = path
         elif kind == protocol.EXITED:
             self._exited(channel, process, answer)
-        elif kind in (protocol.WRITTEN, protocol.SIGNALLED, protocol.SAMPLED, protocol.INPUT_STATE):
+        elif kind in (protocol.WRITTEN, protocol.SIGNALLED, protocol.SAMPLED, protocol.INPUT_STATE, protocol.PROBED):
             seq = _number(answer, "seq", 1, self._seq_issued)
             self._resolve(kind, channel, seq, answer)  # none waits: an answer that came too late
         else:
@@ -657,6 +658,9 @@ class AgentProcess(ProcessHandle):
         self.has_exited = False
         self.files: dict[int, str] = {}
         """The output files in the box (``outfiles``): stream number -> path."""
+        self.bases = {1: record.stdout.total, 2: record.stderr.total}
+        """Where in each stream its file starts: a process started again in its record (a restart) has
+        files of its own, from where the stream stood then."""
         self._state: proc.StateReader | None = None  # its /proc/PID/stat, where the box's pids are ours
         for _ in self.open_streams:
             record.stream_opened()
@@ -812,10 +816,29 @@ class AgentProcess(ProcessHandle):
     def output_file(self, stream: int) -> str | None:
         return self.files.get(stream)
 
+    async def probe(self, port: int, path: str | None, timeout_s: float) -> tuple[bool, str] | None:
+        connection = self.connection
+        if not connection.alive:
+            return None
+        seq = connection.next_seq()
+        answer = connection._expect(protocol.PROBED, self.number, seq)
+        request = protocol.message(protocol.PROBE, self.number, seq=seq, port=port, path=path, timeout_s=timeout_s)
+        try:
+            await connection._send(request)
+            fields = await connection._answer(answer, REQUEST_TIMEOUT_S + timeout_s, "probe a port")
+        except AgentUnavailable:
+            return None
+        if fields.get("ok") is True:
+            return True, f"HTTP {fields['status']}" if isinstance(fields.get("status"), int) else "accepts connections"
+        if isinstance(fields.get("status"), int):
+            return False, f"answered HTTP {fields['status']}"
+        return False, str(fields.get("error"))[:32]
+
     async def read_file(self, stream: int, offset: int, size: int) -> bytes | None:
         connection = self.connection
-        if stream not in self.files or not connection.alive:
+        if stream not in self.files or not connection.alive or offset < self.bases[stream]:
             return None
+        offset -= self.bases[stream]
         data = b""
         while len(data) < size:  # in reads of at most FILE_READ_MAX, until the file ends
             asked = min(size - len(data), FILE_READ_MAX)
@@ -833,6 +856,10 @@ class AgentProcess(ProcessHandle):
             if len(got) < asked:
                 break
         return data
+
+    def hand_over(self) -> None:
+        self.files = {}  # the next process of this channel makes its own, in place of these
+        self.close()
 
     def close(self) -> None:
         self.detach()

@@ -47,6 +47,10 @@ READ_FILE = 11
 with FILE_BYTES."""
 FORGET_FILES = 12
 """The server let go of the process: close and remove its output files. Not answered."""
+PROBE = 13
+"""{seq, port, path, timeout_s}: whether something in the box accepts a connection on loopback ``port``
+(127.0.0.1, then ::1), and with ``path`` (or null) answers an HTTP GET of it with 2xx or 3xx; answered
+with PROBED within ``timeout_s``."""
 
 # Agent to server.
 HELLO = 64
@@ -81,6 +85,9 @@ foreground group) sleeps reading its terminal or its stdin pipe, "secret" when t
 a line without echo (a password prompt), null otherwise."""
 FILE_BYTES = 76
 """A 4-byte sequence number (READ_FILE's seq), then the bytes read (none past the end of the file)."""
+PROBED = 78
+"""{seq, ok, status, error}: the PROBE's answer: ``status`` the HTTP status, ``error`` why not (refused,
+timeout, closed, not http, busy)."""
 OUTPUT_FILE = 77
 """{stream, path}: the stream's output file (``outfiles``) was made, at its first output, ahead of that
 output: where the SPAWN asked for it ({files: {"1": path, "2": path}, file_room}) and it could be made,

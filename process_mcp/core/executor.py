@@ -14,19 +14,21 @@ import re
 import signal
 import time
 from collections.abc import Callable, Coroutine
-from signal import SIGCONT, SIGSTOP
+from datetime import UTC, datetime
+from signal import SIGCONT, SIGKILL, SIGSTOP, Signals
 from typing import Any
 
 import anyio
 
 from ..config import ProcessMcpConfig
-from ..errors import InvalidInput, ProcessMcpError, ProcessTerminated, TooManyProcesses, excerpt
+from ..errors import InvalidInput, ProcessMcpError, ProcessNotFound, ProcessTerminated, TooManyProcesses, excerpt
 from ..policy import CommandPolicy
 from .buffer import head_and_tail, tail_lines
 from .contract import Backend, LaunchSpec
 from .escapes import decode_input
 from .handle import InputWanted, ProcessHandle
 from .models import (
+    BACKOFF_CAP_MS,
     DEFAULT_LINES,
     MAX_COMMAND_BYTES,
     MAX_ENV_BYTES,
@@ -36,14 +38,18 @@ from .models import (
     OUTPUT_TRUNCATE,
     TERMINAL_COLS,
     TERMINAL_ROWS,
+    HealthCheck,
     KillResult,
     LimitName,
     ProcessInfo,
     ProcessLimits,
     ProcessOutput,
     ProcessStats,
+    ReadyCheck,
+    RestartPolicy,
     SpawnOptions,
     SpawnResult,
+    StatsSample,
     StdinResult,
     WaitResult,
 )
@@ -78,6 +84,12 @@ server to exit once they close its stdin."""
 SHUTDOWN_KILL_WAIT_S = 2.0
 """How long cleanup waits for the kernel to report SIGKILLed processes gone."""
 LIMIT_CHECK_S = 0.1
+PROBE_TIMEOUT_S = 2.0
+"""Longest one check of a port (connect, and the status line of an HTTP answer) may take."""
+READY_POLL_S = 0.1
+"""Time between checks of a port for readiness."""
+SERVICE_SAMPLE_S = 1.0
+"""How often a named process's stats are sampled while it runs (its history)."""
 """How often the tree of a process with a memory or processes limit is measured against it: a tree
 can be past a limit for about this long, within the kernel's per-process bounds (see ``ProcessLimits``)."""
 
@@ -104,6 +116,8 @@ class ProcessExecutor:
         gauge of the processes running now)."""
         self.on_end: Callable[[ManagedProcess], None] | None = None
         """Called once for each process that has exited and whose output is closed (e.g. to audit it)."""
+        self._naming: dict[str, anyio.Event] = {}  # names whose spawn is starting its process
+        self._closing = False  # cleanup has begun
         self._lifetimes: dict[str, asyncio.TimerHandle] = {}  # ends each process at the maximum lifetime
         self._expiring: set[asyncio.Task[None]] = set()
         self._searches: anyio.CapacityLimiter | None = None  # made on the event loop, at the first wait
@@ -138,6 +152,15 @@ class ProcessExecutor:
         self._policy.check(command)
         self._check_limits(options.limits)
         wait = self._requested_wait(options.wait_for, options.idle_ms, timeout_s=timeout_s)
+        name = options.name
+        if name is not None:
+            if self._registry.is_id(name):
+                raise InvalidInput(f"name {name!r} has the form of a process id; choose another (e.g. 'web')")
+            while name in self._naming:  # a spawn of the same name is starting: its process is the one
+                await self._naming[name].wait()
+            running = self._registry.named(name, running=True)
+            if running is not None:
+                return await self._spawn_result(running, None, None, existing=True)
         self._check_live_limit()
         record = ManagedProcess(
             self._registry.new_id(),
@@ -151,6 +174,12 @@ class ProcessExecutor:
         )
         record.limits = options.limits
         record.on_output_limit = self._end_for_output
+        record.name, record.group, record.options = name, options.group, options
+        if options.restart is not None:
+            record.restarts = 0
+        naming = anyio.Event()
+        if name is not None:
+            self._naming[name] = naming
         self._starting += 1
         # A caller that goes away (a cancelled request, a client that disconnected) must not leave a
         # process started but unrecorded, where no kill or shutdown can find it: launching is bounded.
@@ -160,25 +189,22 @@ class ProcessExecutor:
                 spec = LaunchSpec(
                     record.pid, exec_form(command), cwd, env, options.tty, options.limits, self._file_room(options)
                 )
+                record.spec = spec
                 record.handle = await self.backend.launch(spec, record)
             finally:
                 self._starting -= 1
+                if name is not None:
+                    del self._naming[name]
+                naming.set()
             self._registry.add(record)
         if self.on_launch is not None:
             self.on_launch(time.monotonic() - launched)
-        on_live = self.on_live
-        if on_live is not None and record.running:
-            on_live(1)
-            record.on_exit = lambda: on_live(-1)
-        if not record.lingering:  # it ended before it was registered (the agent can say so in one read)
-            self._drop_oldest()
-        else:
-            if self.config.limits.max_lifetime_s is not None:
-                self._limit_lifetime(record, self.config.limits.max_lifetime_s)
-            if options.limits is not None and (options.limits.memory_mb or options.limits.processes):
-                self._in_background(self._watch_limits(record, options.limits))
+        self._watch(record, options)
         wait_result: WaitResult | None = None
         probe = self._input_probe(record)
+        if options.ready is not None:
+            wait_result, ready, detail = await self._wait_ready(record, options.ready, timeout_s, progress)
+            return await self._spawn_result(record, wait_result, None, ready=ready, ready_detail=detail)
         if wait is not None:
             wait_result = await wait_on(record, wait, (0, 0), progress, limiter=self._search_limiter(), probe=probe)
         elif not options.background:
@@ -187,6 +213,124 @@ class ProcessExecutor:
                 await record.wait(OUTPUT_SETTLE_S, output=True)
             elif waited == "input":
                 wait_result = "input"  # a plain spawn says why it returned early
+        return await self._spawn_result(record, wait_result, probe)
+
+    def _watch(self, record: ManagedProcess, options: SpawnOptions) -> None:
+        """Count a process just started (or started again) as live, and set what watches it: its lifetime,
+        its limits, a service's samples and health checks."""
+        on_live = self.on_live
+        if on_live is not None and record.running:
+            on_live(1)
+            record.on_exit = lambda: on_live(-1)
+        if not record.lingering:  # it ended before it was registered (the agent can say so in one read)
+            self._drop_oldest()
+            return
+        if self.config.limits.max_lifetime_s is not None:
+            self._limit_lifetime(record, self.config.limits.max_lifetime_s)
+        if options.limits is not None and (options.limits.memory_mb or options.limits.processes):
+            self._in_background(self._watch_limits(record, options.limits))
+        elif options.name is not None or options.restart is not None or options.health is not None:
+            self._in_background(self._sample_service(record))  # a service: its stats' history, a sample a second
+        if options.health is not None:
+            self._in_background(self._watch_health(record, options.health))
+
+    async def _wait_ready(
+        self, record: ManagedProcess, ready: ReadyCheck, timeout_s: float, progress: Progress | None
+    ) -> tuple[WaitResult | None, bool, str]:
+        """Wait up to ``timeout_s`` for ``record``'s process to be ready as ``ready`` says: (why the wait
+        ended when it is not ready, whether it is, what the last check saw)."""
+        if ready.pattern is not None:
+            wait = self._requested_wait(ready.pattern, None, timeout_s=timeout_s)
+            assert wait is not None
+            ended = await wait_on(record, wait, (0, 0), progress, limiter=self._search_limiter())
+            return (None, True, "its output showed the pattern") if ended == "matched" else (ended, False, ended)
+        assert ready.port is not None
+        deadline = time.monotonic() + timeout_s
+        detail = "not checked yet"
+        while True:
+            left = deadline - time.monotonic()
+            handle = record.handle
+            if not record.running or handle is None:
+                return "exited", False, f"it exited first (last check: {detail})"
+            if left <= 0:
+                return "timeout", False, f"not ready within the timeout (last check: {detail})"
+            seen = await handle.probe(ready.port, ready.http, min(PROBE_TIMEOUT_S, left))
+            if seen is None:
+                return None, False, "its ports cannot be checked here (no agent in the box): use ready {pattern}"
+            ok, detail = seen
+            if ok:
+                return None, True, f"port {ready.port}: {detail}"
+            await record.wait(min(READY_POLL_S, max(0.0, deadline - time.monotonic())))
+
+    async def _watch_health(self, record: ManagedProcess, check: HealthCheck) -> None:
+        """Check a running service every ``interval_ms``: healthy at a passing check, unhealthy after
+        ``failures`` failing ones in a row; then, with a restart policy, end it (it is started again)."""
+        handle = record.handle
+        record.health = "starting"
+        failed = 0
+        while True:
+            await record.wait(check.interval_ms / 1000)
+            if not record.running or record.handle is not handle or handle is None:
+                return
+            if await self._healthy(record, check):
+                failed, record.health = 0, "healthy"
+                continue
+            failed += 1
+            if failed < check.failures:
+                continue
+            record.health = "unhealthy"
+            options = record.options
+            if options is not None and options.restart is not None and record.running:
+                logger.info("%s failed %d health checks; ending it to start it again", record.pid, failed)
+                record.ending("unhealthy")
+                try:
+                    await handle.signal(signal.SIGTERM)
+                    if not await record.wait(SHUTDOWN_GRACE_S):
+                        await handle.signal(signal.SIGKILL)
+                except ProcessMcpError as exc:
+                    logger.warning("could not end unhealthy %s: %s", record.pid, exc)
+                return
+
+    async def _healthy(self, record: ManagedProcess, check: HealthCheck) -> bool:
+        handle = record.handle
+        if handle is None:
+            return False
+        if check.port is not None:
+            seen = await handle.probe(check.port, check.http, min(PROBE_TIMEOUT_S, check.interval_ms / 1000))
+            return seen is not None and seen[0]
+        assert check.command is not None
+        assert record.spec is not None
+        # Run in the box as a process is, but kept out of ps: its own record, dropped when it is done.
+        pid = self._registry.new_id()
+        checker = ManagedProcess(
+            pid, check.command, record.cwd, tty=False, buffer_bytes=4096, cols=TERMINAL_COLS, rows=TERMINAL_ROWS
+        )
+        spec = LaunchSpec(pid, exec_form(check.command), record.spec.cwd, record.spec.env, False, None)
+        try:
+            with anyio.CancelScope(shield=True):
+                launched = checker.handle = await self.backend.launch(spec, checker)
+        except ProcessMcpError:
+            return False
+        try:
+            if not await checker.wait(check.interval_ms / 1000, output=True):
+                await launched.signal(signal.SIGKILL)
+                await checker.wait(KILL_SETTLE_S, output=True)
+                return False
+            return checker.exit_code == 0
+        finally:
+            self.backend.finished(checker)
+            launched.close()
+
+    async def _spawn_result(
+        self,
+        record: ManagedProcess,
+        wait_result: WaitResult | None,
+        probe: InputProbe | None,
+        *,
+        existing: bool | None = None,
+        ready: bool | None = None,
+        ready_detail: str | None = None,
+    ) -> SpawnResult:
         await _refresh_stopped([record])
         return SpawnResult(
             pid=record.pid,
@@ -194,6 +338,10 @@ class ProcessExecutor:
             via=record.via,
             wait_result=wait_result,
             secret=_secret(wait_result, probe),
+            existing=existing,
+            ready=ready,
+            ready_detail=ready_detail,
+            **record.labels(),
             **_cursors(record),
             **record.state(),
             stdout=await self._screen_or_tail(record),
@@ -282,10 +430,11 @@ class ProcessExecutor:
         await _refresh_stopped([record])
         return record.info()
 
-    async def list_processes(self, *, stats: bool = False) -> list[ProcessInfo]:
-        """Every running process and the most recently finished ones, oldest first; with ``stats``, each
-        with the resources of its tree (sampled now where the last sample is older than STATS_MAX_AGE_S)."""
-        records = list(self._registry)
+    async def list_processes(self, *, stats: bool = False, group: str | None = None) -> list[ProcessInfo]:
+        """Every running process and the most recently finished ones, oldest first (with ``group``, those of
+        that group); with ``stats``, each with the resources of its tree (sampled now where the last sample
+        is older than STATS_MAX_AGE_S)."""
+        records = [record for record in self._registry if group is None or record.group == group]
         await _refresh_stopped(records)
         if not stats:
             return [record.info(stats=False) for record in records]
@@ -306,6 +455,7 @@ class ProcessExecutor:
         until_exit: bool = False,
         progress: Progress | None = None,
         max_bytes: int | None = None,
+        history: bool = False,
     ) -> ProcessOutput:
         """The last ``lines`` lines of stdout and stderr (TTY: scrollback and screen; with ``raw``, the
         stream as text), or with ``since``/``stderr_since`` what followed those cursors; with
@@ -366,38 +516,108 @@ class ProcessExecutor:
             stderr=stderr,
             dropped=dropped,
             stats=record.stats,
+            history=list(record.history) if history else None,
             wait_result=wait_result,
             secret=_secret(wait_result, probe),
             **cursors,
             **record.state(),
         )
 
-    async def kill(self, pid: str, signal: str = "SIGTERM") -> KillResult:
-        """Send ``signal`` to the process and its whole process group, then wait briefly for an exit.
+    async def kill(self, pid: str, signal: str = "SIGTERM", *, grace_ms: int | None = None) -> KillResult:
+        """Send ``signal`` to the process and its whole process group, then wait briefly for an exit; with
+        ``grace_ms``, wait that long for the process and its output to end, then SIGKILL what is left.
 
-        Raises ProcessNotFound, InvalidSignal, ProcessTerminated, KillFailed.
+        Raises ProcessNotFound, InvalidSignal, InvalidInput, ProcessTerminated, KillFailed.
         """
-        signum = parse_signal(signal)
+        signum = self._kill_signal(signal, grace_ms)
         record = self._registry.get(pid)
+        if record.restart_pending and signum not in NON_TERMINATING:
+            return self._cancel_restart(record, signum)
         self._require_running(record, "receive signals")
+        return await self._kill(record, signum, grace_ms)
+
+    def _cancel_restart(self, record: ManagedProcess, signum: Signals) -> KillResult:
+        """A kill of a service waiting to be started again: it is not, and stays as it ended."""
+        record.restart_pending = False
+        self._drop_oldest()
+        return KillResult(pid=record.pid, sent=signum.name, **record.state())
+
+    async def kill_group(self, group: str, signal: str = "SIGTERM", *, grace_ms: int | None = None) -> KillResult:
+        """``kill`` every running process of ``group``, all at once. Raises ProcessNotFound (no process of
+        the group runs), InvalidSignal, InvalidInput, KillFailed."""
+        signum = self._kill_signal(signal, grace_ms)
+        waiting = [
+            r for r in self._registry if r.group == group and r.restart_pending and signum not in NON_TERMINATING
+        ]
+        members = [record for record in self._registry if record.group == group and record.running]
+        cancelled = [self._cancel_restart(record, signum) for record in waiting]
+        if not members and cancelled:
+            return KillResult(group=group, sent=signum.name, status="terminated", members=cancelled)
+        if not members:
+            known = any(record.group == group for record in self._registry)
+            raise ProcessNotFound(
+                f"no process of group {excerpt(group)} runs{' any more' if known else ''}; call ps to list the "
+                "processes and their groups"
+            )
+        results: list[KillResult] = [KillResult(sent=signum.name, status="running")] * len(members)
+
+        async def one(i: int, record: ManagedProcess) -> None:
+            results[i] = await self._kill(record, signum, grace_ms)
+
+        async with anyio.create_task_group() as tasks:
+            for i, record in enumerate(members):
+                tasks.start_soon(one, i, record)
+        results += cancelled
+        running = any(result.status == "running" for result in results)
+        forced = None if grace_ms is None else any(bool(result.forced) for result in results)
+        return KillResult(
+            group=group,
+            sent=signum.name,
+            status="running" if running else "terminated",
+            forced=forced,
+            members=results,
+        )
+
+    def _kill_signal(self, signal: str, grace_ms: int | None) -> Signals:
+        signum = parse_signal(signal)
+        if grace_ms is not None:
+            if signum in NON_TERMINATING:
+                raise InvalidInput(
+                    f"graceMs follows a signal that ends a process with SIGKILL; {signum.name} does not end one "
+                    "(leave graceMs out, or send SIGTERM)"
+                )
+            if not 0 <= grace_ms <= self.config.defaults.max_timeout_ms:
+                raise InvalidInput(
+                    f"graceMs must be 0 to {self.config.defaults.max_timeout_ms} (MAX_TIMEOUT_MS), got {grace_ms}"
+                )
+        return signum
+
+    async def _kill(self, record: ManagedProcess, signum: Signals, grace_ms: int | None) -> KillResult:
         if signum not in NON_TERMINATING:
             record.ending("kill")
-        await self._handle(record).signal(signum)
-        if signum not in NON_TERMINATING:
+        handle = self._handle(record)
+        await handle.signal(signum)
+        forced = None
+        if grace_ms is not None:
+            # Its tree holds its output until it has ended; what outlives the grace is killed.
+            forced = not await record.wait(grace_ms / 1000, output=True)
+            if forced:
+                await handle.signal(SIGKILL)
+                await record.wait(KILL_SETTLE_S, output=True)
+        elif signum not in NON_TERMINATING:
             await record.wait(KILL_SETTLE_S)
         elif signum in (SIGSTOP, SIGCONT):  # `signal` is the parameter here
             await _settle_stopped(record, signum == SIGSTOP)
         else:
             await _refresh_stopped([record])
-        return KillResult(
-            pid=record.pid,
-            sent=signum.name,
-            **record.state(),
-        )
+        return KillResult(pid=record.pid, sent=signum.name, forced=forced, **record.state())
 
     async def cleanup(self) -> None:
         """End every process this executor started (SIGTERM, a grace period, then SIGKILL) and release
         the backend. Safe to call more than once."""
+        self._closing = True  # no service is started again from here on
+        for record in self._registry:
+            record.restart_pending = False
         lingering = [r for r in self._registry if r.lingering and r.handle is not None]
         for record in lingering:
             record.ending("shutdown")
@@ -416,15 +636,49 @@ class ProcessExecutor:
     # What the executor does for every backend.
 
     def _finished(self, record: ManagedProcess) -> None:
-        """A process has exited and its output is closed: the backend releases what it held, then the
-        oldest finished records are forgotten."""
+        """A process has exited and its output is closed: the backend releases what it held, it is started
+        again if its restart policy says so, then the oldest finished records are forgotten."""
         self.backend.finished(record)
         timer = self._lifetimes.pop(record.pid, None)
         if timer is not None:
             timer.cancel()
         if self.on_end is not None:
             self.on_end(record)
+        policy = record.options.restart if record.options is not None else None
+        if policy is not None and not self._closing and _restarts(record, policy):
+            record.restart_pending = True
+            self._in_background(self._restart(record, policy))
         self._drop_oldest()
+
+    async def _restart(self, record: ManagedProcess, policy: RestartPolicy) -> None:
+        """Start ``record``'s command again in it, after the policy's backoff (doubled at each restart)."""
+        delay_ms = min(policy.backoff_ms * 2 ** (record.restarts or 0), BACKOFF_CAP_MS)
+        await anyio.sleep(delay_ms / 1000)
+        if not record.restart_pending or self._closing or record.spec is None or record.options is None:
+            return  # killed meanwhile, or the server is stopping
+        how = f"signal {record.signal}" if record.signal else f"exit code {record.exit_code}"
+        if record.ended_by not in (None, "exit"):
+            how += f", ended by {record.ended_by}"
+        old = record.handle
+        if old is not None:
+            old.hand_over()
+        number = (record.restarts or 0) + 1
+        newline = "\r\n" if record.tty else "\n"
+        record.rearm(
+            f"{newline}[process-mcp: restart {number} of at most {policy.max_restarts}, {delay_ms} ms after "
+            f"{how}]{newline}"
+        )
+        logger.info("%s ended (%s); starting it again (%d of %d)", record.pid, how, number, policy.max_restarts)
+        try:
+            with anyio.CancelScope(shield=True):
+                record.handle = await self.backend.launch(record.spec, record)
+        except ProcessMcpError as exc:
+            logger.warning("could not start %s again: %s", record.pid, exc)
+            record.stdout.append(f"[process-mcp: it could not be started again: {exc}]{newline}".encode())
+            record.finish(None, cause="lost")
+            return
+        record.on_output_limit = self._end_for_output
+        self._watch(record, record.options)
 
     def _check_limits(self, limits: ProcessLimits | None) -> None:
         """Refuse limits above the configured maxima, or limits this backend cannot apply."""
@@ -471,6 +725,13 @@ class ProcessExecutor:
                 except ProcessMcpError as exc:
                     logger.warning("could not end %s at its %s limit: %s", record.pid, reached, exc)
                 return
+
+    @staticmethod
+    async def _sample_service(record: ManagedProcess) -> None:
+        """Sample a named process's tree every SERVICE_SAMPLE_S while it runs, for its history."""
+        while record.running:
+            await _refresh_stats([record], SERVICE_SAMPLE_S / 2)
+            await anyio.sleep(SERVICE_SAMPLE_S)
 
     def _limit_reached(self, record: ManagedProcess, limits: ProcessLimits) -> LimitName | None:
         """The limit the box's kernel says the process hit, else the one its tree is over (memory) or at
@@ -687,6 +948,20 @@ async def _refresh_stats(records: list[ManagedProcess], max_age_s: float) -> Non
         )
         record.stats_at = taken
         record.peak_rss = max(sample.rss_bytes, record.peak_rss or 0)
+        record.history.append(StatsSample(**record.stats.model_dump(), at=_utc_now()))
+
+
+def _restarts(record: ManagedProcess, policy: RestartPolicy) -> bool:
+    """Whether ``record``'s process, which has just ended, is to be started again under ``policy``."""
+    if record.ended_by in ("kill", "shutdown") or (record.restarts or 0) >= policy.max_restarts:
+        return False
+    if policy.policy == "always":
+        return True
+    return record.ended_by != "exit" or record.signal is not None or record.exit_code != 0
+
+
+def _utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 async def _refresh_stopped(records: list[ManagedProcess]) -> None:

@@ -68,6 +68,11 @@ class ProcessHandle(ABC):
     def close(self) -> None:
         """Release what the handle holds (descriptors, sockets); the process must be gone already."""
 
+    def hand_over(self) -> None:
+        """Release the handle of a process that is started again under the same id: what the backend's
+        next launch for that id takes over (the output files) is kept for it. The process must be gone."""
+        self.close()
+
     def tree_root(self) -> TreeRoot | None:
         """Where the process's tree (the process and its descendants) can be measured on this machine;
         None where /proc here cannot see them (a container's agent)."""
@@ -102,6 +107,12 @@ class ProcessHandle(ABC):
     def output_file(self, stream: int) -> str | None:
         """Where in the box stream ``stream`` (1 stdout or the terminal, 2 stderr) is kept whole, up to the
         spec's ``file_room`` (the agent's output files); None where it is not."""
+        return None
+
+    async def probe(self, port: int, path: str | None, timeout_s: float) -> tuple[bool, str] | None:
+        """Whether something where the process runs accepts connections on loopback ``port`` (and with
+        ``path``, answers an HTTP GET of it with 2xx or 3xx), within ``timeout_s``: (yes or no, what was
+        seen); None where it cannot be told."""
         return None
 
     async def read_file(self, stream: int, offset: int, size: int) -> bytes | None:

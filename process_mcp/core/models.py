@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 DEFAULT_TIMEOUT_MS = 10_000
@@ -46,13 +46,20 @@ MAX_ENV_BYTES = 128 * 1024
 MAX_INPUT_CHARS = 64 * 1024
 """Longest stdin input per call; longer text goes in several calls (a terminal takes 4 KiB at a time anyway)."""
 MAX_ID_CHARS = 64
-"""Longest process id a call may name (ids are like 'host-12')."""
+"""Longest process id a call may name (ids are like 'host-12'), or process name."""
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+"""A process's name or group: a letter or digit, then letters, digits, '.', '_' or '-', at most 64 in all."""
+HISTORY_SAMPLES = 120
+"""Samples of its stats a process keeps (``stdout {history: true}``)."""
 
 
 CPU_GRACE_S = 5
 """CPU seconds between a cpuSeconds limit's SIGXCPU and the kernel's SIGKILL (for a process that catches it)."""
 
-EndedBy = Literal["exit", "kill", "shutdown", "lifetime", "limit", "lost"]
+EndedBy = Literal["exit", "kill", "shutdown", "lifetime", "limit", "lost", "unhealthy"]
+Health = Literal["starting", "healthy", "unhealthy"]
+BACKOFF_CAP_MS = 60_000
+"""Longest wait between a service's restarts, however many it had."""
 LimitName = Literal["output", "cpu", "memory", "processes"]
 
 
@@ -73,6 +80,70 @@ class ProcessLimits(_Wire):
         None, ge=1, description="Processes and threads: forks beyond fail, and a tree that reaches it is ended."
     )
     output_mb: int | None = Field(None, ge=1, description="Output (stdout and stderr) in MiB; then SIGKILL ends it.")
+
+
+class ReadyCheck(_Wire):
+    """When a service counts as ready: its port accepts connections, a path on it answers, or its output
+    shows a pattern."""
+
+    port: int | None = Field(
+        None, ge=1, le=65535, description="A loopback port in the box that must accept connections."
+    )
+    http: str | None = Field(
+        None,
+        pattern=r"^/[!-~]*$",
+        max_length=2048,
+        description="With port: a path (e.g. '/health') that must answer an HTTP GET with 2xx or 3xx.",
+    )
+    pattern: str | None = Field(None, max_length=4096, description="A regular expression its output must show.")
+
+    @model_validator(mode="after")
+    def _one_check(self) -> ReadyCheck:
+        if (self.port is None) == (self.pattern is None):
+            raise ValueError("ready takes a port (with http, a path on it) or a pattern, one of them")
+        if self.http is not None and self.port is None:
+            raise ValueError("ready's http is a path on its port: give the port too")
+        return self
+
+
+class HealthCheck(_Wire):
+    """How a running service is checked, and when it counts as unhealthy."""
+
+    port: int | None = Field(
+        None, ge=1, le=65535, description="A loopback port in the box that must accept connections."
+    )
+    http: str | None = Field(
+        None, pattern=r"^/[!-~]*$", max_length=2048, description="With port: a path that must answer 2xx or 3xx."
+    )
+    command: str | None = Field(
+        None, max_length=4096, description="A shell command run in the box (as a process is) that must exit 0."
+    )
+    interval_ms: int = Field(5000, ge=100, le=3_600_000, description="Time between checks.")
+    failures: int = Field(3, ge=1, le=100, description="Consecutive failed checks that make it unhealthy.")
+
+    @model_validator(mode="after")
+    def _one_check(self) -> HealthCheck:
+        if (self.port is None) == (self.command is None):
+            raise ValueError("health takes a port (with http, a path on it) or a command, one of them")
+        if self.http is not None and self.port is None:
+            raise ValueError("health's http is a path on its port: give the port too")
+        return self
+
+
+class RestartPolicy(_Wire):
+    """Whether and how a service is started again after it ends, in the same record."""
+
+    policy: Literal["on-failure", "always"] = Field(
+        description="on-failure: after a non-zero exit, a signal, a limit, its lifetime or failed health checks; "
+        "always: after any end but kill and shutdown."
+    )
+    max_restarts: int = Field(5, ge=0, le=1000, description="Restarts at most; then it stays terminated.")
+    backoff_ms: int = Field(
+        1000,
+        ge=10,
+        le=BACKOFF_CAP_MS,
+        description=f"Wait before the first restart, doubled each time (at most {BACKOFF_CAP_MS}).",
+    )
 
 
 class SpawnOptions(_Wire):
@@ -97,6 +168,21 @@ class SpawnOptions(_Wire):
     )
     idle_ms: int | None = Field(None, description="Return once the process has printed nothing for this long.")
     limits: ProcessLimits | None = Field(None, description="Bounds on this process, within the configured maxima.")
+    name: str | None = Field(
+        None,
+        pattern=NAME_PATTERN,
+        description="A name for the process, unique among the running ones: while one of that name runs, spawn "
+        "returns it (existing: true) instead of starting another. Every tool's id accepts the name (the newest "
+        "process of that name).",
+    )
+    group: str | None = Field(
+        None, pattern=NAME_PATTERN, description="A label shared by related processes: ps and kill take a group."
+    )
+    ready: ReadyCheck | None = Field(
+        None, description="Wait (within the timeout) until it is ready; the reply says ready: true, or why not."
+    )
+    health: HealthCheck | None = Field(None, description="Check it while it runs; ps shows health.")
+    restart: RestartPolicy | None = Field(None, description="Start it again when it ends (see policy).")
 
 
 class ExitState(_Wire):
@@ -147,10 +233,28 @@ class _Progress(_Wire):
     )
 
 
-class SpawnResult(ExitState, _Progress):
+class _Labels(_Wire):
+    name: str | None = Field(None, description="Its name, if it was given one.")
+    group: str | None = Field(None, description="Its group, if it was given one.")
+    restarts: int | None = Field(None, description="With a restart policy: how often it was started again.")
+    health: Health | None = Field(
+        None, description="With a health check: starting (no check passed yet), healthy or unhealthy."
+    )
+
+
+class SpawnResult(ExitState, _Progress, _Labels):
     """The reply to spawn: the process id, its state, and the tail of its output."""
 
     pid: str = Field(description="Process id for the other tools, e.g. 'host-1'.")
+    existing: bool | None = Field(
+        None,
+        description="True when a process of this name was already running: this is that process (its state and "
+        "output so far), and nothing new was started. Absent otherwise.",
+    )
+    ready: bool | None = Field(
+        None, description="With ready: whether it became ready before the reply; waitResult says why not."
+    )
+    ready_detail: str | None = Field(None, description="With ready: what the last check saw.")
     stdout: str = Field(description="Tail of stdout; for a TTY process, the rendered screen.")
     stderr: str = Field(description="Tail of stderr; empty for a TTY process (the terminal merges them).")
     sandboxed: bool = Field(
@@ -173,7 +277,7 @@ class ProcessStats(_Wire):
     wall_seconds: float = Field(description="Time since it started (until it ended).")
 
 
-class ProcessInfo(ExitState):
+class ProcessInfo(ExitState, _Labels):
     """One row of ps."""
 
     pid: str
@@ -191,7 +295,13 @@ class ProcessInfo(ExitState):
     )
 
 
-class ProcessOutput(ExitState, _Progress):
+class StatsSample(ProcessStats):
+    """One sample of what a process's tree used, and when it was taken."""
+
+    at: str = Field(description="When it was taken, ISO 8601 in UTC.")
+
+
+class ProcessOutput(ExitState, _Progress, _Labels):
     """The reply to stdout: the last lines of each stream, or what followed a cursor."""
 
     pid: str
@@ -203,13 +313,27 @@ class ProcessOutput(ExitState, _Progress):
     stats: ProcessStats | None = Field(
         None, description="Resources of the process and its descendants; absent where they cannot be read."
     )
+    history: list[StatsSample] | None = Field(
+        None,
+        description=f"With history: the samples of its stats taken so far, oldest first (the newest "
+        f"{HISTORY_SAMPLES}; a named process is sampled every second while it runs, others when asked).",
+    )
 
 
 class KillResult(ExitState):
     """The reply to kill: which signal went out and the state right after."""
 
-    pid: str
+    pid: str | None = Field(None, description="The process signalled; absent for a group.")
+    group: str | None = Field(None, description="The group whose running processes were signalled.")
     sent: str = Field(description="The signal delivered to the process group, e.g. 'SIGTERM'.")
+    forced: bool | None = Field(
+        None,
+        description="With graceMs: true when the process (or a group member) outlived the grace and was sent "
+        "SIGKILL, false when the signal ended it in time.",
+    )
+    members: list[KillResult] | None = Field(
+        None, description="For a group: each process signalled, with its state right after."
+    )
 
 
 class ProcessList(_Wire):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import signal
 import time
@@ -13,12 +14,25 @@ import anyio
 
 from ..errors import ProcessNotFound, excerpt
 from .buffer import OutputBuffer
-from .models import EndedBy, LimitName, ProcessInfo, ProcessLimits, ProcessStats, ProcessStatus, ProcessVia
+from .models import (
+    HISTORY_SAMPLES,
+    EndedBy,
+    Health,
+    LimitName,
+    ProcessInfo,
+    ProcessLimits,
+    ProcessStats,
+    ProcessStatus,
+    ProcessVia,
+    StatsSample,
+)
 from .signals import signal_name
 from .terminal import Terminal
 
 if TYPE_CHECKING:
+    from .contract import LaunchSpec
     from .handle import ProcessHandle
+    from .models import SpawnOptions
 
 
 class ManagedProcess:
@@ -76,6 +90,19 @@ class ManagedProcess:
         self.stats_at = 0.0
         self.stopped = False
         """Whether the process itself is stopped by a signal, as last seen (see ``ProcessHandle.stopped``)."""
+        self.name: str | None = None
+        self.group: str | None = None
+        self.restarts: int | None = None
+        """With a restart policy: how often it was started again (0 until the first)."""
+        self.health: Health | None = None
+        self.restart_pending = False
+        """It ended, and is to be started again in this record: it is kept meanwhile."""
+        self.options: SpawnOptions | None = None
+        """What its spawn asked for (its restart policy and checks)."""
+        self.spec: LaunchSpec | None = None
+        """How it was launched, to launch it again the same way."""
+        self.history: collections.deque[StatsSample] = collections.deque(maxlen=HISTORY_SAMPLES)
+        """The samples of its stats taken so far, the newest HISTORY_SAMPLES."""
         self._changed: anyio.Event | None = None  # created only while someone waits for a change
         self.stdout.on_append = self.stderr.on_append = self._output_arrived
 
@@ -209,8 +236,31 @@ class ManagedProcess:
             sandboxed=self.sandboxed,
             via=self.via,
             stats=self.stats if stats else None,
+            **self.labels(),
             **self.state(),
         )
+
+    def labels(self) -> dict[str, Any]:
+        """Its name and group, and as a service its restarts and health."""
+        return {"name": self.name, "group": self.group, "restarts": self.restarts, "health": self.health}
+
+    def rearm(self, marker: str) -> None:
+        """Make the record that of the process started again in it: running, no exit, the same output
+        buffers (``marker`` first, saying so), the same id, name and history."""
+        self._exited = anyio.Event()
+        self._done = anyio.Event()
+        self._open_streams = 0
+        self._cause = None
+        self.exit_code = self.signal = self.ended_by = self.limit = None
+        self.ended_at = None
+        self.stopped = False
+        self.handle = None
+        self.restart_pending = False
+        self.restarts = (self.restarts or 0) + 1
+        self.started = time.monotonic()
+        self.stats, self.stats_at = None, 0.0
+        (self.stdout).append(marker.encode())
+        self._wake()
 
 
 class ProcessRegistry:
@@ -231,8 +281,8 @@ class ProcessRegistry:
         self._records[record.pid] = record
 
     def get(self, pid: str) -> ManagedProcess:
-        """The record for ``pid``; raise ProcessNotFound with a hint if there is none."""
-        record = self._records.get(pid)
+        """The record for ``pid``, or the newest of that name; raise ProcessNotFound with a hint if there is none."""
+        record = self._records.get(pid) or self.named(pid)
         if record is not None:
             return record
         prefix, _, number = pid.rpartition("-")
@@ -243,12 +293,24 @@ class ProcessRegistry:
             )
         raise unknown_process(pid, self.prefix)
 
+    def named(self, name: str, *, running: bool = False) -> ManagedProcess | None:
+        """The newest process named ``name`` (with ``running``, the one that runs), if there is one."""
+        for record in reversed(self._records.values()):
+            if record.name == name and (record.running or not running):
+                return record
+        return None
+
+    def is_id(self, name: str) -> bool:
+        """Whether ``name`` has the form of this registry's ids (so it cannot be a process's name)."""
+        prefix, _, number = name.rpartition("-")
+        return prefix == self.prefix and number.isdigit()
+
     def __iter__(self) -> Iterator[ManagedProcess]:
         return iter(list(self._records.values()))
 
     def prune(self) -> list[ManagedProcess]:
         """Drop the oldest finished processes beyond ``keep_terminated``; return them for closing."""
-        finished = [r for r in self._records.values() if not r.lingering]
+        finished = [r for r in self._records.values() if not r.lingering and not r.restart_pending]
         dropped = finished[: max(0, len(finished) - self.keep_terminated)]
         for record in dropped:
             del self._records[record.pid]
@@ -259,5 +321,5 @@ def unknown_process(pid: str, prefix: str) -> ProcessNotFound:
     """The error for an id that was never handed out (by a registry whose ids start with ``prefix``)."""
     return ProcessNotFound(
         f"no process {excerpt(pid)}; call ps to list the processes there are (ids look like '{prefix}-<n>', "
-        "as spawn returns them)"
+        "as spawn returns them, or are the name a spawn gave)"
     )

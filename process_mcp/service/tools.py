@@ -25,6 +25,7 @@ from ..core.models import (
     MAX_ID_CHARS,
     MAX_INPUT_CHARS,
     MAX_PATH_BYTES,
+    NAME_PATTERN,
     SINCE_MAX_BYTES,
     KillResult,
     ProcessLimits,
@@ -181,6 +182,19 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
                 "most the server's maximum. A result ended by one says endedBy 'limit' and which in limit."
             ),
         ] = None,
+        name: Annotated[
+            str | None,
+            Field(
+                pattern=NAME_PATTERN,
+                description="Name it (e.g. 'web'): while a process of this name runs, spawn returns that one "
+                "(existing: true) instead of starting another, so 'make sure the dev server runs' is one call. "
+                "Every tool's id accepts the name.",
+            ),
+        ] = None,
+        group: Annotated[
+            str | None,
+            Field(pattern=NAME_PATTERN, description="Label it with a group: ps and kill take a group."),
+        ] = None,
         ctx: Context | None = None,
     ) -> Annotated[CallToolResult, SpawnResult]:
         """Run a shell command and wait for it to finish, up to timeoutMs.
@@ -209,6 +223,8 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
             wait_for=waitFor,
             idle_ms=idleMs,
             limits=limits,
+            name=name,
+            group=group,
         )
         call = Call("spawn", options.model_dump(exclude_defaults=True))
         async with calls.space(ctx, call) as executor:
@@ -216,8 +232,11 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
             result = await run(executor.spawn(options, progress(ctx, "spawn")))
             call.pid = result.pid
         label = "screen" if tty else "stdout"
+        named = f" ({result.name})" if result.name else ""
+        already = "; already running: this is that process, nothing new was started" if result.existing else ""
         headline = (
-            f"{render.headline(result.pid, result)}, {render.confinement(result.sandboxed)}{render.waited(result)}"
+            f"{render.headline(result.pid + named, result)}, {render.confinement(result.sandboxed)}"
+            f"{render.waited(result)}{already}"
         )
         notes = f"{render.held_back(result, tty)}{render.read_only_note(result, result.sandboxed)}"
         text = f"{headline}\n{render.cursor_line(result)}{notes}{render.stopped_note(result)}\n"
@@ -232,17 +251,21 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
             bool,
             Field(description="Also each process's resources (CPU, memory, processes of its tree), read from /proc."),
         ] = False,
+        group: Annotated[
+            str | None, Field(max_length=MAX_ID_CHARS, description="Only the processes of this group.")
+        ] = None,
         ctx: Context | None = None,
     ) -> Annotated[CallToolResult, ProcessList]:
         """List running processes and the most recently finished ones.
 
         Each entry has pid, command, status ("running" or "terminated"), exitCode and signal once
         finished, stopped: true while a signal keeps a running one stopped, cwd, tty, sandboxed, and
-        createdAt; with stats: true also what each uses. Use it to find ids for stdout, stdin and kill.
+        createdAt, and name and group when given; with stats: true also what each uses. Use it to find
+        ids for stdout, stdin and kill.
         """
-        arguments = {"stats": stats} if stats else {}
+        arguments = {key: value for key, value in (("stats", stats), ("group", group)) if value}
         async with calls.space(ctx, Call("ps", arguments), create=False) as executor:
-            processes = [] if executor is None else await run(executor.list_processes(stats=stats))
+            processes = [] if executor is None else await run(executor.list_processes(stats=stats, group=group))
         # What every row shares is said once: a ps of many processes stays as small as the original's.
         shared = {name for name in ("sandboxed", "via") if len({getattr(p, name) for p in processes}) == 1}
         listing = ProcessList(processes=processes, **{name: getattr(processes[0], name) for name in shared})
@@ -250,7 +273,9 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
 
     @tool()
     async def stdin(
-        id: Annotated[str, Field(max_length=MAX_ID_CHARS, description="Process id from spawn or ps, e.g. 'host-1'.")],
+        id: Annotated[
+            str, Field(max_length=MAX_ID_CHARS, description="Process id (or name) from spawn or ps, e.g. 'host-1'.")
+        ],
         input: Annotated[
             str,
             Field(
@@ -353,7 +378,9 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
 
     @tool(ToolAnnotations(read_only_hint=True))
     async def stdout(
-        id: Annotated[str, Field(max_length=MAX_ID_CHARS, description="Process id from spawn or ps, e.g. 'host-1'.")],
+        id: Annotated[
+            str, Field(max_length=MAX_ID_CHARS, description="Process id (or name) from spawn or ps, e.g. 'host-1'.")
+        ],
         lines: Annotated[
             int, Field(ge=1, le=MAX_LINES, description="How many of the last lines to return.")
         ] = DEFAULT_LINES,
@@ -384,6 +411,13 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
                 "to a line end; the reply's cursor is where it stopped: pass it as since for the next page.",
             ),
         ] = None,
+        history: Annotated[
+            bool,
+            Field(
+                description="Also the samples of its stats taken so far (CPU, memory, processes; a named process "
+                "is sampled every second while it runs)."
+            ),
+        ] = False,
         ctx: Context | None = None,
     ) -> Annotated[CallToolResult, ProcessOutput]:
         """Read the last lines a process printed, running or finished.
@@ -397,7 +431,7 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
         """
         arguments = {"id": id, "lines": lines, "since": since, "stderrSince": stderrSince, "raw": raw,
                      "waitFor": waitFor, "idleMs": idleMs, "untilExit": untilExit, "waitMs": waitMs,
-                     "maxBytes": maxBytes}  # fmt: skip
+                     "maxBytes": maxBytes, "history": history}  # fmt: skip
         async with calls.process_space(ctx, Call("stdout", arguments, id)) as executor:
             result = await run(
                 executor.get_output(
@@ -412,6 +446,7 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
                     until_exit=untilExit,
                     progress=progress(ctx, id),
                     max_bytes=maxBytes,
+                    history=history,
                 )
             )
         usage = f" ({render.usage(result.stats).strip()})" if result.stats is not None else ""
@@ -425,22 +460,51 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
 
     @tool(ToolAnnotations(destructive_hint=True))
     async def kill(
-        id: Annotated[str, Field(max_length=MAX_ID_CHARS, description="Process id from spawn or ps, e.g. 'host-1'.")],
+        id: Annotated[
+            str | None,
+            Field(max_length=MAX_ID_CHARS, description="Process id (or name) from spawn or ps, e.g. 'host-1'."),
+        ] = None,
         signal: Annotated[
             str,
             Field(description="Signal name, SIG prefix optional: TERM, KILL, INT, HUP, QUIT, USR1, USR2, STOP, CONT"),
         ] = "SIGTERM",
+        graceMs: Annotated[
+            int | None,
+            Field(
+                ge=0,
+                le=max_timeout,
+                description="Wait this long (ms) for it and all it started to end, then send SIGKILL; the reply "
+                "says forced: true if it had to.",
+            ),
+        ] = None,
+        group: Annotated[
+            str | None,
+            Field(max_length=MAX_ID_CHARS, description="Instead of id: signal every running process of this group."),
+        ] = None,
         ctx: Context | None = None,
     ) -> Annotated[CallToolResult, KillResult]:
         """Send a signal to a process and everything it started (its whole process group).
 
         SIGTERM (default) asks it to stop; SIGKILL forces it; SIGINT is Ctrl-C. Waits up to a second
-        for the process to exit and reports its status, so you know whether it is gone. SIGSTOP pauses
-        it (it stays "running", with stopped: true) until SIGCONT.
+        for the process to exit and reports its status, so you know whether it is gone; with graceMs,
+        up to that long, then SIGKILL (forced: true). SIGSTOP pauses it (it stays "running", with
+        stopped: true) until SIGCONT. With group instead of id, every running process of the group.
         """
-        async with calls.process_space(ctx, Call("kill", {"id": id, "signal": signal}, id)) as executor:
-            result = await run(executor.kill(id, signal))
-        return render.reply(result, f"Sent {result.sent} to {result.pid}: {render.status_text(result)}.")
+        if (id is None) == (group is None):
+            _refuse("kill takes an id (a process id or name) or a group, one of them")
+        arguments = {"id": id, "group": group, "signal": signal, "graceMs": graceMs}
+        arguments = {key: value for key, value in arguments.items() if value is not None}
+        async with calls.process_space(ctx, Call("kill", arguments, id)) as executor:
+            if group is not None:
+                result = await run(executor.kill_group(group, signal, grace_ms=graceMs))
+            else:
+                assert id is not None
+                result = await run(executor.kill(id, signal, grace_ms=graceMs))
+        forced = "" if result.forced is None else f" ({'forced with SIGKILL' if result.forced else 'ended in time'})"
+        if result.members is not None:
+            rows = "\n".join(f"{member.pid}: {render.status_text(member)}" for member in result.members)
+            return render.reply(result, f"Sent {result.sent} to group {result.group}{forced}:\n{rows}")
+        return render.reply(result, f"Sent {result.sent} to {result.pid}: {render.status_text(result)}{forced}.")
 
 
 def _refuse(message: str) -> NoReturn:

@@ -183,7 +183,7 @@ async def test_a_prompt_on_a_terminal_is_input_and_one_without_echo_is_a_secret(
     hidden = 'python3 -c \'import getpass; print("got", len(getpass.getpass("Password: ")))\''
     prompted = await executor.spawn(SpawnOptions(command=hidden, tty=True, timeout_ms=60_000))
     assert (prompted.wait_result, prompted.secret, prompted.status) == ("input", True, "running"), prompted
-    typed = await executor.stdin(prompted.pid, "hunter2\\r", wait_for="got", wait_ms=LONG_MS)
+    typed = await executor.stdin(prompted.pid, "hunter2\\r", wait_for=r"got \d", wait_ms=LONG_MS)
     assert typed.stdout is not None
     assert "got 7" in typed.stdout
     assert "hunter2" not in typed.stdout
