@@ -133,6 +133,11 @@ class Backend(ABC):
         Raises InvalidInput (e.g. a missing cwd) or SpawnFailed.
         """
 
+    @property
+    def probes_ports(self) -> bool:
+        """Whether its handles can check a port in the box (``ProcessHandle.probe``): where an agent runs there."""
+        return True
+
     def limit_reached(self, sink: ProcessSink, limits: ProcessLimits) -> LimitName | None:
         """A limit the box's kernel says the process hit (a cgroup's OOM kill or refused fork), or None;
         the executor also measures its tree against ``limits``."""

@@ -152,6 +152,13 @@ class ProcessExecutor:
         self._policy.check(command)
         self._check_limits(options.limits)
         wait = self._requested_wait(options.wait_for, options.idle_ms, timeout_s=timeout_s)
+        checks = [check for check in (options.ready, options.health) if check is not None and check.port is not None]
+        if checks and not self.backend.probes_ports:
+            raise InvalidInput(
+                "ready and health by port need the agent in the box, and this Docker container runs each process as "
+                "an exec of its own (DOCKER_AGENT=false, or its image has no python3): use ready {pattern}, health "
+                "{command}"
+            )
         name = options.name
         if name is not None:
             if self._registry.is_id(name):
@@ -385,7 +392,7 @@ class ProcessExecutor:
         wait = self._requested_wait(wait_for, idle_ms, wait_ms)
         self._require_running(record, "take input")
         start = (record.stdout.total, record.stderr.total)
-        handle = self._handle(record)
+        handle = await self._handle(record)
         record.typed_at = time.monotonic()
         if data:
             await handle.write(data)
@@ -516,6 +523,7 @@ class ProcessExecutor:
             stderr=stderr,
             dropped=dropped,
             stats=record.stats,
+            **record.labels(),
             history=list(record.history) if history else None,
             wait_result=wait_result,
             secret=_secret(wait_result, probe),
@@ -595,7 +603,7 @@ class ProcessExecutor:
     async def _kill(self, record: ManagedProcess, signum: Signals, grace_ms: int | None) -> KillResult:
         if signum not in NON_TERMINATING:
             record.ending("kill")
-        handle = self._handle(record)
+        handle = await self._handle(record)
         await handle.signal(signum)
         forced = None
         if grace_ms is not None:
@@ -662,6 +670,7 @@ class ProcessExecutor:
         old = record.handle
         if old is not None:
             old.hand_over()
+        relaunched = record.relaunched = anyio.Event()
         number = (record.restarts or 0) + 1
         newline = "\r\n" if record.tty else "\n"
         record.rearm(
@@ -677,6 +686,8 @@ class ProcessExecutor:
             record.stdout.append(f"[process-mcp: it could not be started again: {exc}]{newline}".encode())
             record.finish(None, cause="lost")
             return
+        finally:
+            relaunched.set()
         record.on_output_limit = self._end_for_output
         self._watch(record, record.options)
 
@@ -891,15 +902,22 @@ class ProcessExecutor:
         return InputProbe(record.handle.wants_input, record.typed_at)
 
     @staticmethod
-    def _handle(record: ManagedProcess) -> ProcessHandle:
-        assert record.handle is not None  # set before the record is registered
+    async def _handle(record: ManagedProcess) -> ProcessHandle:
+        """The handle of a running process, once it has one: set before the record is registered, and while
+        a service is started again in its record, once that start is done."""
+        relaunched = record.relaunched
+        if record.handle is None and relaunched is not None:
+            await relaunched.wait()  # the launch is bounded by the backend
+        if record.handle is None or not record.running:
+            raise ProcessTerminated(f"process {record.pid} could not be started again; call stdout to see why")
         return record.handle
 
     @staticmethod
     async def _signal_all(records: list[ManagedProcess], signum: int) -> None:
         for record in records:
             try:
-                await ProcessExecutor._handle(record).signal(signum)
+                if record.handle is not None:
+                    await record.handle.signal(signum)
             except ProcessMcpError as exc:
                 logger.warning("cleanup could not signal %s: %s", record.pid, exc)
 

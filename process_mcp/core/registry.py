@@ -101,6 +101,8 @@ class ManagedProcess:
         """What its spawn asked for (its restart policy and checks)."""
         self.spec: LaunchSpec | None = None
         """How it was launched, to launch it again the same way."""
+        self.relaunched: anyio.Event | None = None
+        """While it is started again: set once it has a handle (or could not be started)."""
         self.history: collections.deque[StatsSample] = collections.deque(maxlen=HISTORY_SAMPLES)
         """The samples of its stats taken so far, the newest HISTORY_SAMPLES."""
         self._changed: anyio.Event | None = None  # created only while someone waits for a change

@@ -133,6 +133,10 @@ class DockerBackend(Backend):
 
     prefix = "docker"
 
+    @property
+    def probes_ports(self) -> bool:
+        return self.via == "agent"
+
     def __init__(
         self,
         config: ProcessMcpConfig,

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import re
+import socket
+from collections.abc import Callable
+
 import anyio
 import pytest
 from pydantic import ValidationError
 
 from process_mcp import InvalidInput, ProcessExecutor, ProcessNotFound, SpawnOptions
+from process_mcp.core.models import HealthCheck, ProcessInfo, ReadyCheck, RestartPolicy
 
-from ..helpers import BACKENDS, sleep_argument, wait_for_exit
+from ..helpers import BACKENDS, POLL_S, WAIT_S, sleep_argument, wait_for_exit
 
 pytestmark = pytest.mark.anyio
 
@@ -111,3 +116,130 @@ async def test_a_named_process_keeps_a_history_of_its_stats(executor: ProcessExe
     assert all(sample.processes >= 1 for sample in output.history)
     assert (await executor.get_output("svc")).history is None
     await executor.kill(service.pid, "SIGKILL")
+
+
+async def until(executor: ProcessExecutor, pid: str, seen: Callable[[ProcessInfo], bool], what: str) -> ProcessInfo:
+    """Poll ps for ``pid`` until ``seen`` holds; fail after WAIT_S."""
+    info = None
+    with anyio.move_on_after(WAIT_S):
+        while True:
+            info = await executor.get_process(pid)
+            if seen(info):
+                return info
+            await anyio.sleep(POLL_S)
+    pytest.fail(f"{pid} was not {what} within {WAIT_S} s: {info}")
+
+
+def free_port() -> int:
+    """A port free on this machine's loopback now (a box on the host's network shares it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_a_server_is_ready_once_its_port_and_path_answer(executor: ProcessExecutor, backend: str) -> None:
+    port = free_port()
+    server = f"exec python3 -m http.server {port} --bind 127.0.0.1"
+    ready = SpawnOptions(command=server, name="web", ready=ReadyCheck(port=port, http="/"), timeout_ms=30000)
+    if not BACKENDS[backend].output_files:  # no agent in the box: nothing there can check a port
+        with pytest.raises(InvalidInput, match=re.escape("use ready {pattern}")):
+            await executor.spawn(ready)
+        assert await executor.list_processes() == []  # refused before anything started
+        return
+    result = await executor.spawn(ready)
+    assert (result.ready, result.status, result.ready_detail) == (True, "running", f"port {port}: HTTP 200")
+    again = await executor.spawn(SpawnOptions(command=server, name="web", ready=ReadyCheck(port=port)))
+    assert (again.pid, again.existing) == (result.pid, True)
+    await executor.kill("web", "SIGKILL")
+
+
+async def test_ready_says_why_not_when_the_process_exits_or_the_pattern_never_comes(
+    executor: ProcessExecutor, backend: str
+) -> None:
+    exits = ReadyCheck(port=free_port()) if BACKENDS[backend].output_files else ReadyCheck(pattern="never")
+    exited = await executor.spawn(SpawnOptions(command="exit 3", ready=exits))
+    assert (exited.ready, exited.wait_result, exited.exit_code) == (False, "exited", 3)
+    shown = await executor.spawn(
+        SpawnOptions(
+            command="echo starting; sleep 0.3; echo listening; exec sleep 600", ready=ReadyCheck(pattern="listen")
+        )
+    )
+    assert (shown.ready, shown.status, shown.wait_result) == (True, "running", None)
+    late = await executor.spawn(
+        SpawnOptions(command="exec sleep 600", ready=ReadyCheck(pattern="never"), timeout_ms=300)
+    )
+    assert (late.ready, late.wait_result) == (False, "timeout")
+    for pid in (shown.pid, late.pid):
+        await executor.kill(pid, "SIGKILL")
+    with pytest.raises(ValidationError, match=r"a port .* or a pattern"):
+        ReadyCheck(port=80, pattern="x")
+    with pytest.raises(ValidationError, match="give the port too"):
+        ReadyCheck(http="/", pattern="x")
+
+
+async def test_a_failing_service_is_restarted_with_backoff_in_its_record_then_left_with_its_count(
+    executor: ProcessExecutor,
+) -> None:
+    policy = RestartPolicy(policy="on-failure", max_restarts=2, backoff_ms=50)
+    first = await executor.spawn(SpawnOptions(command="echo run; exit 1", name="flaky", restart=policy))
+    assert (first.restarts, first.exit_code) == (0, 1)
+    await until(executor, "flaky", lambda p: (p.restarts, p.status) == (2, "terminated"), "restarted twice")
+    await anyio.sleep(0.5)  # (a third restart would come within 200 ms)
+    done = await executor.get_output("flaky")
+    assert (done.pid, done.restarts, done.status, done.exit_code) == (first.pid, 2, "terminated", 1)
+    assert done.stdout.count("run") == 3
+    assert "[process-mcp: restart 1 of at most 2, 50 ms after exit code 1]" in done.stdout
+    assert "[process-mcp: restart 2 of at most 2, 100 ms after exit code 1]" in done.stdout
+    # A clean exit ends it under on-failure; always starts it again.
+    clean = await executor.spawn(SpawnOptions(command="true", restart=policy))
+    await anyio.sleep(0.3)
+    assert (await executor.get_process(clean.pid)).restarts == 0
+
+
+async def test_a_kill_stops_a_service_and_its_restarting(executor: ProcessExecutor) -> None:
+    always = RestartPolicy(policy="always", max_restarts=50, backoff_ms=2000)
+    service = await executor.spawn(
+        SpawnOptions(command=f"sleep {sleep_argument()}", name="keeper", restart=always, background=True)
+    )
+    killed = await executor.kill("keeper", "SIGTERM")
+    assert (killed.status, killed.ended_by) == ("terminated", "kill")
+    await anyio.sleep(0.3)
+    assert (await executor.get_process(service.pid)).restarts == 0
+    # One that ended on its own and waits out its backoff: the kill cancels the restart.
+    quick = await executor.spawn(SpawnOptions(command="exit 0", restart=always))
+    cancelled = await executor.kill(quick.pid)
+    assert (cancelled.status, cancelled.exit_code) == ("terminated", 0)
+    await anyio.sleep(2.5)
+    assert (await executor.get_process(quick.pid)).restarts == 0
+
+
+async def test_health_checks_mark_a_service_and_an_unhealthy_one_is_restarted(
+    executor: ProcessExecutor, backend: str
+) -> None:
+    marker = f"/tmp/healthy-{sleep_argument()}"
+    check = HealthCheck(command=f"test -e {marker}", interval_ms=200, failures=2)
+    policy = RestartPolicy(policy="on-failure", max_restarts=1, backoff_ms=50)
+    service = await executor.spawn(
+        SpawnOptions(command=f"touch {marker}; exec sleep 600", health=check, restart=policy, background=True)
+    )
+    assert service.health == "starting"
+    await until(executor, service.pid, lambda p: p.health == "healthy", "healthy")
+    await executor.spawn(SpawnOptions(command=f"rm {marker}"))
+    # Two failed checks: unhealthy, ended, and started again.
+    await until(executor, service.pid, lambda p: p.restarts == 1, "started again")
+    output = await executor.get_output(service.pid)
+    assert "after signal SIGTERM, ended by unhealthy]" in output.stdout or "ended by unhealthy]" in output.stdout
+    assert [p.pid for p in await executor.list_processes()].count(service.pid) == 1  # its checks are not listed
+    await executor.kill(service.pid, "SIGKILL")
+    if BACKENDS[backend].output_files:
+        port = free_port()
+        by_port = await executor.spawn(
+            SpawnOptions(
+                command=f"exec python3 -m http.server {port} --bind 127.0.0.1",
+                health=HealthCheck(port=port, http="/", interval_ms=200),
+                ready=ReadyCheck(port=port),
+                timeout_ms=30000,
+            )
+        )
+        await until(executor, by_port.pid, lambda p: p.health == "healthy", "healthy")
+        await executor.kill(by_port.pid, "SIGKILL")
