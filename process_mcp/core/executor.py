@@ -292,6 +292,7 @@ class ProcessExecutor:
                 record.ending("unhealthy")
                 try:
                     await handle.signal(signal.SIGTERM)
+                    await handle.signal(signal.SIGCONT)  # a stopped (hung) one acts on it only once resumed
                     if not await record.wait(SHUTDOWN_GRACE_S):
                         await handle.signal(signal.SIGKILL)
                 except ProcessMcpError as exc:

@@ -49,7 +49,8 @@ def ps_text(processes: list[ProcessInfo]) -> str:
     lines = [f"{count}{shared}; started on {day} (UTC) in {cwd} unless a row says otherwise:"]
     for p in processes:
         started = p.created_at[11:19] if p.created_at.startswith(day) else p.created_at[:19]
-        labels = "".join(f"{key}={value}  " for key, value in (("name", p.name), ("group", p.group)) if value)
+        shown = (("name", p.name), ("group", p.group), ("health", p.health), ("restarts", p.restarts))
+        labels = "".join(f"{key}={value}  " for key, value in shown if value is not None)
         row = f"{p.pid}  {labels}{status_text(p)}  {'tty' if p.tty else 'pipe'}  {started}  {usage(p.stats)}"
         if not shared:
             row += f"{confinement(p.sandboxed)}  "

@@ -27,10 +27,13 @@ from ..core.models import (
     MAX_PATH_BYTES,
     NAME_PATTERN,
     SINCE_MAX_BYTES,
+    HealthCheck,
     KillResult,
     ProcessLimits,
     ProcessList,
     ProcessOutput,
+    ReadyCheck,
+    RestartPolicy,
     SpawnOptions,
     SpawnResult,
     StdinResult,
@@ -195,6 +198,28 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
             str | None,
             Field(pattern=NAME_PATTERN, description="Label it with a group: ps and kill take a group."),
         ] = None,
+        ready: Annotated[
+            ReadyCheck | None,
+            Field(
+                description="Return once it is ready (within timeoutMs): {port: 8000} accepts connections in the "
+                "box, {port: 8000, http: '/health'} answers 2xx/3xx, or {pattern: 'listening'} shows in its "
+                "output; the reply says ready: true, or why not."
+            ),
+        ] = None,
+        health: Annotated[
+            HealthCheck | None,
+            Field(
+                description="Check it while it runs: {port[, http], intervalMs, failures} or {command, ...} (exit 0 "
+                "is healthy); ps shows health starting, healthy or unhealthy."
+            ),
+        ] = None,
+        restart: Annotated[
+            RestartPolicy | None,
+            Field(
+                description="Start it again when it ends: {policy: 'on-failure' | 'always', maxRestarts, backoffMs}; "
+                "same id, output continuing; an unhealthy one counts as failed; kill stops it for good."
+            ),
+        ] = None,
         ctx: Context | None = None,
     ) -> Annotated[CallToolResult, SpawnResult]:
         """Run a shell command and wait for it to finish, up to timeoutMs.
@@ -225,6 +250,9 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
             limits=limits,
             name=name,
             group=group,
+            ready=ready,
+            health=health,
+            restart=restart,
         )
         call = Call("spawn", options.model_dump(exclude_defaults=True))
         async with calls.space(ctx, call) as executor:
@@ -234,6 +262,8 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
         label = "screen" if tty else "stdout"
         named = f" ({result.name})" if result.name else ""
         already = "; already running: this is that process, nothing new was started" if result.existing else ""
+        if result.ready is not None:
+            already += f"; {'ready' if result.ready else 'NOT ready'}: {result.ready_detail}"
         headline = (
             f"{render.headline(result.pid + named, result)}, {render.confinement(result.sandboxed)}"
             f"{render.waited(result)}{already}"

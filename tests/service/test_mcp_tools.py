@@ -48,18 +48,19 @@ async def test_the_five_tools_keep_the_original_parameters_and_only_add_optional
     assert set(tools) == {"spawn", "ps", "stdin", "stdout", "kill"}
     spawn = tools["spawn"].input_schema
     original = {"command", "cwd", "env", "tty", "background", "timeoutMs"}
-    assert set(spawn["properties"]) == original | {"waitFor", "idleMs", "limits"}
+    services = {"name", "group", "ready", "health", "restart"}
+    assert set(spawn["properties"]) == original | {"waitFor", "idleMs", "limits"} | services
     assert spawn["required"] == ["command"]
     stdin = tools["stdin"].input_schema
     assert set(stdin["properties"]) == {"id", "input", "waitFor", "idleMs", "waitMs", "eof", "askUser"}
     assert stdin["required"] == ["id", "input"]
     stdout = tools["stdout"].input_schema
     waits = {"waitFor", "idleMs", "waitMs", "untilExit"}
-    assert set(stdout["properties"]) == {"id", "lines", "since", "stderrSince", "raw", "maxBytes"} | waits
+    assert set(stdout["properties"]) == {"id", "lines", "since", "stderrSince", "raw", "maxBytes", "history"} | waits
     assert stdout["required"] == ["id"]
-    assert set(tools["kill"].input_schema["properties"]) == {"id", "signal"}
+    assert set(tools["kill"].input_schema["properties"]) == {"id", "signal", "graceMs", "group"}
     assert tools["kill"].input_schema["properties"]["signal"]["default"] == "SIGTERM"
-    assert set(tools["ps"].input_schema["properties"]) == {"stats"}
+    assert set(tools["ps"].input_schema["properties"]) == {"stats", "group"}
     assert "required" not in tools["ps"].input_schema
     for tool in tools.values():
         assert tool.output_schema is not None
@@ -477,3 +478,46 @@ async def test_a_prompt_ends_the_spawn_at_once_and_the_reply_says_it_waits_for_i
     assert secret.structured_content is not None
     assert secret.structured_content["secret"] is True
     assert "password prompt" in text_of(secret)
+
+
+async def test_a_service_through_the_tools_named_ready_listed_restarted_and_stopped(client: Client) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    web = {
+        "command": f"exec python3 -m http.server {port} --bind 127.0.0.1",
+        "name": "web",
+        "group": "dev",
+        "ready": {"port": port, "http": "/"},
+        "health": {"port": port, "intervalMs": 200},
+        "restart": {"policy": "always", "maxRestarts": 3, "backoffMs": 50},
+        "timeoutMs": 30000,
+    }
+    started = await client.call_tool("spawn", web)
+    first = started.structured_content
+    assert first is not None
+    assert (first["name"], first["ready"], first["status"], first["restarts"]) == ("web", True, "running", 0)
+    assert f"host-1 (web): running, {CONFINEMENT}; ready: port {port}: HTTP 200" in text_of(started)
+    again = await call(client, "spawn", web)
+    assert (again["pid"], again["existing"]) == (first["pid"], True)
+    listed = await client.call_tool("ps", {"group": "dev"})
+    assert [row["name"] for row in (listed.structured_content or {})["processes"]] == ["web"]
+    assert "name=web  group=dev" in text_of(listed)
+    # Hung (stopped): its health checks fail, it is ended and started again in its record.
+    await call(client, "kill", {"id": "web", "signal": "SIGSTOP"})
+    for _ in range(400):
+        row = (await call(client, "ps", {"group": "dev"}))["processes"][0]
+        if row.get("restarts") == 1 and row["status"] == "running":
+            break
+        await anyio.sleep(0.05)
+    assert (row["pid"], row["restarts"]) == (first["pid"], 1)
+    history = await call(client, "stdout", {"id": "web", "history": True})
+    assert history["restarts"] == 1
+    assert "[process-mcp: restart 1 of at most 3" in history["stdout"]
+    stopped = await client.call_tool("kill", {"group": "dev", "graceMs": 2000})
+    content = stopped.structured_content or {}
+    assert (content["group"], content["forced"], content["status"]) == ("dev", False, "terminated")
+    assert f"Sent SIGTERM to group dev (ended in time):\n{first['pid']}: terminated" in text_of(stopped)
+    assert "kill takes an id" in await error(client, "kill", {})
