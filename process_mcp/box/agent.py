@@ -761,15 +761,17 @@ class Agent:
             select.select([], [], [], 0.005)  # let the kernel finish the deaths before the next walk
 
     def _forget_if_finished(self, process: Process) -> None:
-        if process.finished and self.processes.get(process.channel) is process:
+        if not process.finished:
+            return
+        if self.processes.get(process.channel) is process:  # (not when a restart took its channel already)
             del self.processes[process.channel]
             self.to_keep.pop(process.channel, None)  # a stream that printed nothing has no file to make
-            if process.input_fd >= 0:
-                if process.pending:
-                    self.selector.unregister(process.input_fd)
-                self._close(process.input_fd)
-                process.input_fd = -1
-            self._fail_input(process, "the process has ended")
+        if process.input_fd >= 0:
+            if process.pending:
+                self.selector.unregister(process.input_fd)
+            self._close(process.input_fd)
+            process.input_fd = -1
+        self._fail_input(process, "the process has ended")
 
     def _input(self, channel: int, seq: int, data: bytes) -> None:
         process = self.processes.get(channel)

@@ -84,6 +84,9 @@ server to exit once they close its stdin."""
 SHUTDOWN_KILL_WAIT_S = 2.0
 """How long cleanup waits for the kernel to report SIGKILLed processes gone."""
 LIMIT_CHECK_S = 0.1
+STOPPING = frozenset({signal.SIGTERM, signal.SIGKILL, signal.SIGINT, signal.SIGQUIT})
+"""Signals by which the kill tool stops a service for good (a HUP or USR1 may be a reload: a crash after
+it is still restarted)."""
 PROBE_TIMEOUT_S = 2.0
 """Longest one check of a port (connect, and the status line of an HTTP answer) may take."""
 READY_POLL_S = 0.1
@@ -150,6 +153,8 @@ class ProcessExecutor:
         """
         command, cwd, env, timeout_s = self._check_spawn(options)
         self._policy.check(command)
+        if options.health is not None and options.health.command is not None:
+            self._policy.check(options.health.command)  # it runs in the box as often as every 100 ms
         self._check_limits(options.limits)
         wait = self._requested_wait(options.wait_for, options.idle_ms, timeout_s=timeout_s)
         checks = [check for check in (options.ready, options.health) if check is not None and check.port is not None]
@@ -279,7 +284,10 @@ class ProcessExecutor:
             await record.wait(check.interval_ms / 1000)
             if not record.running or record.handle is not handle or handle is None:
                 return
-            if await self._healthy(record, check):
+            healthy = await self._healthy(record, check)
+            if not record.running or record.handle is not handle:
+                return  # it ended, or was started again, meanwhile: the check was of what is gone
+            if healthy:
                 failed, record.health = 0, "healthy"
                 continue
             failed += 1
@@ -542,6 +550,10 @@ class ProcessExecutor:
         record = self._registry.get(pid)
         if record.restart_pending and signum not in NON_TERMINATING:
             return self._cancel_restart(record, signum)
+        if not record.running and record.lingering and record.handle is not None and record.restarts is not None:
+            # A service whose process ended while what it started holds its output: that ends, and it is
+            # not started again.
+            return await self._kill(record, signum, grace_ms)
         self._require_running(record, "receive signals")
         return await self._kill(record, signum, grace_ms)
 
@@ -571,7 +583,11 @@ class ProcessExecutor:
         results: list[KillResult] = [KillResult(sent=signum.name, status="running")] * len(members)
 
         async def one(i: int, record: ManagedProcess) -> None:
-            results[i] = await self._kill(record, signum, grace_ms)
+            try:
+                results[i] = await self._kill(record, signum, grace_ms)
+            except ProcessMcpError as exc:  # one member's failure is its own: the others are signalled
+                logger.warning("could not signal %s of group %s: %s", record.pid, group, exc)
+                results[i] = KillResult(pid=record.pid, sent=signum.name, **record.state())
 
         async with anyio.create_task_group() as tasks:
             for i, record in enumerate(members):
@@ -604,6 +620,8 @@ class ProcessExecutor:
     async def _kill(self, record: ManagedProcess, signum: Signals, grace_ms: int | None) -> KillResult:
         if signum not in NON_TERMINATING:
             record.ending("kill")
+        if signum in STOPPING or grace_ms is not None:
+            record.kill_requested = True  # a service stopped by the user is not started again
         handle = await self._handle(record)
         await handle.signal(signum)
         forced = None
@@ -627,6 +645,7 @@ class ProcessExecutor:
         self._closing = True  # no service is started again from here on
         for record in self._registry:
             record.restart_pending = False
+            record.kill_requested = True
         lingering = [r for r in self._registry if r.lingering and r.handle is not None]
         for record in lingering:
             record.ending("shutdown")
@@ -665,6 +684,15 @@ class ProcessExecutor:
         await anyio.sleep(delay_ms / 1000)
         if not record.restart_pending or self._closing or record.spec is None or record.options is None:
             return  # killed meanwhile, or the server is stopping
+        limit = self.config.limits.max_live
+        if sum(1 for other in self._registry if other.running) + self._starting >= limit:
+            record.restart_pending = False
+            record.stdout.append(
+                f"\n[process-mcp: not started again: {limit} processes run (PROCESS_MAX_LIVE)]\n".encode()
+            )
+            logger.info("%s not started again: %d processes run (PROCESS_MAX_LIVE)", record.pid, limit)
+            self._drop_oldest()
+            return
         how = f"signal {record.signal}" if record.signal else f"exit code {record.exit_code}"
         if record.ended_by not in (None, "exit"):
             how += f", ended by {record.ended_by}"
@@ -685,10 +713,15 @@ class ProcessExecutor:
         except ProcessMcpError as exc:
             logger.warning("could not start %s again: %s", record.pid, exc)
             record.stdout.append(f"[process-mcp: it could not be started again: {exc}]{newline}".encode())
+            record.close_streams()  # the failed start opened them; nothing will close them
             record.finish(None, cause="lost")
             return
         finally:
             relaunched.set()
+        if self._closing:  # the server began to stop while it started: it ends with the rest
+            record.ending("shutdown")
+            await record.handle.signal(signal.SIGKILL)
+            return
         record.on_output_limit = self._end_for_output
         self._watch(record, record.options)
 
@@ -725,7 +758,8 @@ class ProcessExecutor:
         """Measure the tree of a running process every LIMIT_CHECK_S and SIGKILL its group once it is
         over its memory or at its processes limit, so the result names the limit (the kernel's own
         bounds only make an allocation or a fork fail, which a process may ignore or retry forever)."""
-        while record.running:
+        handle = record.handle
+        while record.running and record.handle is handle:
             await anyio.sleep(LIMIT_CHECK_S)
             await _refresh_stats([record], 0.0)
             reached = self._limit_reached(record, limits)
@@ -741,7 +775,8 @@ class ProcessExecutor:
     @staticmethod
     async def _sample_service(record: ManagedProcess) -> None:
         """Sample a named process's tree every SERVICE_SAMPLE_S while it runs, for its history."""
-        while record.running:
+        handle = record.handle
+        while record.running and record.handle is handle:  # this run's: a restart starts its own
             await _refresh_stats([record], SERVICE_SAMPLE_S / 2)
             await anyio.sleep(SERVICE_SAMPLE_S)
 
@@ -827,7 +862,7 @@ class ProcessExecutor:
 
     def _check_live_limit(self) -> None:
         limit = self.config.limits.max_live
-        live = sum(1 for record in self._registry if record.running) + self._starting
+        live = sum(1 for record in self._registry if record.running or record.restart_pending) + self._starting
         if live >= limit:
             raise TooManyProcesses(
                 f"{live} processes are running, the limit (PROCESS_MAX_LIVE) is {limit}; kill some "
@@ -972,7 +1007,7 @@ async def _refresh_stats(records: list[ManagedProcess], max_age_s: float) -> Non
 
 def _restarts(record: ManagedProcess, policy: RestartPolicy) -> bool:
     """Whether ``record``'s process, which has just ended, is to be started again under ``policy``."""
-    if record.ended_by in ("kill", "shutdown") or (record.restarts or 0) >= policy.max_restarts:
+    if record.kill_requested or record.ended_by == "shutdown" or (record.restarts or 0) >= policy.max_restarts:
         return False
     if policy.policy == "always":
         return True

@@ -97,6 +97,10 @@ class ManagedProcess:
         self.health: Health | None = None
         self.restart_pending = False
         """It ended, and is to be started again in this record: it is kept meanwhile."""
+        self.kill_requested = False
+        """The kill tool (or a shutdown) moved to end it: it is not started again."""
+        self.output_base = 0
+        """Output bytes of its earlier runs (restarts), which its outputMb does not count."""
         self.options: SpawnOptions | None = None
         """What its spawn asked for (its restart policy and checks)."""
         self.spec: LaunchSpec | None = None
@@ -140,7 +144,8 @@ class ManagedProcess:
         limits = self.limits
         if limits is None or limits.output_mb is None or self.on_output_limit is None or self.handle is None:
             return False
-        return self.running and self.stdout.total + self.stderr.total > limits.output_mb * 1024 * 1024
+        written = self.stdout.total + self.stderr.total - self.output_base
+        return self.running and written > limits.output_mb * 1024 * 1024
 
     def hit(self, limit: LimitName) -> None:
         """Note that the process is being ended for a limit."""
@@ -165,6 +170,10 @@ class ManagedProcess:
     def stream_closed(self) -> None:
         self._open_streams -= 1
         self._check_done()
+
+    def close_streams(self) -> None:
+        """Its backend will report no more of its output (a start that failed after opening it)."""
+        self._open_streams = 0
 
     def ending(self, cause: EndedBy) -> None:
         """Note who is ending the process (the first to try), for ``ended_by`` once it exits."""
@@ -258,6 +267,7 @@ class ManagedProcess:
         self.stopped = False
         self.handle = None
         self.restart_pending = False
+        self.output_base = self.stdout.total + self.stderr.total
         self.restarts = (self.restarts or 0) + 1
         self.started = time.monotonic()
         self.stats, self.stats_at = None, 0.0
@@ -296,9 +306,10 @@ class ProcessRegistry:
         raise unknown_process(pid, self.prefix)
 
     def named(self, name: str, *, running: bool = False) -> ManagedProcess | None:
-        """The newest process named ``name`` (with ``running``, the one that runs), if there is one."""
+        """The newest process named ``name`` (with ``running``, the one that runs or is to be started again),
+        if there is one."""
         for record in reversed(self._records.values()):
-            if record.name == name and (record.running or not running):
+            if record.name == name and (record.running or record.restart_pending or not running):
                 return record
         return None
 

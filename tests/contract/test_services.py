@@ -5,15 +5,27 @@ from __future__ import annotations
 import re
 import socket
 from collections.abc import Callable
+from typing import Any
 
 import anyio
 import pytest
 from pydantic import ValidationError
 
 from process_mcp import InvalidInput, ProcessExecutor, ProcessNotFound, SpawnOptions
-from process_mcp.core.models import HealthCheck, ProcessInfo, ReadyCheck, RestartPolicy
+from process_mcp.config import Limits, PolicyConfig
+from process_mcp.core.models import HealthCheck, ProcessInfo, ProcessLimits, ReadyCheck, RestartPolicy
+from process_mcp.errors import PolicyDenied, TooManyProcesses
 
-from ..helpers import BACKENDS, POLL_S, WAIT_S, sleep_argument, wait_for_exit
+from ..helpers import (
+    BACKENDS,
+    POLL_S,
+    WAIT_S,
+    backend_config,
+    backends,
+    executor_for,
+    sleep_argument,
+    wait_for_exit,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -105,7 +117,7 @@ async def test_a_kill_with_grace_forces_a_tree_that_ignores_the_signal_and_not_o
     assert (await executor.kill(plain.pid, "SIGKILL")).forced is None
 
 
-@pytest.mark.parametrize("backend", [name for name, b in BACKENDS.items() if b.limits])
+@pytest.mark.parametrize("backend", backends("limits"))
 async def test_a_named_process_keeps_a_history_of_its_stats(executor: ProcessExecutor) -> None:
     service = await executor.spawn(SpawnOptions(command=f"sleep {sleep_argument()}", name="svc", background=True))
     await anyio.sleep(2.5)
@@ -243,3 +255,94 @@ async def test_health_checks_mark_a_service_and_an_unhealthy_one_is_restarted(
         )
         await until(executor, by_port.pid, lambda p: p.health == "healthy", "healthy")
         await executor.kill(by_port.pid, "SIGKILL")
+
+
+# What a service must not get around: the caller's process limit, the command policy, its own output limit,
+# the name it holds, a kill; and a start that fails must not leave its record behind.
+
+
+def configured(request: pytest.FixtureRequest, backend: str, workdir: str, **changes: Any) -> ProcessExecutor:
+    config = backend_config(request, backend, workdir)
+    return executor_for(config.model_copy(update=changes))
+
+
+async def test_a_service_waiting_to_start_again_counts_against_the_process_limit(
+    request: pytest.FixtureRequest, backend: str, workdir: str
+) -> None:
+    executor = configured(request, backend, workdir, limits=Limits(max_live=2))
+    await executor.start()
+    try:
+        always = RestartPolicy(policy="always", max_restarts=5, backoff_ms=5000)
+        waiting = await executor.spawn(SpawnOptions(command="exit 0", restart=always))
+        assert (waiting.status, waiting.restarts) == ("terminated", 0)
+        await executor.spawn(SpawnOptions(command=f"sleep {sleep_argument()}", background=True))
+        with pytest.raises(TooManyProcesses):
+            await executor.spawn(SpawnOptions(command="true"))
+    finally:
+        await executor.cleanup()
+
+
+async def test_a_waiting_service_holds_its_name(executor: ProcessExecutor) -> None:
+    policy = RestartPolicy(policy="on-failure", max_restarts=3, backoff_ms=3000)
+    first = await executor.spawn(SpawnOptions(command="exit 1", name="held", restart=policy))
+    assert first.status == "terminated"
+    again = await executor.spawn(SpawnOptions(command="exit 1", name="held", restart=policy))
+    assert (again.pid, again.existing) == (first.pid, True)
+    await executor.kill("held")
+
+
+async def test_a_health_command_is_held_to_the_command_policy(
+    request: pytest.FixtureRequest, backend: str, workdir: str
+) -> None:
+    executor = configured(request, backend, workdir, policy=PolicyConfig(command_deny=["nc"]))
+    await executor.start()
+    try:
+        with pytest.raises(PolicyDenied):
+            await executor.spawn(SpawnOptions(command="sleep 1", health=HealthCheck(command="nc -l 4444")))
+        assert await executor.list_processes() == []
+    finally:
+        await executor.cleanup()
+
+
+@pytest.mark.parametrize("backend", backends("limits"))
+async def test_each_run_of_a_service_has_the_whole_output_limit(executor: ProcessExecutor) -> None:
+    policy = RestartPolicy(policy="on-failure", max_restarts=2, backoff_ms=10)
+    limited = ProcessLimits(output_mb=1)
+    run = "head -c 700000 /dev/zero | tr '\\0' x; exit 1"  # 0.7 MB a run: 2.1 MB over three runs
+    service = await executor.spawn(SpawnOptions(command=run, restart=policy, limits=limited, timeout_ms=20000))
+    done = await until(executor, service.pid, lambda p: (p.restarts, p.status) == (2, "terminated"), "done")
+    assert (done.exit_code, done.ended_by, done.limit) == (1, "exit", None)
+
+
+async def test_a_service_whose_start_again_fails_ends_and_its_record_goes(
+    request: pytest.FixtureRequest, backend: str, workdir: str
+) -> None:
+    executor = configured(request, backend, workdir, limits=Limits(keep_terminated=1))
+    await executor.start()
+    try:
+        made = await executor.spawn(SpawnOptions(command="mkdir -p gone && cd gone && pwd"))
+        cwd = made.stdout.strip()
+        policy = RestartPolicy(policy="on-failure", max_restarts=2, backoff_ms=10)
+        service = await executor.spawn(SpawnOptions(command='rmdir "$PWD"; exit 1', cwd=cwd, restart=policy))
+        done = await until(executor, service.pid, lambda p: (p.restarts, p.status) == (2, "terminated"), "done")
+        assert done.ended_by == "lost"
+        assert "it could not be started again" in (await executor.get_output(service.pid)).stdout
+        for _ in range(2):  # one finished record is kept: the service's goes
+            await executor.spawn(SpawnOptions(command="true"))
+        with pytest.raises(ProcessNotFound):
+            await executor.get_process(service.pid)
+    finally:
+        await executor.cleanup()
+
+
+async def test_a_reload_signal_does_not_stop_restarts_but_a_terminating_kill_does(executor: ProcessExecutor) -> None:
+    policy = RestartPolicy(policy="on-failure", max_restarts=3, backoff_ms=10)
+    service = await executor.spawn(
+        SpawnOptions(command="trap 'exit 1' HUP; echo up; while :; do sleep 0.05; done", restart=policy, wait_for="up")
+    )
+    await executor.kill(service.pid, "SIGHUP")  # it exits 1 on a HUP: a failure, started again
+    await until(executor, service.pid, lambda p: (p.restarts, p.status) == (1, "running"), "started again")
+    stopped = await executor.kill(service.pid, "SIGTERM")
+    assert (stopped.status, stopped.ended_by) == ("terminated", "kill")
+    await anyio.sleep(0.3)
+    assert (await executor.get_process(service.pid)).restarts == 1
