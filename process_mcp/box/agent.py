@@ -334,6 +334,20 @@ class Agent:
         finally:
             self.splicing = (fd, left, offset) if left else None
 
+    def _list_ports(self, seq: int) -> None:
+        """The ports each process's tree listens on (read as the processes' user, whose fds they are)."""
+        ports: dict[str, list[int]] = {}
+        with supervisor.as_processes_user():
+            sockets = proc.listening_sockets()
+            if sockets:
+                children = proc.process_children()
+                for process in self.processes.values():
+                    if process.status >= 0:
+                        found = proc.listening_ports(proc.descendants(process.supervisor, children), sockets)
+                        if found:
+                            ports[str(process.channel)] = found
+        self.send(protocol.message(protocol.PORTS, 0, seq=seq, ports=ports))
+
     def _owed_by_file(self, fd: int, left: int, offset: int) -> bytes:
         """The ``left`` bytes from ``offset`` of the output file ``fd`` that a frame on the stream owes."""
         for kept in outfiles.each(self.files):
@@ -455,6 +469,12 @@ class Agent:
             self._read_file(channel, protocol.fields(payload))
         elif kind == protocol.FORGET_FILES:
             self._forget_files(channel)
+        elif kind == protocol.LIST_PORTS:
+            self._list_ports(int(protocol.fields(payload)["seq"]))
+        elif kind == protocol.FORWARD:
+            if channel < protocol.FORWARD_BASE:
+                raise protocol.ProtocolError(f"a forward on channel {channel}, below FORWARD_BASE")
+            self.tunnels.forward(channel, int(protocol.fields(payload)["port"]))
         elif kind == protocol.PROBE:
             request = protocol.fields(payload)
             path = request.get("path")

@@ -168,6 +168,11 @@ class AgentConnection:
         self.name = name
         self.same_pids = False
         """Whether the box's pids are this machine's (the agent runs here), so /proc can be read for stats."""
+        self.same_network = False
+        """Whether the box's loopback is this machine's, so a port in the box is reached here as it is."""
+        self._last_forward = protocol.FORWARD_BASE - 1  # the server numbers forwards upwards from FORWARD_BASE
+        self._ports_answer: tuple[float, dict[int, list[int]] | None] | None = None
+        self._ports_query: asyncio.Future[dict[int, list[int]] | None] | None = None
         self.hello: dict[str, Any] = {}
         self._channel = channel
         self._fd = channel.read_fd
@@ -345,6 +350,50 @@ class AgentConnection:
         channels = fields.get("stopped")
         return frozenset(c for c in channels if type(c) is int) if isinstance(channels, list) else None
 
+    async def listening_ports(self) -> dict[int, list[int]] | None:
+        """The ports each process's tree listens on in the box (by process channel), as the agent reads its
+        network tables: one question for every caller meanwhile and for STOPPED_FRESH_S after (the rows of
+        one ps); None when it cannot be told."""
+        if self._ports_answer is not None and time.monotonic() - self._ports_answer[0] < STOPPED_FRESH_S:
+            return self._ports_answer[1]
+        if self._ports_query is None:
+            query = asyncio.ensure_future(self._ask_ports())
+            self._ports_query = query
+            query.add_done_callback(lambda _: setattr(self, "_ports_query", None))
+        return await asyncio.shield(self._ports_query)
+
+    async def _ask_ports(self) -> dict[int, list[int]] | None:
+        seq = self.next_seq()
+        answer = self._expect(protocol.PORTS, 0, seq)
+        try:
+            await self._send(protocol.message(protocol.LIST_PORTS, 0, seq=seq))
+            fields = await self._answer(answer, REQUEST_TIMEOUT_S, "list ports")
+        except AgentUnavailable:
+            return None
+        found = fields.get("ports")
+        ports: dict[int, list[int]] = {}
+        for channel, listed in list(found.items() if isinstance(found, dict) else ())[:4096]:
+            if isinstance(channel, str) and channel.isdigit() and isinstance(listed, list):
+                ports[int(channel)] = [p for p in listed[:64] if type(p) is int and 0 < p < 65536]
+        told = ports if isinstance(found, dict) else None
+        self._ports_answer = (time.monotonic(), told)
+        return told
+
+    async def forward(self, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Carry the connection (``reader``, ``writer``) to loopback ``port`` in the box, through the agent.
+        Raises AgentUnavailable."""
+        if len(self._tunnels) >= protocol.MAX_TUNNELS:
+            writer.close()
+            return
+        self._last_forward += 1
+        channel = self._last_forward
+
+        async def connected() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            return reader, writer
+
+        self._tunnels[channel] = _Tunnel(self, channel, connected)
+        await self._send(protocol.message(protocol.FORWARD, channel, port=port))
+
     def next_seq(self) -> int:
         """A sequence number for a request whose answer the agent numbers the same way."""
         self._seq_issued += 1
@@ -449,7 +498,7 @@ class AgentConnection:
             self._resolve(protocol.BYE, 0, 0, {})
         elif kind == protocol.BYE:
             raise protocol.ProtocolError("it said BYE, but the server had not asked it to shut down")
-        elif kind == protocol.STOPPED:
+        elif kind in (protocol.STOPPED, protocol.PORTS):
             answer = protocol.fields(bytes(payload))
             self._resolve(kind, 0, _number(answer, "seq", 1, self._seq_issued), answer)
         else:
@@ -533,7 +582,10 @@ class AgentConnection:
             future.set_result(answer)
 
     def _tunnel_frame(self, kind: int, channel: int, payload: bytes | memoryview) -> None:
-        if kind == protocol.TUNNEL_OPEN:
+        if channel >= protocol.FORWARD_BASE:  # the server's own: never opened by the agent
+            if kind == protocol.TUNNEL_OPEN or channel > self._last_forward:
+                raise protocol.ProtocolError(f"a frame of kind {kind} for forward {channel}, which it never got")
+        elif kind == protocol.TUNNEL_OPEN:
             if self._proxy is None:
                 raise protocol.ProtocolError(f"it opened tunnel {channel}, but the server asked for no proxy")
             if channel <= self._last_tunnel:
@@ -545,7 +597,7 @@ class AgentConnection:
             return
         if kind not in (protocol.TUNNEL_DATA, protocol.TUNNEL_ACK, protocol.TUNNEL_CLOSE):
             raise protocol.ProtocolError(f"a frame of kind {kind} for tunnel {channel}")
-        if channel > self._last_tunnel:
+        if self._last_tunnel < channel < protocol.FORWARD_BASE:
             raise protocol.ProtocolError(f"a frame for tunnel {channel}, which it never opened")
         tunnel = self._tunnels.get(channel)
         if tunnel is None:
@@ -658,6 +710,7 @@ class AgentProcess(ProcessHandle):
         self.has_exited = False
         self.files: dict[int, str] = {}
         """The output files in the box (``outfiles``): stream number -> path."""
+        self._forwards: dict[int, asyncio.Server] = {}  # port in the box -> its listener here
         self.bases = {1: record.stdout.total, 2: record.stderr.total}
         """Where in each stream its file starts: a process started again in its record (a restart) has
         files of its own, from where the stream stood then."""
@@ -685,6 +738,7 @@ class AgentProcess(ProcessHandle):
         if self.has_exited:
             return
         self.has_exited = True
+        self._close_forwards()
         if "signal" in answer:
             self.record.finish(None, int(answer["signal"]))
         elif answer.get("lost"):  # its supervisor was killed; the agent ended what was left of its tree
@@ -698,6 +752,7 @@ class AgentProcess(ProcessHandle):
         end it, else (the server closed the stream) only if nothing had."""
         for stream in list(self.open_streams):
             self.stream_closed(stream)
+        self._close_forwards()
         if not self.has_exited:
             self.has_exited = True
             if override:
@@ -816,6 +871,41 @@ class AgentProcess(ProcessHandle):
     def output_file(self, stream: int) -> str | None:
         return self.files.get(stream)
 
+    async def ports(self) -> list[int] | None:
+        if not self.connection.alive or not self.leader or self.has_exited:
+            return None
+        listening = await self.connection.listening_ports()
+        return None if listening is None else listening.get(self.number, [])
+
+    async def port_url(self, port: int) -> str | None:
+        connection = self.connection
+        if connection.same_network:
+            return f"http://127.0.0.1:{port}/"
+        forward = self._forwards.get(port)
+        if forward is None:
+            # A listener on this machine's loopback, each connection carried by the agent to the port in
+            # the box: opened at the first listing, closed with the process.
+
+            async def carry(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                if not connection.alive or self.has_exited:
+                    writer.close()
+                    return
+                try:
+                    await connection.forward(port, reader, writer)
+                except AgentUnavailable:
+                    writer.close()
+
+            try:
+                forward = await asyncio.start_server(carry, "127.0.0.1", 0)
+            except OSError as exc:
+                logger.warning("could not forward port %d of %s: %s", port, self.record.pid, exc)
+                return None
+            self._forwards[port] = forward
+            logger.info(
+                "%s: port %d forwarded from 127.0.0.1:%d", self.record.pid, port, forward.sockets[0].getsockname()[1]
+            )
+        return f"http://127.0.0.1:{forward.sockets[0].getsockname()[1]}/"
+
     async def probe(self, port: int, path: str | None, timeout_s: float) -> tuple[bool, str] | None:
         connection = self.connection
         if not connection.alive:
@@ -862,7 +952,14 @@ class AgentProcess(ProcessHandle):
         self.close()
 
     def close(self) -> None:
+        self._close_forwards()
         self.detach()
+
+    def _close_forwards(self) -> None:
+        """Stop forwarding to its ports: it has ended (connections already carried end with their ends)."""
+        for forward in self._forwards.values():
+            forward.close()
+        self._forwards.clear()
         if self._state is not None:
             self._state.close()
         if self.files and self.connection.alive:  # the files go with the record

@@ -103,6 +103,7 @@ class LocalAgent:
         process = popen() if start_in is None else await start_in(popen)
         connection = AgentConnection(_Pipes(process), name)
         connection.same_pids = box is None
+        connection.same_network = box is None
         agent = cls(process, connection)
         try:
             await agent.connection.connect(bootstrap_payload())

@@ -317,3 +317,47 @@ def process_group(pid: int) -> int | None:
             return int(file.read().rsplit(b")", 1)[1].split()[2])
     except (OSError, IndexError, ValueError):
         return None
+
+
+LISTEN = "0A"
+"""A TCP socket's state in /proc/net/tcp when it listens."""
+MAX_LISTED_PORTS = 64
+"""Most listening ports told for one process's tree."""
+
+
+def listening_sockets() -> dict[int, int]:
+    """The TCP sockets that listen in this network namespace: socket inode -> port."""
+    found: dict[int, int] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as file:
+                next(file, None)  # the heading
+                for line in file:
+                    fields = line.split()
+                    if len(fields) > 9 and fields[3] == LISTEN:
+                        found[int(fields[9])] = int(fields[1].rsplit(":", 1)[1], 16)
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def listening_ports(pids: list[int], sockets: dict[int, int]) -> list[int]:
+    """The ports of ``sockets`` that a process of ``pids`` holds, in order, each once."""
+    ports: set[int] = set()
+    for pid in pids:
+        try:
+            descriptors = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for descriptor in descriptors:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{descriptor}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                port = sockets.get(int(target[8:-1]))
+                if port is not None:
+                    ports.add(port)
+        if len(ports) >= MAX_LISTED_PORTS:
+            break
+    return sorted(ports)[:MAX_LISTED_PORTS]

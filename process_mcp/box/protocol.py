@@ -47,6 +47,12 @@ READ_FILE = 11
 with FILE_BYTES."""
 FORGET_FILES = 12
 """The server let go of the process: close and remove its output files. Not answered."""
+LIST_PORTS = 14
+"""Channel 0, {seq}: the TCP ports the processes' trees listen on; answered with PORTS."""
+FORWARD = 15
+"""{port} on a channel from FORWARD_BASE up, which the server numbers: connect to loopback ``port`` in the
+box and carry the connection as a tunnel on that channel (TUNNEL_DATA, TUNNEL_ACK, TUNNEL_CLOSE), for a
+client of the server that reaches a port in the box."""
 PROBE = 13
 """{seq, port, path, timeout_s}: whether something in the box accepts a connection on loopback ``port``
 (127.0.0.1, then ::1), and with ``path`` (or null) answers an HTTP GET of it with 2xx or 3xx; answered
@@ -88,6 +94,8 @@ FILE_BYTES = 76
 PROBED = 78
 """{seq, ok, status, error}: the PROBE's answer: ``status`` the HTTP status, ``error`` why not (refused,
 timeout, closed, not http, busy)."""
+PORTS = 79
+"""Channel 0, {seq, ports}: ``ports`` maps process channels (as strings) to the ports their trees listen on."""
 OUTPUT_FILE = 77
 """{stream, path}: the stream's output file (``outfiles``) was made, at its first output, ahead of that
 output: where the SPAWN asked for it ({files: {"1": path, "2": path}, file_room}) and it could be made,
@@ -104,6 +112,8 @@ TUNNEL_CLOSE = 83
 """Either way: that side sends no more (its end of the connection ended or failed)."""
 TUNNEL_BASE = 1 << 31
 """First tunnel channel; process channels are the server's process numbers, far below it."""
+FORWARD_BASE = TUNNEL_BASE + (1 << 30)
+"""First channel of a forward (FORWARD), which the server opens; tunnels the agent opens stay below it."""
 TUNNEL_WINDOW = 256 * 1024
 """Bytes either end may have in flight per tunnel: what bounds a tunnel's memory at the other end."""
 MAX_TUNNELS = 128

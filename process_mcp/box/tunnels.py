@@ -11,6 +11,7 @@ library only, and syntax Python 3.8 parses.
 from __future__ import annotations
 
 import contextlib
+import errno
 import selectors
 import socket
 import sys
@@ -71,6 +72,22 @@ class Tunnels:
         listener.setblocking(False)
         self.listener = listener
         self._accept_while_room()
+
+    def forward(self, channel: int, port: int) -> None:
+        """Connect to loopback ``port`` (127.0.0.1, else ::1) and carry the connection on ``channel``."""
+        for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            if not 0 < port < 65536 or len(self.open) >= protocol.MAX_TUNNELS:
+                break
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            if sock.connect_ex((host, port)) in (0, errno.EINPROGRESS):
+                tunnel = Tunnel(channel, sock)
+                self.open[sock.fileno()] = tunnel
+                self._watch(tunnel)
+                return
+            sock.close()
+        # Nothing there: the forward ends at once, from both sides as the server counts it.
+        self.send(protocol.frame(protocol.TUNNEL_CLOSE, channel), b"")
 
     def handle(self, kind: int, channel: int, payload: bytes) -> None:
         """A TUNNEL_DATA, TUNNEL_ACK or TUNNEL_CLOSE frame from the server."""

@@ -41,6 +41,7 @@ from .models import (
     HealthCheck,
     KillResult,
     LimitName,
+    PortInfo,
     ProcessInfo,
     ProcessLimits,
     ProcessOutput,
@@ -444,7 +445,8 @@ class ProcessExecutor:
         record = self._registry.get(pid)
         await _refresh_stats([record], 0.0)
         await _refresh_stopped([record])
-        return record.info()
+        ports = await self._ports([record])
+        return record.info().model_copy(update={"ports": ports.get(record.pid)})
 
     async def list_processes(self, *, stats: bool = False, group: str | None = None) -> list[ProcessInfo]:
         """Every running process and the most recently finished ones, oldest first (with ``group``, those of
@@ -452,10 +454,29 @@ class ProcessExecutor:
         is older than STATS_MAX_AGE_S)."""
         records = [record for record in self._registry if group is None or record.group == group]
         await _refresh_stopped(records)
-        if not stats:
-            return [record.info(stats=False) for record in records]
-        await _refresh_stats(records, STATS_MAX_AGE_S)
-        return [record.info() for record in records]
+        ports = await self._ports(records)
+        if stats:
+            await _refresh_stats(records, STATS_MAX_AGE_S)
+        return [record.info(stats=stats).model_copy(update={"ports": ports.get(record.pid)}) for record in records]
+
+    async def _ports(self, records: list[ManagedProcess]) -> dict[str, list[PortInfo]]:
+        """The ports the running ``records``' trees listen on, asked where they run (one question a box),
+        each with a URL that reaches it from this machine for a local (stdio) server."""
+        found: dict[str, list[PortInfo]] = {}
+        local = self.config.service.transport == "stdio"
+
+        async def one(record: ManagedProcess, handle: ProcessHandle) -> None:
+            ports = await handle.ports()
+            if ports:
+                found[record.pid] = [
+                    PortInfo(port=port, url=await handle.port_url(port) if local else None) for port in ports
+                ]
+
+        async with anyio.create_task_group() as tasks:
+            for record in records:
+                if record.running and record.handle is not None:
+                    tasks.start_soon(one, record, record.handle)
+        return found
 
     async def get_output(
         self,

@@ -115,6 +115,15 @@ class ProcessHandle(ABC):
         seen); None where it cannot be told."""
         return None
 
+    async def ports(self) -> list[int] | None:
+        """The TCP ports the process's tree listens on where it runs; None where that cannot be told."""
+        return None
+
+    async def port_url(self, port: int) -> str | None:
+        """A URL that reaches ``port`` (one the tree listens on) from this machine: the port itself where the
+        box's loopback is this machine's, else a forward here, opened now and closed with the process."""
+        return None
+
     async def read_file(self, stream: int, offset: int, size: int) -> bytes | None:
         """Up to ``size`` bytes of stream ``stream``'s output file from ``offset`` (fewer where the file
         ends); None where there is no file or it cannot be read."""

@@ -277,6 +277,18 @@ class ProcessStats(_Wire):
     wall_seconds: float = Field(description="Time since it started (until it ended).")
 
 
+class PortInfo(_Wire):
+    """A TCP port a process's tree listens on in its box."""
+
+    port: int = Field(description="The port, in the box.")
+    url: str | None = Field(
+        None,
+        description="Where a client of a local (stdio) server reaches it: the port itself where the box shares "
+        "this machine's loopback, else a forward on this machine's loopback, open while the process runs. Absent "
+        "over HTTP.",
+    )
+
+
 class ProcessInfo(ExitState, _Labels):
     """One row of ps."""
 
@@ -292,6 +304,9 @@ class ProcessInfo(ExitState, _Labels):
     via: ProcessVia = Field("host", description=_VIA)
     stats: ProcessStats | None = Field(
         None, description="Resources of the process and its descendants; absent where they cannot be read."
+    )
+    ports: list[PortInfo] | None = Field(
+        None, description="The TCP ports its tree listens on in the box, while it runs (where they can be told)."
     )
 
 

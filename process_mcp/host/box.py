@@ -184,6 +184,8 @@ class HostBox:
 
             try:
                 agent = await LocalAgent.start("box", boxing, self._start_in or _in_worker)
+                # Without a network of its own the box's loopback is the host's: its ports are reached there.
+                agent.connection.same_network = not self.sandbox.config.network_restricted
             except AgentUnavailable as exc:
                 self._release_cgroup(cgroups)
                 reason = f"the sandbox did not start: {exc.reason}"

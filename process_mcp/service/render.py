@@ -56,6 +56,8 @@ def ps_text(processes: list[ProcessInfo]) -> str:
             row += f"{confinement(p.sandboxed)}  "
         if p.cwd != cwd:
             row += f"cwd={p.cwd}  "
+        for listened in p.ports or ():
+            row += f"port {listened.port}{f' at {listened.url}' if listened.url else ''}  "
         lines.append(f"{row}$ {p.command}")
     return "\n".join(lines)
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import http.client
+import http.server
 import re
 import socket
+import threading
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from typing import Any
 
@@ -346,3 +351,75 @@ async def test_a_reload_signal_does_not_stop_restarts_but_a_terminating_kill_doe
     assert (stopped.status, stopped.ended_by) == ("terminated", "kill")
     await anyio.sleep(0.3)
     assert (await executor.get_process(service.pid)).restarts == 1
+
+
+async def fetch(url: str) -> bytes:
+    def get() -> bytes:
+        with urllib.request.urlopen(url, timeout=WAIT_S) as answer:
+            return bytes(answer.read())
+
+    return await anyio.to_thread.run_sync(get)
+
+
+async def serve_and_reach(executor: ProcessExecutor) -> None:
+    """A server in the box is listed with its port, and reached from here at the URL ps gives, until it ends."""
+    port = free_port()
+    server = await executor.spawn(
+        SpawnOptions(
+            command=f"mkdir -p site && echo served-from-the-box > site/index.html && "
+            f"exec python3 -m http.server {port} --bind 127.0.0.1 --directory site",
+            ready=ReadyCheck(port=port),
+            timeout_ms=30000,
+        )
+    )
+    assert server.ready, server.ready_detail
+    quiet = await executor.spawn(SpawnOptions(command=f"sleep {sleep_argument()}", background=True))
+    rows = {row.pid: row for row in await executor.list_processes()}
+    assert rows[quiet.pid].ports is None
+    listed = rows[server.pid].ports
+    assert listed is not None
+    assert [p.port for p in listed] == [port]
+    url = listed[0].url
+    assert url is not None
+    assert await fetch(url) == b"served-from-the-box\n"
+    assert (await executor.get_process(server.pid)).ports == listed  # the same forward, not another
+    await executor.kill(server.pid, "SIGKILL")
+    await executor.kill(quiet.pid, "SIGKILL")
+    await wait_for_exit(executor, server.pid)
+    with pytest.raises(urllib.error.URLError):  # the forward (or the port itself) is gone with the process
+        await fetch(url)
+
+
+@pytest.mark.parametrize("backend", backends("output_files"))
+async def test_a_port_a_process_listens_on_is_listed_and_reached_from_here(executor: ProcessExecutor) -> None:
+    await serve_and_reach(executor)
+
+
+async def test_a_port_in_a_box_without_a_network_is_reached_through_the_agent(
+    request: pytest.FixtureRequest, workdir: str
+) -> None:
+    """A box with a network namespace of its own (no network, or a domain list): nothing here reaches its
+    loopback but the forward the agent carries."""
+    config = backend_config(request, "host", workdir)
+    sandbox = config.sandbox.model_copy(update={"allowed_domains": []})
+    executor = executor_for(config.model_copy(update={"sandbox": sandbox}))
+    await executor.start()
+    host = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=host.serve_forever, daemon=True).start()
+    try:
+        await serve_and_reach(executor)
+        # A forward reaches the box's loopback only: the same port number here, a server of this machine's
+        # own loopback, is not what it reaches (the agent connects inside the box's network).
+        alive = await executor.spawn(SpawnOptions(command=f"sleep {sleep_argument()}", background=True))
+        handle = executor._registry.get(alive.pid).handle
+        assert handle is not None
+        url = await handle.port_url(host.server_address[1])
+        assert url is not None
+        assert not url.endswith(f":{host.server_address[1]}/")
+        with pytest.raises((urllib.error.URLError, http.client.RemoteDisconnected, ConnectionError)):
+            await fetch(url)
+        await executor.kill(alive.pid, "SIGKILL")
+    finally:
+        host.shutdown()
+        host.server_close()
+        await executor.cleanup()
