@@ -120,6 +120,8 @@ class ProcessExecutor:
         gauge of the processes running now)."""
         self.on_end: Callable[[ManagedProcess], None] | None = None
         """Called once for each process that has exited and whose output is closed (e.g. to audit it)."""
+        self.on_reach: Callable[[ManagedProcess, int, str], None] | None = None
+        """Called when a port of a process is first given a URL (a forward made): for the audit log."""
         self._naming: dict[str, anyio.Event] = {}  # names whose spawn is starting its process
         self._closing = False  # cleanup has begun
         self._lifetimes: dict[str, asyncio.TimerHandle] = {}  # ends each process at the maximum lifetime
@@ -471,6 +473,11 @@ class ProcessExecutor:
                 found[record.pid] = [
                     PortInfo(port=port, url=await handle.port_url(port) if local else None) for port in ports
                 ]
+            for listed in found.get(record.pid, ()):
+                if listed.url is not None and record.reached.get(listed.port) != listed.url:
+                    record.reached[listed.port] = listed.url
+                    if self.on_reach is not None:
+                        self.on_reach(record, listed.port, listed.url)
 
         async with anyio.create_task_group() as tasks:
             for record in records:

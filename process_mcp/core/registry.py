@@ -105,6 +105,8 @@ class ManagedProcess:
         """What its spawn asked for (its restart policy and checks)."""
         self.spec: LaunchSpec | None = None
         """How it was launched, to launch it again the same way."""
+        self.reached: dict[int, str] = {}
+        """The URLs its ports were given by (a port -> its URL), as told to callers."""
         self.relaunched: anyio.Event | None = None
         """While it is started again: set once it has a handle (or could not be started)."""
         self.history: collections.deque[StatsSample] = collections.deque(maxlen=HISTORY_SAMPLES)

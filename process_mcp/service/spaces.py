@@ -209,8 +209,15 @@ class Spaces:
                     }
                 )
 
+        def reached(record: ManagedProcess, port: int, url: str) -> None:
+            if self.audit is not None:
+                self.audit.write(
+                    {"event": "forward", "principal": principal, "pid": record.pid, "port": port, "url": url}
+                )
+
         executor.on_launch = launched
         executor.on_end = ended
+        executor.on_reach = reached
         return executor
 
     async def _start(self, space: Space) -> None:

@@ -535,6 +535,10 @@ FORGED: dict[str, Callable[[AgentConnection], bytes]] = {
     "file bytes without a sequence number": lambda agent: protocol.frame(
         protocol.FILE_BYTES, agent.last_channel, b"ab"
     ),
+    "data for a forward the server never opened": lambda agent: protocol.frame(
+        protocol.TUNNEL_DATA, protocol.FORWARD_BASE + 1000, b"forged"
+    ),
+    "ports that answer nothing asked": lambda agent: protocol.message(protocol.PORTS, 0, seq=10**9, ports={}),
     "an output file outside the box's /tmp": lambda agent: protocol.message(
         protocol.OUTPUT_FILE, agent.last_channel, stream=1, path="/etc/passwd"
     ),

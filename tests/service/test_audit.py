@@ -199,3 +199,28 @@ async def test_a_process_end_records_its_peak_memory(
     ends = [r for r in records(log) if r["event"] == "end"]
     assert ends[0]["peakRssBytes"] >= 100 * 1024 * 1024
     assert ends[1]["peakRssBytes"] < 50 * 1024 * 1024  # a reused cgroup starts from nothing
+
+
+async def test_every_port_reached_from_outside_the_box_is_recorded(workdir: Path, tmp_path: Path) -> None:
+    """A box without a network of its own: ps gives its server's port a forward, and the log says so."""
+    log = tmp_path / "audit.jsonl"
+    config = audited(workdir, log)
+    config.sandbox = config.sandbox.model_copy(update={"allowed_domains": []})
+    async with await create_process_mcp(config) as mcp, Client(mcp.server, read_timeout_seconds=WAIT_S) as connected:
+        served = await call(
+            connected,
+            "spawn",
+            {
+                "command": "exec python3 -m http.server 8000 --bind 127.0.0.1",
+                "ready": {"port": 8000},
+                "timeoutMs": 30000,
+            },
+        )
+        assert served["ready"] is True
+        for _ in range(2):  # listed twice: one forward, recorded once
+            [row] = (await call(connected, "ps", {}))["processes"]
+        [port] = row["ports"]
+        await mcp.cleanup()
+    forwards = [r for r in records(log) if r["event"] == "forward"]
+    assert forwards == [{**forwards[0], "principal": None, "pid": "host-1", "port": 8000, "url": port["url"]}], forwards
+    assert port["url"] != "http://127.0.0.1:8000/"  # the box's own port 8000, not this machine's
