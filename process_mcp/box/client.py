@@ -954,18 +954,18 @@ class AgentProcess(ProcessHandle):
     def close(self) -> None:
         self._close_forwards()
         self.detach()
-
-    def _close_forwards(self) -> None:
-        """Stop forwarding to its ports: it has ended (connections already carried end with their ends)."""
-        for forward in self._forwards.values():
-            forward.close()
-        self._forwards.clear()
         if self._state is not None:
             self._state.close()
         if self.files and self.connection.alive:  # the files go with the record
             self.files = {}
             forget = protocol.frame(protocol.FORGET_FILES, self.number)
             self.connection.send_later(forget)
+
+    def _close_forwards(self) -> None:
+        """Stop forwarding to its ports: it has ended (connections already carried end with their ends)."""
+        for forward in self._forwards.values():
+            forward.close()
+        self._forwards.clear()
 
 
 class _Tunnel:
