@@ -160,7 +160,11 @@ class ProcessExecutor:
             self._policy.check(options.health.command)  # it runs in the box as often as every 100 ms
         self._check_limits(options.limits)
         wait = self._requested_wait(options.wait_for, options.idle_ms, timeout_s=timeout_s)
-        checks = [check for check in (options.ready, options.health) if check is not None and check.port is not None]
+        checks = [
+            check
+            for check in (options.ready, options.health)
+            if check is not None and (check.port is not None or check.http is not None)
+        ]
         if checks and not self.backend.probes_ports:
             raise InvalidInput(
                 "ready and health by port need the agent in the box, and this Docker container runs each process as "
@@ -259,7 +263,6 @@ class ProcessExecutor:
             assert wait is not None
             ended = await wait_on(record, wait, (0, 0), progress, limiter=self._search_limiter())
             return (None, True, "its output showed the pattern") if ended == "matched" else (ended, False, ended)
-        assert ready.port is not None
         deadline = time.monotonic() + timeout_s
         detail = "not checked yet"
         while True:
@@ -269,12 +272,22 @@ class ProcessExecutor:
                 return "exited", False, f"it exited first (last check: {detail})"
             if left <= 0:
                 return "timeout", False, f"not ready within the timeout (last check: {detail})"
-            seen = await handle.probe(ready.port, ready.http, min(PROBE_TIMEOUT_S, left))
-            if seen is None:
+            # Without a port, a path is asked of each port its tree listens on (none yet: not ready).
+            ports = [ready.port] if ready.port is not None else await handle.ports()
+            if ports is None:
                 return None, False, "its ports cannot be checked here (no agent in the box): use ready {pattern}"
-            ok, detail = seen
-            if ok:
-                return None, True, f"port {ready.port}: {detail}"
+            if not ports:
+                detail = "it listens on no port yet"
+            for port in ports:
+                seen = await handle.probe(
+                    port, ready.http, min(PROBE_TIMEOUT_S, max(0.01, deadline - time.monotonic()))
+                )
+                if seen is None:
+                    return None, False, "its ports cannot be checked here (no agent in the box): use ready {pattern}"
+                ok, detail = seen
+                detail = f"port {port}: {detail}"
+                if ok:
+                    return None, True, detail
             await record.wait(min(READY_POLL_S, max(0.0, deadline - time.monotonic())))
 
     async def _watch_health(self, record: ManagedProcess, check: HealthCheck) -> None:
@@ -314,9 +327,13 @@ class ProcessExecutor:
         handle = record.handle
         if handle is None:
             return False
-        if check.port is not None:
-            seen = await handle.probe(check.port, check.http, min(PROBE_TIMEOUT_S, check.interval_ms / 1000))
-            return seen is not None and seen[0]
+        if check.port is not None or check.http is not None:
+            ports = [check.port] if check.port is not None else await handle.ports() or []
+            for port in ports:
+                seen = await handle.probe(port, check.http, min(PROBE_TIMEOUT_S, check.interval_ms / 1000))
+                if seen is not None and seen[0]:
+                    return True
+            return False
         assert check.command is not None
         assert record.spec is not None
         # Run in the box as a process is, but kept out of ps: its own record, dropped when it is done.

@@ -93,16 +93,17 @@ class ReadyCheck(_Wire):
         None,
         pattern=r"^/[!-~]*$",
         max_length=2048,
-        description="With port: a path (e.g. '/health') that must answer an HTTP GET with 2xx or 3xx.",
+        description="A path (e.g. '/health') that must answer an HTTP GET with 2xx or 3xx: on port, or without "
+        "it on any port its tree listens on.",
     )
     pattern: str | None = Field(None, max_length=4096, description="A regular expression its output must show.")
 
     @model_validator(mode="after")
     def _one_check(self) -> ReadyCheck:
-        if (self.port is None) == (self.pattern is None):
-            raise ValueError("ready takes a port (with http, a path on it) or a pattern, one of them")
-        if self.http is not None and self.port is None:
-            raise ValueError("ready's http is a path on its port: give the port too")
+        if (self.port is None and self.http is None) == (self.pattern is None):
+            raise ValueError(
+                "ready takes a port, an http path (on its port, or on any port it listens on) or a pattern, one of them"
+            )
         return self
 
 
@@ -113,7 +114,10 @@ class HealthCheck(_Wire):
         None, ge=1, le=65535, description="A loopback port in the box that must accept connections."
     )
     http: str | None = Field(
-        None, pattern=r"^/[!-~]*$", max_length=2048, description="With port: a path that must answer 2xx or 3xx."
+        None,
+        pattern=r"^/[!-~]*$",
+        max_length=2048,
+        description="A path that must answer 2xx or 3xx: on port, or without it on a port its tree listens on.",
     )
     command: str | None = Field(
         None, max_length=4096, description="A shell command run in the box (as a process is) that must exit 0."
@@ -123,10 +127,11 @@ class HealthCheck(_Wire):
 
     @model_validator(mode="after")
     def _one_check(self) -> HealthCheck:
-        if (self.port is None) == (self.command is None):
-            raise ValueError("health takes a port (with http, a path on it) or a command, one of them")
-        if self.http is not None and self.port is None:
-            raise ValueError("health's http is a path on its port: give the port too")
+        if (self.port is None and self.http is None) == (self.command is None):
+            raise ValueError(
+                "health takes a port, an http path (on its port, or on any port it listens on) or a command, "
+                "one of them"
+            )
         return self
 
 

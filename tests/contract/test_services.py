@@ -168,6 +168,12 @@ async def test_a_server_is_ready_once_its_port_and_path_answer(executor: Process
     again = await executor.spawn(SpawnOptions(command=server, name="web", ready=ReadyCheck(port=port)))
     assert (again.pid, again.existing) == (result.pid, True)
     await executor.kill("web", "SIGKILL")
+    # A path without a port: asked of whatever port it comes to listen on.
+    other = free_port()
+    late = f"sleep 0.3; exec python3 -m http.server {other} --bind 127.0.0.1"
+    found = await executor.spawn(SpawnOptions(command=late, ready=ReadyCheck(http="/"), timeout_ms=30000))
+    assert (found.ready, found.ready_detail) == (True, f"port {other}: HTTP 200")
+    await executor.kill(found.pid, "SIGKILL")
 
 
 async def test_ready_says_why_not_when_the_process_exits_or_the_pattern_never_comes(
@@ -188,9 +194,9 @@ async def test_ready_says_why_not_when_the_process_exits_or_the_pattern_never_co
     assert (late.ready, late.wait_result) == (False, "timeout")
     for pid in (shown.pid, late.pid):
         await executor.kill(pid, "SIGKILL")
-    with pytest.raises(ValidationError, match=r"a port .* or a pattern"):
+    with pytest.raises(ValidationError, match=r"a port.* or a pattern"):
         ReadyCheck(port=80, pattern="x")
-    with pytest.raises(ValidationError, match="give the port too"):
+    with pytest.raises(ValidationError, match="one of them"):
         ReadyCheck(http="/", pattern="x")
 
 
@@ -253,7 +259,7 @@ async def test_health_checks_mark_a_service_and_an_unhealthy_one_is_restarted(
         by_port = await executor.spawn(
             SpawnOptions(
                 command=f"exec python3 -m http.server {port} --bind 127.0.0.1",
-                health=HealthCheck(port=port, http="/", interval_ms=200),
+                health=HealthCheck(http="/", interval_ms=200),  # on whatever port it listens on
                 ready=ReadyCheck(port=port),
                 timeout_ms=30000,
             )
