@@ -160,11 +160,7 @@ class ProcessExecutor:
             self._policy.check(options.health.command)  # it runs in the box as often as every 100 ms
         self._check_limits(options.limits)
         wait = self._requested_wait(options.wait_for, options.idle_ms, timeout_s=timeout_s)
-        checks = [
-            check
-            for check in (options.ready, options.health)
-            if check is not None and (check.port is not None or check.http is not None)
-        ]
+        checks = [check for check in (options.ready, options.health) if check is not None and check.by_port]
         if checks and not self.backend.probes_ports:
             raise InvalidInput(
                 "ready and health by port need the agent in the box, and this Docker container runs each process as "
@@ -272,22 +268,12 @@ class ProcessExecutor:
                 return "exited", False, f"it exited first (last check: {detail})"
             if left <= 0:
                 return "timeout", False, f"not ready within the timeout (last check: {detail})"
-            # Without a port, a path is asked of each port its tree listens on (none yet: not ready).
-            ports = [ready.port] if ready.port is not None else await handle.ports()
-            if ports is None:
+            seen = await _probe_check(handle, ready, PROBE_TIMEOUT_S, deadline)
+            if seen is None:
                 return None, False, "its ports cannot be checked here (no agent in the box): use ready {pattern}"
-            if not ports:
-                detail = "it listens on no port yet"
-            for port in ports:
-                seen = await handle.probe(
-                    port, ready.http, min(PROBE_TIMEOUT_S, max(0.01, deadline - time.monotonic()))
-                )
-                if seen is None:
-                    return None, False, "its ports cannot be checked here (no agent in the box): use ready {pattern}"
-                ok, detail = seen
-                detail = f"port {port}: {detail}"
-                if ok:
-                    return None, True, detail
+            ok, detail = seen
+            if ok:
+                return None, True, detail
             await record.wait(min(READY_POLL_S, max(0.0, deadline - time.monotonic())))
 
     async def _watch_health(self, record: ManagedProcess, check: HealthCheck) -> None:
@@ -327,13 +313,9 @@ class ProcessExecutor:
         handle = record.handle
         if handle is None:
             return False
-        if check.port is not None or check.http is not None:
-            ports = [check.port] if check.port is not None else await handle.ports() or []
-            for port in ports:
-                seen = await handle.probe(port, check.http, min(PROBE_TIMEOUT_S, check.interval_ms / 1000))
-                if seen is not None and seen[0]:
-                    return True
-            return False
+        if check.by_port:
+            seen = await _probe_check(handle, check, min(PROBE_TIMEOUT_S, check.interval_ms / 1000))
+            return seen is not None and seen[0]
         assert check.command is not None
         assert record.spec is not None
         # Run in the box as a process is, but kept out of ps: its own record, dropped when it is done.
@@ -1048,6 +1030,27 @@ async def _refresh_stats(records: list[ManagedProcess], max_age_s: float) -> Non
         record.stats_at = taken
         record.peak_rss = max(sample.rss_bytes, record.peak_rss or 0)
         record.history.append(StatsSample(**record.stats.model_dump(), at=_utc_now()))
+
+
+async def _probe_check(
+    handle: ProcessHandle, check: ReadyCheck | HealthCheck, timeout_s: float, deadline: float | None = None
+) -> tuple[bool, str] | None:
+    """Whether ``check``'s port answers where the process runs (without a port, a path is asked of each port
+    its tree listens on, and none yet is a no): (yes or no, what was seen); None where ports cannot be
+    checked. Each probe takes at most ``timeout_s``, and ends by ``deadline`` (monotonic) if given."""
+    ports = [check.port] if check.port is not None else await handle.ports()
+    if ports is None:
+        return None
+    detail = "it listens on no port yet"
+    for port in ports:
+        left = timeout_s if deadline is None else min(timeout_s, max(0.01, deadline - time.monotonic()))
+        seen = await handle.probe(port, check.http, left)
+        if seen is None:
+            return None
+        ok, detail = seen[0], f"port {port}: {seen[1]}"
+        if ok:
+            return True, detail
+    return False, detail
 
 
 def _restarts(record: ManagedProcess, policy: RestartPolicy) -> bool:

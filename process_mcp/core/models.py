@@ -82,9 +82,8 @@ class ProcessLimits(_Wire):
     output_mb: int | None = Field(None, ge=1, description="Output (stdout and stderr) in MiB; then SIGKILL ends it.")
 
 
-class ReadyCheck(_Wire):
-    """When a service counts as ready: its port accepts connections, a path on it answers, or its output
-    shows a pattern."""
+class _PortCheck(_Wire):
+    """A check of a port in the box: it accepts connections, or a path on it answers."""
 
     port: int | None = Field(
         None, ge=1, le=65535, description="A loopback port in the box that must accept connections."
@@ -96,29 +95,31 @@ class ReadyCheck(_Wire):
         description="A path (e.g. '/health') that must answer an HTTP GET with 2xx or 3xx: on port, or without "
         "it on any port its tree listens on.",
     )
+
+    @property
+    def by_port(self) -> bool:
+        """Whether the check is of a port (given, or any its tree listens on)."""
+        return self.port is not None or self.http is not None
+
+
+class ReadyCheck(_PortCheck):
+    """When a service counts as ready: its port accepts connections, a path on it answers, or its output
+    shows a pattern."""
+
     pattern: str | None = Field(None, max_length=4096, description="A regular expression its output must show.")
 
     @model_validator(mode="after")
     def _one_check(self) -> ReadyCheck:
-        if (self.port is None and self.http is None) == (self.pattern is None):
+        if self.by_port == (self.pattern is not None):
             raise ValueError(
                 "ready takes a port, an http path (on its port, or on any port it listens on) or a pattern, one of them"
             )
         return self
 
 
-class HealthCheck(_Wire):
+class HealthCheck(_PortCheck):
     """How a running service is checked, and when it counts as unhealthy."""
 
-    port: int | None = Field(
-        None, ge=1, le=65535, description="A loopback port in the box that must accept connections."
-    )
-    http: str | None = Field(
-        None,
-        pattern=r"^/[!-~]*$",
-        max_length=2048,
-        description="A path that must answer 2xx or 3xx: on port, or without it on a port its tree listens on.",
-    )
     command: str | None = Field(
         None, max_length=4096, description="A shell command run in the box (as a process is) that must exit 0."
     )
@@ -127,7 +128,7 @@ class HealthCheck(_Wire):
 
     @model_validator(mode="after")
     def _one_check(self) -> HealthCheck:
-        if (self.port is None and self.http is None) == (self.command is None):
+        if self.by_port == (self.command is not None):
             raise ValueError(
                 "health takes a port, an http path (on its port, or on any port it listens on) or a command, "
                 "one of them"
