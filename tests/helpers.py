@@ -3,12 +3,13 @@ conditions, and process checks."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
 import secrets
 import subprocess
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
@@ -104,6 +105,20 @@ def backend_config(request: pytest.FixtureRequest, backend: str, workdir: str) -
         return host_config(workdir, sandbox=SandboxConfig(enabled=declared.sandboxed, required=True))
     container: Container = request.getfixturevalue("shared_container")
     return docker_config(str(container.name), workdir, use_existing=True, agent=declared.agent)
+
+
+@contextlib.asynccontextmanager
+async def configured_executor(
+    request: pytest.FixtureRequest, backend: str, workdir: str, **changes: Any
+) -> AsyncIterator[ProcessExecutor]:
+    """A started executor of ``backend`` with ``changes`` set over the configuration its tests run with
+    (``backend_config``); every process it started is ended afterwards."""
+    executor = executor_for(backend_config(request, backend, workdir).model_copy(update=changes))
+    await executor.start()
+    try:
+        yield executor
+    finally:
+        await executor.cleanup()
 
 
 def executor_for(config: ProcessMcpConfig) -> ProcessExecutor:

@@ -13,7 +13,7 @@ from process_mcp import ProcessExecutor, SpawnOptions
 from process_mcp.config import Limits
 from process_mcp.core.models import SINCE_MAX_BYTES
 
-from ..helpers import backend_config, backends, executor_for
+from ..helpers import backend_config, backends, configured_executor, executor_for
 
 pytestmark = pytest.mark.anyio
 
@@ -86,10 +86,7 @@ async def test_a_terminal_keeps_its_one_stream_in_one_file(executor: ProcessExec
 async def test_a_files_size_is_bounded_by_the_spawns_output_limit_and_the_rest_is_paged_from_memory(
     request: pytest.FixtureRequest, backend: str, workdir: str
 ) -> None:
-    config = backend_config(request, backend, workdir)
-    executor = executor_for(config.model_copy(update={"limits": Limits(output_file_mb=1)}))
-    await executor.start()
-    try:
+    async with configured_executor(request, backend, workdir, limits=Limits(output_file_mb=1)) as executor:
         result = await executor.spawn(SpawnOptions(command=f"seq 1 {2 * LINES}"))  # more than the file and buffer
         whole = "".join(f"{n}\n" for n in range(1, 2 * LINES + 1))
         size = await executor.spawn(SpawnOptions(command=f"wc -c < {result.output_file}"))
@@ -100,28 +97,21 @@ async def test_a_files_size_is_bounded_by_the_spawns_output_limit_and_the_rest_i
         assert page.dropped == 0
         assert page.cursor <= 1024 * 1024
         after = await executor.get_output(result.pid, since=page.cursor, max_bytes=SINCE_MAX_BYTES)
-        held_from = len(whole) - config.limits.output_buffer_bytes
+        held_from = len(whole) - executor.config.limits.output_buffer_bytes
         assert after.dropped == held_from - page.cursor
         assert whole[held_from:].startswith(after.stdout.split("\n", 1)[0])
-    finally:
-        await executor.cleanup()
 
 
 async def test_the_files_go_with_the_processes_record(
     request: pytest.FixtureRequest, backend: str, workdir: str
 ) -> None:
-    config = backend_config(request, backend, workdir)
-    executor = executor_for(config.model_copy(update={"limits": Limits(keep_terminated=1)}))
-    await executor.start()
-    try:
+    async with configured_executor(request, backend, workdir, limits=Limits(keep_terminated=1)) as executor:
         first = await executor.spawn(SpawnOptions(command="echo out; echo err >&2"))
         files = f"{first.output_file} {first.stderr_file}"
         assert (await executor.spawn(SpawnOptions(command=f"cat {files}"))).stdout == "out\nerr\n"
         await executor.spawn(SpawnOptions(command="true"))  # the first record goes: one finished is kept
         gone = await executor.spawn(SpawnOptions(command=f"ls {files} 2>&1 | grep -c 'No such file'"))
         assert gone.stdout == "2\n"
-    finally:
-        await executor.cleanup()
 
 
 # A process of the box runs as the user the files belong to. What it may do to them spoils only its own
@@ -146,10 +136,7 @@ async def test_a_link_planted_where_the_next_file_goes_is_not_followed(executor:
 async def test_a_file_a_process_swapped_in_for_its_output_file_is_not_removed(
     request: pytest.FixtureRequest, backend: str, workdir: str
 ) -> None:
-    config = backend_config(request, backend, workdir)
-    executor = executor_for(config.model_copy(update={"limits": Limits(keep_terminated=1)}))
-    await executor.start()
-    try:
+    async with configured_executor(request, backend, workdir, limits=Limits(keep_terminated=1)) as executor:
         first = await executor.spawn(SpawnOptions(command="echo out"))
         swap = f"mv {first.output_file} {first.output_file}.moved && echo theirs > {first.output_file}"
         await executor.spawn(SpawnOptions(command=swap))  # the first record goes at the next spawn
@@ -157,8 +144,6 @@ async def test_a_file_a_process_swapped_in_for_its_output_file_is_not_removed(
             SpawnOptions(command=f"cat {first.output_file} {first.output_file}.moved; rm {first.output_file}*")
         )
         assert after.stdout == "theirs\nout\n"  # its own file stayed; the agent's, under a name it was not given, too
-    finally:
-        await executor.cleanup()
 
 
 async def test_a_process_cutting_its_file_short_while_it_floods_spoils_only_its_own_bytes(

@@ -10,7 +10,6 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from typing import Any
 
 import anyio
 import pytest
@@ -27,6 +26,7 @@ from ..helpers import (
     WAIT_S,
     backend_config,
     backends,
+    configured_executor,
     executor_for,
     sleep_argument,
     wait_for_exit,
@@ -272,25 +272,16 @@ async def test_health_checks_mark_a_service_and_an_unhealthy_one_is_restarted(
 # the name it holds, a kill; and a start that fails must not leave its record behind.
 
 
-def configured(request: pytest.FixtureRequest, backend: str, workdir: str, **changes: Any) -> ProcessExecutor:
-    config = backend_config(request, backend, workdir)
-    return executor_for(config.model_copy(update=changes))
-
-
 async def test_a_service_waiting_to_start_again_counts_against_the_process_limit(
     request: pytest.FixtureRequest, backend: str, workdir: str
 ) -> None:
-    executor = configured(request, backend, workdir, limits=Limits(max_live=2))
-    await executor.start()
-    try:
+    async with configured_executor(request, backend, workdir, limits=Limits(max_live=2)) as executor:
         always = RestartPolicy(policy="always", max_restarts=5, backoff_ms=5000)
         waiting = await executor.spawn(SpawnOptions(command="exit 0", restart=always))
         assert (waiting.status, waiting.restarts) == ("terminated", 0)
         await executor.spawn(SpawnOptions(command=f"sleep {sleep_argument()}", background=True))
         with pytest.raises(TooManyProcesses):
             await executor.spawn(SpawnOptions(command="true"))
-    finally:
-        await executor.cleanup()
 
 
 async def test_a_waiting_service_holds_its_name(executor: ProcessExecutor) -> None:
@@ -305,14 +296,10 @@ async def test_a_waiting_service_holds_its_name(executor: ProcessExecutor) -> No
 async def test_a_health_command_is_held_to_the_command_policy(
     request: pytest.FixtureRequest, backend: str, workdir: str
 ) -> None:
-    executor = configured(request, backend, workdir, policy=PolicyConfig(command_deny=["nc"]))
-    await executor.start()
-    try:
+    async with configured_executor(request, backend, workdir, policy=PolicyConfig(command_deny=["nc"])) as executor:
         with pytest.raises(PolicyDenied):
             await executor.spawn(SpawnOptions(command="sleep 1", health=HealthCheck(command="nc -l 4444")))
         assert await executor.list_processes() == []
-    finally:
-        await executor.cleanup()
 
 
 @pytest.mark.parametrize("backend", backends("limits"))
@@ -328,9 +315,7 @@ async def test_each_run_of_a_service_has_the_whole_output_limit(executor: Proces
 async def test_a_service_whose_start_again_fails_ends_and_its_record_goes(
     request: pytest.FixtureRequest, backend: str, workdir: str
 ) -> None:
-    executor = configured(request, backend, workdir, limits=Limits(keep_terminated=1))
-    await executor.start()
-    try:
+    async with configured_executor(request, backend, workdir, limits=Limits(keep_terminated=1)) as executor:
         made = await executor.spawn(SpawnOptions(command="mkdir -p gone && cd gone && pwd"))
         cwd = made.stdout.strip()
         policy = RestartPolicy(policy="on-failure", max_restarts=2, backoff_ms=10)
@@ -342,8 +327,6 @@ async def test_a_service_whose_start_again_fails_ends_and_its_record_goes(
             await executor.spawn(SpawnOptions(command="true"))
         with pytest.raises(ProcessNotFound):
             await executor.get_process(service.pid)
-    finally:
-        await executor.cleanup()
 
 
 async def test_a_reload_signal_does_not_stop_restarts_but_a_terminating_kill_does(executor: ProcessExecutor) -> None:
