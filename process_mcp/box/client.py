@@ -22,7 +22,6 @@ import contextlib
 import logging
 import re
 import struct
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from importlib import resources
@@ -31,7 +30,7 @@ from typing import Any
 import anyio
 
 from ..core.contract import LaunchSpec, ProcessSink
-from ..core.handle import STOPPED_FRESH_S, InputWanted, ProcessHandle, TreeRoot
+from ..core.handle import InputWanted, ProcessHandle, SharedAnswer, TreeRoot
 from ..core.models import CPU_GRACE_S, TERMINAL_COLS, TERMINAL_ROWS, ProcessLimits
 from ..core.stats import TreeSample
 from ..core.streams import STDIN_WRITE_TIMEOUT_S, wait_writable
@@ -171,8 +170,7 @@ class AgentConnection:
         self.same_network = False
         """Whether the box's loopback is this machine's, so a port in the box is reached here as it is."""
         self._last_forward = protocol.FORWARD_BASE - 1  # the server numbers forwards upwards from FORWARD_BASE
-        self._ports_answer: tuple[float, dict[int, list[int]] | None] | None = None
-        self._ports_query: asyncio.Future[dict[int, list[int]] | None] | None = None
+        self._ports = SharedAnswer(self._ask_ports)
         self.hello: dict[str, Any] = {}
         self._channel = channel
         self._fd = channel.read_fd
@@ -190,8 +188,7 @@ class AgentConnection:
         self._tunnels: dict[int, _Tunnel] = {}
         self._lost: str | None = None
         self._shutdown_sent = False
-        self._stopped_query: asyncio.Future[frozenset[int] | None] | None = None  # shared by callers meanwhile
-        self._stopped_answer: tuple[float, frozenset[int] | None] | None = None  # the last, and when it came
+        self._stopped = SharedAnswer(self._question_stopped)
         self._said_bye = False
         self._closed = False
         self._unanswered: set[asyncio.Task[None]] = set()  # frames sent without waiting (FORGET_FILES)
@@ -326,18 +323,7 @@ class AgentConnection:
         """The channels of the processes that are stopped, as the agent reads its box's /proc: one
         question for them all, whose answer the callers meanwhile and for STOPPED_FRESH_S after share
         (the rows of one ps); None when it cannot be told."""
-        if self._stopped_answer is not None and time.monotonic() - self._stopped_answer[0] < STOPPED_FRESH_S:
-            return self._stopped_answer[1]
-        if self._stopped_query is None:
-            query = asyncio.ensure_future(self._ask_stopped())
-            self._stopped_query = query
-            query.add_done_callback(lambda _: setattr(self, "_stopped_query", None))
-        return await asyncio.shield(self._stopped_query)
-
-    async def _ask_stopped(self) -> frozenset[int] | None:
-        answer = await self._question_stopped()
-        self._stopped_answer = (time.monotonic(), answer)
-        return answer
+        return await self._stopped.get()
 
     async def _question_stopped(self) -> frozenset[int] | None:
         seq = self.next_seq()
@@ -354,13 +340,7 @@ class AgentConnection:
         """The ports each process's tree listens on in the box (by process channel), as the agent reads its
         network tables: one question for every caller meanwhile and for STOPPED_FRESH_S after (the rows of
         one ps); None when it cannot be told."""
-        if self._ports_answer is not None and time.monotonic() - self._ports_answer[0] < STOPPED_FRESH_S:
-            return self._ports_answer[1]
-        if self._ports_query is None:
-            query = asyncio.ensure_future(self._ask_ports())
-            self._ports_query = query
-            query.add_done_callback(lambda _: setattr(self, "_ports_query", None))
-        return await asyncio.shield(self._ports_query)
+        return await self._ports.get()
 
     async def _ask_ports(self) -> dict[int, list[int]] | None:
         seq = self.next_seq()
@@ -375,9 +355,7 @@ class AgentConnection:
         for channel, listed in list(found.items() if isinstance(found, dict) else ())[:4096]:
             if isinstance(channel, str) and channel.isdigit() and isinstance(listed, list):
                 ports[int(channel)] = [p for p in listed[:64] if type(p) is int and 0 < p < 65536]
-        told = ports if isinstance(found, dict) else None
-        self._ports_answer = (time.monotonic(), told)
-        return told
+        return ports if isinstance(found, dict) else None
 
     async def forward(self, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Carry the connection (``reader``, ``writer``) to loopback ``port`` in the box, through the agent.

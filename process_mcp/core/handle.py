@@ -22,14 +22,44 @@ executor's ``on_done`` runs and, once the record is dropped, ``close`` releases 
 
 from __future__ import annotations
 
+import asyncio
+import time
 from abc import ABC, abstractmethod
-from typing import Literal, NamedTuple
+from collections.abc import Awaitable, Callable
+from typing import Generic, Literal, NamedTuple, TypeVar
 
 from .stats import TreeSample
 
 STOPPED_FRESH_S = 0.01
 """How long an answer to which processes are stopped, asked where they run, serves later askers: the
 rows of one ps ask one after another, and one question answers them all."""
+
+
+_T = TypeVar("_T")
+
+
+class SharedAnswer(Generic[_T]):
+    """A question about all of a box's processes (``ask``): asked once for every caller meanwhile, and its
+    answer serves later callers for STOPPED_FRESH_S (the rows of one ps ask one after another)."""
+
+    def __init__(self, ask: Callable[[], Awaitable[_T]]) -> None:
+        self._ask = ask
+        self._query: asyncio.Future[_T] | None = None  # shared by callers meanwhile
+        self._answer: tuple[float, _T] | None = None  # the last, and when it came
+
+    async def get(self) -> _T:
+        if self._answer is not None and time.monotonic() - self._answer[0] < STOPPED_FRESH_S:
+            return self._answer[1]
+        if self._query is None:
+            query = asyncio.ensure_future(self._asked())
+            self._query = query
+            query.add_done_callback(lambda _: setattr(self, "_query", None))
+        return await asyncio.shield(self._query)
+
+    async def _asked(self) -> _T:
+        answer = await self._ask()
+        self._answer = (time.monotonic(), answer)
+        return answer
 
 
 class TreeRoot(NamedTuple):

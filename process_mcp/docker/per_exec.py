@@ -13,14 +13,13 @@ import asyncio
 import logging
 import secrets
 import socket
-import time
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import anyio.to_thread
 
 from ..core.contract import LaunchSpec, ProcessSink
-from ..core.handle import STOPPED_FRESH_S, ProcessHandle
+from ..core.handle import ProcessHandle, SharedAnswer
 from ..core.models import TERMINAL_COLS, TERMINAL_ROWS, TTY_TERM
 from ..core.signals import NON_TERMINATING, signal_from_exit_code
 from ..core.streams import READ_CHUNK, write_all
@@ -71,8 +70,7 @@ class ExecLauncher:
 
     def __init__(self, session: ContainerSession) -> None:
         self._session = session
-        self._stopped_query: asyncio.Future[frozenset[str] | None] | None = None  # shared by callers meanwhile
-        self._stopped_answer: tuple[float, frozenset[str] | None] | None = None  # the last, and when it came
+        self._stopped = SharedAnswer(self._exec_stopped)
 
     async def launch(self, spec: LaunchSpec, sink: ProcessSink, workdir: str) -> ProcessHandle:
         """Start ``spec``'s process as an exec, reporting into ``sink``; a missing cwd's error names
@@ -166,18 +164,7 @@ class ExecLauncher:
         """The ids of this executor's processes that are stopped, by one exec walking /proc in the
         container (shared by the callers that ask while it runs and for STOPPED_FRESH_S after, e.g. the
         rows of one ps); None when it cannot be told."""
-        if self._stopped_answer is not None and time.monotonic() - self._stopped_answer[0] < STOPPED_FRESH_S:
-            return self._stopped_answer[1]
-        if self._stopped_query is None:
-            query = asyncio.ensure_future(self._find_stopped())
-            self._stopped_query = query
-            query.add_done_callback(lambda _: setattr(self, "_stopped_query", None))
-        return await asyncio.shield(self._stopped_query)
-
-    async def _find_stopped(self) -> frozenset[str] | None:
-        answer = await self._exec_stopped()
-        self._stopped_answer = (time.monotonic(), answer)
-        return answer
+        return await self._stopped.get()
 
     async def _exec_stopped(self) -> frozenset[str] | None:
         container = self._session.container
