@@ -293,6 +293,12 @@ class ServiceConfig(BaseModel):
         gt=0,
         description="seconds an MCP session may go without a request before it ends",
     )
+    port_url_ttl_s: float = setting(
+        "PROCESS_PORT_URL_TTL_S",
+        3600,
+        gt=0,
+        description="seconds a port URL that ps gives over HTTP (its credential) stays valid",
+    )
     spawns_per_min: int = setting(
         "PROCESS_RATE_SPAWNS_PER_MIN", 0, ge=0, description="spawns one caller may make in any minute (0: no limit)"
     )

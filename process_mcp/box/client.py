@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import socket
 import struct
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -883,6 +884,28 @@ class AgentProcess(ProcessHandle):
                 "%s: port %d forwarded from 127.0.0.1:%d", self.record.pid, port, forward.sockets[0].getsockname()[1]
             )
         return f"http://127.0.0.1:{forward.sockets[0].getsockname()[1]}/"
+
+    async def connect_port(self, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        connection = self.connection
+        if not connection.alive or self.has_exited:
+            return None
+        if connection.same_network:
+            return await asyncio.open_connection("127.0.0.1", port)
+        # One end of a socket pair is carried by the agent to the port in the box, the other is the caller's.
+        ours, carried = socket.socketpair()
+        try:
+            reader, writer = await asyncio.open_connection(sock=carried)
+        except BaseException:
+            ours.close()
+            carried.close()
+            raise
+        try:
+            await connection.forward(port, reader, writer)
+        except AgentUnavailable:
+            writer.close()
+            ours.close()
+            return None
+        return await asyncio.open_connection(sock=ours)
 
     async def probe(self, port: int, path: str | None, timeout_s: float) -> tuple[bool, str] | None:
         connection = self.connection

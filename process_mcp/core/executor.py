@@ -74,6 +74,9 @@ from .waiting import (
 
 logger = logging.getLogger(__name__)
 
+PortLink = Callable[[str, int], str]
+"""The URL of a process's port (by process id and port) where the server is not local."""
+
 KILL_SETTLE_S = 1.0
 """How long kill waits for the process to exit (or, for SIGSTOP and SIGCONT, to stop or go on), so its
 reply can say whether it did."""
@@ -441,42 +444,59 @@ class ProcessExecutor:
         """How many of its processes run now."""
         return sum(1 for record in self._registry if record.running)
 
-    async def get_process(self, pid: str) -> ProcessInfo:
-        """What ps says about one process. Raises ProcessNotFound."""
+    async def get_process(self, pid: str, *, link: PortLink | None = None) -> ProcessInfo:
+        """What ps says about one process (``link`` as for ``list_processes``). Raises ProcessNotFound."""
         record = self._registry.get(pid)
         await _refresh_stats([record], 0.0)
         await _refresh_stopped([record])
-        ports = await self._ports([record])
+        ports = await self._ports([record], link)
         return record.info().model_copy(update={"ports": ports.get(record.pid)})
 
-    async def list_processes(self, *, stats: bool = False, group: str | None = None) -> list[ProcessInfo]:
+    async def list_processes(
+        self, *, stats: bool = False, group: str | None = None, link: PortLink | None = None
+    ) -> list[ProcessInfo]:
         """Every running process and the most recently finished ones, oldest first (with ``group``, those of
         that group); with ``stats``, each with the resources of its tree (sampled now where the last sample
-        is older than STATS_MAX_AGE_S)."""
+        is older than STATS_MAX_AGE_S). ``link`` gives the URL of a process's port where the server is not
+        local (over HTTP, the server's proxy)."""
         records = [record for record in self._registry if group is None or record.group == group]
         await _refresh_stopped(records)
-        ports = await self._ports(records)
+        ports = await self._ports(records, link)
         if stats:
             await _refresh_stats(records, STATS_MAX_AGE_S)
         return [record.info(stats=stats).model_copy(update={"ports": ports.get(record.pid)}) for record in records]
 
-    async def _ports(self, records: list[ManagedProcess]) -> dict[str, list[PortInfo]]:
+    async def open_port(self, pid: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """A connection to ``port`` where process ``pid`` runs, made only while its tree listens there;
+        None when it does not (or has ended, or its box cannot be reached from here). Raises
+        ProcessNotFound, and OSError when the connection cannot be made."""
+        record = self._registry.get(pid)
+        handle = record.handle
+        if not record.running or handle is None or port not in (await handle.ports() or ()):
+            return None
+        return await handle.connect_port(port)
+
+    async def _ports(self, records: list[ManagedProcess], link: PortLink | None) -> dict[str, list[PortInfo]]:
         """The ports the running ``records``' trees listen on, asked where they run (one question a box),
-        each with a URL that reaches it from this machine for a local (stdio) server."""
+        each with a URL that reaches it: from this machine for a local (stdio) server, else ``link``'s."""
         found: dict[str, list[PortInfo]] = {}
         local = self.config.service.transport == "stdio"
+
+        async def url(record: ManagedProcess, handle: ProcessHandle, port: int) -> str | None:
+            if local:
+                return await handle.port_url(port)
+            return None if link is None else link(record.pid, port)
 
         async def one(record: ManagedProcess, handle: ProcessHandle) -> None:
             ports = await handle.ports()
             if ports:
-                found[record.pid] = [
-                    PortInfo(port=port, url=await handle.port_url(port) if local else None) for port in ports
-                ]
+                found[record.pid] = [PortInfo(port=port, url=await url(record, handle, port)) for port in ports]
             for listed in found.get(record.pid, ()):
-                if listed.url is not None and record.reached.get(listed.port) != listed.url:
-                    record.reached[listed.port] = listed.url
+                where = None if listed.url is None else listed.url.partition("?")[0]  # not its credential
+                if where is not None and record.reached.get(listed.port) != where:
+                    record.reached[listed.port] = where
                     if self.on_reach is not None:
-                        self.on_reach(record, listed.port, listed.url)
+                        self.on_reach(record, listed.port, where)
 
         async with anyio.create_task_group() as tasks:
             for record in records:

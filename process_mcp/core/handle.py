@@ -154,6 +154,12 @@ class ProcessHandle(ABC):
         box's loopback is this machine's, else a forward here, opened now and closed with the process."""
         return None
 
+    async def connect_port(self, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """A connection to loopback ``port`` where the process runs (the caller checks that its tree
+        listens there); None where that cannot be reached from here. Raises OSError when the connection
+        cannot be made."""
+        return None
+
     async def read_file(self, stream: int, offset: int, size: int) -> bytes | None:
         """Up to ``size`` bytes of stream ``stream``'s output file from ``offset`` (fewer where the file
         ends); None where there is no file or it cannot be read."""

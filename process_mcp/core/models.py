@@ -289,9 +289,9 @@ class PortInfo(_Wire):
     port: int = Field(description="The port, in the box.")
     url: str | None = Field(
         None,
-        description="Where a client of a local (stdio) server reaches it: the port itself where the box shares "
-        "this machine's loopback, else a forward on this machine's loopback, open while the process runs. Absent "
-        "over HTTP.",
+        description="Where the client reaches it while the process runs: over stdio the port itself where the box "
+        "shares this machine's loopback, else a forward on this machine's loopback; over HTTP the server's proxy "
+        "into the box, a URL with a credential that expires (list again for a new one).",
     )
 
 

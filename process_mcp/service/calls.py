@@ -13,13 +13,13 @@ import anyio
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 
-from ..core.executor import ProcessExecutor
+from ..core.executor import PortLink, ProcessExecutor
 from ..core.registry import unknown_process
 from ..core.waiting import Progress
 from ..errors import ProcessMcpError
 from ..policy.audit import monotonic_ms
 from .auth import principal_of
-from .spaces import Spaces
+from .spaces import Spaces, space_name
 from .toolserver import error_code
 
 _T = TypeVar("_T")
@@ -166,6 +166,16 @@ def _principal(ctx: Context[Any, Any] | None) -> str | None:
     """Who is calling (``principal_of`` the request); None for the local caller (stdio, in-process)."""
     scope = _request_scope(ctx)
     return principal_of(scope) if scope is not None else None
+
+
+def port_link(ctx: Context[Any, Any] | None, spaces: Spaces) -> PortLink | None:
+    """Where an HTTP caller reaches its processes' ports: URLs of the server's proxy (``ports``), under the
+    address its request came to; None for a local caller (stdio, in-process)."""
+    scope = _request_scope(ctx)
+    if scope is None:
+        return None
+    principal = principal_of(scope)
+    return spaces.links.link(scope, None if principal is None else space_name(principal))
 
 
 def progress(ctx: Context[Any, Any] | None, what: str) -> Progress | None:

@@ -21,17 +21,22 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import json
+import logging
 import struct
 import termios
+from collections.abc import Callable, Coroutine
 from ipaddress import IPv6Address, IPv6Network
 from typing import Any, ClassVar, Literal
 
+import h11
 from starlette.types import Receive, Scope, Send
 from uvicorn.config import Config
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
 from ..policy.addresses import parse
+
+logger = logging.getLogger(__name__)
 
 HEADER_TIMEOUT_S = 10.0
 """How long a connection may take to send a request head after it opens or after its last response;
@@ -45,7 +50,11 @@ IPV6_PREFIX = 64
 """An IPv6 client counts by its /64: one host or site is usually given a whole /64, so counting single
 addresses would let it open as many connections as it has addresses."""
 
+UPGRADE_READ_LIMIT = 64 * 1024
+"""Most bytes of an upgraded connection held while the other side is slow to take them."""
+
 State = Literal["waiting", "receiving", "serving"]
+Upgrade = Callable[[Scope, asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]]
 
 
 class ConnectionGuard:
@@ -55,6 +64,9 @@ class ConnectionGuard:
     def __init__(self, max_connections: int, per_address: int) -> None:
         self.max_connections = max_connections
         self.per_address = per_address
+        self.upgrade: Upgrade | None = None
+        """What carries a connection that asks for a WebSocket under ``upgrade_prefix``, whole."""
+        self.upgrade_prefix = "/"
         self._idle: dict[GuardedProtocol, None] = {}  # an ordered set
         self._addresses: dict[str, set[GuardedProtocol]] = {}
         self._open = 0
@@ -166,6 +178,36 @@ class GuardedProtocol(H11Protocol):
     def on_response_complete(self) -> None:
         super().on_response_complete()  # may start a pipelined request
         self._follow()
+
+    def _should_upgrade(self) -> bool:
+        path = self.scope["path"] if self.scope else ""
+        if self.guard.upgrade is not None and path.startswith(self.guard.upgrade_prefix):
+            return self._get_upgrade() == b"websocket"
+        return super()._should_upgrade()
+
+    def handle_websocket_upgrade(self, event: h11.Request) -> None:
+        """Hand the connection, whole, to the guard's ``upgrade``; it stays busy (never closed to make
+        room) until that ends."""
+        upgrade = self.guard.upgrade
+        assert upgrade is not None
+        self._disarm()
+        self.guard.started(self)
+        self.connections.discard(self)  # uvicorn's, as for its own WebSocket protocols
+        reader = asyncio.StreamReader(limit=UPGRADE_READ_LIMIT)
+        reader.feed_data(self.conn.trailing_data[0])  # what the client sent after its request head
+        carrier = asyncio.StreamReaderProtocol(reader)
+        carrier.connection_made(self.transport)
+        self.transport.set_protocol(carrier)
+        writer = asyncio.StreamWriter(self.transport, carrier, reader, self.loop)
+        task = self.loop.create_task(upgrade(dict(self.scope), reader, writer))
+
+        def ended(task: asyncio.Task[None]) -> None:
+            self.guard.closed(self)
+            self.transport.close()
+            if not task.cancelled() and task.exception() is not None:
+                logger.warning("a carried connection failed: %s", task.exception())
+
+        task.add_done_callback(ended)
 
     def has_input(self) -> bool:
         """Whether bytes have arrived on the connection that the loop has not read yet."""

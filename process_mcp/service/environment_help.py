@@ -82,6 +82,7 @@ ROWS: tuple[tuple[str, str, str], ...] = (
     ("PROCESS_MAX_REQUESTS", "32", "tool calls one principal may have in progress at once"),
     ("PROCESS_MAX_SESSIONS_PER_PRINCIPAL", "32", "MCP sessions one principal may have open at once"),
     ("PROCESS_SESSION_IDLE_TIMEOUT_S", "1800", "seconds an MCP session may go without a request before it ends"),
+    ("PROCESS_PORT_URL_TTL_S", "3600", "seconds a port URL that ps gives over HTTP (its credential) stays valid"),
     ("PROCESS_RATE_SPAWNS_PER_MIN", "0", "spawns one caller may make in any minute (0: no limit)"),
     ("PROCESS_COMMAND_ALLOW", "", "programs (names or globs) commands may run; empty: any"),
     ("PROCESS_COMMAND_DENY", "", "programs (names or globs) commands may not run"),

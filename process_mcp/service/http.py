@@ -38,6 +38,7 @@ from .auth import JwtVerifier, RefusalLog, TokenFileVerifier, make_verifier
 from .calls import DISCONNECTED, Disconnect
 from .connections import ConnectionGuard
 from .metrics import Metrics
+from .ports import PATH_PREFIX, PortProxy
 from .sessions import SessionQuota
 from .spaces import Spaces
 
@@ -173,10 +174,11 @@ def build_app(mcp: Served, *, authenticate: bool = True, host: str | None = None
     inner.router.lifespan_context = lambda _: mcp.serving()
     watched = SessionQuota(_WatchDisconnect(inner), service.max_sessions_per_principal, service.session_idle_timeout_s)
     metrics = _MetricsEndpoint(mcp.metrics.registry, service.metrics_token, trust_loopback=untrusted is None)
+    ports = PortProxy(mcp.spaces.links, mcp.spaces.executor_of)
     if not authenticate:
-        return _Front(inner, _RequireUser(watched), metrics, mcp.spaces.ready)
+        return _Front(inner, _RequireUser(watched), metrics, ports, mcp.spaces.ready)
     if verifier is None:
-        return _Front(inner, watched, metrics, mcp.spaces.ready)
+        return _Front(inner, watched, metrics, ports, mcp.spaces.ready)
     extra: Starlette | None = None
     metadata_url = None
     if isinstance(verifier, JwtVerifier):
@@ -192,7 +194,7 @@ def build_app(mcp: Served, *, authenticate: bool = True, host: str | None = None
     guarded = _LogRefusals(
         RequireAuthMiddleware(watched, verifier.scopes if isinstance(verifier, JwtVerifier) else [], metadata_url)
     )
-    front = _Front(inner, guarded, metrics, mcp.spaces.ready, extra)
+    front = _Front(inner, guarded, metrics, ports, mcp.spaces.ready, extra)
     return AuthenticationMiddleware(AuthContextMiddleware(front), backend=BearerAuthBackend(verifier))
 
 
@@ -241,14 +243,16 @@ class _WatchDisconnect:
 
 
 class _Front:
-    """Sends requests for the MCP endpoint through the authentication check; ``/metrics`` and the
-    protected resource metadata to their own handlers; the lifespan straight on."""
+    """Sends requests for the MCP endpoint through the authentication check; ``/metrics``, the box ports
+    (which carry credentials of their own) and the protected resource metadata to their own handlers; the
+    lifespan straight on."""
 
     def __init__(
         self,
         inner: ASGIApp,
         guarded: ASGIApp,
         metrics: ASGIApp,
+        ports: ASGIApp,
         ready: Callable[[], Awaitable[bool]],
         extra: Starlette | None = None,
     ) -> None:
@@ -256,6 +260,7 @@ class _Front:
         self._inner = inner
         self._guarded = guarded
         self._metrics = metrics
+        self._ports = ports
         self._extra = extra
         self._extra_paths = {getattr(route, "path", None) for route in extra.routes} if extra else set()
 
@@ -264,6 +269,8 @@ class _Front:
             await self._probe(scope, receive, send)
         elif scope["type"] == "http" and scope["path"] == METRICS_PATH:
             await self._metrics(scope, receive, send)
+        elif scope["type"] == "http" and scope["path"].startswith(PATH_PREFIX):
+            await self._ports(scope, receive, send)
         elif scope["type"] == "http" and scope["path"] in self._extra_paths:
             assert self._extra is not None
             await self._extra(scope, receive, send)
@@ -374,6 +381,7 @@ def prepare(mcp: Served, host: str | None = None, port: int | None = None) -> uv
         )
     app = build_app(mcp, host=host)
     guard = ConnectionGuard(service.max_connections, service.connections_per_address)
+    guard.upgrade, guard.upgrade_prefix = PortProxy(mcp.spaces.links, mcp.spaces.executor_of).upgrade, PATH_PREFIX
     return uvicorn.Config(
         app,
         host=host,

@@ -28,6 +28,7 @@ from ..errors import RateLimited, TooManyRequests
 from ..policy.audit import AuditLog
 from .auth import PRINCIPAL_NAME, principal_for_subject
 from .metrics import Metrics
+from .ports import PortLinks
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,8 @@ class Spaces:
         self._factory = factory
         self.metrics = Metrics(audit)
         """What is counted (served at /metrics over HTTP), fed by each space's executor."""
+        self.links = PortLinks(config.service.port_url_ttl_s)
+        """The credentials and URLs of the callers' box ports over HTTP."""
         self.local = Space(None, self._make(None, config))
         self._spaces: dict[str, Space] = {}
         self._closing: dict[str, anyio.Event] = {}
@@ -174,6 +177,11 @@ class Spaces:
                     return space
             # Its previous space is still being reclaimed (its container removed): wait, then make a new one.
             await closing.wait()
+
+    def executor_of(self, space: str | None) -> ProcessExecutor | None:
+        """The executor of the space named ``space`` (None: the local caller's) if it is started now."""
+        found = self.local if space is None else self._spaces.get(space)
+        return found.executor if found is not None and found.started else None
 
     async def ready(self) -> bool:
         """Whether the backend could start a process now (the local caller's, which every space shares)."""

@@ -42,7 +42,7 @@ from ..core.waiting import MATCH_TIMEOUT_S, MAX_PATTERN_CHARS, Progress
 from ..errors import InvalidInput
 from ..policy.command import MAX_CHECKED_BYTES
 from . import render
-from .calls import Call, Calls, progress, run
+from .calls import Call, Calls, port_link, progress, run
 from .spaces import Spaces
 
 MAX_LINES = 10_000
@@ -295,7 +295,10 @@ def register_tools(server: MCPServer, spaces: Spaces) -> None:
         """
         arguments = {key: value for key, value in (("stats", stats), ("group", group)) if value}
         async with calls.space(ctx, Call("ps", arguments), create=False) as executor:
-            processes = [] if executor is None else await run(executor.list_processes(stats=stats, group=group))
+            link = port_link(ctx, spaces)
+            processes = (
+                [] if executor is None else await run(executor.list_processes(stats=stats, group=group, link=link))
+            )
         # What every row shares is said once: a ps of many processes stays as small as the original's.
         shared = {name for name in ("sandboxed", "via") if len({getattr(p, name) for p in processes}) == 1}
         listing = ProcessList(processes=processes, **{name: getattr(processes[0], name) for name in shared})

@@ -1,0 +1,315 @@
+"""A box's ports over the HTTP transport: the URL ps gives proxies into the caller's box, with its
+credential and to nobody else, on the host box, unsandboxed and in Docker."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import socket
+from pathlib import Path
+
+import anyio
+import httpx2
+import pytest
+from docker import DockerClient
+from docker import errors as docker_errors
+from mcp import Client
+
+from ..contract.test_services import free_port
+from ..helpers import DEBIAN_IMAGE, WAIT_S, call, unique_name
+from ..http_server import http_server, mcp_client, write_tokens
+
+pytestmark = pytest.mark.anyio
+
+ALICE = "alice-" + os.urandom(16).hex()
+BOB = "bob-" + os.urandom(16).hex()
+
+WEBSOCKET_ECHO = r"""
+import base64, hashlib, socket, sys
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("127.0.0.1", int(sys.argv[1])))
+server.listen()
+while True:
+    conn, _ = server.accept()
+    head = b""
+    while b"\r\n\r\n" not in head:
+        got = conn.recv(4096)
+        if not got:
+            break
+        head += got
+    if b"\r\n\r\n" not in head:  # a readiness probe: connected, then gone
+        conn.close()
+        continue
+    key = [l.split(b":", 1)[1].strip() for l in head.split(b"\r\n") if l.lower().startswith(b"sec-websocket-key")][0]
+    accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+    conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+    first = conn.recv(2)
+    size = first[1] & 0x7F
+    mask = conn.recv(4)
+    data = bytes(b ^ mask[i % 4] for i, b in enumerate(conn.recv(size)))
+    conn.sendall(bytes([0x81, len(data) + 5]) + b"echo " + data)
+    conn.close()
+"""
+
+
+HEAD_ECHO = r"""
+import socket, sys
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("127.0.0.1", int(sys.argv[1])))
+server.listen()
+while True:
+    conn, _ = server.accept()
+    head = b""
+    while b"\r\n\r\n" not in head:
+        got = conn.recv(4096)
+        if not got:
+            break
+        head += got
+    conn.sendall(b"HTTP/1.1 200 OK\r\nSet-Cookie: pmcp_token=from-the-box; Path=/\r\nSet-Cookie: app=kept\r\n"
+                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(head), head))
+    conn.close()
+"""
+"""Answers every request with the request head it got, and two cookies: one named as the credential."""
+
+
+@pytest.fixture
+def tokens_file(tmp_path: Path) -> Path:
+    return write_tokens(tmp_path / "tokens", {"alice": ALICE, "bob": BOB})
+
+
+@pytest.fixture
+def workspaces(tmp_path: Path) -> Path:
+    path = tmp_path / "workspaces"
+    path.mkdir()
+    return path
+
+
+async def serve_site(client: Client, text: str, name: str = "web") -> tuple[str, str]:
+    """A python http.server in the caller's box serving ``text`` at /, named ``name``: (its id, its URL)."""
+    port = free_port()
+    command = (
+        f"mkdir -p site-{port} && echo {text} > site-{port}/index.html && "
+        f"exec python3 -m http.server {port} --bind 127.0.0.1 --directory site-{port}"
+    )
+    spawn = {"command": command, "name": name, "ready": {"port": port}, "timeoutMs": 30000}
+    started = await call(client, "spawn", spawn)
+    assert started["ready"], started
+    again = await call(client, "spawn", spawn)
+    assert (again["pid"], again["existing"]) == (started["pid"], True)
+    return started["pid"], await url_of(client, started["pid"], port)
+
+
+async def write_in_box(client: Client, name: str, text: str) -> None:
+    """Write ``text`` to file ``name`` in the caller's box, through a process's stdin."""
+    writer = await call(client, "spawn", {"command": f"cat > {name}", "background": True})
+    await call(
+        client, "stdin", {"id": writer["pid"], "input": text.replace("\\", "\\\\").replace("\n", "\\n"), "eof": True}
+    )
+    assert (await call(client, "stdout", {"id": writer["pid"], "untilExit": True}))["exitCode"] == 0
+
+
+async def url_of(client: Client, pid: str, port: int) -> str:
+    [row] = [row for row in (await call(client, "ps", {}))["processes"] if row["pid"] == pid]
+    assert [listed["port"] for listed in row["ports"]] == [port], row
+    url: str = row["ports"][0]["url"]
+    return url
+
+
+async def get(url: str, cookies: dict[str, str] | None = None) -> httpx2.Response:
+    async with httpx2.AsyncClient(timeout=WAIT_S, cookies=cookies) as http:
+        return await http.get(url)
+
+
+def websocket_echo(url: str, text: str) -> bytes:
+    """Open a WebSocket at ``url`` (http://host:port/path?query), send ``text``, return the answer's payload."""
+    address, _, target = url.removeprefix("http://").partition("/")
+    host, _, port = address.rpartition(":")
+    key = base64.b64encode(os.urandom(16)).decode()
+    with socket.create_connection((host, int(port)), timeout=WAIT_S) as sock:
+        sock.sendall(
+            f"GET /{target} HTTP/1.1\r\nHost: {address}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            got = sock.recv(4096)
+            if not got:
+                break
+            head += got
+        status = head.split(b"\r\n", 1)[0]
+        if b" 101 " not in status:
+            return status
+        head, _, rest = head.partition(b"\r\n\r\n")
+        mask = os.urandom(4)
+        payload = text.encode()
+        sock.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+        while len(rest) < 2 or len(rest) < 2 + rest[1]:
+            got = sock.recv(4096)
+            if not got:
+                break
+            rest += got
+        return rest[2 : 2 + rest[1]]
+
+
+def parts(url: str) -> tuple[str, str, str, int, str]:
+    """A port URL's (server address, tag, process id, port, credential query)."""
+    base, _, rest = url.partition("/ports/")
+    tag, pid, port, query = rest.split("/", 3)
+    return base, tag, pid, int(port), query.removeprefix("?")
+
+
+async def check_the_proxy(server_base: str, alice: Client, bob: Client, audit: Path | None) -> None:
+    pid, url = await serve_site(alice, "served-to-alice")
+    base, tag, _, port, credential = parts(url)
+    assert base == server_base, url
+    bare = url.partition("?")[0]
+
+    answer = await get(url)
+    assert (answer.status_code, answer.text) == (200, "served-to-alice\n")
+    cookie = answer.headers["set-cookie"]
+    assert "HttpOnly" in cookie, cookie
+    assert f"Path=/ports/{tag}/" in cookie, cookie
+
+    refused = await get(bare)
+    assert refused.status_code == 401, refused.text
+    assert "credential" in refused.text
+    with_cookie = await get(bare + "index.html", cookies=dict(answer.cookies))
+    assert (with_cookie.status_code, with_cookie.text) == (200, "served-to-alice\n")
+
+    # Another principal's credential, for its own box, reaches nothing of Alice's; a forged one nothing at all.
+    _, bob_url = await serve_site(bob, "served-to-bob")
+    _, bob_tag, _, _, bob_credential = parts(bob_url)
+    assert (await get(bob_url)).text == "served-to-bob\n"
+    assert (await get(f"{bare}?{bob_credential}")).status_code == 404
+    assert (await get(f"{base}/ports/{bob_tag}/{pid}/{port}/?{bob_credential}")).status_code == 404
+    forged = credential[:-4] + ("0000" if not credential.endswith("0000") else "1111")
+    assert (await get(f"{bare}?{forged}")).status_code == 401
+    # A port the process does not listen on is not reached, though the credential is Alice's.
+    assert (await get(f"{base}/ports/{tag}/{pid}/{free_port()}/?{credential}")).status_code == 404
+
+    # A WebSocket is carried whole.
+    echo_port = free_port()
+    await write_in_box(alice, "ws.py", WEBSOCKET_ECHO)
+    echo = await call(
+        alice, "spawn", {"command": f"exec python3 ws.py {echo_port}", "ready": {"port": echo_port}, "timeoutMs": 30000}
+    )
+    assert echo["ready"], echo
+    ws_url = await url_of(alice, echo["pid"], echo_port)
+    assert await anyio.to_thread.run_sync(websocket_echo, ws_url, "hello box") == b"echo hello box"
+    assert (await anyio.to_thread.run_sync(websocket_echo, ws_url.partition("?")[0], "x")).endswith(b"401 Unauthorized")
+    await call(alice, "kill", {"id": echo["pid"], "signal": "KILL"})
+
+    if audit is not None:
+        forwards = [json.loads(line) for line in audit.read_text().splitlines() if '"forward"' in line]
+        assert {(entry["pid"], entry["url"]) for entry in forwards} >= {(pid, bare)}
+        assert not any("pmcp_token" in entry["url"] for entry in forwards)
+
+    await call(alice, "kill", {"id": pid, "signal": "KILL"})
+    with anyio.fail_after(WAIT_S):
+        while (await get(url)).status_code != 404:  # gone with the process
+            await anyio.sleep(0.05)
+
+
+@pytest.mark.parametrize("sandboxed", [True, False], ids=["box", "unsandboxed"])
+async def test_a_port_is_reached_at_its_url_with_its_credential_and_by_nobody_else(
+    workspaces: Path, tokens_file: Path, tmp_path: Path, sandboxed: bool
+) -> None:
+    settings = {"PROCESS_AUTH_TOKENS_FILE": str(tokens_file), "PROCESS_AUDIT_LOG": str(tmp_path / "audit.jsonl")}
+    if not sandboxed:
+        settings["SANDBOX_ENABLED"] = "false"
+    async with (
+        http_server(workspaces, **settings) as server,
+        mcp_client(server.url, ALICE) as alice,
+        mcp_client(server.url, BOB) as bob,
+    ):
+        await check_the_proxy(server.base, alice, bob, tmp_path / "audit.jsonl")
+
+
+@pytest.mark.docker
+async def test_a_port_in_a_principals_container_is_reached_through_its_agent(
+    engine: DockerClient, workspaces: Path, tokens_file: Path
+) -> None:
+    container, volume = unique_name("ports"), unique_name("ports-vol")
+    settings = {
+        "PROCESS_AUTH_TOKENS_FILE": str(tokens_file),
+        "PROCESS_MODE": "docker",
+        "DOCKER_IMAGE": DEBIAN_IMAGE,
+        "DOCKER_CONTAINER": container,
+        "DOCKER_VOLUME": volume,
+        "DEFAULT_WORKDIR": "",
+    }
+    try:
+        async with (
+            http_server(workspaces, **settings) as server,
+            mcp_client(server.url, ALICE) as alice,
+            mcp_client(server.url, BOB) as bob,
+        ):
+            await check_the_proxy(server.base, alice, bob, None)
+    finally:
+        for principal in ("alice", "bob"):
+            with contextlib.suppress(docker_errors.NotFound):
+                (await anyio.to_thread.run_sync(engine.containers.get, f"{container}-{principal}")).remove(force=True)
+            with contextlib.suppress(docker_errors.NotFound):
+                (await anyio.to_thread.run_sync(engine.volumes.get, f"{volume}-{principal}")).remove(force=True)
+
+
+async def test_an_expired_credential_is_refused_and_ps_gives_a_new_one(workspaces: Path, tokens_file: Path) -> None:
+    async with (
+        http_server(workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file), PROCESS_PORT_URL_TTL_S="1") as server,
+        mcp_client(server.url, ALICE) as alice,
+    ):
+        pid, url = await serve_site(alice, "short-lived")
+        with anyio.fail_after(WAIT_S):
+            while (answer := await get(url)).status_code == 200:
+                await anyio.sleep(0.1)
+        assert answer.status_code == 401, answer.text
+        assert "expired" in answer.text, answer.text
+        port = parts(url)[3]
+        assert (await get(await url_of(alice, pid, port))).text == "short-lived\n"
+        await call(alice, "kill", {"id": pid, "signal": "KILL"})
+
+
+async def test_the_box_gets_the_request_as_sent_without_the_credential_and_cannot_set_it(
+    workspaces: Path, tokens_file: Path
+) -> None:
+    async with (
+        http_server(workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file)) as server,
+        mcp_client(server.url, ALICE) as alice,
+    ):
+        port = free_port()
+        await write_in_box(alice, "head.py", HEAD_ECHO)
+        echo = await call(
+            alice, "spawn", {"command": f"exec python3 head.py {port}", "ready": {"port": port}, "timeoutMs": 30000}
+        )
+        assert echo["ready"], (echo, echo.get("stderr"))
+        url = await url_of(alice, echo["pid"], port)
+        bare, _, credential = url.partition("?")
+        _, tag, pid, _, _ = parts(url)
+        # An encoded line break in the path or the query stays encoded: it never starts a header (or a second
+        # request) in the box; the client's own X-Forwarded-* are not passed on as the proxy's.
+        async with httpx2.AsyncClient(timeout=WAIT_S) as http:
+            answer = await http.get(
+                f"{bare}a%0d%0aX-Injected:%20yes?q=%0d%0aX-Also:%20yes&{credential}&after=1",
+                headers={"X-Forwarded-Host": "spoofed.example", "Cookie": f"{credential}; theirs=1"},
+            )
+        assert answer.status_code == 200, answer.text
+        head = answer.text.split("\r\n")
+        assert head[0] == "GET /a%0d%0aX-Injected:%20yes?q=%0d%0aX-Also:%20yes&after=1 HTTP/1.1", head
+        lowered = [line.lower() for line in head]
+        assert not any(line.startswith(("x-injected", "x-also")) for line in lowered), head
+        assert "pmcp_token" not in answer.text
+        assert "cookie: theirs=1" in lowered
+        assert f"x-forwarded-prefix: /ports/{tag}/{pid}/{port}" in lowered
+        assert [line for line in lowered if line.startswith("x-forwarded-host")] == [
+            f"x-forwarded-host: {server.base.removeprefix('http://')}"
+        ]
+        # The box sets its own cookies, but not one that would stand in for the credential.
+        cookies = answer.headers.get_list("set-cookie")
+        assert "app=kept" in cookies
+        assert not any(cookie.startswith("pmcp_token=from-the-box") for cookie in cookies), cookies
+        await call(alice, "kill", {"id": echo["pid"], "signal": "KILL"})
