@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import select
 import socket
 import struct
 from abc import ABC, abstractmethod
@@ -890,7 +891,10 @@ class AgentProcess(ProcessHandle):
         if not connection.alive or self.has_exited:
             return None
         if connection.same_network:
-            return await asyncio.open_connection("127.0.0.1", port)
+            try:
+                return await asyncio.open_connection("127.0.0.1", port)
+            except ConnectionRefusedError:  # a server on ::1 only (localhost resolving there first)
+                return await asyncio.open_connection("::1", port)
         # One end of a socket pair is carried by the agent to the port in the box, the other is the caller's.
         ours, carried = socket.socketpair()
         try:
@@ -1021,7 +1025,7 @@ class _Tunnel:
         try:
             reader, writer = await connect()
             pumps = [
-                asyncio.ensure_future(self._to_process(reader)),
+                asyncio.ensure_future(self._to_process(reader, writer)),
                 asyncio.ensure_future(self._from_process(writer)),
             ]
             try:
@@ -1037,6 +1041,12 @@ class _Tunnel:
             self._done = True
             if writer is not None:
                 writer.close()
+            if not self.agent_closed and self._connection.alive:
+                # Its end here is gone for good: the agent drops the process's end too.
+                self.close_sent = True
+                with contextlib.suppress(AgentUnavailable):
+                    reset = protocol.frame(protocol.TUNNEL_CLOSE, self.channel, protocol.TUNNEL_RESET)
+                    await self._connection._send(reset)
             await self._close_towards_process()
 
     async def _close_towards_process(self) -> None:
@@ -1046,11 +1056,13 @@ class _Tunnel:
                 await self._connection._send(protocol.frame(protocol.TUNNEL_CLOSE, self.channel))
             self._connection._forget_tunnel_if_done(self)
 
-    async def _to_process(self, reader: asyncio.StreamReader) -> None:
+    async def _to_process(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             await self._room.wait()
             data = await reader.read(min(self._window, 64 * 1024))
             if not data:
+                if _hung_up(writer):  # closed, not only shut for writing: it takes nothing more either
+                    raise ConnectionResetError("its end of the connection is closed")
                 await self._close_towards_process()  # the proxy is done; the process may still send
                 return
             self._window -= len(data)
@@ -1070,3 +1082,14 @@ class _Tunnel:
             self._queued -= len(data)
             ack = protocol.COUNT.pack(len(data))
             await self._connection._send(protocol.frame(protocol.TUNNEL_ACK, self.channel, ack))
+
+
+def _hung_up(writer: asyncio.StreamWriter) -> bool:
+    """Whether the peer of the socket under ``writer`` closed it entirely (a Unix socket pair says so; a
+    TCP peer's close shows at the next write instead)."""
+    sock = writer.get_extra_info("socket")
+    if sock is None or sock.family != socket.AF_UNIX:
+        return False
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return any(events & select.POLLHUP for _, events in poller.poll(0))

@@ -109,7 +109,10 @@ TUNNEL_DATA = 81
 TUNNEL_ACK = 82
 """Either way: a 4-byte count of bytes delivered, which the sender may send again."""
 TUNNEL_CLOSE = 83
-"""Either way: that side sends no more (its end of the connection ended or failed)."""
+"""Either way: that side sends no more (its end of the connection ended or failed). From the server,
+with the payload TUNNEL_RESET, also that it takes no more: its end is gone, and the agent drops the
+connection at once (so a process writing to it learns, instead of waiting on a window never opened)."""
+TUNNEL_RESET = b"reset"
 TUNNEL_BASE = 1 << 31
 """First tunnel channel; process channels are the server's process numbers, far below it."""
 FORWARD_BASE = TUNNEL_BASE + (1 << 30)

@@ -14,6 +14,7 @@ import contextlib
 import errno
 import selectors
 import socket
+import struct
 import sys
 from collections.abc import Callable
 
@@ -105,6 +106,14 @@ class Tunnels:
             tunnel.window += protocol.COUNT.unpack(payload)[0]
         else:
             tunnel.peer_done = True
+            if payload == protocol.TUNNEL_RESET:  # nobody takes what the process sends: drop the connection
+                tunnel.out.clear()
+                tunnel.broken = True
+                with contextlib.suppress(OSError):  # closed with a reset: the process's next write fails
+                    tunnel.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                if tunnel.reading:
+                    tunnel.reading = False
+                    self.send(protocol.frame(protocol.TUNNEL_CLOSE, tunnel.channel), b"")
         self._io(tunnel)
 
     def rewatch(self) -> None:

@@ -159,6 +159,7 @@ class GuardedProtocol(H11Protocol):
         self._refused = False
         self._deadline: asyncio.TimerHandle | None = None
         self._state: tuple[State, object] = ("waiting", None)  # and the request it is about
+        self._handed_over = False  # to the guard's ``upgrade``: no longer an HTTP connection
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -190,8 +191,19 @@ class GuardedProtocol(H11Protocol):
         room) until that ends."""
         upgrade = self.guard.upgrade
         assert upgrade is not None
+        self._handed_over = True
         self._disarm()
         self.guard.started(self)
+        if self._refused or self.guard.busy > self.guard.max_connections:
+            # As ``_admit`` answers a request: this address, or the server, has no room for another.
+            body = json.dumps(ADDRESS_FULL if self._refused else SERVER_FULL).encode()
+            self.transport.write(
+                b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+                b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+            )
+            self.guard.closed(self)
+            self.transport.close()
+            return
         self.connections.discard(self)  # uvicorn's, as for its own WebSocket protocols
         reader = asyncio.StreamReader(limit=UPGRADE_READ_LIMIT)
         reader.feed_data(self.conn.trailing_data[0])  # what the client sent after its request head
@@ -238,6 +250,8 @@ class GuardedProtocol(H11Protocol):
     def _follow(self) -> None:
         """After each event: tell the guard whether a request is in progress, and set the deadline of the
         state the connection is now in (waiting for a head, receiving a body, or answering)."""
+        if self._handed_over:
+            return
         cycle = self.cycle
         state: State = "waiting"
         if cycle is not None and not cycle.response_complete:

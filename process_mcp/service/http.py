@@ -242,6 +242,18 @@ class _WatchDisconnect:
             raise failure
 
 
+SAME_ORIGIN = {
+    "error": "same_origin",
+    "error_description": "a page served by this server (a box's port under /ports/) may not call it; "
+    "call it from your MCP client",
+}
+
+
+def _same_origin(scope: Scope) -> bool:
+    """Whether a browser sent the request from a page of this server's own origin (Fetch Metadata)."""
+    return any(name == b"sec-fetch-site" and value == b"same-origin" for name, value in scope["headers"])
+
+
 class _Front:
     """Sends requests for the MCP endpoint through the authentication check; ``/metrics``, the box ports
     (which carry credentials of their own) and the protected resource metadata to their own handlers; the
@@ -265,12 +277,21 @@ class _Front:
         self._extra_paths = {getattr(route, "path", None) for route in extra.routes} if extra else set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        root = scope.get("root_path", "")
+        if root and path.startswith(root + "/"):  # mounted: Starlette keeps the whole path
+            path = path[len(root) :]
+        if scope["type"] in ("http", "websocket") and path.startswith(PATH_PREFIX):
+            await self._ports(scope, receive, send)
+            return
+        if scope["type"] == "http" and _same_origin(scope):
+            # A page under /ports/ is served from this origin, by a box: it may not call the server itself.
+            await JSONResponse(SAME_ORIGIN, status_code=403)(scope, receive, send)
+            return
         if scope["type"] == "http" and scope["path"] in PROBES:
             await self._probe(scope, receive, send)
         elif scope["type"] == "http" and scope["path"] == METRICS_PATH:
             await self._metrics(scope, receive, send)
-        elif scope["type"] == "http" and scope["path"].startswith(PATH_PREFIX):
-            await self._ports(scope, receive, send)
         elif scope["type"] == "http" and scope["path"] in self._extra_paths:
             assert self._extra is not None
             await self._extra(scope, receive, send)

@@ -10,8 +10,12 @@ work too. The proxy answers:
 - 401 to a request without a credential, or with one that is forged or expired;
 - 404 to a credential for another tag (another principal's), to a process that is not the tag's, that
   has ended, or whose tree does not listen on the port now (checked for each connection);
-- otherwise the box's own answer, carried as it is (a WebSocket upgrade too, ``upgrade``): through the
-  agent's tunnel into the box, or straight to the port where the box shares this machine's loopback.
+- 405 to CONNECT and TRACE, 503 past MAX_CARRIED_PER_SPACE connections to one space's ports at once;
+- a browser's navigation with the credential in its query: 303 to the same URL without it, with the
+  cookie, so the page (its address, its Referer) never shows it;
+- otherwise the box's own answer (a WebSocket upgrade too, ``upgrade``): through the agent's tunnel into
+  the box, or straight to the port where the box shares this machine's loopback. The box's cookies are
+  kept to the port's own path, and headers that would act on the whole origin are dropped.
 
 Nothing but the caller's own processes' listening ports is reached this way; ``ps`` writes each URL it
 first gives out to the audit log (``event: "forward"``).
@@ -24,13 +28,13 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import math
 import re
 import secrets
 import time
-from collections.abc import Callable
-from http.cookies import SimpleCookie
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, NamedTuple
-from urllib.parse import parse_qsl, quote, unquote, urlencode
+from urllib.parse import quote, unquote, unquote_plus, urlencode
 
 import h11
 from starlette.types import Message, Receive, Scope, Send
@@ -66,8 +70,25 @@ HOP_BY_HOP = {
 }
 """Headers of one connection, not of the message: neither side's is passed on (RFC 9110, 7.6.1)."""
 _TARGET = re.compile(r"^/ports/([0-9a-f]{16})/([^/?#]+)/([0-9]{1,5})(/[^?#]*)?$")
+IDLE_S = 300.0
+"""A carried connection (or an answer) with no byte either way for this long is closed."""
+HALF_CLOSED_S = 30.0
+"""After one side of a carried connection has ended, how long the other has to end as well."""
+MAX_CARRIED_PER_SPACE = 64
+"""Connections carried to one space's ports at once (also bounded by the connection guard's limits)."""
+REFUSED_METHODS = {"CONNECT", "TRACE"}
+DROPPED_FROM_BOX = {b"service-worker-allowed", b"clear-site-data"}
+"""Headers of the box's answers that would act on the whole origin, every principal's pages and the
+server's own endpoints, not only on the port's."""
 _SIGNATURE_HEX = 32
-_REASONS = {401: "Unauthorized", 404: "Not Found", 502: "Bad Gateway"}
+_CREDENTIAL = re.compile(r"^[0-9a-f]{16}\.[0-9]{1,12}\.[0-9a-f]{32}$")
+_REASONS = {
+    401: "Unauthorized",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+}
 
 
 class PortLinks:
@@ -95,11 +116,10 @@ class PortLinks:
 
     def holder(self, credential: str) -> tuple[str | None, str]:
         """The tag ``credential`` was made for, or None and why it is not valid."""
-        tag, _, rest = credential.partition(".")
-        expiry, _, signature = rest.partition(".")
-        if not expiry.isdigit() or not hmac.compare_digest(
-            self._sign(f"{tag}.{expiry}".encode())[:_SIGNATURE_HEX], signature
-        ):
+        if not _CREDENTIAL.match(credential):
+            return None, "the credential is not one this server made"
+        tag, expiry, signature = credential.split(".")
+        if not hmac.compare_digest(self._sign(f"{tag}.{expiry}".encode())[:_SIGNATURE_HEX], signature):
             return None, "the credential is not one this server made"
         if int(expiry) <= time.time():
             return None, "the credential has expired"
@@ -123,48 +143,79 @@ class PortProxy:
     def __init__(self, links: PortLinks, executor_of: Callable[[str | None], ProcessExecutor | None]) -> None:
         self._links = links
         self._executor_of = executor_of  # of a space, by its name, if it is started
+        self._carried: dict[str, int] = {}  # tag -> connections carried to its ports now
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":  # mounted in an application: its server's WebSockets are not ours
+            reason = "WebSockets to box ports are carried by process-mcp's own HTTP server only"
+            await send({"type": "websocket.close", "code": 1008, "reason": reason})
+            return
         if scope["type"] != "http":
             return
-        found = await self._open(scope)
-        if isinstance(found, Refusal):
-            await found.send(send)
+        allowed = self._authorize(scope)
+        if isinstance(allowed, Refusal):
+            await allowed.send(send)
             return
-        reader, writer, target, cookie = found
-        try:
-            await _exchange(scope, receive, send, reader, writer, target, cookie)
-        finally:
-            writer.close()
+        target, executor, given = allowed
+        if given is not None and _navigation(scope):
+            # The credential goes into a cookie and out of the address bar (and so out of every Referer).
+            headers = [
+                (b"location", (target.prefix + target.path).encode()),
+                (b"set-cookie", _set_cookie(scope, given)),
+            ]
+            await send(
+                {"type": "http.response.start", "status": 303, "headers": [*headers, (b"cache-control", b"no-store")]}
+            )
+            await send({"type": "http.response.body", "body": b""})
+            return
+        with self._slot(target.tag) as room:
+            if not room:
+                await _busy().send(send)
+                return
+            found = await _connect(executor, target)
+            if isinstance(found, Refusal):
+                await found.send(send)
+                return
+            reader, writer = found
+            try:
+                await _exchange(scope, receive, send, reader, writer, target, given)
+            finally:
+                writer.close()
 
     async def upgrade(self, scope: Scope, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Carry a connection whose request (``scope``) asked for an upgrade (a WebSocket), whole: the box's
-        answer and everything after it pass through as they are."""
-        found = await self._open(scope)
-        if isinstance(found, Refusal):
-            writer.write(found.raw())
-            with contextlib.suppress(OSError):
-                await writer.drain()
-            writer.close()
-            return
-        box_reader, box_writer, target, _ = found
+        """Carry a connection whose request (``scope``) asked for an upgrade (a WebSocket): once the box's
+        server has answered 101 (its headers held to what any answer may carry), every byte either way."""
         try:
-            box_writer.write(_request_head(scope, target, upgrade=True))
-            await asyncio.gather(_pump(reader, box_writer), _pump(box_reader, writer))
+            allowed = self._authorize(scope)
+            if isinstance(allowed, Refusal):
+                await _answer_raw(writer, allowed)
+                return
+            target, executor, given = allowed
+            with self._slot(target.tag) as room:
+                if not room:
+                    await _answer_raw(writer, _busy())
+                    return
+                found = await _connect(executor, target)
+                if isinstance(found, Refusal):
+                    await _answer_raw(writer, found)
+                    return
+                box_reader, box_writer = found
+                try:
+                    await _upgrade(scope, reader, writer, box_reader, box_writer, target, given)
+                finally:
+                    box_writer.close()
         finally:
-            box_writer.close()
             writer.close()
 
-    async def _open(
-        self, scope: Scope
-    ) -> Refusal | tuple[asyncio.StreamReader, asyncio.StreamWriter, Target, str | None]:
-        """The connection into the box that ``scope`` asks for, with where in the box it goes and the
-        credential to give back as a cookie; or why not."""
+    def _authorize(self, scope: Scope) -> Refusal | tuple[Target, ProcessExecutor, str | None]:
+        """Where ``scope`` goes, the executor of the space it goes to and the credential its query gave;
+        or why it may not."""
+        if scope["method"] in REFUSED_METHODS:
+            return Refusal(405, f"{scope['method']} is not carried to a box's port")
         target = Target.of(scope)
         if target is None:
             return Refusal(404, "no such port: a port URL is /ports/<tag>/<id>/<port>/; ps lists them")
-        given = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"))).get(TOKEN_PARAMETER)
-        credential = given or _cookie(scope)
+        credential = target.credential or _cookie(scope)
         if credential is None:
             return Refusal(401, f"this URL needs its credential ({TOKEN_PARAMETER}): take the whole URL from ps")
         holder, why = self._links.holder(credential)
@@ -174,17 +225,46 @@ class PortProxy:
         executor = self._executor_of(space) if known and holder == target.tag else None
         if executor is None:
             return Refusal(404, "no such port")
-        pid, port = target.pid, target.port
+        return target, executor, target.credential
+
+    @contextlib.contextmanager
+    def _slot(self, tag: str) -> Iterator[bool]:
+        """Count a connection carried to ``tag``'s ports while inside; False when there is no room."""
+        if self._carried.get(tag, 0) >= MAX_CARRIED_PER_SPACE:
+            yield False
+            return
+        self._carried[tag] = self._carried.get(tag, 0) + 1
         try:
-            async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                connection = await executor.open_port(pid, port)
-        except ProcessNotFound:
-            return Refusal(404, "no such port")
-        except (OSError, TimeoutError) as exc:
-            return Refusal(502, f"port {port} of {pid} did not accept the connection: {exc}")
-        if connection is None:
-            return Refusal(404, f"no such port: {pid} does not listen on {port} now; ps lists its ports")
-        return connection[0], connection[1], target, given
+            yield True
+        finally:
+            self._carried[tag] -= 1
+            if not self._carried[tag]:
+                del self._carried[tag]
+
+
+def _busy() -> Refusal:
+    return Refusal(
+        503,
+        f"this principal's ports carry {MAX_CARRIED_PER_SPACE} connections now, the most they may at once; "
+        "close some and try again",
+    )
+
+
+async def _connect(
+    executor: ProcessExecutor, target: Target
+) -> Refusal | tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to the target's port, while its process's tree listens there."""
+    pid, port = target.pid, target.port
+    try:
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            connection = await executor.open_port(pid, port)
+    except ProcessNotFound:
+        return Refusal(404, "no such port")
+    except (OSError, TimeoutError) as exc:
+        return Refusal(502, f"port {port} of {pid} did not accept the connection: {exc}")
+    if connection is None:
+        return Refusal(404, f"no such port: {pid} does not listen on {port} now; ps lists its ports")
+    return connection
 
 
 class Target(NamedTuple):
@@ -198,6 +278,8 @@ class Target(NamedTuple):
     """The path up to the port: what the box's server is told it is served under."""
     path: str
     """The rest of the path, and the query without the credential: the request's target in the box."""
+    credential: str | None
+    """The credential the query gave."""
 
     @classmethod
     def of(cls, scope: Scope) -> Target | None:
@@ -211,7 +293,9 @@ class Target(NamedTuple):
             return None
         rest = matched.group(4) or "/"
         prefix = root + path[: len(path) - len(matched.group(4) or "")]
-        return cls(matched.group(1), unquote(matched.group(2)), int(matched.group(3)), prefix, rest + _query(scope))
+        query, credential = _without_credential(scope.get("query_string", b"").decode("latin-1"))
+        pid, port = unquote(matched.group(2)), int(matched.group(3))
+        return cls(matched.group(1), pid, port, prefix, rest + (f"?{query}" if query else ""), credential)
 
 
 class Refusal:
@@ -237,6 +321,12 @@ class Refusal:
         return b"\r\n".join(head) + b"\r\n\r\n" + body
 
 
+async def _answer_raw(writer: asyncio.StreamWriter, refusal: Refusal) -> None:
+    writer.write(refusal.raw())
+    with contextlib.suppress(OSError):
+        await writer.drain()
+
+
 async def _exchange(
     scope: Scope,
     receive: Receive,
@@ -246,60 +336,178 @@ async def _exchange(
     target: Target,
     cookie: str | None,
 ) -> None:
-    """One request to the box's server and its answer, each streamed as it comes."""
+    """One request to the box's server and its answer, each streamed as it comes; given up when the
+    client goes away, or when the box's server sends nothing for IDLE_S."""
     chunked = _body_framing(scope)
     writer.write(_request_head(scope, target, upgrade=False))
     sending = asyncio.ensure_future(_send_body(receive, writer, chunked))
+    answering = asyncio.ensure_future(_answer(scope, send, reader, target, cookie))
     try:
-        # h11 reads the answer as the answer to this request (a HEAD's has no body, whatever it says).
-        box = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
-        box.send(h11.Request(method=scope["method"], target="/", headers=[("host", "box")]))
-        box.send(h11.EndOfMessage())
-        try:
-            async with asyncio.timeout(HEAD_TIMEOUT_S):
-                response = await _next_event(box, reader)
-                while isinstance(response, h11.InformationalResponse):  # 100 Continue: the body is on its way
-                    response = await _next_event(box, reader)
-        except (TimeoutError, h11.RemoteProtocolError, ConnectionError) as exc:
-            await Refusal(502, f"the box's server gave no answer: {exc or 'timed out'}").send(send)
-            return
-        if not isinstance(response, h11.Response):
-            await Refusal(502, "the box's server closed the connection without an answer").send(send)
-            return
-        headers = [(name, value) for name, value in response.headers if _passed_back(name, value)]
-        if cookie is not None:
-            headers.append((b"set-cookie", _set_cookie(scope, cookie)))
-        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
-        while True:
-            try:
-                event = await _next_event(box, reader)
-            except (h11.RemoteProtocolError, ConnectionError):
-                break  # the client sees a cut answer, as the box's server cut it
-            if isinstance(event, h11.Data):
-                await send({"type": "http.response.body", "body": bytes(event.data), "more_body": True})
-            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
-                break
-        await send({"type": "http.response.body", "body": b""})
+        await asyncio.wait({sending, answering}, return_when=asyncio.FIRST_COMPLETED)
+        if not answering.done() and sending.done() and sending.exception() is None and sending.result():
+            answering.cancel()  # the client is gone: nobody reads the rest
+        else:
+            await answering
     finally:
-        sending.cancel()
-        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
-            await sending
+        for task in (sending, answering):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError, OSError):
+                await task
 
 
-async def _next_event(box: h11.Connection, reader: asyncio.StreamReader) -> object:
+async def _answer(scope: Scope, send: Send, reader: asyncio.StreamReader, target: Target, cookie: str | None) -> None:
+    # h11 reads the answer as the answer to this request (a HEAD's has no body, whatever it says).
+    box = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
+    box.send(h11.Request(method=scope["method"], target="/", headers=[("host", "box")]))
+    box.send(h11.EndOfMessage())
+    try:
+        response = await _next_event(box, reader, HEAD_TIMEOUT_S)
+        while isinstance(response, h11.InformationalResponse):  # 100 Continue: the body is on its way
+            response = await _next_event(box, reader, HEAD_TIMEOUT_S)
+    except (TimeoutError, h11.RemoteProtocolError, ConnectionError) as exc:
+        await Refusal(502, f"the box's server gave no answer: {exc or 'timed out'}").send(send)
+        return
+    if not isinstance(response, h11.Response):
+        await Refusal(502, "the box's server closed the connection without an answer").send(send)
+        return
+    headers = _headers_back(response.headers, target)
+    if cookie is not None:
+        headers.append((b"set-cookie", _set_cookie(scope, cookie)))
+    await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+    while True:
+        try:
+            event = await _next_event(box, reader, IDLE_S)
+        except (TimeoutError, h11.RemoteProtocolError, ConnectionError):
+            break  # the client sees a cut answer, as the box's server cut it (or went quiet)
+        if not isinstance(event, h11.Data):
+            break  # its end, or anything h11 cannot read on from
+        await send({"type": "http.response.body", "body": bytes(event.data), "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def _upgrade(
+    scope: Scope,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    box_reader: asyncio.StreamReader,
+    box_writer: asyncio.StreamWriter,
+    target: Target,
+    cookie: str | None,
+) -> None:
+    box_writer.write(_request_head(scope, target, upgrade=True))
+    box = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
+    box.send(
+        h11.Request(
+            method="GET", target="/", headers=[("host", "box"), ("connection", "upgrade"), ("upgrade", "websocket")]
+        )
+    )
+    box.send(h11.EndOfMessage())
+    try:
+        answer = await _next_event(box, box_reader, HEAD_TIMEOUT_S)
+    except (TimeoutError, h11.RemoteProtocolError, ConnectionError) as exc:
+        await _answer_raw(writer, Refusal(502, f"the box's server gave no answer: {exc or 'timed out'}"))
+        return
+    if not isinstance(answer, h11.InformationalResponse) or answer.status_code != 101:
+        status = getattr(answer, "status_code", "nothing")
+        await _answer_raw(writer, Refusal(502, f"the box's server did not take the WebSocket: it answered {status}"))
+        return
+    kept = [(b"connection", b"Upgrade"), (b"upgrade", b"websocket")]
+    kept += _headers_back(answer.headers, target)
+    if cookie is not None:
+        kept.append((b"set-cookie", _set_cookie(scope, cookie)))
+    writer.write(b"HTTP/1.1 101 Switching Protocols\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in kept) + b"\r\n")
+    writer.write(box.trailing_data[0])
+    expiry = int((target.credential or _cookie(scope) or "0.0").split(".")[1])
+    await _carry(reader, writer, box_reader, box_writer, until_s=expiry - time.time())
+
+
+async def _carry(
+    a_reader: asyncio.StreamReader,
+    a_writer: asyncio.StreamWriter,
+    b_reader: asyncio.StreamReader,
+    b_writer: asyncio.StreamWriter,
+    *,
+    until_s: float,
+) -> None:
+    """Bytes both ways until both sides end, one side ended HALF_CLOSED_S ago, nothing moved for IDLE_S,
+    or ``until_s`` (the credential's expiry) passed."""
+    loop = asyncio.get_running_loop()
+    last = [loop.time()]
+    ends = loop.time() + until_s
+
+    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(CHUNK_BYTES):
+            last[0] = loop.time()
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+
+    pending = {asyncio.ensure_future(pump(a_reader, b_writer)), asyncio.ensure_future(pump(b_reader, a_writer))}
+    half_closed: float | None = None
+    try:
+        while pending:
+            deadline = min(last[0] + IDLE_S, ends, math.inf if half_closed is None else half_closed + HALF_CLOSED_S)
+            if loop.time() >= deadline:
+                return
+            done, pending = await asyncio.wait(pending, timeout=deadline - loop.time())
+            if any(task.exception() is not None for task in done):
+                return  # a side broke off: nothing more to carry
+            if done and half_closed is None:
+                half_closed = loop.time()
+    finally:
+        for task in pending:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError, OSError):
+                await task
+
+
+async def _next_event(box: h11.Connection, reader: asyncio.StreamReader, timeout_s: float) -> object:
     while True:
         event = box.next_event()
         if event is not h11.NEED_DATA:
-            return event
-        box.receive_data(await reader.read(CHUNK_BYTES))
+            return event  # PAUSED too: the caller reads nothing on from it
+        async with asyncio.timeout(timeout_s):
+            box.receive_data(await reader.read(CHUNK_BYTES))
 
 
-def _passed_back(name: bytes, value: bytes) -> bool:
-    """Whether a header of the box's answer reaches the client: not one of its connection, nor a cookie
-    that would stand in for the credential (a process could otherwise set one for another tag's paths)."""
-    if name == b"set-cookie":
-        return value.partition(b"=")[0].strip().lower() != TOKEN_PARAMETER.encode()
-    return name not in HOP_BY_HOP
+def _headers_back(headers: Iterable[tuple[bytes, bytes]], target: Target) -> list[tuple[bytes, bytes]]:
+    """The headers of the box's answer that reach the client: none of its connection, none that acts on
+    the whole origin, and its cookies kept to the port's path (never one named as the credential)."""
+    kept = []
+    for name, value in headers:
+        if name == b"set-cookie":
+            cookie = _cookie_from_box(value, target.prefix)
+            if cookie is not None:
+                kept.append((name, cookie))
+        elif name not in HOP_BY_HOP and name not in DROPPED_FROM_BOX:
+            kept.append((name, value))
+    return kept
+
+
+def _cookie_from_box(value: bytes, prefix: str) -> bytes | None:
+    """A cookie the box sets, for the port's paths only (its Path under the port's prefix, no Domain);
+    None for one without a name or named as the credential."""
+    pair, *attributes = value.split(b";")
+    name = pair.partition(b"=")[0].strip()
+    if not name or name == TOKEN_PARAMETER.encode():
+        return None
+    kept = [pair.strip()]
+    path = b"/"
+    for attribute in attributes:
+        key, _, setting = attribute.strip().partition(b"=")
+        if key.lower() == b"path":
+            path = setting.strip() if setting.strip().startswith(b"/") else b"/"
+        elif key.lower() != b"domain" and key.strip():
+            kept.append(attribute.strip())
+    kept.append(b"Path=" + prefix.encode() + path)
+    return b"; ".join(kept)
+
+
+def _navigation(scope: Scope) -> bool:
+    """Whether the request is a browser's navigation to a page (which may carry a cookie back)."""
+    fields = dict(scope["headers"])
+    return fields.get(b"sec-fetch-mode") == b"navigate" and scope["method"] in ("GET", "HEAD")
 
 
 def _body_framing(scope: Scope) -> bool | None:
@@ -308,12 +516,13 @@ def _body_framing(scope: Scope) -> bool | None:
     return True if b"transfer-encoding" in names else False if b"content-length" in names else None
 
 
-async def _send_body(receive: Receive, writer: asyncio.StreamWriter, chunked: bool | None) -> None:
-    """The request's body to the box's server, framed as the client framed it."""
+async def _send_body(receive: Receive, writer: asyncio.StreamWriter, chunked: bool | None) -> bool:
+    """The request's body to the box's server, framed as the client framed it; then wait for the client to
+    go. True once it has gone (before its answer was complete, or after)."""
     while chunked is not None:
         message: Message = await receive()
         if message["type"] == "http.disconnect":
-            return
+            return True
         body = message.get("body", b"")
         if body:
             writer.write(b"%x\r\n%s\r\n" % (len(body), body) if chunked else body)
@@ -322,19 +531,10 @@ async def _send_body(receive: Receive, writer: asyncio.StreamWriter, chunked: bo
             if chunked:
                 writer.write(b"0\r\n\r\n")
                 await writer.drain()
-            return
-
-
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Bytes from ``reader`` to ``writer`` until either end goes; then the other direction ends as well."""
-    try:
-        while data := await reader.read(CHUNK_BYTES):
-            writer.write(data)
-            await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
-    except ConnectionError:
-        writer.close()
+            break
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    return True
 
 
 def _request_head(scope: Scope, target: Target, *, upgrade: bool) -> bytes:
@@ -342,6 +542,7 @@ def _request_head(scope: Scope, target: Target, *, upgrade: bool) -> bytes:
     connection and the credential, and where the request came from (``X-Forwarded-*``, only ours)."""
     lines = [f"{scope['method']} {target.path} HTTP/1.1".encode()]
     host = b""
+    chunked = _body_framing(scope)
     for name, value in scope["headers"]:
         if name == b"host":
             host = value
@@ -349,7 +550,9 @@ def _request_head(scope: Scope, target: Target, *, upgrade: bool) -> bytes:
             kept = _cookies_without_credential(value)
             if kept:
                 lines.append(b"cookie: " + kept)
-        elif name.startswith(b"x-forwarded-") or name == b"forwarded":
+        elif name == b"referer":
+            lines.append(b"referer: " + _referer_without_credential(value))
+        elif name.startswith(b"x-forwarded-") or name == b"forwarded" or (chunked and name == b"content-length"):
             continue
         elif name not in HOP_BY_HOP or (upgrade and name in (b"connection", b"upgrade")):
             lines.append(name + b": " + value)
@@ -358,27 +561,42 @@ def _request_head(scope: Scope, target: Target, *, upgrade: bool) -> bytes:
     lines.append(f"x-forwarded-proto: {scope.get('scheme', 'http')}".encode())
     lines.append(f"x-forwarded-prefix: {target.prefix}".encode())
     if not upgrade:
-        if _body_framing(scope):
-            lines.append(b"transfer-encoding: chunked")  # content-length, where the client sent it, is kept
+        if chunked:
+            lines.append(b"transfer-encoding: chunked")  # content-length, where the client sent only that, is kept
         lines.append(b"connection: close")  # one request per connection into the box
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
-def _query(scope: Scope) -> str:
-    """The request's query, as the client sent it, without the credential."""
-    query = scope.get("query_string", b"").decode("latin-1")
-    kept = "&".join(part for part in query.split("&") if part and part.partition("=")[0] != TOKEN_PARAMETER)
-    return f"?{kept}" if kept else ""
+def _without_credential(query: str) -> tuple[str, str | None]:
+    """The query without the credential (its name read as the box would read it), and the credential."""
+    kept, credential = [], None
+    for part in query.split("&"):
+        if not part:
+            continue
+        name, _, value = part.partition("=")
+        if unquote_plus(name) == TOKEN_PARAMETER:
+            credential = credential or unquote_plus(value)
+        else:
+            kept.append(part)
+    return "&".join(kept), credential
+
+
+def _referer_without_credential(value: bytes) -> bytes:
+    address, mark, query = value.decode("latin-1").partition("?")
+    query, fragment_mark, fragment = query.partition("#")
+    kept = _without_credential(query)[0]
+    return (address + (mark if kept else "") + kept + fragment_mark + fragment).encode("latin-1")
 
 
 def _cookie(scope: Scope) -> str | None:
+    """The credential the request's cookies give (read by hand: a cookie parser of the standard library
+    is slow on crafted values, before any credential is checked)."""
     for name, value in scope["headers"]:
         if name == b"cookie":
-            jar: SimpleCookie = SimpleCookie()
-            with contextlib.suppress(Exception):
-                jar.load(value.decode("latin-1"))
-            if TOKEN_PARAMETER in jar:
-                return jar[TOKEN_PARAMETER].value
+            for part in value.split(b";"):
+                key, _, setting = part.strip().partition(b"=")
+                if key == TOKEN_PARAMETER.encode() and len(setting) <= 96:
+                    return str(setting.decode("latin-1"))
     return None
 
 

@@ -77,6 +77,39 @@ while True:
 """Answers every request with the request head it got, and two cookies: one named as the credential."""
 
 
+STREAMER = r"""
+import socket, sys, time
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("127.0.0.1", int(sys.argv[1])))
+server.listen(100)
+silent = []
+while True:
+    conn, _ = server.accept()
+    head = b""
+    while b"\r\n\r\n" not in head:
+        got = conn.recv(4096)
+        if not got:
+            break
+        head += got
+    if b"\r\n\r\n" not in head:
+        conn.close()
+        continue
+    if b"GET /silent" in head:
+        silent.append(conn)  # held, and never answered
+        continue
+    try:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n")
+        while True:
+            conn.sendall(b"data: tick\n\n")
+            time.sleep(0.05)
+    except OSError:
+        print("the reader went away", flush=True)
+    conn.close()
+"""
+"""Streams to each request until its reader goes (then says so); holds requests for /silent unanswered."""
+
+
 @pytest.fixture
 def tokens_file(tmp_path: Path) -> Path:
     return write_tokens(tmp_path / "tokens", {"alice": ALICE, "bob": BOB})
@@ -308,8 +341,138 @@ async def test_the_box_gets_the_request_as_sent_without_the_credential_and_canno
         assert [line for line in lowered if line.startswith("x-forwarded-host")] == [
             f"x-forwarded-host: {server.base.removeprefix('http://')}"
         ]
-        # The box sets its own cookies, but not one that would stand in for the credential.
+        # The box sets its own cookies, for its port's paths only, and not one named as the credential;
+        # nor headers that act on the whole origin.
         cookies = answer.headers.get_list("set-cookie")
-        assert "app=kept" in cookies
-        assert not any(cookie.startswith("pmcp_token=from-the-box") for cookie in cookies), cookies
+        ours = [cookie for cookie in cookies if cookie.startswith(f"pmcp_token={credential.partition('=')[2]};")]
+        assert len(ours) == 1, cookies
+        assert [cookie for cookie in cookies if cookie not in ours] == [f"app=kept; Path=/ports/{tag}/{pid}/{port}/"]
+        assert "clear-site-data" not in answer.headers
+        assert "service-worker-allowed" not in answer.headers
+        # A navigation moves the credential out of the address (and so out of every Referer) into the cookie.
+        async with httpx2.AsyncClient(timeout=WAIT_S) as http:
+            moved = await http.get(url + "&page=2", headers={"Sec-Fetch-Mode": "navigate"})
+            assert moved.status_code == 303, moved.text
+            assert moved.headers["location"] == f"/ports/{tag}/{pid}/{port}/?page=2"
+            assert moved.cookies.get("pmcp_token") == credential.partition("=")[2]
+            followed = await http.get(f"{server.base}{moved.headers['location']}", headers={"Referer": url})
+            assert followed.status_code == 200, followed.text
+        assert "pmcp_token" not in followed.text  # not from the cookie, nor the Referer
+        assert f"referer: {bare}" in followed.text.lower()
+        # Encoded, the credential's name is still the credential's.
+        encoded = await get(f"{bare}?pmcp%5Ftoken={credential.partition('=')[2]}&x=1")
+        assert encoded.status_code == 200
+        assert "pmcp" not in encoded.text.split("\r\n")[0]
+        # A page of the server's own origin (a box's) may not call the server's endpoints.
+        async with httpx2.AsyncClient(timeout=WAIT_S) as http:
+            framed = await http.post(server.url, json={}, headers={"Sec-Fetch-Site": "same-origin"})
+        assert framed.status_code == 403, framed.text
+        # Methods that are not carried, and credentials that are not even text, are answered plainly.
+        async with httpx2.AsyncClient(timeout=WAIT_S) as http:
+            assert (await http.request("TRACE", url)).status_code == 405
+        assert (await get(f"{bare}?pmcp_token=a.1.%C3%A9")).status_code == 401
+        assert (await get(bare, cookies={"pmcp_token": "\\" * 4000})).status_code == 401
         await call(alice, "kill", {"id": echo["pid"], "signal": "KILL"})
+
+
+async def test_a_client_that_goes_away_frees_the_box_and_one_principal_cannot_hold_every_connection(
+    workspaces: Path, tokens_file: Path
+) -> None:
+    async with (
+        http_server(workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file)) as server,
+        mcp_client(server.url, ALICE) as alice,
+        mcp_client(server.url, BOB) as bob,
+    ):
+        port = free_port()
+        await write_in_box(alice, "stream.py", STREAMER)
+        streamer = await call(
+            alice, "spawn", {"command": f"exec python3 stream.py {port}", "ready": {"port": port}, "timeoutMs": 30000}
+        )
+        assert streamer["ready"], (streamer, streamer.get("stderr"))
+        url = await url_of(alice, streamer["pid"], port)
+        bare, _, credential = url.partition("?")
+        # A reader of an endless answer that goes away: the proxy stops reading it, the box sees its reader gone.
+        async with httpx2.AsyncClient(timeout=WAIT_S) as http, http.stream("GET", url) as answer:
+            async for chunk in answer.aiter_bytes():
+                assert b"tick" in chunk
+                break
+        gone = await call(alice, "stdout", {"id": streamer["pid"], "waitFor": "the reader went away", "waitMs": 10000})
+        assert "the reader went away" in gone["stdout"], gone
+
+        # Requests the box never answers, whose clients give up: each connection into the box is dropped with
+        # its client (the agent carries at most 128 at once; one left open each time would use them all).
+        silent_url = f"{bare}silent?{credential}"
+        async with httpx2.AsyncClient(timeout=httpx2.Timeout(WAIT_S, read=0.05)) as http:
+            for _ in range(140):
+                with pytest.raises(httpx2.ReadTimeout):
+                    await http.get(silent_url)
+        assert await status_of_stream(url) == 200
+
+        # Connections held open to one principal's ports stop at MAX_CARRIED_PER_SPACE; others are still served.
+        held = []
+        try:
+            for _ in range(64):
+                sock = socket.create_connection(("127.0.0.1", int(parts(url)[0].rpartition(":")[2])), timeout=WAIT_S)
+                sock.sendall(
+                    f"GET {bare.partition(server.base)[2]}silent?{credential} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+                )
+                held.append(sock)
+            refused = None
+            async with httpx2.AsyncClient(timeout=httpx2.Timeout(WAIT_S, read=0.2)) as http:
+                with anyio.fail_after(WAIT_S):
+                    while refused is None:  # until all 64 are carried: the next is refused, not held
+                        with contextlib.suppress(httpx2.ReadTimeout):
+                            refused = await http.get(f"{bare}silent?{credential}")
+            assert refused.status_code == 503, refused.text
+            assert "64 connections" in refused.text
+            assert (await call(bob, "spawn", {"command": "echo still served"}))["stdout"] == "still served\n"
+        finally:
+            for sock in held:
+                sock.close()
+        with anyio.fail_after(WAIT_S):
+            while await status_of_stream(url) == 503:  # the held connections' room is given back
+                await anyio.sleep(0.05)
+        await call(alice, "kill", {"id": streamer["pid"], "signal": "KILL"})
+
+
+async def status_of_stream(url: str) -> int:
+    async with httpx2.AsyncClient(timeout=WAIT_S) as http, http.stream("GET", url) as answer:
+        return answer.status_code
+
+
+async def test_a_websocket_upgrade_is_admitted_as_a_request_is(workspaces: Path, tokens_file: Path) -> None:
+    """Upgrades held by the box count against their address's connections: past the limit, 503."""
+    settings = {"PROCESS_AUTH_TOKENS_FILE": str(tokens_file), "PROCESS_HTTP_MAX_CONNECTIONS_PER_ADDRESS": "3"}
+    async with http_server(workspaces, **settings) as server, mcp_client(server.url, ALICE) as alice:
+        port = free_port()
+        await write_in_box(alice, "stream.py", STREAMER)
+        streamer = await call(
+            alice, "spawn", {"command": f"exec python3 stream.py {port}", "ready": {"port": port}, "timeoutMs": 30000}
+        )
+        url = await url_of(alice, streamer["pid"], port)
+        base, tag, pid, _, credential = parts(url)
+        address = ("127.0.0.1", int(base.rpartition(":")[2]))
+        upgrade = (
+            f"GET /ports/{tag}/{pid}/{port}/silent?{credential} HTTP/1.1\r\nHost: {address[0]}:{address[1]}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+
+        def held_then_refused() -> bytes:
+            held = []
+            try:
+                for _ in range(3):  # from an address of their own: carried to a box that never answers, busy
+                    sock = socket.create_connection(address, timeout=WAIT_S, source_address=("127.0.0.2", 0))
+                    sock.sendall(upgrade)
+                    held.append(sock)
+                with socket.create_connection(address, timeout=WAIT_S, source_address=("127.0.0.2", 0)) as last:
+                    last.sendall(upgrade)
+                    return last.recv(4096)
+            finally:
+                for sock in held:
+                    sock.close()
+
+        answer = await anyio.to_thread.run_sync(held_then_refused)
+        assert answer.startswith(b"HTTP/1.1 503"), answer
+        assert b"too_many_connections" in answer
+        await call(alice, "kill", {"id": streamer["pid"], "signal": "KILL"})
