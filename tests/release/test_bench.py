@@ -19,7 +19,9 @@ pytestmark = pytest.mark.anyio
 RUN = Path(__file__).parents[2] / "bench" / "run.py"
 FIGURES = [
     "spawn true round trip (host, sandbox off)",
+    "spawn true round trip (host, sandbox off) after a 100 ms pause",
     "spawn true round trip (host, sandboxed)",
+    "spawn true round trip (host, sandboxed) after a 100 ms pause",
     "first spawn of a new box (host, sandboxed)",
     "non-TTY capture",
     "TTY capture",
@@ -37,6 +39,8 @@ FIGURES = [
     "spawn true round trip over HTTP (host, sandbox off)",
     "ps requests per second over HTTP, 8 concurrent clients",
     "server memory (RSS) over HTTP with principals holding processes (sandboxed)",
+    "GET of a box port over the HTTP proxy (box on the server's loopback)",
+    "GET of a box port over the HTTP proxy (box with its own network, through the agent)",
     "ps of another principal over HTTP with 270 silent connections open",
     "server memory (RSS) after one principal asks for",
     "ps of another principal over HTTP during that session flood",
