@@ -38,7 +38,7 @@ from .auth import JwtVerifier, RefusalLog, TokenFileVerifier, make_verifier
 from .calls import DISCONNECTED, Disconnect
 from .connections import ConnectionGuard
 from .metrics import Metrics
-from .ports import PATH_PREFIX, PortProxy
+from .ports import PATH_PREFIX
 from .sessions import SessionQuota
 from .spaces import Spaces
 
@@ -174,7 +174,7 @@ def build_app(mcp: Served, *, authenticate: bool = True, host: str | None = None
     inner.router.lifespan_context = lambda _: mcp.serving()
     watched = SessionQuota(_WatchDisconnect(inner), service.max_sessions_per_principal, service.session_idle_timeout_s)
     metrics = _MetricsEndpoint(mcp.metrics.registry, service.metrics_token, trust_loopback=untrusted is None)
-    ports = PortProxy(mcp.spaces.links, mcp.spaces.executor_of)
+    ports = mcp.spaces.ports
     if not authenticate:
         return _Front(inner, _RequireUser(watched), metrics, ports, mcp.spaces.ready)
     if verifier is None:
@@ -402,7 +402,7 @@ def prepare(mcp: Served, host: str | None = None, port: int | None = None) -> uv
         )
     app = build_app(mcp, host=host)
     guard = ConnectionGuard(service.max_connections, service.connections_per_address)
-    guard.upgrade, guard.upgrade_prefix = PortProxy(mcp.spaces.links, mcp.spaces.executor_of).upgrade, PATH_PREFIX
+    guard.upgrade, guard.upgrade_prefix = mcp.spaces.ports.upgrade, PATH_PREFIX
     return uvicorn.Config(
         app,
         host=host,

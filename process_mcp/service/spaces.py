@@ -28,7 +28,7 @@ from ..errors import RateLimited, TooManyRequests
 from ..policy.audit import AuditLog
 from .auth import PRINCIPAL_NAME, principal_for_subject
 from .metrics import Metrics
-from .ports import PortLinks
+from .ports import PortLinks, PortProxy
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,8 @@ class Spaces:
         self.links = PortLinks(config.service.port_url_ttl_s)
         """The credentials and URLs of the callers' box ports over HTTP."""
         self.local = Space(None, self._make(None, config))
+        self.ports = PortProxy(self.links, self.executor_of)
+        """The proxy to the callers' box ports (one, so its bounds hold across HTTP requests and upgrades)."""
         self._spaces: dict[str, Space] = {}
         self._closing: dict[str, anyio.Event] = {}
         self._lock = anyio.Lock()

@@ -411,11 +411,11 @@ async def test_a_client_that_goes_away_frees_the_box_and_one_principal_cannot_ho
         # Connections held open to one principal's ports stop at MAX_CARRIED_PER_SPACE; others are still served.
         held = []
         try:
-            for _ in range(64):
+            for number in range(64):  # requests and WebSocket upgrades count together
                 sock = socket.create_connection(("127.0.0.1", int(parts(url)[0].rpartition(":")[2])), timeout=WAIT_S)
-                sock.sendall(
-                    f"GET {bare.partition(server.base)[2]}silent?{credential} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
-                )
+                upgrade = "Upgrade: websocket\r\nConnection: Upgrade\r\n" if number % 2 else ""
+                path = f"{bare.partition(server.base)[2]}silent?{credential}"
+                sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n{upgrade}\r\n".encode())
                 held.append(sock)
             refused = None
             async with httpx2.AsyncClient(timeout=httpx2.Timeout(WAIT_S, read=0.2)) as http:
