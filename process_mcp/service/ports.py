@@ -144,6 +144,8 @@ class PortProxy:
         self._links = links
         self._executor_of = executor_of  # of a space, by its name, if it is started
         self._carried: dict[str, int] = {}  # tag -> connections carried to its ports now
+        self.bounds = Bounds(IDLE_S, HALF_CLOSED_S)
+        """How long a carried connection may stay quiet, or half closed."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":  # mounted in an application: its server's WebSockets are not ours
@@ -178,7 +180,7 @@ class PortProxy:
                 return
             reader, writer = found
             try:
-                await _exchange(scope, receive, send, reader, writer, target, given)
+                await _exchange(scope, receive, send, reader, writer, target, given, self.bounds)
             finally:
                 writer.close()
 
@@ -201,7 +203,7 @@ class PortProxy:
                     return
                 box_reader, box_writer = found
                 try:
-                    await _upgrade(scope, reader, writer, box_reader, box_writer, target, given)
+                    await _upgrade(scope, reader, writer, box_reader, box_writer, target, given, self.bounds)
                 finally:
                     box_writer.close()
         finally:
@@ -265,6 +267,13 @@ async def _connect(
     if connection is None:
         return Refusal(404, f"no such port: {pid} does not listen on {port} now; ps lists its ports")
     return connection
+
+
+class Bounds(NamedTuple):
+    """How long a carried connection may go without a byte either way, and stay open after one side ended."""
+
+    idle_s: float
+    half_closed_s: float
 
 
 class Target(NamedTuple):
@@ -335,13 +344,14 @@ async def _exchange(
     writer: asyncio.StreamWriter,
     target: Target,
     cookie: str | None,
+    bounds: Bounds,
 ) -> None:
     """One request to the box's server and its answer, each streamed as it comes; given up when the
-    client goes away, or when the box's server sends nothing for IDLE_S."""
+    client goes away, or when the box's server sends nothing for ``bounds.idle_s``."""
     chunked = _body_framing(scope)
     writer.write(_request_head(scope, target, upgrade=False))
     sending = asyncio.ensure_future(_send_body(receive, writer, chunked))
-    answering = asyncio.ensure_future(_answer(scope, send, reader, target, cookie))
+    answering = asyncio.ensure_future(_answer(scope, send, reader, target, cookie, bounds.idle_s))
     try:
         await asyncio.wait({sending, answering}, return_when=asyncio.FIRST_COMPLETED)
         if not answering.done() and sending.done() and sending.exception() is None and sending.result():
@@ -355,7 +365,9 @@ async def _exchange(
                 await task
 
 
-async def _answer(scope: Scope, send: Send, reader: asyncio.StreamReader, target: Target, cookie: str | None) -> None:
+async def _answer(
+    scope: Scope, send: Send, reader: asyncio.StreamReader, target: Target, cookie: str | None, idle_s: float
+) -> None:
     # h11 reads the answer as the answer to this request (a HEAD's has no body, whatever it says).
     box = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
     box.send(h11.Request(method=scope["method"], target="/", headers=[("host", "box")]))
@@ -376,7 +388,7 @@ async def _answer(scope: Scope, send: Send, reader: asyncio.StreamReader, target
     await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
     while True:
         try:
-            event = await _next_event(box, reader, IDLE_S)
+            event = await _next_event(box, reader, idle_s)
         except (TimeoutError, h11.RemoteProtocolError, ConnectionError):
             break  # the client sees a cut answer, as the box's server cut it (or went quiet)
         if not isinstance(event, h11.Data):
@@ -393,6 +405,7 @@ async def _upgrade(
     box_writer: asyncio.StreamWriter,
     target: Target,
     cookie: str | None,
+    bounds: Bounds,
 ) -> None:
     box_writer.write(_request_head(scope, target, upgrade=True))
     box = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
@@ -418,7 +431,7 @@ async def _upgrade(
     writer.write(b"HTTP/1.1 101 Switching Protocols\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in kept) + b"\r\n")
     writer.write(box.trailing_data[0])
     expiry = int((target.credential or _cookie(scope) or "0.0").split(".")[1])
-    await _carry(reader, writer, box_reader, box_writer, until_s=expiry - time.time())
+    await _carry(reader, writer, box_reader, box_writer, bounds, until_s=expiry - time.time())
 
 
 async def _carry(
@@ -426,11 +439,12 @@ async def _carry(
     a_writer: asyncio.StreamWriter,
     b_reader: asyncio.StreamReader,
     b_writer: asyncio.StreamWriter,
+    bounds: Bounds,
     *,
     until_s: float,
 ) -> None:
-    """Bytes both ways until both sides end, one side ended HALF_CLOSED_S ago, nothing moved for IDLE_S,
-    or ``until_s`` (the credential's expiry) passed."""
+    """Bytes both ways until both sides end, one side ended ``bounds.half_closed_s`` ago, nothing moved for
+    ``bounds.idle_s``, or ``until_s`` (the credential's expiry) passed."""
     loop = asyncio.get_running_loop()
     last = [loop.time()]
     ends = loop.time() + until_s
@@ -447,7 +461,8 @@ async def _carry(
     half_closed: float | None = None
     try:
         while pending:
-            deadline = min(last[0] + IDLE_S, ends, math.inf if half_closed is None else half_closed + HALF_CLOSED_S)
+            quiet = last[0] + bounds.idle_s
+            deadline = min(quiet, ends, math.inf if half_closed is None else half_closed + bounds.half_closed_s)
             if loop.time() >= deadline:
                 return
             done, pending = await asyncio.wait(pending, timeout=deadline - loop.time())

@@ -17,9 +17,14 @@ from docker import DockerClient
 from docker import errors as docker_errors
 from mcp import Client
 
+from process_mcp import create_process_mcp
+from process_mcp.config import SandboxConfig
+from process_mcp.service.http import _Server, prepare
+from process_mcp.service.ports import Bounds
+
 from ..contract.test_services import free_port
-from ..helpers import DEBIAN_IMAGE, WAIT_S, call, unique_name
-from ..http_server import http_server, mcp_client, write_tokens
+from ..helpers import DEBIAN_IMAGE, WAIT_S, call, host_config, unique_name
+from ..http_server import TEST_DOMAINS, http_server, mcp_client, write_tokens
 
 pytestmark = pytest.mark.anyio
 
@@ -108,6 +113,28 @@ while True:
     conn.close()
 """
 """Streams to each request until its reader goes (then says so); holds requests for /silent unanswered."""
+
+
+QUIET_WEBSOCKET = r"""
+import socket, sys
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("127.0.0.1", int(sys.argv[1])))
+server.listen()
+held = []
+while True:
+    conn, _ = server.accept()
+    head = b""
+    while b"\r\n\r\n" not in head:
+        got = conn.recv(4096)
+        if not got:
+            break
+        head += got
+    if b"\r\n\r\n" in head:
+        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+        held.append(conn)  # never sends, never closes
+"""
+"""Takes every WebSocket and then says nothing, nor ends it."""
 
 
 @pytest.fixture
@@ -476,3 +503,70 @@ async def test_a_websocket_upgrade_is_admitted_as_a_request_is(workspaces: Path,
         assert answer.startswith(b"HTTP/1.1 503"), answer
         assert b"too_many_connections" in answer
         await call(alice, "kill", {"id": streamer["pid"], "signal": "KILL"})
+
+
+def upgraded(url: str) -> socket.socket:
+    """A connection that asked for a WebSocket at ``url`` and was answered 101."""
+    address, _, target = url.removeprefix("http://").partition("/")
+    host, _, port = address.rpartition(":")
+    sock = socket.create_connection((host, int(port)), timeout=WAIT_S)
+    sock.sendall(
+        f"GET /{target} HTTP/1.1\r\nHost: {address}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        got = sock.recv(4096)
+        assert got, head
+        head += got
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    return sock
+
+
+def ended_by_the_server(sock: socket.socket) -> bool:
+    """Whether the server ends ``sock`` (within WAIT_S) while the client sends nothing."""
+    with sock:
+        try:
+            return sock.recv(4096) == b""
+        except TimeoutError:
+            return False
+
+
+async def test_a_carried_websocket_ends_when_quiet_and_when_its_credential_expires(
+    workspaces: Path, tokens_file: Path
+) -> None:
+    """Each bound, made short here, ends a WebSocket whose box's end never does."""
+    config = host_config(workspaces, sandbox=SandboxConfig(allowed_domains=[TEST_DOMAINS]))
+    config.service.transport = "http"
+    config.service.tokens_file = str(tokens_file)
+    mcp = await create_process_mcp(config)
+    server = _Server(prepare(mcp, "127.0.0.1", 0))
+    async with mcp, anyio.create_task_group() as tasks:
+        tasks.start_soon(server.serve)
+        with anyio.fail_after(WAIT_S):
+            while not server.started:
+                await anyio.sleep(0.02)
+        url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/mcp"
+        try:
+            async with mcp_client(url, ALICE) as alice:
+                port = free_port()
+                await write_in_box(alice, "quiet.py", QUIET_WEBSOCKET)
+                quiet = await call(
+                    alice,
+                    "spawn",
+                    {"command": f"exec python3 quiet.py {port}", "ready": {"port": port}, "timeoutMs": 30000},
+                )
+                assert quiet["ready"], (quiet, quiet.get("stderr"))
+                ports = mcp.spaces.ports
+
+                ports.bounds = Bounds(idle_s=1.0, half_closed_s=600.0)
+                sock = await anyio.to_thread.run_sync(upgraded, await url_of(alice, quiet["pid"], port))
+                assert await anyio.to_thread.run_sync(ended_by_the_server, sock), "a quiet WebSocket stayed open"
+
+                ports.bounds = Bounds(idle_s=600.0, half_closed_s=600.0)
+                mcp.spaces.links.ttl_s = 3
+                sock = await anyio.to_thread.run_sync(upgraded, await url_of(alice, quiet["pid"], port))
+                assert await anyio.to_thread.run_sync(ended_by_the_server, sock), "an expired WebSocket stayed open"
+                await call(alice, "kill", {"id": quiet["pid"], "signal": "KILL"})
+        finally:
+            server.should_exit = True
