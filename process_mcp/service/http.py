@@ -38,7 +38,7 @@ from .auth import JwtVerifier, RefusalLog, TokenFileVerifier, make_verifier
 from .calls import DISCONNECTED, Disconnect
 from .connections import ConnectionGuard
 from .metrics import Metrics
-from .ports import PATH_PREFIX
+from .ports import PATH_PREFIX, under_root
 from .sessions import SessionQuota
 from .spaces import Spaces
 
@@ -277,10 +277,7 @@ class _Front:
         self._extra_paths = {getattr(route, "path", None) for route in extra.routes} if extra else set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        root = scope.get("root_path", "")
-        if root and path.startswith(root + "/"):  # mounted: Starlette keeps the whole path
-            path = path[len(root) :]
+        path = under_root(scope.get("path", ""), scope.get("root_path", ""))
         if scope["type"] in ("http", "websocket") and path.startswith(PATH_PREFIX):
             await self._ports(scope, receive, send)
             return

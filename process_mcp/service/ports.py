@@ -32,7 +32,7 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import quote, unquote, unquote_plus, urlencode
 
@@ -158,7 +158,7 @@ class PortProxy:
         if isinstance(allowed, Refusal):
             await allowed.send(send)
             return
-        target, executor, given = allowed
+        target, given = allowed.target, allowed.given
         if given is not None and _navigation(scope):
             # The credential goes into a cookie and out of the address bar (and so out of every Referer).
             headers = [
@@ -170,19 +170,11 @@ class PortProxy:
             )
             await send({"type": "http.response.body", "body": b""})
             return
-        with self._slot(target.tag) as room:
-            if not room:
-                await _busy().send(send)
-                return
-            found = await _connect(executor, target)
+        async with self._into_box(allowed) as found:
             if isinstance(found, Refusal):
                 await found.send(send)
                 return
-            reader, writer = found
-            try:
-                await _exchange(scope, receive, send, reader, writer, target, given, self.bounds)
-            finally:
-                writer.close()
+            await _exchange(scope, receive, send, *found, target, given, self.bounds)
 
     async def upgrade(self, scope: Scope, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Carry a connection whose request (``scope``) asked for an upgrade (a WebSocket): once the box's
@@ -192,26 +184,16 @@ class PortProxy:
             if isinstance(allowed, Refusal):
                 await _answer_raw(writer, allowed)
                 return
-            target, executor, given = allowed
-            with self._slot(target.tag) as room:
-                if not room:
-                    await _answer_raw(writer, _busy())
-                    return
-                found = await _connect(executor, target)
+            async with self._into_box(allowed) as found:
                 if isinstance(found, Refusal):
                     await _answer_raw(writer, found)
                     return
-                box_reader, box_writer = found
-                try:
-                    await _upgrade(scope, reader, writer, box_reader, box_writer, target, given, self.bounds)
-                finally:
-                    box_writer.close()
+                await _upgrade(scope, reader, writer, *found, allowed, self.bounds)
         finally:
             writer.close()
 
-    def _authorize(self, scope: Scope) -> Refusal | tuple[Target, ProcessExecutor, str | None]:
-        """Where ``scope`` goes, the executor of the space it goes to and the credential its query gave;
-        or why it may not."""
+    def _authorize(self, scope: Scope) -> Refusal | Allowed:
+        """Where ``scope`` goes and with which credential; or why it may not."""
         if scope["method"] in REFUSED_METHODS:
             return Refusal(405, f"{scope['method']} is not carried to a box's port")
         target = Target.of(scope)
@@ -227,21 +209,47 @@ class PortProxy:
         executor = self._executor_of(space) if known and holder == target.tag else None
         if executor is None:
             return Refusal(404, "no such port")
-        return target, executor, target.credential
+        return Allowed(target, executor, credential, target.credential)
 
-    @contextlib.contextmanager
-    def _slot(self, tag: str) -> Iterator[bool]:
-        """Count a connection carried to ``tag``'s ports while inside; False when there is no room."""
+    @contextlib.asynccontextmanager
+    async def _into_box(
+        self, allowed: Allowed
+    ) -> AsyncIterator[Refusal | tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+        """A connection to the allowed port while inside (closed after), counted against its space's
+        MAX_CARRIED_PER_SPACE; or why there is none."""
+        tag = allowed.target.tag
         if self._carried.get(tag, 0) >= MAX_CARRIED_PER_SPACE:
-            yield False
+            yield _busy()
             return
         self._carried[tag] = self._carried.get(tag, 0) + 1
         try:
-            yield True
+            found = await _connect(allowed.executor, allowed.target)
+            if isinstance(found, Refusal):
+                yield found
+                return
+            try:
+                yield found
+            finally:
+                found[1].close()
         finally:
             self._carried[tag] -= 1
             if not self._carried[tag]:
                 del self._carried[tag]
+
+
+class Allowed(NamedTuple):
+    """A request the proxy carries: where, into which space, with which (checked) credential, and the one
+    its query gave (to give back as a cookie)."""
+
+    target: Target
+    executor: ProcessExecutor
+    credential: str
+    given: str | None
+
+
+def under_root(path: str, root: str) -> str:
+    """``path`` as seen by an application mounted at ``root`` (Starlette keeps the whole path)."""
+    return path[len(root) :] if root and path.startswith(root + "/") else path
 
 
 def _busy() -> Refusal:
@@ -293,10 +301,8 @@ class Target(NamedTuple):
     @classmethod
     def of(cls, scope: Scope) -> Target | None:
         raw = scope.get("raw_path") or quote(scope["path"]).encode()
-        path = raw.decode("latin-1")
         root = scope.get("root_path", "")
-        if root and path.startswith(root + "/"):
-            path = path[len(root) :]
+        path = under_root(raw.decode("latin-1"), root)
         matched = _TARGET.match(path)
         if matched is None or not 0 < int(matched.group(3)) < 65536:
             return None
@@ -403,10 +409,10 @@ async def _upgrade(
     writer: asyncio.StreamWriter,
     box_reader: asyncio.StreamReader,
     box_writer: asyncio.StreamWriter,
-    target: Target,
-    cookie: str | None,
+    allowed: Allowed,
     bounds: Bounds,
 ) -> None:
+    target, cookie = allowed.target, allowed.given
     box_writer.write(_request_head(scope, target, upgrade=True))
     box = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
     box.send(
@@ -430,7 +436,7 @@ async def _upgrade(
         kept.append((b"set-cookie", _set_cookie(scope, cookie)))
     writer.write(b"HTTP/1.1 101 Switching Protocols\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in kept) + b"\r\n")
     writer.write(box.trailing_data[0])
-    expiry = int((target.credential or _cookie(scope) or "0.0").split(".")[1])
+    expiry = int(allowed.credential.split(".")[1])
     await _carry(reader, writer, box_reader, box_writer, bounds, until_s=expiry - time.time())
 
 
