@@ -13,6 +13,7 @@ from typing import Any
 
 import anyio
 import pytest
+import uvicorn
 from anyio.abc import Process
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
@@ -110,6 +111,20 @@ async def http_server(workdir: Path, options: Sequence[str] = (), **settings: st
                 process.kill()
                 await process.wait()
             tasks.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def serving_in_process(server: uvicorn.Server) -> AsyncIterator[str]:
+    """Serve ``server`` (configured for a free loopback port) in this process while inside: its /mcp URL."""
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(server.serve)
+        try:
+            with anyio.fail_after(WAIT_S):
+                while not server.started:
+                    await anyio.sleep(0.02)
+            yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/mcp"
+        finally:
+            server.should_exit = True
 
 
 async def _collect_log(server: HttpServer) -> None:

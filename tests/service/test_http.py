@@ -56,7 +56,15 @@ from ..helpers import (
     text_of,
     unique_name,
 )
-from ..http_server import TEST_DOMAINS, HttpServer, http_server, mcp_client, run_server_to_exit, write_tokens
+from ..http_server import (
+    TEST_DOMAINS,
+    HttpServer,
+    http_server,
+    mcp_client,
+    run_server_to_exit,
+    serving_in_process,
+    write_tokens,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -960,26 +968,18 @@ async def test_an_application_mounts_the_app_under_its_own_authentication(worksp
         lifespan=lambda _: mcp.serving(),
     )
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="on"))
-    async with mcp, anyio.create_task_group() as tasks:
-        tasks.start_soon(server.serve)
-        with anyio.fail_after(WAIT_S):
-            while not server.started:
-                await anyio.sleep(0.02)
-        url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/mcp"
-        try:
-            ann_http = create_mcp_http_client(headers={"X-User": "ann"})
-            ben_http = create_mcp_http_client(headers={"X-User": "ben"})
-            async with (
-                ann_http,
-                ben_http,
-                Client(streamable_http_client(url, http_client=ann_http)) as ann,
-                Client(streamable_http_client(url, http_client=ben_http)) as ben,
-            ):
-                assert (await call(ann, "spawn", {"command": "pwd"}))["stdout"] == f"{workspaces / 'ann'}\n"
-                assert (await call(ben, "ps", {}))["processes"] == []
-            assert (await post(url, INITIALIZE)).status_code == 401
-        finally:
-            server.should_exit = True
+    async with mcp, serving_in_process(server) as url:
+        ann_http = create_mcp_http_client(headers={"X-User": "ann"})
+        ben_http = create_mcp_http_client(headers={"X-User": "ben"})
+        async with (
+            ann_http,
+            ben_http,
+            Client(streamable_http_client(url, http_client=ann_http)) as ann,
+            Client(streamable_http_client(url, http_client=ben_http)) as ben,
+        ):
+            assert (await call(ann, "spawn", {"command": "pwd"}))["stdout"] == f"{workspaces / 'ann'}\n"
+            assert (await call(ben, "ps", {}))["processes"] == []
+        assert (await post(url, INITIALIZE)).status_code == 401
 
 
 async def test_connections_busy_beyond_the_limit_are_refused_with_503_and_idle_ones_make_room(

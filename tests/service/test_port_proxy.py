@@ -24,30 +24,42 @@ from process_mcp.service.ports import Bounds
 
 from ..contract.test_services import free_port
 from ..helpers import DEBIAN_IMAGE, WAIT_S, call, host_config, unique_name
-from ..http_server import TEST_DOMAINS, http_server, mcp_client, write_tokens
+from ..http_server import TEST_DOMAINS, http_server, mcp_client, serving_in_process, write_tokens
 
 pytestmark = pytest.mark.anyio
 
 ALICE = "alice-" + os.urandom(16).hex()
 BOB = "bob-" + os.urandom(16).hex()
 
+BOX_SERVER = r"""
+import socket, sys
+
+
+def connections():
+    # Each connection to the port in argv[1] whose request head came whole, with that head; a
+    # readiness probe connects and goes.
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", int(sys.argv[1])))
+    server.listen(100)
+    while True:
+        conn, _ = server.accept()
+        head = b""
+        while b"\r\n\r\n" not in head:
+            got = conn.recv(4096)
+            if not got:
+                break
+            head += got
+        if b"\r\n\r\n" in head:
+            yield conn, head
+        else:
+            conn.close()
+"""
+"""What the servers below run on, in the box (standard library only)."""
+
 WEBSOCKET_ECHO = r"""
-import base64, hashlib, socket, sys
-server = socket.socket()
-server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-server.bind(("127.0.0.1", int(sys.argv[1])))
-server.listen()
-while True:
-    conn, _ = server.accept()
-    head = b""
-    while b"\r\n\r\n" not in head:
-        got = conn.recv(4096)
-        if not got:
-            break
-        head += got
-    if b"\r\n\r\n" not in head:  # a readiness probe: connected, then gone
-        conn.close()
-        continue
+import base64, hashlib
+for conn, head in connections():
     key = [l.split(b":", 1)[1].strip() for l in head.split(b"\r\n") if l.lower().startswith(b"sec-websocket-key")][0]
     accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
     conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -59,22 +71,11 @@ while True:
     conn.sendall(bytes([0x81, len(data) + 5]) + b"echo " + data)
     conn.close()
 """
+"""Takes a WebSocket, answers its first frame with "echo " and the frame's text, and ends it."""
 
 
 HEAD_ECHO = r"""
-import socket, sys
-server = socket.socket()
-server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-server.bind(("127.0.0.1", int(sys.argv[1])))
-server.listen()
-while True:
-    conn, _ = server.accept()
-    head = b""
-    while b"\r\n\r\n" not in head:
-        got = conn.recv(4096)
-        if not got:
-            break
-        head += got
+for conn, head in connections():
     conn.sendall(b"HTTP/1.1 200 OK\r\nSet-Cookie: pmcp_token=from-the-box; Path=/\r\nSet-Cookie: app=kept\r\n"
                  b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(head), head))
     conn.close()
@@ -83,23 +84,9 @@ while True:
 
 
 STREAMER = r"""
-import socket, sys, time
-server = socket.socket()
-server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-server.bind(("127.0.0.1", int(sys.argv[1])))
-server.listen(100)
+import time
 silent = []
-while True:
-    conn, _ = server.accept()
-    head = b""
-    while b"\r\n\r\n" not in head:
-        got = conn.recv(4096)
-        if not got:
-            break
-        head += got
-    if b"\r\n\r\n" not in head:
-        conn.close()
-        continue
+for conn, head in connections():
     if b"GET /silent" in head:
         silent.append(conn)  # held, and never answered
         continue
@@ -116,23 +103,10 @@ while True:
 
 
 QUIET_WEBSOCKET = r"""
-import socket, sys
-server = socket.socket()
-server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-server.bind(("127.0.0.1", int(sys.argv[1])))
-server.listen()
 held = []
-while True:
-    conn, _ = server.accept()
-    head = b""
-    while b"\r\n\r\n" not in head:
-        got = conn.recv(4096)
-        if not got:
-            break
-        head += got
-    if b"\r\n\r\n" in head:
-        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
-        held.append(conn)  # never sends, never closes
+for conn, head in connections():
+    conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+    held.append(conn)  # never sends, never closes
 """
 """Takes every WebSocket and then says nothing, nor ends it."""
 
@@ -173,6 +147,18 @@ async def write_in_box(client: Client, name: str, text: str) -> None:
     assert (await call(client, "stdout", {"id": writer["pid"], "untilExit": True}))["exitCode"] == 0
 
 
+async def serve_script(client: Client, script: str) -> tuple[str, int, str]:
+    """Run ``script`` (one of the servers above) in the caller's box on a free port, until it accepts
+    connections: (its id, its port, its URL)."""
+    port = free_port()
+    name = f"server-{port}.py"
+    await write_in_box(client, name, BOX_SERVER + script)
+    spawn = {"command": f"exec python3 {name} {port}", "ready": {"port": port}, "timeoutMs": 30000}
+    started = await call(client, "spawn", spawn)
+    assert started["ready"], (started, started.get("stderr"))
+    return started["pid"], port, await url_of(client, started["pid"], port)
+
+
 async def url_of(client: Client, pid: str, port: int) -> str:
     [row] = [row for row in (await call(client, "ps", {}))["processes"] if row["pid"] == pid]
     assert [listed["port"] for listed in row["ports"]] == [port], row
@@ -185,26 +171,35 @@ async def get(url: str, cookies: dict[str, str] | None = None) -> httpx2.Respons
         return await http.get(url)
 
 
-def websocket_echo(url: str, text: str) -> bytes:
-    """Open a WebSocket at ``url`` (http://host:port/path?query), send ``text``, return the answer's payload."""
+def ask_for_websocket(url: str) -> tuple[socket.socket, bytes, bytes]:
+    """A connection that asked for a WebSocket at ``url`` (http://host:port/path?query): the socket, the
+    answer's head, and what came after the head."""
     address, _, target = url.removeprefix("http://").partition("/")
     host, _, port = address.rpartition(":")
     key = base64.b64encode(os.urandom(16)).decode()
-    with socket.create_connection((host, int(port)), timeout=WAIT_S) as sock:
-        sock.sendall(
-            f"GET /{target} HTTP/1.1\r\nHost: {address}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-        )
-        head = b""
-        while b"\r\n\r\n" not in head:
-            got = sock.recv(4096)
-            if not got:
-                break
-            head += got
+    sock = socket.create_connection((host, int(port)), timeout=WAIT_S)
+    sock.sendall(
+        f"GET /{target} HTTP/1.1\r\nHost: {address}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        got = sock.recv(4096)
+        if not got:
+            break
+        head += got
+    head, _, rest = head.partition(b"\r\n\r\n")
+    return sock, head, rest
+
+
+def websocket_echo(url: str, text: str) -> bytes:
+    """Open a WebSocket at ``url``, send ``text``, return the answer's payload (or the status line of an
+    answer that is not 101)."""
+    sock, head, rest = ask_for_websocket(url)
+    with sock:
         status = head.split(b"\r\n", 1)[0]
         if b" 101 " not in status:
             return status
-        head, _, rest = head.partition(b"\r\n\r\n")
         mask = os.urandom(4)
         payload = text.encode()
         sock.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
@@ -253,16 +248,10 @@ async def check_the_proxy(server_base: str, alice: Client, bob: Client, audit: P
     assert (await get(f"{base}/ports/{tag}/{pid}/{free_port()}/?{credential}")).status_code == 404
 
     # A WebSocket is carried whole.
-    echo_port = free_port()
-    await write_in_box(alice, "ws.py", WEBSOCKET_ECHO)
-    echo = await call(
-        alice, "spawn", {"command": f"exec python3 ws.py {echo_port}", "ready": {"port": echo_port}, "timeoutMs": 30000}
-    )
-    assert echo["ready"], echo
-    ws_url = await url_of(alice, echo["pid"], echo_port)
+    echo, _, ws_url = await serve_script(alice, WEBSOCKET_ECHO)
     assert await anyio.to_thread.run_sync(websocket_echo, ws_url, "hello box") == b"echo hello box"
     assert (await anyio.to_thread.run_sync(websocket_echo, ws_url.partition("?")[0], "x")).endswith(b"401 Unauthorized")
-    await call(alice, "kill", {"id": echo["pid"], "signal": "KILL"})
+    await call(alice, "kill", {"id": echo, "signal": "KILL"})
 
     if audit is not None:
         forwards = [json.loads(line) for line in audit.read_text().splitlines() if '"forward"' in line]
@@ -341,13 +330,7 @@ async def test_the_box_gets_the_request_as_sent_without_the_credential_and_canno
         http_server(workspaces, PROCESS_AUTH_TOKENS_FILE=str(tokens_file)) as server,
         mcp_client(server.url, ALICE) as alice,
     ):
-        port = free_port()
-        await write_in_box(alice, "head.py", HEAD_ECHO)
-        echo = await call(
-            alice, "spawn", {"command": f"exec python3 head.py {port}", "ready": {"port": port}, "timeoutMs": 30000}
-        )
-        assert echo["ready"], (echo, echo.get("stderr"))
-        url = await url_of(alice, echo["pid"], port)
+        echo, port, url = await serve_script(alice, HEAD_ECHO)
         bare, _, credential = url.partition("?")
         _, tag, pid, _, _ = parts(url)
         # An encoded line break in the path or the query stays encoded: it never starts a header (or a second
@@ -399,7 +382,7 @@ async def test_the_box_gets_the_request_as_sent_without_the_credential_and_canno
             assert (await http.request("TRACE", url)).status_code == 405
         assert (await get(f"{bare}?pmcp_token=a.1.%C3%A9")).status_code == 401
         assert (await get(bare, cookies={"pmcp_token": "\\" * 4000})).status_code == 401
-        await call(alice, "kill", {"id": echo["pid"], "signal": "KILL"})
+        await call(alice, "kill", {"id": echo, "signal": "KILL"})
 
 
 async def test_a_client_that_goes_away_frees_the_box_and_one_principal_cannot_hold_every_connection(
@@ -410,20 +393,14 @@ async def test_a_client_that_goes_away_frees_the_box_and_one_principal_cannot_ho
         mcp_client(server.url, ALICE) as alice,
         mcp_client(server.url, BOB) as bob,
     ):
-        port = free_port()
-        await write_in_box(alice, "stream.py", STREAMER)
-        streamer = await call(
-            alice, "spawn", {"command": f"exec python3 stream.py {port}", "ready": {"port": port}, "timeoutMs": 30000}
-        )
-        assert streamer["ready"], (streamer, streamer.get("stderr"))
-        url = await url_of(alice, streamer["pid"], port)
+        streamer, _, url = await serve_script(alice, STREAMER)
         bare, _, credential = url.partition("?")
         # A reader of an endless answer that goes away: the proxy stops reading it, the box sees its reader gone.
         async with httpx2.AsyncClient(timeout=WAIT_S) as http, http.stream("GET", url) as answer:
             async for chunk in answer.aiter_bytes():
                 assert b"tick" in chunk
                 break
-        gone = await call(alice, "stdout", {"id": streamer["pid"], "waitFor": "the reader went away", "waitMs": 10000})
+        gone = await call(alice, "stdout", {"id": streamer, "waitFor": "the reader went away", "waitMs": 10000})
         assert "the reader went away" in gone["stdout"], gone
 
         # Requests the box never answers, whose clients give up: each connection into the box is dropped with
@@ -459,7 +436,7 @@ async def test_a_client_that_goes_away_frees_the_box_and_one_principal_cannot_ho
         with anyio.fail_after(WAIT_S):
             while await status_of_stream(url) == 503:  # the held connections' room is given back
                 await anyio.sleep(0.05)
-        await call(alice, "kill", {"id": streamer["pid"], "signal": "KILL"})
+        await call(alice, "kill", {"id": streamer, "signal": "KILL"})
 
 
 async def status_of_stream(url: str) -> int:
@@ -471,12 +448,7 @@ async def test_a_websocket_upgrade_is_admitted_as_a_request_is(workspaces: Path,
     """Upgrades held by the box count against their address's connections: past the limit, 503."""
     settings = {"PROCESS_AUTH_TOKENS_FILE": str(tokens_file), "PROCESS_HTTP_MAX_CONNECTIONS_PER_ADDRESS": "3"}
     async with http_server(workspaces, **settings) as server, mcp_client(server.url, ALICE) as alice:
-        port = free_port()
-        await write_in_box(alice, "stream.py", STREAMER)
-        streamer = await call(
-            alice, "spawn", {"command": f"exec python3 stream.py {port}", "ready": {"port": port}, "timeoutMs": 30000}
-        )
-        url = await url_of(alice, streamer["pid"], port)
+        streamer, port, url = await serve_script(alice, STREAMER)
         base, tag, pid, _, credential = parts(url)
         address = ("127.0.0.1", int(base.rpartition(":")[2]))
         upgrade = (
@@ -502,23 +474,12 @@ async def test_a_websocket_upgrade_is_admitted_as_a_request_is(workspaces: Path,
         answer = await anyio.to_thread.run_sync(held_then_refused)
         assert answer.startswith(b"HTTP/1.1 503"), answer
         assert b"too_many_connections" in answer
-        await call(alice, "kill", {"id": streamer["pid"], "signal": "KILL"})
+        await call(alice, "kill", {"id": streamer, "signal": "KILL"})
 
 
 def upgraded(url: str) -> socket.socket:
     """A connection that asked for a WebSocket at ``url`` and was answered 101."""
-    address, _, target = url.removeprefix("http://").partition("/")
-    host, _, port = address.rpartition(":")
-    sock = socket.create_connection((host, int(port)), timeout=WAIT_S)
-    sock.sendall(
-        f"GET /{target} HTTP/1.1\r\nHost: {address}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-    )
-    head = b""
-    while b"\r\n\r\n" not in head:
-        got = sock.recv(4096)
-        assert got, head
-        head += got
+    sock, head, _ = ask_for_websocket(url)
     assert head.startswith(b"HTTP/1.1 101 "), head
     return sock
 
@@ -541,32 +502,16 @@ async def test_a_carried_websocket_ends_when_quiet_and_when_its_credential_expir
     config.service.tokens_file = str(tokens_file)
     mcp = await create_process_mcp(config)
     server = _Server(prepare(mcp, "127.0.0.1", 0))
-    async with mcp, anyio.create_task_group() as tasks:
-        tasks.start_soon(server.serve)
-        with anyio.fail_after(WAIT_S):
-            while not server.started:
-                await anyio.sleep(0.02)
-        url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/mcp"
-        try:
-            async with mcp_client(url, ALICE) as alice:
-                port = free_port()
-                await write_in_box(alice, "quiet.py", QUIET_WEBSOCKET)
-                quiet = await call(
-                    alice,
-                    "spawn",
-                    {"command": f"exec python3 quiet.py {port}", "ready": {"port": port}, "timeoutMs": 30000},
-                )
-                assert quiet["ready"], (quiet, quiet.get("stderr"))
-                ports = mcp.spaces.ports
+    async with mcp, serving_in_process(server) as url, mcp_client(url, ALICE) as alice:
+        quiet, port, _ = await serve_script(alice, QUIET_WEBSOCKET)
+        ports = mcp.spaces.ports
 
-                ports.bounds = Bounds(idle_s=1.0, half_closed_s=600.0)
-                sock = await anyio.to_thread.run_sync(upgraded, await url_of(alice, quiet["pid"], port))
-                assert await anyio.to_thread.run_sync(ended_by_the_server, sock), "a quiet WebSocket stayed open"
+        ports.bounds = Bounds(idle_s=1.0, half_closed_s=600.0)
+        sock = await anyio.to_thread.run_sync(upgraded, await url_of(alice, quiet, port))
+        assert await anyio.to_thread.run_sync(ended_by_the_server, sock), "a quiet WebSocket stayed open"
 
-                ports.bounds = Bounds(idle_s=600.0, half_closed_s=600.0)
-                mcp.spaces.links.ttl_s = 3
-                sock = await anyio.to_thread.run_sync(upgraded, await url_of(alice, quiet["pid"], port))
-                assert await anyio.to_thread.run_sync(ended_by_the_server, sock), "an expired WebSocket stayed open"
-                await call(alice, "kill", {"id": quiet["pid"], "signal": "KILL"})
-        finally:
-            server.should_exit = True
+        ports.bounds = Bounds(idle_s=600.0, half_closed_s=600.0)
+        mcp.spaces.links.ttl_s = 3
+        sock = await anyio.to_thread.run_sync(upgraded, await url_of(alice, quiet, port))
+        assert await anyio.to_thread.run_sync(ended_by_the_server, sock), "an expired WebSocket stayed open"
+        await call(alice, "kill", {"id": quiet, "signal": "KILL"})
