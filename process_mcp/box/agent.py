@@ -142,6 +142,7 @@ class Process:
         self.order: socket.socket | None = None  # to its supervisor, until the supervisor is done with it
         self.reusable = False  # its supervisor may start another process once this one's tree is gone
         self.done = False  # its supervisor said its tree is gone (or that nothing started)
+        self.cgroup: str | None = None  # the group its supervisor joined (the plan's), where it stays
 
     @property
     def finished(self) -> bool:
@@ -559,7 +560,8 @@ class Agent:
             input_id = (0, found.st_rdev) if spec.get("tty") else (found.st_dev, found.st_ino)
             status_r, status_w = os.pipe()
             opened += [status_r, status_w]
-            supervisor_pid, order = self.spares.order(spec, env, [*stdio, status_w])
+            cgroup = (spec.get("confine") or {}).get("cgroup") or None
+            supervisor_pid, order = self.spares.order(spec, env, [*stdio, status_w], cgroup)
         except OSError as exc:
             for fd in opened:
                 os.close(fd)
@@ -577,6 +579,7 @@ class Agent:
             self.to_keep[channel] = (paths, room)
         process.input_id = input_id
         process.order = order
+        process.cgroup = cgroup
         # A supervisor cannot raise its limits again; the confinement it took for a process of the box
         # is the same for the next (``confine.Taken``).
         process.reusable = not spec.get("rlimits")
@@ -609,16 +612,19 @@ class Agent:
         self.send(header + protocol.COUNT.pack(request["seq"]), data)
 
     def _release(self, process: Process) -> None:
-        """The supervisor of ``process`` has closed its status, its tree gone: keep it for a next
-        process if it may start one (in place of the spare waiting longest, when SPARES wait), else
-        close its order socket, which ends it."""
+        """The supervisor of ``process`` is done, its tree gone (it said so, or closed its status): keep
+        it for a next process if it may start one (in place of the spare waiting longest, when SPARES wait), else
+        close its order socket, which ends it. One kept in the process's cgroup is said to the server
+        (KEPT), which then puts a later process there, started by it without a move."""
         order, process.order = process.order, None
         if order is None:
             return
         if not (process.reusable and self.running):
             order.close()
             return
-        self.spares.keep(process.supervisor, order)
+        self.spares.keep(process.supervisor, order, process.cgroup)
+        if process.cgroup is not None:
+            self.send(protocol.message(protocol.KEPT, 0, cgroup=process.cgroup))
 
     def _close(self, fd: int) -> None:
         del self.owner[fd]
@@ -701,8 +707,11 @@ class Agent:
             return
         lines = (process.status_buffer + data).split(b"\n")
         process.status_buffer = lines.pop()
-        for line in lines:
-            self._on_supervisor_report(process, json.loads(line))
+        reports = [json.loads(line) for line in lines]
+        # A supervisor that is done with the exit it reports (one write) is kept, and KEPT said, ahead of
+        # the EXITED: a server told the exit may ask for the next process at once, in that group.
+        for report in sorted(reports, key=lambda report: "done" not in report):
+            self._on_supervisor_report(process, report)
         if not data:  # the supervisor closed it: its whole tree is gone, or the supervisor was killed
             self.selector.unregister(fd)
             self._close(fd)
@@ -724,6 +733,9 @@ class Agent:
         elif "done" in report:
             process.done = True
             process.reusable = process.reusable and bool(report.get("reusable"))  # else it exits now
+            # Kept at once, before its status ends: it closes that and then waits for an order, and a
+            # spawn that comes in between finds it (and its group, which the server then hands out).
+            self._release(process)
         elif "error" in report:
             process.exited = True
             process.done = True  # nothing started

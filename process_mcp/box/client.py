@@ -52,6 +52,8 @@ SHUTDOWN_TIMEOUT_S = 5.0
 OUTPUT_FILE = re.compile(r"/tmp/process-mcp-[0-9]+-[0-9]+(?:-[0-9a-f]{8})?/(?P<name>[a-z0-9-]+?)(?:-[0-9a-f]{8})?")
 """An output file's path in the box (``outfiles``): the agent's directory, the process id (suffixed when the
 name was taken), and .out or .err."""
+_CGROUP_NAME = re.compile(r"[a-z0-9]{1,32}")
+"""The form of a name of a process's group below its box's (``host.cgroups``), as KEPT names it."""
 FILE_READ_MAX = 1024 * 1024
 """Most bytes of an output file one READ_FILE asks for."""
 INPUT_CHUNK = 64 * 1024
@@ -171,6 +173,8 @@ class AgentConnection:
         """Whether the box's pids are this machine's (the agent runs here), so /proc can be read for stats."""
         self.same_network = False
         """Whether the box's loopback is this machine's, so a port in the box is reached here as it is."""
+        self.on_kept: Callable[[str], None] | None = None
+        """Told the name of each cgroup in which the agent says it keeps a supervisor (KEPT)."""
         self._last_forward = protocol.FORWARD_BASE - 1  # the server numbers forwards upwards from FORWARD_BASE
         self._ports = SharedAnswer(self._ask_ports)
         self.hello: dict[str, Any] = {}
@@ -481,6 +485,12 @@ class AgentConnection:
         elif kind in (protocol.STOPPED, protocol.PORTS):
             answer = protocol.fields(bytes(payload))
             self._resolve(kind, 0, _number(answer, "seq", 1, self._seq_issued), answer)
+        elif kind == protocol.KEPT:
+            name = protocol.fields(bytes(payload)).get("cgroup")
+            if not isinstance(name, str) or not _CGROUP_NAME.fullmatch(name):
+                raise protocol.ProtocolError(f"it kept a supervisor in {str(name)[:32]!r}, not a group's name")
+            if self.on_kept is not None:
+                self.on_kept(name)
         else:
             raise protocol.ProtocolError(f"a frame of kind {kind} for the agent itself")
 

@@ -8,8 +8,9 @@ own, nested, and its mounts from bwrap are locked). It takes a mount namespace o
 which every process of the box shares, and before each spawn makes the paths the server names
 read-only (or hides them) there, as they are at that moment (``protect``): a protection added for a
 later spawn holds for the processes that run already, so none of them keeps a weaker view that a later
-one could drive it to use. Each process's supervisor then joins the process's cgroup and gives up
-everything before it starts the command (``apply``): every capability (bounding, ambient, effective,
+one could drive it to use. Each process's supervisor then joins the process's cgroup (unless it is
+there already, kept from the box's last process) and gives up everything before it starts the
+command (``apply``): every capability (bounding, ambient, effective,
 permitted, inheritable), new privileges, a Landlock domain of its own (so neither it nor its process
 can trace or reach through /proc the agent, its zygote, the box's init or another process's tree;
 and, with scopes, cannot signal them), and the sandbox's seccomp filter (no mounts, no new
@@ -193,23 +194,28 @@ def mount_id(fd: int) -> int:
 
 class Taken:
     """What a supervisor has taken on itself for good across the processes it starts: what it gave up
-    (the ``seccomp`` filter and ``scopes`` of the plan it gave up for) and the descriptor of its
-    ``oom_score_adj`` (see ``oom_standing``). A supervisor starts one process at a time, each once the
-    tree before it is gone, and what it gave up stays given up: a later plan of the same box finds it
-    done, and the supervisor needs no fork for its next process."""
+    (the ``seccomp`` filter and ``scopes`` of the plan it gave up for), the descriptor of its
+    ``oom_score_adj`` (see ``oom_standing``) and the ``cgroup`` it is in (None: the box's own). A
+    supervisor starts one process at a time, each once the tree before it is gone, and what it gave up
+    stays given up: a later plan of the same box finds it done, and the supervisor needs no fork for its
+    next process. It stays in its last process's group, which the server hands to a later process of
+    the box with it in: on cgroup v1 a move between groups after a quiet moment waits milliseconds."""
 
     def __init__(self) -> None:
         self.given_up: tuple[str, bool] | None = None
         self.standing: int | None = None
+        self.cgroup: str | None = None
 
 
 def apply(plan: dict[str, Any], groups: list[int], taken: Taken) -> int:
     """All of ``plan`` that a process's supervisor takes on itself before it starts the process, in order:
     the process's ``cgroup`` (below ``groups``), then what it gives up (``give_up``), unless ``taken``
-    says it gave that up already. Returns a descriptor of its ``oom_score_adj`` (see ``oom_standing``),
-    kept in ``taken``. Raises ConfineError."""
-    if plan.get("cgroup"):
+    says it gave that up already (or it is in that group already). Returns a descriptor of its
+    ``oom_score_adj`` (see ``oom_standing``), kept in ``taken``. Raises ConfineError."""
+    if plan.get("cgroup") and plan["cgroup"] != taken.cgroup:
+        taken.cgroup = None  # until it is in every hierarchy's
         join_cgroup(plan["cgroup"], groups)
+        taken.cgroup = plan["cgroup"]
     if taken.standing is None:
         taken.standing = oom_standing()  # before any Landlock domain (see there)
     wanted = (str(plan.get("seccomp") or ""), bool(plan.get("scopes")))
@@ -217,13 +223,6 @@ def apply(plan: dict[str, Any], groups: list[int], taken: Taken) -> int:
         give_up(plan)  # a different plan stacks (a filter and a domain more): never less than before
         taken.given_up = wanted
     return taken.standing
-
-
-def leave_cgroup(groups: list[int]) -> None:
-    """Move this process back into the box's own groups (``groups``), out of the group of the process it
-    started, so that group is empty once that process's tree is gone and can be removed. Raises
-    OSError."""
-    _move_into(groups, "cgroup.procs")
 
 
 def _move_into(groups: list[int], procs: str) -> None:

@@ -96,6 +96,10 @@ PROBED = 78
 timeout, closed, not http, busy)."""
 PORTS = 79
 """Channel 0, {seq, ports}: ``ports`` maps process channels (as strings) to the ports their trees listen on."""
+KEPT = 84
+"""Channel 0, {cgroup}: the supervisor of a process whose tree is gone stays in that process's group (the
+``cgroup`` its SPAWN's ``confine`` named), kept for a later process: one the server puts in that group
+starts there without a move."""
 OUTPUT_FILE = 77
 """{stream, path}: the stream's output file (``outfiles``) was made, at its first output, ahead of that
 output: where the SPAWN asked for it ({files: {"1": path, "2": path}, file_room}) and it could be made,

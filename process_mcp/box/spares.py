@@ -45,7 +45,8 @@ class Spares:
     def __init__(self, selector: selectors.BaseSelector, lifeline: int) -> None:
         self.selector = selector
         self.lifeline = lifeline
-        self.ready: list[tuple[int, socket.socket]] = []  # (pid, order socket), the one to take next last
+        # (pid, order socket, the cgroup it is in: None for the box's own), the one to take next last
+        self.ready: list[tuple[int, socket.socket, str | None]] = []
         self.asked = 0  # spares asked of the zygote and not yet received
         self.replace_at: float | None = None  # when to ask for the spares taken, if nothing asks sooner
         self.zygote: socket.socket | None = None
@@ -67,7 +68,7 @@ class Spares:
 
     def pids(self) -> set[int]:
         """The zygote's pid and every spare's."""
-        return {self.zygote_pid, *(pid for pid, _ in self.ready)}
+        return {self.zygote_pid, *(pid for pid, _, _ in self.ready)}
 
     def ask(self) -> None:
         """Ask the zygote for the spares missing (those taken, less those on their way)."""
@@ -77,10 +78,14 @@ class Spares:
             with contextlib.suppress(OSError):  # full or gone: asked again at the next spawn
                 self.asked += self.zygote.send(b"s" * missing)
 
-    def order(self, spec: dict[str, Any], env: dict[str, str], fds: list[int]) -> tuple[int, socket.socket]:
-        """Hand a process to a spare supervisor; return its pid and its order socket."""
+    def order(
+        self, spec: dict[str, Any], env: dict[str, str], fds: list[int], cgroup: str | None = None
+    ) -> tuple[int, socket.socket]:
+        """Hand a process to a spare supervisor, the one in ``cgroup`` (the process's) if one waits
+        there; return its pid and its order socket."""
         for attempt in (1, 2):
-            pid, order = self._take()
+            pid, order = self._take(cgroup)
+            cgroup = None  # a second attempt takes any
             try:
                 order.setblocking(True)
                 supervisor.send_order(order, spec, env, fds)
@@ -93,10 +98,11 @@ class Spares:
                     os.kill(pid, signal.SIGKILL)  # it died or went astray: use another
         raise AssertionError("unreachable")
 
-    def keep(self, pid: int, order: socket.socket) -> None:
-        """Keep the supervisor ``pid``, done with its process, for a next one, in place of the spare waiting
-        longest when SPARES wait (closing its order socket ends it)."""
-        self.ready.append((pid, order))
+    def keep(self, pid: int, order: socket.socket, cgroup: str | None = None) -> None:
+        """Keep the supervisor ``pid``, done with its process (in ``cgroup``, where it stays), for a next
+        one, in place of the spare waiting longest when SPARES wait (closing its order socket ends it):
+        a fresh one before any kept in a group (the server puts its next processes in those)."""
+        self.ready.append((pid, order, cgroup))
         if len(self.ready) > SPARES:
             self.ready.pop(0)[1].close()
 
@@ -122,11 +128,13 @@ class Spares:
         self.asked -= 1
         # Fresh spares go first in line, so the supervisors freed last (whose pages are the warmest) are
         # taken first and the fresh ones are the ones let go when too many wait.
-        self.ready.insert(0, (struct.unpack(">I", data)[0], socket.socket(fileno=item[0])))
+        self.ready.insert(0, (struct.unpack(">I", data)[0], socket.socket(fileno=item[0]), None))
 
-    def _take(self) -> tuple[int, socket.socket]:
-        """A spare supervisor: a ready one, else the next the zygote forks (a burst of spawns, or the
-        first spawn right after the start), else, with the zygote gone, one forked here."""
+    def _take(self, cgroup: str | None) -> tuple[int, socket.socket]:
+        """A spare supervisor: the one kept in ``cgroup``, else a ready one (one in the box's own group
+        before one kept in another: the server may still put a process in that), else the next the
+        zygote forks (a burst of spawns, or the first spawn right after the start), else, with the zygote
+        gone, one forked here."""
         if not self.ready:
             self.ask()
             deadline = time.monotonic() + SPARE_WAIT_S
@@ -137,9 +145,16 @@ class Spares:
                 self._on_zygote(self.zygote.fileno(), selectors.EVENT_READ)
         if not self.ready:
             return supervisor.fork_spare(self.lifeline)
-        taken = self.ready.pop()  # the one freed last: its pages are the warmest
+        groups = [group for _, _, group in self.ready]
+        if cgroup is not None and cgroup in groups:
+            index = groups.index(cgroup)
+        elif None in groups:
+            index = len(groups) - 1 - groups[::-1].index(None)
+        else:
+            index = len(groups) - 1  # the one freed last: its pages are the warmest
+        pid, order, _ = self.ready.pop(index)
         if not self.ready:
             self.ask()
         elif self.replace_at is None:
             self.replace_at = time.monotonic() + REPLACE_SPARE_S
-        return taken
+        return pid, order

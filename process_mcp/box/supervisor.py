@@ -44,7 +44,8 @@ PRLIMIT = "/usr/bin/prlimit"
 """Sets a confined process's RLIMIT_NPROC as it starts (util-linux; the host sandbox shows /usr)."""
 CGROUPS: list[int] = []
 """In a box with cgroups, a descriptor of the box's own group in each cgroup hierarchy (the server's):
-each process joins the group the server made for it below them (``confine.join_cgroup``)."""
+each process's supervisor joins the group the server made for it below them (``confine.join_cgroup``),
+and stays there once the process's tree is gone, for a later process the server puts there."""
 TAKEN = confine.Taken()
 """What this supervisor has taken on itself for the processes of a box it started (forked spares start
 with nothing taken)."""
@@ -403,18 +404,16 @@ def supervise(
     report(started=leader)
     while True:
         reaped, children_left = reap_children()
-        for pid, code in reaped:
-            if pid == leader:
-                report(**exit_fields(code))
+        said = [exit_fields(code) for pid, code in reaped if pid == leader]
+        reusable = not spec.get("rlimits")  # it stays in the process's group (``confine.Taken``)
         if not children_left:  # a subreaper with no children has no descendants left
             os.chdir("/")  # hold no directory of the process's
-            reusable = not spec.get("rlimits")
-            if plan and plan.get("cgroup"):
-                try:
-                    confine.leave_cgroup(CGROUPS)  # its group is then empty, to be removed
-                except OSError:
-                    reusable = False  # it ends, which empties the group as well
-            report(done=True, reusable=reusable)  # a status that ends without it: the supervisor was killed
+            said.append({"done": True, "reusable": reusable})  # a status that ends without it: it was killed
+        if said:
+            # One write for an exit that ended the tree: the agent reads that this supervisor is free in
+            # the same read as the exit, and says so to the server before a next spawn can come.
+            os.write(status, "".join(json.dumps(fields) + "\n" for fields in said).encode())
+        if not children_left:
             os.close(status)
             return reusable
         ready = select.select([lifeline, wake], [], [])[0]

@@ -194,6 +194,9 @@ class HostBox:
                 self._release_cgroup(cgroups)
                 raise
             self._agent, self._cgroup = agent, cgroups[0] if cgroups else None
+            box_group, sandbox_cgroups = self._cgroup, self.sandbox.cgroups
+            if box_group is not None and sandbox_cgroups is not None:
+                agent.connection.on_kept = lambda name: sandbox_cgroups.hold(f"{box_group}/{name}")
             if self._proxy_socket is not None:
                 socket_path = self._proxy_socket
                 try:

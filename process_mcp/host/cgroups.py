@@ -26,6 +26,9 @@ POOL_SIZE = 32
 PREFIX = "process-mcp-"
 """Start of each executor's parent group, followed by the server's pid and a random part."""
 _UNLIMITED = 1 << 63
+KEPT_SUPERVISORS = 2
+"""Groups per box noted as holding a kept supervisor (``hold``): as many as the agent keeps (its
+``spares.SPARES``); one it let go of is empty soon after."""
 LEFT_BEHIND_BYTES = 1 << 20
 """Memory a tree's group may still hold and be taken again by the box's next tree."""
 _JOIN = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
@@ -48,7 +51,8 @@ class SandboxCgroups:
         self._count = 0
         self._before: dict[str, tuple[int, int]] = {}  # each group's counts of _events before its sandbox
         self._nested: set[str] = set()  # groups of single processes inside a box's group
-        self._free_inside: dict[str, list[str]] = {}  # a box's group -> empty groups below it, kept for it
+        self._free_inside: dict[str, list[str]] = {}  # a box's group -> free groups below it, kept for it
+        self._held: dict[str, list[str]] = {}  # a box's group -> groups below it its agent keeps a supervisor in
 
     @classmethod
     def create(cls, *, max_processes: int | None = None, max_memory_bytes: int | None = None) -> SandboxCgroups | None:
@@ -113,14 +117,20 @@ class SandboxCgroups:
 
     def acquire_inside(self, box: str, *, max_processes: int, max_memory_bytes: int) -> str:
         """A group for one process of the box whose group is ``box``, below it, with these limits: its
-        name there (the whole name is ``box/name``). One that an earlier process of the box left empty is
-        taken again (making a memory group costs the kernel more than setting one). Raises OSError when
-        the group or a limit cannot be set."""
+        name there (the whole name is ``box/name``). One that an earlier process of the box left is taken
+        again (making a memory group costs the kernel more than setting one), first one where the box's
+        agent keeps that process's supervisor. Raises OSError when the group or a limit cannot be set."""
         with self._lock:
             self._collect()
             free = self._free_inside.get(box) or []
+            held = self._held.get(box) or []
+            # One that holds a kept supervisor first (the most recently kept last): its process starts
+            # without a move, which after a quiet moment costs milliseconds (see ``hold``).
+            free.sort(key=lambda name: held.index(name) if name in held else -1)
             while free:
                 name = free.pop()
+                if name in held:
+                    held.remove(name)  # its supervisor is this process's, or has gone
                 try:
                     # Memory the last tree left that cannot be reclaimed (a file in the box's /tmp, shared
                     # memory) stays charged here: the group is removed, which leaves it to the box's.
@@ -176,6 +186,27 @@ class SandboxCgroups:
             _count(self._parents["pids"] / name / "pids.events", "max"),
         )
 
+    def hold(self, name: str) -> None:
+        """The box's agent says it keeps, in the group ``name`` below its box's, the supervisor of the
+        process tree that ran there, now gone, for a later process: once released, the group is taken
+        again with that one process in it (counted by the limits: each tree's supervisor is), rather than
+        once empty. Moving a process between groups waits for an RCU grace period after a quiet moment
+        on cgroup v1 (about 6 ms), twice per spawn otherwise: in, and out again.
+
+        What the agent says only chooses which group comes first. A group is taken again only with one
+        process in it at most, the same in every hierarchy; and the agent, which puts processes in the
+        box's groups, is the box's: trusted by nothing outside it (SECURITY.md). The last
+        KEPT_SUPERVISORS named per box are noted; the agent keeps no more."""
+        box, _, inner = name.rpartition("/")
+        with self._lock:
+            if name not in self._nested or not inner:
+                return  # not (or no longer) a group of a process of a box
+            held = self._held.setdefault(box, [])
+            if name in held:
+                held.remove(name)
+            held.append(name)
+            del held[:-KEPT_SUPERVISORS]
+
     def release(self, name: str) -> None:
         """Give back the group of a sandbox that has ended. A group of a single process of a box is only
         noted here (the next ``acquire_inside`` collects it, off the server's loop); a box's own group,
@@ -206,19 +237,24 @@ class SandboxCgroups:
             self._leaving.add(name)
 
     def _collect(self) -> None:
-        """Move released groups that are empty now to the free list, or remove them past POOL_SIZE."""
+        """Move released groups that are empty now (or hold only the supervisor the box's agent keeps
+        there, see ``hold``) to the free lists, or remove them past POOL_SIZE."""
         # Groups below a box first: a box's group can be removed only once nothing is below it.
         for name in sorted(self._leaving, key=lambda name: -name.count("/")):
-            if any(_has_processes(parent / name) for parent in self._parents.values()):
+            box = name.rpartition("/")[0]
+            if name in self._held.get(box, ()) and name not in self._broken:
+                if not self._holds_at_most_one(name):
+                    continue
+            elif any(_has_processes(parent / name) for parent in self._parents.values()):
                 continue
             self._leaving.discard(name)
             if name in self._nested:
-                box = name.rpartition("/")[0]
                 if name not in self._broken and box not in self._leaving:
                     self._free_inside.setdefault(box, []).append(name)  # for the box's next process
                 else:
                     self._remove_inside(name)
                 continue
+            self._held.pop(name, None)
             for inner in self._free_inside.pop(name, []):
                 self._remove_inside(inner)
             if name not in self._broken and len(self._free) < POOL_SIZE:
@@ -229,9 +265,23 @@ class SandboxCgroups:
             else:
                 self._leaving.add(name)
 
+    def _holds_at_most_one(self, name: str) -> bool:
+        """Whether group ``name`` holds one process at most, the same one in every hierarchy, and the
+        kernel counts no other (one that has left ``cgroup.procs`` but is not reaped yet)."""
+        try:
+            members = [(parent / name / "cgroup.procs").read_text().split() for parent in self._parents.values()]
+            counted = (self._parents["pids"] / name / "pids.current").read_text().strip()
+        except (OSError, KeyError):
+            return False
+        one = members[0]
+        return len(one) <= 1 and all(each == one for each in members) and counted == str(len(one))
+
     def _remove_inside(self, name: str) -> None:
         """Remove a group below a box's; one that cannot be removed yet is marked broken (never taken
         again, by this box or another that gets its box's group) and removed once it can be."""
+        held = self._held.get(name.rpartition("/")[0], [])
+        if name in held:
+            held.remove(name)
         if not all(_rmdir(parent / name) for parent in self._parents.values()):
             self._broken.add(name)
             self._leaving.add(name)

@@ -542,6 +542,8 @@ FORGED: dict[str, Callable[[AgentConnection], bytes]] = {
     "an output file outside the box's /tmp": lambda agent: protocol.message(
         protocol.OUTPUT_FILE, agent.last_channel, stream=1, path="/etc/passwd"
     ),
+    "a supervisor kept in a path": lambda agent: protocol.message(protocol.KEPT, 0, cgroup="../../p1"),
+    "a supervisor kept in no group": lambda agent: protocol.message(protocol.KEPT, 0),
 }
 
 

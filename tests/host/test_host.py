@@ -354,9 +354,24 @@ async def test_a_process_that_stops_its_own_supervisor_still_ends_when_killed(ho
     assert (await host.get_process(started.pid)).signal == "SIGKILL"
 
 
+def members(group: str) -> list[str]:
+    """The pids in the cgroup directory ``group``."""
+    return Path(group, "cgroup.procs").read_text().split()
+
+
+def counted(group: str) -> int:
+    """The processes the pids cgroup directory ``group`` counts."""
+    return int(Path(group, "pids.current").read_text())
+
+
+def command_line(pid: str) -> bytes:
+    return Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
 async def test_the_group_a_finished_tree_left_is_the_next_trees_and_counts_from_nothing(workdir: Path) -> None:
     """As root each process tree of the box has a cgroup of its own, taken again by a later tree once its
-    supervisor has left it: the kernel's counts of limits hit start again from nothing."""
+    last process is gone: the kernel's counts of limits hit start again from nothing, and its supervisor,
+    kept there, starts the next tree without a move and counts as it did."""
     if os.geteuid() != 0:
         cannot_run_here("only a root server makes a cgroup for each process tree of the box")
     host = HostExecutor(host_config(workdir, sandbox=SandboxConfig(required=True)))
@@ -365,24 +380,80 @@ async def test_the_group_a_finished_tree_left_is_the_next_trees_and_counts_from_
         limits = ProcessLimits(processes=10)
         bomb = await host.spawn(SpawnOptions(command=sleepers.format(n=40, s=60), limits=limits, timeout_ms=30000))
         assert (bomb.status, bomb.ended_by, bomb.limit) == ("terminated", "limit", "processes"), bomb
-        groups: list[str] = []  # the bomb's is taken again once its last process is reaped
-        while bomb.stdout not in groups and len(groups) < 20:
-            few = await host.spawn(SpawnOptions(command=sleepers.format(n=3, s=0.1), limits=limits, timeout_ms=30000))
-            assert (few.exit_code, few.ended_by, few.limit) == (0, "exit", None), few
-            groups.append(few.stdout)
-        assert bomb.stdout in groups, f"the group the bomb left ({bomb.stdout}) was not taken again: {groups}"
-        # Its supervisor, kept for the next process, has left the group: nothing holds it.
         box = host.backend._box
         assert box is not None
         assert box._cgroup is not None
-        assert box.sandbox.cgroups is not None
-        procs = [
-            Path(d, groups[-1].split("/")[-1].strip(), "cgroup.procs")
-            for d in box.sandbox.cgroups.directories(box._cgroup)
-        ]
+        cgroups = box.sandbox.cgroups
+        assert cgroups is not None
+        # Its last process reaped, the bomb's group holds only its supervisor, which the agent keeps there.
+        group = f"{box._cgroup}/{bomb.stdout.strip().rpartition('/')[2]}"
+        pids = cgroups.directories(group)[0]
         with anyio.fail_after(WAIT_S):
-            while any(path.read_text().strip() for path in procs):
+            while counted(pids) != 1 or group not in cgroups._held.get(box._cgroup, []):
                 await anyio.sleep(POLL_S)
+        few = await host.spawn(SpawnOptions(command=sleepers.format(n=3, s=0.1), limits=limits, timeout_ms=30000))
+        assert (few.exit_code, few.ended_by, few.limit) == (0, "exit", None), few
+        assert few.stdout == bomb.stdout, f"the group the bomb left ({bomb.stdout}) was not taken again: {few}"
+        # One after another, each tree is started by the supervisor of the one before, in its group.
+        where = "echo $PPID; grep pids /proc/self/cgroup"
+        seen = [(await host.spawn(SpawnOptions(command=where, limits=limits))).stdout for _ in range(4)]
+        assert len(set(seen)) == 1, f"not one supervisor in one group: {seen}"
+        # Its supervisor is counted, as it was when it joined: the tree still has all of its 10 processes
+        # (bash, 8 sleeps and the subshell's echo), and not one more.
+        fits = "bash -c 'for i in $(seq 8); do sleep 0.5 & done; (echo all)'"
+        full = await host.spawn(SpawnOptions(command=fits, limits=limits, timeout_ms=30000))
+        assert (full.stdout, full.exit_code, full.limit) == ("all\n", 0, None), full
+        over = await host.spawn(SpawnOptions(command=fits.replace("8", "9"), limits=limits, timeout_ms=30000))
+        assert (over.ended_by, over.limit) == ("limit", "processes"), over
+    finally:
+        await host.cleanup()
+
+
+async def test_a_group_the_agent_says_holds_a_kept_supervisor_is_taken_again_only_with_one_process_in_it(
+    workdir: Path,
+) -> None:
+    """The box's agent is the box's: what it says of a kept supervisor only orders the groups. A group it
+    names while the tree that ran there still runs (two sleeps its leader left) is not the next tree's
+    until one process is left."""
+    if os.geteuid() != 0:
+        cannot_run_here("only a root server makes a cgroup for each process tree of the box")
+    host = HostExecutor(host_config(workdir, sandbox=SandboxConfig(required=True)))
+    try:
+        where = "grep pids /proc/self/cgroup"
+        left = await host.spawn(SpawnOptions(command=f"{where}; sleep 30 >/dev/null 2>&1 & sleep 30 >/dev/null 2>&1 &"))
+        assert left.exit_code == 0, left
+        group = left.stdout.strip().rpartition("/")[2]
+        box = host.backend._box
+        assert box is not None
+        assert box._agent is not None
+        connection = box._agent.connection
+        connection.feed([protocol.message(protocol.KEPT, 0, cgroup=group)])  # a lie: its tree still runs
+        for _ in range(3):
+            other = await host.spawn(SpawnOptions(command=where))
+            assert other.stdout.strip().rpartition("/")[2] != group, other
+            connection.feed([protocol.message(protocol.KEPT, 0, cgroup=group)])
+        # The tree's supervisor and its two sleeps: one process too many to be taken again.
+        assert box.sandbox.cgroups is not None
+        assert box._cgroup is not None
+        pids = box.sandbox.cgroups.directories(f"{box._cgroup}/{group}")[0]
+        sleeps = [pid for pid in members(pids) if command_line(pid).startswith(b"sleep")]
+        assert len(sleeps) == 2, members(pids)
+        os.kill(int(sleeps[0]), signal.SIGKILL)
+        with anyio.fail_after(WAIT_S):
+            while len(members(pids)) != 2:
+                await anyio.sleep(POLL_S)
+        connection.feed([protocol.message(protocol.KEPT, 0, cgroup=group)])
+        again = await host.spawn(SpawnOptions(command=where))
+        assert again.stdout.strip().rpartition("/")[2] != group, again
+        # Its tree gone, the group holds its supervisor alone, which the agent keeps there: taken again.
+        os.kill(int(sleeps[1]), signal.SIGKILL)
+        held = box.sandbox.cgroups._held[box._cgroup]
+        with anyio.fail_after(WAIT_S):
+            while counted(pids) != 1 or held[-1:] != [f"{box._cgroup}/{group}"]:
+                await anyio.sleep(POLL_S)
+        taken = await host.spawn(SpawnOptions(command=where))
+        assert taken.stdout.strip().rpartition("/")[2] == group, taken
+        assert connection.alive
     finally:
         await host.cleanup()
 
