@@ -145,6 +145,12 @@ class Process:
         self.cgroup: str | None = None  # the group its supervisor joined (the plan's), where it stays
 
     @property
+    def tree_gone(self) -> bool:
+        """Its supervisor said its tree is gone, or ended: from then on the supervisor may be running
+        another process's tree, which nothing asked of this one may reach."""
+        return self.done or self.status < 0
+
+    @property
     def finished(self) -> bool:
         return self.status < 0 and not self.outputs
 
@@ -343,7 +349,7 @@ class Agent:
             if sockets:
                 children = proc.process_children()
                 for process in self.processes.values():
-                    if process.status >= 0:
+                    if not process.tree_gone:
                         found = proc.listening_ports(proc.descendants(process.supervisor, children), sockets)
                         if found:
                             ports[str(process.channel)] = found
@@ -429,9 +435,7 @@ class Agent:
             group = 0 if process is None or process.exited else process.leader
             # Once its tree is gone, its supervisor may be running another process's.
             sent = (
-                0
-                if process is None or process.status < 0
-                else supervisor.signal_tree(process.supervisor, signum, group)
+                0 if process is None or process.tree_gone else supervisor.signal_tree(process.supervisor, signum, group)
             )
             if sent and process is not None:
                 # A process may stop its own supervisor (in a box they share a domain): it would then
@@ -445,7 +449,7 @@ class Agent:
             if process is not None and self.children is None:
                 self.children = proc.process_children()
             sample: dict[str, Any] = {}
-            if process is not None and process.status >= 0 and self.children is not None:
+            if process is not None and not process.tree_gone and self.children is not None:
                 with supervisor.as_processes_user():
                     sample = proc.sample_tree(process.supervisor, self.children) or {}
             self.send(protocol.message(protocol.SAMPLED, channel, seq=request["seq"], **sample))
@@ -853,8 +857,8 @@ class Agent:
     def _wants_input(self, process: Process) -> str | None:
         """ "input" if a process of its tree sleeps reading its input (on a terminal: a process of the
         terminal's foreground group), "secret" if that terminal reads a line without echo; else None."""
-        if process.input_fd < 0:
-            return None  # its input has ended: a read returns at once
+        if process.input_fd < 0 or process.tree_gone:
+            return None  # its input has ended (a read returns at once), or nothing is left to read it
         tree = proc.task_descendants(process.supervisor)
         attributes = None
         if process.tty:

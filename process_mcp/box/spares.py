@@ -131,10 +131,11 @@ class Spares:
         self.ready.insert(0, (struct.unpack(">I", data)[0], socket.socket(fileno=item[0]), None))
 
     def _take(self, cgroup: str | None) -> tuple[int, socket.socket]:
-        """A spare supervisor: the one kept in ``cgroup``, else a ready one (one in the box's own group
-        before one kept in another: the server may still put a process in that), else the next the
-        zygote forks (a burst of spawns, or the first spawn right after the start), else, with the zygote
-        gone, one forked here."""
+        """A spare supervisor: the one kept in ``cgroup``, else a ready one (for a process in a group,
+        the one kept longest in another group before a fresh one: the server names the groups of kept
+        supervisors first, so one it did not name holds a group it cannot give now, which the move
+        empties), else the next the zygote forks (a burst of spawns, or the first spawn right after the
+        start), else, with the zygote gone, one forked here."""
         if not self.ready:
             self.ask()
             deadline = time.monotonic() + SPARE_WAIT_S
@@ -146,10 +147,11 @@ class Spares:
         if not self.ready:
             return supervisor.fork_spare(self.lifeline)
         groups = [group for _, _, group in self.ready]
+        elsewhere = [at for at, group in enumerate(groups) if group is not None]
         if cgroup is not None and cgroup in groups:
             index = groups.index(cgroup)
-        elif None in groups:
-            index = len(groups) - 1 - groups[::-1].index(None)
+        elif cgroup is not None and elsewhere:
+            index = elsewhere[0]
         else:
             index = len(groups) - 1  # the one freed last: its pages are the warmest
         pid, order, _ = self.ready.pop(index)

@@ -27,8 +27,9 @@ PREFIX = "process-mcp-"
 """Start of each executor's parent group, followed by the server's pid and a random part."""
 _UNLIMITED = 1 << 63
 KEPT_SUPERVISORS = 2
-"""Groups per box noted as holding a kept supervisor (``hold``): as many as the agent keeps (its
-``spares.SPARES``); one it let go of is empty soon after."""
+"""Groups per box noted as holding a kept supervisor (``hold``), the last named: as many as the agent
+keeps waiting (its ``spares.SPARES``). One it let go of is empty soon after; one no longer noted is
+taken again once empty."""
 LEFT_BEHIND_BYTES = 1 << 20
 """Memory a tree's group may still hold and be taken again by the box's next tree."""
 _JOIN = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
@@ -121,7 +122,7 @@ class SandboxCgroups:
         again (making a memory group costs the kernel more than setting one), first one where the box's
         agent keeps that process's supervisor. Raises OSError when the group or a limit cannot be set."""
         with self._lock:
-            self._collect()
+            checked = self._collect()
             free = self._free_inside.get(box) or []
             held = self._held.get(box) or []
             # One that holds a kept supervisor first (the most recently kept last): its process starts
@@ -129,8 +130,18 @@ class SandboxCgroups:
             free.sort(key=lambda name: held.index(name) if name in held else -1)
             while free:
                 name = free.pop()
-                if name in held:
+                kept = name in held
+                if kept:
                     held.remove(name)  # its supervisor is this process's, or has gone
+                if name not in checked and not (
+                    self._holds_at_most_one(name)
+                    if kept
+                    else not any(_has_processes(parent / name) for parent in self._parents.values())
+                ):
+                    # Since it was freed, the agent let its kept supervisor go (it exits) or the group
+                    # stopped being noted as holding one: taken once that has left.
+                    self._leaving.add(name)
+                    continue
                 try:
                     # Memory the last tree left that cannot be reclaimed (a file in the box's /tmp, shared
                     # memory) stays charged here: the group is removed, which leaves it to the box's.
@@ -236,9 +247,11 @@ class SandboxCgroups:
             self._broken.add(name)
             self._leaving.add(name)
 
-    def _collect(self) -> None:
+    def _collect(self) -> set[str]:
         """Move released groups that are empty now (or hold only the supervisor the box's agent keeps
-        there, see ``hold``) to the free lists, or remove them past POOL_SIZE."""
+        there, see ``hold``) to the free lists, or remove them past POOL_SIZE; return the names of the
+        groups below a box it freed."""
+        freed: set[str] = set()
         # Groups below a box first: a box's group can be removed only once nothing is below it.
         for name in sorted(self._leaving, key=lambda name: -name.count("/")):
             box = name.rpartition("/")[0]
@@ -251,6 +264,7 @@ class SandboxCgroups:
             if name in self._nested:
                 if name not in self._broken and box not in self._leaving:
                     self._free_inside.setdefault(box, []).append(name)  # for the box's next process
+                    freed.add(name)
                 else:
                     self._remove_inside(name)
                 continue
@@ -264,6 +278,7 @@ class SandboxCgroups:
                 self._broken.discard(name)
             else:
                 self._leaving.add(name)
+        return freed
 
     def _holds_at_most_one(self, name: str) -> bool:
         """Whether group ``name`` holds one process at most, the same one in every hierarchy, and the
@@ -340,9 +355,10 @@ def _count(path: Path, key: str) -> int:
 
 
 def _unreclaimable(group: Path) -> bool:
-    """Whether a memory group with no process holds memory that reclaim cannot free: files in a tmpfs,
-    shared memory, locked pages or swap beyond LEFT_BEHIND_BYTES. Anonymous memory is only the pages the
-    supervisor of its last tree touched while in it (charges stay where a page was first touched)."""
+    """Whether a memory group with no process but the supervisor its box's agent keeps there holds
+    memory that reclaim cannot free: files in a tmpfs, shared memory, locked pages or swap beyond
+    LEFT_BEHIND_BYTES. Anonymous memory is only the pages that supervisor touched while in it (charges
+    stay where a page was first touched), a few hundred KiB at most."""
     try:
         fields = dict(line.split() for line in (group / "memory.stat").read_text().splitlines() if " " in line)
         held = sum(int(fields.get(name, 0)) for name in ("total_shmem", "total_unevictable", "total_swap"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import os
 import pwd
 import select
@@ -276,6 +277,59 @@ def test_a_late_signal_for_a_finished_process_misses_the_next_one_under_its_supe
         assert Path(f"/proc/{sleeper}").exists(), "a signal for a finished process killed the next one"
     finally:
         agent.close()
+
+
+STEPPED_AGENT = """
+import json, os, select, signal, sys, time
+from process_mcp.box import agent, proc, protocol
+
+def frame(data):  # as if the server wrote it, and the loop read it
+    os.write(server_w, data)
+    box._on_stream(agent_r, 0)
+
+def spawn(channel, command):
+    frame(protocol.message(protocol.SPAWN, channel, command=command, cwd="/", env={}, inherit=True, tty=False))
+    return box.processes[channel]
+
+agent_r, server_w = os.pipe()
+server_r, agent_w = os.pipe()
+box = agent.Agent(agent_r, agent_w)
+finished = spawn(1, "true")
+deadline = time.monotonic() + 10
+while not finished.done and time.monotonic() < deadline:  # its status read once: not to its end
+    select.select([finished.status], [], [], 1)
+    box._on_status(finished.status, 0)
+assert finished.status >= 0, "the status ended in the same read"
+sleeper = spawn(2, "exec sleep 60")
+while not proc.descendants(sleeper.supervisor) and time.monotonic() < deadline:
+    time.sleep(0.01)
+frame(protocol.message(protocol.SIGNAL, 1, seq=1, signal=signal.SIGKILL))
+time.sleep(0.1)
+print(json.dumps({
+    "same": sleeper.supervisor == finished.supervisor,
+    "sleepers": len(proc.descendants(sleeper.supervisor)),
+}))
+os.close(box.lifeline_w)  # every supervisor ends its tree and exits, the zygote exits
+"""
+
+
+def test_a_signal_for_a_process_just_reported_done_misses_the_next_one_its_supervisor_took() -> None:
+    """A supervisor is free for the next process as soon as it says its tree is gone, which the agent
+    may read ahead of its status's end: a signal for the finished process that comes after the next
+    spawn took that supervisor, before the status's end, must reach nothing. The agent's loop is
+    stepped by hand (in a process of its own), so the signal comes exactly there."""
+    stepped = subprocess.run(
+        [sys.executable, "-c", STEPPED_AGENT],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        start_new_session=True,
+        cwd=Path(__file__).parents[2],
+    )
+    assert stepped.stdout, stepped.stderr
+    result = json.loads(stepped.stdout)
+    assert result["same"], "the next process did not get the finished one's supervisor"
+    assert result["sleepers"] == 1, "a signal for a finished process killed the next one"
 
 
 def test_the_agent_its_zygote_and_its_supervisors_are_not_dumpable_so_their_user_cannot_reach_them() -> None:
