@@ -132,6 +132,11 @@ class TokenFileVerifier(TokenVerifier):
             return None
         return AccessToken(token=token, client_id=found, scopes=[], subject=found)
 
+    def issued(self, token: str) -> bool:
+        """Whether ``token`` is one of the file's (any principal's), compared as ``verify_token`` does."""
+        offered = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+        return sum(hmac.compare_digest(offered, digest) for _, digest in self._entries) > 0
+
 
 def read_tokens_file(path: str) -> list[tuple[str, str]]:
     """The (principal, token) pairs of ``path``. Raises InvalidConfig if the file can be read or changed by
@@ -232,6 +237,17 @@ class JwtVerifier(TokenVerifier):
             subject=subject,
             claims=claims,
         )
+
+    def issued(self, token: str) -> bool:
+        """Whether ``token`` is a JWT of this server's issuer or for its audience, valid or not (expired,
+        another scope): a credential of the caller's, which no box may be handed."""
+        try:
+            claims = jwt.decode(token, options={"verify_signature": False})
+        except (jwt.PyJWTError, ValueError):
+            return False
+        audience = claims.get("aud")
+        audiences = audience if isinstance(audience, list) else [audience]
+        return str(claims.get("iss", "")).rstrip("/") == self.issuer.rstrip("/") or self.audience in audiences
 
     async def _signing_key(self, token: str) -> Any:
         if self._keys is not None:

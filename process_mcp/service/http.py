@@ -175,6 +175,7 @@ def build_app(mcp: Served, *, authenticate: bool = True, host: str | None = None
     watched = SessionQuota(_WatchDisconnect(inner), service.max_sessions_per_principal, service.session_idle_timeout_s)
     metrics = _MetricsEndpoint(mcp.metrics.registry, service.metrics_token, trust_loopback=untrusted is None)
     ports = mcp.spaces.ports
+    ports.own_credential = _own_credential(verifier, service.metrics_token)
     if not authenticate:
         return _Front(inner, _RequireUser(watched), metrics, ports, mcp.spaces.ready)
     if verifier is None:
@@ -337,6 +338,23 @@ class _MetricsEndpoint:
             given = offered[7:] if offered.lower().startswith("bearer ") else ""
             return hmac.compare_digest(hashlib.sha256(given.encode()).digest(), self._token)
         return request.client is not None and is_loopback(request.client.host)
+
+
+def _own_credential(verifier: TokenVerifier | None, metrics_token: str | None) -> Callable[[bytes], bool]:
+    """Whether an ``Authorization`` header's value is a bearer credential of this server's: a token of
+    its tokens file, a JWT of its issuer or for its audience (valid or not), or its metrics token."""
+    metrics = hashlib.sha256(metrics_token.encode()).digest() if metrics_token else None
+
+    def own(value: bytes) -> bool:
+        scheme, _, token = value.decode("latin-1").strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            return False
+        if metrics is not None and hmac.compare_digest(hashlib.sha256(token.encode()).digest(), metrics):
+            return True
+        return isinstance(verifier, TokenFileVerifier | JwtVerifier) and verifier.issued(token)
+
+    return own
 
 
 class _LogRefusals:

@@ -146,6 +146,9 @@ class PortProxy:
         self._carried: dict[str, int] = {}  # tag -> connections carried to its ports now
         self.bounds = Bounds(IDLE_S, HALF_CLOSED_S)
         """How long a carried connection may stay quiet, or half closed."""
+        self.own_credential: Callable[[bytes], bool] = lambda value: False
+        """Whether an ``Authorization`` header's value is a credential of this server's (set by the HTTP
+        application that knows them): such a header is never passed on to a box."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":  # mounted in an application: its server's WebSockets are not ours
@@ -174,7 +177,7 @@ class PortProxy:
             if isinstance(found, Refusal):
                 await found.send(send)
                 return
-            await _exchange(scope, receive, send, *found, target, given, self.bounds)
+            await _exchange(scope, receive, send, *found, target, given, self.bounds, self.own_credential)
 
     async def upgrade(self, scope: Scope, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Carry a connection whose request (``scope``) asked for an upgrade (a WebSocket): once the box's
@@ -188,7 +191,7 @@ class PortProxy:
                 if isinstance(found, Refusal):
                     await _answer_raw(writer, found)
                     return
-                await _upgrade(scope, reader, writer, *found, allowed, self.bounds)
+                await _upgrade(scope, reader, writer, *found, allowed, self.bounds, self.own_credential)
         finally:
             writer.close()
 
@@ -351,11 +354,12 @@ async def _exchange(
     target: Target,
     cookie: str | None,
     bounds: Bounds,
+    own_credential: Callable[[bytes], bool],
 ) -> None:
     """One request to the box's server and its answer, each streamed as it comes; given up when the
     client goes away, or when the box's server sends nothing for ``bounds.idle_s``."""
     chunked = _body_framing(scope)
-    writer.write(_request_head(scope, target, upgrade=False))
+    writer.write(_request_head(scope, target, own_credential, upgrade=False))
     sending = asyncio.ensure_future(_send_body(receive, writer, chunked))
     answering = asyncio.ensure_future(_answer(scope, send, reader, target, cookie, bounds.idle_s))
     try:
@@ -411,9 +415,10 @@ async def _upgrade(
     box_writer: asyncio.StreamWriter,
     allowed: Allowed,
     bounds: Bounds,
+    own_credential: Callable[[bytes], bool],
 ) -> None:
     target, cookie = allowed.target, allowed.given
-    box_writer.write(_request_head(scope, target, upgrade=True))
+    box_writer.write(_request_head(scope, target, own_credential, upgrade=True))
     box = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
     box.send(
         h11.Request(
@@ -558,9 +563,10 @@ async def _send_body(receive: Receive, writer: asyncio.StreamWriter, chunked: bo
     return True
 
 
-def _request_head(scope: Scope, target: Target, *, upgrade: bool) -> bytes:
+def _request_head(scope: Scope, target: Target, own_credential: Callable[[bytes], bool], *, upgrade: bool) -> bytes:
     """The request head the box's server gets: the path in the box, the client's headers but those of its
-    connection and the credential, and where the request came from (``X-Forwarded-*``, only ours)."""
+    connection, the port's credential and an ``Authorization`` that is a credential of this server's
+    (``own_credential``), and where the request came from (``X-Forwarded-*``, only ours)."""
     lines = [f"{scope['method']} {target.path} HTTP/1.1".encode()]
     host = b""
     chunked = _body_framing(scope)
@@ -575,6 +581,8 @@ def _request_head(scope: Scope, target: Target, *, upgrade: bool) -> bytes:
             lines.append(b"referer: " + _referer_without_credential(value))
         elif name.startswith(b"x-forwarded-") or name == b"forwarded" or (chunked and name == b"content-length"):
             continue
+        elif name == b"authorization" and own_credential(value):
+            continue  # the caller's own to this server: the box's server may not act as the caller
         elif name not in HOP_BY_HOP or (upgrade and name in (b"connection", b"upgrade")):
             lines.append(name + b": " + value)
     lines.append(f"host: 127.0.0.1:{target.port}".encode())

@@ -25,6 +25,7 @@ from process_mcp.service.ports import Bounds
 from ..contract.test_services import free_port
 from ..helpers import DEBIAN_IMAGE, WAIT_S, call, host_config, unique_name
 from ..http_server import TEST_DOMAINS, http_server, mcp_client, serving_in_process, write_tokens
+from .test_http import Issuer
 
 pytestmark = pytest.mark.anyio
 
@@ -166,9 +167,11 @@ async def url_of(client: Client, pid: str, port: int) -> str:
     return url
 
 
-async def get(url: str, cookies: dict[str, str] | None = None) -> httpx2.Response:
+async def get(
+    url: str, cookies: dict[str, str] | None = None, headers: dict[str, str] | None = None
+) -> httpx2.Response:
     async with httpx2.AsyncClient(timeout=WAIT_S, cookies=cookies) as http:
-        return await http.get(url)
+        return await http.get(url, headers=headers)
 
 
 def ask_for_websocket(url: str) -> tuple[socket.socket, bytes, bytes]:
@@ -351,6 +354,18 @@ async def test_the_box_gets_the_request_as_sent_without_the_credential_and_canno
         assert [line for line in lowered if line.startswith("x-forwarded-host")] == [
             f"x-forwarded-host: {server.base.removeprefix('http://')}"
         ]
+        # A bearer token of this server's (any principal's) is the caller's, not the box's; others are the app's.
+        for authorization, passed in (
+            (f"Bearer {ALICE}", False),
+            (f"bearer  {BOB}", False),
+            ("Bearer an-apps-own-token", True),
+            ("Basic dXNlcjpwYXNz", True),
+        ):
+            seen = await get(url, headers={"Authorization": authorization})
+            assert seen.status_code == 200, seen.text
+            assert ("authorization: " + authorization.strip().lower() in seen.text.lower()) is passed, authorization
+            assert ALICE not in seen.text
+            assert BOB not in seen.text
         # The box sets its own cookies, for its port's paths only, and not one named as the credential;
         # nor headers that act on the whole origin.
         cookies = answer.headers.get_list("set-cookie")
@@ -383,6 +398,42 @@ async def test_the_box_gets_the_request_as_sent_without_the_credential_and_canno
         assert (await get(f"{bare}?pmcp_token=a.1.%C3%A9")).status_code == 401
         assert (await get(bare, cookies={"pmcp_token": "\\" * 4000})).status_code == 401
         await call(alice, "kill", {"id": echo, "signal": "KILL"})
+
+
+async def test_no_oauth_token_of_this_servers_issuer_nor_its_metrics_token_reaches_a_box(
+    workspaces: Path, tmp_path: Path
+) -> None:
+    """With OAuth, a JWT of the server's issuer (the caller's, even expired or without the scope) and the
+    metrics token are the caller's credentials to the server: never passed on to a box's server. A JWT of
+    another issuer for another audience is an app's, and is."""
+    issuer, stranger = Issuer(), Issuer("https://apps.example")
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps(issuer.jwks()))
+    audience = "http://127.0.0.1/mcp"
+    settings = {
+        "PROCESS_AUTH_ISSUER": issuer.url,
+        "PROCESS_AUTH_AUDIENCE": audience,
+        "PROCESS_AUTH_JWKS": str(jwks),
+        "PROCESS_METRICS_TOKEN": "metrics-token-0123456789",
+    }
+    good = issuer.token(audience, subject="ana")
+    async with http_server(workspaces, **settings) as server, mcp_client(server.url, good) as ana:
+        echo, _, url = await serve_script(ana, HEAD_ECHO)
+        withheld = {
+            "the caller's": good,
+            "expired": issuer.token(audience, exp=1),
+            "another audience of the issuer": issuer.token("https://other.example/mcp"),
+            "another issuer's for this server": stranger.token(audience),
+            "the metrics token": "metrics-token-0123456789",
+        }
+        for why, token in withheld.items():
+            seen = await get(url, headers={"Authorization": f"Bearer {token}"})
+            assert seen.status_code == 200, seen.text
+            assert "authorization" not in seen.text.lower(), why
+        apps = stranger.token("https://api.apps.example")
+        seen = await get(url, headers={"Authorization": f"Bearer {apps}"})
+        assert f"authorization: bearer {apps.lower()}" in seen.text.lower()
+        await call(ana, "kill", {"id": echo, "signal": "KILL"})
 
 
 async def test_a_client_that_goes_away_frees_the_box_and_one_principal_cannot_hold_every_connection(
