@@ -40,6 +40,9 @@ class Tunnel:
         self.broken = False  # the process's end failed: what the server sends is dropped
         self.shut = False
         self.events = 0
+        self.port = 0  # of a forward: the port it connects to
+        self.untried: list[tuple[int, str]] = []  # of a forward still connecting: the addresses after this one
+        self.connecting = False  # a forward's connection is not yet made (nothing is written meanwhile)
 
 
 class Tunnels:
@@ -75,20 +78,48 @@ class Tunnels:
         self._accept_while_room()
 
     def forward(self, channel: int, port: int) -> None:
-        """Connect to loopback ``port`` (127.0.0.1, else ::1) and carry the connection on ``channel``."""
-        for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
-            if not 0 < port < 65536 or len(self.open) >= protocol.MAX_TUNNELS:
-                break
+        """Connect to loopback ``port`` (127.0.0.1, else ::1: a server on "localhost" may listen on
+        either) and carry the connection on ``channel``."""
+        self._forward(channel, port, [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")], bytearray())
+
+    def _forward(self, channel: int, port: int, addresses: list[tuple[int, str]], out: bytearray) -> None:
+        """Connect to the first of ``addresses`` that takes a connection on ``port``; a non-blocking
+        connect says only later whether it was refused (``_connected``), and the next is tried then.
+        ``out`` is what the server sent meanwhile."""
+        while addresses and 0 < port < 65536 and len(self.open) < protocol.MAX_TUNNELS:
+            family, host = addresses.pop(0)
             sock = socket.socket(family, socket.SOCK_STREAM)
             sock.setblocking(False)
-            if sock.connect_ex((host, port)) in (0, errno.EINPROGRESS):
+            result = sock.connect_ex((host, port))
+            if result in (0, errno.EINPROGRESS):
                 tunnel = Tunnel(channel, sock)
+                tunnel.port, tunnel.untried, tunnel.out = port, addresses, out
+                tunnel.connecting = result == errno.EINPROGRESS
                 self.open[sock.fileno()] = tunnel
                 self._watch(tunnel)
                 return
             sock.close()
         # Nothing there: the forward ends at once, from both sides as the server counts it.
         self.send(protocol.frame(protocol.TUNNEL_CLOSE, channel), b"")
+
+    def _connected(self, tunnel: Tunnel) -> bool:
+        """Whether a forward's connection was made; if it was refused, the next address is tried in its
+        place (with what the server sent meanwhile) and this one is dropped."""
+        error = tunnel.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if not error:
+            tunnel.connecting = False
+            return True
+        if tunnel.events:
+            self.selector.unregister(tunnel.sock)
+        del self.open[tunnel.sock.fileno()]
+        tunnel.sock.close()
+        if tunnel.peer_done:  # the server's side ended meanwhile: nothing to connect for
+            if tunnel.reading:  # (a reset said its end already)
+                self.send(protocol.frame(protocol.TUNNEL_CLOSE, tunnel.channel), b"")
+        else:
+            self._forward(tunnel.channel, tunnel.port, tunnel.untried, tunnel.out)
+        self._accept_while_room()
+        return False
 
     def handle(self, kind: int, channel: int, payload: bytes) -> None:
         """A TUNNEL_DATA, TUNNEL_ACK or TUNNEL_CLOSE frame from the server."""
@@ -148,9 +179,12 @@ class Tunnels:
         self._accept_while_room()
 
     def _watch(self, tunnel: Tunnel) -> None:
-        """Watch for what the tunnel can do now: read while the server has room, write while data waits."""
+        """Watch for what the tunnel can do now: read while the server has room, write while data waits
+        (or until its connection is made)."""
         wanted = selectors.EVENT_READ if tunnel.reading and tunnel.window > 0 and self.may_read() else 0
-        if tunnel.out:
+        if tunnel.connecting:
+            wanted = selectors.EVENT_WRITE
+        elif tunnel.out:
             wanted |= selectors.EVENT_WRITE
         if wanted == tunnel.events:
             return
@@ -164,7 +198,7 @@ class Tunnels:
 
     def _on_tunnel(self, fd: int, events: int) -> None:
         tunnel = self.open.get(fd)
-        if tunnel is None:
+        if tunnel is None or (tunnel.connecting and not self._connected(tunnel)):
             return
         if events & selectors.EVENT_READ and tunnel.reading:
             try:
@@ -183,6 +217,9 @@ class Tunnels:
 
     def _io(self, tunnel: Tunnel) -> None:
         """Write what the server sent, acknowledge it, pass its end on, and close when both ends are done."""
+        if tunnel.connecting:
+            self._watch(tunnel)
+            return
         written = 0
         try:
             while tunnel.out:

@@ -282,6 +282,28 @@ async def test_a_port_is_reached_at_its_url_with_its_credential_and_by_nobody_el
         await check_the_proxy(server.base, alice, bob, tmp_path / "audit.jsonl")
 
 
+@pytest.mark.parametrize("sandboxed", [True, False], ids=["box", "unsandboxed"])
+async def test_a_server_on_ipv6_loopback_only_is_reached_too(
+    workspaces: Path, tokens_file: Path, sandboxed: bool
+) -> None:
+    """A dev server that listens on "localhost" may get only ::1 (Node does): the proxy connects there
+    when 127.0.0.1 refuses, through the agent in a box with a network of its own, and straight on the
+    server's own loopback for an unsandboxed process."""
+    settings = {"PROCESS_AUTH_TOKENS_FILE": str(tokens_file)}
+    if not sandboxed:
+        settings["SANDBOX_ENABLED"] = "false"
+    async with http_server(workspaces, **settings) as server, mcp_client(server.url, ALICE) as alice:
+        port = free_port()
+        command = f"exec python3 -m http.server --bind ::1 {port}"
+        spawn = {"command": command, "ready": {"port": port}, "timeoutMs": 30000}
+        started = await call(alice, "spawn", spawn)
+        assert started["ready"], started
+        answer = await get(await url_of(alice, started["pid"], port))
+        assert answer.status_code == 200, answer.text
+        assert "Directory listing" in answer.text
+        await call(alice, "kill", {"id": started["pid"], "signal": "KILL"})
+
+
 @pytest.mark.docker
 async def test_a_port_in_a_principals_container_is_reached_through_its_agent(
     engine: DockerClient, workspaces: Path, tokens_file: Path
