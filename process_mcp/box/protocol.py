@@ -51,8 +51,8 @@ LIST_PORTS = 14
 """Channel 0, {seq}: the TCP ports the processes' trees listen on; answered with PORTS."""
 FORWARD = 15
 """{port} on a channel from FORWARD_BASE up, which the server numbers: connect to loopback ``port`` in the
-box (127.0.0.1, then ::1 if that refuses) and carry the connection as a tunnel on that channel (TUNNEL_DATA, TUNNEL_ACK, TUNNEL_CLOSE), for a
-client of the server that reaches a port in the box."""
+box (127.0.0.1, then ::1 if that refuses) and carry the connection as a tunnel on that channel
+(TUNNEL_DATA, TUNNEL_ACK, TUNNEL_CLOSE), for a client of the server that reaches a port in the box."""
 PROBE = 13
 """{seq, port, path, timeout_s}: whether something in the box accepts a connection on loopback ``port``
 (127.0.0.1, then ::1), and with ``path`` (or null) answers an HTTP GET of it with 2xx or 3xx; answered

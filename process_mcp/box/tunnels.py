@@ -80,46 +80,71 @@ class Tunnels:
     def forward(self, channel: int, port: int) -> None:
         """Connect to loopback ``port`` (127.0.0.1, else ::1: a server on "localhost" may listen on
         either) and carry the connection on ``channel``."""
-        self._forward(channel, port, [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")], bytearray())
+        self._forward(channel, port, [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")], None)
 
-    def _forward(self, channel: int, port: int, addresses: list[tuple[int, str]], out: bytearray) -> None:
-        """Connect to the first of ``addresses`` that takes a connection on ``port``; a non-blocking
-        connect says only later whether it was refused (``_connected``), and the next is tried then.
-        ``out`` is what the server sent meanwhile."""
-        while addresses and 0 < port < 65536 and len(self.open) < protocol.MAX_TUNNELS:
+    def _forward(self, channel: int, port: int, addresses: list[tuple[int, str]], previous: Tunnel | None) -> None:
+        """Connect to the first of ``addresses`` that takes a connection on ``port``, in place of
+        ``previous`` (an attempt that was refused: what the server sent meanwhile, and whether it has
+        ended its side, carry over). A non-blocking connect says only later whether it was refused
+        (``_connected``); the next address is tried then."""
+        while addresses and 0 < port < 65536 and (previous is not None or len(self.open) < protocol.MAX_TUNNELS):
             family, host = addresses.pop(0)
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock = socket.socket(family, socket.SOCK_STREAM)  # no IPv6 on this kernel, no descriptors
+            except OSError:
+                continue
             sock.setblocking(False)
             result = sock.connect_ex((host, port))
+            if result not in (0, errno.EINPROGRESS) and addresses:
+                sock.close()
+                continue
+            tunnel = Tunnel(channel, sock)
+            tunnel.port, tunnel.untried = port, addresses
+            if previous is not None:
+                tunnel.out, tunnel.peer_done = previous.out, previous.peer_done
+                del self.open[previous.sock.fileno()]
+                previous.sock.close()
+            self.open[sock.fileno()] = tunnel
             if result in (0, errno.EINPROGRESS):
-                tunnel = Tunnel(channel, sock)
-                tunnel.port, tunnel.untried, tunnel.out = port, addresses, out
                 tunnel.connecting = result == errno.EINPROGRESS
-                self.open[sock.fileno()] = tunnel
-                self._watch(tunnel)
-                return
-            sock.close()
-        # Nothing there: the forward ends at once, from both sides as the server counts it.
-        self.send(protocol.frame(protocol.TUNNEL_CLOSE, channel), b"")
+                self._io(tunnel)
+            else:
+                self._failed(tunnel)
+            return
+        if previous is not None:
+            self._failed(previous)
+        else:  # nothing to connect with: the forward ends at once, and is never counted here
+            self.send(protocol.frame(protocol.TUNNEL_CLOSE, channel), b"")
 
     def _connected(self, tunnel: Tunnel) -> bool:
         """Whether a forward's connection was made; if it was refused, the next address is tried in its
-        place (with what the server sent meanwhile) and this one is dropped."""
+        place (unless the server reset its side meanwhile), or it fails (``_failed``)."""
         error = tunnel.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if not error:
             tunnel.connecting = False
             return True
         if tunnel.events:
             self.selector.unregister(tunnel.sock)
-        del self.open[tunnel.sock.fileno()]
-        tunnel.sock.close()
-        if tunnel.peer_done:  # the server's side ended meanwhile: nothing to connect for
-            if tunnel.reading:  # (a reset said its end already)
-                self.send(protocol.frame(protocol.TUNNEL_CLOSE, tunnel.channel), b"")
+            tunnel.events = 0
+        if tunnel.broken:
+            self._failed(tunnel)
         else:
-            self._forward(tunnel.channel, tunnel.port, tunnel.untried, tunnel.out)
-        self._accept_while_room()
+            self._forward(tunnel.channel, tunnel.port, tunnel.untried, tunnel)
         return False
+
+    def _failed(self, tunnel: Tunnel) -> None:
+        """A forward that nothing took: its end, as a connection whose process end failed (what the server
+        sent, and sends until its own end, is acknowledged and dropped). It stays counted until the server
+        has ended its side too, as every tunnel does."""
+        tunnel.connecting = False
+        tunnel.broken = True
+        if tunnel.out:
+            self.send(protocol.frame(protocol.TUNNEL_ACK, tunnel.channel, protocol.COUNT.pack(len(tunnel.out))), b"")
+            tunnel.out.clear()
+        if tunnel.reading:
+            tunnel.reading = False
+            self.send(protocol.frame(protocol.TUNNEL_CLOSE, tunnel.channel), b"")
+        self._io(tunnel)
 
     def handle(self, kind: int, channel: int, payload: bytes) -> None:
         """A TUNNEL_DATA, TUNNEL_ACK or TUNNEL_CLOSE frame from the server."""

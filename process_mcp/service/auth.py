@@ -243,7 +243,9 @@ class JwtVerifier(TokenVerifier):
         another scope): a credential of the caller's, which no box may be handed."""
         try:
             claims = jwt.decode(token, options={"verify_signature": False})
-        except (jwt.PyJWTError, ValueError):
+        except (jwt.PyJWTError, ValueError, TypeError, RecursionError):  # whatever a crafted token is
+            return False
+        if not isinstance(claims, dict):
             return False
         audience = claims.get("aud")
         audiences = audience if isinstance(audience, list) else [audience]

@@ -7,6 +7,8 @@ Host and Origin headers are checked against DNS rebinding, bodies and connection
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -341,18 +343,22 @@ class _MetricsEndpoint:
 
 
 def _own_credential(verifier: TokenVerifier | None, metrics_token: str | None) -> Callable[[bytes], bool]:
-    """Whether an ``Authorization`` header's value is a bearer credential of this server's: a token of
-    its tokens file, a JWT of its issuer or for its audience (valid or not), or its metrics token."""
+    """Whether an ``Authorization`` header's value holds a credential of this server's: a token of its
+    tokens file, a JWT of its issuer or for its audience (valid or not), or its metrics token, under any
+    scheme or none (``Bearer``, a bare token, ``token <t>``, the user or password of ``Basic``)."""
     metrics = hashlib.sha256(metrics_token.encode()).digest() if metrics_token else None
 
-    def own(value: bytes) -> bool:
-        scheme, _, token = value.decode("latin-1").strip().partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            return False
-        if metrics is not None and hmac.compare_digest(hashlib.sha256(token.encode()).digest(), metrics):
+    def ours(word: str) -> bool:
+        if metrics is not None and hmac.compare_digest(hashlib.sha256(word.encode()).digest(), metrics):
             return True
-        return isinstance(verifier, TokenFileVerifier | JwtVerifier) and verifier.issued(token)
+        return isinstance(verifier, TokenFileVerifier | JwtVerifier) and verifier.issued(word)
+
+    def own(value: bytes) -> bool:
+        words = value.decode("latin-1").split()
+        if len(words) == 2 and words[0].lower() == "basic":
+            with contextlib.suppress(ValueError):
+                words += base64.b64decode(words[1], validate=True).decode("latin-1").split(":", 1)
+        return any(ours(word) for word in words[:8])
 
     return own
 

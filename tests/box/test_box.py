@@ -420,6 +420,74 @@ def test_the_agent_opens_at_most_max_tunnels_and_the_next_once_one_has_closed_on
             client.close()
 
 
+def test_a_forward_nothing_takes_acknowledges_what_came_meanwhile_and_counts_until_the_servers_close() -> None:
+    """A forward's connect says only later that it was refused, on 127.0.0.1 and then on ::1; what the
+    server sent meanwhile is acknowledged (its window would stay shut), the agent ends its side once,
+    and the tunnel counts until the server's side has ended too, as every tunnel does."""
+    agent = RawAgent()
+    port = free_port()
+    clients: list[socket.socket] = []
+    try:
+        channel = protocol.FORWARD_BASE + 1
+        sent = b"x" * (protocol.TUNNEL_WINDOW // 2)
+        agent.send(
+            protocol.message(protocol.FORWARD, channel, port=port) + protocol.frame(protocol.TUNNEL_DATA, channel, sent)
+        )
+        frames = agent.frames_until(protocol.TUNNEL_CLOSE, channel)  # what came after, acknowledged too
+        acked = sum(protocol.COUNT.unpack(f[2])[0] for f in frames if f[:2] == (protocol.TUNNEL_ACK, channel))
+        while acked < len(sent):
+            acked += protocol.COUNT.unpack(agent.next_of(protocol.TUNNEL_ACK)[0]["data"])[0]
+        assert acked == len(sent), f"{acked} of {len(sent)} bytes acknowledged"
+        round_trip(agent, 1)
+        assert not [f for f in agent.backlog if f[1] == channel], "more than one end of the forward"
+        # Counted until the server's end: MAX_TUNNELS - 1 tunnels open beside it, the next once it ends.
+        proxy = free_port()
+        agent.send(protocol.message(protocol.PROXY, 0, port=proxy))
+        round_trip(agent, 2)
+        for _ in range(protocol.MAX_TUNNELS):
+            clients.append(socket.create_connection(("127.0.0.1", proxy), timeout=10))
+        agent.next_of(protocol.TUNNEL_OPEN, protocol.MAX_TUNNELS - 1)
+        round_trip(agent, 3)
+        assert not [f for f in agent.backlog if f[0] == protocol.TUNNEL_OPEN], "opened past the count"
+        agent.send(protocol.frame(protocol.TUNNEL_CLOSE, channel))
+        agent.next_of(protocol.TUNNEL_OPEN)
+    finally:
+        for client in clients:
+            client.close()
+        agent.close()
+
+
+def test_a_forward_the_server_ended_while_it_connected_still_reaches_a_server_on_ipv6_loopback() -> None:
+    """The server may end its side (its client sent the whole request) before the forward's first connect
+    is refused: the request and its end still go to the next address, and the answer comes back."""
+    agent = RawAgent()
+    listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        listener.bind(("::1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        channel = protocol.FORWARD_BASE + 1
+        agent.send(
+            protocol.message(protocol.FORWARD, channel, port=port)
+            + protocol.frame(protocol.TUNNEL_DATA, channel, b"request")
+            + protocol.frame(protocol.TUNNEL_CLOSE, channel)
+        )
+        listener.settimeout(WAIT_S)
+        connection, _ = listener.accept()
+        with connection:
+            connection.settimeout(WAIT_S)
+            received = b""
+            while chunk := connection.recv(4096):
+                received += chunk
+            assert received == b"request"  # and then its end
+            connection.sendall(b"answer")
+        frames = agent.frames_until(protocol.TUNNEL_CLOSE, channel)
+        assert b"".join(f[2] for f in frames if f[:2] == (protocol.TUNNEL_DATA, channel)) == b"answer"
+    finally:
+        listener.close()
+        agent.close()
+
+
 BURST_BYTES = 512 * 1024
 """A burst that fits in a grown pipe (1 MiB) and in one read of the agent's."""
 BURST = f"""

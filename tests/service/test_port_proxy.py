@@ -380,6 +380,9 @@ async def test_the_box_gets_the_request_as_sent_without_the_credential_and_canno
         for authorization, passed in (
             (f"Bearer {ALICE}", False),
             (f"bearer  {BOB}", False),
+            (ALICE, False),
+            (f"token\t{ALICE}", False),
+            ("Basic " + base64.b64encode(f"alice:{ALICE}".encode()).decode(), False),
             ("Bearer an-apps-own-token", True),
             ("Basic dXNlcjpwYXNz", True),
         ):
