@@ -476,7 +476,9 @@ async def _carry(
             deadline = min(quiet, ends, math.inf if half_closed is None else half_closed + bounds.half_closed_s)
             if loop.time() >= deadline:
                 return
-            done, pending = await asyncio.wait(pending, timeout=deadline - loop.time())
+            done, pending = await asyncio.wait(
+                pending, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED
+            )
             if any(task.exception() is not None for task in done):
                 return  # a side broke off: nothing more to carry
             if done and half_closed is None:

@@ -572,7 +572,8 @@ def ended_by_the_server(sock: socket.socket) -> bool:
 async def test_a_carried_websocket_ends_when_quiet_and_when_its_credential_expires(
     workspaces: Path, tokens_file: Path
 ) -> None:
-    """Each bound, made short here, ends a WebSocket whose box's end never does."""
+    """Each bound, made short here, ends a WebSocket whose box's end never does: quiet, its credential
+    expired, or its client's end come and the box's not."""
     config = host_config(workspaces, sandbox=SandboxConfig(allowed_domains=[TEST_DOMAINS]))
     config.service.transport = "http"
     config.service.tokens_file = str(tokens_file)
@@ -590,4 +591,10 @@ async def test_a_carried_websocket_ends_when_quiet_and_when_its_credential_expir
         mcp.spaces.links.ttl_s = 3
         sock = await anyio.to_thread.run_sync(upgraded, await url_of(alice, quiet, port))
         assert await anyio.to_thread.run_sync(ended_by_the_server, sock), "an expired WebSocket stayed open"
+
+        ports.bounds = Bounds(idle_s=600.0, half_closed_s=1.0)
+        mcp.spaces.links.ttl_s = 3600
+        sock = await anyio.to_thread.run_sync(upgraded, await url_of(alice, quiet, port))
+        sock.shutdown(socket.SHUT_WR)  # the client's end; the box's never comes
+        assert await anyio.to_thread.run_sync(ended_by_the_server, sock), "a half-closed WebSocket stayed open"
         await call(alice, "kill", {"id": quiet, "signal": "KILL"})
