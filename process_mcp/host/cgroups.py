@@ -16,6 +16,8 @@ import secrets
 import threading
 from pathlib import Path
 
+from ..box.spares import SPARES
+
 logger = logging.getLogger(__name__)
 
 CGROUP_V1_ROOT = Path("/sys/fs/cgroup")
@@ -26,10 +28,9 @@ POOL_SIZE = 32
 PREFIX = "process-mcp-"
 """Start of each executor's parent group, followed by the server's pid and a random part."""
 _UNLIMITED = 1 << 63
-KEPT_SUPERVISORS = 2
+KEPT_SUPERVISORS = SPARES
 """Groups per box noted as holding a kept supervisor (``hold``), the last named: as many as the agent
-keeps waiting (its ``spares.SPARES``). One it let go of is empty soon after; one no longer noted is
-taken again once empty."""
+keeps waiting. One it let go of is empty soon after; one no longer noted is taken again once empty."""
 LEFT_BEHIND_BYTES = 1 << 20
 """Memory a tree's group may still hold and be taken again by the box's next tree."""
 _JOIN = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
@@ -133,11 +134,7 @@ class SandboxCgroups:
                 kept = name in held
                 if kept:
                     held.remove(name)  # its supervisor is this process's, or has gone
-                if name not in checked and not (
-                    self._holds_at_most_one(name)
-                    if kept
-                    else not any(_has_processes(parent / name) for parent in self._parents.values())
-                ):
+                if name not in checked and not self._takeable(name, kept=kept):
                     # Since it was freed, the agent let its kept supervisor go (it exits) or the group
                     # stopped being noted as holding one: taken once that has left.
                     self._leaving.add(name)
@@ -255,10 +252,7 @@ class SandboxCgroups:
         # Groups below a box first: a box's group can be removed only once nothing is below it.
         for name in sorted(self._leaving, key=lambda name: -name.count("/")):
             box = name.rpartition("/")[0]
-            if name in self._held.get(box, ()) and name not in self._broken:
-                if not self._holds_at_most_one(name):
-                    continue
-            elif any(_has_processes(parent / name) for parent in self._parents.values()):
+            if not self._takeable(name, kept=name in self._held.get(box, ()) and name not in self._broken):
                 continue
             self._leaving.discard(name)
             if name in self._nested:
@@ -279,6 +273,13 @@ class SandboxCgroups:
             else:
                 self._leaving.add(name)
         return freed
+
+    def _takeable(self, name: str, *, kept: bool) -> bool:
+        """Whether group ``name`` may be given to a next tree: empty, or, where the box's agent keeps a
+        supervisor there (``kept``), holding one process at most."""
+        if kept:
+            return self._holds_at_most_one(name)
+        return not any(_has_processes(parent / name) for parent in self._parents.values())
 
     def _holds_at_most_one(self, name: str) -> bool:
         """Whether group ``name`` holds one process at most, the same one in every hierarchy, and the

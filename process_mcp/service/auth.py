@@ -122,20 +122,23 @@ class TokenFileVerifier(TokenVerifier):
         return {principal for principal, _ in self._entries}
 
     async def verify_token(self, token: str) -> AccessToken | None:
-        offered = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
-        found = None
-        for principal, digest in self._entries:
-            if hmac.compare_digest(offered, digest) and found is None:
-                found = principal
+        found = self._principal_of(token)
         if found is None:
             refusal.set("no principal in the tokens file has this token")
             return None
         return AccessToken(token=token, client_id=found, scopes=[], subject=found)
 
     def issued(self, token: str) -> bool:
-        """Whether ``token`` is one of the file's (any principal's), compared as ``verify_token`` does."""
+        """Whether ``token`` is one of the file's (any principal's)."""
+        return self._principal_of(token) is not None
+
+    def _principal_of(self, token: str) -> str | None:
         offered = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
-        return sum(hmac.compare_digest(offered, digest) for _, digest in self._entries) > 0
+        found = None
+        for principal, digest in self._entries:
+            if hmac.compare_digest(offered, digest) and found is None:
+                found = principal
+        return found
 
 
 def read_tokens_file(path: str) -> list[tuple[str, str]]:

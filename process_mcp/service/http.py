@@ -177,7 +177,7 @@ def build_app(mcp: Served, *, authenticate: bool = True, host: str | None = None
     watched = SessionQuota(_WatchDisconnect(inner), service.max_sessions_per_principal, service.session_idle_timeout_s)
     metrics = _MetricsEndpoint(mcp.metrics.registry, service.metrics_token, trust_loopback=untrusted is None)
     ports = mcp.spaces.ports
-    ports.own_credential = _own_credential(verifier, service.metrics_token)
+    ports.own_credential = _own_credential(verifier, metrics)
     if not authenticate:
         return _Front(inner, _RequireUser(watched), metrics, ports, mcp.spaces.ready)
     if verifier is None:
@@ -337,19 +337,21 @@ class _MetricsEndpoint:
     def _allowed(self, request: Request) -> bool:
         if self._token is not None:
             offered = request.headers.get("authorization", "")
-            given = offered[7:] if offered.lower().startswith("bearer ") else ""
-            return hmac.compare_digest(hashlib.sha256(given.encode()).digest(), self._token)
+            return self.is_token(offered[7:] if offered.lower().startswith("bearer ") else "")
         return request.client is not None and is_loopback(request.client.host)
 
+    def is_token(self, given: str) -> bool:
+        """Whether ``given`` is the configured metrics token (compared in constant time)."""
+        return self._token is not None and hmac.compare_digest(hashlib.sha256(given.encode()).digest(), self._token)
 
-def _own_credential(verifier: TokenVerifier | None, metrics_token: str | None) -> Callable[[bytes], bool]:
+
+def _own_credential(verifier: TokenVerifier | None, metrics: _MetricsEndpoint) -> Callable[[bytes], bool]:
     """Whether an ``Authorization`` header's value holds a credential of this server's: a token of its
     tokens file, a JWT of its issuer or for its audience (valid or not), or its metrics token, under any
     scheme or none (``Bearer``, a bare token, ``token <t>``, the user or password of ``Basic``)."""
-    metrics = hashlib.sha256(metrics_token.encode()).digest() if metrics_token else None
 
     def ours(word: str) -> bool:
-        if metrics is not None and hmac.compare_digest(hashlib.sha256(word.encode()).digest(), metrics):
+        if metrics.is_token(word):
             return True
         return isinstance(verifier, TokenFileVerifier | JwtVerifier) and verifier.issued(word)
 
