@@ -146,10 +146,8 @@ async def test_a_refused_jwt_is_logged_with_its_reason_and_the_subject_it_claims
     workspaces: Path, tmp_path: Path
 ) -> None:
     issuer = Issuer()
-    jwks = tmp_path / "jwks.json"
-    jwks.write_text(json.dumps(issuer.jwks()))
     audience = "http://127.0.0.1/mcp"
-    settings = {"PROCESS_AUTH_ISSUER": issuer.url, "PROCESS_AUTH_AUDIENCE": audience, "PROCESS_AUTH_JWKS": str(jwks)}
+    settings = issuer.settings(tmp_path / "jwks.json", audience)
     expired = issuer.token(audience, subject="mallory\nINFO forged line", exp=int(time.time()) - 120)
     async with http_server(workspaces, **settings) as server:
         assert (await post(server.url, INITIALIZE, {"Authorization": f"Bearer {expired}"})).status_code == 401
@@ -264,6 +262,11 @@ class Issuer:
         public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.key.public_key()))
         return {"keys": [{**public, "kid": self.kid, "use": "sig", "alg": "RS256"}]}
 
+    def settings(self, jwks: Path, audience: str) -> dict[str, str]:
+        """A server's settings for tokens of this issuer, for ``audience``: its keys written to ``jwks``."""
+        jwks.write_text(json.dumps(self.jwks()))
+        return {"PROCESS_AUTH_ISSUER": self.url, "PROCESS_AUTH_AUDIENCE": audience, "PROCESS_AUTH_JWKS": str(jwks)}
+
     def claims(self, audience: str, subject: str, **claims: Any) -> dict[str, Any]:
         now = int(time.time())
         return {"iss": self.url, "aud": audience, "sub": subject, "iat": now, "exp": now + 300, **claims}
@@ -291,15 +294,8 @@ async def test_oauth_accepts_only_jwts_from_the_issuer_for_this_server_in_time_w
     workspaces: Path, tmp_path: Path
 ) -> None:
     issuer, stranger = Issuer(), Issuer()
-    jwks = tmp_path / "jwks.json"
-    jwks.write_text(json.dumps(issuer.jwks()))
     audience = "http://127.0.0.1/mcp"
-    settings = {
-        "PROCESS_AUTH_ISSUER": issuer.url,
-        "PROCESS_AUTH_AUDIENCE": audience,
-        "PROCESS_AUTH_JWKS": str(jwks),
-        "PROCESS_AUTH_SCOPES": "processes",
-    }
+    settings = {**issuer.settings(tmp_path / "jwks.json", audience), "PROCESS_AUTH_SCOPES": "processes"}
     async with http_server(workspaces, **settings) as server:
         refused = {
             "expired": issuer.token(audience, scope="processes", exp=int(time.time()) - 120),

@@ -432,15 +432,9 @@ async def test_no_oauth_token_of_this_servers_issuer_nor_its_metrics_token_reach
     metrics token are the caller's credentials to the server: never passed on to a box's server. A JWT of
     another issuer for another audience is an app's, and is."""
     issuer, stranger = Issuer(), Issuer("https://apps.example")
-    jwks = tmp_path / "jwks.json"
-    jwks.write_text(json.dumps(issuer.jwks()))
     audience = "http://127.0.0.1/mcp"
-    settings = {
-        "PROCESS_AUTH_ISSUER": issuer.url,
-        "PROCESS_AUTH_AUDIENCE": audience,
-        "PROCESS_AUTH_JWKS": str(jwks),
-        "PROCESS_METRICS_TOKEN": "metrics-token-0123456789",
-    }
+    metrics_token = "metrics-token-0123456789"
+    settings = {**issuer.settings(tmp_path / "jwks.json", audience), "PROCESS_METRICS_TOKEN": metrics_token}
     good = issuer.token(audience, subject="ana")
     async with http_server(workspaces, **settings) as server, mcp_client(server.url, good) as ana:
         echo, _, url = await serve_script(ana, HEAD_ECHO)
@@ -449,7 +443,7 @@ async def test_no_oauth_token_of_this_servers_issuer_nor_its_metrics_token_reach
             "expired": issuer.token(audience, exp=1),
             "another audience of the issuer": issuer.token("https://other.example/mcp"),
             "another issuer's for this server": stranger.token(audience),
-            "the metrics token": "metrics-token-0123456789",
+            "the metrics token": metrics_token,
         }
         for why, token in withheld.items():
             seen = await get(url, headers={"Authorization": f"Bearer {token}"})
